@@ -1,0 +1,411 @@
+"""Configuration: typed dataclasses, YAML presets and dotted command-line overrides.
+
+Every knob of a run lives here, once, with its help text. A config is built from
+a preset (YAML shipped in `randteach/presets/`), an optional YAML file, and
+`--section.key value` overrides, in that order; `Config.validate()` checks every
+value against its declared type and choices, and the resolved config is saved
+next to the run's results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value or key that cannot be used; the message says what to do."""
+
+
+def opt(default, help: str, choices: tuple | None = None, **kw):
+    """A dataclass field carrying its help text (and optional valid choices)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+DATASETS = ("fashion-mnist", "mnist", "digits", "cifar10", "cifar100", "stl10",
+            "tinyimagenet", "cifar5m", "folder")
+ENCODERS = ("flatten", "mlp", "convnet", "vgg11", "vgg13", "vgg16", "vgg19",
+            "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet18", "resnet34",
+            "resnet50", "resnet20", "resnet56", "vit_tiny", "vit_small", "vit_medium",
+            "vit_base")
+NORMS = ("default", "batch", "layer", "group", "instance", "none")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("fashion-mnist", "training data set (for distillation and, unless probe.data is set, probing)", DATASETS)
+    root: str | None = opt(None, "data root; else $RANDTEACH_DATA, else the per-user cache (Fashion-MNIST is also found at the Debian package's path)")
+    path: str | None = opt(None, "folder of images for data.name=folder (one sub-folder per class)")
+    n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images")
+    subset_seed: int = opt(0, "seed of the stratified subset")
+    inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape", ("data", "noise"))
+    noise_std: float = opt(1.0, "standard deviation of the Gaussian-noise inputs (after normalization)")
+    image_size: int | None = opt(None, "pad/resize images to this side length; None keeps the native size (28 px images are zero-padded to 32 for VGG/ResNet)")
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
+    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own)", NORMS)
+    width: int = opt(32, "base width of the small conv net / hidden width of the MLP encoder")
+
+
+@dataclass
+class HeadConfig:
+    kind: str = opt("dino", "projector: DINO-style MLP with L2 bottleneck, one linear layer (escaping paper), or none", ("dino", "linear", "none"))
+    hidden_dims: list[int] = opt([2048, 2048], "hidden widths of the DINO MLP (Linear + GELU each)")
+    bottleneck_dim: int = opt(256, "width of the L2 bottleneck")
+    out_dim: int = opt(65536, "output dimension m (softmax size) of the DINO head; output width of the linear head")
+    wn1: bool = opt(False, "weight-normalize the linear layer into the bottleneck")
+    lin1: bool = opt(True, "linear layer into the bottleneck (off: the MLP's last hidden layer feeds the bottleneck directly)")
+    fn1: bool = opt(True, "L2-normalize the bottleneck features")
+    wn2: bool = opt(True, "weight-normalize the last layer (unit-norm columns, gain fixed at 1)")
+    lin2: bool = opt(True, "last linear layer to out_dim (off: the bottleneck is the output)")
+    fn2: bool = opt(False, "L2-normalize the output")
+
+
+@dataclass
+class InitConfig:
+    mode: str = opt("locality", "how the student starts: ((1-a)T + a*fresh)/delta, T + eps*fresh, independent, exact copy, or a checkpoint", ("locality", "neighborhood", "independent", "copy", "checkpoint"))
+    alpha: float = opt(1e-10, "locality alpha (0 = teacher, 1 = independent init)")
+    epsilon: float = opt(1e-10, "neighborhood epsilon for mode=neighborhood")
+    variance_preserving: bool = opt(True, "divide the locality mix by sqrt(a^2 + (1-a)^2)")
+    checkpoint: str | None = opt(None, "student checkpoint (or run directory) for mode=checkpoint")
+    teacher_checkpoint: str | None = opt(None, "use this checkpoint (or run directory's final student) as the teacher instead of a random init")
+    teacher_seed: int | None = opt(None, "seed of the teacher's init (default: derived from train.seed)")
+    fresh_seed: int | None = opt(None, "seed of the second init mixed into the student (default: derived from train.seed)")
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = opt("frozen", "teacher update rule: never (the paper), EMA of the student, or the student of the previous epoch", ("frozen", "ema", "previous-epoch"))
+    ema_momentum: float = opt(0.996, "EMA momentum for mode=ema")
+    train_mode: bool = opt(False, "run the teacher in train mode (batch-norm uses batch statistics); the paper uses eval mode")
+
+
+@dataclass
+class LossConfig:
+    name: str = opt("ce", "teacher-student loss on the head outputs", ("ce", "kl", "mse", "nmse", "ndmse"))
+    teacher_temp: float = opt(1.0, "softmax temperature of the teacher (ce, kl)")
+    student_temp: float = opt(1.0, "softmax temperature of the student (ce, kl)")
+    center: bool = opt(False, "subtract a running mean from the teacher outputs (DINO centering)")
+    center_momentum: float = opt(0.9, "momentum of the running center")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "optimizer", ("adamw", "adam", "sgd"))
+    lr: float = opt(1e-3, "peak learning rate")
+    weight_decay: float = opt(0.0, "weight decay (all parameter groups)")
+    momentum: float = opt(0.0, "SGD momentum")
+    betas: list[float] = opt([0.9, 0.999], "Adam betas")
+    schedule: str = opt("constant", "learning-rate schedule", ("constant", "warmup", "cosine", "exponential"))
+    warmup_steps: int = opt(0, "linear warm-up steps (schedule warmup or cosine)")
+    min_lr: float = opt(0.0, "final learning rate of the cosine schedule")
+    lr_end: float = opt(1e6, "final learning rate of the exponential schedule (starts at lr)")
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value (the paper: none)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(10, "epochs of distillation (fractions allowed)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    batch_size: int = opt(256, "samples per optimizer step (0 = the full data set)")
+    micro_batch: int | None = opt(None, "split each step into chunks of this size (gradient accumulation)")
+    seed: int = opt(0, "seed of the data order and, unless set, of both inits")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", ("auto", "cpu", "cuda") )
+    precision: str = opt("fp32", "fp32, or bf16 autocast (fp32 until the student has left the teacher)", ("fp32", "bf16"))
+    bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
+    channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
+    log_every: int = opt(1, "write metrics every this many steps")
+    checkpoint_every: float = opt(1, "save the student every this many epochs (0 = only at the end)")
+    probe_every: float = opt(0, "probe every this many epochs (0 = only before and after training)")
+    probe_at: list[float] = opt([], "extra epochs at which to probe")
+
+
+@dataclass
+class ProbeConfig:
+    data: str | None = opt(None, "probe on this data set instead of data.name (transfer)")
+    linear: str = opt("logreg", "linear probe: converged L2 logistic regression, or the authors' AdamW 10-epoch protocol", ("logreg", "adamw", "none"))
+    l2: float = opt(1e-4, "L2 penalty of the logistic regression (times the mean loss)")
+    max_iter: int = opt(500, "L-BFGS iterations of the logistic regression")
+    knn_k: int = opt(20, "k of the k-NN probe (0 = no k-NN)")
+    knn_weighting: str = opt("cosine", "k-NN convention: DINO's cosine with exp(sim/T) weights, or unweighted L2 majority vote", ("cosine", "majority"))
+    knn_temperature: float = opt(0.07, "temperature T of the cosine k-NN weights")
+    n_train: int | None = opt(None, "probe on a stratified subset of this many training images (None = all)")
+    n_test: int | None = opt(None, "evaluate on a stratified subset of this many test images (None = all)")
+    batch_size: int = opt(512, "batch size for embedding")
+    which: list[str] = opt(["teacher", "student", "input"], "what to probe")
+
+
+@dataclass
+class Config:
+    name: str = opt("run", "readable prefix of the run directory")
+    out: str | None = opt(None, "run directory (default: runs/<name>-<hash of the config>)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """Hash of everything that changes the result (not where it is written)."""
+        d = self.to_dict()
+        d.pop("out")
+        d["train"].pop("log_every", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.name}-{self.digest()}"
+
+    def validate(self) -> "Config":
+        _validate(self, "")
+        if self.train.batch_size < 0:
+            raise ConfigError(f"train.batch_size must be >= 0 (0 = full batch), got {self.train.batch_size}")
+        if self.train.micro_batch is not None and self.train.micro_batch <= 0:
+            raise ConfigError(f"train.micro_batch must be positive, got {self.train.micro_batch}")
+        if not 0.0 <= self.init.alpha <= 1.0:
+            raise ConfigError(f"init.alpha must lie in [0, 1], got {self.init.alpha}")
+        if self.init.mode == "checkpoint" and not self.init.checkpoint:
+            raise ConfigError("init.mode=checkpoint needs init.checkpoint=PATH (a .pt file or a run directory)")
+        if self.data.name == "folder" and not self.data.path:
+            raise ConfigError("data.name=folder needs data.path=DIR (one sub-folder per class)")
+        enc = self.model.encoder
+        if enc not in ENCODERS and ":" not in enc:
+            raise ConfigError(f"model.encoder: unknown encoder {enc!r}; valid choices: {', '.join(ENCODERS)}, "
+                              "or an import path 'package.module:callable'")
+        if self.train.device not in ("auto", "cpu", "cuda") and not self.train.device.startswith("cuda:"):
+            raise ConfigError(f"train.device: {self.train.device!r} is not one of auto, cpu, cuda, cuda:N")
+        for w in self.probe.which:
+            if w not in ("teacher", "student", "input"):
+                raise ConfigError(f"probe.which: {w!r} is not one of teacher, student, input")
+        return self
+
+
+# ---------------------------------------------------------------------- building
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML or the command line) to type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], key) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str) -> None:
+    fields = _fields(type(obj))
+    hints = _hints(type(obj))
+    for k, v in updates.items():
+        k = str(k).replace("-", "_") if str(k).replace("-", "_") in fields else str(k)
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise ConfigError(f"unknown key {key!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(fields)}")
+        tp = hints[k]
+        if _is_section(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; give its keys, e.g. {key}.{next(iter(_fields(tp)))}=...")
+            _apply(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, tp, key))
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    for name, f in _fields(type(obj)).items():
+        value = getattr(obj, name)
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(value):
+            _validate(value, key + ".")
+            continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices and not (key == "train.device" and str(value).startswith("cuda:")):
+            raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}")
+
+
+def dotted_to_nested(pairs: dict[str, Any]) -> dict:
+    """{'optim.lr': '1e-3'} -> {'optim': {'lr': '1e-3'}}."""
+    nested: dict = {}
+    for key, value in pairs.items():
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """Parse ['--optim.lr', '1e-3', '--train.epochs=2'] into {'optim.lr': '1e-3', ...}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE or --section.key=VALUE")
+        arg = arg[2:]
+        if "=" in arg:
+            k, v = arg.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and not _is_number(argv[i + 1])):
+                raise ConfigError(f"--{arg} needs a value, e.g. --{arg} VALUE")
+            k, v = arg, argv[i + 1]
+            i += 2
+        out[k] = v
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+PRESETS_PACKAGE = "randteach.presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def preset(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(names)}")
+    return yaml.safe_load(resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text()) or {}
+
+
+def build_config(preset_name: str | None = None, file: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None, **nested: Any) -> Config:
+    """Defaults <- preset <- YAML file <- dotted overrides <- keyword sections; validated."""
+    cfg = Config()
+    if preset_name:
+        _apply(cfg, preset(preset_name), "")
+    if file:
+        _apply(cfg, load_yaml(file), "")
+    if overrides:
+        _apply(cfg, dotted_to_nested(overrides), "")
+    if nested:
+        _apply(cfg, nested, "")
+    return cfg.validate()
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a saved config (e.g. a run directory's config.yaml)."""
+    cfg = Config()
+    _apply(cfg, d, "")
+    return cfg.validate()
+
+
+def help_lines() -> list[str]:
+    """One line per key with type, default and help, for `randteach config --help`-style listings."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = _hints(cls)
+        for name, f in _fields(cls).items():
+            if _is_section(hints[name]):
+                walk(hints[name], f"{prefix}{name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            ch = f.metadata.get("choices")
+            extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
+            lines.append(f"--{prefix}{name} (default {default!r}){extra}: {f.metadata.get('help', '')}")
+    walk(Config, "")
+    return lines

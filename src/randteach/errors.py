@@ -1,0 +1,13 @@
+"""Errors a user can cause: the command line prints their message, without a traceback, and exits 2."""
+
+
+class UserError(Exception):
+    """Something the user can fix: the message says what was wrong, what was expected and what to do."""
+
+
+class DataMissingError(UserError, FileNotFoundError):
+    """A data set is not where we looked; the message names the places and the fetch command."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that is missing, corrupt or not one of ours."""
