@@ -1,0 +1,124 @@
+"""Embed a data set with a frozen encoder and probe it: the one evaluation path of the project."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import probe as probes
+from .config import Config
+from .data import ImageData, Preprocess, load_dataset, stratified_subset
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU (AMX) or CUDA; a no-op when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> colour by repetition, colour -> grey by the channel mean (for transfer between data sets)."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, -1, -1)
+    if channels == 1:
+        return x.mean(1, keepdim=True)
+    raise ValueError(f"cannot map {x.shape[1]} input channels to {channels}")
+
+
+@torch.inference_mode()
+def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *, device: torch.device,
+          batch_size: int = 512, bf16: bool = False, channels: int | None = None) -> torch.Tensor:
+    """Encoder outputs (N, D) in float32 on the CPU, computed in eval mode (the mode is restored after).
+
+    `images` are uint8 (converted by `preprocess`) or already-float inputs (used as given)."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device)
+            x = preprocess(x) if preprocess is not None else x.float()
+            if channels is not None:
+                x = adapt_channels(x, channels)
+            with autocast(device, bf16):
+                out.append(encoder(x).float().cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(out).flatten(1)
+
+
+def score(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+          cfg, num_classes: int, device: torch.device | None = None) -> dict:
+    """Linear and k-NN test accuracy of features, as configured by a ProbeConfig."""
+    result = {}
+    if cfg.linear != "none":
+        result["linear"] = probes.linear_probe(train_x, train_y, test_x, test_y, method=cfg.linear, l2=cfg.l2,
+                                               max_iter=cfg.max_iter, num_classes=num_classes, device=device)
+    if cfg.knn_k > 0:
+        result["knn"] = probes.knn_probe(train_x, train_y, test_x, test_y, k=cfg.knn_k,
+                                         weighting=cfg.knn_weighting, temperature=cfg.knn_temperature,
+                                         num_classes=num_classes)
+    return result
+
+
+def probe_data_name(cfg: Config) -> str:
+    name = cfg.probe.data or cfg.data.name
+    # CIFAR-5M has no test split: it is CIFAR-10-like data, probed on CIFAR-10 (as the paper does).
+    return "cifar10" if name == "cifar5m" else name
+
+
+@dataclass
+class ProbeSplits:
+    train: ImageData
+    test: ImageData
+
+
+def load_probe_splits(cfg: Config) -> ProbeSplits:
+    name = probe_data_name(cfg)
+    path = cfg.data.path if name == cfg.data.name else None
+    train = load_dataset(name, "train", root=cfg.data.root, path=path)
+    test = load_dataset(name, "test", root=cfg.data.root, path=path)
+    if cfg.probe.n_train:
+        train = train.subset(stratified_subset(train.labels, cfg.probe.n_train, seed=cfg.data.subset_seed))
+    if cfg.probe.n_test:
+        test = test.subset(stratified_subset(test.labels, cfg.probe.n_test, seed=cfg.data.subset_seed))
+    return ProbeSplits(train, test)
+
+
+class Prober:
+    """Probes encoders on one data set with one protocol; the raw-input result is computed once."""
+
+    def __init__(self, cfg: Config, in_channels: int, image_size: int, device: torch.device, bf16: bool = False):
+        self.cfg = cfg
+        self.splits = load_probe_splits(cfg)
+        self.in_channels = in_channels
+        self.device = device
+        self.bf16 = bf16
+        self.preprocess = Preprocess.fit(self.splits.train, size=image_size)
+        self.num_classes = max(self.splits.train.num_classes, self.splits.test.num_classes)
+        self._input: dict | None = None
+
+    def features(self, encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        kw = dict(device=self.device, batch_size=self.cfg.probe.batch_size, bf16=self.bf16, channels=self.in_channels)
+        return (embed(encoder, self.splits.train.images, self.preprocess, **kw),
+                embed(encoder, self.splits.test.images, self.preprocess, **kw))
+
+    def probe(self, encoder: nn.Module) -> dict:
+        train_x, test_x = self.features(encoder)
+        return score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
+                     self.cfg.probe, self.num_classes)
+
+    def input(self) -> dict:
+        """The raw-pixel baseline: standardized flattened images at their native size."""
+        if self._input is None:
+            native = Preprocess.fit(self.splits.train)
+            train_x = native(self.splits.train.images).flatten(1)
+            test_x = native(self.splits.test.images).flatten(1)
+            self._input = score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
+                                self.cfg.probe, self.num_classes)
+        return self._input

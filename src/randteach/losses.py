@@ -1,0 +1,57 @@
+"""Teacher-student losses on the head outputs (SPEC §1; escaping paper Sec. 2 and App. A).
+
+Every loss is a mean over the batch of a per-sample value, computed in float32 whatever the autocast
+precision of the forward passes:
+- ce:    -sum_k softmax(t/tau_T)_k log softmax(s/tau_S)_k                  (the paper's default, tau = 1)
+- kl:    KL(softmax(t/tau_T) || softmax(s/tau_S)) = ce - H(teacher)        (same gradient as ce)
+- mse:   ||s - t||_2^2                                                     (sum over features)
+- nmse:  ||s/||s|| - t/||t|| ||_2^2                                        (bounded loss and gradient)
+- ndmse: as nmse, with ||s|| detached from back-propagation (as BatchNorm/LayerNorm do)
+The teacher side never carries a gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("ce", "kl", "mse", "nmse", "ndmse")
+_EPS = 1e-12  # guards the norm of an all-zero output
+
+
+class Centering:
+    """DINO's running center of the teacher outputs: t <- t - c; c <- m c + (1-m) mean_batch(t)."""
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.center: torch.Tensor | None = None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.center is None:
+            self.center = torch.zeros(t.shape[1:], dtype=torch.float32, device=t.device)
+        out = t - self.center
+        self.center = self.momentum * self.center + (1 - self.momentum) * t.detach().float().mean(0)
+        return out
+
+
+def distill_loss(name: str, student: torch.Tensor, teacher: torch.Tensor,
+                 teacher_temp: float = 1.0, student_temp: float = 1.0) -> torch.Tensor:
+    """The batch-mean teacher-student loss `name` between outputs of shape (B, m)."""
+    s = student.float()
+    t = teacher.detach().float()
+    if name in ("ce", "kl"):
+        log_ps = F.log_softmax(s / student_temp, dim=-1)
+        log_pt = F.log_softmax(t / teacher_temp, dim=-1)
+        pt = log_pt.exp()
+        per_sample = -(pt * log_ps).sum(-1)
+        if name == "kl":
+            per_sample = per_sample + (pt * log_pt).sum(-1)
+        return per_sample.mean()
+    if name == "mse":
+        return (s - t).pow(2).sum(-1).mean()
+    if name in ("nmse", "ndmse"):
+        s_norm = s.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        if name == "ndmse":
+            s_norm = s_norm.detach()
+        t_unit = t / t.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        return (s / s_norm - t_unit).pow(2).sum(-1).mean()
+    raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")

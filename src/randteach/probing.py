@@ -1,0 +1,56 @@
+"""Probe a finished run on any data set: `randteach probe RUN_DIR [--probe.data NAME]` (transfer, SPEC E5)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import load_checkpoint, load_state_dict
+from .config import dotted_to_nested, parse_overrides, config_from_dict
+from .distill import resolve_device
+from .errors import UserError
+from .evaluate import Prober
+from .models import build_model
+from .rundir import RunDir, write_json
+
+PROBE_SECTIONS = ("probe", "data")
+
+
+def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *, checkpoint: str | None = None,
+              progress: bool = True) -> dict:
+    """Probe teacher, student and input of a run; result also written to RUN_DIR/probes/<data>.json."""
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
+    saved = yaml.safe_load(run.config_path.read_text())
+    pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key in pairs:
+        if key.split(".")[0] not in PROBE_SECTIONS + ("train",):
+            raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root and --train.device only")
+    nested = dotted_to_nested(pairs)
+    for section, values in nested.items():
+        saved.setdefault(section, {}).update(values)
+    cfg = config_from_dict(saved)
+    device = resolve_device(cfg.train.device)
+    teacher_ckpt = load_checkpoint(run.checkpoints / "teacher.pt")
+    teacher_sd = teacher_ckpt["model"]
+    student_sd = load_state_dict(checkpoint or run.path, "student")
+    in_channels, size = int(teacher_ckpt["in_channels"]), int(teacher_ckpt["image_size"])
+    teacher = build_model(cfg, in_channels, size, seed=0)
+    student = build_model(cfg, in_channels, size, seed=0)
+    teacher.load_state_dict(teacher_sd)
+    student.load_state_dict(student_sd)
+    teacher.to(device)
+    student.to(device)
+    prober = Prober(cfg, in_channels, size, device, bf16=cfg.train.precision == "bf16")
+    result = {}
+    if "teacher" in cfg.probe.which:
+        result["teacher"] = prober.probe(teacher.encoder)
+    if "student" in cfg.probe.which:
+        result["student"] = prober.probe(student.encoder)
+    if "input" in cfg.probe.which:
+        result["input"] = prober.input()
+    name = cfg.probe.data or cfg.data.name
+    write_json(run.path / "probes" / f"{name}.json", {"data": name, "checkpoint": str(checkpoint or "student.pt"),
+                                                      "probe": result})
+    return result

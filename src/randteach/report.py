@@ -1,0 +1,82 @@
+"""Tables and figures of one run: the probe table, probe accuracy vs epoch, and report.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .rundir import RunDir
+
+ROLES = ("teacher", "student", "input")
+COLORS = {"teacher": "tab:blue", "student": "tab:red", "input": "tab:gray"}
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) else "–"
+
+
+def probe_table(summary: dict) -> str:
+    """Markdown table: one row per role, one column per probe, accuracy in %."""
+    probes = summary.get("probe", {})
+    kinds = sorted({k for r in probes.values() for k in r})
+    lines = ["| model | " + " | ".join(f"{k} probe (%)" for k in kinds) + " |",
+             "|---|" + "---|" * len(kinds)]
+    for role in ROLES:
+        if role in probes:
+            lines.append(f"| {role} | " + " | ".join(_pct(probes[role].get(k)) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def history_table(run: RunDir) -> str:
+    rows = run.probes()
+    kinds = sorted({k for r in rows for role in ROLES for k in r.get(role, {})})
+    cols = [(role, k) for role in ROLES for k in kinds if any(role in r for r in rows)]
+    lines = ["| epoch | " + " | ".join(f"{role} {k}" for role, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['epoch']:g} | " + " | ".join(_pct(r.get(role, {}).get(k)) for role, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_probes(run: RunDir, path: Path | None = None) -> Path:
+    """Probe accuracy vs epoch for teacher, student and input (linear solid, k-NN dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = run.probes()
+    path = path or run.path / "probes.png"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for role in ROLES:
+        for kind, style in (("linear", "-"), ("knn", "--")):
+            pts = [(r["epoch"], r[role][kind]) for r in rows if kind in r.get(role, {})]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, [100 * y for y in ys], style, marker="o", ms=3, color=COLORS[role],
+                        label=f"{role} ({'k-NN' if kind == 'knn' else 'linear'})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("probe accuracy (%)")
+    ax.set_title(run.path.name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: str | Path, title: str | None = None, command: str | None = None) -> Path:
+    """RUN_DIR/report.md with the final probe table, the history and the plot."""
+    run = RunDir(run_dir)
+    summary = run.summary() or {}
+    png = plot_probes(run)
+    cfg = run.config_path.read_text() if run.config_path.exists() else ""
+    parts = [f"# {title or run.path.name}", ""]
+    if command:
+        parts += [f"Command: `{command}`", ""]
+    parts += [f"Status: **{summary.get('status', 'unknown')}** after {summary.get('steps', '?')} steps "
+              f"({summary.get('epochs', 0):.2f} epochs), wall time {summary.get('wall_time_s', 0):.0f} s "
+              f"on {summary.get('device', '?')} ({summary.get('precision', '?')}, torch {summary.get('torch', '?')}).",
+              "", "## Final probes (test accuracy)", "", probe_table(summary), "",
+              "## Probes during training", "", history_table(run), "", f"![probe accuracy vs epoch]({png.name})", "",
+              "## Config", "", "```yaml", cfg.rstrip(), "```", ""]
+    out = run.path / "report.md"
+    out.write_text("\n".join(parts))
+    return out

@@ -1,0 +1,49 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from randteach.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from randteach.errors import CheckpointError
+
+
+def test_round_trip(tmp_path):
+    sd = torch.nn.Linear(3, 2).state_dict()
+    save_checkpoint({"model": sd, "step": 7}, tmp_path / "a.pt")
+    back = load_checkpoint(tmp_path / "a.pt")
+    assert back["step"] == 7
+    torch.testing.assert_close(back["model"]["weight"], sd["weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "randteach-checkpoint-v1", "model": _Evil()}, bad)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(bad)
+    assert not (tmp_path / "PWNED").exists()
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_foreign_and_missing(tmp_path):
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a randteach checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="no checkpoints/student.pt"):
+        load_state_dict(tmp_path)

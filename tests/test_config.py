@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from randteach.config import (Config, ConfigError, build_config, config_from_dict, help_lines, parse_overrides,
+                              preset, preset_names)
+
+
+def test_overrides_are_typed():
+    cfg = build_config(overrides=parse_overrides(["--optim.lr", "1e-2", "--train.epochs=3", "--head.hidden_dims",
+                                                   "[512, 256]", "--data.n_samples", "None", "--head.wn2", "false"]))
+    assert cfg.optim.lr == 0.01 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 3.0
+    assert cfg.head.hidden_dims == [512, 256]
+    assert cfg.data.n_samples is None
+    assert cfg.head.wn2 is False
+
+
+def test_negative_number_is_a_value_not_a_flag():
+    assert parse_overrides(["--optim.lr", "-1e-3"]) == {"optim.lr": "-1e-3"}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"optim.lrr": "1"}, ["optim.lrr", "lr", "weight_decay"]),
+    ({"optim.name": "lamb"}, ["optim.name", "adamw", "sgd"]),
+    ({"train.batch_size": "many"}, ["train.batch_size", "int"]),
+    ({"init.alpha": "2"}, ["init.alpha", "[0, 1]"]),
+    ({"model.encoder": "resnet9"}, ["resnet9", "resnet18", "package.module:callable"]),
+    ({"optim": "1"}, ["section"]),
+])
+def test_bad_values_name_the_key_and_the_choices(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_precedence_preset_file_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"optim": {"lr": 0.5, "name": "sgd"}}))
+    cfg = build_config("paper", f, {"optim.lr": "0.25"})
+    assert cfg.model.encoder == "resnet18"           # preset
+    assert cfg.optim.name == "sgd"                   # file over preset
+    assert cfg.optim.lr == 0.25                      # override over file
+
+
+def test_paper_preset_is_the_spec():
+    cfg = build_config("paper")
+    assert (cfg.model.encoder, cfg.head.kind, cfg.head.hidden_dims, cfg.head.bottleneck_dim, cfg.head.out_dim) == \
+        ("resnet18", "dino", [2048, 2048], 256, 2 ** 16)
+    assert (cfg.loss.name, cfg.loss.teacher_temp, cfg.loss.student_temp, cfg.loss.center) == ("ce", 1.0, 1.0, False)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == ("adamw", 1e-3, 0.0, None)
+    assert cfg.train.batch_size == 256 and cfg.init.alpha == 1e-10 and cfg.init.mode == "locality"
+    assert cfg.teacher.mode == "frozen" and cfg.teacher.train_mode is False
+    assert (cfg.head.wn1, cfg.head.lin1, cfg.head.fn1, cfg.head.wn2, cfg.head.lin2, cfg.head.fn2) == \
+        (False, True, True, True, True, False)
+
+
+def test_every_preset_validates():
+    for name in preset_names():
+        assert build_config(name)
+    with pytest.raises(ConfigError, match="valid presets"):
+        preset("nope")
+
+
+def test_round_trip_and_digest():
+    cfg = build_config("cpu", overrides={"optim.lr": "0.002"})
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and again.digest() == cfg.digest()
+    assert build_config("cpu").digest() != cfg.digest()
+    moved = config_from_dict({**cfg.to_dict(), "out": "/elsewhere"})
+    assert moved.digest() == cfg.digest()  # where a run is written does not change what it is
+
+
+def test_help_lists_every_key():
+    lines = help_lines()
+    assert any(l.startswith("--optim.lr ") for l in lines)
+    assert len(lines) == sum(len(v) if isinstance(v, dict) else 1 for v in Config().to_dict().values())
+
+
+def test_cli_config_error_is_one_line_without_traceback():
+    r = subprocess.run([sys.executable, "-m", "randteach.cli", "distill", "--optim.name", "lamb"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "optim.name" in r.stderr and "adamw" in r.stderr

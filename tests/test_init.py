@@ -1,0 +1,65 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from randteach.init import exact_copy, init_report, locality_init, neighborhood_init, parameter_distance
+
+
+def _net(seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    m[1].running_mean.fill_(float(seed))  # a buffer that must come from the teacher
+    return m
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("vp", [True, False])
+def test_locality_matches_numpy(alpha, vp):
+    t, f = _net(0), _net(1)
+    s = locality_init(t, f, alpha, variance_preserving=vp)
+    delta = math.sqrt(alpha ** 2 + (1 - alpha) ** 2) if vp else 1.0
+    for (name, ps), pt, pf in zip(s.named_parameters(), t.parameters(), f.parameters()):
+        want = ((1 - alpha) * pt.detach().double().numpy() + alpha * pf.detach().double().numpy()) / delta
+        np.testing.assert_allclose(ps.detach().numpy(), want.astype(np.float32), rtol=0, atol=0, err_msg=name)
+    assert torch.equal(s[1].running_mean, t[1].running_mean)  # buffers from the teacher
+    assert s[0].weight.data_ptr() != t[0].weight.data_ptr()   # no shared storage
+
+
+def test_variance_preservation_keeps_the_std():
+    torch.manual_seed(0)
+    t, f = nn.Linear(1000, 1000), nn.Linear(1000, 1000)
+    mixed = locality_init(t, f, 0.5, variance_preserving=True)
+    plain = locality_init(t, f, 0.5, variance_preserving=False)
+    assert abs(mixed.weight.std() / t.weight.std() - 1) < 0.01
+    assert abs(plain.weight.std() / t.weight.std() - 1 / math.sqrt(2)) < 0.01
+
+
+def test_tiny_alpha_is_below_fp32_resolution_except_for_tiny_weights():
+    t, f = nn.Linear(256, 256), nn.Linear(256, 256)
+    with torch.no_grad():
+        t.weight[0, 0] = 1e-30  # a tiny teacher weight moves
+    s = locality_init(t, f, 1e-10)
+    rep = init_report(t, s)
+    assert rep["weights_differing"] >= 1
+    assert rep["weights_differing"] < 0.01 * rep["weights_total"]
+    assert s.weight[0, 0] != t.weight[0, 0]
+
+
+def test_neighborhood_and_copy():
+    t, f = _net(0), _net(1)
+    s = neighborhood_init(t, f, 0.25)
+    for ps, pt, pf in zip(s.parameters(), t.parameters(), f.parameters()):
+        torch.testing.assert_close(ps, pt + 0.25 * pf)
+    c = exact_copy(t)
+    assert parameter_distance(c, t) == 0.0
+    with torch.no_grad():
+        c[0].weight.add_(1.0)
+    assert parameter_distance(c, t) == pytest.approx(math.sqrt(35), rel=1e-6)
+
+
+def test_alpha_out_of_range():
+    with pytest.raises(ValueError):
+        locality_init(_net(0), _net(1), 1.5)

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from randteach.losses import Centering, distill_loss
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture
+def st():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 9, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ts, ss", [(1.0, 1.0), (0.04, 0.1)])
+def test_ce_and_kl_match_numpy(st, ts, ss):
+    s, t = st
+    pt, ps = _softmax(t.numpy() / ts), _softmax(s.numpy() / ss)
+    ce = -(pt * np.log(ps)).sum(-1).mean()
+    kl = (pt * (np.log(pt) - np.log(ps))).sum(-1).mean()
+    assert distill_loss("ce", s, t, ts, ss).item() == pytest.approx(ce, rel=1e-5)
+    assert distill_loss("kl", s, t, ts, ss).item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
+
+
+def test_kl_and_ce_have_the_same_gradient(st):
+    s, t = st
+    g = []
+    for name in ("ce", "kl"):
+        x = s.clone().float().requires_grad_()
+        distill_loss(name, x, t).backward()
+        g.append(x.grad)
+    torch.testing.assert_close(g[0], g[1])
+
+
+def test_mse_family_matches_numpy(st):
+    s, t = st
+    S, T = s.numpy(), t.numpy()
+    assert distill_loss("mse", s, t).item() == pytest.approx(((S - T) ** 2).sum(-1).mean(), rel=1e-5)
+    n = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+    want = ((n(S) - n(T)) ** 2).sum(-1).mean()
+    assert distill_loss("nmse", s, t).item() == pytest.approx(want, rel=1e-5)
+    assert distill_loss("ndmse", s, t).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ndmse_detaches_the_norm(st):
+    s, t = st
+    x1 = s.clone().float().requires_grad_()
+    distill_loss("nmse", x1, t).backward()
+    x2 = s.clone().float().requires_grad_()
+    distill_loss("ndmse", x2, t).backward()
+    # ND-MSE's gradient is the plain one through s/c with c constant: 2 (s/c - t_hat) / c
+    c = s.float().norm(dim=-1, keepdim=True)
+    t_hat = t.float() / t.float().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(x2.grad, 2 * (s.float() / c - t_hat) / c / len(s))
+    assert not torch.allclose(x1.grad, x2.grad)
+    # N-MSE's gradient is orthogonal to s (scale invariance); ND-MSE's is not
+    assert torch.allclose((x1.grad * s.float()).sum(-1), torch.zeros(len(s)), atol=1e-6)
+
+
+def test_teacher_equals_student_gives_zero_loss_and_gradient(st):
+    s, _ = st
+    for name in ("kl", "mse", "nmse", "ndmse"):
+        x = s.clone().float().requires_grad_()
+        loss = distill_loss(name, x, s.float())
+        loss.backward()
+        assert abs(loss.item()) < 1e-6 and x.grad.abs().max() < 1e-5, name
+
+
+def test_centering_subtracts_running_mean():
+    c = Centering(0.5)
+    a = torch.ones(4, 3)
+    out1 = c(a)
+    torch.testing.assert_close(out1, a)              # center starts at 0
+    torch.testing.assert_close(c.center, 0.5 * torch.ones(3))
+    out2 = c(a)
+    torch.testing.assert_close(out2, 0.5 * torch.ones(4, 3))
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError):
+        distill_loss("hinge", torch.zeros(1, 2), torch.zeros(1, 2))
