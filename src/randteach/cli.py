@@ -15,6 +15,10 @@ from .errors import UserError
 
 DEMO_PRESET = "cpu"
 
+# Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
+# `func(args, extra) -> int` as its default.
+COMMAND_MODULES: list[str] = []
+
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):
     from .config import build_config, parse_overrides
@@ -135,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true")
     p.add_argument("--keys", action="store_true", help="every key with its default and help")
     p.set_defaults(func=cmd_config)
+
+    import importlib
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"randteach.{name}").add_parser(sub)
     return parser
 
 
