@@ -1,0 +1,136 @@
+"""Models: an encoder g (the representation that is probed) and a projector head h; f = h o g.
+
+    build_encoder(name, in_channels, image_size, norm, width, **options) -> module with .embed_dim
+    build_head(head_cfg, in_dim)                                         -> module with .out_dim
+    build_model(cfg, in_channels, image_size, seed)                      -> DistillModel
+
+Encoders: flatten, mlp, convnet (small.py); vgg11..19[_bn] (vgg.py); resnet18/34/50, resnet20/56
+(resnet.py); vit_tiny/small/medium/base (vit.py); or an import path 'package.module:callable'.
+Parameter counts (3 input channels, 32x32, measured by tests/test_models.py against the
+random-teacher paper's Table 5): vgg11 9,220,480; resnet18 11,168,832; resnet20 271,824 (and every
+other VGG/ResNet row). Table 5's ViT rows count one block and patch 16 (the authors' code shared one
+block object across layers); ours have 12 distinct blocks and patch 8, e.g. vit_tiny 5,379,264.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+from torch import nn
+
+from ..config import ENCODERS, Config, ConfigError
+from .common import count_parameters, norm2d, resolve_norm
+from .heads import DINOHead, IdentityHead, LinearHead, build_head, unit_rows
+from .resnet import SPECS as RESNETS, build_resnet
+from .small import build_small
+from .vgg import CONFIGS as VGGS, VGG
+from .vit import SIZES as VITS, build_vit
+
+__all__ = ["build_encoder", "build_head", "build_model", "count_parameters", "DistillModel",
+           "DINOHead", "LinearHead", "IdentityHead", "unit_rows", "norm2d"]
+
+
+def build_encoder(name: str, in_channels: int = 3, image_size: int = 32, norm: str = "default",
+                  width: int = 32, **options) -> nn.Module:
+    """A freshly (He / trunc-normal) initialized encoder mapping (B, C, H, W) floats to (B, embed_dim).
+
+    Draws from torch's global RNG like any nn.Module; `build_model` seeds it and leaves it untouched.
+    options: patch_size for ViTs; keyword arguments of an import-path callable.
+    """
+    if ":" in name:
+        if norm != "default":
+            raise ConfigError(f"model.norm={norm} cannot be applied to the imported encoder {name!r}; "
+                              "leave model.norm=default and choose the normalization inside it")
+        return _import_encoder(name, in_channels, image_size, **options)
+    if name not in ENCODERS:
+        raise ConfigError(f"model.encoder: unknown encoder {name!r}; valid choices: {', '.join(ENCODERS)}, "
+                          "or an import path 'package.module:callable'")
+    allowed = {"vit_tiny": ("patch_size",), "vit_small": ("patch_size",),
+               "vit_medium": ("patch_size",), "vit_base": ("patch_size",)}.get(name, ())
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise ConfigError(f"encoder {name} takes no option(s) {', '.join(sorted(unknown))}"
+                          + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+    if name in ("flatten", "mlp", "convnet"):
+        return build_small(name, in_channels, image_size, norm, width)
+    if name.startswith("vgg"):
+        base, bn = name.removesuffix("_bn"), name.endswith("_bn")
+        return VGG(VGGS[base], in_channels, resolve_norm(norm, "batch" if bn else "none", name))
+    if name in RESNETS:
+        return build_resnet(name, in_channels, image_size, resolve_norm(norm, "batch", name))
+    if name in VITS:
+        resolve_norm(norm, "layer", name, allowed=("default", "layer"))
+        return build_vit(name, in_channels, image_size, options.get("patch_size"))
+    raise AssertionError(f"encoder {name} is listed in ENCODERS but not built here")
+
+
+def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> nn.Module:
+    """'package.module:callable' -> callable(in_channels=..., image_size=..., **options), passing
+    in_channels/image_size only where the signature accepts them; embed_dim from the module's
+    .embed_dim, else from one forward pass of a dummy batch."""
+    module_name, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.encoder: cannot import {path!r} ({e}); expected 'package.module:callable' "
+                          "with the module importable from this Python environment") from None
+    kwargs = dict(options)
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in (("in_channels", in_channels), ("image_size", image_size)):
+        if takes_any or key in params:
+            kwargs[key] = value
+    encoder = obj(**kwargs)
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(f"model.encoder: {path!r} returned a {type(encoder).__name__}, expected a torch.nn.Module")
+    if not isinstance(getattr(encoder, "embed_dim", None), int):
+        encoder.embed_dim = _infer_embed_dim(encoder, path, in_channels, image_size)
+    return encoder
+
+
+def _infer_embed_dim(encoder: nn.Module, path: str, in_channels: int, image_size: int) -> int:
+    was_training = encoder.training
+    encoder.eval()  # no batch-norm statistics updated by the probe pass
+    try:
+        with torch.no_grad():
+            ref = next(encoder.parameters(), torch.empty(0))
+            out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=ref.device, dtype=ref.dtype))
+    finally:
+        encoder.train(was_training)
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise ConfigError(f"model.encoder: {path!r} maps a (2, {in_channels}, {image_size}, {image_size}) batch "
+                          f"to shape {tuple(out.shape)}; expected (2, embed_dim): flatten inside the encoder")
+    return int(out.shape[1])
+
+
+class DistillModel(nn.Module):
+    """f = head o encoder; `embed` is the representation that gets probed."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.embed_dim = encoder.embed_dim
+        self.out_dim = head.out_dim
+
+    def embed(self, x):
+        return self.encoder(x)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def build_model(cfg: Config, in_channels: int, image_size: int, seed: int) -> DistillModel:
+    """Encoder + head of `cfg`, initialized from `seed` alone: the same seed gives the same
+    parameters whatever torch's global RNG state, which is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width)
+        head = build_head(cfg.head, encoder.embed_dim)
+    return DistillModel(encoder, head)
