@@ -1,0 +1,56 @@
+"""Decode image files with Pillow into one uint8 (N, C, H, W) array (TinyImageNet, image folders)."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+# Pillow releases the GIL while decoding, so a few threads decode JPEGs in parallel.
+_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Center-crop to the aspect ratio of `size` (height, width), then resize bilinearly."""
+    h, w = size
+    if img.size == (w, h):
+        return img
+    iw, ih = img.size
+    if iw * h > ih * w:   # too wide
+        cw = ih * w // h
+        img = img.crop(((iw - cw) // 2, 0, (iw - cw) // 2 + cw, ih))
+    elif iw * h < ih * w:  # too tall
+        ch = iw * h // w
+        img = img.crop((0, (ih - ch) // 2, iw, (ih - ch) // 2 + ch))
+    return img.resize((w, h), Image.BILINEAR)
+
+
+def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray | str:
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(_fit(img.convert(mode), size))
+    except Exception as e:  # Pillow raises many types for broken files; report, do not crash
+        return f"{type(e).__name__}: {e}"
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def read_images(paths: Sequence[Path], mode: str, size: tuple[int, int]
+                ) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
+    """Decode `paths` to `mode` ("RGB" or "L") at `size` (height, width).
+
+    Returns (images (n_ok, C, H, W) uint8, positions of the decoded paths, [(path, error)] of the rest).
+    """
+    channels = 1 if mode == "L" else 3
+    out = np.empty((len(paths), channels, *size), np.uint8)
+    ok, failed = [], []
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for i, (path, arr) in enumerate(zip(paths, pool.map(lambda p: _decode(p, mode, size), paths))):
+            if isinstance(arr, str):
+                failed.append((path, arr))
+            else:
+                out[len(ok)] = arr
+                ok.append(i)
+    return out[:len(ok)], ok, failed

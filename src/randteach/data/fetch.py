@@ -1,0 +1,228 @@
+"""Download a data set from its official source, verify it, and unpack it safely into the data root.
+
+Each file is streamed to a temporary file next to its destination, its MD5 computed on the way,
+and renamed into place only if the checksum matches, so an interrupted or corrupted download never
+looks like data. Archives are unpacked into a temporary folder inside the root, after every member
+has been checked: an absolute name, a name that resolves outside the root (`../x`), a link that
+points outside, or a device file refuses the whole archive before anything is written. The archive
+is deleted afterwards.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import UserError
+from .registry import DatasetInfo, Remote, dataset_info
+from .roots import resolve_root
+
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+
+
+class FetchError(UserError):
+    """A download that failed, did not match its checksum, or an archive that is unsafe to unpack."""
+
+
+def fetch(name: str, root: str | None = None, *, base_url: str | None = None, progress: bool = True) -> Path:
+    """Download data set `name` into the data root; returns the folder it is read from.
+
+    Files already present with the right checksum (or archives already unpacked) are not
+    downloaded again. `base_url` replaces the official host (a mirror, or a local server in tests).
+    """
+    info = dataset_info(name)
+    base = resolve_root(root)
+    if not info.remote:
+        raise FetchError(f"nothing to fetch for {info.title}: "
+                         + info.manual.format(folder=base / (info.folder or "")))
+    target = base / info.folder
+    if info.archive:
+        _fetch_archive(info, base, target, base_url, progress)
+    else:
+        for remote in info.remote:
+            dest = target / remote.filename
+            if not (dest.is_file() and checksum_ok(dest, remote)):
+                download(_urls(remote, base_url), dest, remote, progress=progress)
+    return target
+
+
+def _urls(remote: Remote, base_url: str | None) -> tuple[str, ...]:
+    return (f"{base_url.rstrip('/')}/{remote.filename}",) if base_url else remote.urls
+
+
+def _fetch_archive(info: DatasetInfo, base: Path, target: Path, base_url: str | None, progress: bool) -> None:
+    if all((target / f).exists() for f in info.contents):
+        return
+    remote = info.remote[0]
+    archive = download(_urls(remote, base_url), base / remote.filename, remote, progress=progress)
+    try:
+        extract_archive(archive, base)
+    finally:
+        archive.unlink(missing_ok=True)
+    missing = [f for f in info.contents if not (target / f).exists()]
+    if missing:
+        raise FetchError(f"{remote.filename} unpacked, but {target / missing[0]} is missing: "
+                         f"it is not the official {info.title} archive")
+
+
+# ------------------------------------------------------------------ checksums
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gunzip_md5(path: Path) -> str | None:
+    """MD5 of the decompressed content of a gzip file, or None if it is not one."""
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return digest.hexdigest()
+
+
+def checksum_ok(path: Path, remote: Remote) -> bool:
+    """The file is the official one: its MD5 matches, or (gzip) the MD5 of its content does."""
+    return file_md5(path) == remote.md5 or (remote.raw_md5 is not None and gunzip_md5(path) == remote.raw_md5)
+
+
+# ------------------------------------------------------------------ download
+
+def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, progress: bool = True) -> Path:
+    """Fetch `remote` from the first of `urls` that delivers it with the right checksum, to `dest`."""
+    problems = []
+    for url in urls:
+        try:
+            return _download(url, Path(dest), remote, progress)
+        except FetchError as e:
+            problems.append(str(e))
+        except urllib.error.HTTPError as e:
+            problems.append(f"{url}: HTTP {e.code} {e.reason}")
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            problems.append(f"{url}: {getattr(e, 'reason', None) or e}")
+    raise FetchError(f"could not download {remote.filename}:\n" + "\n".join(f"  {p}" for p in problems)
+                     + f"\nCheck the connection, or put the file there by hand: {dest} (md5 {remote.md5}).")
+
+
+def _download(url: str, dest: Path, remote: Remote, progress: bool) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                      disable=not progress) as bar:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        got = digest.hexdigest()
+        if got != remote.md5 and not (remote.raw_md5 and gunzip_md5(Path(tmp)) == remote.raw_md5):
+            also = f" (or content md5 {remote.raw_md5})" if remote.raw_md5 else ""
+            raise FetchError(f"{url}: checksum mismatch: expected md5 {remote.md5}{also}, got {got}; "
+                             "the download was deleted")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# ------------------------------------------------------------------ safe extraction
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def _check_name(name: str, root: str, archive: Path) -> None:
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise FetchError(f"refusing to unpack {archive.name}: member {name!r} has an absolute path")
+    if not _inside(root, os.path.join(root, name)):
+        raise FetchError(f"refusing to unpack {archive.name}: member {name!r} would land outside the target folder")
+
+
+def _through_link(path: str, links: set[str]) -> bool:
+    """Whether `path` (not normalized) passes through one of the archive's symlinks on its way."""
+    parts = path.split("/")[:-1]
+    return any(os.path.normpath("/".join(parts[:i])) in links for i in range(1, len(parts) + 1))
+
+
+def _checked_tar_members(tar: tarfile.TarFile, root: str, archive: Path) -> list[tarfile.TarInfo]:
+    members = tar.getmembers()
+    links: set[str] = set()
+    for m in members:
+        _check_name(m.name, root, archive)
+        if _through_link(m.name, links):
+            raise FetchError(f"refusing to unpack {archive.name}: member {m.name!r} lies behind a link")
+        if m.issym() or m.islnk():
+            # a symlink's target is relative to its folder, a hard link's to the archive root
+            target = os.path.join(os.path.dirname(m.name) if m.issym() else "", m.linkname)
+            if (os.path.isabs(m.linkname) or not _inside(root, os.path.join(root, target))
+                    or _through_link(target + "/", links)):
+                raise FetchError(f"refusing to unpack {archive.name}: link {m.name!r} -> {m.linkname!r} "
+                                 "points outside the target folder")
+            if m.issym():
+                links.add(os.path.normpath(m.name))
+        elif not (m.isfile() or m.isdir()):
+            raise FetchError(f"refusing to unpack {archive.name}: {m.name!r} is a device or fifo")
+    return members
+
+
+def _unpack(archive: Path, into: str) -> None:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for item in zf.infolist():
+                _check_name(item.filename, into, archive)
+                if stat.S_ISLNK(item.external_attr >> 16):
+                    raise FetchError(f"refusing to unpack {archive.name}: {item.filename!r} is a link")
+            zf.extractall(into)
+        return
+    with tarfile.open(archive) as tar:
+        members = _checked_tar_members(tar, into, archive)
+        # Python's own "data" filter (3.10.12+/3.11.4+) re-checks every member as it is written.
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(into, members=members, **kwargs)
+
+
+def _merge(src: Path, dst: Path) -> None:
+    """Move the tree `src` into `dst`, replacing files of the same name and keeping the others."""
+    for entry in os.scandir(src):
+        target = dst / entry.name
+        if entry.is_dir(follow_symlinks=False) and target.is_dir():
+            _merge(Path(entry.path), target)
+        else:
+            os.replace(entry.path, target)
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Unpack a .tar(.gz) or .zip into `dest`, refusing it whole if any member would escape `dest`."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=dest, prefix=".randteach-unpack-")
+    try:
+        _unpack(Path(archive), os.path.realpath(tmp))
+        _merge(Path(tmp), dest)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise FetchError(f"cannot unpack {Path(archive).name}: {e}; delete it and fetch again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

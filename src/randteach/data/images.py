@@ -1,0 +1,102 @@
+"""Images as one uint8 tensor: `ImageData`, class-stratified subsets and Gaussian-noise inputs.
+
+Every reader returns an `ImageData`; everything downstream slices it. Keeping the pixels as uint8
+(N, C, H, W) costs a quarter of float32 memory, and the conversion to float happens per batch,
+on the device, in `Preprocess`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class FormatError(ValueError):
+    """A file that exists but does not hold what its format promises (wrong magic, size, structure)."""
+
+    def __init__(self, path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+@dataclass
+class ImageData:
+    """A labelled image data set held in memory."""
+
+    images: torch.Tensor   # uint8, (N, C, H, W), contiguous
+    labels: torch.Tensor   # int64, (N,); -1 where unlabelled (STL-10's unlabeled split)
+    num_classes: int       # number of classes of the data set, not of this subset
+    name: str
+    classes: tuple[str, ...] | None = None   # class names, when the data set ships them
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"{self.name}: images must be uint8 (N, C, H, W), "
+                             f"got {self.images.dtype} {tuple(self.images.shape)}")
+        self.images = self.images.contiguous()
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index) -> "ImageData":
+        """The images at `index` (indices, a boolean mask or a slice), same classes and name."""
+        if isinstance(index, (list, tuple, np.ndarray)):
+            index = torch.as_tensor(index)
+        return ImageData(self.images[index].contiguous(), self.labels[index].clone(), self.num_classes,
+                         self.name, self.classes)
+
+
+def from_numpy(images: np.ndarray, labels, num_classes: int, name: str, classes=None) -> ImageData:
+    """Wrap (N, C, H, W) uint8 numpy images and integer labels, checking labels lie in [0, num_classes)."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise FormatError(name, f"expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
+    labels = np.require(np.asarray(labels).reshape(-1), np.int64, ["C", "W"])
+    labelled = labels[labels != -1]
+    if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
+        raise FormatError(name, f"labels range over [{labelled.min()}, {labelled.max()}], "
+                                f"expected [0, {num_classes - 1}]")
+    return ImageData(torch.from_numpy(np.require(images, np.uint8, ["C", "W"])), torch.from_numpy(labels),
+                     num_classes, name, classes)
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """`n` indices, sorted, drawn without replacement so that each class keeps its share of the data.
+
+    Class c gets floor(n * N_c / N) images; the remaining few go to the classes with the largest
+    fractional parts (ties: the smaller label). The draw is a pure function of (labels, n, seed).
+    `n >= len(labels)` returns every index.
+    """
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    total = len(labels)
+    if n < 0:
+        raise ValueError(f"subset size must be >= 0, got {n}")
+    if n >= total:
+        return torch.arange(total)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * n / total
+    take = exact.floor().long()
+    by_fraction = torch.argsort(exact - take, descending=True, stable=True)
+    take[by_fraction[: n - int(take.sum())]] += 1
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[perm]
+    chosen = [perm[shuffled == c][:k] for c, k in zip(classes.tolist(), take.tolist())]
+    return torch.cat(chosen).sort().values
+
+
+def noise_like(data: ImageData, std: float = 1.0, seed: int = 0, *, size: int | None = None) -> torch.Tensor:
+    """Float32 Gaussian inputs N(0, std^2) shaped like `data.images` (or size x size), in normalized units.
+
+    They stand in for preprocessed images, so they bypass `Preprocess`.
+    """
+    n, c, h, w = data.images.shape
+    if size is not None:
+        h = w = size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, c, h, w), generator=g, dtype=torch.float32).mul_(std)

@@ -1,0 +1,204 @@
+"""The fetcher against a real HTTP server on 127.0.0.1: checksums, atomic downloads, safe unpacking."""
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import threading
+import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from randteach.data import DATASETS, FetchError, extract_archive, fetch, load_dataset
+from randteach.data.fetch import checksum_ok, download
+from randteach.data.registry import DEBIAN_FASHION_MNIST, Remote
+
+SERVER_LIFETIME_S = 60  # the server stops itself after this, whatever happens to the test
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(base URL, folder it serves)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    deadline = threading.Timer(SERVER_LIFETIME_S, httpd.shutdown)
+    deadline.daemon = True
+    deadline.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", served
+    deadline.cancel()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def all_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def use_archive(monkeypatch, name: str, archive: Path) -> None:
+    """Point data set `name` at a test archive of ours (same file name, its own checksum)."""
+    info = DATASETS[name]
+    remote = dataclasses.replace(info.remote[0], md5=md5(archive))
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(info, remote=(remote,)))
+
+
+# ------------------------------------------------------------------ downloads
+
+@pytest.mark.skipif(not Path(DEBIAN_FASHION_MNIST).is_dir(), reason="needs the Debian Fashion-MNIST files")
+def test_fetch_fashion_mnist_from_local_mirror(server, tmp_path):
+    url, served = server
+    for remote in DATASETS["fashion-mnist"].remote:
+        os.symlink(Path(DEBIAN_FASHION_MNIST) / remote.filename, served / remote.filename)
+    root = tmp_path / "root"
+    folder = fetch("fashion-mnist", str(root), base_url=url, progress=False)
+    assert folder == root / "fashion-mnist"
+    assert all_files(folder) == sorted(r.filename for r in DATASETS["fashion-mnist"].remote)
+    # Debian re-compressed the files: the archive md5 differs, the content md5 matches
+    assert all(checksum_ok(folder / r.filename, r) for r in DATASETS["fashion-mnist"].remote)
+    shutil.rmtree(served)  # a second fetch finds the files in place and downloads nothing
+    assert fetch("fashion-mnist", str(root), base_url=url, progress=False) == folder
+    assert len(load_dataset("fashion-mnist", "test", root=str(root))) == 10000
+
+
+def test_good_archive_is_fetched_verified_and_unpacked(server, tmp_path, monkeypatch, write_cifar10):
+    url, served = server
+    written = write_cifar10(tmp_path / "build" / "cifar-10-batches-py")
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "build" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    use_archive(monkeypatch, "cifar10", archive)
+    root = tmp_path / "root"
+    assert fetch("cifar10", str(root), base_url=url, progress=False) == root / "cifar-10-batches-py"
+    assert all_files(root)[0] == "cifar-10-batches-py" and not (root / "cifar-10-python.tar.gz").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary files left
+    data = load_dataset("cifar10", "test", root=str(root))
+    assert data.labels.tolist() == written["test"][1].tolist()
+
+
+def test_wrong_checksum_is_refused_and_leaves_nothing(server, tmp_path):
+    url, served = server
+    (served / "cifar-10-python.tar.gz").write_bytes(b"not the CIFAR-10 archive" * 1000)
+    root = tmp_path / "root"
+    with pytest.raises(FetchError) as e:
+        fetch("cifar10", str(root), base_url=url, progress=False)
+    msg = str(e.value)
+    assert "expected md5 c58f30108f718f92721af3b95e74349a" in msg
+    assert f"got {md5(served / 'cifar-10-python.tar.gz')}" in msg
+    assert all_files(root) == []
+
+
+def test_download_tries_the_next_mirror(server, tmp_path):
+    url, served = server
+    (served / "f.bin").write_bytes(b"payload")
+    remote = Remote("f.bin", (), hashlib.md5(b"payload").hexdigest())
+    dest = tmp_path / "out" / "f.bin"
+    download([f"{url}/missing/f.bin", f"{url}/f.bin"], dest, remote, progress=False)
+    assert dest.read_bytes() == b"payload"
+    with pytest.raises(FetchError, match="404"):
+        download([f"{url}/missing/f.bin"], tmp_path / "out" / "g.bin", remote, progress=False)
+    assert all_files(tmp_path / "out") == ["f.bin"]
+
+
+def test_nothing_to_fetch(tmp_path):
+    with pytest.raises(FetchError, match="github.com/preetum/cifar5m"):
+        fetch("cifar5m", str(tmp_path))
+    with pytest.raises(FetchError, match="scikit-learn"):
+        fetch("digits", str(tmp_path))
+
+
+# ------------------------------------------------------------------ unsafe archives
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes = b"x") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def add_link(tar: tarfile.TarFile, name: str, target: str, kind=tarfile.SYMTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    tar.addfile(info)
+
+
+class _Formatting:
+    """Passes add calls to a tar, substituting {outside} in member and link names."""
+
+    def __init__(self, tar, outside):
+        self.tar, self.outside = tar, outside
+
+    def addfile(self, info, fileobj=None):
+        info.name = info.name.format(outside=self.outside)
+        info.linkname = info.linkname.format(outside=self.outside)
+        self.tar.addfile(info, fileobj)
+
+
+EVIL_TARS = {  # each adds one member that must not be unpacked
+    "dotdot": lambda tar: add_bytes(tar, "data/../../evil"),
+    "absolute": lambda tar: add_bytes(tar, "{outside}/evil"),
+    "symlink": lambda tar: add_link(tar, "data/link", "../../evil"),
+    "absolute-symlink": lambda tar: add_link(tar, "data/link", "{outside}/evil"),
+    "hardlink": lambda tar: add_link(tar, "data/hard", "../evil", tarfile.LNKTYPE),
+    "through-symlink": lambda tar: (add_link(tar, "data/up", ".."), add_bytes(tar, "data/up/../evil")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EVIL_TARS))
+def test_unsafe_tar_is_refused(tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "target"
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_bytes(tar, "data/good.txt", b"fine")
+        EVIL_TARS[kind](_Formatting(tar, str(outside)))
+    with pytest.raises(FetchError, match="refusing to unpack"):
+        extract_archive(archive, target)
+    assert all_files(outside) == [] and not (tmp_path / "evil").exists()
+    assert all_files(target) == []  # refused whole: not even the good member was written
+
+
+def test_unsafe_zip_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("tiny-imagenet-200/wnids.txt", "n0\n")
+        zf.writestr("../evil.txt", "boo")
+    with pytest.raises(FetchError, match="outside the target folder"):
+        extract_archive(archive, tmp_path / "target")
+    assert not (tmp_path / "evil.txt").exists() and all_files(tmp_path / "target") == []
+
+
+def test_unsafe_archive_via_fetch_is_deleted(server, tmp_path, monkeypatch):
+    url, served = server
+    archive = served / "stl10_binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        add_bytes(tar, "stl10_binary/../../evil")
+    use_archive(monkeypatch, "stl10", archive)
+    root = tmp_path / "root"
+    with pytest.raises(FetchError, match="refusing to unpack"):
+        fetch("stl10", str(root), base_url=url, progress=False)
+    assert all_files(root) == [] and not (tmp_path / "evil").exists()
+
+
+def test_internal_symlink_is_allowed(tmp_path):
+    archive = tmp_path / "ok.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_bytes(tar, "data/a.txt", b"a")
+        add_link(tar, "data/b.txt", "a.txt")
+    extract_archive(archive, tmp_path / "target")
+    assert (tmp_path / "target" / "data" / "b.txt").read_bytes() == b"a"
