@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from .config import Config, config_from_dict
 from .data import ImageData, Preprocess, load_dataset, noise_like, stratified_subset
+from .distributed import from_environment
 from .errors import UserError
 from .evaluate import Prober, autocast
 from .init import exact_copy, init_report, locality_init, neighborhood_init, parameter_distance, parameter_norm
@@ -186,10 +187,14 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     resuming = last_path.exists()
     if existing and existing.get("status") in ("completed", "diverged") and resume:
         return RunResult(run.path, existing)
-    run.create()
-    run.config_path.write_text(cfg.to_yaml())
-
     device = resolve_device(cfg.train.device)
+    ddp = from_environment(device)
+    if ddp.enabled and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+    if ddp.is_main:
+        run.create()
+        run.config_path.write_text(cfg.to_yaml())
+    ddp.barrier()
     torch.manual_seed(cfg.train.seed)
     inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
     in_channels = data.images.shape[1]
@@ -238,16 +243,18 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
         if centering is not None and state.get("center") is not None:
             centering.center = state["center"].to(device)
         torch.set_rng_state(state["rng"]["torch"])
-        run.truncate_after(step)
+        if ddp.is_main:
+            run.truncate_after(step)
         teacher_probe = state.get("teacher_probe") or None
-    else:
+    elif ddp.is_main:
         for f in (run.metrics_path, run.summary_path):
             f.unlink(missing_ok=True)
         save_checkpoint({"model": teacher.state_dict(), "role": "teacher", "in_channels": in_channels,
                          "image_size": size}, run.checkpoints / "teacher.pt")
         save_checkpoint({"model": student.state_dict(), "role": "student_init"}, run.checkpoints / "student_init.pt")
 
-    prober = Prober(cfg, in_channels, size, device, bf16=use_bf16_requested) if cfg.probe.which else None
+    prober = Prober(cfg, in_channels, size, device, bf16=use_bf16_requested) \
+        if cfg.probe.which and ddp.is_main else None
     teacher_norm = parameter_norm(teacher)
     t_start = time.perf_counter()
 
@@ -255,6 +262,8 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
         return wall_before + time.perf_counter() - t_start
 
     def save_state(path: Path) -> None:
+        if not ddp.is_main:
+            return
         save_checkpoint({"student": student.state_dict(), "teacher": teacher.state_dict(),
                          "student_init": student_init.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "wall_time_s": wall(), "bf16_on": bf16_on, "init": init_info,
@@ -275,7 +284,18 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
         run.log(record)
         return record
 
+    def log(record: dict) -> None:
+        if ddp.is_main:
+            run.log(record)
+
+    def save_model(path: Path) -> None:
+        if ddp.is_main:
+            save_checkpoint({"model": student.state_dict(), "role": "student", "step": step}, path)
+
     def finish(status: str, **extra) -> RunResult:
+        ddp.barrier()
+        if not ddp.is_main:
+            return RunResult(run.path, {"status": status, "steps": step, "rank": ddp.rank})
         probes = run.probes()
         final = probes[-1] if probes else {}
         summary = {"status": status, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": wall(),
@@ -286,7 +306,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
         return RunResult(run.path, summary)
 
     last_loss = float("nan")
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc=f"distill {run.path.name}",
+    bar = tqdm(total=total_steps, initial=step, disable=not progress or not ddp.is_main, desc=f"distill {run.path.name}",
                unit="step", dynamic_ncols=True)
     with _StopFlag() as stop:
         if step == 0 and prober is not None and 0 in probe_steps:
@@ -302,7 +322,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                 bf16_on = parameter_distance(student, teacher) > cfg.train.bf16_after_distance * teacher_norm
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for chunk in idx.split(micro):
+            for chunk in ddp.shard(idx).split(micro):
                 x = inputs[chunk].to(device, non_blocking=True)
                 x = preprocess(x) if preprocess is not None else x
                 if conv_like:
@@ -316,12 +336,14 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                 loss = distill_loss(cfg.loss.name, s, t, cfg.loss.teacher_temp, cfg.loss.student_temp)
                 (loss * (len(chunk) / len(idx))).backward()
                 loss_sum += float(loss.detach()) * len(chunk) / len(idx)
+            ddp.sum_gradients(student.parameters())
+            loss_sum = ddp.sum_scalar(loss_sum, device)
             grad_norm = _grad_norm(student.parameters())
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
             if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
                 bar.close()
-                run.log({"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr})
+                log({"step": step + 1, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr})
                 return finish("diverged", diverged_step=step + 1, reason="non-finite loss or gradient")
             optimizer.step()
             step += 1
@@ -336,7 +358,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                 if not _finite_params(student):
                     bar.close()
                     return finish("diverged", diverged_step=step, reason="non-finite parameters")
-                run.log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum, "grad_norm": grad_norm,
+                log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum, "grad_norm": grad_norm,
                          "dist_teacher": parameter_distance(student, teacher),
                          "dist_init": parameter_distance(student, student_init), "lr": lr,
                          "bf16": bf16_on, "time": wall()})
@@ -347,20 +369,18 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                 bar.write(_probe_line(rec))
             if step in ckpt_steps:
                 save_state(last_path)
-                save_checkpoint({"model": student.state_dict(), "role": "student", "step": step},
-                                run.checkpoints / f"student_step{step}.pt")
-            if stop.signal is not None:
+                save_model(run.checkpoints / f"student_step{step}.pt")
+            if ddp.any(stop.signal is not None, device):
                 save_state(last_path)
                 bar.close()
-                return finish("interrupted", signal=signal.Signals(stop.signal).name)
+                return finish("interrupted", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
         bar.close()
         if prober is not None:
             rec = do_probe(total_epochs)
             if progress:
                 print(_probe_line(rec))
         save_state(last_path)
-        save_checkpoint({"model": student.state_dict(), "role": "student", "step": step},
-                        run.checkpoints / "student.pt")
+        save_model(run.checkpoints / "student.pt")
         return finish("completed", final_loss=last_loss)
 
 

@@ -1,0 +1,83 @@
+import json
+import math
+
+import pytest
+import torch
+
+from randteach.checkpoint import load_checkpoint
+from randteach.distill import distill
+from randteach.rundir import RunDir
+
+from tiny import tiny_config
+
+
+def test_end_to_end_distill_and_probe(tmp_path):
+    cfg = tiny_config(tmp_path)
+    result = distill(cfg, progress=False)
+    s = result.summary
+    assert s["status"] == "completed" and s["steps"] == 2 * math.ceil(1437 / 64)
+    for role in ("teacher", "student", "input"):
+        for kind in ("linear", "knn"):
+            assert 0.1 < s["probe"][role][kind] <= 1.0
+    run = RunDir(result.path)
+    steps = [r for r in run.records() if "loss" in r]
+    assert len(steps) == s["steps"]
+    assert {"loss", "grad_norm", "dist_teacher", "dist_init", "lr"} <= set(steps[0])
+    assert [p["epoch"] for p in run.probes()] == [0, 1, 2]
+    for name in ("teacher", "student_init", "student", "last"):
+        assert load_checkpoint(run.checkpoints / f"{name}.pt")  # weights_only loads
+    teacher = load_checkpoint(run.checkpoints / "teacher.pt")["model"]
+    student = load_checkpoint(run.checkpoints / "student.pt")["model"]
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    assert (result.path / "config.yaml").exists()
+
+
+def test_completed_run_is_not_redone(tmp_path):
+    cfg = tiny_config(tmp_path, train__epochs=0.5, train__probe_every=0, probe__which="[]")
+    first = distill(cfg, progress=False)
+    mtime = (first.path / "summary.json").stat().st_mtime_ns
+    again = distill(cfg, progress=False)
+    assert again.summary == first.summary
+    assert (first.path / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_divergence_is_a_result(tmp_path):
+    cfg = tiny_config(tmp_path, optim__name="sgd", optim__lr=1e12, loss__name="mse", train__epochs=1,
+                      train__probe_every=0, probe__which="[]", init__mode="independent")
+    s = distill(cfg, progress=False).summary
+    assert s["status"] == "diverged"
+    assert 1 <= s["diverged_step"] <= 23
+    json.loads((cfg.run_dir() / "summary.json").read_text())  # valid JSON despite non-finite values
+
+
+def _escape_losses(tmp_path, precision, after):
+    cfg = tiny_config(tmp_path, model__encoder="mlp", model__width=64, head__kind="linear", head__out_dim=32,
+                      init__mode="neighborhood", init__epsilon=1e-10, loss__name="nmse", optim__name="sgd",
+                      optim__lr=1e4, train__max_steps=8, train__precision=precision,
+                      train__bf16_after_distance=after, probe__which="[]", train__probe_every=0,
+                      out=str(tmp_path / f"{precision}-{after}"))
+    distill(cfg, progress=False)
+    return [r["loss"] for r in RunDir(cfg.run_dir()).records() if "loss" in r]
+
+
+def test_escape_under_fp32_and_under_bf16_fast_path(tmp_path):
+    fp32 = _escape_losses(tmp_path, "fp32", 1e-3)
+    assert fp32[0] < 1e-10 and max(fp32) > 1e-3      # starts at the teacher, leaves it
+    bf16 = _escape_losses(tmp_path, "bf16", 1e-3)
+    assert max(bf16) > 1e-3                           # the bf16 path keeps the escape (fp32 until it left)
+
+
+def test_pure_bf16_cannot_see_the_student_leave(tmp_path):
+    # The numerical fact of SPEC §1: under bf16 autocast from the first step, loss and gradient are exactly 0.
+    losses = _escape_losses(tmp_path, "bf16", 0.0)
+    assert max(losses) == 0.0
+
+
+def test_ema_and_previous_epoch_teachers_move(tmp_path):
+    for mode in ("ema", "previous-epoch"):
+        cfg = tiny_config(tmp_path, teacher__mode=mode, teacher__ema_momentum=0.5, init__mode="independent",
+                          train__epochs=2, train__probe_every=0, probe__which="[]", out=str(tmp_path / mode))
+        run = distill(cfg, progress=False)
+        t0 = load_checkpoint(run.path / "checkpoints" / "teacher.pt")["model"]
+        t1 = load_checkpoint(run.path / "checkpoints" / "last.pt")["teacher"]
+        assert any(not torch.equal(t0[k], t1[k]) for k in t0), mode

@@ -1,0 +1,15 @@
+"""Tiny configurations shared by the tests: real data (scikit-learn digits), small models, seconds to run."""
+from randteach.config import build_config
+
+TINY = {
+    "data.name": "digits",
+    "model.encoder": "convnet", "model.width": "8",
+    "head.hidden_dims": "[64]", "head.bottleneck_dim": "16", "head.out_dim": "64",
+    "train.epochs": "2", "train.batch_size": "64", "train.probe_every": "1", "train.device": "cpu",
+    "probe.max_iter": "100",
+}
+
+
+def tiny_config(tmp_path, **overrides):
+    o = {**TINY, "out": str(tmp_path / "run"), **{k.replace("__", "."): str(v) for k, v in overrides.items()}}
+    return build_config("cpu", None, o)
