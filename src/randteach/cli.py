@@ -17,7 +17,7 @@ DEMO_PRESET = "cpu"
 
 # Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
 # `func(args, extra) -> int` as its default.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["commands_escape"]
 
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):

@@ -1,0 +1,255 @@
+"""LR range test (Smith 2017; escaping paper Fig. 1a, SPEC E12): teacher-student vs supervised loss
+while the step size grows exponentially.
+
+Both sides use the same encoder architecture, the same initial encoder weights (the teacher's), the
+same data order and the same schedule, `lr_k = lr_start * (lr_end / lr_start) ** (k / (T - 1))`
+for the T optimizer steps k = 0 .. T-1 (`randteach.optim.lr_at`, schedule=exponential):
+- teacher-student: `randteach.distill.distill` with optim.schedule=exponential (the one loop);
+- supervised: the encoder plus a linear classifier head (He init, `head.kind=linear`) trained with
+  cross-entropy on the labels, by the small loop below (the distillation loop has no labels).
+
+Divergence is a result, not a crash: a non-finite loss or gradient ends a side and is recorded as
+`nonfinite` (step, lr). Before that, `rise` marks where the loss leaves its floor: the first step at
+which the smoothed loss exceeds `factor` (4, the usual range-test threshold) times its running
+minimum (a minimum below 1e-8 counts as 1e-8, so that the ~1e-16 fp32 residue loss of a student
+sitting on its teacher does not count as a rise when it flickers). Smoothing is a bias-corrected exponential moving average of the per-step loss,
+`m_k = beta m_{k-1} + (1 - beta) loss_k`, `smoothed_k = m_k / (1 - beta^k)`. For the teacher-student
+loss, which starts at ~1e-16 (the student sits on the teacher), `rise` is the escape from the teacher
+and `nonfinite` the blow-up: the paper's two divergences (eta ~ 500 for the latter on CIFAR10/VGG11).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data import ImageData, load_dataset
+from ..distill import distill, epoch_order, load_training_inputs, resolve_device, seeds
+from ..errors import UserError
+from ..evaluate import autocast
+from ..models import build_model
+from ..optim import build_optimizer, lr_at, set_lr
+from ..rundir import RunDir, write_json
+
+RISE_FACTOR = 4.0      # smoothed loss > 4 x its running minimum: the range test's usual divergence criterion
+RISE_FLOOR = 1e-8      # running minima below this count as this: fp32 residue of a student sitting on its teacher
+SMOOTHING = 0.9        # EMA beta of the loss: a window of ~10 steps
+
+
+def range_config(cfg: Config, lr_start: float, lr_end: float, total_steps: int, steps_per_epoch: int,
+                 out: Path) -> Config:
+    """`cfg` turned into one exponential sweep of exactly `total_steps` steps, no probes, no checkpoints."""
+    if not (lr_start > 0 and lr_end > 0):
+        raise UserError(f"the range test needs positive step sizes, got start {lr_start:g} and end {lr_end:g}")
+    c = copy.deepcopy(cfg)
+    c.optim.schedule = "exponential"
+    c.optim.lr = float(lr_start)
+    c.optim.lr_end = float(lr_end)
+    c.optim.warmup_steps = 0
+    c.train.epochs = total_steps / steps_per_epoch
+    c.train.max_steps = total_steps            # guards against the float epochs rounding up one step
+    c.train.probe_every = 0
+    c.train.probe_at = []
+    c.train.checkpoint_every = 0
+    c.train.log_every = 1                      # every step's loss is part of the curve
+    c.probe.which = []
+    c.out = str(out)
+    return c.validate()
+
+
+def range_lrs(cfg: Config, total_steps: int) -> list[float]:
+    """The step size of every optimizer step of a range test config (the exponential sequence)."""
+    return [lr_at(cfg.optim, k, total_steps) for k in range(total_steps)]
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    """Bias-corrected EMA of the losses; stops (shorter list) at the first non-finite loss."""
+    out, m = [], 0.0
+    for k, x in enumerate(losses, start=1):
+        if not math.isfinite(x):
+            break
+        m = beta * m + (1 - beta) * x
+        out.append(m / (1 - beta ** k))
+    return out
+
+
+def find_divergences(steps: list[int], lrs: list[float], losses: list[float], *, beta: float = SMOOTHING,
+                     factor: float = RISE_FACTOR, floor: float = RISE_FLOOR) -> dict:
+    """{'rise': {step, lr, smoothed_loss} | None, 'nonfinite': {step, lr} | None} of one loss curve.
+
+    rise: the first step whose smoothed loss exceeds factor * max(running minimum, floor)."""
+    sm = smooth(losses, beta)
+    rise = None
+    best = math.inf
+    for i, s in enumerate(sm):
+        if s > factor * max(best, floor):
+            rise = {"step": steps[i], "lr": lrs[i], "smoothed_loss": s}
+            break
+        best = min(best, s)
+    nonfinite = None
+    if len(sm) < len(losses):
+        i = len(sm)
+        nonfinite = {"step": steps[i], "lr": lrs[i]}
+    return {"rise": rise, "nonfinite": nonfinite}
+
+
+def supervised_range(cfg: Config, inputs: torch.Tensor, preprocess, data: ImageData, image_size: int,
+                     total_steps: int, *, progress: bool = True) -> dict:
+    """Cross-entropy training of encoder + linear classifier along the config's (exponential) schedule.
+
+    Same encoder init as the teacher, same batches as the distillation loop. Returns the per-step
+    curve {'step', 'lr', 'loss'} (1-based steps, loss at the parameters before that step's update),
+    ending at the first non-finite loss or gradient."""
+    device = resolve_device(cfg.train.device)
+    sup = copy.deepcopy(cfg)
+    sup.head.kind = "linear"
+    sup.head.out_dim = data.num_classes
+    model = build_model(sup, data.images.shape[1], image_size, seed=seeds(cfg)["teacher"]).to(device).train()
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    labels = data.labels
+    n = len(inputs)
+    batch = min(cfg.train.batch_size or n, n)
+    micro = cfg.train.micro_batch or batch
+    steps_per_epoch = math.ceil(n / batch)
+    data_seed = seeds(cfg)["data"]
+    bf16 = cfg.train.precision == "bf16"
+    curve = {"step": [], "lr": [], "loss": []}
+    for step in tqdm(range(total_steps), disable=not progress, desc="supervised range", unit="step"):
+        epoch, offset = divmod(step, steps_per_epoch)
+        idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
+        lr = lr_at(cfg.optim, step, total_steps)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for chunk in idx.split(micro):
+            x = inputs[chunk].to(device)
+            x = preprocess(x) if preprocess is not None else x
+            with autocast(device, bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels[chunk].to(device))
+            (loss * (len(chunk) / len(idx))).backward()
+            loss_sum += float(loss.detach()) * len(chunk) / len(idx)
+        grads = [p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.stack(grads).sum().sqrt())
+        curve["step"].append(step + 1)
+        curve["lr"].append(lr)
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            curve["loss"].append(float("nan"))
+            break
+        curve["loss"].append(loss_sum)
+        optimizer.step()
+    return curve
+
+
+def _teacher_student_curve(run_path: Path) -> dict:
+    curve = {"step": [], "lr": [], "loss": []}
+    for r in RunDir(run_path).records():
+        if "loss" in r and "step" in r:
+            curve["step"].append(int(r["step"]))
+            curve["lr"].append(float(r["lr"]))
+            curve["loss"].append(float(r["loss"]))  # "nan"/"inf" strings from the log become floats
+    return curve
+
+
+def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps: int | None = None,
+             epochs: float | None = None, out: str | Path | None = None, supervised: bool = True,
+             smoothing: float = SMOOTHING, factor: float = RISE_FACTOR, floor: float = RISE_FLOOR,
+             progress: bool = True, train_data: ImageData | None = None) -> dict:
+    """Run the LR range test of `cfg` (either `steps` optimizer steps or `epochs` epochs) and write
+    OUT/lr_range.json and OUT/lr_range.png; the teacher-student run is OUT/teacher-student/.
+
+    Returns the JSON content: the exponential sequence's parameters, per side the curve (step, lr,
+    loss, smoothed) and its divergences ('rise', 'nonfinite'), and the teacher-student run's status."""
+    if (steps is None) == (epochs is None):
+        raise UserError("give the length of the range test as either steps or epochs (not both)")
+    if not 0.0 <= smoothing < 1.0:
+        raise UserError(f"smoothing is an EMA factor in [0, 1), got {smoothing}")
+    full = train_data if train_data is not None else \
+        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+    inputs, preprocess, data, size = load_training_inputs(cfg, full)
+    n = len(inputs)
+    steps_per_epoch = math.ceil(n / min(cfg.train.batch_size or n, n))
+    total_steps = int(steps) if steps is not None else max(1, math.ceil(float(epochs) * steps_per_epoch))
+    if total_steps < 2:
+        raise UserError(f"a range test needs at least 2 steps, got {total_steps}")
+    out = Path(out) if out else Path("runs") / f"lr-range-{cfg.digest()}-{lr_start:g}-{lr_end:g}-{total_steps}"
+    ts_cfg = range_config(cfg, lr_start, lr_end, total_steps, steps_per_epoch, out / "teacher-student")
+    key = {"config_digest": ts_cfg.digest(), "supervised": supervised, "smoothing": smoothing, "factor": factor,
+           "floor": floor}
+    json_path = out / "lr_range.json"
+    if json_path.exists():
+        previous = json.loads(json_path.read_text())
+        if previous.get("key") == key:
+            return previous
+
+    run = distill(ts_cfg, progress=progress, train_data=full)
+    sides = {"teacher_student": _teacher_student_curve(run.path)}
+    if supervised:
+        sides["supervised"] = supervised_range(ts_cfg, inputs, preprocess, data, size, total_steps,
+                                               progress=progress)
+    result = {"key": key, "lr_start": lr_start, "lr_end": lr_end, "steps": total_steps,
+              "steps_per_epoch": steps_per_epoch, "epochs": total_steps / steps_per_epoch,
+              "schedule": "lr_k = lr_start * (lr_end / lr_start) ** (k / (steps - 1)), k = 0 .. steps - 1",
+              "smoothing": f"bias-corrected EMA of the per-step loss, beta = {smoothing}",
+              "divergence": f"rise: smoothed loss > {factor} x max(running minimum, {floor:g}); "
+                            "nonfinite: first NaN/inf loss or gradient",
+              "loss": ts_cfg.loss.name, "optimizer": ts_cfg.optim.name, "encoder": ts_cfg.model.encoder,
+              "data": ts_cfg.data.name, "n_samples": n, "batch_size": ts_cfg.train.batch_size,
+              "teacher_student_run": str(run.path), "teacher_student_status": run.summary.get("status"),
+              "sides": {}}
+    for name, curve in sides.items():
+        curve["smoothed"] = smooth(curve["loss"], smoothing)
+        result["sides"][name] = {**curve, **find_divergences(curve["step"], curve["lr"], curve["loss"],
+                                                             beta=smoothing, factor=factor, floor=floor)}
+    result["png"] = str(plot_lr_range(result, out / "lr_range.png"))
+    write_json(json_path, result)
+    return result
+
+
+COLORS = {"teacher_student": "tab:red", "supervised": "tab:blue"}
+LABELS = {"teacher_student": "teacher-student", "supervised": "supervised (CE)"}
+
+
+def plot_lr_range(result: dict, path: Path) -> Path:
+    """Loss vs step size (log-log), raw and smoothed, divergences marked (like Fig. 1a)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, side in result["sides"].items():
+        color = COLORS.get(name, "k")
+        lrs, losses, sm = side["lr"], side["loss"], side["smoothed"]
+        finite = [(lr, v) for lr, v in zip(lrs, losses) if math.isfinite(v) and v > 0]
+        if finite:
+            ax.plot(*zip(*finite), color=color, alpha=0.25, lw=0.8)
+        if sm:
+            ax.plot(lrs[:len(sm)], sm, color=color, lw=1.8, label=f"{LABELS.get(name, name)} (EMA)")
+        if side["rise"]:
+            r = side["rise"]
+            ax.plot([r["lr"]], [r["smoothed_loss"]], "o", color=color, ms=8, mfc="none", mew=2,
+                    label=f"{LABELS.get(name, name)} rise at lr {r['lr']:.3g}")
+        if side["nonfinite"]:
+            r = side["nonfinite"]
+            ax.axvline(r["lr"], color=color, ls="--", lw=1)
+            if sm:
+                ax.plot([r["lr"]], [sm[-1]], "x", color=color, ms=10, mew=2.5,
+                        label=f"{LABELS.get(name, name)} diverges (NaN/inf) at lr {r['lr']:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step size (learning rate)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test: {result['encoder']} on {result['data']}, {result['optimizer']}, "
+                 f"{result['loss']} loss", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

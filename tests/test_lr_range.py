@@ -1,0 +1,68 @@
+import json
+import math
+
+import pytest
+
+from randteach.analysis.lr_range import find_divergences, lr_range, smooth
+from randteach.cli import main
+from randteach.rundir import RunDir
+
+from tiny import tiny_config
+
+RANGE = dict(head__kind="linear", head__out_dim=64, optim__name="sgd", loss__name="mse", init__mode="neighborhood",
+             init__epsilon=1e-10, train__precision="fp32", data__n_samples=256)
+
+
+def test_step_sizes_are_the_exponential_sequence(tmp_path):
+    cfg = tiny_config(tmp_path, **RANGE)
+    r = lr_range(cfg, lr_start=1e-4, lr_end=1e-1, steps=10, out=tmp_path / "lr", progress=False)
+    expected = [1e-4 * 1000 ** (k / 9) for k in range(10)]
+    assert r["steps"] == 10 and r["teacher_student_status"] == "completed"
+    for side in ("teacher_student", "supervised"):
+        s = r["sides"][side]
+        assert s["step"] == list(range(1, 11))
+        assert s["lr"] == pytest.approx(expected, rel=1e-12)
+        assert s["nonfinite"] is None and all(math.isfinite(v) for v in s["loss"])
+        assert len(s["smoothed"]) == 10
+    assert r["sides"]["supervised"]["loss"][0] == pytest.approx(math.log(10), rel=0.5)  # CE of 10 classes at init
+    assert r["sides"]["teacher_student"]["loss"][0] < 1e-10                             # student on its teacher
+    assert (tmp_path / "lr" / "lr_range.png").stat().st_size > 0
+    assert json.loads((tmp_path / "lr" / "lr_range.json").read_text())["steps"] == 10
+    # --epochs: 2 epochs of 256 images in batches of 64 are 8 steps
+    r = lr_range(cfg, lr_start=1e-4, lr_end=1e-1, epochs=2, out=tmp_path / "lr-epochs", supervised=False,
+                 progress=False)
+    assert r["steps"] == 8 and r["sides"]["teacher_student"]["lr"][-1] == pytest.approx(1e-1)
+
+
+def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
+    overrides = [f"--{k.replace('__', '.')}={v}" for k, v in RANGE.items()] + [
+        "--data.name=digits", "--model.encoder=convnet", "--model.width=8", "--train.batch_size=64",
+        "--train.device=cpu"]
+    out = tmp_path / "lr"
+    rc = main(["--quiet", "lr-range", "--preset", "cpu", "--lr-start", "1e-2", "--lr-end", "1e12", "--steps", "30",
+               "--out", str(out), *overrides])
+    assert rc == 0
+    assert "diverges (non-finite)" in capsys.readouterr().out
+    r = json.loads((out / "lr_range.json").read_text())  # valid JSON despite the NaN losses
+    assert r["teacher_student_status"] == "diverged"
+    summary = RunDir(r["teacher_student_run"]).summary()
+    ts = r["sides"]["teacher_student"]
+    assert ts["nonfinite"]["step"] == summary["diverged_step"] < 30
+    lrs = [1e-2 * 1e14 ** (k / 29) for k in range(30)]
+    assert ts["nonfinite"]["lr"] == pytest.approx(lrs[ts["nonfinite"]["step"] - 1])
+    assert ts["rise"]["step"] <= ts["nonfinite"]["step"]
+    sup = r["sides"]["supervised"]  # cross-entropy's gradient is bounded: it may blow up without overflowing
+    assert sup["rise"] is not None
+    assert sup["step"][-1] == (sup["nonfinite"]["step"] if sup["nonfinite"] else 30)
+    assert (out / "lr_range.png").exists()
+
+
+def test_smoothing_and_divergence_criterion():
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected
+    assert smooth([1.0, float("nan"), 3.0], 0.5) == [1.0]
+    steps, lrs = list(range(1, 8)), [10.0 ** k for k in range(7)]
+    d = find_divergences(steps, lrs, [1.0, 0.5, 0.4, 0.5, 3.0, 50.0, float("inf")], beta=0.0, factor=4.0)
+    assert d["rise"]["step"] == 5 and d["nonfinite"] == {"step": 7, "lr": 1e6}
+    # fp32 residue of a student on its teacher (1e-18 flickering to 1e-16) is not a rise; leaving it is
+    d = find_divergences(steps, lrs, [0.0, 1e-18, 1e-16, 0.0, 1e-12, 1e-3, 1.0], beta=0.0)
+    assert d["rise"]["step"] == 6 and d["nonfinite"] is None
