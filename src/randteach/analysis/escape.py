@@ -1,0 +1,292 @@
+"""Escape dynamics (escaping paper Fig. 1b-d and App. A; SPEC E13, E15): how a student that starts on its
+random teacher leaves it under large step sizes.
+
+`run_escape` runs groups of distillations of one base config (normally the `escape` preset: encoder +
+one linear layer, plain SGD, N-MSE, student at theta_T + 1e-10 theta_fresh), all of the same number of
+optimizer steps and probed at the same step cadence:
+- step_size  (Fig. 1c): SGD step size eta over `lrs`, batch size of the base config;
+- batch_size (Fig. 1b, 1d): batch size over `batch_sizes` (0 = full batch: gradient descent) at eta = `batch_lr`;
+- stabilize  (App. A, E15): loss MSE / ND-MSE / N-MSE, each with a constant step and with a linear
+  warm-up over `warmup_steps`, at eta = `stabilize_lr`.
+Per step the loss and gradient norm come from each run's metrics.jsonl; the probe accuracy of the
+student (and the teacher) every `probe_every_steps` steps.
+
+Collapse point: the probed step at which the student's linear-probe accuracy is lowest (metric
+"probe"), or at which the effective rank of its embedding is lowest (metric "erank", computed on the
+saved checkpoints). The loop saves student_step<N>.pt at the probe cadence; the checkpoint kept as the
+collapse point is the saved step nearest that minimum (`exact=False`, the default) or, with
+`exact=True`, a deterministic re-run of the same config stopped exactly at that step (bitwise on CPU).
+It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json, where
+`randteach signal RUN` finds it.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config, config_from_dict, dotted_to_nested
+from ..data import ImageData, load_dataset
+from ..distill import distill
+from ..errors import UserError
+from ..rundir import RunDir, write_json
+
+DEFAULT_LRS = (32.0, 100.0, 316.0, 1000.0, 3162.0, 1e4, 31623.0, 1e5)   # Fig. 1c
+DEFAULT_BATCH_SIZES = (256, 1024, 4096, 16384, 0)                      # Fig. 1d; 0 = full batch
+STABILIZE_LOSSES = ("mse", "ndmse", "nmse")                            # App. A
+GROUPS = ("step_size", "batch_size", "stabilize")
+COLLAPSE_METRICS = ("probe", "erank")
+
+
+@dataclass
+class Variant:
+    """One run of the sweep: `overrides` (dotted keys) applied to the base config."""
+    group: str
+    label: str
+    overrides: dict = field(default_factory=dict)
+
+
+def escape_variants(*, lrs=DEFAULT_LRS, batch_sizes=DEFAULT_BATCH_SIZES, batch_lr: float = 1e4,
+                    stabilize: bool = True, stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4,
+                    warmup_steps: int = 1000) -> list[Variant]:
+    """The runs of the step-size, batch-size and stabilization sweeps (an empty list skips a group)."""
+    out = [Variant("step_size", f"lr{lr:g}", {"optim.lr": float(lr), "optim.schedule": "constant"}) for lr in lrs]
+    for b in batch_sizes:
+        out.append(Variant("batch_size", "full-batch" if b == 0 else f"batch{b}",
+                           {"train.batch_size": int(b), "optim.lr": float(batch_lr), "optim.schedule": "constant"}))
+    if stabilize:
+        for loss in stabilize_losses:
+            out.append(Variant("stabilize", loss, {"loss.name": loss, "optim.lr": float(stabilize_lr),
+                                                   "optim.schedule": "constant"}))
+            out.append(Variant("stabilize", f"{loss}+warmup{warmup_steps}",
+                               {"loss.name": loss, "optim.lr": float(stabilize_lr), "optim.schedule": "warmup",
+                                "optim.warmup_steps": int(warmup_steps)}))
+    return out
+
+
+def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_every_steps: int,
+                   out: Path) -> Config:
+    """The base config with the variant's overrides, `steps` optimizer steps, probes and checkpoints
+    every `probe_every_steps` steps (expressed in epochs of this variant's batch size)."""
+    d = cfg.to_dict()
+    for section, values in dotted_to_nested(variant.overrides).items():
+        d[section].update(values)
+    c = config_from_dict(d)
+    batch = min(c.train.batch_size or n, n)
+    steps_per_epoch = math.ceil(n / batch)
+    c.train.epochs = steps / steps_per_epoch
+    c.train.max_steps = steps
+    every = probe_every_steps / steps_per_epoch
+    c.train.probe_every = every
+    c.train.checkpoint_every = every
+    c.train.probe_at = []
+    c.name = f"escape-{variant.group}-{variant.label}"
+    c.out = str(out / variant.group / variant.label)
+    return c.validate()
+
+
+def _curves(run: RunDir) -> tuple[dict, list[dict]]:
+    steps = {"step": [], "loss": [], "grad_norm": [], "dist_teacher": [], "lr": []}
+    probes = []
+    for r in run.records():
+        if r.get("event") == "probe":
+            probes.append({"step": r["step"], "epoch": r["epoch"],
+                           **{role: r[role] for role in ("teacher", "student", "input") if role in r}})
+        elif "loss" in r:
+            for k in steps:
+                v = r.get(k)
+                steps[k].append(float(v) if v is not None else None)
+    steps["step"] = [int(s) for s in steps["step"]]
+    return steps, probes
+
+
+def _probe_value(record: dict, role: str = "student") -> float | None:
+    result = record.get(role, {})
+    for kind in ("linear", "knn"):
+        if kind in result:
+            return float(result[kind])
+    return None
+
+
+def saved_steps(run: RunDir) -> dict[int, Path]:
+    """The student checkpoints a run saved: {step: path}, including the final student.pt."""
+    found = {}
+    for p in run.checkpoints.glob("student_step*.pt"):
+        m = re.fullmatch(r"student_step(\d+)\.pt", p.name)
+        if m:
+            found[int(m.group(1))] = p
+    final = run.checkpoints / "student.pt"
+    if final.exists():
+        found[int(load_checkpoint(final).get("step", 0))] = final
+    return dict(sorted(found.items()))
+
+
+def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
+    """Effective rank of the student's embedding at every saved checkpoint (and at init), on a
+    stratified subset of the probe's training split: [{step, erank}]."""
+    from ..signal import effective_rank
+    from .signal_layers import RunModels
+
+    models = RunModels(run_path)
+    images, _ = models.samples("train", n_samples)
+    points = [(0, models.checkpoint_path("student_init"))] + list(saved_steps(RunDir(run_path)).items())
+    out = []
+    for step, path in points:
+        encoder = models.encoder(path)
+        x = models.embed(encoder, images)
+        out.append({"step": step, "erank": float(effective_rank(x))})
+    return out
+
+
+def find_collapse(probes: list[dict], erank: list[dict] | None = None, metric: str = "probe") -> dict | None:
+    """The step where the student's probe accuracy (or embedding effective rank) is lowest after step 0."""
+    if metric == "probe":
+        pts = [(p["step"], _probe_value(p)) for p in probes]
+    elif metric == "erank":
+        pts = [(p["step"], p["erank"]) for p in erank or []]
+    else:
+        raise UserError(f"collapse metric {metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
+    pts = [(s, v) for s, v in pts if v is not None and math.isfinite(v)]
+    if not pts:
+        return None
+    initial = next((v for s, v in pts if s == 0), None)
+    later = [(s, v) for s, v in pts if s > 0]
+    if not later:
+        return None
+    step, value = min(later, key=lambda sv: (sv[1], sv[0]))
+    final = later[-1][1]
+    return {"metric": metric, "step": int(step), "value": value, "initial": initial, "final": final,
+            "drop": (initial - value) if initial is not None else None, "recovery": final - value}
+
+
+def keep_collapse_checkpoint(cfg: Config, run_path: Path, collapse: dict, *, exact: bool = False,
+                             train_data: ImageData | None = None) -> dict:
+    """Write RUN/checkpoints/collapse.pt (+ RUN/collapse.json) for the collapse step; returns the record."""
+    run = RunDir(run_path)
+    step = collapse["step"]
+    if exact:
+        if cfg.optim.schedule in ("cosine", "exponential"):
+            raise UserError(f"an exact re-run to step {step} changes the {cfg.optim.schedule} schedule (it depends on "
+                            "the run length); use the nearest saved checkpoint instead (exact=False)")
+        d = cfg.to_dict()
+        d["train"].update({"max_steps": step, "probe_every": 0, "checkpoint_every": 0})
+        d["probe"]["which"] = []
+        d["out"] = str(run.path / "collapse-rerun")
+        rerun = distill(config_from_dict(d), progress=False, train_data=train_data)
+        source, source_step, how = rerun.path / "checkpoints" / "student.pt", step, "deterministic re-run to the step"
+    else:
+        saved = saved_steps(run)
+        if not saved:
+            raise UserError(f"{run.path} saved no student checkpoints; set train.checkpoint_every or use exact=True")
+        source_step = min(saved, key=lambda s: (abs(s - step), s))
+        source, how = saved[source_step], "nearest saved checkpoint"
+    payload = load_checkpoint(source)
+    save_checkpoint({"model": payload["model"], "role": "student", "step": source_step},
+                    run.checkpoints / "collapse.pt")
+    record = {**collapse, "checkpoint": "checkpoints/collapse.pt", "checkpoint_step": source_step,
+              "source": str(Path(source).relative_to(run.path)), "how": how}
+    write_json(run.path / "collapse.json", record)
+    return record
+
+
+def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: int, lrs=DEFAULT_LRS,
+               batch_sizes=DEFAULT_BATCH_SIZES, batch_lr: float = 1e4, stabilize: bool = True,
+               stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4, warmup_steps: int = 1000,
+               collapse_metric: str = "probe", exact: bool = False, erank_samples: int = 500,
+               progress: bool = True, train_data: ImageData | None = None) -> dict:
+    """Run the escape sweeps (E13, E15) of base config `cfg` into OUT and return OUT/escape.json's content.
+
+    Every run lasts `steps` optimizer steps and is probed/checkpointed every `probe_every_steps` steps.
+    Completed runs are not redone (the loop skips them). Writes OUT/escape.json and one figure per
+    group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
+    if collapse_metric not in COLLAPSE_METRICS:
+        raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
+    if steps < 1 or probe_every_steps < 1:
+        raise UserError(f"steps and probe_every_steps must be positive, got {steps} and {probe_every_steps}")
+    out = Path(out)
+    full = train_data if train_data is not None else \
+        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+    n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
+    variants = escape_variants(lrs=lrs, batch_sizes=batch_sizes, batch_lr=batch_lr, stabilize=stabilize,
+                               stabilize_losses=stabilize_losses, stabilize_lr=stabilize_lr,
+                               warmup_steps=warmup_steps)
+    if not variants:
+        raise UserError("nothing to run: give at least one step size, batch size or the stabilize group")
+    results = []
+    for v in variants:
+        c = variant_config(cfg, v, n=n, steps=steps, probe_every_steps=probe_every_steps, out=out)
+        run = distill(c, progress=progress, train_data=full)
+        curves, probes = _curves(RunDir(run.path))
+        erank = erank_curve(run.path, erank_samples) if collapse_metric == "erank" else None
+        collapse = find_collapse(probes, erank, collapse_metric)
+        if collapse is not None:
+            collapse = keep_collapse_checkpoint(c, run.path, collapse, exact=exact, train_data=full)
+        results.append({"group": v.group, "label": v.label, "overrides": v.overrides, "run": str(run.path),
+                        "status": run.summary.get("status"), "diverged_step": run.summary.get("diverged_step"),
+                        "batch_size": c.train.batch_size or n, "lr": c.optim.lr, "loss_name": c.loss.name,
+                        "steps": curves, "probes": probes, "erank": erank, "collapse": collapse,
+                        "final_probe": run.summary.get("probe", {})})
+    result = {"base_config_digest": cfg.digest(), "n_samples": n, "steps": steps,
+              "probe_every_steps": probe_every_steps, "collapse_metric": collapse_metric,
+              "collapse_checkpoint": "re-run to the exact step" if exact else "nearest saved checkpoint",
+              "encoder": cfg.model.encoder, "data": cfg.data.name, "runs": results, "figures": {}}
+    for group in GROUPS:
+        members = [r for r in results if r["group"] == group]
+        if members:
+            path = plot_escape_group(members, out / f"escape_{group}.png", title=_TITLES[group])
+            result["figures"][group] = str(path)
+    write_json(out / "escape.json", result)
+    if exact:  # the re-runs' own folders are only a means to the checkpoint
+        for r in results:
+            shutil.rmtree(Path(r["run"]) / "collapse-rerun", ignore_errors=True)
+    return result
+
+
+_TITLES = {"step_size": "step size (Fig. 1c)", "batch_size": "batch size (Fig. 1b, 1d)",
+           "stabilize": "loss and warm-up (App. A)"}
+
+
+def plot_escape_group(runs: list[dict], path: Path, title: str = "") -> Path:
+    """Three panels against the optimizer step: loss, gradient norm (log y) and probe accuracy, one line
+    per run (light to dark in sweep order); collapse points circled, divergences crossed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(runs):
+        color = cmap(0.9 - 0.8 * i / max(1, len(runs) - 1))
+        s = r["steps"]
+        for ax, key in zip(axes[:2], ("loss", "grad_norm")):
+            pts = [(st, v) for st, v in zip(s["step"], s[key]) if v is not None and math.isfinite(v) and v > 0]
+            if pts:
+                ax.plot(*zip(*pts), color=color, lw=1, label=r["label"])
+            if r["diverged_step"]:
+                ax.axvline(r["diverged_step"], color=color, ls=":", lw=1)
+        pts = [(p["step"], _probe_value(p)) for p in r["probes"]]
+        pts = [(st, 100 * v) for st, v in pts if v is not None]
+        if pts:
+            axes[2].plot(*zip(*pts), "-o", ms=3, color=color, label=r["label"])
+        c = r.get("collapse")
+        if c and c["metric"] == "probe":
+            axes[2].plot([c["step"]], [100 * c["value"]], "o", ms=10, mfc="none", mew=1.5, color=color)
+    teacher = next((_probe_value(p, "teacher") for r in runs for p in r["probes"] if "teacher" in p), None)
+    if teacher is not None:
+        axes[2].axhline(100 * teacher, color="k", ls="--", lw=1, label="teacher")
+    for ax, ylabel in zip(axes, ("loss", "gradient norm", "student probe accuracy (%)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+    axes[2].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Escaping the random teacher: {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from randteach.analysis.escape import escape_variants, find_collapse, keep_collapse_checkpoint, run_escape
+from randteach.checkpoint import load_checkpoint
+from randteach.config import config_from_dict
+from randteach.distill import distill
+from randteach.rundir import RunDir
+
+from tiny import tiny_config
+
+# the escaping paper's simplified setting, tiny: conv net + one linear layer to 64, plain SGD, N-MSE,
+# student at theta_T + 1e-10 theta_fresh
+ESCAPE = dict(head__kind="linear", head__out_dim=64, init__mode="neighborhood", init__epsilon=1e-10,
+              loss__name="nmse", optim__name="sgd", optim__lr=1e4, optim__momentum=0, train__precision="fp32",
+              data__n_samples=256, probe__n_train=300, probe__n_test=200, probe__knn_k=0,
+              probe__which="[teacher, student]")
+
+
+def test_escape_sweep_end_to_end(tmp_path):
+    cfg = tiny_config(tmp_path, **ESCAPE)
+    r = run_escape(cfg, tmp_path / "escape", steps=12, probe_every_steps=4, lrs=(10.0, 1e4), batch_sizes=(),
+                   stabilize=False, progress=False)
+    assert [run["label"] for run in r["runs"]] == ["lr10", "lr10000"]
+    saved = json.loads((tmp_path / "escape" / "escape.json").read_text())
+    assert saved["runs"][1]["steps"]["step"] == list(range(1, 13))
+    assert (tmp_path / "escape" / "escape_step_size.png").stat().st_size > 0
+    for run in r["runs"]:
+        assert run["status"] == "completed"
+        assert [p["step"] for p in run["probes"]] == [0, 4, 8, 12]
+        assert len(run["steps"]["grad_norm"]) == 12
+        c = run["collapse"]
+        assert c["step"] in (4, 8, 12) and c["checkpoint_step"] == c["step"]
+        assert c["value"] == min(p["student"]["linear"] for p in run["probes"][1:])
+        kept = load_checkpoint(f"{run['run']}/checkpoints/collapse.pt")
+        assert kept["step"] == c["step"]
+        assert json.loads((tmp_path / "escape" / "step_size" / run["label"] / "collapse.json").read_text())["step"] \
+            == c["step"]
+    small, large = (run["steps"]["dist_teacher"][-1] for run in r["runs"])
+    assert large > 100 * small  # eta = 1e4 throws the student off the teacher; eta = 10 does not
+
+    # exact=True: a deterministic re-run stopped at the collapse step reproduces the saved checkpoint bitwise
+    run = r["runs"][1]
+    c = config_from_dict(yaml.safe_load(RunDir(run["run"]).config_path.read_text()))
+    exact = keep_collapse_checkpoint(c, run["run"], {"step": 8, "metric": "probe"}, exact=True)
+    assert exact["how"].startswith("deterministic")
+    rerun = load_checkpoint(f"{run['run']}/checkpoints/collapse.pt")["model"]
+    saved8 = load_checkpoint(f"{run['run']}/checkpoints/student_step8.pt")["model"]
+    assert all(torch.equal(rerun[k], saved8[k]) for k in saved8)
+
+
+def _escape(tmp_path, precision, bf16_after=1e-3):
+    cfg = tiny_config(tmp_path, **{**ESCAPE, "train__max_steps": 8, "train__precision": precision,
+                                   "train__bf16_after_distance": bf16_after, "probe__which": "[]",
+                                   "train__probe_every": 0, "out": str(tmp_path / precision)})
+    distill(cfg, progress=False)
+    steps = [r for r in RunDir(cfg.run_dir()).records() if "loss" in r]
+    teacher = load_checkpoint(cfg.run_dir() / "checkpoints" / "teacher.pt")["model"]
+    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in teacher.values())))
+    return steps, norm
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sgd_nmse_at_1e4_leaves_the_teacher(tmp_path, precision):
+    # SPEC §1: the fp32 residue of eps = 1e-10 seeds the escape (measured here: loss 0, 0, 0, 5e-20, 6e-12,
+    # 0.3, 1.1, 1.0; distance to the teacher 1e-10 -> 2.7e4 at step 6). Under bf16 the loop stays in fp32
+    # until the student has left the teacher, so the escape is the same step for step.
+    steps, teacher_norm = _escape(tmp_path, precision)
+    assert steps[0]["loss"] < 1e-10 and steps[0]["dist_teacher"] < 1e-6 * teacher_norm
+    assert max(s["loss"] for s in steps) > 1e-2
+    assert steps[-1]["dist_teacher"] > 1e-2 * teacher_norm
+    if precision == "bf16":
+        assert not steps[0]["bf16"] and steps[-1]["bf16"]
+
+
+def test_bf16_from_the_first_step_never_escapes(tmp_path):
+    # Why the loop waits: bf16 autocast cannot resolve a student within fp32 resolution of its teacher,
+    # so loss and gradient are exactly 0 and the student never moves.
+    steps, _ = _escape(tmp_path, "bf16", bf16_after=0.0)
+    assert all(s["bf16"] for s in steps)
+    assert max(s["loss"] for s in steps) == 0.0 and steps[-1]["dist_teacher"] == steps[0]["dist_teacher"]
+
+
+def test_collapse_point_and_variants():
+    probes = [{"step": 0, "student": {"linear": 0.8}}, {"step": 10, "student": {"linear": 0.5}},
+              {"step": 20, "student": {"linear": 0.4}}, {"step": 30, "student": {"linear": 0.7}}]
+    c = find_collapse(probes)
+    assert (c["step"], c["value"], c["drop"], c["recovery"]) == (20, 0.4, pytest.approx(0.4), pytest.approx(0.3))
+    assert find_collapse([], [{"step": 0, "erank": 9.0}, {"step": 5, "erank": 2.0}], "erank")["step"] == 5
+    assert find_collapse(probes[:1]) is None
+    v = escape_variants(lrs=(32,), batch_sizes=(256, 0), stabilize=True, warmup_steps=100)
+    assert [x.label for x in v] == ["lr32", "batch256", "full-batch", "mse", "mse+warmup100", "ndmse",
+                                    "ndmse+warmup100", "nmse", "nmse+warmup100"]
+    assert v[2].overrides["train.batch_size"] == 0 and v[4].overrides["optim.schedule"] == "warmup"
