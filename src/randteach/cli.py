@@ -17,7 +17,7 @@ DEMO_PRESET = "cpu"
 
 # Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
 # `func(args, extra) -> int` as its default.
-COMMAND_MODULES: list[str] = ["commands_escape"]
+COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis"]
 
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):
@@ -44,6 +44,8 @@ def cmd_distill(args, extra) -> int:
     from .distill import distill
     from .report import probe_table, write_report
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
+    if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0 if result.summary["status"] == "completed" else 3
     write_report(result.path, command="randteach distill " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     print(f"\n{result.summary['status']}: {result.path}")
     print(probe_table(result.summary))

@@ -55,7 +55,8 @@ def plot_probes(run: RunDir, path: Path | None = None) -> Path:
     ax.set_ylabel("probe accuracy (%)")
     ax.set_title(run.path.name)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,111 @@
+"""Runs that survive: real processes, real signals, bitwise-equal resumes, torchrun with real processes."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from randteach.checkpoint import load_checkpoint
+from randteach.rundir import RunDir
+
+from tiny import TINY
+
+CLI = [sys.executable, "-m", "randteach.cli", "--quiet", "distill"]
+LONG = {**TINY, "model.encoder": "mlp", "train.epochs": "8", "train.checkpoint_every": "0.5", "train.probe_every": "0",
+        "probe.which": "[]", "head.out_dim": "256"}
+
+
+def _args(options: dict, out: Path) -> list[str]:
+    return [a for k, v in {**options, "out": str(out)}.items() for a in (f"--{k}", v)]
+
+
+def _student(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "student.pt")["model"]
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(CLI + _args(LONG, out), check=True, capture_output=True)
+    return out
+
+
+def _start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(CLI + _args(LONG, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for(out / "checkpoints" / "last.pt", proc)   # a resumable checkpoint exists and the run goes on
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert RunDir(out).summary() is None                         # killed: no summary written
+    r = subprocess.run(CLI[:3] + ["distill", "--resume", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = RunDir(out).summary()
+    assert summary["status"] == "completed"
+    _assert_bitwise_equal(_student(out), _student(reference))
+    steps = [rec["step"] for rec in RunDir(out).records() if "loss" in rec]
+    assert steps == list(range(1, summary["steps"] + 1))        # each step logged exactly once
+
+
+def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for(out / "metrics.jsonl", proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 3
+    summary = RunDir(out).summary()
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert 0 < summary["steps"] < 8 * 23
+    r = subprocess.run(CLI[:3] + ["distill", "--resume", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert RunDir(out).summary()["status"] == "completed"
+    _assert_bitwise_equal(_student(out), _student(reference))
+
+
+def test_resume_rejects_overrides_and_foreign_dirs(tmp_path):
+    r = subprocess.run(CLI[:3] + ["distill", "--resume", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "config.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_torchrun_two_gloo_processes_match_one(tmp_path):
+    opts = {**TINY, "train.max_steps": "4", "train.probe_every": "0", "probe.which": "[]",
+            "train.batch_size": "128", "optim.name": "sgd", "optim.lr": "0.5"}
+    one = tmp_path / "one"
+    subprocess.run(CLI + _args(opts, one), check=True, capture_output=True)
+    two = tmp_path / "two"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "randteach.cli", "--quiet",
+                        "distill", *_args(opts, two)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _student(one), _student(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a[k], load_checkpoint(one / "checkpoints" / "student_init.pt")["model"][k]) for k in a)
+    assert len([x for x in RunDir(two).records() if "loss" in x]) == 4   # rank 0 alone wrote the log
