@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,15 @@ def test_escape_sweep_end_to_end(tmp_path):
     rerun = load_checkpoint(f"{run['run']}/checkpoints/collapse.pt")["model"]
     saved8 = load_checkpoint(f"{run['run']}/checkpoints/student_step8.pt")["model"]
     assert all(torch.equal(rerun[k], saved8[k]) for k in saved8)
+
+    # a second call redoes nothing: same runs, same collapse points; pruning keeps only what matters
+    again = run_escape(cfg, tmp_path / "escape", steps=12, probe_every_steps=4, lrs=(10.0, 1e4), batch_sizes=(),
+                       stabilize=False, prune_checkpoints=True, progress=False)
+    assert [x["collapse"]["step"] for x in again["runs"]] == [x["collapse"]["step"] for x in r["runs"]]
+    assert again["runs"][0]["collapse"] == r["runs"][0]["collapse"]
+    for x in again["runs"]:
+        ckpts = Path(x["run"]) / "checkpoints"
+        assert not list(ckpts.glob("student_step*.pt")) and (ckpts / "collapse.pt").exists()
 
 
 def _escape(tmp_path, precision, bf16_after=1e-3):

@@ -21,6 +21,7 @@ It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json,
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -125,19 +126,24 @@ def saved_steps(run: RunDir) -> dict[int, Path]:
 
 
 def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
-    """Effective rank of the student's embedding at every saved checkpoint (and at init), on a
-    stratified subset of the probe's training split: [{step, erank}]."""
+    """Effective rank of the student's embedding at init and at every saved checkpoint, on a stratified
+    subset of the probe's training split: [{step, erank}]. Cached in RUN/erank.json."""
     from ..signal import effective_rank
     from .signal_layers import RunModels
 
+    cache = Path(run_path) / "erank.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("n_samples") == n_samples:
+            return saved["points"]
     models = RunModels(run_path)
     images, _ = models.samples("train", n_samples)
     points = [(0, models.checkpoint_path("student_init"))] + list(saved_steps(RunDir(run_path)).items())
     out = []
     for step, path in points:
-        encoder = models.encoder(path)
-        x = models.embed(encoder, images)
+        x = models.embed(models.encoder(path), images)
         out.append({"step": step, "erank": float(effective_rank(x))})
+    write_json(cache, {"n_samples": n_samples, "points": out})
     return out
 
 
@@ -160,6 +166,16 @@ def find_collapse(probes: list[dict], erank: list[dict] | None = None, metric: s
     final = later[-1][1]
     return {"metric": metric, "step": int(step), "value": value, "initial": initial, "final": final,
             "drop": (initial - value) if initial is not None else None, "recovery": final - value}
+
+
+def _kept(run_path: Path, collapse: dict, exact: bool) -> dict | None:
+    """The collapse record a previous call kept for the same step and metric, if its checkpoint exists."""
+    record = Path(run_path) / "collapse.json"
+    if not record.exists() or not (Path(run_path) / "checkpoints" / "collapse.pt").exists():
+        return None
+    kept = json.loads(record.read_text())
+    same = (kept.get("step"), kept.get("metric")) == (collapse["step"], collapse["metric"])
+    return kept if same and kept.get("how", "").startswith("deterministic") == exact else None
 
 
 def keep_collapse_checkpoint(cfg: Config, run_path: Path, collapse: dict, *, exact: bool = False,
@@ -196,12 +212,15 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
                batch_sizes=DEFAULT_BATCH_SIZES, batch_lr: float = 1e4, stabilize: bool = True,
                stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4, warmup_steps: int = 1000,
                collapse_metric: str = "probe", exact: bool = False, erank_samples: int = 500,
-               progress: bool = True, train_data: ImageData | None = None) -> dict:
+               prune_checkpoints: bool = False, progress: bool = True,
+               train_data: ImageData | None = None) -> dict:
     """Run the escape sweeps (E13, E15) of base config `cfg` into OUT and return OUT/escape.json's content.
 
     Every run lasts `steps` optimizer steps and is probed/checkpointed every `probe_every_steps` steps.
-    Completed runs are not redone (the loop skips them). Writes OUT/escape.json and one figure per
-    group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
+    Completed runs are not redone (the loop skips them), nor are their kept collapse checkpoints.
+    `prune_checkpoints` deletes the intermediate student_step<N>.pt once the collapse point is kept
+    (a VGG11 run probed every 500 of 20k steps saves 40 of them). Writes OUT/escape.json and one figure
+    per group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
     if collapse_metric not in COLLAPSE_METRICS:
         raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
     if steps < 1 or probe_every_steps < 1:
@@ -223,7 +242,11 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
         erank = erank_curve(run.path, erank_samples) if collapse_metric == "erank" else None
         collapse = find_collapse(probes, erank, collapse_metric)
         if collapse is not None:
-            collapse = keep_collapse_checkpoint(c, run.path, collapse, exact=exact, train_data=full)
+            collapse = _kept(run.path, collapse, exact) or \
+                keep_collapse_checkpoint(c, run.path, collapse, exact=exact, train_data=full)
+        if prune_checkpoints:
+            for p in RunDir(run.path).checkpoints.glob("student_step*.pt"):
+                p.unlink()
         results.append({"group": v.group, "label": v.label, "overrides": v.overrides, "run": str(run.path),
                         "status": run.summary.get("status"), "diverged_step": run.summary.get("diverged_step"),
                         "batch_size": c.train.batch_size or n, "lr": c.optim.lr, "loss_name": c.loss.name,
