@@ -73,10 +73,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int):
-    """Teacher (random init, or a checkpoint) and the student by the configured init rule."""
+def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None):
+    """Teacher (random init, or a checkpoint) and the student by the configured init rule.
+
+    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder."""
     sd = seeds(cfg)
-    teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"])
+    teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
         teacher.load_state_dict(load_state_dict(cfg.init.teacher_checkpoint, "student"))
     mode = cfg.init.mode
@@ -86,7 +88,7 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int):
         student = exact_copy(teacher)
         student.load_state_dict(load_state_dict(cfg.init.checkpoint, "student"))
         return teacher, student
-    fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"])
+    fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":
         return teacher, fresh
     if mode == "neighborhood":
@@ -102,6 +104,8 @@ def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
             raise UserError(f"data.n_samples={cfg.data.n_samples} but {data.name} has only {len(data)} training images")
         data = data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
     native = data.images.shape[-1]
+    if data.images.is_floating_point():  # Python API: float images are used as given
+        return data.images, None, data, native
     size = model_image_size(cfg, native)
     preprocess = Preprocess.fit(data, size=size)
     if cfg.data.inputs == "noise":
@@ -171,8 +175,12 @@ def _finite_params(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_data: ImageData | None = None) -> RunResult:
-    """Run (or resume, or skip if already completed) the distillation described by `cfg`."""
+def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_data: ImageData | None = None,
+            encoder=None, probe_splits: tuple[ImageData, ImageData] | None = None) -> RunResult:
+    """Run (or resume, or skip if already completed) the distillation described by `cfg`.
+
+    train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
+    cfg.data.name, cfg.model.encoder and the probe data set."""
     run = RunDir(cfg.run_dir())
     existing = run.summary()
     if existing and existing.get("status") in ("completed", "diverged") and not resume:
@@ -198,7 +206,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     torch.manual_seed(cfg.train.seed)
     inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
     in_channels = data.images.shape[1]
-    teacher, student = build_teacher_and_student(cfg, in_channels, size)
+    teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder)
     init_info = init_report(teacher, student)
     teacher.to(device)
     student.to(device)
@@ -253,7 +261,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                          "image_size": size}, run.checkpoints / "teacher.pt")
         save_checkpoint({"model": student.state_dict(), "role": "student_init"}, run.checkpoints / "student_init.pt")
 
-    prober = Prober(cfg, in_channels, size, device, bf16=use_bf16_requested) \
+    prober = Prober(cfg, in_channels, size, device, bf16=use_bf16_requested, splits=probe_splits) \
         if cfg.probe.which and ddp.is_main else None
     teacher_norm = parameter_norm(teacher)
     t_start = time.perf_counter()

@@ -90,16 +90,22 @@ def load_probe_splits(cfg: Config) -> ProbeSplits:
     return ProbeSplits(train, test)
 
 
+def _fit_preprocess(data: ImageData, size: int | None) -> Preprocess | None:
+    """uint8 images are normalized with the train split's statistics; float images are used as given."""
+    return None if data.images.is_floating_point() else Preprocess.fit(data, size=size)
+
+
 class Prober:
     """Probes encoders on one data set with one protocol; the raw-input result is computed once."""
 
-    def __init__(self, cfg: Config, in_channels: int, image_size: int, device: torch.device, bf16: bool = False):
+    def __init__(self, cfg: Config, in_channels: int, image_size: int, device: torch.device, bf16: bool = False,
+                 splits: tuple[ImageData, ImageData] | None = None):
         self.cfg = cfg
-        self.splits = load_probe_splits(cfg)
+        self.splits = ProbeSplits(*splits) if splits is not None else load_probe_splits(cfg)
         self.in_channels = in_channels
         self.device = device
         self.bf16 = bf16
-        self.preprocess = Preprocess.fit(self.splits.train, size=image_size)
+        self.preprocess = _fit_preprocess(self.splits.train, image_size)
         self.num_classes = max(self.splits.train.num_classes, self.splits.test.num_classes)
         self._input: dict | None = None
 
@@ -116,9 +122,9 @@ class Prober:
     def input(self) -> dict:
         """The raw-pixel baseline: standardized flattened images at their native size."""
         if self._input is None:
-            native = Preprocess.fit(self.splits.train)
-            train_x = native(self.splits.train.images).flatten(1)
-            test_x = native(self.splits.test.images).flatten(1)
+            native = _fit_preprocess(self.splits.train, None)
+            train_x = (native(self.splits.train.images) if native else self.splits.train.images).flatten(1)
+            test_x = (native(self.splits.test.images) if native else self.splits.test.images).flatten(1)
             self._input = score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
                                 self.cfg.probe, self.num_classes)
         return self._input

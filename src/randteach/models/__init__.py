@@ -77,6 +77,11 @@ def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> 
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"model.encoder: cannot import {path!r} ({e}); expected 'package.module:callable' "
                           "with the module importable from this Python environment") from None
+    return call_encoder_factory(obj, path, in_channels, image_size, **options)
+
+
+def call_encoder_factory(obj, what: str, in_channels: int, image_size: int, **options) -> nn.Module:
+    """Call an encoder factory, passing in_channels/image_size where its signature accepts them."""
     kwargs = dict(options)
     try:
         params = inspect.signature(obj).parameters
@@ -88,9 +93,9 @@ def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> 
             kwargs[key] = value
     encoder = obj(**kwargs)
     if not isinstance(encoder, nn.Module):
-        raise ConfigError(f"model.encoder: {path!r} returned a {type(encoder).__name__}, expected a torch.nn.Module")
+        raise ConfigError(f"model.encoder: {what!r} returned a {type(encoder).__name__}, expected a torch.nn.Module")
     if not isinstance(getattr(encoder, "embed_dim", None), int):
-        encoder.embed_dim = _infer_embed_dim(encoder, path, in_channels, image_size)
+        encoder.embed_dim = _infer_embed_dim(encoder, what, in_channels, image_size)
     return encoder
 
 
@@ -126,11 +131,39 @@ class DistillModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-def build_model(cfg: Config, in_channels: int, image_size: int, seed: int) -> DistillModel:
+def reinitialized(module: nn.Module) -> nn.Module:
+    """A copy of a user's encoder instance with every parameter drawn anew (by each submodule's
+    reset_parameters, from torch's global RNG); refuses parameters that no submodule can reset."""
+    import copy
+    fresh = copy.deepcopy(module)
+    covered = set()
+    for sub in fresh.modules():
+        if hasattr(sub, "reset_parameters") and callable(sub.reset_parameters):
+            sub.reset_parameters()
+            covered.update(id(p) for p in sub.parameters(recurse=False))
+    missed = [name for name, p in fresh.named_parameters() if id(p) not in covered]
+    if missed:
+        raise ConfigError(f"cannot draw a fresh initialization of the encoder: parameter(s) {', '.join(missed[:5])} "
+                          "belong to modules without reset_parameters(); pass a factory (a callable returning a "
+                          "new encoder) instead of an instance")
+    return fresh
+
+
+def build_model(cfg: Config, in_channels: int, image_size: int, seed: int, encoder=None) -> DistillModel:
     """Encoder + head of `cfg`, initialized from `seed` alone: the same seed gives the same
-    parameters whatever torch's global RNG state, which is left as it was."""
+    parameters whatever torch's global RNG state, which is left as it was.
+
+    `encoder` (Python API) replaces cfg.model.encoder: a factory (callable returning an nn.Module,
+    called with in_channels/image_size where it accepts them) or an nn.Module instance, re-initialized."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width)
+        if isinstance(encoder, nn.Module):
+            encoder = reinitialized(encoder)
+            if not isinstance(getattr(encoder, "embed_dim", None), int):
+                encoder.embed_dim = _infer_embed_dim(encoder, type(encoder).__name__, in_channels, image_size)
+        elif encoder is not None:
+            encoder = call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)
+        else:
+            encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width)
         head = build_head(cfg.head, encoder.embed_dim)
     return DistillModel(encoder, head)
