@@ -1,0 +1,352 @@
+"""Loss and probing landscapes on a plane through three parameter vectors (random-teacher paper Sec. 5,
+Fig. 5 and App. C.3, Fig. 13-16; SPEC E9).
+
+Anchors: theta_0 (origin, the teacher theta_T), theta_1, theta_2 from run directories or checkpoints.
+Views (named presets):
+- non-local: theta_T, theta_S(1), theta*_S(1): teacher, student init and final student of ONE run
+             distilled with init.alpha = 1 (or init.mode = independent);
+- shared:    theta_T, theta*_S(0), theta*_S(1): the final students of a run with alpha ~ 0 and of a run
+             with alpha = 1 that share the teacher (same train.seed or init.teacher_seed).
+Parameterizations (`randteach.analysis.params.Plane`): affine theta_0 + l1 v1 + l2 v2 (grid extent in
+units of l), or orthogonal theta_0 + x e1 + y e2 (Gram-Schmidt; coordinates are distances, the extent
+is in units of max(|v1|, |v2|)). A small extent around (0, 0) is the zoom on the teacher (Fig. 14/16).
+Grid coordinates within 1e-9 of the extent's span of an anchor coordinate are snapped onto it, so
+the anchors on the grid are evaluated at exactly their own parameters.
+
+At every grid point theta (all metrics in fp32, every network in eval mode):
+- loss:      the run's teacher-student loss (loss.name and temperatures, no centering) between the
+             teacher checkpoint and theta, mean over `n_loss` distillation inputs (a stratified subset);
+- embed_kl:  KL(softmax(g_T(x)) || softmax(g_theta(x))) of the encoder embeddings (Fig. 15/16);
+- probe_*:   the project's probe (`randteach.evaluate.Prober`, the run's probe config) of theta's encoder;
+- norm:      ||theta||_2 over all parameters (encoder and head).
+Batch-norm buffers are interpolated like the parameters, with the affine coordinates of the point:
+b = b_0 + l1 (b_1 - b_0) + l2 (b_2 - b_0) (running variances clamped at 0; integer counters from the
+origin), so each anchor is evaluated with exactly its own running statistics.
+
+Output in OUT: points.jsonl (one line per finished point, fsynced: a killed run resumes after the last
+complete line), landscape.json (the settings, checked on resume), landscape.npz (axes, every metric as
+a (len(y), len(x)) grid with NaN where not computed, affine coordinates of every point, anchor
+coordinates, labels, norms and pairwise distances) and one contour PNG per metric with ||theta||_2
+contours and the anchors marked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_state_dict, resolve_model_checkpoint
+from ..data import stratified_subset
+from ..distill import load_training_inputs
+from ..errors import UserError
+from ..evaluate import Prober
+from ..losses import distill_loss
+from ..models import build_model
+from ..rundir import write_json
+from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, prefixed
+from .supervised import RunInfo, run_info
+
+VIEWS = ("non-local", "shared")
+PROJECTIONS = ("affine", "orthogonal")
+ROLES = ("teacher", "student_init", "student")
+_SNAP = 1e-9
+_EVAL_BATCH = 512
+
+
+@dataclass
+class Anchor:
+    label: str
+    state: dict          # a model state dict (parameters and buffers)
+    source: str          # where it came from
+
+
+def split_spec(spec: str | Path) -> tuple[Path, str | None]:
+    """'RUN_DIR:ROLE' -> (RUN_DIR, ROLE); anything else -> (path, None)."""
+    head, sep, tail = str(spec).rpartition(":")
+    return (Path(head), tail) if sep and tail in ROLES else (Path(spec), None)
+
+
+def resolve_anchor(spec: str | Path, default_role: str = "student", label: str | None = None) -> Anchor:
+    """'RUN_DIR' (its `default_role` checkpoint), 'RUN_DIR:ROLE' or a checkpoint file."""
+    path, role = split_spec(spec)
+    role = role or default_role
+    file = resolve_model_checkpoint(path, role)
+    return Anchor(label or f"{path.name}:{role}", load_state_dict(file, role), str(file))
+
+
+def run_of(spec: str | Path) -> Path | None:
+    """The run directory an anchor comes from: RUN_DIR itself, or RUN for RUN/checkpoints/x.pt."""
+    path, _ = split_spec(spec)
+    for cand in (path, path.parent.parent):
+        if (cand / "config.yaml").is_file():
+            return cand
+    return None
+
+
+def _alpha_label(run: RunInfo) -> str:
+    """The alpha of a run's student init, as the paper labels it: 1 (independent), 0 (~1e-10), else its value."""
+    init = run.cfg.init
+    if init.mode == "independent" or (init.mode == "locality" and init.alpha == 1.0):
+        return "1"
+    if init.mode == "locality" and init.alpha >= 1e-3:
+        return f"{init.alpha:g}"
+    return "0"
+
+
+def view_anchors(view: str, runs: list[str | Path]) -> list[Anchor]:
+    """The three anchors of a named view (see the module docstring)."""
+    if view == "non-local":
+        if len(runs) != 1:
+            raise UserError("the non-local view takes one run directory: a run distilled with init.alpha=1")
+        info = run_info(runs[0])
+        a = _alpha_label(info)
+        return [resolve_anchor(f"{runs[0]}:teacher", label="θ_T"),
+                resolve_anchor(f"{runs[0]}:student_init", label=f"θ_S({a})"),
+                resolve_anchor(f"{runs[0]}:student", label=f"θ*_S({a})")]
+    if view == "shared":
+        if len(runs) != 2:
+            raise UserError("the shared view takes two run directories: a run distilled with init.alpha~0 "
+                            "(e.g. 1e-10) and one with init.alpha=1, sharing their teacher")
+        a0, a1 = (_alpha_label(run_info(r)) for r in runs)
+        teacher = resolve_anchor(f"{runs[0]}:teacher", label="θ_T")
+        other = load_state_dict(runs[1], "teacher")
+        if any(not torch.equal(teacher.state[k], other[k]) for k in teacher.state):
+            raise UserError(f"{runs[0]} and {runs[1]} have different teachers; distill both with the same "
+                            "train.seed (or init.teacher_seed) so that they share theta_T")
+        return [teacher, resolve_anchor(f"{runs[0]}:student", label=f"θ*_S({a0})"),
+                resolve_anchor(f"{runs[1]}:student", label=f"θ*_S({a1})")]
+    raise UserError(f"unknown view {view!r}; valid views: {', '.join(VIEWS)}")
+
+
+def grid_axis(lo: float, hi: float, n: int, snaps: list[float]) -> np.ndarray:
+    """n evenly spaced coordinates from lo to hi; any within 1e-9 * (hi - lo) of a snap value become it."""
+    if n < 2 or not hi > lo:
+        raise UserError(f"a grid needs at least 2 points and extent lo < hi, got {n} points on [{lo}, {hi}]")
+    axis = lo + (hi - lo) * np.arange(n) / (n - 1)
+    for s in snaps:
+        axis[np.abs(axis - s) <= _SNAP * (hi - lo)] = s
+    return axis
+
+
+def loss_inputs(cfg, n_loss: int) -> torch.Tensor:
+    """The float inputs on which the landscape's losses are measured: a stratified subset of `n_loss`
+    distillation inputs (images preprocessed as in training, or the run's noise inputs)."""
+    inputs, preprocess, data, _ = load_training_inputs(cfg)
+    if n_loss < len(inputs):
+        inputs = inputs[stratified_subset(data.labels, n_loss, seed=cfg.data.subset_seed)]
+    return preprocess(inputs) if preprocess is not None else inputs.float()
+
+
+def _digest(vec: torch.Tensor) -> str:
+    return hashlib.sha256(vec.to(torch.float64).numpy().tobytes()).hexdigest()[:16]
+
+
+class _Points:
+    """points.jsonl: the finished points, one JSON object per line, appended and fsynced."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[tuple[int, int], dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.done[(rec["i"], rec["j"])] = rec
+                except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+                    continue
+            # rewrite without a cut line, so new lines do not append to a fragment
+            fd, tmp = tempfile.mkstemp(prefix=".points.", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.done.values())
+            os.replace(tmp, path)
+
+    def add(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[(rec["i"], rec["j"])] = rec
+
+
+@torch.inference_mode()
+def _outputs(template, tensors: dict, x: torch.Tensor) -> tuple[list, list]:
+    """(encoder embeddings, head outputs) per batch of x, at the parameters/buffers in `tensors`."""
+    enc = AtPoint(template.encoder, prefixed(tensors, "encoder."))
+    head = AtPoint(template.head, prefixed(tensors, "head."))
+    embs, outs = [], []
+    for i in range(0, len(x), _EVAL_BATCH):
+        e = enc(x[i:i + _EVAL_BATCH])
+        embs.append(e)
+        outs.append(head(e))
+    return embs, outs
+
+
+def _mean_loss(name: str, student: list, teacher: list, t_temp: float, s_temp: float) -> float:
+    """Batch-size-weighted mean of the per-batch mean losses = the mean over all samples."""
+    n = sum(len(s) for s in student)
+    return float(sum(float(distill_loss(name, s, t, t_temp, s_temp)) * len(s) for s, t in zip(student, teacher)) / n)
+
+
+def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, teacher: dict | None = None,
+                      grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine",
+                      n_loss: int = 512, probe: bool = True, limit: int | None = None,
+                      device: torch.device | str = "cpu", progress: bool = False) -> dict:
+    """Evaluate the landscape on the plane through `anchors` (origin first) and write OUT (see the module
+    docstring). `run` gives the architecture, loss, data and probe config; `teacher` (default: the
+    origin's state) is the teacher of the loss. `extent`: (lo, hi) for both axes or (x_lo, x_hi, y_lo, y_hi).
+    `limit`: evaluate at most this many new points and return (the rest on a later call).
+    Returns the npz contents plus "complete", "done" and "total" (points) and "metrics" (names)."""
+    if len(anchors) != 3:
+        raise UserError(f"a plane needs three anchors (origin, anchor 1, anchor 2), got {len(anchors)}")
+    if projection not in PROJECTIONS:
+        raise UserError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
+    extent = tuple(float(e) for e in extent)
+    if len(extent) == 2:
+        extent = extent * 2
+    if len(extent) != 4:
+        raise UserError(f"extent takes 2 numbers (lo hi) or 4 (x_lo x_hi y_lo y_hi), got {len(extent)}")
+    nx, ny = (grid, grid) if isinstance(grid, int) else grid
+    device = torch.device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = run.cfg
+
+    template = build_model(cfg, run.in_channels, run.image_size, seed=0).to(device).eval()
+    space = ParamSpace(template)
+    vecs = [space.flatten(a.state) for a in anchors]
+    try:
+        plane = Plane.through(*vecs)
+    except ValueError as e:
+        raise UserError(f"anchors {', '.join(a.label for a in anchors)}: {e}") from None
+    buffers = [space.buffers(a.state) for a in anchors]
+    anchor_xy = plane.anchor_coordinates(projection)
+    unit = 1.0 if projection == "affine" else plane.scale
+    xs = grid_axis(extent[0] * unit, extent[1] * unit, nx, [c[0] for c in anchor_xy])
+    ys = grid_axis(extent[2] * unit, extent[3] * unit, ny, [c[1] for c in anchor_xy])
+
+    spec = {"anchors": [{"label": a.label, "source": a.source, "digest": _digest(v)} for a, v in zip(anchors, vecs)],
+            "projection": projection, "grid": [nx, ny], "extent": list(extent), "n_loss": n_loss, "probe": probe,
+            "loss": cfg.loss.name, "config_digest": cfg.digest(),
+            "teacher": _digest(space.flatten(teacher)) if teacher is not None else "origin"}
+    spec_path = out / "landscape.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+        raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data); "
+                        "choose another --out, or delete that folder to start over")
+    write_json(spec_path, spec)
+    points = _Points(out / "points.jsonl")
+
+    todo = [(i, j) for i in range(ny) for j in range(nx) if (i, j) not in points.done]
+    if limit is not None:
+        todo = todo[:limit]
+    if todo:
+        x = loss_inputs(cfg, n_loss).to(device)
+        t_state = teacher if teacher is not None else anchors[0].state
+        t_emb, t_out = _outputs(template, {k: v.to(device) for k, v in t_state.items()}, x)
+        prober = Prober(cfg, run.in_channels, run.image_size, device) if probe else None
+        for i, j in tqdm(todo, disable=not progress, desc=f"landscape {out.name}", unit="point", dynamic_ncols=True):
+            cx, cy = float(xs[j]), float(ys[i])
+            if projection == "affine":
+                l1, l2 = cx, cy
+                theta = plane.affine_point(l1, l2)
+            else:
+                l1, l2 = plane.to_affine(cx, cy)
+                theta = plane.orthogonal_point(cx, cy)
+            tensors = {**space.unflatten(theta), **interpolate_buffers(*buffers, l1, l2)}
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+            emb, outs = _outputs(template, tensors, x)
+            rec = {"i": i, "j": j, "x": cx, "y": cy, "l1": l1, "l2": l2,
+                   "loss": _mean_loss(cfg.loss.name, outs, t_out, cfg.loss.teacher_temp, cfg.loss.student_temp),
+                   "embed_kl": _mean_loss("kl", emb, t_emb, 1.0, 1.0),
+                   "norm": float(theta.to(torch.float32).double().norm())}
+            if prober is not None:
+                enc = AtPoint(template.encoder, prefixed(tensors, "encoder."))
+                rec.update({f"probe_{k}": v for k, v in prober.probe(enc).items()})
+            points.add(rec)
+
+    metrics = sorted({k for r in points.done.values() for k in r} - {"i", "j", "x", "y", "l1", "l2"})
+    result = {"x": xs, "y": ys, "projection": np.array(projection), "scale": np.array(plane.scale),
+              "anchors": np.array(anchor_xy), "anchor_labels": np.array([a.label for a in anchors]),
+              "anchor_norms": np.array([float(v.norm()) for v in vecs]),
+              "anchor_distances": np.array(distances(*vecs))}
+    l1 = np.full((ny, nx), np.nan)
+    l2 = np.full((ny, nx), np.nan)
+    for i in range(ny):
+        for j in range(nx):
+            l1[i, j], l2[i, j] = (xs[j], ys[i]) if projection == "affine" else plane.to_affine(xs[j], ys[i])
+    result.update(l1=l1, l2=l2)
+    for m in metrics:
+        g = np.full((ny, nx), np.nan)
+        for (i, j), r in points.done.items():
+            if m in r:
+                g[i, j] = r[m]
+        result[m] = g
+    complete = len(points.done) == nx * ny
+    if complete:
+        _save_npz(out / "landscape.npz", result)
+        plot_landscape(result, out)
+    return {**result, "complete": complete, "metrics": metrics, "done": len(points.done), "total": nx * ny}
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".landscape.", suffix=".npz", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+TITLES = {"loss": "teacher-student loss", "embed_kl": "encoder-embedding KL", "probe_linear": "linear probe accuracy",
+          "probe_knn": "k-NN probe accuracy", "norm": "‖θ‖₂"}
+
+
+def _math(label: str) -> str:
+    """'θ*_S(1)' -> matplotlib mathtext; other labels as they are."""
+    if not label.startswith("θ"):
+        return label
+    return "$" + label.replace("θ*", r"\theta^*").replace("θ", r"\theta") + "$"
+
+
+def plot_landscape(result: dict, out: Path, metrics: list[str] | None = None) -> list[Path]:
+    """One contour plot per metric (losses on a log colour scale), ‖θ‖₂ contour lines, anchors marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys = result["x"], result["y"]
+    X, Y = np.meshgrid(xs, ys)
+    ortho = str(result["projection"]) == "orthogonal"
+    paths = []
+    for m in metrics or [k for k in TITLES if k in result and k != "norm"]:
+        z = np.asarray(result[m], dtype=float)
+        fig, ax = plt.subplots(figsize=(5.2, 4.2))
+        label = TITLES[m]
+        if m in ("loss", "embed_kl"):  # log scale; the teacher's own KL is 0, so clip at the smallest positive value
+            pos = z[np.isfinite(z) & (z > 0)]
+            z = np.log10(np.clip(z, max(pos.min(), pos.max() * 1e-12) if pos.size else 1e-12, None))
+            label = f"log10 {label}"
+        cs = ax.contourf(X, Y, z, levels=30, cmap="viridis")
+        fig.colorbar(cs, ax=ax, label=label)
+        if "norm" in result:
+            cl = ax.contour(X, Y, result["norm"], levels=8, colors="white", linewidths=0.6, alpha=0.8)
+            ax.clabel(cl, fontsize=6, fmt="%.3g")
+        for k, ((ax_x, ax_y), label) in enumerate(zip(result["anchors"], result["anchor_labels"])):
+            ax.plot(ax_x, ax_y, "o", color="red", ms=5, mec="white")
+            ax.annotate(_math(str(label)), (ax_x, ax_y), textcoords="offset points", color="red", fontsize=10,
+                        xytext=(-5, -12) if k == 0 else (5, 4), ha="right" if k == 0 else "left")
+        ax.set_xlabel("distance along e1" if ortho else "λ1 (along v1)")
+        ax.set_ylabel("distance along e2" if ortho else "λ2 (along v2)")
+        if ortho:
+            ax.set_aspect("equal")
+        ax.set_title(f"{TITLES[m]} ({'orthogonal' if ortho else 'affine'} plane)", fontsize=10)
+        fig.tight_layout()
+        path = out / f"{m}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
