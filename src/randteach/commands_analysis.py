@@ -1,0 +1,213 @@
+"""Commands of the landscape and supervised analyses (SPEC E9-E11):
+
+    randteach landscape  loss / probe / embedding-KL landscape on a plane through three parameter vectors
+    randteach finetune   supervised training of a run's encoder (or any checkpoint) + a new linear classifier
+    randteach imp        iterative magnitude pruning with rewinding (lottery tickets)
+    randteach lmc        linear mode connectivity of supervised runs from one start
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import UserError
+
+START_HELP = ("start: student | student_init | teacher (the run's checkpoints), random (a fresh init), or a "
+              "checkpoint file; '@L' rewinds to L epochs of supervised training from there (e.g. random@1)")
+
+
+# ---------------------------------------------------------------------------------------- landscape
+
+def cmd_landscape(args, extra) -> int:
+    from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
+    from .analysis.supervised import run_info
+    from .checkpoint import load_state_dict
+    from .distill import resolve_device
+    if args.anchors and (args.view or args.runs):
+        raise UserError("give either --view with run directories, or --anchors ORIGIN A1 A2, not both")
+    if args.anchors:
+        anchors = [resolve_anchor(a, default_role=r) for a, r in zip(args.anchors, ("teacher", "student", "student"))]
+        ref = args.run or run_of(args.anchors[0])
+    elif args.view:
+        anchors = view_anchors(args.view, args.runs)
+        ref = args.run or args.runs[0]
+    else:
+        raise UserError("which plane? `--view non-local RUN_ALPHA1`, `--view shared RUN_ALPHA0 RUN_ALPHA1`, "
+                        "or `--anchors ORIGIN A1 A2`")
+    if ref is None:
+        raise UserError("the anchors are checkpoint files outside a run directory: name the run that gives the "
+                        "architecture, loss and data with --run RUN_DIR")
+    run = _with_overrides(run_info(ref), extra)
+    if len(args.grid) not in (1, 2):
+        raise UserError("--grid takes one number (N x N) or two (NX NY)")
+    grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
+    name = args.view or "anchors"
+    out = Path(args.out) if args.out else Path(ref) / f"landscape-{name}-{args.projection}"
+    result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
+                               extent=args.extent, projection=args.projection, n_loss=args.n_loss,
+                               probe=not args.no_probe, limit=args.max_points,
+                               device=resolve_device(args.device), progress=not args.quiet)
+    print(f"landscape: {result['done']}/{result['total']} points in {out}" + ("" if result["complete"] else
+          " (partial: run the same command again to continue)"))
+    if result["complete"]:
+        for (x, y), label in zip(result["anchors"], result["anchor_labels"]):
+            print(f"  {label}: ({x:.4g}, {y:.4g})")
+    return 0
+
+
+def _with_overrides(run, extra: list[str]):
+    """--probe.* and --data.root overrides on top of the run's saved config."""
+    from .config import config_from_dict, dotted_to_nested, parse_overrides
+    pairs = parse_overrides(extra)
+    bad = [k for k in pairs if not (k.startswith("probe.") or k == "data.root")]
+    if bad:
+        raise UserError(f"unknown option(s) {', '.join('--' + k for k in bad)}; this command takes "
+                        "--probe.KEY VALUE and --data.root DIR besides its own options")
+    if pairs:
+        d = run.cfg.to_dict()
+        for section, values in dotted_to_nested(pairs).items():
+            d[section].update(values)
+        run.cfg = config_from_dict(d)
+    return run
+
+
+# ------------------------------------------------------------------------------- supervised commands
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    from .analysis.supervised import Recipe
+    p.add_argument("run", help="run directory: architecture, data set and the checkpoints to start from")
+    g = p.add_argument_group("supervised recipe (defaults: the paper's CIFAR-10 ResNet18 recipe)")
+    for f in fields(Recipe):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(Recipe(), f.name)
+        helptext = f"{f.metadata['help']} (default {default})"
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif isinstance(default, list):
+            g.add_argument(flag, dest=f.name, type=float, nargs="*", default=default, help=helptext)
+        else:
+            g.add_argument(flag, dest=f.name, type=type(default), default=default, help=helptext)
+    d = p.add_argument_group("data and device")
+    d.add_argument("--data", help="supervised data set (default: the run's data.name)")
+    d.add_argument("--n-train", type=int, help="train on a class-stratified subset of this many images")
+    d.add_argument("--n-test", type=int, help="test on a class-stratified subset of this many images")
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    d.add_argument("--out", help="output folder")
+
+
+def _supervised_setup(args, extra):
+    from .analysis.supervised import Recipe, load_supervised_data, run_info
+    from .distill import resolve_device
+    run = _with_overrides(run_info(args.run), extra)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    data = load_supervised_data(run.cfg, run.image_size, name=args.data, n_train=args.n_train, n_test=args.n_test)
+    return run, recipe, data, resolve_device(args.device)
+
+
+def cmd_finetune(args, extra) -> int:
+    from .analysis.supervised import build_classifier, label_of, parse_start, provenance, state_of, train_supervised
+    from .checkpoint import save_checkpoint
+    from .rundir import write_json
+    run, recipe, data, device = _supervised_setup(args, extra)
+    source, l_epochs = parse_start(args.start)
+    if l_epochs:
+        raise UserError("finetune trains from a start as it is; '@L' rewinding points belong to `randteach imp/lmc`")
+    out = Path(args.out) if args.out else run.path / f"finetune-{label_of(args.start)}"
+    model = build_classifier(run, source, data.num_classes, recipe.seed)
+    result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {args.start}")
+    save_checkpoint({"model": state_of(model), "role": "supervised", "start": args.start}, out / "model.pt")
+    summary = {**provenance(run, data, recipe), "start": args.start,
+               **{k: v for k, v in result.items() if k != "snapshots"}}
+    write_json(out / "finetune.json", summary)
+    print(f"finetune {args.start}: test accuracy {100 * result['test_accuracy']:.2f}% after "
+          f"{recipe.epochs:g} epochs; {out}")
+    return 0
+
+
+def cmd_imp(args, extra) -> int:
+    from .analysis.imp import run_imp
+    run, recipe, data, device = _supervised_setup(args, extra)
+    out = Path(args.out) if args.out else run.path / "imp"
+    result = run_imp(run, args.start, data, recipe, device, rounds=args.rounds, out=out, fraction=args.fraction,
+                     prune_classifier=args.prune_classifier, progress=not args.quiet)
+    print(f"IMP on {result['data']}: test accuracy per round ({out / 'imp.json'})")
+    for s in result["series"]:
+        cells = " ".join(f"{100 * (1 - r['sparsity']):.3g}%:{100 * r['test_accuracy']:.1f}" for r in s["rounds"])
+        print(f"  {s['start']}: {cells}")
+    return 0
+
+
+def cmd_lmc(args, extra) -> int:
+    from .analysis.lmc import run_lmc
+    run, recipe, data, device = _supervised_setup(args, extra)
+    out = Path(args.out) if args.out else run.path / "lmc"
+    result = run_lmc(run, args.start, data, recipe, device, out=out, runs=args.runs, resolution=args.resolution,
+                     bn_batches=args.bn_batches, progress=not args.quiet)
+    print(f"linear mode connectivity on {result['data']} ({out / 'lmc.json'}):")
+    for s in result["series"]:
+        print(f"  from {s['start']}: barrier {s['barrier_mean']:.4f} ± {s['barrier_std']:.4f} "
+              f"(max {s['barrier_max']:.4f}) over {len(s['pairs'])} pairs")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .analysis.landscape import PROJECTIONS, VIEWS
+    p = sub.add_parser(
+        "landscape", help="loss / probe / embedding-KL landscape on a plane through three parameter vectors (E9)",
+        description="Evaluate the teacher-student loss, the probe accuracy, the encoder-embedding KL and ||theta|| "
+                    "on a grid over the plane through three parameter vectors; writes landscape.npz and contour "
+                    "plots. Resumable: run the same command again to continue a stopped grid. --probe.KEY VALUE "
+                    "changes the probe (e.g. --probe.n_train 1000).")
+    p.add_argument("runs", nargs="*", help="run directories of --view: non-local: the init.alpha=1 run; "
+                                           "shared: the alpha~0 run, then the alpha=1 run (same teacher)")
+    p.add_argument("--view", choices=VIEWS, help="named plane: non-local (θ_T, θ_S(1), θ*_S(1)) or "
+                                                 "shared (θ_T, θ*_S(0), θ*_S(1))")
+    p.add_argument("--anchors", nargs=3, metavar=("ORIGIN", "A1", "A2"),
+                   help="explicit anchors: RUN_DIR[:teacher|student_init|student] or checkpoint files")
+    p.add_argument("--run", help="run directory giving the architecture, loss, data, probe and the loss's teacher "
+                                 "(default: the first run / the origin's run)")
+    p.add_argument("--grid", type=int, nargs="+", default=[21], help="points per axis: N, or NX NY (default 21)")
+    p.add_argument("--extent", type=float, nargs="+", default=[-0.5, 1.5],
+                   help="LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ; orthogonal: in units of "
+                        "max(|v1|, |v2|); a small extent around 0 zooms on the teacher (default -0.5 1.5)")
+    p.add_argument("--projection", choices=PROJECTIONS, default="affine",
+                   help="affine θ_T + λ1 v1 + λ2 v2, or orthogonal (distance- and angle-preserving)")
+    p.add_argument("--n-loss", type=int, default=512, help="distillation inputs on which the losses are measured")
+    p.add_argument("--no-probe", action="store_true", help="skip the probe (loss, KL and norm only)")
+    p.add_argument("--max-points", type=int, help="evaluate at most this many new points, then stop")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", help="output folder (default RUN/landscape-VIEW-PROJECTION)")
+    p.set_defaults(func=cmd_landscape)
+
+    p = sub.add_parser("finetune", help="supervised training of a run's encoder + a new linear classifier",
+                       description="Train an encoder (a run's student, teacher, student init, a random init or a "
+                                   "checkpoint) with a new linear classifier, supervised; writes finetune.json "
+                                   "and model.pt.")
+    _add_recipe_args(p)
+    p.add_argument("--start", default="student", help=START_HELP.split(";")[0] + " (default student)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding: lottery tickets (E10)",
+                       description="Prune 20 % of the remaining encoder conv/linear weights per round by global "
+                                   "magnitude, rewind and retrain; writes imp.json and imp.png.")
+    _add_recipe_args(p)
+    p.add_argument("--start", nargs="+", default=["student@0", "random@0"],
+                   help=START_HELP + " (default student@0 random@0)")
+    p.add_argument("--rounds", type=int, default=10, help="pruning rounds after the dense round 0 (default 10)")
+    p.add_argument("--fraction", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
+    p.add_argument("--prune-classifier", action="store_true", help="rank the new classifier's weights too")
+    p.set_defaults(func=cmd_imp)
+
+    p = sub.add_parser("lmc", help="linear mode connectivity of supervised runs from one start (E11)",
+                       description="From each start, train several supervised runs with different data orders "
+                                   "and measure the test error along the linear path between every pair; "
+                                   "writes lmc.json and lmc.png.")
+    _add_recipe_args(p)
+    p.add_argument("--start", nargs="+", default=["teacher", "student"],
+                   help=START_HELP + " (default teacher student: a random init and the distilled student)")
+    p.add_argument("--runs", type=int, default=5, help="supervised runs (data orders) per start (default 5)")
+    p.add_argument("--resolution", type=int, default=11, help="points on each path, ends included (default 11)")
+    p.add_argument("--bn-batches", type=int, default=8,
+                   help="training batches for recomputing batch-norm statistics at each point (0: interpolate them)")
+    p.set_defaults(func=cmd_lmc)
