@@ -81,3 +81,23 @@ def test_ema_and_previous_epoch_teachers_move(tmp_path):
         t0 = load_checkpoint(run.path / "checkpoints" / "teacher.pt")["model"]
         t1 = load_checkpoint(run.path / "checkpoints" / "last.pt")["teacher"]
         assert any(not torch.equal(t0[k], t1[k]) for k in t0), mode
+
+
+def test_teacher_cache_matches_the_teacher_and_is_reused(tmp_path, capsys):
+    base = dict(train__max_steps=3, train__probe_every=0, probe__which="[]", data__root=str(tmp_path / "root"))
+    plain = distill(tiny_config(tmp_path, out=str(tmp_path / "plain"), **base), progress=False)
+    cfg = tiny_config(tmp_path, out=str(tmp_path / "cached"), train__teacher_cache=True, **base)
+    cached = distill(cfg, progress=True)
+    assert "computed and saved" in capsys.readouterr().out
+    losses = lambda r: [x["loss"] for x in RunDir(r.path).records() if "loss" in x]
+    for a, b in zip(losses(plain), losses(cached)):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-7)
+    again = distill(tiny_config(tmp_path, out=str(tmp_path / "again"), train__teacher_cache=True, **base), progress=True)
+    assert "loaded" in capsys.readouterr().out
+    assert losses(again) == losses(cached)
+
+
+def test_teacher_cache_refuses_a_moving_teacher(tmp_path):
+    from randteach.errors import UserError
+    with pytest.raises(UserError, match="teacher_cache"):
+        distill(tiny_config(tmp_path, train__teacher_cache=True, teacher__mode="ema"), progress=False)

@@ -25,6 +25,7 @@ from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from .config import Config, config_from_dict
 from .data import ImageData, Preprocess, load_dataset, noise_like, stratified_subset
 from .distributed import from_environment
+from . import teacher_cache
 from .errors import UserError
 from .evaluate import Prober, autocast
 from .init import exact_copy, init_report, locality_init, neighborhood_init, parameter_distance, parameter_norm
@@ -261,6 +262,17 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                          "image_size": size}, run.checkpoints / "teacher.pt")
         save_checkpoint({"model": student.state_dict(), "role": "student_init"}, run.checkpoints / "student_init.pt")
 
+    targets = None
+    if cfg.train.teacher_cache:
+        ok, why = teacher_cache.usable(cfg)
+        if not ok:
+            raise UserError(f"train.teacher_cache=true cannot be used: {why}; set --train.teacher_cache false")
+        from .data import resolve_root
+        targets, origin = teacher_cache.load_or_compute(
+            teacher, inputs, preprocess, batch, device, resolve_root(cfg.data.root) / "teacher-targets", conv_like)
+        targets = targets.to(device)
+        if progress and ddp.is_main:
+            print(f"teacher targets: {origin}")
     prober = Prober(cfg, in_channels, size, device, bf16=use_bf16_requested, splits=probe_splits) \
         if cfg.probe.which and ddp.is_main else None
     teacher_norm = parameter_norm(teacher)
@@ -337,7 +349,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, bf16_on):
                     with torch.no_grad():
-                        t = teacher(x)
+                        t = teacher.head.last(targets[chunk.to(device)]) if targets is not None else teacher(x)
                     s = student(x)
                 if centering is not None:
                     t = centering(t.float())
