@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from randteach.analysis import imp
+from randteach.analysis.imp import imp_series, kept_after, magnitude_prune, prunable_names
+from randteach.analysis.supervised import build_classifier, load_supervised_data, run_info
+from randteach.cli import main
+
+from test_supervised import TINY_RECIPE, tiny_run
+
+
+@pytest.fixture(scope="module")
+def setup():
+    info = run_info(tiny_run())
+    return info, load_supervised_data(info.cfg, info.image_size, n_train=256, n_test=100)
+
+
+def test_magnitude_prune_keeps_the_largest_surviving_weights_globally():
+    rng = np.random.default_rng(0)
+    w = {"a": torch.tensor(rng.normal(size=(4, 5))), "b": torch.tensor(rng.normal(size=(7,)))}
+    masks = {k: torch.ones_like(v) for k, v in w.items()}
+    masks["a"][0, :] = 0  # already pruned: must stay pruned even though some are large
+    w["a"][0, 0] = 100.0
+    new = magnitude_prune(w, masks, keep=10)
+    flat_w = np.concatenate([w["a"].numpy().ravel(), w["b"].numpy().ravel()])
+    alive = np.concatenate([masks["a"].numpy().ravel(), masks["b"].numpy().ravel()]).astype(bool)
+    want = np.zeros_like(alive)
+    idx = np.flatnonzero(alive)
+    want[idx[np.argsort(-np.abs(flat_w[idx]), kind="stable")[:10]]] = True
+    got = np.concatenate([new["a"].numpy().ravel(), new["b"].numpy().ravel()]).astype(bool)
+    np.testing.assert_array_equal(got, want)
+    assert new["a"][0].sum() == 0
+
+
+def test_rounding_of_the_kept_count():
+    assert [kept_after(1000, r) for r in range(4)] == [1000, 800, 640, 512]
+    assert kept_after(1001, 1) == 801  # 800.8
+    assert kept_after(10, 3) == 5      # 5.12
+
+
+def test_what_is_pruned(setup):
+    info, data = setup
+    model = build_classifier(info, "student", data.num_classes)
+    names = prunable_names(model)
+    assert names and all(n.endswith(".weight") for n in names) and "fc.weight" not in names
+    assert not any("bias" in n or ".1." in n for n in names)  # no biases, no batch-norm parameters
+    assert prunable_names(model, prune_classifier=True) == names + ["fc.weight"]
+
+
+def test_pruning_rounds_zero_exactly_the_stated_fraction_and_keep_it_zero(setup, tmp_path, monkeypatch):
+    info, data = setup
+    recipe = TINY_RECIPE.replace(epochs=1, eval_every=0)
+    result = imp_series(info, "student@0", data, recipe, torch.device("cpu"), rounds=3, out=tmp_path)
+    rounds = result["rounds"]
+    n = rounds[0]["prunable"]
+    for r, rec in enumerate(rounds):
+        assert rec["remaining"] == round(n * 0.8 ** r)
+        assert rec["sparsity"] == pytest.approx(1 - round(n * 0.8 ** r) / n)
+        assert rec["pruned_nonzero"] == 0                   # pruned weights stayed exactly 0 through training
+        assert rec["zero_weights"] >= n - rec["remaining"]
+        assert 0 < rec["test_accuracy"] <= 1
+    # the saved state: masks and trained weights agree; a second call resumes without training
+    saved = torch.load(tmp_path / "imp_state.pt", weights_only=True)
+    trained, masks = saved["trained"], saved["masks"]
+    assert sum(int((m == 0).sum()) for m in masks.values()) == n - round(n * 0.8 ** 3)
+    assert all(bool((trained[k][masks[k] == 0] == 0).all()) for k in masks)
+    monkeypatch.setattr(imp, "train_supervised", lambda *a, **k: pytest.fail("retrained a finished round"))
+    assert imp_series(info, "student@0", data, recipe, torch.device("cpu"), rounds=3, out=tmp_path)["rounds"] == rounds
+
+
+def test_imp_command(setup, tmp_path):
+    info, _ = setup
+    out = tmp_path / "imp"
+    rc = main(["--quiet", "imp", str(info.path), "--start", "student@0", "random@1", "--rounds", "1",
+               "--epochs", "2", "--batch-size", "64", "--lr", "0.02", "--milestones", "--pad", "1",
+               "--n-train", "128", "--n-test", "50", "--device", "cpu", "--prune-classifier", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "imp.json").read_text())
+    assert [s["start"] for s in result["series"]] == ["student@0", "random@1"]
+    assert result["series"][1]["rewind_step"] == 2  # 128 / 64 steps per epoch
+    assert all("fc.weight" in s["pruned"] for s in result["series"])
+    assert [len(s["rounds"]) for s in result["series"]] == [2, 2]
+    assert (out / "imp.png").stat().st_size > 0

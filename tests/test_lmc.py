@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from randteach.analysis.lmc import barrier_height, lmc_series
+from randteach.analysis.params import interpolate_states
+from randteach.analysis.supervised import accuracy, build_classifier, load_supervised_data, run_info
+from randteach.checkpoint import load_checkpoint
+from randteach.cli import main
+
+from test_supervised import TINY_RECIPE, tiny_run
+
+
+@pytest.fixture(scope="module")
+def setup():
+    info = run_info(tiny_run())
+    return info, load_supervised_data(info.cfg, info.image_size, n_train=256, n_test=100)
+
+
+def test_barrier_height_matches_numpy():
+    g = np.linspace(0, 1, 5)
+    err = np.array([0.1, 0.3, 0.5, 0.25, 0.2])
+    want = max(err - (g * 0.2 + (1 - g) * 0.1))
+    assert barrier_height(g, err) == pytest.approx(want)
+    assert barrier_height(g, g * 0.2 + (1 - g) * 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_interpolation_ends_are_the_endpoints_exactly():
+    a = {"w": torch.randn(5, 3), "n": torch.tensor(3)}
+    b = {"w": torch.randn(5, 3), "n": torch.tensor(7)}
+    assert torch.equal(interpolate_states(a, b, 1.0)["w"], a["w"])
+    assert torch.equal(interpolate_states(a, b, 0.0)["w"], b["w"])
+    mid = interpolate_states(a, b, 0.25)["w"].double()
+    np.testing.assert_allclose(mid.numpy(), (0.25 * a["w"].double() + 0.75 * b["w"].double()).numpy(), rtol=1e-6)
+
+
+def test_path_ends_reproduce_the_endpoint_accuracies(setup, tmp_path):
+    """Batch-norm network: statistics recomputed at every point, endpoints included."""
+    info, data = setup
+    recipe = TINY_RECIPE.replace(epochs=1, eval_every=0)
+    s = lmc_series(info, "student", data, recipe, torch.device("cpu"), runs=2, resolution=3, bn_batches=2,
+                   out=tmp_path)
+    (pair,) = s["pairs"]
+    assert (pair["i"], pair["j"]) == (0, 1)
+    for k, end in ((0, -1), (1, 0)):  # gamma = 1 is run i, gamma = 0 is run j
+        model = build_classifier(info, "random", data.num_classes)
+        model.load_state_dict(load_checkpoint(tmp_path / f"run{k}.pt")["model"])
+        err = 1 - accuracy(model, data.test, data.preprocess, torch.device("cpu"))
+        assert pair["test_error"][end] == err == s["runs"][k]["test_error"]
+    assert pair["barrier"] >= 0 and s["runs"][0]["seed"] != s["runs"][1]["seed"]
+
+
+def test_lmc_command(setup, tmp_path):
+    info, _ = setup
+    out = tmp_path / "lmc"
+    args = ["--quiet", "lmc", str(info.path), "--start", "teacher", "student@1", "--runs", "2", "--resolution", "3",
+            "--epochs", "2", "--batch-size", "64", "--lr", "0.02", "--milestones", "--no-augment",
+            "--n-train", "128", "--n-test", "50", "--device", "cpu", "--bn-batches", "0", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "lmc.json").read_text())
+    assert [s["start"] for s in result["series"]] == ["teacher", "student@1"]
+    assert "interpolated" in result["bn"]
+    for s in result["series"]:
+        assert s["gammas"] == [0.0, 0.5, 1.0] and len(s["pairs"]) == 1
+        # without recomputation the endpoints are the trained networks as they are
+        run0 = s["runs"][0]
+        assert s["pairs"][0]["test_error"][-1] == run0["test_error"] == run0["test_error_before_bn_recompute"]
+    assert (out / "lmc.png").stat().st_size > 0
+    assert main(args) == 0  # finished runs are loaded, not retrained
