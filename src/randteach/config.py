@@ -132,6 +132,8 @@ class TrainConfig:
     precision: str = opt("fp32", "fp32, or bf16 autocast (fp32 until the student has left the teacher)", ("fp32", "bf16"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
+    compile: bool = opt(False, "torch.compile the student and teacher forward passes")
+    data_on_device: bool = opt(True, "hold the whole (uint8) training set on the device and slice batches there")
     teacher_cache: bool = opt(False, "compute the frozen teacher's bottleneck outputs once (fp32, on disk under the data root) and apply only its last layer per step")
     log_every: int = opt(1, "write metrics every this many steps")
     checkpoint_every: float = opt(1, "save the student every this many epochs (0 = only at the end)")

@@ -262,6 +262,11 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                          "image_size": size}, run.checkpoints / "teacher.pt")
         save_checkpoint({"model": student.state_dict(), "role": "student_init"}, run.checkpoints / "student_init.pt")
 
+    if cfg.train.data_on_device:
+        inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
+    student_fwd, teacher_fwd = student, teacher
+    if cfg.train.compile:
+        student_fwd, teacher_fwd = torch.compile(student), torch.compile(teacher)
     targets = None
     if cfg.train.teacher_cache:
         ok, why = teacher_cache.usable(cfg)
@@ -343,14 +348,15 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for chunk in ddp.shard(idx).split(micro):
+                chunk = chunk.to(inputs.device)
                 x = inputs[chunk].to(device, non_blocking=True)
                 x = preprocess(x) if preprocess is not None else x
                 if conv_like:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, bf16_on):
                     with torch.no_grad():
-                        t = teacher.head.last(targets[chunk.to(device)]) if targets is not None else teacher(x)
-                    s = student(x)
+                        t = teacher.head.last(targets[chunk.to(device)]) if targets is not None else teacher_fwd(x)
+                    s = student_fwd(x)
                 if centering is not None:
                     t = centering(t.float())
                 loss = distill_loss(cfg.loss.name, s, t, cfg.loss.teacher_temp, cfg.loss.student_temp)
