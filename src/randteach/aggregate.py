@@ -1,0 +1,377 @@
+"""Reports over many runs: collect every summary.json, group by the swept config keys, and write
+mean ± std over seeds as CSV and Markdown, with plots of the final probes vs a swept key and of
+the probes vs epoch per group.
+
+Statistics: only completed runs enter a group's mean and std; std is the sample standard deviation
+(ddof = 1, undefined for n = 1); diverged, failed and unfinished runs are counted beside them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import UserError
+from .rundir import RunDir
+from .sweep import flatten
+
+IGNORED_KEYS = ("train.seed", "out")  # never group by these: seeds are what a group averages over
+ROLES = ("teacher", "student", "input")
+KINDS = ("linear", "knn")
+EXTRA_METRICS = ("final_loss", "wall_time_s")
+
+
+def hashable(v: Any) -> Any:
+    return tuple(hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def flat_config(d: dict) -> dict[str, Any]:
+    """A config as {dotted key: value}, lists as tuples (so values can be grouped on)."""
+    return {k: hashable(v) for k, v in flatten(d).items()}
+
+
+def show_value(v: Any, exact: bool = False) -> str:
+    """A config value as text: short (1e-10) for tables, or exact (repr) for CSV files."""
+    if isinstance(v, tuple):
+        return "[" + ", ".join(show_value(x, exact) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(v) if exact else f"{v:g}"
+    return ("" if exact else "–") if v is None else str(v)
+
+
+def _sort_key(values: tuple) -> tuple:
+    # None first, then numbers, then everything else by its text: mixed types never compare.
+    return tuple((0, 0, "") if v is None else (1, v, "") if _is_number(v) else (2, 0, show_value(v)) for v in values)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _metrics(summary: dict) -> dict[str, float]:
+    out = {}
+    for role in ROLES:
+        for kind in KINDS:
+            v = summary.get("probe", {}).get(role, {}).get(kind)
+            if _is_number(v):
+                out[f"{role}.{kind}"] = float(v)
+    for key in EXTRA_METRICS:
+        if _is_number(summary.get(key)):
+            out[key] = float(summary[key])
+    return out
+
+
+def collect(dirs: list[str | Path]) -> list[dict]:
+    """One row per summary.json found under `dirs` (recursively; each file once, however the dirs overlap).
+
+    A row: {"run_dir", "status", "config" (dotted keys, lists as tuples), "summary", "metrics"}.
+    """
+    found: dict[Path, None] = {}
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise UserError(f"{d}: no such directory; give run directories or folders that contain them")
+        candidates = [d] if d.is_file() else sorted(d.rglob("summary.json"))
+        for path in candidates:
+            if path.name == "summary.json" and not any(p.startswith(".") for p in path.relative_to(d).parts[:-1]):
+                found.setdefault(path.resolve(), None)
+    rows = []
+    for path in sorted(found):
+        run = RunDir(path.parent)
+        try:
+            summary = run.summary() or {}
+            status = summary.get("status", "unknown")
+        except json.JSONDecodeError:
+            summary, status = {}, "unreadable"
+        config = flat_config(yaml.safe_load(run.config_path.read_text()) or {}) if run.config_path.exists() else {}
+        rows.append({"run_dir": str(run.path), "status": status, "config": config, "summary": summary,
+                     "metrics": _metrics(summary)})
+    return rows
+
+
+def varying_keys(rows: list[dict]) -> list[str]:
+    """Config keys whose value differs between runs (train.seed and out excepted), in config order."""
+    keys: dict[str, set] = {}
+    for r in rows:
+        for k in r["config"]:
+            keys.setdefault(k, set())
+    for k, seen in keys.items():
+        for r in rows:
+            seen.add(r["config"].get(k))
+    return [k for k, seen in keys.items() if len(seen) > 1 and k not in IGNORED_KEYS]
+
+
+def metric_names(rows: list[dict]) -> list[str]:
+    present = {m for r in rows for m in r["metrics"]}
+    ordered = [f"{role}.{kind}" for role in ROLES for kind in KINDS] + list(EXTRA_METRICS)
+    return [m for m in ordered if m in present]
+
+
+def _buckets(rows: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
+    buckets: dict[tuple, list[dict]] = {}
+    for r in rows:
+        buckets.setdefault(tuple(r["config"].get(k) for k in keys), []).append(r)
+    return {kv: buckets[kv] for kv in sorted(buckets, key=_sort_key)}
+
+
+def group(rows: list[dict], keys: list[str] | None = None) -> list[dict]:
+    """One entry per distinct value of `keys` (default: the varying keys): the key values, n (completed
+    runs), the counts of diverged, failed and unfinished runs, and <metric>_mean / <metric>_std over the
+    completed runs (std: sample std, n - 1 in the denominator; nan for n = 1)."""
+    keys = varying_keys(rows) if keys is None else list(keys)
+    known = {k for r in rows for k in r["config"]}
+    unknown = [k for k in keys if k not in known]
+    if rows and unknown:
+        raise UserError(f"--group-by: {', '.join(unknown)} is not a config key of these runs; keys that vary "
+                        f"here: {', '.join(varying_keys(rows)) or 'none'}")
+    metrics = metric_names(rows)
+    table = []
+    for values, members in _buckets(rows, keys).items():
+        done = [r for r in members if r["status"] == "completed"]
+        entry: dict[str, Any] = dict(zip(keys, values))
+        entry.update(n=len(done), diverged=sum(r["status"] == "diverged" for r in members),
+                     failed=sum(r["status"] == "failed" for r in members))
+        entry["unfinished"] = len(members) - entry["n"] - entry["diverged"] - entry["failed"]
+        for m in metrics:
+            vals = np.array([r["metrics"][m] for r in done if m in r["metrics"]], dtype=np.float64)
+            entry[f"{m}_mean"] = float(vals.mean()) if len(vals) else math.nan
+            entry[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+        table.append(entry)
+    return table
+
+
+# ------------------------------------------------------------------ writing
+
+def _fmt(mean: float, std: float, metric: str) -> str:
+    if math.isnan(mean):
+        return "–"
+    scale, digits = (100, 2) if "." in metric else (1, 4)
+    text = f"{scale * mean:.{digits}f}" if metric != "final_loss" else f"{mean:.4g}"
+    if not math.isnan(std):
+        text += f" ± {scale * std:.{digits}f}" if metric != "final_loss" else f" ± {std:.2g}"
+    return text
+
+
+def _label(metric: str) -> str:
+    if metric in EXTRA_METRICS:
+        return {"final_loss": "final loss", "wall_time_s": "wall time (s)"}[metric]
+    role, kind = metric.split(".")
+    return f"{role} {'k-NN' if kind == 'knn' else kind} (%)"
+
+
+def write_csv(table: list[dict], keys: list[str], path: Path) -> None:
+    cols = list(table[0]) if table else [*keys, "n"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for entry in table:
+            w.writerow([show_value(entry[c], exact=True) if c in keys else entry[c] for c in cols])
+
+
+def write_runs_csv(rows: list[dict], keys: list[str], path: Path) -> None:
+    metrics = metric_names(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_dir", "status", *keys, "train.seed", *metrics])
+        for r in sorted(rows, key=lambda r: _sort_key(tuple(r["config"].get(k) for k in [*keys, "train.seed"]))):
+            w.writerow([r["run_dir"], r["status"],
+                        *(show_value(r["config"].get(k), exact=True) for k in [*keys, "train.seed"]),
+                        *(r["metrics"].get(m, "") for m in metrics)])
+
+
+def markdown_table(table: list[dict], keys: list[str], metrics: list[str]) -> str:
+    shown = [m for m in metrics if m != "wall_time_s"]
+    head = [*keys, "n", *(_label(m) for m in shown), "diverged / failed / unfinished"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [show_value(e[k]) for k in keys] + [str(e["n"])]
+        cells += [_fmt(e[f"{m}_mean"], e[f"{m}_std"], m) for m in shown]
+        cells.append(f"{e['diverged']} / {e['failed']} / {e['unfinished']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def numeric_keys(table: list[dict], keys: list[str]) -> list[str]:
+    """Group keys whose values are all numbers, with at least two of them: plottable on an x axis."""
+    out = []
+    for k in keys:
+        vals = {e[k] for e in table if e[k] is not None}
+        if len(vals) > 1 and all(_is_number(v) for v in vals):
+            out.append(k)
+    return out
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+COLORS = {"teacher": "tab:blue", "student": "tab:red", "input": "tab:gray"}
+STYLES = ("-", "--", ":", "-.")
+
+
+def _log_axis(xs: list[float]) -> bool:
+    """Log x axis for values spread over >= 2 decades that are more evenly spaced in log than in linear
+    terms (lr 1e-4, 1e-3, 1e-2; batch 256 ... 49152), not for e.g. alpha 1e-10, 0.1, 0.2, ..., 1."""
+    xs = sorted(set(xs))
+    if not xs or xs[0] <= 0 or xs[-1] / xs[0] < 100:
+        return False
+    if len(xs) < 3:
+        return True
+
+    def unevenness(gaps):
+        return float(np.std(gaps) / np.mean(gaps))
+    return unevenness(np.diff(np.log(xs))) < unevenness(np.diff(xs))
+
+
+def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Path:
+    """Final probe accuracy (mean, error bars = std over seeds) vs one numeric swept key; one line per
+    role and per combination of the other group keys."""
+    plt = _plt()
+    kinds = [k for k in KINDS if any(f"{r}.{k}_mean" in table[0] for r in ROLES)]
+    others = [k for k in keys if k != key]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    xs_all = [e[key] for e in table if e[key] is not None]
+    for ax, kind in zip(axes[0], kinds):
+        combos: dict[tuple, list[dict]] = {}
+        for e in table:
+            combos.setdefault(tuple(e[k] for k in others), []).append(e)
+        for ci, (combo, entries) in enumerate(sorted(combos.items(), key=lambda kv: _sort_key(kv[0]))):
+            entries = sorted((e for e in entries if e[key] is not None), key=lambda e: e[key])
+            for role in ROLES:
+                m = f"{role}.{kind}"
+                pts = [(e[key], e[f"{m}_mean"], e[f"{m}_std"]) for e in entries
+                       if f"{m}_mean" in e and not math.isnan(e[f"{m}_mean"])]
+                if not pts:
+                    continue
+                x, y, s = zip(*pts)
+                label = role + ("" if not others else " " + ", ".join(f"{k}={show_value(v)}" for k, v in zip(others, combo)))
+                ax.errorbar(x, [100 * v for v in y], yerr=[0 if math.isnan(v) else 100 * v for v in s],
+                            fmt=STYLES[ci % len(STYLES)], marker="o", ms=3, capsize=3, color=COLORS[role], label=label)
+        if _log_axis(xs_all):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"final {'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"final probes vs {key} (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def probe_curves(members: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Probe accuracy vs epoch, averaged over the completed runs of a group (each epoch over the runs
+    that probed it): {"student.linear": [(epoch, mean), ...], ...}."""
+    sums: dict[str, dict[float, list[float]]] = {}
+    for r in members:
+        if r["status"] != "completed":
+            continue
+        for rec in RunDir(r["run_dir"]).probes():
+            for role in ROLES:
+                for kind, v in rec.get(role, {}).items():
+                    if _is_number(v):
+                        sums.setdefault(f"{role}.{kind}", {}).setdefault(round(float(rec["epoch"]), 6), []).append(v)
+    return {m: [(e, float(np.mean(v))) for e, v in sorted(by_epoch.items())] for m, by_epoch in sums.items()}
+
+
+def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
+    """Probe accuracy vs epoch, mean over seeds, one colour per group: student solid, teacher dashed,
+    input dotted."""
+    groups = _buckets(rows, keys)
+    curves = {kv: probe_curves(members) for kv, members in groups.items()}
+    kinds = [k for k in KINDS if any(f"{r}.{k}" in c for c in curves.values() for r in ROLES)]
+    if not kinds:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, kind in zip(axes[0], kinds):
+        for gi, (kv, c) in enumerate(curves.items()):
+            name = ", ".join(f"{k}={show_value(v)}" for k, v in zip(keys, kv)) or "all runs"
+            for role, style in (("student", "-"), ("teacher", "--"), ("input", ":")):
+                pts = c.get(f"{role}.{kind}")
+                if pts:
+                    x, y = zip(*pts)
+                    ax.plot(x, [100 * v for v in y], style, marker="o", ms=2, color=cmap(gi % 10),
+                            label=f"{role} {name}" if role != "input" or gi == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("probes during training (mean over seeds; student solid, teacher dashed, input dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _file_safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+
+
+def write_report(dirs: list[str | Path], out: str | Path | None = None,
+                 group_by: list[str] | None = None) -> Path:
+    """Collect, group and write report.csv (one row per group), runs.csv (one row per run), report.md and
+    the PNGs into `out` (default: the folder that holds all of `dirs`). Returns report.md's path."""
+    rows = collect(dirs)
+    if not rows:
+        raise UserError(f"no summary.json under {', '.join(map(str, dirs))}; are these run or sweep folders?")
+    keys = varying_keys(rows) if group_by is None else list(group_by)
+    table = group(rows, keys)
+    metrics = metric_names(rows)
+    if out is None:
+        folders = [Path(d).resolve() if Path(d).is_dir() else Path(d).resolve().parent for d in dirs]
+        out = Path(os.path.commonpath(folders))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(table, keys, out / "report.csv")
+    write_runs_csv(rows, keys, out / "runs.csv")
+    plots = [plot_vs_key(table, keys, k, out / f"probe_vs_{_file_safe(k)}.png") for k in numeric_keys(table, keys)
+             if any(m.split(".")[0] in ROLES for m in metrics)]
+    curve = plot_vs_epoch(rows, keys, out / "probe_vs_epoch.png")
+    plots += [curve] if curve else []
+
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    notes = []
+    protocols = sorted({str(r["config"]["probe.linear"]) for r in rows if "probe.linear" in r["config"]})
+    if protocols:
+        notes.append(f"linear probe: {', '.join(protocols)}")
+    knn = sorted({f"k={r['config']['probe.knn_k']}, {r['config'].get('probe.knn_weighting')}" for r in rows
+                  if "probe.knn_k" in r["config"]})
+    if knn:
+        notes.append(f"k-NN: {'; '.join(knn)}")
+    parts = ["# Report", "",
+             f"{len(rows)} runs under {', '.join(f'`{d}`' for d in dirs)}: "
+             + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", "",
+             f"Grouped by {', '.join(f'`{k}`' for k in keys) if keys else 'nothing (all runs in one group)'}. "
+             "Each cell is mean ± std over the completed runs of the group (different seeds); std is the "
+             "sample standard deviation (n − 1 in the denominator), shown only for n ≥ 2; n is the number of "
+             "completed runs. Probe accuracies are test accuracies in %"
+             + (f" ({'; '.join(notes)})" if notes else "")
+             + ". Diverged, failed and unfinished runs are counted in the last column, not averaged.", "",
+             markdown_table(table, keys, metrics), ""]
+    parts += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    other = [r for r in rows if r["status"] != "completed"]
+    if other:
+        parts += ["## Runs that did not complete", "", "| run | status | detail |", "|---|---|---|"]
+        for r in other:
+            s = r["summary"]
+            detail = s.get("error") or (f"step {s['diverged_step']}: {s.get('reason', '')}" if "diverged_step" in s
+                                        else f"{s.get('steps', '?')} steps")
+            parts.append(f"| `{r['run_dir']}` | {r['status']} | {str(detail).replace('|', '/')} |")
+        parts.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,443 @@
+"""Sweeps: a grid of config values x seeds, expanded into content-addressed runs and executed.
+
+A sweep file names a preset, base overrides, a grid and seeds:
+
+    preset: cpu
+    name: alpha
+    base: {train.epochs: 4}
+    grid: {init.alpha: [1.0e-10, 0.1, 1.0]}
+    seeds: [0, 1, 2]
+    out: runs/alpha
+
+Every run lives in `<out>/<name>-<digest>` (the digest hashes the resolved config), so running
+the same sweep again does no finished work twice: completed and diverged runs are skipped,
+interrupted ones resumed from their last checkpoint, new ones started. Runs execute in local
+worker processes (one fresh process per run) or as SLURM jobs through submitit.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, build_config, config_from_dict, load_yaml
+from .rundir import RunDir
+
+SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
+DONE = ("completed", "diverged")  # a diverged run is a result, not something to retry
+# Keys of the `slurm` mapping -> submitit AutoExecutor parameters.
+SLURM_KEYS = {"partition": "slurm_partition", "time": "timeout_min", "gpus_per_node": "gpus_per_node",
+              "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "array_parallelism": "slurm_array_parallelism",
+              "account": "slurm_account", "qos": "slurm_qos", "constraint": "slurm_constraint",
+              "exclude": "slurm_exclude", "additional_parameters": "slurm_additional_parameters",
+              "signal_delay_s": "slurm_signal_delay_s"}
+SLURM_OWN_KEYS = ("cluster", "folder")  # read by the launcher itself, not passed to submitit
+
+
+@dataclass
+class SweepSpec:
+    preset: str | None = None
+    base: dict[str, Any] = field(default_factory=dict)     # dotted key -> value, applied to every run
+    grid: dict[str, list] = field(default_factory=dict)     # dotted key -> values (cartesian product)
+    seeds: list[int] = field(default_factory=list)          # train.seed values; empty: the config's own seed
+    out: str | None = None                                  # root folder of the run directories (default runs/)
+    name: str = "sweep"                                     # readable prefix of every run directory
+    slurm: dict[str, Any] = field(default_factory=dict)     # submitit parameters for --launcher slurm
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file; every mistake raises ConfigError naming the file and the key."""
+    path = Path(path)
+    raw = load_yaml(path)
+    where = f"sweep file {str(path)!r}"
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; a sweep file has the keys "
+                          f"{', '.join(SWEEP_KEYS)} (config keys go under base: or grid:)")
+    for key in ("base", "grid", "slurm"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{where}: {key} must be a mapping of dotted config keys, "
+                              f"got {type(raw[key]).__name__}")
+    base = flatten(raw.get("base") or {})
+    grid = flatten(raw.get("grid") or {})
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [a, b], "
+                              f"got {values!r}")
+    seeds = raw.get("seeds")
+    if seeds is None:
+        seeds = []
+    elif isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1, 2], got {seeds!r}")
+    for owned in ("out", "name"):
+        if owned in base or owned in grid:
+            raise ConfigError(f"{where}: set {owned} at the top level of the sweep file, not under base/grid")
+    if seeds and "train.seed" in grid:
+        raise ConfigError(f"{where}: train.seed is both in grid and in seeds; keep one")
+    name = raw.get("name") or path.stem
+    spec = SweepSpec(preset=raw.get("preset"), base=base, grid=grid, seeds=list(seeds),
+                     out=None if raw.get("out") is None else str(raw["out"]), name=str(name),
+                     slurm=dict(raw.get("slurm") or {}))
+    _check_slurm(spec.slurm, where)
+    # Surface bad keys and values now, with the file's name, rather than in the middle of a sweep.
+    try:
+        build_config(spec.preset, None, {**spec.base, "name": spec.name})
+        for key, values in spec.grid.items():
+            for v in values:
+                build_config(spec.preset, None, {**spec.base, "name": spec.name, key: v})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return spec
+
+
+def _check_slurm(slurm: dict, where: str) -> None:
+    unknown = sorted(set(slurm) - set(SLURM_KEYS) - set(SLURM_OWN_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown slurm key(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join([*SLURM_KEYS, *SLURM_OWN_KEYS])}")
+
+
+def expand(spec: SweepSpec) -> list[Config]:
+    """The grid's cartesian product x seeds (seeds vary fastest), validated, duplicates removed.
+
+    Each config's `out` is `<spec.out>/<name>-<digest>`; the order follows the grid as written.
+    """
+    root = Path(spec.out) if spec.out else Path("runs")
+    keys = list(spec.grid)
+    configs: list[Config] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        for seed in spec.seeds or [None]:
+            overrides = {**spec.base, **dict(zip(keys, combo)), "name": spec.name}
+            if seed is not None:
+                overrides["train.seed"] = seed
+            try:
+                cfg = build_config(spec.preset, None, overrides)
+            except ConfigError as e:
+                shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k in keys or k == "train.seed")
+                raise ConfigError(f"sweep {spec.name!r}, run {shown}: {e}") from None
+            digest = cfg.digest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            cfg.out = str(root / f"{cfg.name}-{digest}")
+            configs.append(cfg)
+    return configs
+
+
+# ------------------------------------------------------------------ results on disk
+
+def finished_summary(cfg: Config) -> dict | None:
+    """The summary of a run of exactly this config that needs no more work, else None."""
+    summary = RunDir(cfg.run_dir()).summary()
+    if summary and summary.get("status") in DONE and summary.get("config_digest") == cfg.digest():
+        return summary
+    return None
+
+
+def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
+    """Write a "failed" summary into the run directory, so reports list the run and a re-run retries it
+    (unless the directory holds another config's run: that is left alone)."""
+    summary = {"status": "failed", "error": error, "traceback": detail, "config_digest": cfg.digest()}
+    run = RunDir(cfg.run_dir())
+    try:
+        existing = run.summary()
+    except ValueError:  # unreadable JSON: replace it
+        existing = None
+    if existing and existing.get("config_digest") not in (None, cfg.digest()):
+        return summary
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not run.config_path.exists():
+        run.config_path.write_text(cfg.to_yaml())
+    run.write_summary(summary)
+    return summary
+
+
+def run_one(cfg: Config, progress: bool = False) -> dict:
+    """Run (resume, or skip) one config; an exception becomes a "failed" summary, never a crash."""
+    from .distill import distill
+    try:
+        return distill(cfg, resume=True, progress=progress).summary
+    except Exception as e:  # noqa: BLE001 - one broken run must not stop a sweep
+        return record_failure(cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
+
+
+def _summary_stamp(cfg: Config) -> tuple[int, int] | None:
+    """Identity of the summary file; write_json replaces it atomically, so any rewrite changes it."""
+    try:
+        st = (Path(cfg.run_dir()) / "summary.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _with_path(summary: dict, cfg: Config) -> dict:
+    return {**summary, "run_dir": str(cfg.run_dir())}
+
+
+# ------------------------------------------------------------------ local launcher
+
+def _local_worker(cfg_dict: dict, threads: int) -> None:
+    """Entry point of one worker process: one run, result in the run directory."""
+    _stop_with_parent()
+    import torch
+    torch.set_num_threads(threads)
+    run_one(config_from_dict(cfg_dict))
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM this worker when the sweep process dies (even by SIGKILL), so that the run checkpoints and
+    stops instead of living on beside a re-started sweep that would run it a second time."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="watch-sweep", daemon=True).start()
+
+
+def _worker_context():
+    """A fresh process per run, never a fork of the (threaded) sweep: the forkserver, whose one-time
+    preload of torch and randteach saves each run the ~3-7 s import, else spawn."""
+    import multiprocessing
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["randteach.sweep", "randteach.distill", "torch._dynamo"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _signal_worker(proc, sig: int) -> None:
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:  # it has just exited
+        pass
+
+
+@contextlib.contextmanager
+def _stop_workers_on_signal(workers: dict):
+    """In the sweep's parent: the first SIGTERM/SIGINT asks the running workers to checkpoint and stop (they
+    write status "interrupted") and starts no new run; a second one kills them outright. Yields a dict
+    whose "signal" is the first signal received (None until then)."""
+    state = {"signal": None, "count": 0}
+
+    def handle(signum, frame):
+        state["signal"] = state["signal"] or signum
+        state["count"] += 1
+        for proc, *_ in workers.values():
+            _signal_worker(proc, signal.SIGTERM if state["count"] == 1 else signal.SIGKILL)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield state
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _split_done(configs: list[Config]) -> tuple[list[dict | None], list[int]]:
+    """(results with the finished runs filled in, indices of the runs still to do)."""
+    results: list[dict | None] = [None] * len(configs)
+    todo = []
+    for i, cfg in enumerate(configs):
+        done = finished_summary(cfg)
+        if done is not None:
+            results[i] = _with_path(done, cfg)
+        else:
+            todo.append(i)
+    return results, todo
+
+
+def _run_local(configs: list[Config], workers: int, progress: bool) -> list[dict]:
+    from multiprocessing.connection import wait
+
+    ctx = _worker_context()
+    results, todo = _split_done(configs)
+    workers = max(1, min(workers, len(todo) or 1))
+    threads = max(1, available_cores() // workers)
+    log = _Progress(len(todo), progress)
+    log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run "
+             f"on {workers} worker process(es) with {threads} torch thread(s) each")
+    pending = list(reversed(todo))
+    running: dict = {}  # sentinel -> (process, index, summary stamp before the start, start time)
+    with _stop_workers_on_signal(running) as stop:
+        while running or (pending and stop["signal"] is None):
+            while pending and stop["signal"] is None and len(running) < workers:
+                i = pending.pop()
+                proc = ctx.Process(target=_local_worker, args=(configs[i].to_dict(), threads),
+                                   name=f"randteach-sweep-{i}")
+                stamp = _summary_stamp(configs[i])
+                proc.start()
+                running[proc.sentinel] = (proc, i, stamp, time.perf_counter())
+                if stop["signal"] is not None:  # the signal came while this worker was starting
+                    _signal_worker(proc, signal.SIGTERM)
+            for sentinel in wait(list(running), timeout=1.0):
+                proc, i, stamp, t0 = running.pop(sentinel)
+                proc.join()
+                results[i] = _with_path(_collect_local(configs[i], proc.exitcode, stamp, stop["signal"]), configs[i])
+                log.finished(results[i], time.perf_counter() - t0)
+    for i in pending:
+        results[i] = _with_path({"status": "pending"}, configs[i])
+    return results  # type: ignore[return-value]
+
+
+def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | None) -> dict:
+    """The result a worker left in its run directory; a worker that died without one is a failure,
+    unless the sweep itself was being stopped."""
+    summary = RunDir(cfg.run_dir()).summary() if _summary_stamp(cfg) != stamp else None
+    if summary is not None:
+        return summary
+    if stopping is not None:
+        return {"status": "interrupted", "signal": signal.Signals(stopping).name}
+    how = (f"killed by {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
+           else f"exited with code {exitcode}")
+    return record_failure(cfg, f"worker process {how} before writing a summary (out of memory?)")
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done = total, enabled, 0
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def finished(self, result: dict, seconds: float) -> None:
+        self.done += 1
+        probe = result.get("probe", {}).get("student", {})
+        acc = " ".join(f"{k} {100 * v:.1f}%" for k, v in probe.items() if isinstance(v, (int, float)))
+        extra = f"student {acc}" if acc else result.get("error", "")
+        self.line(f"[{self.done}/{self.total}] {result['status']:<11} {result['run_dir']} ({seconds:.0f} s) {extra}")
+
+
+# ------------------------------------------------------------------ SLURM launcher (submitit)
+
+class SlurmRun:
+    """The submitit job: one run. On pre-emption or time-out (SIGUSR2 from SLURM) or SIGTERM, the run
+    checkpoints first, then submitit requeues the job, which resumes from that checkpoint."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # torch threads: the job's cpus_per_task
+
+    def __call__(self, cfg_dict: dict) -> dict:
+        if self.threads:
+            import torch
+            torch.set_num_threads(self.threads)
+        cfg = config_from_dict(cfg_dict)
+        requeue_handler = signal.getsignal(signal.SIGUSR2)
+        asked: list[int] = []
+
+        def checkpoint_first(signum, frame):
+            asked.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)  # distill's own handler: checkpoint, status "interrupted"
+
+        if callable(requeue_handler):
+            signal.signal(signal.SIGUSR2, checkpoint_first)
+        summary = run_one(cfg)
+        if summary.get("status") == "interrupted" and callable(requeue_handler):
+            requeue_handler(asked[0] if asked else signal.SIGUSR2, None)  # requeues and exits
+        return summary
+
+    def checkpoint(self, cfg_dict: dict):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, cfg_dict)
+
+
+def _minutes(value) -> int:
+    """SLURM time ('D-HH:MM:SS', 'HH:MM:SS', 'MM') or minutes -> minutes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value)
+    days, _, text = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, *parts
+    else:
+        h, m, s = parts[-3:]
+    return int(days) * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def submitit_parameters(slurm: dict, name: str) -> dict:
+    _check_slurm(slurm, "slurm options")
+    params: dict[str, Any] = {"name": name, "timeout_min": 24 * 60}
+    for key, value in slurm.items():
+        if key in SLURM_KEYS:
+            params[SLURM_KEYS[key]] = _minutes(value) if key == "time" else value
+    return params
+
+
+def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--launcher slurm needs submitit: pip install 'randteach[slurm]'") from None
+    results, todo = _split_done(configs)
+    log = _Progress(len(todo), progress)
+    roots = {str(Path(cfg.run_dir()).parent) for cfg in configs}
+    folder = slurm.get("folder") or Path(os.path.commonpath(sorted(roots)) if roots else "runs") / ".submitit"
+    log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, submitting {len(todo)} "
+             f"job(s); submitit logs in {folder}")
+    if todo:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=slurm.get("cluster"))
+        executor.update_parameters(**submitit_parameters(slurm, f"randteach-{configs[todo[0]].name}"))
+        jobs = executor.map_array(SlurmRun(slurm.get("cpus_per_task")), [configs[i].to_dict() for i in todo])
+        for i, job in zip(todo, jobs):
+            t0 = time.perf_counter()
+            try:
+                summary = job.result()
+            except Exception as e:  # noqa: BLE001 - a failed job is a result of the sweep
+                last_line = (str(e).strip().splitlines() or [""])[-1]
+                summary = record_failure(configs[i], f"SLURM job {job.job_id} failed: {type(e).__name__}: "
+                                         f"{last_line} (log: {job.paths.stderr})", str(e))
+            results[i] = _with_path(summary, configs[i])
+            log.finished(results[i], time.perf_counter() - t0)
+    return results  # type: ignore[return-value]
+
+
+def run_sweep(configs: list[Config], launcher: str = "local", workers: int = 1, progress: bool = True,
+              slurm: dict | None = None) -> list[dict]:
+    """Execute every config (skipping finished runs); one summary per config, in order.
+
+    Each returned summary carries "run_dir". Status is completed, diverged, interrupted, failed
+    (with "error"), or pending (the sweep was stopped before the run started).
+    """
+    if launcher == "local":
+        return _run_local(configs, workers, progress)
+    if launcher == "slurm":
+        return _run_slurm(configs, dict(slurm or {}), progress)
+    raise ConfigError(f"unknown launcher {launcher!r}; use local or slurm")
