@@ -1,0 +1,94 @@
+"""`randteach sweep` and `randteach report`: many runs from one grid file, and one table from many runs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_FAILED = 3  # as `randteach distill` for a run that did not complete
+
+
+def _parse_slurm(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--slurm {item!r}: expected KEY=VALUE, e.g. --slurm partition=gpu")
+        k, v = item.split("=", 1)
+        out[k.strip()] = int(v) if v.strip().isdigit() else v.strip()
+    return out
+
+
+def cmd_sweep(args, extra) -> int:
+    from .config import parse_overrides
+    from .rundir import RunDir
+    from .sweep import expand, finished_summary, load_sweep, run_sweep, submitit_parameters
+    spec = load_sweep(args.sweep_file)
+    if args.out:
+        spec.out = args.out
+    spec.base.update(parse_overrides(extra))  # e.g. --train.device cuda for every run
+    slurm = {**spec.slurm, **_parse_slurm(args.slurm or [])}
+    if args.launcher == "slurm":
+        submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
+    configs = expand(spec)
+    if args.dry_run:
+        from .aggregate import flat_config, show_value, varying_keys
+        rows = [{"config": flat_config(c.to_dict())} for c in configs]
+        keys = varying_keys(rows) + ["train.seed"]
+        print(f"{len(configs)} runs ({spec.name}):")
+        for cfg, row in zip(configs, rows):
+            state = "done" if finished_summary(cfg) else (RunDir(cfg.run_dir()).summary() or {}).get("status", "new")
+            print(f"  {state:<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
+        return 0
+    results = run_sweep(configs, launcher=args.launcher, workers=args.workers, progress=not args.quiet,
+                        slurm=slurm)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    root = Path(configs[0].run_dir()).parent if configs else Path(spec.out or "runs")
+    print(f"sweep {spec.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+          + f"\nreport: randteach report {root}")
+    if counts.get("pending") or counts.get("interrupted"):
+        print("the sweep was stopped; run the same command again to finish it (finished runs are kept)")
+        return 130
+    return 0 if set(counts) <= {"completed", "diverged"} else EXIT_FAILED
+
+
+def cmd_report(args, extra) -> int:
+    if extra:
+        raise UserError(f"unexpected argument(s) {' '.join(extra)}; `randteach report DIR... [--group-by KEYS] [--out DIR]`")
+    from .aggregate import write_report
+    keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by is not None else None
+    path = write_report(args.dirs, out=args.out, group_by=keys)
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of configs x seeds (local worker processes or SLURM)",
+        description="Expand SWEEP.yaml (preset, name, base, grid, seeds, out, slurm) into runs named "
+                    "<out>/<name>-<config hash> and execute them. Finished runs are skipped and interrupted "
+                    "ones resumed, so re-running a stopped sweep only does the missing work. Extra "
+                    "--section.key VALUE options apply to every run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (torch threads = cores / workers)")
+    p.add_argument("--out", help="root folder of the run directories (overrides the file's out)")
+    p.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                   help="submitit/SLURM option, repeatable: partition, time, gpus_per_node, cpus_per_task, "
+                        "mem_gb, array_parallelism, account, qos, constraint, cluster (local: no SLURM)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser(
+        "report", help="aggregate runs into a table (mean ± std over seeds) with CSV, Markdown and plots",
+        description="Find every summary.json under DIR..., group the runs by the config keys that vary "
+                    "(or --group-by), and write report.csv, runs.csv, report.md and PNG plots.")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--group-by", metavar="KEY,...", help="config keys to group by (default: the keys that vary, "
+                   "except train.seed); an empty string puts all runs in one group")
+    p.add_argument("--out", help="where to write the report (default: the folder that holds every DIR)")
+    p.set_defaults(func=cmd_report)
