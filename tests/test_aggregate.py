@@ -1,0 +1,95 @@
+"""Reports: collect summaries once each, group by the swept key, mean ± std over seeds against numpy."""
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from randteach.aggregate import collect, group, varying_keys
+from randteach.cli import main
+from randteach.config import build_config
+from randteach.errors import UserError
+from randteach.rundir import RunDir
+
+ALPHAS = (1e-10, 0.5, 1.0)
+SEEDS = (0, 1, 2)
+
+
+def fake_run(root, alpha, seed, status="completed", **summary):
+    """A run directory as distill writes it: config.yaml, metrics.jsonl with probe events, summary.json."""
+    cfg = build_config("cpu", None, {"name": "fake", "init.alpha": alpha, "train.seed": seed})
+    cfg.out = str(root / f"fake-{cfg.digest()}")
+    run = RunDir(cfg.run_dir()).create()
+    run.config_path.write_text(cfg.to_yaml())
+    rng = np.random.default_rng([int(alpha * 100), seed])
+    probes = {}
+    for epoch in (0, 1, 2):
+        probes = {role: {"linear": float(rng.uniform(0.2, 0.9)), "knn": float(rng.uniform(0.2, 0.9))}
+                  for role in ("teacher", "student", "input")}
+        run.log({"event": "probe", "step": 10 * epoch, "epoch": epoch, **probes})
+    run.write_summary({"status": status, "steps": 20, "probe": probes, "final_loss": float(rng.uniform(1, 2)),
+                       "wall_time_s": 1.0, "config_digest": cfg.digest(), **summary})
+    return run.path, probes
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "sweep"
+    finals = {(a, s): fake_run(root, a, s)[1] for a in ALPHAS for s in SEEDS}
+    fake_run(root, 0.5, 7, status="diverged", diverged_step=3, reason="non-finite loss or gradient")
+    fake_run(root, 0.5, 8, status="failed", error="RuntimeError: boom")
+    (root / ".submitit").mkdir()
+    (root / ".submitit" / "summary.json").write_text("{}")   # not a run: hidden folders are skipped
+    return root, finals
+
+
+def test_group_by_the_swept_key_matches_numpy(runs):
+    root, finals = runs
+    rows = collect([root, next(root.glob("fake-*"))])     # overlapping dirs: every run once
+    assert len(rows) == 11 and len({r["run_dir"] for r in rows}) == 11
+    assert varying_keys(rows) == ["init.alpha"]            # train.seed is averaged over, never grouped on
+    table = group(rows)
+    assert [e["init.alpha"] for e in table] == list(ALPHAS)
+    for e in table:
+        a = e["init.alpha"]
+        assert e["n"] == 3
+        assert (e["diverged"], e["failed"], e["unfinished"]) == ((1, 1, 0) if a == 0.5 else (0, 0, 0))
+        for role in ("teacher", "student", "input"):
+            for kind in ("linear", "knn"):
+                vals = np.array([finals[(a, s)][role][kind] for s in SEEDS])
+                assert e[f"{role}.{kind}_mean"] == pytest.approx(vals.mean(), abs=1e-12)
+                assert e[f"{role}.{kind}_std"] == pytest.approx(vals.std(ddof=1), abs=1e-12)
+
+
+def test_one_seed_has_no_std_and_explicit_keys_are_checked(runs):
+    root, _ = runs
+    rows = [r for r in collect([root]) if r["config"]["train.seed"] == 0]
+    (entry, *_) = group(rows, ["init.alpha"])
+    assert entry["n"] == 1 and math.isnan(entry["student.linear_std"])
+    assert len(group(collect([root]), [])) == 1            # no keys: one group of everything
+    with pytest.raises(UserError, match="init.alfa"):
+        group(rows, ["init.alfa"])
+
+
+def test_report_writes_csv_markdown_and_plots(runs, capsys):
+    root, finals = runs
+    assert main(["report", str(root)]) == 0
+    assert "| init.alpha | n |" in capsys.readouterr().out
+    for name in ("report.csv", "runs.csv", "report.md", "probe_vs_init.alpha.png", "probe_vs_epoch.png"):
+        assert (root / name).stat().st_size > 0
+    with open(root / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["init.alpha"], r["n"]) for r in table] == [("1e-10", "3"), ("0.5", "3"), ("1.0", "3")]
+    student = np.array([finals[(1.0, s)]["student"]["linear"] for s in SEEDS])
+    assert float(table[2]["student.linear_mean"]) == pytest.approx(student.mean())
+    with open(root / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 11
+    md = (root / "report.md").read_text()
+    assert "11 runs" in md and "n − 1" in md and "RuntimeError: boom" in md and "step 3" in md
+    assert f"{100 * student.mean():.2f} ± {100 * student.std(ddof=1):.2f}" in md
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,213 @@
+"""Sweeps: grid expansion, real worker processes, real signals, submitit's local executor."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from randteach.cli import main
+from randteach.config import ConfigError, build_config
+from randteach.rundir import RunDir
+from randteach.sweep import SlurmRun, expand, load_sweep, run_sweep
+
+from tiny import TINY
+
+# A run of a few seconds: 6 steps, k-NN probes only, on small probe subsets.
+FAST = {**TINY, "train.max_steps": 6, "train.probe_every": 0, "probe.linear": "none",
+        "probe.n_train": 200, "probe.n_test": 100}
+
+
+def write_sweep(tmp_path, name="s", **spec) -> Path:
+    doc = {"preset": "cpu", "name": name, "base": dict(FAST), "out": str(tmp_path / "runs"), **spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def summaries(root: Path) -> dict[Path, dict]:
+    return {p.parent: RunDir(p.parent).summary() for p in sorted(root.glob("*/summary.json"))}
+
+
+def stamps(root: Path) -> dict[Path, tuple[int, int]]:
+    out = {}
+    for p in root.glob("*/summary.json"):
+        st = p.stat()
+        out[p.parent] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+# ------------------------------------------------------------------ expansion
+
+def test_expand_is_the_product_times_seeds_with_distinct_stable_digests(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, grid={"init.alpha": [1e-10, 0.5], "optim.lr": [1e-3, 1e-2]},
+                                  seeds=[0, 1, 2]))
+    configs = expand(spec)
+    assert len(configs) == 2 * 2 * 3
+    assert len({c.digest() for c in configs}) == 12
+    assert [c.train.seed for c in configs[:3]] == [0, 1, 2]          # seeds vary fastest
+    assert {(c.init.alpha, c.optim.lr) for c in configs} == {(a, lr) for a in (1e-10, 0.5) for lr in (1e-3, 1e-2)}
+    for c in configs:
+        assert Path(c.out) == tmp_path / "runs" / f"s-{c.digest()}"
+        assert c.run_dir() == Path(c.out)
+        assert c.train.max_steps == 6 and c.data.name == "digits"   # base applied
+    # Stable: the same file expands to the same runs; a run's address is Config.digest() of its values.
+    assert [c.out for c in expand(load_sweep(tmp_path / "s.yaml"))] == [c.out for c in configs]
+    same = build_config("cpu", None, {**FAST, "name": "s", "init.alpha": 0.5, "optim.lr": 1e-2, "train.seed": 1})
+    assert any(c.digest() == same.digest() for c in configs)
+
+
+def test_expand_removes_duplicates_and_accepts_nested_sections(tmp_path):
+    dotted = expand(load_sweep(write_sweep(tmp_path, name="a", grid={"init.alpha": [0.5, 0.5, 1]}, seeds=[0, 1])))
+    assert len(dotted) == 4
+    nested = expand(load_sweep(write_sweep(tmp_path, name="a", grid={"init": {"alpha": [0.5, 1.0]}}, seeds=[0, 1],
+                                           base={"train": {"max_steps": 6}, **{k: v for k, v in FAST.items()
+                                                                                if k != "train.max_steps"}})))
+    assert [c.out for c in nested] == [c.out for c in dotted]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grdi: {init.alpha: [1]}", "unknown key(s) grdi"),
+    ("grid: {init.alfa: [0.1]}", "init.alfa"),
+    ("grid: {init.alpha: 0.5}", "non-empty list"),
+    ("grid: {init.alpha: []}", "non-empty list"),
+    ("grid: {init.alpha: [0.5, 2.0]}", "init.alpha must lie in [0, 1]"),
+    ("grid: {optim.name: [adamw, lion]}", "optim.name: 'lion' is not a valid choice"),
+    ("seeds: [0, one]", "seeds must be a list of integers"),
+    ("base: {out: elsewhere}", "top level"),
+    ("grid: {train.seed: [0, 1]}\nseeds: [0]", "both in grid and in seeds"),
+    ("slurm: {partitoin: gpu}", "unknown slurm key(s) partitoin"),
+    ("preset: nope", "unknown preset 'nope'"),
+    ("- a\n- b", "must hold a mapping"),
+    ("grid: [", "not valid YAML"),
+])
+def test_bad_sweep_files_give_clear_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    assert message in str(e.value)
+
+
+def test_bad_sweep_file_on_the_command_line_is_one_message(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("grid: {init.alpha: [0.5, 2.0]}\n")
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "init.alpha must lie in [0, 1]" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ running
+
+def _start_sweep(path: Path, *args) -> subprocess.Popen:
+    log = open(path.with_suffix(".log"), "ab")
+    return subprocess.Popen([sys.executable, "-m", "randteach.cli", "sweep", str(path), *args],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def session_alive(sid: int) -> bool:
+    """Is any process of this session (the sweep, its forkserver, its workers) still running?"""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_sweep_reruns_only_the_missing_runs_and_reports_each_once(tmp_path, sig, capsys):
+    # 2 alphas x 2 seeds on 2 workers; the sweep's parent is signalled once a run has finished. SIGTERM: the
+    # parent passes it on (running runs checkpoint, status "interrupted") and starts nothing new. SIGKILL: the
+    # workers see their parent die and stop the same way, rather than run on beside a re-started sweep.
+    path = write_sweep(tmp_path, grid={"init.alpha": [1e-10, 1.0]}, seeds=[0, 1])
+    root = tmp_path / "runs"
+    proc = _start_sweep(path, "--workers", "2")
+    deadline = time.time() + 120
+    while not any(s and s["status"] == "completed" for s in summaries(root).values()):
+        assert proc.poll() is None and time.time() < deadline, path.with_suffix(".log").read_text()
+        time.sleep(0.1)
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=60) == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+    while session_alive(proc.pid):
+        assert time.time() < deadline + 60, "workers outlived their sweep"
+        time.sleep(0.1)
+    for p in root.glob("*/metrics.jsonl"):                          # every started run stopped cleanly
+        assert summaries(root)[p.parent]["status"] in ("completed", "interrupted")
+    done = {p: st for p, st in stamps(root).items() if summaries(root)[p]["status"] == "completed"}
+    assert 1 <= len(done) < 4
+
+    results = run_sweep(expand(load_sweep(path)), workers=2)     # the re-run
+    assert f"{len(done)} already done, {4 - len(done)} to run" in capsys.readouterr().err
+    final = summaries(root)
+    assert [r["status"] for r in results] == ["completed"] * 4
+    assert len(final) == 4 and all(s["status"] == "completed" for s in final.values())
+    assert {p: stamps(root)[p] for p in done} == done              # finished results untouched
+    for p, s in final.items():
+        assert s["steps"] == 6
+        assert len([r for r in RunDir(p).records() if "loss" in r]) == 6   # resumed runs log each step once
+
+    assert main(["report", str(root), str(root / next(iter(final)).name)]) == 0   # overlapping dirs
+    with open(root / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert sorted(r["run_dir"] for r in runs) == sorted(str(p.resolve()) for p in final)
+    with open(root / "report.csv") as f:
+        groups = list(csv.DictReader(f))
+    assert [(g["init.alpha"], g["n"]) for g in groups] == [("1e-10", "2"), ("1.0", "2")]
+
+
+def test_failed_and_diverged_runs_are_results_not_crashes(tmp_path):
+    failing = expand(load_sweep(write_sweep(tmp_path, name="bad", base={**FAST, "data.n_samples": 5000})))
+    diverging = expand(load_sweep(write_sweep(tmp_path, name="div", base={
+        **FAST, "optim.name": "sgd", "optim.lr": 1e12, "loss.name": "mse", "init.mode": "independent",
+        "probe.which": "[]"})))
+    results = run_sweep(failing + diverging, workers=2, progress=False)
+    assert [r["status"] for r in results] == ["failed", "diverged"]
+    assert "n_samples=5000" in results[0]["error"]
+    assert RunDir(results[0]["run_dir"]).summary()["status"] == "failed"   # on disk: the report lists it
+    assert results[1]["diverged_step"] >= 1
+
+
+def test_submitit_local_executor_runs_a_two_run_sweep(tmp_path):
+    configs = expand(load_sweep(write_sweep(tmp_path, grid={"init.alpha": [1e-10, 1.0]}, seeds=[0],
+                                            base={**FAST, "probe.which": "[]"})))
+    slurm = {"cluster": "local", "time": "0:10:00", "cpus_per_task": 1}
+    results = run_sweep(configs, launcher="slurm", slurm=slurm, progress=False)
+    assert [r["status"] for r in results] == ["completed", "completed"]
+    assert [r["run_dir"] for r in results] == [c.out for c in configs]
+    assert (tmp_path / "runs" / ".submitit").is_dir()
+    again = run_sweep(configs, launcher="slurm", slurm=slurm, progress=False)
+    assert again == results                                               # nothing resubmitted
+
+
+def test_slurm_job_checkpoints_before_submitit_requeues_it(tmp_path):
+    # SLURM's pre-emption/time-out signal (SIGUSR2) reaches submitit's requeue handler only after the run has
+    # checkpointed; the requeued job resumes. Here a recording handler stands in for submitit's.
+    (cfg,) = expand(load_sweep(write_sweep(tmp_path, base={**FAST, "train.epochs": 10, "train.max_steps": 230,
+                                                                     "probe.which": "[]"})))
+    requeued = []
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
+    metrics = Path(cfg.out) / "metrics.jsonl"
+
+    def preempt_once_training():
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    watcher = threading.Thread(target=preempt_once_training, daemon=True)
+    try:
+        watcher.start()
+        first = SlurmRun(threads=1)(cfg.to_dict())
+        watcher.join()
+        assert first["status"] == "interrupted" and 0 < first["steps"] < 230
+        assert requeued == [signal.SIGUSR2] and (Path(cfg.out) / "checkpoints" / "last.pt").exists()
+        second = SlurmRun(threads=1)(cfg.to_dict())                         # the requeued job
+        assert second["status"] == "completed" and second["steps"] == 230 and len(requeued) == 1
+    finally:
+        signal.signal(signal.SIGUSR2, old)
