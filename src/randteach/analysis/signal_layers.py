@@ -1,0 +1,388 @@
+"""Signal propagation per layer (escaping paper Sec. 3, Fig. 2 and 3; SPEC E14).
+
+For the teacher theta_T, the collapse point theta_C (if the run recorded one: RUN/collapse.json, written
+by `randteach.analysis.escape`) and the final student theta_S, the representation X^(l) of every layer
+of the encoder over a data subset is collected with forward hooks, and per layer we compute (formulas
+in `randteach.signal`) the effective rank, the dead neurons, the condition number, the Fisher
+discriminant metrics (traces of Sigma_w, Sigma_b, Sigma_t and tr(Sigma_w^+ Sigma_b), also relative to
+the teacher's value at that layer) and the accuracy of a linear (and k-NN) probe on that layer
+(`randteach.evaluate.score`, the project's one probe).
+
+What counts as a layer: the output of every activation module of the encoder (ReLU, GELU, ...), i.e.
+the post-activation output of each conv / linear layer (after its normalization, if any), in forward
+order; a module called several times per forward pass (ResNet blocks reuse one ReLU) gives one layer
+per call, named `name#k`. The encoder's output (the embedding the probes see, after its pooling) is
+the last layer, `embedding`. For ViTs the activation layers are the hidden units of each block's MLP.
+
+Spatial maps (B, C, H, W) are average-pooled over positions by default (`spatial="avgpool"`: d_l = C,
+so a channel is one neuron and counts as dead when it is 0 at every position of every sample, which
+for ReLU is exactly "0 after pooling"); `spatial="flatten"` keeps every (channel, position) as a
+neuron, d_l = C*H*W, memory-checked (`max_bytes`). Token sequences (B, T, D) are averaged over tokens
+(or flattened). Memory-safety comes from the sample subset (`n_samples`, class-stratified, default
+1000) plus pooling; the forward passes run in float32 (never bf16: ranks and exact zeros need it) in
+eval mode, as the probes do.
+
+Metrics are computed on X exactly as collected unless `center` (subtract each neuron's mean over the
+samples) or `standardize` (center and divide by the std; constant neurons stay 0) is asked for; dead
+neurons are always counted on the collected post-activation X (centering would turn constant neurons
+into zero rows).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ..checkpoint import load_checkpoint
+from ..config import config_from_dict, dotted_to_nested
+from ..data import Preprocess, load_dataset, stratified_subset
+from ..distill import resolve_device
+from ..errors import UserError
+from ..evaluate import adapt_channels, embed, probe_data_name, score
+from ..models import build_model
+from ..rundir import RunDir, write_json
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+               nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish)
+SPATIAL = ("avgpool", "flatten")
+ROLES = ("teacher", "collapse", "student")
+MAX_BYTES = 4 * 2 ** 30   # float32 representations kept in memory at once (all layers, one checkpoint)
+OVERRIDABLE = ("probe", "data", "train")
+
+
+@dataclass
+class Layer:
+    name: str          # module name (+ '#k' for the k-th call of a reused module), or 'embedding'
+    kind: str          # the module's class, e.g. ReLU
+    shape: list[int]   # per-sample output shape before pooling
+    dim: int           # d_l: number of neurons (columns of X)
+
+
+def _reduce(t: torch.Tensor, spatial: str) -> torch.Tensor:
+    """(B, ...) hook output -> (B, d) float32 copy on the CPU."""
+    t = t.detach()
+    if t.dim() > 2 and spatial == "avgpool":
+        t = t.float().mean(dim=tuple(range(2, t.dim()))) if t.dim() == 4 else t.float().mean(dim=1)
+    return t.reshape(t.shape[0], -1).to("cpu", torch.float32, copy=True)
+
+
+class LayerRecorder:
+    """Context manager: forward hooks on every activation module of `encoder` and on its output."""
+
+    def __init__(self, encoder: nn.Module, spatial: str = "avgpool"):
+        if spatial not in SPATIAL:
+            raise UserError(f"spatial={spatial!r} is not one of {', '.join(SPATIAL)}")
+        self.encoder = encoder
+        self.spatial = spatial
+        self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.meta: dict[tuple[str, int], tuple[str, list[int]]] = {}
+        self._calls: Counter = Counter()
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            key = (name, self._calls[name])
+            self._calls[name] += 1
+            self.meta.setdefault(key, (type(module).__name__, list(output.shape[1:])))
+            self.outputs.setdefault(key, []).append(_reduce(output, self.spatial))
+        return hook
+
+    def __enter__(self) -> "LayerRecorder":
+        names = [n for n, m in self.encoder.named_modules() if isinstance(m, ACTIVATIONS)]
+        if not names:
+            raise UserError(f"the encoder ({type(self.encoder).__name__}) has no activation modules to hook; "
+                            "only its output would be measured")
+        modules = dict(self.encoder.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+        self._handles.append(self.encoder.register_forward_pre_hook(lambda m, i: self._calls.clear()))
+        self._handles.append(self.encoder.register_forward_hook(self._hook("embedding")))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def layers(self) -> tuple[list[Layer], list[torch.Tensor]]:
+        """Layers in forward order (embedding last) and their representations X^(l), (n, d_l) each."""
+        calls = Counter(name for name, _ in self.outputs)
+        infos, xs = [], []
+        for key, chunks in self.outputs.items():  # dicts keep insertion (= first forward) order
+            name, k = key
+            kind, shape = self.meta[key]
+            x = torch.cat(chunks)
+            infos.append(Layer(f"{name}#{k + 1}" if calls[name] > 1 else name,
+                               "encoder output" if name == "embedding" else kind, shape, x.shape[1]))
+            xs.append(x)
+        order = sorted(range(len(infos)), key=lambda i: infos[i].name == "embedding")  # stable: embedding last
+        return [infos[i] for i in order], [xs[i] for i in order]
+
+
+@torch.no_grad()
+def collect_representations(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *,
+                            device: torch.device, spatial: str = "avgpool", batch_size: int = 256,
+                            channels: int | None = None, max_bytes: int = MAX_BYTES) -> tuple[list[Layer], list[torch.Tensor]]:
+    """Every layer's representation of `images` ((n, d_l) float32 each), the encoder in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    n = len(images)
+    try:
+        with LayerRecorder(encoder, spatial) as rec:
+            for i in range(0, n, batch_size):
+                x = images[i:i + batch_size].to(device)
+                x = preprocess(x) if preprocess is not None else x.float()
+                if channels is not None:
+                    x = adapt_channels(x, channels)
+                encoder(x)
+                if i == 0:
+                    per_sample = sum(chunks[0].shape[1] for chunks in rec.outputs.values()) * 4
+                    if per_sample * n > max_bytes:
+                        raise UserError(
+                            f"keeping every layer of {n} samples needs {per_sample * n / 2 ** 30:.1f} GiB "
+                            f"(spatial={spatial}); the limit is {max_bytes / 2 ** 30:.1f} GiB: use fewer samples "
+                            "(--n-samples) or --spatial avgpool")
+    finally:
+        encoder.train(was_training)
+    return rec.layers()
+
+
+def transform(x: torch.Tensor, center: bool = False, standardize: bool = False) -> torch.Tensor:
+    """X as given, centered per neuron, or standardized per neuron (a constant neuron stays 0)."""
+    if not (center or standardize):
+        return x
+    x = x.double()
+    x = x - x.mean(0, keepdim=True)
+    if standardize:
+        std = x.std(0, keepdim=True)
+        x = x / torch.where(std > 0, std, torch.ones_like(std))
+    return x
+
+
+def layer_metrics(x: torch.Tensor, labels: torch.Tensor, *, center: bool = False, standardize: bool = False,
+                  threshold: float = 0.999) -> dict:
+    """Effective rank, dead neurons, condition number and Fisher metrics of one layer's X (n, d)."""
+    from ..signal import dead_neurons, signal_metrics
+
+    m = signal_metrics(transform(x, center, standardize), labels, threshold=threshold)
+    dead = dead_neurons(x)  # on the post-activation X as collected, whatever the transform
+    return {"effective_rank": m["effective_rank"], "dead_neurons": dead, "dead_fraction": dead / x.shape[1],
+            "condition_number": m["condition_number"], "trace_within": m["trace_within"],
+            "trace_between": m["trace_between"], "trace_total": m["trace_total"], "separability": m["separability"]}
+
+
+class RunModels:
+    """A run directory's encoders (teacher, saved students) and data, rebuilt from its config."""
+
+    def __init__(self, run_dir: str | Path, overrides: dict | None = None):
+        self.run = RunDir(run_dir)
+        if not self.run.config_path.exists():
+            raise UserError(f"{self.run.path} is not a randteach run directory (no config.yaml)")
+        saved = yaml.safe_load(self.run.config_path.read_text())
+        for key in overrides or {}:
+            if key.split(".")[0] not in OVERRIDABLE:
+                raise UserError(f"--{key}: only --probe.*, --data.root and --train.device can be changed "
+                                "when analysing a finished run")
+        for section, values in dotted_to_nested(dict(overrides or {})).items():
+            saved.setdefault(section, {}).update(values)
+        self.cfg = config_from_dict(saved)
+        teacher = load_checkpoint(self.checkpoint_path("teacher"))
+        self.in_channels = int(teacher["in_channels"])
+        self.image_size = int(teacher["image_size"])
+        self.device = resolve_device(self.cfg.train.device)
+        self._splits: dict[str, object] = {}
+        self._preprocess: Preprocess | None = None
+
+    def checkpoint_path(self, role: str) -> Path:
+        path = self.run.checkpoints / f"{role}.pt"
+        if not path.exists():
+            raise UserError(f"{self.run.path} has no checkpoints/{role}.pt")
+        return path
+
+    def encoder(self, path: str | Path) -> nn.Module:
+        payload = load_checkpoint(path)
+        state = payload.get("model") or payload.get("student")
+        if state is None:
+            raise UserError(f"{path} holds no model weights")
+        model = build_model(self.cfg, self.in_channels, self.image_size, seed=0)
+        model.load_state_dict(state)
+        return model.encoder.to(self.device)
+
+    def split(self, name: str):
+        if name not in self._splits:
+            data_name = probe_data_name(self.cfg)
+            path = self.cfg.data.path if data_name == self.cfg.data.name else None
+            self._splits[name] = load_dataset(data_name, name, root=self.cfg.data.root, path=path)
+        return self._splits[name]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        if self._preprocess is None:  # the probes' normalization: statistics of the full train split
+            self._preprocess = Preprocess.fit(self.split("train"), size=self.image_size)
+        return self._preprocess
+
+    def samples(self, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) of a class-stratified subset of `n` images of a split (None = all)."""
+        data = self.split(split)
+        if n:
+            data = data.subset(stratified_subset(data.labels, n, seed=self.cfg.data.subset_seed))
+        return data.images, data.labels
+
+    def embed(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return embed(encoder, images, self.preprocess, device=self.device, channels=self.in_channels)
+
+    def final_student(self) -> tuple[Path, int | None]:
+        """checkpoints/student.pt, else (a diverged or unfinished run) the latest student_step<N>.pt."""
+        from .escape import saved_steps
+        saved = saved_steps(self.run)
+        if not saved:
+            raise UserError(f"{self.run.path} has no saved student (checkpoints/student.pt or student_step<N>.pt)")
+        step = max(saved)
+        return saved[step], step
+
+
+def signal_checkpoints(models: RunModels, collapse: str | Path | None = None) -> dict[str, dict]:
+    """{role: {path, step}} for teacher, collapse point (RUN/collapse.json or `collapse`) and final student."""
+    out = {"teacher": {"path": models.checkpoint_path("teacher"), "step": 0}}
+    record = models.run.path / "collapse.json"
+    if collapse is not None:
+        payload = load_checkpoint(collapse)
+        out["collapse"] = {"path": Path(collapse), "step": payload.get("step")}
+    elif record.exists():
+        import json
+        info = json.loads(record.read_text())
+        out["collapse"] = {"path": models.run.path / info["checkpoint"], "step": info.get("checkpoint_step"),
+                           "metric": info.get("metric"), "value": info.get("value")}
+    path, step = models.final_student()
+    out["student"] = {"path": path, "step": step}
+    return out
+
+
+def analyze_signal(run_dir: str | Path, *, n_samples: int = 1000, n_test: int = 1000, spatial: str = "avgpool",
+                   center: bool = False, standardize: bool = False, threshold: float = 0.999,
+                   probe: bool = True, collapse: str | Path | None = None, out: str | Path | None = None,
+                   overrides: dict | None = None, progress: bool = True) -> dict:
+    """Per-layer signal-propagation and representation metrics of a run; writes OUT/signal.json,
+    OUT/signal_propagation.png (Fig. 2) and OUT/signal_representation.png (Fig. 3). OUT defaults to
+    RUN/signal. Returns the JSON content."""
+    models = RunModels(run_dir, overrides)
+    out = Path(out) if out else models.run.path / "signal"
+    ckpts = signal_checkpoints(models, collapse)
+    train_images, train_labels = models.samples("train", n_samples)
+    test_images, test_labels = models.samples("test", n_test) if probe else (None, None)
+    num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)
+    result = {"run": str(models.run.path), "data": probe_data_name(models.cfg), "n_samples": len(train_images),
+              "n_test": len(test_images) if probe else 0, "spatial": spatial, "center": center,
+              "standardize": standardize, "condition_threshold": threshold,
+              "layers_are": "post-activation outputs of every activation module of the encoder, in forward "
+                            "order, then the encoder output ('embedding')",
+              "metrics_on": "the train-split subset; probes fit on it and score on the test-split subset",
+              "checkpoints": {r: {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
+                              for r, c in ckpts.items()},
+              "layers": None, "metrics": {}}
+    for role, info in ckpts.items():
+        encoder = models.encoder(info["path"])
+        kw = dict(device=models.device, spatial=spatial, channels=models.in_channels)
+        layers, xs = collect_representations(encoder, train_images, models.preprocess, **kw)
+        test_xs = collect_representations(encoder, test_images, models.preprocess, **kw)[1] if probe else None
+        if result["layers"] is None:
+            result["layers"] = [vars(layer) for layer in layers]
+        rows = []
+        for i, (layer, x) in enumerate(zip(layers, xs)):
+            row = {"layer": layer.name, **layer_metrics(x, train_labels, center=center, standardize=standardize,
+                                                        threshold=threshold)}
+            if probe:
+                row["probe"] = score(transform(x, center, standardize).float(), train_labels,
+                                     _test_transform(x, test_xs[i], center, standardize), test_labels,
+                                     models.cfg.probe, num_classes)
+            rows.append(row)
+            if progress:
+                print(f"signal {role:8s} {layer.name:24s} erank {row['effective_rank']:8.2f}  dead {row['dead_neurons']:5d}"
+                      f"/{layer.dim:<6d} cond {row['condition_number']:10.3g}  tr(Sw+Sb) {row['separability']:9.3g}"
+                      + (f"  probe {100 * row['probe'].get('linear', float('nan')):5.1f}%" if probe else ""))
+        result["metrics"][role] = rows
+    _relative_to_teacher(result["metrics"])
+    out.mkdir(parents=True, exist_ok=True)
+    result["figures"] = {"propagation": str(plot_propagation(result, out / "signal_propagation.png")),
+                         "representation": str(plot_representation(result, out / "signal_representation.png"))}
+    write_json(out / "signal.json", result)
+    return result
+
+
+def _test_transform(train_x: torch.Tensor, test_x: torch.Tensor, center: bool, standardize: bool) -> torch.Tensor:
+    """The test features under the train features' centering/standardization."""
+    if not (center or standardize):
+        return test_x
+    x = test_x.double() - train_x.double().mean(0, keepdim=True)
+    if standardize:
+        std = (train_x.double() - train_x.double().mean(0, keepdim=True)).std(0, keepdim=True)
+        x = x / torch.where(std > 0, std, torch.ones_like(std))
+    return x.float()
+
+
+RELATIVE = ("separability", "trace_within", "trace_between", "trace_total")
+
+
+def _relative_to_teacher(metrics: dict) -> None:
+    teacher = metrics.get("teacher", [])
+    for rows in metrics.values():
+        for row, ref in zip(rows, teacher):
+            for key in RELATIVE:
+                t = ref[key]
+                row[f"{key}_rel_teacher"] = row[key] / t if t and math.isfinite(t) else float("nan")
+
+
+COLORS = {"teacher": "tab:blue", "collapse": "tab:orange", "student": "tab:red"}
+NAMES = {"teacher": r"teacher $\theta_T$", "collapse": r"collapse $\theta_C$", "student": r"student $\theta_S$"}
+
+
+def _panel(ax, result: dict, key, ylabel: str, log: bool = False, scale: float = 1.0) -> None:
+    names = [layer["name"] for layer in result["layers"]]
+    for role, rows in result["metrics"].items():
+        ys = [(key(r) if callable(key) else r[key]) for r in rows]
+        ys = [scale * y if y is not None and math.isfinite(y) else float("nan") for y in ys]
+        ax.plot(range(len(ys)), ys, "-o", ms=3, color=COLORS.get(role, "k"), label=NAMES.get(role, role))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([str(i + 1) if n != "embedding" else "emb" for i, n in enumerate(names)], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def _figure(result: dict, panels, path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    for ax, (key, ylabel, log, scale) in zip(axes, panels):
+        _panel(ax, result, key, ylabel, log, scale)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_propagation(result: dict, path: Path) -> Path:
+    """Fig. 2: effective rank, dead neurons (%) and condition number per layer."""
+    return _figure(result, [("effective_rank", "effective rank", False, 1.0),
+                            ("dead_fraction", "dead neurons (%)", False, 100.0),
+                            ("condition_number", "condition number", True, 1.0)],
+                   path, f"Signal propagation ({result['spatial']}, n = {result['n_samples']})")
+
+
+def plot_representation(result: dict, path: Path) -> Path:
+    """Fig. 3: traces of Sigma_b and Sigma_w, separability relative to the teacher, per-layer probe."""
+    panels = [("trace_between", r"tr $\Sigma_b$", True, 1.0), ("trace_within", r"tr $\Sigma_w$", True, 1.0),
+              ("separability_rel_teacher", r"tr($\Sigma_w^\dagger \Sigma_b$) / teacher's", True, 1.0)]
+    if any("probe" in r for rows in result["metrics"].values() for r in rows):
+        panels.append((lambda r: r.get("probe", {}).get("linear"), "linear probe accuracy (%)", False, 100.0))
+    return _figure(result, panels, path, f"Representations ({result['spatial']}, n = {result['n_samples']})")

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from randteach.analysis.escape import keep_collapse_checkpoint
+from randteach.analysis.signal_layers import LayerRecorder, collect_representations, layer_metrics, transform
+from randteach.cli import main
+from randteach.distill import distill
+from randteach.models import build_encoder
+
+from tiny import tiny_config
+
+
+def _convnet(seed=0):
+    torch.manual_seed(seed)
+    return build_encoder("convnet", in_channels=1, image_size=8, norm="none", width=4)
+
+
+def test_every_activation_is_a_layer_and_the_embedding_comes_last():
+    enc = _convnet()
+    x = torch.randn(10, 1, 8, 8)
+    layers, xs = collect_representations(enc, x, None, device=torch.device("cpu"))
+    assert [layer.name for layer in layers] == ["features.2", "features.6", "features.10", "features.14", "embedding"]
+    assert [layer.shape for layer in layers][:4] == [[4, 8, 8], [8, 4, 4], [16, 2, 2], [16, 1, 1]]
+    assert [tuple(x.shape) for x in xs] == [(10, 4), (10, 8), (10, 16), (10, 16), (10, 16)]
+    assert torch.allclose(xs[-1], enc(x))
+    flat = collect_representations(enc, x, None, device=torch.device("cpu"), spatial="flatten")[1]
+    assert [x.shape[1] for x in flat][:3] == [256, 128, 64]
+    assert torch.allclose(flat[0].view(10, 4, 8, 8).mean((2, 3)), xs[0], atol=1e-6)
+
+
+def test_a_reused_module_gives_one_layer_per_call():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 5), nn.Linear(5, 2), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    with LayerRecorder(Block()) as rec:
+        rec.encoder(torch.randn(4, 3))
+        rec.encoder(torch.randn(6, 3))
+    layers, xs = rec.layers()
+    assert [layer.name for layer in layers] == ["act#1", "act#2", "embedding"]
+    assert [tuple(x.shape) for x in xs] == [(10, 5), (10, 2), (10, 2)]
+
+
+def test_dead_neurons_match_a_hand_count():
+    enc = _convnet(seed=1)
+    with torch.no_grad():
+        enc.features[0].bias[:2] = -1e3        # channels 0 and 1 of the first layer can never fire
+        enc.features[4].bias[5] = -1e3         # channel 5 of the second
+    x = torch.randn(64, 1, 8, 8)
+    labels = torch.arange(64) % 4
+    # by hand: run the conv stack module by module and count channels that are 0 everywhere
+    hand, h = [], x
+    with torch.no_grad():
+        for m in enc.features:
+            h = m(h)
+            if isinstance(m, nn.ReLU):
+                hand.append((int((h == 0).all(dim=(0, 2, 3)).sum()), int((h == 0).all(dim=0).sum())))
+    pooled = collect_representations(enc, x, None, device=torch.device("cpu"))[1]
+    flat = collect_representations(enc, x, None, device=torch.device("cpu"), spatial="flatten")[1]
+    for i, (channels, units) in enumerate(hand):
+        assert layer_metrics(pooled[i], labels)["dead_neurons"] == channels
+        assert layer_metrics(flat[i], labels)["dead_neurons"] == units
+    assert hand[0][0] >= 2 and hand[1][0] >= 1
+
+
+def test_center_and_standardize():
+    x = torch.tensor([[1.0, 5.0, 0.0], [3.0, 5.0, 0.0], [5.0, 5.0, 0.0]])
+    assert transform(x) is x
+    c = transform(x, center=True)
+    assert torch.allclose(c.mean(0), torch.zeros(3, dtype=c.dtype))
+    s = transform(x, standardize=True)
+    assert torch.allclose(s[:, 0].std(), torch.tensor(1.0, dtype=s.dtype)) and (s[:, 1:] == 0).all()
+
+
+def test_signal_command_on_a_tiny_run(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, head__kind="linear", head__out_dim=64, init__mode="neighborhood", init__epsilon=1e-10,
+                      loss__name="nmse", optim__name="sgd", optim__lr=1e4, train__precision="fp32",
+                      data__n_samples=256, train__max_steps=8, train__checkpoint_every=0.5, train__probe_every=0,
+                      probe__which="[]", probe__knn_k=0)
+    run = distill(cfg, progress=False)
+    keep_collapse_checkpoint(cfg, run.path, {"step": 4, "metric": "probe", "value": 0.0})
+    rc = main(["--quiet", "signal", str(run.path), "--n-samples", "200", "--n-test", "100", "--probe.max_iter", "50"])
+    assert rc == 0 and "5 layers" in capsys.readouterr().out
+    r = json.loads((run.path / "signal" / "signal.json").read_text())
+    assert list(r["metrics"]) == ["teacher", "collapse", "student"]
+    assert r["checkpoints"]["collapse"]["step"] == 4 and r["checkpoints"]["student"]["step"] == 8
+    dims = [layer["dim"] for layer in r["layers"]]
+    assert dims == [8, 16, 32, 32, 32]
+    for role, rows in r["metrics"].items():
+        assert len(rows) == 5
+        for row, d in zip(rows, dims):
+            assert 0 <= row["dead_neurons"] <= d and row["dead_fraction"] == pytest.approx(row["dead_neurons"] / d)
+            if row["dead_neurons"] < d:
+                assert 1.0 <= row["effective_rank"] <= d - row["dead_neurons"] + 1e-6
+                assert row["condition_number"] >= 1.0
+                assert row["trace_total"] == pytest.approx(row["trace_within"] + row["trace_between"], rel=1e-4)
+                assert 0.0 <= row["probe"]["linear"] <= 1.0
+    for row in r["metrics"]["teacher"]:
+        assert row["separability_rel_teacher"] == pytest.approx(1.0)
+    teacher_probe = r["metrics"]["teacher"][-1]["probe"]["linear"]
+    assert teacher_probe > 0.3  # digits from a random conv net's embedding: well above chance (0.1)
+    for name in ("signal_propagation.png", "signal_representation.png"):
+        assert (run.path / "signal" / name).stat().st_size > 0
