@@ -102,6 +102,19 @@ def test_bad_sweep_file_on_the_command_line_is_one_message(tmp_path, capsys):
     assert "bad.yaml" in err and "init.alpha must lie in [0, 1]" in err and "Traceback" not in err
 
 
+def test_dry_run_lists_the_runs_with_command_line_overrides(tmp_path, capsys):
+    path = write_sweep(tmp_path, grid={"init.alpha": [1e-10, 1.0]}, seeds=[0, 1])
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "elsewhere"), "--train.max_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    spec = load_sweep(path)
+    spec.out, spec.base["train.max_steps"] = str(tmp_path / "elsewhere"), 3
+    for cfg in expand(spec):
+        assert f"new         {cfg.out}  init.alpha={cfg.init.alpha:g} train.seed={cfg.train.seed}" in out
+    assert not (tmp_path / "elsewhere").exists()                    # nothing run
+    assert main(["sweep", str(path), "--launcher", "slurm", "--slurm", "partitoin=gpu"]) == 2
+    assert "unknown slurm key(s) partitoin" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ running
 
 def _start_sweep(path: Path, *args) -> subprocess.Popen:

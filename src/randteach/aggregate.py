@@ -303,7 +303,7 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
                 if pts:
                     x, y = zip(*pts)
                     ax.plot(x, [100 * v for v in y], style, marker="o", ms=2, color=cmap(gi % 10),
-                            label=f"{role} {name}" if role != "input" or gi == 0 else None)
+                            label=f"{role} {name}" if role != "input" else "input" if gi == 0 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
         ax.grid(alpha=0.3)

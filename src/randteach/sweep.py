@@ -289,8 +289,8 @@ def _run_local(configs: list[Config], workers: int, progress: bool) -> list[dict
     workers = max(1, min(workers, len(todo) or 1))
     threads = max(1, available_cores() // workers)
     log = _Progress(len(todo), progress)
-    log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run "
-             f"on {workers} worker process(es) with {threads} torch thread(s) each")
+    log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
+             + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else ""))
     pending = list(reversed(todo))
     running: dict = {}  # sentinel -> (process, index, summary stamp before the start, start time)
     with _stop_workers_on_signal(running) as stop:
