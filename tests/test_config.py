@@ -86,3 +86,11 @@ def test_cli_config_error_is_one_line_without_traceback():
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "optim.name" in r.stderr and "adamw" in r.stderr
+
+
+def test_digest_ignores_runtime_knobs_and_new_default_keys():
+    base = build_config("cpu")
+    assert build_config("cpu", overrides={"train.log_every": "10"}).digest() == base.digest()
+    assert build_config("cpu", overrides={"train.data_on_device": "false"}).digest() == base.digest()
+    assert build_config("cpu", overrides={"train.teacher_cache": "true"}).digest() != base.digest()
+    assert build_config("cpu", overrides={"init.alpha": "0.5"}).digest() != base.digest()

@@ -178,10 +178,14 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """Hash of everything that changes the result (not where it is written)."""
-        d = self.to_dict()
-        d.pop("out")
-        d["train"].pop("log_every", None)
+        """Hash of the values that differ from the defaults, less where and how a run is logged.
+
+        Only non-default values enter, so adding a new key (with a default) keeps every existing run's
+        address; the price is that changing a default changes what an address means."""
+        d = _non_default(self.to_dict(), Config().to_dict())
+        d.pop("out", None)
+        for key in RUNTIME_ONLY:
+            d.get("train", {}).pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_dir(self) -> Path:
@@ -209,6 +213,22 @@ class Config:
             if w not in ("teacher", "student", "input"):
                 raise ConfigError(f"probe.which: {w!r} is not one of teacher, student, input")
         return self
+
+
+# Keys that change how a run is executed or logged but not its result.
+RUNTIME_ONLY = ("log_every", "data_on_device")
+
+
+def _non_default(d: dict, default: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            sub = _non_default(v, default.get(k, {}))
+            if sub:
+                out[k] = sub
+        elif k not in default or default[k] != v:
+            out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------- building

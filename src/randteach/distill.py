@@ -392,7 +392,8 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
             bar.set_postfix(loss=f"{loss_sum:.3g}", refresh=False)
             if prober is not None and step in probe_steps and step != total_steps:
                 rec = do_probe(probe_steps[step])
-                bar.write(_probe_line(rec))
+                if progress:
+                    bar.write(_probe_line(rec))
             if step in ckpt_steps:
                 save_state(last_path)
                 save_model(run.checkpoints / f"student_step{step}.pt")
