@@ -37,6 +37,20 @@ def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray | str:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def _header(path: Path) -> tuple[str, tuple[int, int]] | None:
+    try:
+        with Image.open(path) as img:  # reads the header only
+            return img.mode, img.size
+    except Exception:  # unreadable: read_images reports why
+        return None
+
+
+def read_headers(paths: Sequence[Path]) -> list[tuple[str, tuple[int, int]] | None]:
+    """(mode, (width, height)) of each file without decoding its pixels; None where Pillow cannot open it."""
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return list(pool.map(_header, paths))
+
+
 def read_images(paths: Sequence[Path], mode: str, size: tuple[int, int]
                 ) -> tuple[np.ndarray, list[int], list[tuple[Path, str]]]:
     """Decode `paths` to `mode` ("RGB" or "L") at `size` (height, width).

@@ -1,86 +1,235 @@
 """Your own images: one sub-folder per class.
 
-    PATH/train/<class>/*.png   PATH/test/<class>/*.png   (or PATH/val/ for the test split)
-    PATH/<class>/*.png         (no split folders: everything is the train split)
+    DIR/train/<class>/*.png   DIR/test/<class>/*.png   (or DIR/val/ for the test split)
+    DIR/<class>/*.png         (no split folders: a class-stratified 20% is held out as the test split)
 
-Classes are the sorted sub-folder names of the train split. Files are decoded with Pillow; those
-that cannot be decoded are skipped and reported with a warning. Images that all share one size keep
-it; mixed sizes are center-cropped and resized to `MIXED_SIZE` x `MIXED_SIZE`. Images are
-greyscale (1 channel) if every one is, RGB otherwise.
+Classes are the sorted sub-folder names of train/ (of DIR itself without split folders). All images
+of the folder, every split, are decoded with Pillow to one format, so that train and test match:
+greyscale (1 channel) if every image is, RGB otherwise; one size: if all files share one size it is
+kept (center-cropped to a square of the shorter side), mixed sizes are center-cropped and resized
+to `MIXED_SIZE` px. `data.image_size` then resizes each batch to the model's input side, like for
+every other data set. Files Pillow cannot decode are skipped and reported.
+
+Decoded images are cached in `DIR/.randteach-cache/<key>.npz`, or, when DIR is not writable, in
+`<data root>/folder-cache/<hash of DIR>/<key>.npz`. The key hashes the class names, the relative path,
+byte size and mtime of every image file, and the decode settings, so adding, removing or changing a
+file decodes the folder again (and deletes the stale cache file). Each load prints one line saying
+how many images and classes it found, where they came from, and which files it skipped.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+import tempfile
+import time
 import warnings
+import zipfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+import torch
 
 from ..errors import DataMissingError, UserError
-from .decode import read_images
-from .images import ImageData, from_numpy
+from .decode import read_headers, read_images
+from .images import ImageData, from_numpy, stratified_subset
+from .roots import resolve_root
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIXED_SIZE = 64
+HELD_OUT = 0.2        # test fraction of a folder without split folders
+HELD_OUT_SEED = 0     # the held-out split is a pure function of the folder's contents
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+CACHE_DIR = ".randteach-cache"
+CACHE_VERSION = 1     # bump when the decoding changes
+SHOWN_SKIPPED = 10    # unreadable files named in the report line
+TRAIN, TEST, FLAT = 0, 1, 2
 
 
-def _class_dirs(folder: Path) -> list[Path]:
+@dataclass
+class Listing:
+    """The image files of a folder, in a fixed order, and what each one is."""
+
+    classes: list[str]
+    files: list[Path]       # relative to the folder
+    labels: list[int]
+    splits: list[int]       # TRAIN, TEST, or FLAT (no split folders)
+    stats: list[tuple[int, int]]  # (bytes, mtime ns): part of the cache key
+
+    @property
+    def flat(self) -> bool:
+        return not self.files or self.splits[0] == FLAT
+
+    def key(self) -> str:
+        h = hashlib.sha1(f"v{CACHE_VERSION} mixed={MIXED_SIZE}\n{chr(0).join(self.classes)}\n".encode())
+        for f, (size, mtime), split in zip(self.files, self.stats, self.splits):
+            h.update(f"{f.as_posix()}\t{size}\t{mtime}\t{split}\n".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Decoded:
+    images: np.ndarray      # (n, C, H, W) uint8, readable files in listing order
+    labels: np.ndarray
+    splits: np.ndarray
+    skipped: list[tuple[str, str]]   # (relative path, why)
+    origin: str
+
+
+def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _split_dir(base: Path, split: str) -> tuple[Path, Path]:
-    """(folder of the split, folder whose sub-folders define the classes)."""
-    if not any((base / d).is_dir() for d in ("train", "test", "val")):
-        if split != "train":
-            raise UserError(f"{base} has no test/ or val/ folder, so there is no {split} split; "
-                            f"put the images in {base}/train/<class>/ and {base}/test/<class>/")
-        return base, base
-    for d in SPLIT_DIRS[split]:
-        if (base / d).is_dir():
-            train = base / "train"
-            return base / d, train if train.is_dir() else base / d
-    raise UserError(f"{base} has no {' or '.join(d + '/' for d in SPLIT_DIRS[split])} folder for the {split} split")
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
-def _header(path: Path) -> tuple[str, tuple[int, int]] | None:
-    try:
-        with Image.open(path) as img:
-            return img.mode, img.size
-    except Exception:  # unreadable: decoding reports it below
-        return None
+def _scan(base: Path) -> Listing:
+    split_dirs = {s: next((base / d for d in dirs if (base / d).is_dir()), None) for s, dirs in SPLIT_DIRS.items()}
+    if not any(split_dirs.values()):
+        parts = [(FLAT, base)]
+        classes = [d.name for d in _subdirs(base)]
+    else:
+        parts = [(code, split_dirs[s]) for code, s in ((TRAIN, "train"), (TEST, "test")) if split_dirs[s]]
+        class_root = split_dirs["train"] or split_dirs["test"]
+        classes = [d.name for d in _subdirs(class_root)]
+        for _, d in parts:
+            extra = sorted({c.name for c in _subdirs(d)} - set(classes))
+            if extra:
+                raise UserError(f"{d} has classes that {class_root} lacks: {', '.join(extra)}; "
+                                f"every class of the test split needs a folder in {class_root}")
+    files, labels, splits = [], [], []
+    for code, d in parts:
+        for label, cls in enumerate(classes):
+            if (d / cls).is_dir():
+                found = _images_in(d / cls)
+                files += [p.relative_to(base) for p in found]
+                labels += [label] * len(found)
+                splits += [code] * len(found)
+    stats = [(st.st_size, st.st_mtime_ns) for st in (os.stat(base / f) for f in files)]
+    return Listing(classes, files, labels, splits, stats)
+
+
+def _cache_dirs(base: Path) -> list[Path]:
+    """Where the decoded folder is cached: inside it, else (read-only folder) under the data root."""
+    outside = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:16]
+    return [base / CACHE_DIR, resolve_root() / "folder-cache" / outside]
+
+
+def _read_cache(base: Path, key: str) -> Decoded | None:
+    for d in _cache_dirs(base):
+        try:
+            with np.load(d / f"{key}.npz", allow_pickle=False) as z:
+                out = Decoded(z["images"], z["labels"], z["splits"],
+                              list(zip(z["skipped_paths"].tolist(), z["skipped_why"].tolist())), f"read from cache {d}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            continue  # absent or damaged: look further, else decode
+        if out.images.dtype == np.uint8 and out.images.ndim == 4 and len(out.images) == len(out.labels) == len(out.splits):
+            return out
+    return None
+
+
+def _write_cache(base: Path, key: str, d: Decoded) -> str:
+    """Store `d`; returns where (or why not), for the report line."""
+    arrays = dict(images=d.images, labels=d.labels, splits=d.splits,
+                  skipped_paths=np.array([p for p, _ in d.skipped], dtype=str),
+                  skipped_why=np.array([w for _, w in d.skipped], dtype=str))
+    for folder in _cache_dirs(base):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **arrays)
+                os.replace(tmp, folder / f"{key}.npz")
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError:
+            continue  # not writable: try the next place
+        for old in folder.glob("*.npz"):
+            if old.name != f"{key}.npz":
+                old.unlink(missing_ok=True)  # the folder changed: its previous decoding is stale
+        return f"cached in {folder}"
+    return "not cached (neither the folder nor the data root is writable)"
+
+
+def _decode(base: Path, listing: Listing) -> Decoded:
+    t0 = time.perf_counter()
+    paths = [base / f for f in listing.files]
+    headers = [h for h in read_headers(paths) if h]
+    sizes = Counter(size for _, size in headers)
+    side = min(sizes.most_common(1)[0][0]) if len(sizes) == 1 else MIXED_SIZE
+    mode = "L" if headers and all(m in GREY_MODES for m, _ in headers) else "RGB"
+    images, ok, failed = read_images(paths, mode, (side, side))
+    skipped = [(Path(p).relative_to(base).as_posix(), why.replace(f" '{p}'", "")) for p, why in failed]
+    return Decoded(images, np.array(listing.labels, np.int64)[ok], np.array(listing.splits, np.int8)[ok], skipped,
+                   f"decoded in {time.perf_counter() - t0:.1f} s")
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[str, int]) -> None:
+    """One line per folder and process: what was found, where it came from, what was skipped."""
+    if (str(base), listing.key()) in _reported:
+        return
+    _reported.add((str(base), listing.key()))
+    n, c, h, w = d.images.shape
+    held = f", test = {HELD_OUT:.0%} held out" if listing.flat else ""
+    line = (f"{name} {base}: {n} images in {len(listing.classes)} classes (train {counts['train']}, "
+            f"test {counts['test']}{held}), {h}x{w} {'grey' if c == 1 else 'RGB'}; {d.origin}")
+    if d.skipped:
+        shown = "; ".join(f"{p} ({why})" for p, why in d.skipped[:SHOWN_SKIPPED])
+        more = f"; and {len(d.skipped) - SHOWN_SKIPPED} more" if len(d.skipped) > SHOWN_SKIPPED else ""
+        warnings.warn(f"{line}; skipped {len(d.skipped)} unreadable file(s) of {len(listing.files)}: {shown}{more}",
+                      stacklevel=4)
+    else:
+        print(line, file=sys.stderr)
+
+
+def _split_indices(listing: Listing, d: Decoded) -> dict[str, np.ndarray]:
+    if not listing.flat:
+        return {"train": np.flatnonzero(d.splits == TRAIN), "test": np.flatnonzero(d.splits == TEST)}
+    n_test = round(HELD_OUT * len(d.labels))
+    test = stratified_subset(torch.from_numpy(d.labels), n_test, seed=HELD_OUT_SEED).numpy()
+    mask = np.ones(len(d.labels), bool)
+    mask[test] = False
+    return {"train": np.flatnonzero(mask), "test": test}
 
 
 def load(path: str | Path | None, split: str = "train", *, name: str = "folder") -> ImageData:
+    """Split `split` ("train" or "test") of the image folder `path`, decoded once and then cached."""
     if not path:
         raise UserError("data.name=folder needs data.path=DIR (one sub-folder per class)")
     base = Path(path).expanduser()
     if not base.is_dir():
         raise DataMissingError(f"image folder {base} does not exist; expected one sub-folder per class "
                                f"(optionally inside train/ and test/ or val/)")
-    split_dir, class_root = _split_dir(base, split)
-    classes = [d.name for d in _class_dirs(class_root)]
-    extra = sorted({d.name for d in _class_dirs(split_dir)} - set(classes))
-    if extra:
-        raise UserError(f"{split_dir} has classes that {class_root} lacks: {', '.join(extra)}")
-    files, labels = [], []
-    for label, cls in enumerate(classes):
-        if (split_dir / cls).is_dir():
-            found = sorted(p for p in (split_dir / cls).rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-            files += found
-            labels += [label] * len(found)
-    if not files:
-        raise DataMissingError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {split_dir}/<class>/")
-    headers = [_header(p) for p in files]
-    readable = [h for h in headers if h]
-    sizes = Counter(size for _, size in readable)
-    (w, h) = sizes.most_common(1)[0][0] if len(sizes) == 1 else (MIXED_SIZE, MIXED_SIZE)
-    mode = "L" if readable and all(m in GREY_MODES for m, _ in readable) else "RGB"
-    images, ok, failed = read_images(files, mode, (h, w))
-    if failed:
-        shown = "; ".join(f"{p} ({why})" for p, why in failed[:5])
-        warnings.warn(f"{name}: skipped {len(failed)} unreadable file(s) of {len(files)}: {shown}", stacklevel=2)
-    if not ok:
-        raise DataMissingError(f"none of the {len(files)} image files in {split_dir} could be decoded")
-    return from_numpy(images, [labels[i] for i in ok], len(classes), name, classes)
+    listing = _scan(base)
+    if not listing.flat and split == "train" and TRAIN not in listing.splits:
+        raise DataMissingError(f"{base} has no images in train/<class>/; the train split needs them")
+    if not listing.flat and split == "test" and not any((base / d).is_dir() for d in SPLIT_DIRS["test"]):
+        raise UserError(f"{base} has a train/ folder but no test/ or val/ folder for the test split; add one, "
+                        f"or move the class folders out of train/ to hold out {HELD_OUT:.0%} of the images")
+    if not listing.files:
+        raise DataMissingError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {base}/<class>/ "
+                               f"(or {base}/train/<class>/)")
+    key = listing.key()
+    decoded = _read_cache(base, key)
+    if decoded is None:
+        decoded = _decode(base, listing)
+        decoded.origin += ", " + _write_cache(base, key, decoded)
+    if not len(decoded.labels):
+        raise DataMissingError(f"none of the {len(listing.files)} image files in {base} could be decoded; "
+                               f"e.g. {decoded.skipped[0][0]}: {decoded.skipped[0][1]}")
+    idx = _split_indices(listing, decoded)
+    _report(base, listing, decoded, name, {s: len(i) for s, i in idx.items()})
+    if not len(idx[split]):
+        raise DataMissingError(f"no readable images in the {split} split of {base}")
+    return from_numpy(decoded.images[idx[split]], decoded.labels[idx[split]], len(listing.classes), name,
+                      listing.classes)

@@ -1,0 +1,155 @@
+"""Image folders: layouts, the held-out split, one decode then the cache, invalidation, and the CLI end to end."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from randteach.data import folder, load_dataset
+from randteach.errors import DataMissingError, UserError
+from randteach.rundir import RunDir
+
+CLASSES = ("a", "b", "c")  # sorted, so class k is label k
+
+
+def write_png(path, label, side=16, seed=0, mode="RGB", size=None):
+    """A class-coloured image with a little noise: class k is about 40 + 80k grey levels."""
+    rng = np.random.default_rng(seed)
+    w, h = size or (side, side)
+    pixels = np.clip(40 + 80 * label + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+def write_folder(base, counts=(("train", 6), ("test", 3)), **kw):
+    for split, n in counts:
+        for k, cls in enumerate(CLASSES):
+            for j in range(n):
+                write_png(base / split / cls / f"{j}.png", k, seed=hash((split, k, j)) % 1000, **kw)
+    return base
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts decode passes over a folder."""
+    calls = []
+    real = folder.read_images
+
+    def counting(*args):
+        calls.append(len(args[0]))
+        return real(*args)
+    monkeypatch.setattr(folder, "read_images", counting)
+    return calls
+
+
+def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decodes):
+    base = write_folder(tmp_path / "imgs")
+    (base / "train" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.warns(UserWarning, match=r"27 images in 3 classes \(train 18, test 9\).*skipped 1 unreadable "
+                                         r"file\(s\) of 28: train/b/broken.png"):
+        train = load_dataset("folder", "train", path=str(base))
+    assert train.images.shape == (18, 3, 16, 16) and train.classes == CLASSES
+    assert train.labels.bincount().tolist() == [6, 6, 6]
+    test = load_dataset("folder", "test", path=str(base))
+    assert len(test) == 9 and decodes == [28]                 # one pass decoded both splits
+    cache, = (base / ".randteach-cache").glob("*.npz")
+    stamp = cache.stat().st_mtime_ns
+
+    again = load_dataset("folder", "train", path=str(base))
+    assert decodes == [28] and cache.stat().st_mtime_ns == stamp
+    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
+
+    write_png(base / "train" / "c" / "new.png", 2)            # a file added: decoded again, stale cache gone
+    with pytest.warns(UserWarning, match="28 images"):
+        assert len(load_dataset("folder", "train", path=str(base))) == 19 and decodes == [28, 29]
+    assert not cache.exists() and len(list((base / ".randteach-cache").glob("*.npz"))) == 1
+
+    first = base / "train" / "a" / "0.png"                 # a file changed in place
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(first)
+    with pytest.warns(UserWarning, match="broken.png"):
+        changed = load_dataset("folder", "train", path=str(base))
+    assert decodes == [28, 29, 29] and changed.images[0, :, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_cache_report_line_on_reuse(tmp_path, capsys):
+    base = write_folder(tmp_path / "imgs")
+    load_dataset("folder", "train", path=str(base))
+    assert "decoded in" in capsys.readouterr().err
+    folder._reported.clear()
+    load_dataset("folder", "train", path=str(base))
+    err = capsys.readouterr().err
+    assert "27 images in 3 classes (train 18, test 9)" in err and f"read from cache {base / '.randteach-cache'}" in err
+
+
+def test_flat_folder_holds_out_a_stratified_fifth(tmp_path):
+    base = tmp_path / "flat"
+    for k, cls in enumerate(CLASSES):
+        for j in range(10):
+            write_png(base / cls / f"{j}.png", k, seed=10 * k + j)
+    train = load_dataset("folder", "train", path=str(base))
+    test = load_dataset("folder", "test", path=str(base))
+    assert len(train) == 24 and len(test) == 6 and test.labels.bincount().tolist() == [2, 2, 2]
+    both = torch.cat([train.images, test.images]).flatten(1)
+    assert len({tuple(x.tolist()) for x in both}) == 30       # disjoint, and together every image
+    assert torch.equal(load_dataset("folder", "test", path=str(base)).images, test.images)  # deterministic
+
+
+def test_mixed_sizes_and_modes_give_one_format_for_both_splits(tmp_path):
+    base = tmp_path / "mixed"
+    write_png(base / "train" / "a" / "0.png", 0, mode="L", size=(12, 12))
+    write_png(base / "train" / "b" / "0.png", 1, size=(40, 30))
+    write_png(base / "test" / "a" / "0.png", 0, mode="L", size=(12, 12))
+    train = load_dataset("folder", "train", path=str(base))
+    test = load_dataset("folder", "test", path=str(base))
+    assert train.images.shape == (2, 3, 64, 64) and test.images.shape == (1, 3, 64, 64)
+    same = tmp_path / "same"                                   # one non-square size: center crop, no resize
+    write_png(same / "a" / "0.png", 0, mode="L", size=(20, 14))
+    write_png(same / "b" / "0.png", 1, mode="L", size=(20, 14))
+    assert load_dataset("folder", "train", path=str(same)).images.shape == (2, 1, 14, 14)
+
+
+def test_read_only_folder_is_cached_under_the_data_root(tmp_path, monkeypatch, decodes):
+    monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "root"))
+    base = write_folder(tmp_path / "imgs", counts=(("train", 2), ("val", 1)))
+    (base / ".randteach-cache").write_text("in the way")      # not a folder: as good as read-only
+    load_dataset("folder", "test", path=str(base))
+    assert len(load_dataset("folder", "train", path=str(base))) == 6 and decodes == [9]
+    assert len(list((tmp_path / "root" / "folder-cache").glob("*/*.npz"))) == 1
+
+
+def test_folder_errors_say_what_to_do(tmp_path):
+    base = write_folder(tmp_path / "only-train", counts=(("train", 2),))
+    with pytest.raises(UserError, match="no test/ or val/ folder"):
+        load_dataset("folder", "test", path=str(base))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataMissingError, match="no images"):
+        load_dataset("folder", path=str(tmp_path / "empty"))
+    (tmp_path / "junk" / "cls").mkdir(parents=True)
+    (tmp_path / "junk" / "cls" / "x.png").write_bytes(b"junk")
+    with pytest.raises(DataMissingError, match="none of the 1 image files"):
+        load_dataset("folder", path=str(tmp_path / "junk"))
+    extra = write_folder(tmp_path / "extra", counts=(("train", 1), ("test", 1)))
+    write_png(extra / "test" / "zebra" / "0.png", 0)
+    with pytest.raises(UserError, match="zebra"):
+        load_dataset("folder", "test", path=str(extra))
+
+
+def test_cli_distills_and_probes_an_image_folder(tmp_path):
+    base = write_folder(tmp_path / "imgs", counts=(("train", 16), ("val", 8)))
+    (base / "val" / "c" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "randteach.cli", "--quiet", "distill", "--preset", "cpu",
+                        "--data.name", "folder", "--data.path", str(base), "--model.width", "8",
+                        "--head.hidden_dims", "[32]", "--head.bottleneck_dim", "8", "--head.out_dim", "32",
+                        "--train.epochs", "1", "--train.device", "cpu", "--probe.max_iter", "50",
+                        "--out", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "RANDTEACH_DATA": str(tmp_path / "root"), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "72 images in 3 classes (train 48, test 24)" in r.stderr
+    assert "skipped 1 unreadable file(s) of 73: val/c/broken.png" in r.stderr
+    summary = RunDir(out).summary()
+    assert summary["status"] == "completed"
+    assert summary["probe"]["student"]["linear"] > 0.9 and summary["probe"]["input"]["linear"] > 0.9  # 3 separable classes
