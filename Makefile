@@ -23,8 +23,10 @@ data: setup
 demo: data
 	$(VENV)/bin/randteach demo
 
+# One thread per test process: the tests use tiny models, where threads cost more than they give,
+# and several tests start subprocesses of their own.
 test: data
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: data
 	$(PY) benchmarks/run.py

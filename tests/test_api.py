@@ -83,3 +83,12 @@ def test_import_path_encoder_through_the_cli(tmp_path):
                        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert RunDir(tmp_path / "c").summary()["probe"]["student"]["linear"] > 0.5
+
+
+def test_cli_refuses_to_resume_a_python_object_run(tmp_path, digits):
+    out = tmp_path / "py"
+    randteach.distill(encoder=make_encoder, train=digits, progress=False, out=str(out),
+                      **{**TINY, "probe.which": [], "train.max_steps": 1})
+    r = subprocess.run([sys.executable, "-m", "randteach.cli", "distill", "--resume", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "resume=True" in r.stderr and "Traceback" not in r.stderr

@@ -94,3 +94,15 @@ def test_digest_ignores_runtime_knobs_and_new_default_keys():
     assert build_config("cpu", overrides={"train.data_on_device": "false"}).digest() == base.digest()
     assert build_config("cpu", overrides={"train.teacher_cache": "true"}).digest() != base.digest()
     assert build_config("cpu", overrides={"init.alpha": "0.5"}).digest() != base.digest()
+
+
+def test_a_changed_image_folder_is_a_new_run(tmp_path):
+    import numpy as np
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / c / "0.png")
+    cfg = build_config("cpu", overrides={"data.name": "folder", "data.path": str(tmp_path / "imgs")})
+    before = cfg.run_dir()
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "1.png")
+    assert cfg.run_dir() != before and cfg.run_dir().name.startswith(f"cpu-{cfg.digest()}-")

@@ -17,7 +17,7 @@ DEMO_PRESET = "cpu"
 
 # Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
 # `func(args, extra) -> int` as its default.
-COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis"]
+COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis", "commands_experiment"]
 
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):
@@ -36,6 +36,11 @@ def cmd_distill(args, extra) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: no config.yaml there; is it a randteach run directory?")
+        from .distill import PYTHON_OBJECTS
+        if (run_dir / PYTHON_OBJECTS).exists():
+            raise UserError(f"--resume {run_dir}: this run was started from Python with an encoder or data object "
+                            "that the command line cannot rebuild; resume it from Python with the same objects: "
+                            f"randteach.distill(..., out={str(run_dir)!r}, resume=True)")
         cfg = config_from_dict({**load_yaml(run_dir / "config.yaml"), "out": str(run_dir)})
         if extra:
             raise UserError("--resume continues a run as it was configured; overrides are not allowed with it")

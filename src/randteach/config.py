@@ -189,7 +189,14 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / f"{self.name}-{self.digest()}"
+        if self.out:
+            return Path(self.out)
+        name = f"{self.name}-{self.digest()}"
+        if self.data.name == "folder" and self.data.path and Path(self.data.path).is_dir():
+            # An image folder's contents are data, not config: a changed folder is a new run.
+            from .data.folder import _scan
+            name += "-" + _scan(Path(self.data.path)).key()[:8]
+        return Path("runs") / name
 
     def validate(self) -> "Config":
         _validate(self, "")

@@ -32,10 +32,11 @@ from .init import exact_copy, init_report, locality_init, neighborhood_init, par
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
-from .rundir import RunDir
+from .rundir import RunDir, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
 NEEDS_32PX = ("vgg", "resnet", "vit")
+PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
 
 
 @dataclass
@@ -203,6 +204,10 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
+        if encoder is not None or train_data is not None or probe_splits is not None:
+            # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
+            write_json(run.path / PYTHON_OBJECTS, {"encoder": encoder is not None, "train": train_data is not None,
+                                                   "probe": probe_splits is not None})
     ddp.barrier()
     torch.manual_seed(cfg.train.seed)
     inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
