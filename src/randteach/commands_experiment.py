@@ -1,0 +1,50 @@
+"""`randteach experiment NAME --scale cpu|paper`: one of the papers' experiments, end to end (SPEC §3)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+EXIT_UNFINISHED = 3
+
+
+def cmd_experiment(args, extra) -> int:
+    from .config import parse_overrides
+    from .experiments import run_experiment
+    kw = dict(out=args.out, seeds=args.seeds, overrides=parse_overrides(extra), recipe=args.recipe,
+              launcher=args.launcher, workers=args.workers, progress=not args.quiet,
+              command="randteach experiment " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    if args.dry_run:
+        print(run_experiment(args.name, args.scale, dry=True, **kw))
+        return 0
+    outcome = run_experiment(args.name, args.scale, **kw)
+    print(outcome.report.read_text())
+    print(f"report: {outcome.report}")
+    if not outcome.finished:
+        print("some runs did not finish; run the same command again to complete them (finished runs are kept)")
+    return 0 if outcome.finished else EXIT_UNFINISHED
+
+
+def add_parser(subparsers) -> None:
+    from .experiments import NAMES, SCALES, __doc__ as overview
+    p = subparsers.add_parser(
+        "experiment", help="run one of the papers' experiments (E1-E15) and write its report",
+        description="Run the distillations an experiment needs (finished runs are reused: run directories are "
+                    "content-addressed and shared by all experiments of a scale), then aggregate them into "
+                    "OUT/NAME/report.md with tables (mean ± std over seeds), CSV and PNG. Extra --section.key "
+                    "VALUE options apply to every distillation run (e.g. --train.device cuda).\n\n"
+                    + overview.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=NAMES, metavar="NAME", help=", ".join(NAMES))
+    p.add_argument("--scale", choices=SCALES + ("tiny",), default="cpu", metavar="{cpu,paper}",
+                   help="cpu: Fashion-MNIST subsets and small encoders for 2 CPU cores; paper: the paper's data "
+                        "sets and recipe (GPUs) (default cpu)")
+    p.add_argument("--out", help="root folder: run directories in OUT/runs, the report in OUT/NAME "
+                                 "(default runs/experiments/SCALE)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local worker processes, or SLURM jobs via submitit (options: the recipe's slurm:)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (torch threads = cores / workers)")
+    p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
+    p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (and their state) and what follows; run nothing")
+    p.set_defaults(func=cmd_experiment)

@@ -1,0 +1,68 @@
+"""The paper's experiments as commands: `randteach experiment NAME --scale cpu|paper`.
+
+Each experiment is a small module (its claim, the runs it needs, its report) plus recipes, which are data:
+`recipes/<name>.<scale>.yaml` (see `recipe.py`). Runs are content-addressed run directories shared by all
+experiments of a scale, so nothing is computed twice; every experiment ends in `<out>/<name>/report.md`
+with its table (mean ± std over seeds), CSV files and figures.
+
+    name             SPEC    paper
+    probes           E1, E2  Tab. 1, 3, Fig. 1
+    locality         E3      Fig. 3, App. D
+    data-dependence  E4      Fig. 4
+    transfer         E5      Tab. 2, 4
+    head-ablations   E6      App. B
+    architectures    E7      App. C.2, Tab. 5
+    restart          E8      App. D.1
+    landscape        E9      Fig. 5, 13-16
+    imp              E10     Fig. 8
+    lmc              E11     Fig. 9
+    escape           E13,E15 escaping paper Fig. 1b-d, App. A
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .base import DEFAULT_ROOT, Context, Experiment, Outcome, dry_run, execute
+from .recipe import SCALES, Recipe, load_recipe
+
+MODULES = {"probes": "probes", "locality": "locality", "data-dependence": "data_dependence",
+           "transfer": "transfer", "head-ablations": "head_ablations", "architectures": "architectures",
+           "restart": "restart", "landscape": "analyses", "imp": "analyses", "lmc": "analyses",
+           "escape": "analyses"}
+NAMES = tuple(MODULES)
+
+
+def get_experiment(name: str) -> Experiment:
+    from ..errors import UserError
+    if name not in MODULES:
+        raise UserError(f"unknown experiment {name!r}; valid: {', '.join(NAMES)}")
+    module = importlib.import_module(f"{__name__}.{MODULES[name]}")
+    found = [e for e in getattr(module, "EXPERIMENTS", [getattr(module, "EXPERIMENT", None)]) if e and e.name == name]
+    return found[0]
+
+
+def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds: int | None = None,
+                 overrides: dict | None = None, recipe: str | Path | None = None, launcher: str = "local",
+                 workers: int = 1, progress: bool = True, command: str = "") -> Context:
+    r: Recipe = load_recipe(name, scale, recipe)
+    if seeds is not None:
+        if seeds < 1:
+            from ..errors import UserError
+            raise UserError(f"--seeds must be at least 1, got {seeds}")
+        r.seeds = list(range(seeds))
+    root = Path(out) if out else Path(DEFAULT_ROOT) / scale
+    return Context(r, root, dict(overrides or {}), launcher, workers, progress, command)
+
+
+def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) -> Outcome | str:
+    """Run (or, with dry=True, list) experiment `name`; returns the Outcome (report path, run statuses) or
+    the listing.
+    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command (see `make_context`)."""
+    exp = get_experiment(name)
+    ctx = make_context(name, scale, **kw)
+    return dry_run(exp, ctx) if dry else execute(exp, ctx)
+
+
+__all__ = ["NAMES", "SCALES", "Context", "Experiment", "Outcome", "get_experiment", "make_context", "run_experiment",
+           "load_recipe"]

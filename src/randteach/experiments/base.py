@@ -1,0 +1,181 @@
+"""The experiment runner: recipe -> runs (content-addressed, reused) -> analysis -> report.md.
+
+An `Experiment` names the paper's claim, lists its runs as stages of {arm: [Config]} (a later stage may
+depend on an earlier one's run directories, e.g. restarting), runs them with `randteach.sweep.run_sweep`
+(local worker processes or SLURM; finished runs are skipped, interrupted ones resumed) and turns them
+into `<out>/<experiment>/report.md` with CSV and PNG files. All runs of a scale live in `<out>/runs`.
+"""
+from __future__ import annotations
+
+import datetime
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..aggregate import flat_config, show_value
+from ..config import Config
+from ..rundir import RunDir
+from ..sweep import finished_summary, run_sweep
+from .recipe import Recipe
+from .tables import arm_section, rows_of
+
+DEFAULT_ROOT = "runs/experiments"
+
+
+@dataclass
+class Context:
+    """One invocation of an experiment: its recipe and where and how its runs go."""
+    recipe: Recipe
+    root: Path                                              # <root>/runs: run dirs; <root>/<experiment>: report
+    overrides: dict = field(default_factory=dict)           # command-line config overrides for every run
+    launcher: str = "local"
+    workers: int = 1
+    progress: bool = True
+    command: str = ""
+
+    @property
+    def pool(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def out(self) -> Path:
+        return self.root / self.recipe.experiment
+
+    @property
+    def params(self) -> dict:
+        return self.recipe.params
+
+    def configs(self, arm: str, extra: dict | None = None) -> list[Config]:
+        return self.recipe.configs(self.recipe.arm(arm), self.pool, self.overrides, extra)
+
+    def run(self, configs: list[Config]) -> list[dict]:
+        if not configs:
+            return []
+        return run_sweep(configs, launcher=self.launcher, workers=self.workers, progress=self.progress,
+                         slurm=self.recipe.slurm)
+
+
+class Experiment:
+    """Subclasses set the class attributes and override `stages`, `analyze` or `post` where the default
+    (every arm of the recipe, one table per arm) is not the paper's protocol."""
+    name = ""
+    ids = ""        # SPEC §3 rows, e.g. "E3"
+    paper = ""      # where in the paper, e.g. "Fig. 3, App. D"
+    claim = ""      # the paper's claim, one sentence
+    extras = None   # per-run extra metrics for the tables: row -> {name: value}
+
+    def stages(self, ctx: Context) -> list[dict[str, list[Config]]]:
+        return [{arm.name: ctx.configs(arm.name) for arm in ctx.recipe.arms}]
+
+    def post(self, ctx: Context) -> list[str]:
+        """What happens after the runs besides tables (for --dry-run)."""
+        return []
+
+    def analyze(self, ctx: Context, arms: dict[str, list[Config]]) -> list[str]:
+        lines = []
+        for arm in ctx.recipe.arms:
+            section, _ = arm_section(f"{arm.name}", rows_of(arms[arm.name]), arm.keys(), ctx.out, arm.name,
+                                     references=ctx.recipe.reference, extras=self.extras)
+            lines += section
+        return lines
+
+
+def git_commit() -> str:
+    """HEAD of the checkout randteach runs from (with '+changes' when its tracked files differ), or 'unknown'."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
+def _state(cfg: Config) -> str:
+    if finished_summary(cfg):
+        return "done"
+    summary = RunDir(cfg.run_dir()).summary() if (cfg.run_dir() / "summary.json").exists() else None
+    return (summary or {}).get("status", "new")
+
+
+def dry_run(exp: Experiment, ctx: Context) -> str:
+    """The runs the experiment needs, each with its state (done, new, interrupted, failed ...)."""
+    stages = exp.stages(ctx)
+    total = sum(len(c) for stage in stages for c in stage.values())
+    done = sum(_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
+    lines = [f"experiment {exp.name} ({exp.ids}, {exp.paper}) at scale {ctx.recipe.scale}: recipe "
+             f"{ctx.recipe.source}; {total} runs in {ctx.pool} ({done} done, {total - done} to run)"]
+    for i, stage in enumerate(stages):
+        for arm, configs in stage.items():
+            keys = _shown_keys(ctx.recipe, arm, configs)
+            lines.append(f"  {'stage ' + str(i + 1) + ', ' if len(stages) > 1 else ''}arm {arm} ({len(configs)} runs):")
+            for cfg in configs:
+                flat = flat_config(cfg.to_dict())
+                lines.append(f"    {_state(cfg):<11} {cfg.run_dir()}  "
+                             + " ".join(f"{k}={show_value(flat.get(k))}" for k in keys))
+    lines += [f"  then: {p}" for p in exp.post(ctx)]
+    lines.append(f"report: {ctx.out / 'report.md'}")
+    return "\n".join(lines)
+
+
+def _shown_keys(recipe: Recipe, arm: str, configs: list[Config]) -> list[str]:
+    keys = [a.keys() for a in recipe.arms if a.name == arm]
+    keys = keys[0] if keys else []
+    flats = [flat_config(c.to_dict()) for c in configs]
+    varying = [k for k in (flats[0] if flats else {}) if len({f.get(k) for f in flats}) > 1 and k != "out"]
+    return list(dict.fromkeys(keys + [k for k in varying if k != "train.seed"] + ["train.seed"]))
+
+
+@dataclass
+class Outcome:
+    report: Path
+    counts: dict[str, int]          # run statuses of this invocation (completed, diverged, failed, pending, ...)
+
+    @property
+    def finished(self) -> bool:
+        return not any(self.counts.get(s) for s in ("failed", "pending", "interrupted"))
+
+
+def execute(exp: Experiment, ctx: Context) -> Outcome:
+    """Run every stage (skipping finished runs), analyze, and write OUT/report.md."""
+    t0 = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    arms: dict[str, list[Config]] = {}
+    counts: dict[str, int] = {}
+    reused = 0
+    for stage in exp.stages(ctx):
+        configs = list({str(c.run_dir()): c for cs in stage.values() for c in cs}.values())  # arms may share runs
+        reused += sum(_state(c) == "done" for c in configs)
+        results = ctx.run(configs)
+        for r in results:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        arms.update(stage)
+        if any(r["status"] in ("pending", "interrupted") for r in results):
+            break  # stopped: the later stages would start from unfinished runs
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    body = exp.analyze(ctx, arms)
+    compute = sum(float((RunDir(c.run_dir()).summary() or {}).get("wall_time_s") or 0)
+                  for cs in arms.values() for c in cs if (c.run_dir() / "summary.json").exists())
+    wall = time.perf_counter() - t0
+    header = [f"# {exp.ids} · {exp.name} — scale {ctx.recipe.scale}", "",
+              f"Paper ({exp.paper}): {exp.claim}", "",
+              f"- command: `{ctx.command or f'randteach experiment {exp.name} --scale {ctx.recipe.scale}'}`",
+              f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; git commit: {git_commit()}",
+              f"- wall time of this invocation: {wall:.0f} s; distillation time in its runs (reused ones included): "
+              f"{compute:.0f} s",
+              f"- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
+              + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`",
+              f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
+              "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
+              "student − teacher is the paired difference per seed.",
+              "", "Settings shared by every run (on top of preset "
+              f"`{ctx.recipe.preset}`):", "", "```yaml",
+              yaml.safe_dump({**ctx.recipe.base, **ctx.overrides}, sort_keys=False).rstrip(), "```", ""]
+    path = ctx.out / "report.md"
+    path.write_text("\n".join(header + body) + "\n")
+    return Outcome(path, counts)

@@ -1,0 +1,67 @@
+"""E3 (Fig. 3, App. D, Fig. 17): the locality parameter alpha of the student's init
+theta_S(alpha) = ((1 - alpha) theta_T + alpha theta~) / delta: probes vs alpha and vs epoch, and the final
+teacher-student loss and the student's distance from its init vs alpha."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .base import Context, Experiment
+from .tables import arm_section, optimization_extras, rows_of
+
+KEY = "init.alpha"
+
+
+def plot_optimization(table: list[dict], others: list[str], path: Path) -> Path:
+    """App. D, Fig. 17: final loss and distance from init vs alpha (mean, error bars = std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (metric, label) in zip(axes, (("final_loss", "final teacher-student loss"),
+                                          ("dist_init", "distance from init ‖θ*_S − θ_S‖₂"))):
+        combos: dict[tuple, list[dict]] = {}
+        for e in table:
+            combos.setdefault(tuple(e[k] for k in others), []).append(e)
+        for combo, entries in combos.items():
+            pts = sorted((e[KEY], e[f"{metric}_mean"], e.get(f"{metric}_std", math.nan)) for e in entries
+                         if not math.isnan(e.get(f"{metric}_mean", math.nan)))
+            if pts:
+                x, y, s = zip(*pts)
+                ax.errorbar(x, y, yerr=[0 if math.isnan(v) else v for v in s], marker="o", ms=3, capsize=3,
+                            label=", ".join(f"{k}={v}" for k, v in zip(others, combo)) or None)
+        ax.set_xlabel("α")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize=7)
+    fig.suptitle("optimization vs locality α (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class Locality(Experiment):
+    name = "locality"
+    ids = "E3"
+    paper = "Fig. 3, App. D (Fig. 17)"
+    claim = ("students behave alike for alpha in [0, 0.6]; larger alpha converges more slowly to worse probes and "
+             "a higher final loss, yet even an independent student (alpha = 1) beats its teacher.")
+    extras = staticmethod(optimization_extras)
+
+    def analyze(self, ctx: Context, arms) -> list[str]:
+        lines = []
+        for arm in ctx.recipe.arms:
+            keys = arm.keys()
+            section, table = arm_section(arm.name, rows_of(arms[arm.name]), keys, ctx.out, arm.name,
+                                         references=ctx.recipe.reference, extras=optimization_extras)
+            lines += section
+            if table and KEY in keys:
+                png = plot_optimization(table, [k for k in keys if k != KEY], ctx.out / f"{arm.name}-optimization.png")
+                lines += [f"![{png.stem}]({png.name})", ""]
+        return lines
+
+
+EXPERIMENT = Locality()
