@@ -18,9 +18,10 @@ Spatial maps (B, C, H, W) are average-pooled over positions by default (`spatial
 so a channel is one neuron and counts as dead when it is 0 at every position of every sample, which
 for ReLU is exactly "0 after pooling"); `spatial="flatten"` keeps every (channel, position) as a
 neuron, d_l = C*H*W, memory-checked (`max_bytes`). Token sequences (B, T, D) are averaged over tokens
-(or flattened). Memory-safety comes from the sample subset (`n_samples`, class-stratified, default
-1000) plus pooling; the forward passes run in float32 (never bf16: ranks and exact zeros need it) in
-eval mode, as the probes do.
+(or flattened). Memory: X is kept in float32 for a class-stratified sample subset (`n_samples`, default
+1000), and `randteach.signal` works on wide layers through the n x n Gram matrix (min(n, d)^2 float64),
+so even flattened VGG maps (d = 65,536) cost n*d*4 bytes plus n^2*8. The forward passes run in float32
+(never bf16: ranks and exact zeros need it) in eval mode, as the probes do.
 
 Metrics are computed on X exactly as collected unless `center` (subtract each neuron's mean over the
 samples) or `standardize` (center and divide by the std; constant neurons stay 0) is asked for; dead
