@@ -55,12 +55,12 @@ def test_path_ends_reproduce_the_endpoint_accuracies(setup, tmp_path):
 def test_lmc_command(setup, tmp_path):
     info, _ = setup
     out = tmp_path / "lmc"
-    args = ["--quiet", "lmc", str(info.path), "--start", "teacher", "student@1", "--runs", "2", "--resolution", "3",
+    args = ["--quiet", "lmc", str(info.path), "--start", "student@1", "--runs", "2", "--resolution", "3",
             "--epochs", "2", "--batch-size", "64", "--lr", "0.02", "--milestones", "--no-augment",
             "--n-train", "128", "--n-test", "50", "--device", "cpu", "--bn-batches", "0", "--out", str(out)]
     assert main(args) == 0
     result = json.loads((out / "lmc.json").read_text())
-    assert [s["start"] for s in result["series"]] == ["teacher", "student@1"]
+    assert [s["start"] for s in result["series"]] == ["student@1"]
     assert "interpolated" in result["bn"]
     for s in result["series"]:
         assert s["gammas"] == [0.0, 0.5, 1.0] and len(s["pairs"]) == 1

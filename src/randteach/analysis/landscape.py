@@ -326,10 +326,13 @@ def plot_landscape(result: dict, out: Path, metrics: list[str] | None = None) ->
         z = np.asarray(result[m], dtype=float)
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
         label = TITLES[m]
-        if m in ("loss", "embed_kl"):  # log scale; the teacher's own KL is 0, so clip at the smallest positive value
-            pos = z[np.isfinite(z) & (z > 0)]
-            z = np.log10(np.clip(z, max(pos.min(), pos.max() * 1e-12) if pos.size else 1e-12, None))
-            label = f"log10 {label}"
+        if m in ("loss", "embed_kl"):
+            # log10 of the rise above the grid's minimum (the teacher's CE is its entropy, not 0); the
+            # minimum itself is drawn at the smallest positive rise
+            rise = z - np.nanmin(z)
+            pos = rise[np.isfinite(rise) & (rise > 0)]
+            z = np.log10(np.clip(rise, pos.min() if pos.size else 1e-12, None))
+            label = f"log10({label} - min)"
         cs = ax.contourf(X, Y, z, levels=30, cmap="viridis")
         fig.colorbar(cs, ax=ax, label=label)
         if "norm" in result:
