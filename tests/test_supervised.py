@@ -21,7 +21,8 @@ from randteach.distill import distill
 TINY_RUN = {"data.name": "digits", "model.encoder": "convnet", "model.width": "8", "model.norm": "batch",
             "head.hidden_dims": "[64]", "head.bottleneck_dim": "16", "head.out_dim": "64",
             "train.epochs": "1", "train.batch_size": "64", "train.device": "cpu", "train.precision": "fp32",
-            "train.checkpoint_every": "0", "probe.which": "[]", "probe.max_iter": "50"}
+            "train.checkpoint_every": "0", "train.teacher_cache": "false", "probe.which": "[]",
+            "probe.max_iter": "50"}
 TINY_RECIPE = Recipe(epochs=2, batch_size=32, lr=0.02, milestones=[1.5], augment=False, eval_every=1)
 
 
