@@ -13,7 +13,8 @@ def cmd_experiment(args, extra) -> int:
     from .experiments import run_experiment
     kw = dict(out=args.out, seeds=args.seeds, overrides=parse_overrides(extra), recipe=args.recipe,
               launcher=args.launcher, workers=args.workers, progress=not args.quiet,
-              command="randteach experiment " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+              command=" ".join(["randteach", "experiment", args.name, "--scale", args.scale]
+                               + [shlex.quote(a) for a in _options(sys.argv)]))
     if args.dry_run:
         print(run_experiment(args.name, args.scale, dry=True, **kw))
         return 0
@@ -23,6 +24,20 @@ def cmd_experiment(args, extra) -> int:
     if not outcome.finished:
         print("some runs did not finish; run the same command again to complete them (finished runs are kept)")
     return 0 if outcome.finished else EXIT_UNFINISHED
+
+
+def _options(argv: list[str]) -> list[str]:
+    """The command line after `experiment NAME`, without --scale (already shown) and progress flags."""
+    rest = argv[argv.index("experiment") + 2:] if "experiment" in argv else []
+    out, skip = [], False
+    for a in rest:
+        if skip:
+            skip = False
+        elif a == "--scale":
+            skip = True
+        elif not a.startswith("--scale=") and a != "--quiet":
+            out.append(a)
+    return out
 
 
 def add_parser(subparsers) -> None:
@@ -43,7 +58,8 @@ def add_parser(subparsers) -> None:
                                  "(default runs/experiments/SCALE)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local worker processes, or SLURM jobs via submitit (options: the recipe's slurm:)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (torch threads = cores / workers)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (torch threads = cores / workers); 0: run in this process, one "
+                        "after another (default 1)")
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
     p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and their state) and what follows; run nothing")

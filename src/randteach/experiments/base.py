@@ -18,7 +18,7 @@ import yaml
 from ..aggregate import flat_config, show_value
 from ..config import Config
 from ..rundir import RunDir
-from ..sweep import finished_summary, run_sweep
+from ..sweep import finished_summary, run_one, run_sweep
 from .recipe import Recipe
 from .tables import arm_section, rows_of
 
@@ -52,6 +52,9 @@ class Context:
         return self.recipe.configs(self.recipe.arm(arm), self.pool, self.overrides, extra)
 
     def run(self, configs: list[Config]) -> list[dict]:
+        """Every config's summary (with "run_dir"); workers = 0 runs them one by one in this process."""
+        if self.launcher == "local" and self.workers == 0:
+            return [{**run_one(c, progress=self.progress), "run_dir": str(c.run_dir())} for c in configs]
         if not configs:
             return []
         return run_sweep(configs, launcher=self.launcher, workers=self.workers, progress=self.progress,

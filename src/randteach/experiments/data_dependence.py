@@ -1,6 +1,7 @@
-"""E4 (Fig. 4): data dependence. Distill on n samples for n over `params.sample_sizes`, with the number of
-optimizer steps held at `params.target_steps` (epochs = target_steps / steps per epoch), once on the images
-and once on Gaussian-noise inputs of the same shape (`data.inputs=noise`); always probe on clean data."""
+"""E4 (Fig. 4): data dependence. Distill on n samples for n over `params.sample_sizes` (a list, or one list
+per arm) with the number of optimizer steps held at `params.target_steps` (epochs = target_steps / steps
+per epoch), on the images and on Gaussian-noise inputs of the same shape (`data.inputs=noise`); always
+probe on clean data."""
 from __future__ import annotations
 
 import math
@@ -19,6 +20,13 @@ def step_matched(cfg: Config, n: int, target_steps: int) -> dict:
     return {"data.n_samples": int(n), "train.epochs": target_steps / per_epoch, "train.max_steps": int(target_steps)}
 
 
+def sample_sizes(ctx: Context, arm: str) -> list[int]:
+    """params.sample_sizes: one list for every arm, or {arm: list}."""
+    sizes = ctx.params["sample_sizes"]
+    sizes = sizes.get(arm, []) if isinstance(sizes, dict) else sizes
+    return [int(float(n)) for n in sizes]
+
+
 class DataDependence(Experiment):
     name = "data-dependence"
     ids = "E4"
@@ -28,12 +36,12 @@ class DataDependence(Experiment):
              "learned features depend on the data.")
 
     def stages(self, ctx: Context):
-        sizes = [int(float(n)) for n in ctx.params["sample_sizes"]]
         steps = int(float(ctx.params["target_steps"]))
         stage = {}
         for arm in ctx.recipe.arms:
             template = ctx.configs(arm.name)[0]
-            stage[arm.name] = [c for n in sizes for c in ctx.configs(arm.name, step_matched(template, n, steps))]
+            stage[arm.name] = [c for n in sample_sizes(ctx, arm.name)
+                               for c in ctx.configs(arm.name, step_matched(template, n, steps))]
         return [stage]
 
     def analyze(self, ctx: Context, arms) -> list[str]:

@@ -22,7 +22,7 @@ and variant list cut to its first two entries, and the recipe's own `tiny:` sect
 from __future__ import annotations
 
 import copy
-import itertools
+import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, preset
 from ..sweep import SweepSpec, expand, flatten
 
 SCALES = ("cpu", "paper")
@@ -83,8 +83,10 @@ class Recipe:
         `extra` <- `overrides` (the command line's), x grid x seeds."""
         configs, seen = [], set()
         for variant in arm.variants:
-            spec = SweepSpec(preset=self.preset, name=self.name,
-                             base={**self.base, **arm.base, **variant, **(extra or {}), **(overrides or {})},
+            # The preset enters as overrides parsed once (not re-read from YAML for every run).
+            spec = SweepSpec(preset=None, name=self.name,
+                             base={**preset_overrides(self.preset), **self.base, **arm.base, **variant,
+                                   **(extra or {}), **(overrides or {})},
                              grid={k: v for k, v in arm.grid.items() if k not in (overrides or {})},
                              seeds=list(self.seeds if arm.seeds is None else arm.seeds), out=str(out))
             try:
@@ -96,6 +98,16 @@ class Recipe:
                     seen.add(cfg.out)
                     configs.append(cfg)
         return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_items(name: str | None) -> tuple:
+    return tuple(flatten(preset(name)).items()) if name else ()
+
+
+def preset_overrides(name: str | None) -> dict[str, Any]:
+    """A preset as dotted overrides (applying them to the defaults is applying the preset)."""
+    return copy.deepcopy(dict(_preset_items(name)))
 
 
 def _resource(name: str) -> dict:
@@ -182,7 +194,3 @@ def load_recipe(experiment: str, scale: str, path: str | Path | None = None) -> 
                   seeds=list(seeds), arms=arms, params=dict(doc.get("params") or {}),
                   reference=list(doc.get("reference") or []),
                   slurm={**(common.get("slurm") or {}), **(doc.get("slurm") or {})}, source=source)
-
-
-def grid_size(arm: Arm) -> int:
-    return len(list(itertools.product(*arm.grid.values()))) * len(arm.variants)
