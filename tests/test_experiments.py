@@ -1,0 +1,261 @@
+"""Experiments: the paper-scale recipes resolve to SPEC's configs; every experiment runs end to end at the
+tests' tiny scale (digits, a tiny conv net, 3 steps) and writes its report; runs are shared and reused."""
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from randteach.cli import main
+from randteach.config import ConfigError
+from randteach.experiments import NAMES, get_experiment, load_recipe, make_context, run_experiment
+from randteach.experiments.recipe import recipe_names
+from randteach.experiments.tables import markdown, summarize
+
+PAPER_ENCODERS = ["vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet56", "resnet18", "resnet34", "resnet50",
+                  "vit_tiny", "vit_small", "vit_medium", "vit_base"]
+
+
+def stages(name, scale="paper", tmp_path=Path("/nonexistent")):
+    ctx = make_context(name, scale, out=tmp_path)
+    return ctx, get_experiment(name).stages(ctx)
+
+
+def configs(name, arm=None, scale="paper"):
+    _, st = stages(name, scale)
+    return [c for stage in st for a, cs in stage.items() if arm in (None, a) for c in cs]
+
+
+# ------------------------------------------------------------------------------------ paper scale = SPEC
+
+def assert_paper_recipe(c, *, out_dim=65536, alpha=1e-10):
+    """SPEC §1: DINO head 2048-2048-bottleneck(256)-2^16, CE at T = 1 without centering, AdamW 1e-3 wd 0,
+    batch 256, alpha = 1e-10, frozen teacher in eval mode, fp32, no augmentation (there is none)."""
+    assert (c.head.kind, c.head.hidden_dims, c.head.bottleneck_dim, c.head.out_dim) == ("dino", [2048, 2048], 256, out_dim)
+    assert (c.loss.name, c.loss.teacher_temp, c.loss.student_temp, c.loss.center) == ("ce", 1.0, 1.0, False)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.schedule, c.optim.grad_clip) == \
+        ("adamw", 1e-3, 0.0, "constant", None)
+    assert c.train.batch_size == 256 and c.train.precision == "fp32"
+    assert (c.teacher.mode, c.teacher.train_mode) == ("frozen", False)
+    assert c.init.mode == "locality" and c.init.alpha == alpha
+    assert c.probe.knn_k == 20
+
+
+def test_paper_probes_are_table1_with_three_seeds():
+    cs = configs("probes")
+    assert {(c.data.name, c.model.encoder) for c in cs} == \
+        {(d, e) for d in ("cifar10", "cifar100", "stl10", "tinyimagenet") for e in ("resnet18", "vgg11")}
+    assert sorted({c.train.seed for c in cs}) == [0, 1, 2] and len(cs) == 24
+    for c in cs:
+        assert_paper_recipe(c)
+        assert c.model.norm == "default" and c.data.image_size == 32 and c.train.epochs == 150
+
+
+def test_paper_locality_grid_is_e3():
+    cs = configs("locality")
+    assert sorted({c.init.alpha for c in cs}) == [1e-10, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert {c.model.encoder for c in cs} == {"resnet18", "vgg11"} and {c.data.name for c in cs} == {"cifar10"}
+    for c in cs:
+        assert_paper_recipe(c, alpha=c.init.alpha)
+
+
+def test_paper_data_dependence_holds_the_step_count():
+    cs = configs("data-dependence")
+    sizes = [500, 5000, 50000, 500000, 5000000]
+    assert {(c.data.inputs, c.data.n_samples) for c in cs} == {(i, n) for i in ("data", "noise") for n in sizes}
+    for c in cs:
+        assert_paper_recipe(c)
+        assert c.data.name == "cifar5m" and c.model.encoder == "vgg11"
+        per_epoch = math.ceil(c.data.n_samples / 256)
+        assert c.train.max_steps == 29400 and math.ceil(c.train.epochs * per_epoch - 1e-6) == 29400
+
+
+def test_paper_transfer_is_tinyimagenet_to_cifar_and_stl():
+    ctx, st = stages("transfer")
+    cs = [c for s in st for v in s.values() for c in v]
+    assert {(c.data.name, c.model.encoder) for c in cs} == {("tinyimagenet", "resnet18"), ("tinyimagenet", "vgg11")}
+    assert ctx.params["targets"] == ["tinyimagenet", "cifar10", "cifar100", "stl10"]
+    for c in cs:
+        assert_paper_recipe(c)
+
+
+def test_paper_head_ablations_cover_app_b():
+    cs = configs("head-ablations", "out_dim")
+    assert sorted({c.head.out_dim for c in cs}) == [2 ** k for k in range(8, 17)]
+    for c in cs:
+        assert_paper_recipe(c, out_dim=c.head.out_dim)
+    assert {c.model.norm for c in configs("head-ablations", "norm")} == {"batch", "layer", "group", "instance", "none"}
+    parts = {(c.head.wn1, c.head.lin1, c.head.fn1, c.head.wn2, c.head.lin2, c.head.fn2)
+             for c in configs("head-ablations", "bottleneck")}
+    assert (False, True, True, True, True, False) in parts and len(parts) == 7
+
+
+def test_paper_architectures_are_table5():
+    cs = configs("architectures")
+    assert sorted({c.model.encoder for c in cs}) == sorted(PAPER_ENCODERS)
+    for c in cs:
+        assert_paper_recipe(c)
+    refs = load_recipe("architectures", "paper").reference
+    assert {r["match"]["model.encoder"] for r in refs} == set(PAPER_ENCODERS)
+
+
+def test_paper_restart_uses_round_one_students_as_teachers():
+    ctx, (first, second) = stages("restart")
+    r1, r2 = first["round1"], second["round2"]
+    assert len(r2) == 2 * len(r1)
+    by_dir = {str(c.run_dir()): c for c in r1}
+    for c in r2:
+        parent = by_dir[c.init.teacher_checkpoint]
+        assert (c.model.encoder, c.train.seed) == (parent.model.encoder, parent.train.seed)
+        assert c.init.mode in ("locality", "copy") and c.train.epochs == 20
+
+
+def test_paper_reference_numbers_are_spec_section_4():
+    refs = {tuple(sorted(r["match"].items())): r for r in load_recipe("probes", "paper").reference}
+    r18 = refs[(("data.name", "cifar10"), ("model.encoder", "resnet18"))]
+    assert (r18["teacher.linear"], r18["student.linear"], r18["input.linear"]) == (35.50, 46.02, 39.02)
+    assert (r18["teacher.knn"], r18["student.knn"]) == (37.65, 44.67)
+    tin = refs[(("data.name", "tinyimagenet"), ("model.encoder", "vgg11"))]
+    assert (tin["teacher.linear"], tin["student.linear"]) == (5.25, 12.88)
+
+
+def test_every_experiment_has_cpu_and_paper_recipes_that_resolve(tmp_path):
+    for name in NAMES:
+        assert f"{name}.cpu" in recipe_names() and f"{name}.paper" in recipe_names()
+        for scale in ("cpu", "paper"):
+            ctx = make_context(name, scale, out=tmp_path)
+            get_experiment(name).stages(ctx)
+            get_experiment(name).post(ctx)
+
+
+def test_cpu_experiments_share_the_default_run(tmp_path):
+    dirs = [{str(c.run_dir()) for c in cs} for cs in
+            (configs_cpu(n, tmp_path) for n in ("probes", "locality", "restart", "landscape", "head-ablations"))]
+    shared = set.intersection(*dirs[:3])
+    assert len(shared) == 3  # the shared recipe at alpha = 1e-10, seeds 0, 1, 2
+    assert len(shared & dirs[3]) == 1 and len(shared & dirs[4]) == 2  # seed 0; seeds 0, 1
+
+
+def configs_cpu(name, tmp_path):
+    _, st = stages(name, "cpu", tmp_path)
+    return [c for s in st for cs in s.values() for c in cs]
+
+
+def test_recipe_mistakes_are_user_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiment": "locality", "arms": {"a": {"grd": {}}}}))
+    with pytest.raises(ConfigError, match="grd"):
+        load_recipe("locality", "cpu", bad)
+    bad.write_text(yaml.safe_dump({"experiment": "locality", "arms": {"a": {"grid": {"init.alpha": []}}}}))
+    with pytest.raises(ConfigError, match="non-empty"):
+        load_recipe("locality", "cpu", bad)
+    bad.write_text(yaml.safe_dump({"experiment": "locality", "arms": {"a": {"grid": {"init.alpah": [1]}}}}))
+    with pytest.raises(ConfigError, match="alpah"):
+        make_context("locality", "cpu", out=tmp_path, recipe=bad).configs("a")
+    with pytest.raises(ConfigError, match="scale"):
+        load_recipe("locality", "huge")
+    assert main(["experiment", "probes", "--scale", "paper", "--recipe", str(tmp_path / "none.yaml"),
+                 "--dry-run"]) == 2
+
+
+def test_table_pairs_gains_and_shows_reference():
+    def row(seed, t, s, alpha=0.5):
+        return {"run_dir": f"r{seed}", "status": "completed", "summary": {},
+                "config": {"init.alpha": alpha, "train.seed": seed},
+                "metrics": {"teacher.linear": t, "student.linear": s}}
+    rows = [row(0, 0.30, 0.40), row(1, 0.32, 0.41), row(2, 0.34, 0.45)]
+    table = summarize(rows, ["init.alpha"])
+    assert table[0]["gain.linear_mean"] == pytest.approx(0.1)
+    assert table[0]["gain.linear_std"] == pytest.approx(0.01)  # paired: the teacher's spread cancels
+    md = markdown(table, ["init.alpha"], [{"match": {"init.alpha": 0.5}, "teacher.linear": 35.5,
+                                           "student.linear": 46.02, "source": "Tab. 1"}])
+    assert "10.00 ± 1.00" in md and "35.50 / 46.02 / – (Tab. 1)" in md
+
+
+# ------------------------------------------------------------------------------------ tiny scale, end to end
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+def run_tiny(name, root, **kw):
+    out = run_experiment(name, "tiny", out=root, progress=False, workers=0, **kw)
+    assert out.finished, out.counts
+    text = out.report.read_text()
+    assert text.startswith("# ") and "git commit" in text
+    return out, text
+
+
+def test_tiny_probes_then_reuse_and_dry_run(tiny, capsys):
+    out, text = run_tiny("probes", tiny)
+    assert out.counts == {"completed": 2}
+    assert (out.report.parent / "main.csv").exists() and (out.report.parent / "main-vs-epoch.png").exists()
+    rows = list(csv.DictReader(open(out.report.parent / "main-runs.csv")))
+    assert len(rows) == 2 and all(0 < float(r["student.linear"]) <= 1 for r in rows)
+    stamps = {p: p.stat().st_mtime_ns for p in (tiny / "runs").glob("*/summary.json")}
+    again, text2 = run_tiny("probes", tiny)
+    assert "2 of them finished before this invocation" in text2
+    assert {p: p.stat().st_mtime_ns for p in (tiny / "runs").glob("*/summary.json")} == stamps  # nothing re-ran
+    assert main(["experiment", "locality", "--scale", "tiny", "--out", str(tiny), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("done ") == 2 and listing.count("new ") == 2 and "init.alpha=0.25" in listing
+
+
+def test_tiny_locality(tiny):
+    out, text = run_tiny("locality", tiny)
+    assert "distance from init" in text and (out.report.parent / "alpha-optimization.png").exists()
+    assert "\n| 1e-10 | 2 |" in text and "\n| 0.25 | 2 |" in text
+
+
+def test_tiny_data_dependence(tiny):
+    out, text = run_tiny("data-dependence", tiny, seeds=1)
+    body = text.split("## ")[1]
+    assert all(f"| {i} | {n} |" in body for i in ("data", "noise") for n in (128, 256))
+    assert (out.report.parent / "data-dependence-vs-data.n_samples.png").exists()
+
+
+def test_tiny_transfer_probes_targets_and_caches(tiny):
+    out, text = run_tiny("transfer", tiny, seeds=1)
+    assert "| digits | digits |" in text
+    cached = list((tiny / "runs").glob("*/probes/transfer-digits-*.json"))
+    assert cached
+    before = {p: p.stat().st_mtime_ns for p in cached}
+    run_tiny("transfer", tiny, seeds=1)
+    assert {p: p.stat().st_mtime_ns for p in cached} == before
+
+
+def test_tiny_head_ablations(tiny):
+    out, text = run_tiny("head-ablations", tiny, seeds=1)
+    for arm in ("norm", "bottleneck", "out_dim"):
+        assert f"## {arm}" in text and (out.report.parent / f"{arm}.csv").exists()
+
+
+def test_tiny_architectures(tiny):
+    out, text = run_tiny("architectures", tiny, seeds=1)
+    assert "| mlp |" in text and "| convnet |" in text
+
+
+def test_tiny_restart(tiny):
+    out, text = run_tiny("restart", tiny, seeds=1)
+    assert "| copy |" in text and "| locality |" in text and (out.report.parent / "rounds.png").exists()
+
+
+def test_tiny_landscape(tiny):
+    out, text = run_tiny("landscape", tiny)
+    assert "## non-local view" in text and "## shared view" in text and "| θ_T | (0, 0) |" in text
+    assert (out.report.parent / "seed0" / "shared-affine" / "landscape.npz").exists()
+
+
+def test_tiny_imp_and_lmc(tiny):
+    _, text = run_tiny("imp", tiny)
+    assert "| 100 |" in text and "| 80 |" in text
+    _, text = run_tiny("lmc", tiny)
+    assert "| teacher | 1 |" in text and "| student | 1 |" in text
+
+
+def test_tiny_escape(tiny):
+    out, text = run_tiny("escape", tiny)
+    assert "| step_size | lr10000 | completed |" in text
+    assert (out.report.parent / "seed0" / "escape.json").exists()
