@@ -40,6 +40,7 @@ def test_plane_points_are_the_parameters_they_claim():
         point = plane.orthogonal_point(x, y)
         np.testing.assert_allclose(point.numpy(), t + x * e1 + y * e2, rtol=1e-12, atol=1e-12)
         assert plane.project(point) == pytest.approx((x, y), abs=1e-12)
+        assert plane.to_orthogonal(*plane.to_affine(x, y)) == pytest.approx((x, y), abs=1e-12)
         np.testing.assert_allclose(plane.affine_point(*plane.to_affine(x, y)).numpy(), point.numpy(), atol=1e-12)
     # the anchors' orthogonal coordinates give back the anchors
     for (x, y), want in zip(plane.anchor_coordinates("orthogonal"), (t, a, b)):
