@@ -101,3 +101,9 @@ def test_teacher_cache_refuses_a_moving_teacher(tmp_path):
     from randteach.errors import UserError
     with pytest.raises(UserError, match="teacher_cache"):
         distill(tiny_config(tmp_path, train__teacher_cache=True, teacher__mode="ema"), progress=False)
+
+
+def test_teacher_cache_with_batch_norm(tmp_path):
+    cfg = tiny_config(tmp_path, model__norm="batch", train__teacher_cache=True, train__max_steps=2,
+                      train__probe_every=0, probe__which="[]", data__root=str(tmp_path / "root"))
+    assert distill(cfg, progress=False).summary["status"] == "completed"

@@ -36,9 +36,10 @@ def usable(cfg: Config) -> tuple[bool, str]:
 
 
 def _digest_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().contiguous().cpu()
+    t = t.detach().cpu()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # reshape(-1): a 0-dim tensor (e.g. batch-norm's num_batches_tracked) cannot be viewed as bytes
+    h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def cache_key(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int) -> str:
