@@ -85,7 +85,8 @@ def test_ema_and_previous_epoch_teachers_move(tmp_path):
 
 def test_teacher_cache_matches_the_teacher_and_is_reused(tmp_path, capsys):
     base = dict(train__max_steps=3, train__probe_every=0, probe__which="[]", data__root=str(tmp_path / "root"))
-    plain = distill(tiny_config(tmp_path, out=str(tmp_path / "plain"), **base), progress=False)
+    plain = distill(tiny_config(tmp_path, out=str(tmp_path / "plain"), train__teacher_cache=False, **base),
+                    progress=False)
     cfg = tiny_config(tmp_path, out=str(tmp_path / "cached"), train__teacher_cache=True, **base)
     cached = distill(cfg, progress=True)
     assert "computed and saved" in capsys.readouterr().out
