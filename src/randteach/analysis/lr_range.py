@@ -10,12 +10,18 @@ for the T optimizer steps k = 0 .. T-1 (`randteach.optim.lr_at`, schedule=expone
 
 Divergence is a result, not a crash: a non-finite loss or gradient ends a side and is recorded as
 `nonfinite` (step, lr). Before that, `rise` marks where the loss leaves its floor: the first step at
-which the smoothed loss exceeds `factor` (4, the usual range-test threshold) times its running
-minimum (a minimum below 1e-8 counts as 1e-8, so that the ~1e-16 fp32 residue loss of a student
-sitting on its teacher does not count as a rise when it flickers). Smoothing is a bias-corrected exponential moving average of the per-step loss,
-`m_k = beta m_{k-1} + (1 - beta) loss_k`, `smoothed_k = m_k / (1 - beta^k)`. For the teacher-student
-loss, which starts at ~1e-16 (the student sits on the teacher), `rise` is the escape from the teacher
-and `nonfinite` the blow-up: the paper's two divergences (eta ~ 500 for the latter on CIFAR10/VGG11).
+which the smoothed loss exceeds `factor` (4, the usual range-test threshold) times its running minimum
+(a minimum below 1e-8 counts as 1e-8, so that the flickering ~1e-16 fp32 residue loss of a student
+sitting on its teacher is no rise). Smoothing: bias-corrected exponential moving average of the
+per-step loss, `m_k = beta m_{k-1} + (1 - beta) loss_k`, `smoothed_k = m_k / (1 - beta^k)`, beta 0.9.
+For the teacher-student loss `rise` is the escape from the teacher and `nonfinite` the blow-up: the
+paper's two divergences (the second at eta ~ 500 on CIFAR10/VGG11).
+
+Measured (2 shared CPU cores, `randteach lr-range --data.name fashion-mnist --model.encoder convnet
+--data.n_samples 10240 --train.device cpu --epochs 5`: 200 steps, SGD, plain MSE, batch 256): the
+teacher-student loss sits at ~1e-15 up to lr ~1e-2, rises at lr 0.067 and becomes non-finite at
+lr 0.134; the supervised loss rises at lr 3.7 and becomes non-finite at lr 5.7. (Our MSE sums over
+the 512 output features; a per-element mean would move the teacher-student points up by that factor.)
 """
 from __future__ import annotations
 

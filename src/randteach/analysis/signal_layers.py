@@ -27,6 +27,13 @@ Metrics are computed on X exactly as collected unless `center` (subtract each ne
 samples) or `standardize` (center and divide by the std; constant neurons stay 0) is asked for; dead
 neurons are always counted on the collected post-activation X (centering would turn constant neurons
 into zero rows).
+
+Measured (`randteach signal RUN --n-samples 1000 --n-test 1000 --probe.knn_k 0` on the eta = 1e5 run of
+the CPU escape sweep in `escape.py`: collapse at step 50, student at step 400; 37 s on 2 shared cores):
+from the teacher to the collapse point, conv layers 2-4 go from effective rank 5.0 / 10.4 / 15.0 to
+1.1 / 1.0 / 1.0, from 0 / 2 / 0 to 29 / 56 / 66 dead channels (of 64 / 128 / 128), to a Fisher
+separability 0.13 / 0.08 / 0.08 of the teacher's, and per-layer probes from 71.3 / 71.9 / 70.9 % to
+58.4 / 58.1 / 52.3 %: the paper's representational collapse. After 400 steps the student is still there.
 """
 from __future__ import annotations
 
