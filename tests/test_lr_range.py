@@ -7,7 +7,7 @@ from randteach.analysis.lr_range import find_divergences, lr_range, smooth
 from randteach.cli import main
 from randteach.rundir import RunDir
 
-from tiny import tiny_config
+from tiny import TINY, tiny_config
 
 RANGE = dict(head__kind="linear", head__out_dim=64, optim__name="sgd", loss__name="mse", init__mode="neighborhood",
              init__epsilon=1e-10, train__precision="fp32", data__n_samples=256)
@@ -35,9 +35,7 @@ def test_step_sizes_are_the_exponential_sequence(tmp_path):
 
 
 def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
-    overrides = [f"--{k.replace('__', '.')}={v}" for k, v in RANGE.items()] + [
-        "--data.name=digits", "--model.encoder=convnet", "--model.width=8", "--train.batch_size=64",
-        "--train.device=cpu"]
+    overrides = [f"--{k}={v}" for k, v in TINY.items()] + [f"--{k.replace('__', '.')}={v}" for k, v in RANGE.items()]
     out = tmp_path / "lr"
     rc = main(["--quiet", "lr-range", "--preset", "cpu", "--lr-start", "1e-2", "--lr-end", "1e12", "--steps", "30",
                "--out", str(out), *overrides])
