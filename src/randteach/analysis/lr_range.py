@@ -69,11 +69,6 @@ def range_config(cfg: Config, lr_start: float, lr_end: float, total_steps: int, 
     return c.validate()
 
 
-def range_lrs(cfg: Config, total_steps: int) -> list[float]:
-    """The step size of every optimizer step of a range test config (the exponential sequence)."""
-    return [lr_at(cfg.optim, k, total_steps) for k in range(total_steps)]
-
-
 def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     """Bias-corrected EMA of the losses; stops (shorter list) at the first non-finite loss."""
     out, m = [], 0.0
