@@ -28,7 +28,8 @@ from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
 from .evaluate import Prober, autocast
-from .init import exact_copy, init_report, locality_init, neighborhood_init, parameter_distance, parameter_norm
+from .init import (exact_copy, gradient_norm, init_report, locality_init, neighborhood_init, parameter_distance,
+                   parameter_norm)
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
@@ -166,15 +167,6 @@ def _checkpoint_steps(cfg: Config, steps_per_epoch: int, total_steps: int) -> se
         return set()
     stride = max(1, round(every * steps_per_epoch))
     return set(range(stride, total_steps, stride))
-
-
-def _grad_norm(params) -> float:
-    grads = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
-    return float(torch.stack(grads).sum().sqrt()) if grads else 0.0
-
-
-def _finite_params(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_data: ImageData | None = None,
@@ -369,7 +361,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                 loss_sum += float(loss.detach()) * len(chunk) / len(idx)
             ddp.sum_gradients(student.parameters())
             loss_sum = ddp.sum_scalar(loss_sum, device)
-            grad_norm = _grad_norm(student.parameters())
+            grad_norm = gradient_norm(student)
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
             if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
@@ -386,13 +378,13 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                 teacher.load_state_dict(student.state_dict())
             last_loss = loss_sum
             if step % cfg.train.log_every == 0 or step == total_steps:
-                if not _finite_params(student):
+                dist_teacher = parameter_distance(student, teacher)
+                if not math.isfinite(dist_teacher):  # a non-finite parameter makes the distance non-finite
                     bar.close()
                     return finish("diverged", diverged_step=step, reason="non-finite parameters")
                 log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum, "grad_norm": grad_norm,
-                         "dist_teacher": parameter_distance(student, teacher),
-                         "dist_init": parameter_distance(student, student_init), "lr": lr,
-                         "bf16": bf16_on, "time": wall()})
+                     "dist_teacher": dist_teacher, "dist_init": parameter_distance(student, student_init),
+                     "lr": lr, "bf16": bf16_on, "time": wall()})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3g}", refresh=False)
             if prober is not None and step in probe_steps and step != total_steps:
