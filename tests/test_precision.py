@@ -1,0 +1,115 @@
+"""The fast paths do not change the science (issue 7).
+
+tests/test_distill.py and tests/test_escape.py already show that the escape at eps = 1e-10 happens under
+fp32 and under the bf16 fast path, and that bf16 from the first step never escapes. Here: the bf16 switch
+follows its documented rule step by step; the escape survives the teacher cache (whose targets come from
+other batches than the student's); channels-last, torch.compile and bf16 itself reproduce the plain
+path's losses within their rounding.
+"""
+import functools
+
+import pytest
+import torch
+
+from randteach.distill import build_teacher_and_student, distill, load_training_inputs
+from randteach.init import parameter_norm
+from randteach.rundir import RunDir
+
+from tiny import tiny_config
+
+# the escaping paper's setting, tiny: conv net + one linear layer, SGD at 1e4, N-MSE, student at
+# theta_T + 1e-10 theta_fresh (as in tests/test_escape.py)
+ESCAPE = dict(head__kind="linear", head__out_dim=64, init__mode="neighborhood", init__epsilon=1e-10,
+              loss__name="nmse", optim__name="sgd", optim__lr=1e4, optim__momentum=0, data__n_samples=256,
+              train__max_steps=8, probe__which="[]", train__probe_every=0, train__checkpoint_every=0)
+# an ordinary run away from the teacher: the fast paths must give the same losses as the plain one
+PLAIN = dict(init__mode="independent", train__max_steps=4, data__n_samples=256, probe__which="[]",
+             train__probe_every=0, train__checkpoint_every=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: two OpenMP threads wait on each other ~100x longer than
+    # the work takes (measured: 1.1 s vs 0.01 s per step). The results do not depend on it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _steps(tmp_path, name, **overrides):
+    cfg = tiny_config(tmp_path, out=str(tmp_path / name), **overrides)
+    distill(cfg, progress=False)
+    return cfg, [r for r in RunDir(cfg.run_dir()).records() if "loss" in r]
+
+
+def _teacher_norm(cfg) -> float:
+    inputs, _, data, size = load_training_inputs(cfg)
+    teacher, _ = build_teacher_and_student(cfg, data.images.shape[1], size)
+    return parameter_norm(teacher)
+
+
+def test_bf16_switches_on_by_its_rule_and_stays_on(tmp_path):
+    # Rule (train.bf16_after_distance): step k runs in bf16 once ||theta_S - theta_T|| before it (the
+    # distance logged at step k-1) exceeds after * ||theta_T||, and stays in bf16 from then on.
+    after = 1e-3
+    cfg, steps = _steps(tmp_path, "rule", **ESCAPE, train__precision="bf16", train__bf16_after_distance=after)
+    norm = _teacher_norm(cfg)
+    flags = [s["bf16"] for s in steps]
+    assert not flags[0] and flags[-1]
+    for prev, cur in zip(steps, steps[1:]):
+        assert cur["bf16"] == (prev["bf16"] or prev["dist_teacher"] > after * norm), (prev, cur)
+    on = flags.index(True)
+    assert all(flags[on:])
+    # after the switch the student keeps training in bf16: finite, non-zero losses, and it keeps moving
+    assert all(0 < s["loss"] < float("inf") for s in steps[on:])
+    assert steps[-1]["dist_teacher"] > steps[on - 1]["dist_teacher"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_escape_with_the_teacher_cache(tmp_path, precision):
+    # The cached teacher outputs come from other batches than the student's, so the student no longer
+    # starts bitwise at the teacher's outputs: it must still start at ~0 loss and then leave.
+    cfg, steps = _steps(tmp_path, precision, **ESCAPE, train__precision=precision, train__teacher_cache=True,
+                        data__root=str(tmp_path / "root"))
+    norm = _teacher_norm(cfg)
+    assert steps[0]["loss"] < 1e-10 and steps[0]["dist_teacher"] < 1e-6 * norm
+    assert max(s["loss"] for s in steps) > 1e-2
+    assert steps[-1]["dist_teacher"] > 1e-2 * norm
+    if precision == "bf16":
+        assert not steps[0]["bf16"] and steps[-1]["bf16"]
+
+
+def _losses(steps):
+    return [s["loss"] for s in steps]
+
+
+def test_channels_last_gives_the_same_losses(tmp_path):
+    # channels-last applies under bf16 (train.channels_last is "for conv encoders under bf16")
+    _, nhwc = _steps(tmp_path, "nhwc", **PLAIN, train__precision="bf16", train__channels_last=True)
+    _, nchw = _steps(tmp_path, "nchw", **PLAIN, train__precision="bf16", train__channels_last=False)
+    assert all(s["bf16"] for s in nhwc + nchw)
+    assert _losses(nhwc) == pytest.approx(_losses(nchw), rel=1e-2)
+
+
+def test_bf16_losses_follow_fp32(tmp_path):
+    # bf16 autocast changes the forward passes by bf16 rounding (8 bits of mantissa), not the run.
+    _, bf16 = _steps(tmp_path, "bf16", **PLAIN, train__precision="bf16")
+    _, fp32 = _steps(tmp_path, "fp32", **PLAIN, train__precision="fp32")
+    assert all(s["bf16"] for s in bf16) and not any(s["bf16"] for s in fp32)
+    assert _losses(bf16) == pytest.approx(_losses(fp32), rel=1e-3)  # measured: 1e-5
+    assert _losses(bf16) != _losses(fp32)  # bf16 really was used
+
+
+def test_compile_gives_the_same_losses(tmp_path, monkeypatch):
+    # What train.compile changes in the loop: the forward passes go through torch.compile's wrappers
+    # (dynamo graph capture, AOTAutograd backward) while the optimizer, checkpoints and distances use the
+    # original modules. The aot_eager backend exercises all of that without inductor's C++ build, which
+    # takes minutes on this CPU; inductor's kernels are torch's to test.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    _, compiled = _steps(tmp_path, "compiled", **PLAIN, train__compile=True)
+    _, eager = _steps(tmp_path, "eager", **PLAIN, train__compile=False)
+    torch._dynamo.reset()
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4)
+    assert compiled[-1]["dist_init"] == pytest.approx(eager[-1]["dist_init"], rel=1e-4)
