@@ -1,0 +1,231 @@
+"""Distillation throughput: our loop (`randteach.distill`) with each optimization on and off, against a
+minimal plain-PyTorch fp32 loop of the same model and batch, in images/s.
+
+The plain loop (`plain_steps`) is what one would write by hand: float32 inputs held in memory, teacher
+forward under no_grad, student forward and backward, cross-entropy between the two softmaxes, AdamW step.
+Our loop is timed from its own metrics.jsonl ("time" is the run's wall clock at the end of each step),
+so every per-step cost of the real loop counts: logging, distances, gradient norm, the bf16 switch.
+
+Two clocks per step: wall seconds, and the process's CPU seconds (all threads). On a machine shared with
+other work the wall clock measures our share of the cores as much as our code; the CPU clock does not,
+so ratios of CPU seconds are the steadier figure there (both are reported).
+
+Each measurement runs in its own process (`python bench_distill.py '<json>'`): peak RSS is then that
+variant's own, and neither torch.compile's state nor the allocator carries over between variants.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from randteach import teacher_cache
+from randteach.config import build_config
+from randteach.data import Preprocess, load_dataset, stratified_subset
+from randteach.distill import build_teacher_and_student, distill, load_training_inputs, model_image_size
+from randteach.models import build_model
+from randteach.rundir import RunDir
+
+loop = importlib.import_module("randteach.distill")  # the module (the package's `distill` is the API function)
+
+# Each optimization alone, and all together. channels-last applies only under bf16 (train.channels_last
+# is documented as "for conv encoders under bf16"), so it is measured on top of bf16.
+VARIANTS = {  # key: (label, config overrides on top of everything off)
+    "off": ("ours, all off (fp32)", {}),
+    "bf16": ("bf16 autocast", {"train.precision": "bf16"}),
+    "bf16-cl": ("bf16 + channels-last", {"train.precision": "bf16", "train.channels_last": "true"}),
+    "cache": ("teacher cache", {"train.teacher_cache": "true"}),
+    "compile": ("torch.compile", {"train.compile": "true"}),
+    "all": ("all on", {"train.precision": "bf16", "train.channels_last": "true", "train.teacher_cache": "true",
+                       "train.compile": "true"}),
+}
+PLAIN = ("plain", "plain fp32 loop")
+
+
+@dataclass
+class Workload:
+    """What one training step is: model, data, batch. The default is the issue's VGG11 setting."""
+    encoder: str = "vgg11"
+    width: int = 32                      # only read by the small encoders
+    data: str = "fashion-mnist"          # 28 px, 1 channel, zero-padded to 32 px for VGG11
+    n_samples: int = 2048                # distinct images cycled through (the step cost does not depend on it)
+    batch: int = 256
+    hidden_dims: list[int] = field(default_factory=lambda: [2048, 2048])
+    bottleneck_dim: int = 256
+    out_dim: int = 4096                  # the cpu preset's m; the paper's 2^16 adds a 256 x 65536 matmul
+    warmup: int = 1                      # steps not timed (kernel selection, compilation)
+    steps: int = 2                       # timed steps per measurement
+
+    def overrides(self, out: Path, root: Path) -> dict[str, str]:
+        """Config overrides of our loop for this workload: everything off, no probes, no checkpoints but
+        the final ones, independent init (alpha = 1), so that bf16, when asked for, is on from step 1."""
+        return {"data.name": self.data, "data.n_samples": str(self.n_samples), "data.root": str(root),
+                "model.encoder": self.encoder, "model.width": str(self.width),
+                "head.hidden_dims": json.dumps(self.hidden_dims), "head.bottleneck_dim": str(self.bottleneck_dim),
+                "head.out_dim": str(self.out_dim), "init.mode": "independent",
+                "train.batch_size": str(self.batch), "train.epochs": "1000",
+                "train.max_steps": str(self.warmup + self.steps), "train.device": "cpu",
+                "train.precision": "fp32", "train.channels_last": "false", "train.compile": "false",
+                "train.teacher_cache": "false", "train.probe_every": "0", "train.checkpoint_every": "0",
+                "train.log_every": "1", "probe.which": "[]", "out": str(out)}
+
+
+class _NotingClock:
+    """Stands in for the `time` module inside randteach.distill during a benchmark run: the loop's wall
+    clock reads as before, and each reading also notes the process CPU clock at that instant, so every
+    logged step time pairs with the CPU seconds spent up to it."""
+
+    def __init__(self):
+        self.readings: list[tuple[float, float]] = []  # (wall, cpu); the first is the loop's t_start
+
+    def perf_counter(self) -> float:
+        wall = time.perf_counter()
+        self.readings.append((wall, time.process_time()))
+        return wall
+
+    def cpu_at(self, elapsed: float) -> float:
+        """CPU seconds since the loop started, at the reading `elapsed` wall seconds after it started."""
+        t0, c0 = self.readings[0]
+        return min(self.readings, key=lambda r: abs(r[0] - t0 - elapsed))[1] - c0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def _config(w: Workload, out: Path, root: Path, extra: dict | None = None):
+    return build_config("cpu", None, {**w.overrides(out, root), **(extra or {})})
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _ce(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    return -(F.softmax(teacher_out, -1) * F.log_softmax(student_out, -1)).sum(-1).mean()
+
+
+def _plain_setup(w: Workload, root: Path):
+    cfg = _config(w, root / "unused", root)
+    data = load_dataset(w.data, "train")
+    data = data.subset(stratified_subset(data.labels, w.n_samples, seed=0))
+    size = model_image_size(cfg, data.images.shape[-1])
+    x_all = Preprocess.fit(data, size=size)(data.images).float()  # float32, in memory, once
+    teacher = build_model(cfg, data.images.shape[1], size, seed=1).eval().requires_grad_(False)
+    student = build_model(cfg, data.images.shape[1], size, seed=2).train()
+    return x_all, teacher, student
+
+
+def plain_steps(w: Workload, root: Path) -> dict:
+    """The baseline: a minimal hand-written fp32 distillation loop over the same model and batch."""
+    x_all, teacher, student = _plain_setup(w, root)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
+    times, cpu = [], []
+    for i in range(w.warmup + w.steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        idx = order[(i * w.batch) % len(x_all):][:w.batch]
+        x = x_all[idx]
+        with torch.no_grad():
+            t = teacher(x)
+        loss = _ce(student(x), t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"step_s": times, "cpu_s": cpu}
+
+
+def our_steps(w: Workload, root: Path, extra: dict) -> dict:
+    """Our loop, `randteach.distill`, with config overrides `extra`; per-step times from metrics.jsonl."""
+    out = root / "runs" / f"run-{time.time_ns()}"
+    cfg = _config(w, out, root, extra)
+    clock = _NotingClock()
+    loop.time = clock
+    try:
+        result = distill(cfg, progress=False)
+    finally:
+        loop.time = time
+    steps = [r for r in RunDir(result.path).records() if "loss" in r]
+    shutil.rmtree(out, ignore_errors=True)
+    if result.summary["status"] != "completed":
+        raise RuntimeError(f"benchmark run ended with status {result.summary['status']}")
+    wall = [r["time"] for r in steps]
+    cpu = [clock.cpu_at(t) for t in wall]
+    return {"step_s": [wall[0]] + [b - a for a, b in zip(wall, wall[1:])],
+            "cpu_s": [cpu[0]] + [b - a for a, b in zip(cpu, cpu[1:])],
+            "bf16": [r["bf16"] for r in steps]}
+
+
+def build_teacher_cache(w: Workload, root: Path) -> dict:
+    """Fill the teacher-target cache the loop will read (same teacher, inputs and key as `distill`), timed."""
+    cfg = _config(w, root / "unused", root, {"train.teacher_cache": "true"})
+    inputs, preprocess, data, size = load_training_inputs(cfg)
+    teacher, _ = build_teacher_and_student(cfg, data.images.shape[1], size)
+    teacher.eval().requires_grad_(False)
+    start = time.perf_counter()
+    targets, origin = teacher_cache.load_or_compute(teacher, inputs, preprocess, min(w.batch, len(inputs)),
+                                                    torch.device("cpu"), root / "teacher-targets")
+    secs = time.perf_counter() - start
+    return {"images": len(inputs), "seconds": secs, "bytes": targets.numel() * targets.element_size(),
+            "origin": origin.split(" ")[0]}
+
+
+def count_flops(w: Workload, root: Path) -> dict:
+    """FLOPs of one plain training step (teacher forward, student forward and backward) and of the part
+    a teacher cache removes (teacher encoder and bottleneck forward), by FlopCounterMode."""
+    x_all, teacher, student = _plain_setup(w, root)
+    x = x_all[:w.batch]
+    with FlopCounterMode(display=False) as step:
+        with torch.no_grad():
+            t = teacher(x)
+        _ce(student(x), t).backward()
+    with FlopCounterMode(display=False) as cached, torch.no_grad():
+        teacher.head.bottleneck(teacher.encoder(x))
+    return {"step": step.get_total_flops(), "teacher_cached_part": cached.get_total_flops()}
+
+
+def measure(kind: str, w: Workload, root: Path, extra: dict | None = None) -> dict:
+    """One measurement in this process: 'plain', 'ours' (with overrides `extra`), 'cache' or 'flops'."""
+    load = os.getloadavg()[0]
+    if kind == "plain":
+        out = plain_steps(w, root)
+    elif kind == "ours":
+        out = our_steps(w, root, extra or {})
+    elif kind == "cache":
+        out = build_teacher_cache(w, root)
+    elif kind == "flops":
+        out = count_flops(w, root)
+    else:
+        raise ValueError(f"unknown measurement {kind!r}")
+    return {**out, "peak_rss": _peak_rss(), "load": [load, os.getloadavg()[0]]}
+
+
+def measure_isolated(kind: str, w: Workload, root: Path, extra: dict | None = None) -> dict:
+    """`measure` in a fresh Python process (own peak RSS, no state shared with other variants), with
+    this process's torch thread count."""
+    spec = json.dumps({"kind": kind, "workload": asdict(w), "root": str(root), "extra": extra or {},
+                       "threads": torch.get_num_threads()})
+    proc = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker {kind} {extra} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    res = measure(spec["kind"], Workload(**spec["workload"]), Path(spec["root"]), spec["extra"])
+    print("RESULT " + json.dumps(res), flush=True)

@@ -1,0 +1,206 @@
+"""Turn one benchmark run's measurements into figures, target verdicts and benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import statistics
+
+from bench_distill import PLAIN, VARIANTS
+
+# Issue 7's targets (ratios on this CPU kind, VGG11 at 32 px, batch 256).
+TARGET_ALL_ON = 2.5          # distillation with everything on, x the plain fp32 loop
+TARGET_CACHE = 1.25          # the teacher cache alone, x the plain fp32 loop
+TARGET_LINEAR_S = 15.0       # linear probe, 60,000 x 512
+TARGET_KNN_S = 5.0           # k-NN, 10,000 queries vs 60,000 x 512
+TARGET_FLOP_FRACTION = 0.35  # the training step's FLOP/s / bf16 matmul FLOP/s
+
+
+def _label(key: str) -> str:
+    return PLAIN[1] if key == PLAIN[0] else VARIANTS[key][0]
+
+
+CLOCKS = {"cpu": "cpu_s", "wall": "step_s"}  # verdicts use the CPU clock: steady on a shared machine
+
+
+def _per_step(runs: list[dict], field: str, warmup: int) -> tuple[float, list[float]]:
+    """Mean over rounds of each round's median of the timed steps (warm-up dropped), and the medians."""
+    per_round = [statistics.median(run[field][warmup:]) for run in runs]
+    return statistics.mean(per_round), per_round
+
+
+def summarize(results: dict) -> dict:
+    """Per variant and clock (wall, CPU): seconds per step, images/s, ratios to the plain loop and to our
+    loop with everything off, FLOP/s against the matmul yardstick; peak RSS; and the target verdicts."""
+    w = results["workload"]
+    rounds = results["distill"]
+    keys = [PLAIN[0]] + [k for k in (rounds[0]["order"] if rounds else []) if k != PLAIN[0]]
+    peak = {k: statistics.mean([results["matmul_start"][k], results["matmul_end"][k]])
+            for k in ("fp32", "bf16", "fp32_cpu", "bf16_cpu")}
+    flops = results["flops"]
+    per = {}
+    for key in keys:
+        runs = [r["results"][key] for r in rounds]
+        cached = key != PLAIN[0] and VARIANTS[key][1].get("train.teacher_cache") == "true"
+        v = {"label": _label(key), "warmup_s": [run["step_s"][:w["warmup"]] for run in runs],
+             "peak_rss": max(run["peak_rss"] for run in runs), "bf16_steps": [run.get("bf16") for run in runs],
+             "step_flops": flops["step"] - (flops["teacher_cached_part"] if cached else 0)}
+        for clock, field in CLOCKS.items():
+            t, per_round = _per_step(runs, field, w["warmup"])
+            suffix = "" if clock == "wall" else "_cpu"
+            v[clock] = {"s_per_step": t, "per_round": per_round, "images_per_s": w["batch"] / t,
+                        "flop_s": v["step_flops"] / t, "frac_bf16": v["step_flops"] / t / peak["bf16" + suffix],
+                        "frac_fp32": v["step_flops"] / t / peak["fp32" + suffix]}
+        per[key] = v
+    for clock in CLOCKS:
+        base = per[PLAIN[0]][clock]["s_per_step"] if PLAIN[0] in per else None
+        off = per["off"][clock]["s_per_step"] if "off" in per else None
+        for v in per.values():
+            v[clock]["x_plain"] = base / v[clock]["s_per_step"] if base else None
+            v[clock]["x_off"] = off / v[clock]["s_per_step"] if off else None
+    targets = []
+
+    def target(name, value, shown, goal, ok):
+        targets.append({"name": name, "value": value, "shown": shown, "goal": goal,
+                        "verdict": "not measured" if value is None else ("PASS" if ok else "FAIL")})
+
+    def ratio(key):
+        if key not in per:
+            return None, ""
+        v = per[key]
+        return v["cpu"]["x_plain"], f"{v['cpu']['x_plain']:.2f}x CPU clock ({v['wall']['x_plain']:.2f}x wall)"
+
+    value, shown = ratio("all")
+    target("distill, all on, x plain fp32 loop", value, shown, f">= {TARGET_ALL_ON}x", (value or 0) >= TARGET_ALL_ON)
+    value, shown = ratio("cache")
+    target("teacher cache alone, x plain fp32 loop", value, shown, f">= {TARGET_CACHE}x", (value or 0) >= TARGET_CACHE)
+    probes = results.get("probes") or {}
+    for name, key, goal in (("linear probe 60,000 x 512", "linear", TARGET_LINEAR_S),
+                            ("k-NN 10,000 vs 60,000 x 512", "knn", TARGET_KNN_S)):
+        r = probes.get(key, {})
+        value = r.get("median_cpu_s")
+        shown = f"{value or 0:.1f} CPU s ({r.get('median_s') or 0:.1f} s wall)"
+        target(name, value, shown, f"<= {goal:g} s", (value or 1e9) <= goal)
+    allon = per.get("all")
+    frac = allon["cpu"]["frac_bf16"] if allon else None
+    shown = (f"{100 * frac:.0f} % CPU clock ({100 * allon['wall']['frac_bf16']:.0f} % wall)" if allon else "")
+    target("training step (all on) FLOP/s / bf16 matmul FLOP/s", frac, shown,
+           f">= {100 * TARGET_FLOP_FRACTION:.0f} %", (frac or 0) >= TARGET_FLOP_FRACTION)
+    return {"variants": per, "peak": peak, "targets": targets}
+
+
+def _shown(t: dict) -> str:
+    return t["shown"] if t["value"] is not None else "-"
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2 ** 30:.2f} GiB"
+
+
+def _load(triple) -> str:
+    return " / ".join(f"{x:.2f}" for x in triple)
+
+
+def markdown(results: dict) -> str:
+    s = summarize(results)
+    m = results["machine"]
+    w = results["workload"]
+    lines = ["# Benchmark results", "",
+             "Written by `make bench` (`benchmarks/run.py`); how to read it and what the numbers mean: "
+             "`docs/PERFORMANCE.md`. Every ratio compares measurements taken in this one run.", "",
+             f"- command: `{results['command']}`",
+             f"- date: {m['date']}; wall time {results['wall_s'] / 60:.1f} min",
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+             f"Python {m['python']}, host `{m['host']}`",
+             f"- code: commit {m.get('code', 'unknown')}",
+             f"- bf16 hardware: AMX flags {', '.join(m['amx']) if m['amx'] else 'absent'}; avx512_bf16 "
+             f"{'present' if m['avx512_bf16'] else 'absent'}; oneDNN dispatches to ISA `{m['onednn']['isa']}`, "
+             f"bf16 matmul kernel `{m['onednn']['bf16_matmul']}`",
+             f"- load average (1/5/15 min): start {_load(results['load_start'])}, end {_load(results['load_end'])}"
+             f" (the machine is shared; {m['cores']} cores)",
+             f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
+             "## Targets (issue 7)", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+    for t in s["targets"]:
+        lines.append(f"| {t['name']} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
+    pk = s["peak"]
+    ms, me = results["matmul_start"], results["matmul_end"]
+    lines += ["", f"Matmul yardstick ({ms['n']}² @ {ms['n']}², fp32 and bf16 alternating, median; start → end of "
+              f"the run): fp32 {ms['fp32'] / 1e9:.1f} → {me['fp32'] / 1e9:.1f} GFLOP/s wall, "
+              f"{ms['fp32_cpu'] / 1e9:.1f} → {me['fp32_cpu'] / 1e9:.1f} GFLOP per CPU-second; bf16 "
+              f"{ms['bf16'] / 1e9:.1f} → {me['bf16'] / 1e9:.1f} GFLOP/s wall, {ms['bf16_cpu'] / 1e9:.1f} → "
+              f"{me['bf16_cpu'] / 1e9:.1f} GFLOP per CPU-second. bf16/fp32 = {pk['bf16_cpu'] / pk['fp32_cpu']:.2f} "
+              f"(CPU clock), {pk['bf16'] / pk['fp32']:.2f} (wall).", "",
+              "Verdicts use the CPU clock (process CPU seconds, all threads), which other work on a shared "
+              "machine does not stretch; the wall-clock figure is shown beside it.", ""]
+    head = (f"{w['encoder']} encoder, DINO head {w['hidden_dims']} → bottleneck {w['bottleneck_dim']} → "
+            f"{w['out_dim']}, {w['data']} ({w['n_samples']} images cycled, "
+            f"padded to 32 px when the encoder needs it), batch {w['batch']}, CE loss, AdamW lr 1e-3")
+    lines += ["## 1. Distillation step", "",
+              f"Workload: {head}; init.mode independent (so bf16, when asked for, is on from step 1). "
+              f"{w['warmup']} warm-up step(s) then {w['steps']} timed step(s) per measurement, "
+              f"{len(results['distill'])} rounds in palindromic order (plain, v1…vn | vn…v1, plain); "
+              "s/step = mean over rounds of each round's median. Our loop's step time is read from its own "
+              "metrics.jsonl, so logging, distances, gradient norm and the bf16 switch are included. "
+              "Each measurement is its own process; peak RSS = that process's `ru_maxrss` (whole process: "
+              "Python, torch, data, both models, optimizer state).", "",
+              "| variant | wall s/step (per round) | images/s | × plain, wall | CPU s/step (per round) | "
+              "× plain, CPU | × ours-off, CPU | FLOP/step | % bf16 matmul, CPU | % fp32 matmul, CPU | peak RSS | "
+              "warm-up step(s) s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, v in s["variants"].items():
+        wl, cp = v["wall"], v["cpu"]
+        warm = ", ".join(f"{x:.1f}" for run in v["warmup_s"] for x in run)
+        xo = f"{cp['x_off']:.2f}" if cp["x_off"] else "-"
+        lines.append(f"| {v['label']} | {wl['s_per_step']:.2f} ({', '.join(f'{x:.2f}' for x in wl['per_round'])}) | "
+                     f"{wl['images_per_s']:.1f} | {wl['x_plain']:.2f} | {cp['s_per_step']:.2f} "
+                     f"({', '.join(f'{x:.2f}' for x in cp['per_round'])}) | **{cp['x_plain']:.2f}** | {xo} | "
+                     f"{v['step_flops'] / 1e9:.4g} G | {100 * cp['frac_bf16']:.0f} % | {100 * cp['frac_fp32']:.0f} % | "
+                     f"{_gib(v['peak_rss'])} | {warm} |")
+    f = results["flops"]
+    lines += ["", f"FLOPs (torch.utils.flop_counter.FlopCounterMode, one plain step: teacher forward + student "
+              f"forward and backward): {f['step'] / 1e9:.4g} GFLOP; the teacher's encoder and bottleneck "
+              f"forward, which the cache removes: {f['teacher_cached_part'] / 1e9:.4g} GFLOP "
+              f"({100 * f['teacher_cached_part'] / f['step']:.0f} %, so the cache can give at most "
+              f"{f['step'] / (f['step'] - f['teacher_cached_part']):.2f}×). The optimizer's elementwise work is "
+              "not counted."]
+    bf16_ok = all(all(flags) for key, v in s["variants"].items() if key != PLAIN[0]
+                  and VARIANTS[key][1].get("train.precision") == "bf16" for flags in v["bf16_steps"])
+    lines.append(f"Every step of the bf16 variants ran under bf16: {'yes' if bf16_ok else 'NO'} "
+                 "(metrics.jsonl `bf16` field).")
+    cb = results.get("cache_build")
+    if cb:
+        lines.append(f"Teacher cache build ({cb['origin']}): {cb['images']} images in {cb['seconds']:.1f} s "
+                     f"({cb['images'] / cb['seconds']:.0f} images/s, fp32), {cb['bytes'] / 2 ** 20:.1f} MiB; "
+                     "paid once per teacher and data set, then read from disk by every run.")
+    p = results.get("probes")
+    if p:
+        lines += ["", "## 2. Probes", "",
+                  f"Features: {p['source']}, train {p['shape']['train']}, test {p['shape']['test']}; "
+                  "`randteach.probe.linear_probe` (L-BFGS logistic regression, defaults) and `knn_probe` "
+                  "(k = 20, cosine), alternating, median of the repetitions, per torch thread count. With one "
+                  "thread the CPU seconds are the time on one dedicated core: the verdicts use them.", "",
+                  "| probe | threads | wall s (each repetition) | CPU s (each repetition) | median wall | median CPU | "
+                  "test accuracy |", "|---|---|---|---|---|---|---|"]
+        for n, by in p["threads"].items():
+            for name in ("linear", "knn"):
+                r = by[name]
+                lines.append(f"| {name} | {n} | {', '.join(f'{x:.2f}' for x in r['seconds'])} | "
+                             f"{', '.join(f'{x:.2f}' for x in r['cpu_seconds'])} | {r['median_s']:.2f} s | "
+                             f"{r['median_cpu_s']:.2f} s | {100 * r['accuracy']:.2f} % |")
+    ls = results.get("landscape")
+    if ls:
+        lines += ["", "## 3. Landscape", "",
+                  f"`randteach.analysis.landscape.compute_landscape` (functional_call per point, loss and "
+                  f"embedding KL, no probe) of the workload's model on a plane through three random inits, "
+                  f"{ls['n_loss']} loss inputs per point: **{ls['points_per_s']:.2f} points/s** wall, "
+                  f"{ls['points_per_cpu_s']:.2f} points per CPU-second "
+                  f"({ls['points']} points in {ls['k_points_s']:.1f} s including setup = "
+                  f"{ls['points_per_s_with_setup']:.2f} points/s; one point with setup {ls['one_point_s']:.1f} s)."]
+    lines += ["", "## 4. GPU", "",
+              f"{'Device: ' + m['cuda'] if m['cuda'] else 'No GPU was available to this session (the device tool reported none), so no GPU figures were taken.'}",
+              "", "## Raw measurements", "", "| round | order | variant | wall s per step (warm-up first) | CPU s per step | load start → end |",
+              "|---|---|---|---|---|---|"]
+    for i, r in enumerate(results["distill"]):
+        for key in r["order"]:
+            res = r["results"][key]
+            lines.append(f"| {i + 1} | {r['order'].index(key) + 1} | {_label(key)} | "
+                         f"{', '.join(f'{x:.2f}' for x in res['step_s'])} | {', '.join(f'{x:.2f}' for x in res['cpu_s'])} | "
+                         f"{res['load'][0]:.1f} → {res['load'][1]:.1f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,116 @@
+"""`make bench`: our distillation step against a plain fp32 loop with each optimization on and off, probe
+times, landscape points per second, peak memory and the step's achieved FLOP/s against a bf16 matmul
+measured in the same run; writes benchmarks/RESULTS.md.
+
+Absolute numbers move with the machine and its load (the development machine is shared); the figures that
+carry are ratios taken in one run. Distillation measurements run in rounds, every other round in reverse
+order (plain, v1 ... vn | vn ... v1, plain), so a load that drifts linearly over the run weighs on every
+variant alike once the rounds are averaged.
+
+    .venv/bin/python benchmarks/run.py                      # the issue's setting, about 10-15 min on 2 cores
+    .venv/bin/python benchmarks/run.py --rounds 4 --steps 3 # tighter numbers, longer
+    .venv/bin/python benchmarks/run.py --tiny --out /tmp/R.md  # tiny model on digits, seconds (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import bench_analysis
+import bench_distill
+import bench_machine
+import bench_report
+from bench_distill import PLAIN, VARIANTS, Workload
+
+HERE = Path(__file__).resolve().parent
+TINY = Workload(encoder="convnet", width=8, data="digits", n_samples=256, batch=64, hidden_dims=[64],
+                bottleneck_dim=16, out_dim=64, warmup=1, steps=1)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="palindromic rounds of the distillation measurements")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up step)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared, oversubscribed machine two OpenMP threads "
+                        "spend ~1.5x the CPU seconds of one on the same step, and vary 5x more; use the "
+                        "core count on an idle machine)")
+    p.add_argument("--probe-reps", type=int, default=2, help="repetitions of each probe")
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the results")
+    p.add_argument("--tiny", action="store_true", help="tiny model and data, one thread, in-process, no "
+                   "compile: checks the harness in seconds (the numbers mean nothing)")
+    return p.parse_args(argv)
+
+
+def run_distill(w: Workload, variants: list[str], rounds: int, root: Path, isolate: bool) -> list[dict]:
+    measure = bench_distill.measure_isolated if isolate else bench_distill.measure
+    order = [PLAIN[0]] + variants
+    out = []
+    for r in range(rounds):
+        seq = order if r % 2 == 0 else order[::-1]
+        results = {}
+        for key in seq:
+            results[key] = (measure("plain", w, root) if key == PLAIN[0]
+                            else measure("ours", w, root, VARIANTS[key][1]))
+            steps = ", ".join(f"{x:.2f}" for x in results[key]["step_s"])
+            print(f"  round {r + 1}/{rounds} {key}: step s {steps}", file=sys.stderr, flush=True)
+        out.append({"order": seq, "results": results})
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    w = Workload(steps=args.steps)
+    if args.tiny:
+        w, args.threads = Workload(**{**asdict(TINY), "steps": 1}), 1
+        variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true"]
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    argv_shown = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    results = {"command": f".venv/bin/python benchmarks/run.py {argv_shown}".strip(),
+               "machine": bench_machine.describe(onednn=not args.tiny), "load_start": bench_machine.load_average(),
+               "workload": asdict(w)}
+    print(f"machine: {results['machine']['cpu']}, load {results['load_start']}", file=sys.stderr)
+    n_matmul = 256 if args.tiny else 2048
+    results["matmul_start"] = bench_machine.matmul_flops(n_matmul)
+    measure = bench_distill.measure if args.tiny else bench_distill.measure_isolated
+    with tempfile.TemporaryDirectory(prefix="randteach-bench-") as tmp:
+        root = Path(tmp)
+        results["flops"] = measure("flops", w, root)
+        if any(VARIANTS[v][1].get("train.teacher_cache") == "true" for v in variants):
+            results["cache_build"] = measure("cache", w, root)
+        results["distill"] = run_distill(w, variants, args.rounds, root, isolate=not args.tiny)
+        print("probes", file=sys.stderr, flush=True)
+        feature_kw = {"data": "digits", "dim": 32} if args.tiny else {}
+        threads = (args.threads,) if args.tiny else tuple(sorted({args.threads, os.cpu_count() or 1}))
+        results["probes"] = bench_analysis.probe_times(reps=1 if args.tiny else args.probe_reps, threads=threads,
+                                                       **feature_kw)
+        print("landscape", file=sys.stderr, flush=True)
+        results["landscape"] = bench_analysis.landscape_rate(w.overrides(root / "unused", root),
+                                                             n_loss=64 if args.tiny else 256)
+    results["matmul_end"] = bench_machine.matmul_flops(n_matmul)
+    results["load_end"] = bench_machine.load_average()
+    results["wall_s"] = time.perf_counter() - started
+    text = bench_report.markdown(results)
+    Path(args.out).write_text(text)
+    for t in bench_report.summarize(results)["targets"]:
+        print(f"{t['verdict']:>12}  {t['name']}: {bench_report._shown(t)} (goal {t['goal']})")
+    print(f"wrote {args.out} in {results['wall_s'] / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`make bench` harness: it runs end to end on a tiny model, and its arithmetic (palindromic rounds,
+ratios, FLOP fractions, verdicts) is right. No timing is asserted."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("randteach_bench_run", BENCH / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    results = bench.main(["--tiny", "--rounds", "1", "--variants", "off,bf16,cache", "--out", str(out)])
+    text = out.read_text()
+    for section in ("## Targets (issue 7)", "## 1. Distillation step", "## 2. Probes", "## 3. Landscape",
+                    "## 4. GPU", "## Raw measurements", "load average"):
+        assert section in text
+    for label in ("plain fp32 loop", "ours, all off (fp32)", "bf16 autocast", "teacher cache"):
+        assert f"| {label} |" in text
+    assert "| distill, all on, x plain fp32 loop | - | >= 2.5x | **not measured** |" in text
+    run = results["distill"][0]["results"]
+    assert all(run["bf16"]["bf16"]) and not any(run["off"]["bf16"])
+    assert results["flops"]["step"] > results["flops"]["teacher_cached_part"] > 0
+    assert results["cache_build"]["images"] == 256
+    assert 0 < results["probes"]["linear"]["accuracy"] <= 1 and results["landscape"]["points_per_s"] > 0
+
+
+def _fake_run(plain_s, variant_s):
+    """Two palindromic rounds of three timed-step lists (warm-up 9 s first) and the other inputs."""
+    w = {"warmup": 1, "batch": 100, "steps": 2}
+    rounds = []
+    for r, order in enumerate((["plain", "cache", "all"], ["all", "cache", "plain"])):
+        results = {"plain": {"step_s": [9.0, plain_s[r], plain_s[r]], "peak_rss": 1}}
+        for key in ("cache", "all"):
+            results[key] = {"step_s": [9.0, variant_s[key][r], variant_s[key][r] + 2], "peak_rss": 2,
+                            "bf16": [True] * 3}
+        for res in results.values():  # CPU clock: two threads busy all the time, except in round 2's plain
+            res["cpu_s"] = [2 * x for x in res["step_s"]]
+        if r == 1:
+            results["plain"]["cpu_s"] = [18.0, 8.0, 8.0]
+        rounds.append({"order": order, "results": results})
+    return {"workload": w, "distill": rounds, "flops": {"step": 400.0, "teacher_cached_part": 100.0},
+            "matmul_start": {"fp32": 100.0, "bf16": 300.0, "fp32_cpu": 50.0, "bf16_cpu": 150.0},
+            "matmul_end": {"fp32": 100.0, "bf16": 500.0, "fp32_cpu": 50.0, "bf16_cpu": 250.0},
+            "probes": {"linear": {"median_s": 30.0, "median_cpu_s": 15.0}, "knn": {"median_s": 4.0, "median_cpu_s": 5.5}}}
+
+
+def test_summary_arithmetic_and_verdicts(bench):
+    import bench_report  # on sys.path through the fixture
+    results = _fake_run(plain_s=[4.0, 6.0], variant_s={"cache": [3.0, 5.0], "all": [1.0, 3.0]})
+    s = bench_report.summarize(results)
+    v = s["variants"]
+    # per round: the median of the timed steps (warm-up dropped), then the mean over rounds
+    assert v["plain"]["wall"]["s_per_step"] == pytest.approx(5.0)
+    assert v["cache"]["wall"]["s_per_step"] == pytest.approx(5.0)     # medians 4 and 6
+    assert v["all"]["wall"]["s_per_step"] == pytest.approx(3.0)       # medians 2 and 4
+    assert v["all"]["wall"]["x_plain"] == pytest.approx(5 / 3)
+    assert v["all"]["wall"]["images_per_s"] == pytest.approx(100 / 3)
+    # the CPU clock is summarized the same way, on its own numbers
+    assert v["plain"]["cpu"]["s_per_step"] == pytest.approx((8 + 8) / 2)
+    assert v["all"]["cpu"]["x_plain"] == pytest.approx(8 / 6)
+    assert v["cache"]["cpu"]["x_off"] is None                        # no "off" variant in this run
+    # the cache removes the teacher's part of the FLOPs; the yardstick is the mean of start and end
+    assert v["cache"]["step_flops"] == 300.0 and v["plain"]["step_flops"] == 400.0
+    assert v["all"]["wall"]["frac_bf16"] == pytest.approx(300 / 3 / 400)
+    assert v["all"]["cpu"]["frac_bf16"] == pytest.approx(300 / 6 / 200)
+    verdicts = {t["name"]: t["verdict"] for t in s["targets"]}
+    assert verdicts == {"distill, all on, x plain fp32 loop": "FAIL",
+                        "teacher cache alone, x plain fp32 loop": "FAIL",
+                        "linear probe 60,000 x 512": "PASS",
+                        "k-NN 10,000 vs 60,000 x 512": "FAIL",
+                        "training step (all on) FLOP/s / bf16 matmul FLOP/s": "FAIL"}
