@@ -148,6 +148,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     """Run every stage (skipping finished runs), analyze, and write OUT/report.md."""
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
+    commit = git_commit()  # at the start: the code the runs started with
     arms: dict[str, list[Config]] = {}
     counts: dict[str, int] = {}
     reused = 0
@@ -168,7 +169,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     header = [f"# {exp.ids} · {exp.name} — scale {ctx.recipe.scale}", "",
               f"Paper ({exp.paper}): {exp.claim}", "",
               f"- command: `{ctx.command or f'randteach experiment {exp.name} --scale {ctx.recipe.scale}'}`",
-              f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; git commit: {git_commit()}",
+              f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; git commit: {commit}",
               f"- wall time of this invocation: {wall:.0f} s; distillation time in its runs (reused ones included): "
               f"{compute:.0f} s",
               f"- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
@@ -176,8 +177,9 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
               "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
               "student − teacher is the paired difference per seed.",
-              "", "Settings shared by every run (on top of preset "
-              f"`{ctx.recipe.preset}`):", "", "```yaml",
+              "", "Settings shared by every run (on top of "
+              + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults") + "):",
+              "", "```yaml",
               yaml.safe_dump({**ctx.recipe.base, **ctx.overrides}, sort_keys=False).rstrip(), "```", ""]
     path = ctx.out / "report.md"
     path.write_text("\n".join(header + body) + "\n")

@@ -60,7 +60,7 @@ def fmt(mean: float, std: float, percent: bool = True) -> str:
     if percent:
         text = f"{100 * mean:.2f}"
         return text + (f" ± {100 * std:.2f}" if not math.isnan(std) else "")
-    text = f"{mean:.4g}"
+    text = f"{mean:.6g}"  # losses near ln(m) differ in the 5th digit
     return text + (f" ± {std:.2g}" if not math.isnan(std) else "")
 
 
@@ -105,7 +105,7 @@ def markdown(table: list[dict], keys: list[str], references: list[dict] | None =
     """One row per group: keys, n, teacher/student/input per probe kind, gain, extras, paper numbers."""
     if not table:
         return "_no finished runs yet_"
-    labels = {**(labels or {})}
+    labels = labels or {}
     kinds = [k for k in KINDS if any(f"{r}.{k}_mean" in e for e in table for r in ROLES)]
     extras = list(dict.fromkeys(k[:-5] for e in table for k in e if k.endswith("_mean")
                                 and not k.startswith(tuple(f"{r}." for r in ROLES) + ("gain.",))
