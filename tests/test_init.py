@@ -63,3 +63,13 @@ def test_neighborhood_and_copy():
 def test_alpha_out_of_range():
     with pytest.raises(ValueError):
         locality_init(_net(0), _net(1), 1.5)
+
+
+def test_norms_do_not_overflow_for_finite_values():
+    from randteach.init import parameter_norm
+    m = nn.Linear(1000, 1)
+    with torch.no_grad():
+        m.weight.fill_(1e20)
+        m.bias.zero_()
+    assert math.isfinite(parameter_norm(m))
+    assert parameter_norm(m) == pytest.approx(1e20 * math.sqrt(1000), rel=1e-6)
