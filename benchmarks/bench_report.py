@@ -65,7 +65,7 @@ def summarize(results: dict) -> dict:
         if key not in per:
             return None, ""
         v = per[key]
-        return v["cpu"]["x_plain"], f"{v['cpu']['x_plain']:.2f}x CPU clock ({v['wall']['x_plain']:.2f}x wall)"
+        return v["cpu"]["x_plain"], f"{v['cpu']['x_plain']:.3f}x CPU clock ({v['wall']['x_plain']:.3f}x wall)"
 
     value, shown = ratio("all")
     target("distill, all on, x plain fp32 loop", value, shown, f">= {TARGET_ALL_ON}x", (value or 0) >= TARGET_ALL_ON)
