@@ -63,8 +63,11 @@ def _total_norm(tensors: list[torch.Tensor]) -> float:
     Used on every logged step, so it is one fused call per list rather than a loop of conversions."""
     if not tensors:
         return 0.0
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-    return float(torch.stack(norms).pow(2).sum().sqrt())
+    norms = torch.stack(torch._foreach_norm(tensors)).double()
+    if not bool(torch.isfinite(norms).all()):
+        # An fp32 norm overflows for huge finite values: recompute in float64 (2-3x slower, so only here).
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    return float(norms.pow(2).sum().sqrt())
 
 
 @torch.no_grad()
