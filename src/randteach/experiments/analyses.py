@@ -104,16 +104,21 @@ class Landscape(Experiment):
                         lines += [f"_partial: {result['done']} of {result['total']} points; run again to finish._", ""]
                         continue
                     metrics = result["metrics"]
+                    values = anchor_values(result)
+                    origin = values[0].get("loss", math.nan) if values[0]["on_grid"] else math.nan
                     rows = [[v["label"], f"({v['x']:.3g}, {v['y']:.3g})"]
                             + [("–" if not v["on_grid"] else f"{100 * v[m]:.2f}" if m.startswith("probe_")
-                                else f"{v[m]:.4g}") for m in metrics]
-                            for v in anchor_values(result)]
+                                else f"{v[m]:.6g}") for m in metrics]
+                            + ([f"{v['loss'] - origin:.3g}" if v["on_grid"] else "–"] if "loss" in metrics else [])
+                            for v in values]
                     lines += _md_table(["anchor", "coordinates"] + [m + (" (%)" if m.startswith("probe_") else "")
-                                                                    for m in metrics], rows)
+                                                                    for m in metrics]
+                                       + (["loss − loss at θ_T (= KL to the teacher for CE)"]
+                                          if "loss" in metrics else []), rows)
                     finite = {m: np.asarray(result[m], float) for m in ("loss",) if m in result}
                     if "loss" in finite:
-                        lines += [f"Loss over the grid: min {np.nanmin(finite['loss']):.4g}, "
-                                  f"max {np.nanmax(finite['loss']):.4g}.", ""]
+                        lines += [f"Loss over the grid: min {np.nanmin(finite['loss']):.6g}, "
+                                  f"max {np.nanmax(finite['loss']):.6g}.", ""]
                     lines += [f"![{m}]({rel}/{m}.png)" for m in ("loss", "probe_linear", "embed_kl")
                               if (out / f"{m}.png").exists()] + [""]
         return lines
