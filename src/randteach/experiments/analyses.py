@@ -255,7 +255,8 @@ class Escape(Experiment):
             for r in result["runs"]:
                 probes = r["probes"]
                 teacher = next((p["teacher"].get("linear") for p in probes if "teacher" in p), None)
-                final = r["final_probe"].get("student", {}).get("linear")
+                # a diverged run's last probe is from before it diverged: no final accuracy to show
+                final = r["final_probe"].get("student", {}).get("linear") if r["status"] == "completed" else None
                 c = r.get("collapse") or {}
                 rows.append([r["group"], r["label"], str(r["status"]) + (f" at step {r['diverged_step']}"
                                                                          if r.get("diverged_step") else ""),
