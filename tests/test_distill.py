@@ -108,3 +108,17 @@ def test_teacher_cache_with_batch_norm(tmp_path):
     cfg = tiny_config(tmp_path, model__norm="batch", train__teacher_cache=True, train__max_steps=2,
                       train__probe_every=0, probe__which="[]", data__root=str(tmp_path / "root"))
     assert distill(cfg, progress=False).summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_precision_is_bf16_only_where_it_is_fast(tmp_path, monkeypatch, amx):
+    import randteach.evaluate as evaluate
+    monkeypatch.setattr(evaluate, "cpu_has_amx", lambda: amx)
+    cpu = torch.device("cpu")
+    assert evaluate.uses_bf16("bf16", cpu) and not evaluate.uses_bf16("fp32", cpu)
+    assert evaluate.uses_bf16("auto", cpu) == amx
+    cfg = tiny_config(tmp_path, train__precision="auto", init__mode="independent", train__max_steps=2,
+                      train__probe_every=0, probe__which="[]")
+    result = distill(cfg, progress=False)
+    assert result.summary["precision"] == ("bf16" if amx else "fp32")
+    assert [r["bf16"] for r in RunDir(result.path).records() if "loss" in r] == [amx, amx]

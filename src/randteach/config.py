@@ -129,7 +129,8 @@ class TrainConfig:
     micro_batch: int | None = opt(None, "split each step into chunks of this size (gradient accumulation)")
     seed: int = opt(0, "seed of the data order and, unless set, of both inits")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", ("auto", "cpu", "cuda") )
-    precision: str = opt("fp32", "fp32, or bf16 autocast (fp32 until the student has left the teacher)", ("fp32", "bf16"))
+    precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
+                         "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
     compile: bool = opt(False, "torch.compile the student and teacher forward passes")

@@ -27,7 +27,7 @@ from .data import ImageData, Preprocess, load_dataset, noise_like, stratified_su
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
-from .evaluate import Prober, autocast
+from .evaluate import Prober, autocast, uses_bf16
 from .init import (exact_copy, gradient_norm, init_report, locality_init, neighborhood_init, parameter_distance,
                    parameter_norm)
 from .losses import Centering, distill_loss
@@ -177,18 +177,16 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     cfg.data.name, cfg.model.encoder and the probe data set."""
     run = RunDir(cfg.run_dir())
     existing = run.summary()
-    if existing and existing.get("status") in ("completed", "diverged") and not resume:
-        return RunResult(run.path, existing)
     last_path = run.checkpoints / "last.pt"
-    if run.config_path.exists():
+    if run.config_path.exists():  # checked first: a finished run of another config is not this run's result
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
             raise UserError(f"{run.path} holds a run with a different config; choose another --out, "
                             f"or resume it with `randteach distill --resume {run.path}`")
-    resuming = last_path.exists()
-    if existing and existing.get("status") in ("completed", "diverged") and resume:
+    if existing and existing.get("status") in ("completed", "diverged"):
         return RunResult(run.path, existing)
+    resuming = last_path.exists()
     device = resolve_device(cfg.train.device)
     ddp = from_environment(device)
     if ddp.enabled and device.type == "cuda":
@@ -226,7 +224,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     ckpt_steps = _checkpoint_steps(cfg, steps_per_epoch, total_steps)
     data_seed = seeds(cfg)["data"]
     micro = cfg.train.micro_batch or batch
-    use_bf16_requested = cfg.train.precision == "bf16"
+    use_bf16_requested = uses_bf16(cfg.train.precision, device)
     conv_like = inputs.dim() == 4 and cfg.train.channels_last and use_bf16_requested
     if conv_like:
         teacher.to(memory_format=torch.channels_last)
@@ -323,7 +321,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
         summary = {"status": status, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": wall(),
                    "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
                    "init": init_info, "config_digest": cfg.digest(), "device": str(device),
-                   "precision": cfg.train.precision, "torch": torch.__version__, "host": platform.node(), **extra}
+                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(), **extra}
         run.write_summary(summary)
         return RunResult(run.path, summary)
 

@@ -7,9 +7,10 @@ import yaml
 
 from .checkpoint import load_checkpoint, load_state_dict
 from .config import dotted_to_nested, parse_overrides, config_from_dict
+from .data import ImageData
 from .distill import resolve_device
 from .errors import UserError
-from .evaluate import Prober
+from .evaluate import Prober, uses_bf16
 from .models import build_model
 from .rundir import RunDir, write_json
 
@@ -17,8 +18,12 @@ PROBE_SECTIONS = ("probe", "data")
 
 
 def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *, checkpoint: str | None = None,
-              progress: bool = True) -> dict:
-    """Probe teacher, student and input of a run; result also written to RUN_DIR/probes/<data>.json."""
+              progress: bool = True, splits: tuple[ImageData, ImageData] | None = None,
+              architecture=None) -> dict:
+    """Probe teacher, student and input of a run; result also written to RUN_DIR/probes/<data>.json.
+
+    Python API: `splits` (train, test) replace the configured probe data; `architecture` (an encoder
+    factory or module) rebuilds a run whose encoder came from Python rather than model.encoder."""
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
@@ -36,13 +41,13 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
     teacher_sd = teacher_ckpt["model"]
     student_sd = load_state_dict(checkpoint or run.path, "student")
     in_channels, size = int(teacher_ckpt["in_channels"]), int(teacher_ckpt["image_size"])
-    teacher = build_model(cfg, in_channels, size, seed=0)
-    student = build_model(cfg, in_channels, size, seed=0)
+    teacher = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
+    student = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
     teacher.load_state_dict(teacher_sd)
     student.load_state_dict(student_sd)
     teacher.to(device)
     student.to(device)
-    prober = Prober(cfg, in_channels, size, device, bf16=cfg.train.precision == "bf16")
+    prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)
     result = {}
     if "teacher" in cfg.probe.which:
         result["teacher"] = prober.probe(teacher.encoder)
@@ -50,7 +55,7 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
         result["student"] = prober.probe(student.encoder)
     if "input" in cfg.probe.which:
         result["input"] = prober.input()
-    name = cfg.probe.data or cfg.data.name
+    name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
     write_json(run.path / "probes" / f"{name}.json", {"data": name, "checkpoint": str(checkpoint or "student.pt"),
                                                       "probe": result})
     return result

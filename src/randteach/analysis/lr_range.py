@@ -38,7 +38,7 @@ from ..config import Config
 from ..data import ImageData, load_dataset
 from ..distill import distill, epoch_order, load_training_inputs, resolve_device, seeds
 from ..errors import UserError
-from ..evaluate import autocast
+from ..evaluate import autocast, uses_bf16
 from ..models import build_model
 from ..optim import build_optimizer, lr_at, set_lr
 from ..rundir import RunDir, write_json
@@ -119,7 +119,7 @@ def supervised_range(cfg: Config, inputs: torch.Tensor, preprocess, data: ImageD
     micro = cfg.train.micro_batch or batch
     steps_per_epoch = math.ceil(n / batch)
     data_seed = seeds(cfg)["data"]
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = uses_bf16(cfg.train.precision, device)
     curve = {"step": [], "lr": [], "loss": []}
     for step in tqdm(range(total_steps), disable=not progress, desc="supervised range", unit="step"):
         epoch, offset = divmod(step, steps_per_epoch)
