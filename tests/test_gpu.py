@@ -1,0 +1,60 @@
+"""The CUDA path of the loop: skipped where there is no GPU (CI has none); run on a GPU machine with
+`python -m pytest tests/test_gpu.py` (and the whole suite with RANDTEACH_TEST_DEVICE=cuda)."""
+import pytest
+import torch
+
+from randteach.distill import distill
+from randteach.evaluate import uses_bf16
+from randteach.rundir import RunDir
+
+from tiny import tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SHORT = {"train__max_steps": 6, "train__probe_every": 0, "probe__which": "[]", "init__mode": "independent"}
+
+
+def _losses(tmp_path, name, **overrides):
+    cfg = tiny_config(tmp_path, **{**SHORT, "out": str(tmp_path / name), **overrides})
+    result = distill(cfg, progress=False)
+    assert result.summary["status"] == "completed"
+    return result, [r["loss"] for r in RunDir(result.path).records() if "loss" in r]
+
+
+def test_cuda_run_follows_the_cpu_run(tmp_path):
+    # cuDNN convolutions may use TF32, so agreement is to ~1e-2, not bitwise.
+    _, cpu = _losses(tmp_path, "cpu", train__device="cpu")
+    result, gpu = _losses(tmp_path, "gpu", train__device="cuda")
+    assert result.summary["device"].startswith("cuda")
+    assert gpu == pytest.approx(cpu, rel=1e-2)
+
+
+def test_cuda_probes_and_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, train__device="cuda", train__epochs=1, train__probe_every=1)
+    s = distill(cfg, progress=False).summary
+    for role in ("teacher", "student", "input"):
+        assert 0.5 < s["probe"][role]["linear"] <= 1.0
+
+
+def test_cuda_teacher_cache_and_data_on_device_change_no_result(tmp_path):
+    _, plain = _losses(tmp_path, "plain", train__device="cuda", train__data_on_device="false")
+    _, fast = _losses(tmp_path, "fast", train__device="cuda", train__data_on_device="true",
+                      train__teacher_cache="true", data__root=str(tmp_path / "root"))
+    assert fast == pytest.approx(plain, rel=1e-2)
+
+
+def test_cuda_auto_precision_is_bf16_and_escapes(tmp_path):
+    assert uses_bf16("auto", torch.device("cuda"))
+    escape = {"model__encoder": "mlp", "model__width": 64, "head__kind": "linear", "head__out_dim": 32,
+              "init__mode": "neighborhood", "init__epsilon": 1e-10, "loss__name": "nmse", "optim__name": "sgd",
+              "optim__lr": 1e4, "train__max_steps": 8}
+    result, losses = _losses(tmp_path, "auto", train__device="cuda", train__precision="auto", **escape)
+    assert result.summary["precision"] == "bf16"
+    assert losses[0] < 1e-10 and max(losses) > 1e-3
+    assert any(r["bf16"] for r in RunDir(result.path).records() if "loss" in r)
+
+
+def test_cuda_compile_follows_eager(tmp_path):
+    _, eager = _losses(tmp_path, "eager", train__device="cuda")
+    _, compiled = _losses(tmp_path, "compiled", train__device="cuda", train__compile="true")
+    assert compiled == pytest.approx(eager, rel=1e-2)
