@@ -33,13 +33,14 @@ def probe_features(data: str = "fashion-mnist", dim: int = 512, n_train: int | N
     return (train_x @ w).relu(), train.labels[:n_train], (test_x @ w).relu(), test.labels[:n_test]
 
 
-def probe_times(reps: int = 2, threads: tuple[int, ...] = (1,), **feature_kw) -> dict:
+def probe_times(reps: int = 2, threads: tuple[int, ...] = (1,), device: str = "cpu", **feature_kw) -> dict:
     """Wall and process-CPU seconds (all repetitions and medians) and accuracy of the linear (logreg) and
     k-NN (k = 20, cosine) probes with their defaults, per torch thread count, linear and k-NN alternating.
-    The top-level "linear"/"knn" entries are those of the first thread count."""
-    train_x, train_y, test_x, test_y = probe_features(**feature_kw)
-    runs = {"linear": lambda: linear_probe(train_x, train_y, test_x, test_y),
-            "knn": lambda: knn_probe(train_x, train_y, test_x, test_y)}
+    The top-level "linear"/"knn" entries are those of the first thread count. On a GPU the features start
+    on the GPU, and each timing ends with the probe's accuracy back on the host."""
+    train_x, train_y, test_x, test_y = (t.to(device) for t in probe_features(**feature_kw))
+    runs = {"linear": lambda: linear_probe(train_x, train_y, test_x, test_y, device=device),
+            "knn": lambda: knn_probe(train_x, train_y, test_x, test_y, device=device)}
     before = torch.get_num_threads()
     by_threads = {}
     try:

@@ -46,6 +46,12 @@ def parse_args(argv):
                         "core count on an idle machine)")
     p.add_argument("--probe-reps", type=int, default=2, help="repetitions of each probe")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the results")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both loops, the probes and the matmul "
+                   "yardstick run (on a GPU the verdicts use the wall clock)")
+    p.add_argument("--encoder", default=Workload.encoder, help="encoder of the workload (the issue asks for vgg11 "
+                   "and, on a GPU, resnet18 too)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement (default 1 on the "
+                   "CPU, 3 on a GPU, where compilation and cuDNN autotuning take the first steps)")
     p.add_argument("--tiny", action="store_true", help="tiny model and data, one thread, in-process, no "
                    "compile: checks the harness in seconds (the numbers mean nothing)")
     return p.parse_args(argv)
@@ -73,7 +79,9 @@ def main(argv=None) -> dict:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    w = Workload(steps=args.steps)
+    on_gpu = args.device.startswith("cuda")
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    w = Workload(steps=args.steps, device=args.device, encoder=args.encoder, warmup=warmup)
     if args.tiny:
         w, args.threads = Workload(**{**asdict(TINY), "steps": 1}), 1
         variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true"]
@@ -84,8 +92,8 @@ def main(argv=None) -> dict:
                "machine": bench_machine.describe(onednn=not args.tiny), "load_start": bench_machine.load_average(),
                "workload": asdict(w)}
     print(f"machine: {results['machine']['cpu']}, load {results['load_start']}", file=sys.stderr)
-    n_matmul = 256 if args.tiny else 2048
-    results["matmul_start"] = bench_machine.matmul_flops(n_matmul)
+    n_matmul = 256 if args.tiny else (8192 if on_gpu else 2048)
+    results["matmul_start"] = bench_machine.matmul_flops(n_matmul, device=args.device)
     measure = bench_distill.measure if args.tiny else bench_distill.measure_isolated
     with tempfile.TemporaryDirectory(prefix="randteach-bench-") as tmp:
         root = Path(tmp)
@@ -95,13 +103,13 @@ def main(argv=None) -> dict:
         results["distill"] = run_distill(w, variants, args.rounds, root, isolate=not args.tiny)
         print("probes", file=sys.stderr, flush=True)
         feature_kw = {"data": "digits", "dim": 32} if args.tiny else {}
-        threads = (args.threads,) if args.tiny else tuple(sorted({args.threads, os.cpu_count() or 1}))
+        threads = (args.threads,) if args.tiny or on_gpu else tuple(sorted({args.threads, os.cpu_count() or 1}))
         results["probes"] = bench_analysis.probe_times(reps=1 if args.tiny else args.probe_reps, threads=threads,
-                                                       **feature_kw)
+                                                       device=args.device, **feature_kw)
         print("landscape", file=sys.stderr, flush=True)
         results["landscape"] = bench_analysis.landscape_rate(w.overrides(root / "unused", root),
                                                              n_loss=64 if args.tiny else 256)
-    results["matmul_end"] = bench_machine.matmul_flops(n_matmul)
+    results["matmul_end"] = bench_machine.matmul_flops(n_matmul, device=args.device)
     results["load_end"] = bench_machine.load_average()
     results["wall_s"] = time.perf_counter() - started
     text = bench_report.markdown(results)
