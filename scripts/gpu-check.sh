@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# What we run when a GPU machine is at hand (none in CI): the CUDA tests, the whole suite with its tiny runs
+# on the GPU, `make bench` on the GPU for VGG11 and ResNet18, and a short run of the paper recipe on
+# Fashion-MNIST (the machine may have no internet, so no CIFAR). Logs and results go to OUT_DIR.
+#
+#   scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench]      # default: all three
+#   PYTHON=python3 EPOCHS=20 scripts/gpu-check.sh /tmp/gpu paper
+#
+# Runs from a source checkout without installing (PYTHONPATH=src); needs torch with CUDA, numpy, pyyaml,
+# tqdm, matplotlib, scikit-learn, pillow, pytest (and pytest-xdist for a parallel suite).
+set -uo pipefail
+out=${1:?usage: scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench]}
+shift
+parts=${*:-tests paper bench}
+py=${PYTHON:-python3}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$out"
+stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  git rev-parse --short HEAD 2>/dev/null || true; } | tee "$out/machine.txt"
+
+for part in $parts; do
+  case $part in
+    tests)
+      stamp "CUDA tests"
+      "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests-gpu.log" | tail -5
+      stamp "whole suite, tiny runs on the GPU"
+      xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
+      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -q -p no:cacheprovider $xdist tests 2>&1 | tee "$out/tests-suite-cuda.log" | tail -30 ;;
+    paper)
+      for enc in ${ENCODERS:-vgg11 resnet18}; do
+        stamp "paper recipe, $enc, Fashion-MNIST, ${EPOCHS:-20} epochs"
+        # SIGTERM at the time limit: the run checkpoints and ends "interrupted" (resume with --resume).
+        /usr/bin/time -v timeout -s TERM "${PAPER_TIMEOUT:-600}" "$py" -m randteach.cli --quiet distill --preset paper --data.name fashion-mnist \
+          --model.encoder "$enc" --train.epochs "${EPOCHS:-20}" --train.precision auto --train.teacher_cache true \
+          --train.probe_every "${PROBE_EVERY:-5}" --train.checkpoint_every 0 --out "/tmp/paper-$enc" \
+          > "$out/paper-$enc.log" 2> "$out/paper-$enc.time"
+        tail -3 "$out/paper-$enc.log"; grep -E "Elapsed|Maximum resident" "$out/paper-$enc.time"
+        for f in summary.json metrics.jsonl report.md probes.png; do
+          [ -f "/tmp/paper-$enc/$f" ] && cp "/tmp/paper-$enc/$f" "$out/paper-$enc-$f"
+        done
+      done ;;
+    bench)
+      for enc in ${ENCODERS:-vgg11 resnet18}; do
+        stamp "benchmark on the GPU, $enc"
+        "$py" benchmarks/run.py --device cuda --encoder "$enc" --steps "${STEPS:-20}" --rounds 2 \
+          --out "$out/bench-gpu-$enc.md" 2>&1 | tail -8
+      done ;;
+    *) echo "unknown part $part (tests, paper, bench)"; exit 2 ;;
+  esac
+done
+stamp done
