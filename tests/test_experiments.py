@@ -250,7 +250,7 @@ def test_tiny_landscape(tiny):
 
 def test_tiny_imp_and_lmc(tiny):
     _, text = run_tiny("imp", tiny)
-    assert "| 100 |" in text and "| 60 |" in text  # fraction 0.4 per round
+    assert "| 100 |" in text and "| 50 |" in text  # fraction 0.5 per round
     _, text = run_tiny("lmc", tiny)
     assert "| teacher | 1 |" in text and "| student | 1 |" in text
 

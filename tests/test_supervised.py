@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from randteach.analysis.supervised import (Classifier, Recipe, augment_batch, build_classifier, load_supervised_data,
-                                           parse_start, recompute_bn_stats, run_info, train_supervised)
+from randteach.analysis.supervised import (Classifier, Recipe, RunInfo, augment_batch, build_classifier,
+                                           load_supervised_data, parse_start, recompute_bn_stats, run_info,
+                                           train_supervised)
 from randteach.checkpoint import load_checkpoint, load_state_dict
 from randteach.cli import main
-from randteach.config import build_config
+from randteach.config import build_config, config_from_dict
 from randteach.data import ImageData, Preprocess
 from randteach.distill import distill
+from randteach.models import build_model
 
 # A distilled run in a few seconds: digits (8x8), a width-8 conv net with batch norm, a 64-way head.
 TINY_RUN = {"data.name": "digits", "model.encoder": "convnet", "model.width": "8", "model.norm": "batch",
@@ -125,6 +127,19 @@ def test_classifier_starts(run):
     assert torch.equal(again.fc.weight, clf.fc.weight) and not torch.equal(again.fc.weight, other.fc.weight)
     assert not torch.equal(again.encoder.features[0].weight, other.encoder.features[0].weight)
     assert isinstance(clf, Classifier)
+
+
+def test_random_start_is_drawn_per_distilled_run(run):
+    """Random starts of runs with different train.seed are independent inits (one shared init would make
+    the seed spread of a random baseline zero); run seed 0 draws from the seed itself."""
+    info = run_info(run)
+    cfg1 = config_from_dict({**info.cfg.to_dict(), "train": {**info.cfg.to_dict()["train"], "seed": 1}})
+    first = build_classifier(info, "random", 10, seed=3)
+    second = build_classifier(RunInfo(info.path, cfg1, info.in_channels, info.image_size), "random", 10, seed=3)
+    direct = build_model(info.cfg, info.in_channels, info.image_size, seed=3 + 1_000_003 * info.cfg.train.seed)
+    assert all(torch.equal(v, direct.encoder.state_dict()[k]) for k, v in first.encoder.state_dict().items())
+    assert not torch.equal(first.encoder.features[0].weight, second.encoder.features[0].weight)
+    assert torch.equal(first.fc.weight, second.fc.weight)  # the classifier follows the recipe seed alone
 
 
 def test_finetune_command(run, tmp_path):

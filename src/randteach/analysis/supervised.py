@@ -10,11 +10,12 @@ drawn from a generator seeded by (seed, s): a pure function of the recipe, so tr
 and can start at any step (rewinding) with the schedule of that step.
 
 Start specifications (`parse_start`): 'student', 'student_init', 'teacher' (a run directory's
-checkpoints), 'random' (a fresh init of the run's architecture), or a checkpoint path; optionally
-'@L' = after L epochs of supervised training from there (a rewinding point, Frankle et al. 2019).
+checkpoints), 'random' (a fresh init of the run's architecture, drawn per run), or a checkpoint
+path; optionally '@L' = after L epochs of supervised training from there (a rewinding point, Frankle et al. 2019).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..config import Config, OptimConfig, config_from_dict, opt
 from ..data import ImageData, Preprocess, load_dataset, stratified_subset
 from ..distill import epoch_order
 from ..errors import UserError
-from ..models import build_model
+from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
 
 _AUG_STRIDE = 1_000_003  # separates the augmentation streams of different seeds
@@ -79,12 +80,19 @@ class SupervisedData:
 
 
 def load_supervised_data(cfg: Config, image_size: int, *, name: str | None = None, n_train: int | None = None,
-                         n_test: int | None = None) -> SupervisedData:
-    """Train and test split of `name` (default: the run's data set), optionally stratified subsets."""
-    name = name or cfg.data.name
-    path = cfg.data.path if name == cfg.data.name else None
-    train = load_dataset(name, "train", root=cfg.data.root, path=path)
-    test = load_dataset(name, "test", root=cfg.data.root, path=path)
+                         n_test: int | None = None, splits: tuple[ImageData, ImageData] | None = None) -> SupervisedData:
+    """Train and test split of `name` (default: the run's data set; `splits`: given ones, Python API),
+    optionally stratified subsets."""
+    if splits is not None:
+        train, test = splits
+        if train.images.is_floating_point() or test.images.is_floating_point():
+            raise UserError("supervised training augments and normalizes uint8 images; pass uint8 images "
+                            "(0..255), not float tensors")
+    else:
+        name = name or cfg.data.name
+        path = cfg.data.path if name == cfg.data.name else None
+        train = load_dataset(name, "train", root=cfg.data.root, path=path)
+        test = load_dataset(name, "test", root=cfg.data.root, path=path)
     if n_train:
         train = train.subset(stratified_subset(train.labels, n_train, seed=cfg.data.subset_seed))
     if n_test:
@@ -127,21 +135,23 @@ class Classifier(nn.Module):
 
 @dataclass
 class RunInfo:
-    """What a run directory says about its models: config, input channels, image size."""
-    path: Path
+    """What a run directory says about its models: config, input channels, image size. From the Python
+    API, `path` may be None and `encoder` (a factory or module) replaces cfg.model.encoder."""
+    path: Path | None
     cfg: Config
     in_channels: int
     image_size: int
+    encoder: object = None
 
 
-def run_info(run_dir: str | Path) -> RunInfo:
+def run_info(run_dir: str | Path, encoder=None) -> RunInfo:
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
         raise UserError(f"{path} is not a randteach run directory (no config.yaml); "
                         "give the directory `randteach distill` wrote")
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     teacher = load_checkpoint(path / "checkpoints" / "teacher.pt")
-    return RunInfo(path, cfg, int(teacher["in_channels"]), int(teacher["image_size"]))
+    return RunInfo(path, cfg, int(teacher["in_channels"]), int(teacher["image_size"]), encoder)
 
 
 def parse_start(spec: str) -> tuple[str, float]:
@@ -156,12 +166,33 @@ def parse_start(spec: str) -> tuple[str, float]:
     return source, l
 
 
+def random_init_seed(run: RunInfo, seed: int) -> int:
+    """The init seed of a 'random' start: `seed` within the stream of the run's train.seed, so that the
+    random starts of distilled runs with different seeds are independent draws, not one shared init
+    (run seed 0 keeps `seed` itself)."""
+    return seed + _AUG_STRIDE * run.cfg.train.seed
+
+
 def build_classifier(run: RunInfo, source: str, num_classes: int, seed: int = 0) -> Classifier:
     """A Classifier whose encoder is `source` ('student', 'student_init', 'teacher', 'random' or a
-    checkpoint file); a checkpoint that also holds a classifier (`fc.*`) brings it along."""
-    model = build_model(run.cfg, run.in_channels, run.image_size, seed=seed if source == "random" else 0)
+    checkpoint file, or 'encoder': a copy of the Python API's module `run.encoder` as it is); a
+    checkpoint that also holds a classifier (`fc.*`) brings it along. The new
+    classifier is drawn from `seed`, a random encoder from `random_init_seed(run, seed)`."""
+    if source == "encoder":
+        if not isinstance(run.encoder, nn.Module):
+            raise UserError("start 'encoder' means the encoder module passed to the Python API; there is none here")
+        module = run.encoder
+        encoder = call_encoder_factory(lambda: copy.deepcopy(module), type(module).__name__, run.in_channels,
+                                       run.image_size)
+        return Classifier(encoder, num_classes, seed)
+    model = build_model(run.cfg, run.in_channels, run.image_size,
+                        seed=random_init_seed(run, seed) if source == "random" else 0,
+                        encoder=run.encoder)
     state = None
     if source in RUN_ROLES:
+        if run.path is None:
+            raise UserError(f"start {source!r} names a run's checkpoint, but no run directory was given; "
+                            "from an encoder module the starts are 'encoder' and 'random'")
         state = load_state_dict(run.path, source)
     elif source != "random":
         if not Path(source).is_file():
@@ -312,7 +343,7 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def provenance(run: RunInfo, data: SupervisedData, recipe: Recipe) -> dict:
     """What a supervised result was computed from, for its JSON file."""
-    return {"run": str(run.path), "data": data.train.name, "n_train": len(data.train), "n_test": len(data.test),
+    return {"run": str(run.path) if run.path is not None else None, "data": data.train.name, "n_train": len(data.train), "n_test": len(data.test),
             "recipe": asdict(recipe)}
 
 
