@@ -111,6 +111,29 @@ def test_paper_restart_uses_round_one_students_as_teachers():
         assert c.init.mode in ("locality", "copy") and c.train.epochs == 20
 
 
+def assert_escaping_setting(c, loss):
+    """SPEC §1, escaping-paper variant: VGG11 + one linear layer to 512, plain SGD, batch 256, theta_T + 1e-10 theta~."""
+    assert (c.model.encoder, c.head.kind, c.head.out_dim, c.data.name) == ("vgg11", "linear", 512, "cifar10")
+    assert (c.optim.name, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.0, 0.0)
+    assert (c.init.mode, c.init.epsilon, c.loss.name) == ("neighborhood", 1e-10, loss)
+    assert c.train.batch_size == 256 and c.train.precision == "fp32"
+
+
+def test_paper_escaping_experiments_are_e12_to_e15():
+    from randteach.experiments.analyses import _bases
+    lr = make_context("lr-range", "paper")
+    (c,) = _bases(lr)
+    assert_escaping_setting(c, "mse")  # Fig. 1a: plain MSE
+    assert c.data.n_samples is None and (lr.params["lr_start"], lr.params["lr_end"], lr.params["epochs"]) == (1e-6, 1e6, 5)
+    esc = make_context("escape", "paper")
+    (c,) = _bases(esc)
+    assert_escaping_setting(c, "nmse")
+    assert c.data.n_samples == 49152 and esc.params["batch_lr"] == esc.params["stabilize_lr"] == 1e4
+    assert esc.params["lrs"][0] == 32 and esc.params["lrs"][-1] == 1e5 and 1e4 in esc.params["lrs"]
+    assert esc.params["batch_sizes"] == [256, 1024, 4096, 16384, 0] and esc.params["stabilize"]
+    assert load_recipe("signal", "paper").params["runs"] == ["step_size/lr10000"]  # E14 analyses E13's eta = 1e4 run
+
+
 def test_paper_reference_numbers_are_spec_section_4():
     refs = {tuple(sorted(r["match"].items())): r for r in load_recipe("probes", "paper").reference}
     r18 = refs[(("data.name", "cifar10"), ("model.encoder", "resnet18"))]
@@ -259,3 +282,16 @@ def test_tiny_escape(tiny):
     out, text = run_tiny("escape", tiny)
     assert "| step_size | lr10000 | completed |" in text
     assert (out.report.parent / "seed0" / "escape.json").exists()
+
+
+def test_tiny_lr_range(tiny):
+    out, text = run_tiny("lr-range", tiny)
+    assert "| teacher-student |" in text and "| supervised |" in text
+    assert (out.report.parent / "seed0" / "lr_range.png").exists()
+
+
+def test_tiny_signal_on_the_escape_run(tiny):
+    out, text = run_tiny("signal", tiny)  # runs the escape experiment first if no earlier test did
+    assert (tiny / "escape" / "seed0" / "step_size" / "lr10000" / "collapse.json").exists()
+    assert "### signal propagation (Fig. 2)" in text and "| 5 embedding |" in text
+    assert (out.report.parent / "seed0" / "step_size" / "lr10000" / "signal.json").exists()

@@ -16,7 +16,9 @@ with its table (mean ± std over seeds), CSV files and figures.
     landscape        E9      Fig. 5, 13-16
     imp              E10     Fig. 8
     lmc              E11     Fig. 9
+    lr-range         E12     escaping paper Fig. 1a
     escape           E13,E15 escaping paper Fig. 1b-d, App. A
+    signal           E14     escaping paper Fig. 2-3 (on the escape experiment's runs)
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .recipe import SCALES, Recipe, load_recipe
 MODULES = {"probes": "probes", "locality": "locality", "data-dependence": "data_dependence",
            "transfer": "transfer", "head-ablations": "head_ablations", "architectures": "architectures",
            "restart": "restart", "landscape": "analyses", "imp": "analyses", "lmc": "analyses",
-           "escape": "analyses"}
+           "lr-range": "analyses", "escape": "analyses", "signal": "analyses"}
 NAMES = tuple(MODULES)
 
 

@@ -4,7 +4,11 @@ needs (through the recipe's arms, shared with the other experiments) and call th
 - landscape (E9)  `randteach.analysis.landscape.compute_landscape` on the non-local and shared views
 - imp (E10)       `randteach.analysis.imp.run_imp`: lottery tickets from the distilled student vs rewinding
 - lmc (E11)       `randteach.analysis.lmc.run_lmc`: linear mode connectivity from the student vs a random init
+- lr-range (E12)   `randteach.analysis.lr_range.lr_range`: teacher-student vs supervised loss as eta grows
 - escape (E13, E15) `randteach.analysis.escape.run_escape`: step-size, batch-size and stabilization sweeps
+- signal (E14)    `randteach.analysis.signal_layers.analyze_signal` on runs of the escape experiment (its
+                  teacher, kept collapse checkpoint and final student; the escape experiment runs first if
+                  its sweep of the same scale and root has not)
 
 The supervised analyses and the landscape run in this process (on `params.device`, default auto), after
 the distillations, whichever launcher ran those.
@@ -207,7 +211,76 @@ class Lmc(Experiment):
             _md_table(["start", "pairs", "barrier (pp of test error)", "endpoint test error (%)"], rows) + lines + [""]
 
 
-# ------------------------------------------------------------------------------------------ E13, E15 escape
+# ---------------------------------------------------------------------------- E12-E15 escaping paper
+
+def _known_params(ctx: Context, valid: tuple[str, ...]) -> dict:
+    """The recipe's params, every one of them a keyword of the analysis (`device` aside)."""
+    unknown = sorted(set(ctx.params) - set(valid) - {"device"})
+    if unknown:
+        raise UserError(f"recipe {ctx.recipe.source}: unknown {ctx.recipe.experiment} params {', '.join(unknown)}; "
+                        f"valid: {', '.join(valid)}")
+    return {k: v for k, v in ctx.params.items() if k in valid}
+
+
+def _bases(ctx: Context) -> list[Config]:
+    """One base config per seed: the recipe's base (and its one arm, if any); the analysis derives its runs."""
+    arm = ctx.recipe.arms[0] if ctx.recipe.arms else Arm("base")
+    return ctx.recipe.configs(arm, ctx.out / "base", ctx.overrides)
+
+
+LR_RANGE_PARAMS = ("lr_start", "lr_end", "steps", "epochs", "supervised", "smoothing", "factor", "floor")
+LR_RANGE_FLOATS = ("lr_start", "lr_end", "smoothing", "factor", "floor")
+
+
+def _lr_range_kwargs(ctx: Context) -> dict:
+    kw = _known_params(ctx, LR_RANGE_PARAMS)
+    for k in LR_RANGE_FLOATS:
+        if k in kw:
+            try:  # YAML 1.1 reads 1.0e6 (no exponent sign) as a string
+                kw[k] = float(kw[k])
+            except (TypeError, ValueError):
+                raise UserError(f"recipe {ctx.recipe.source}: params.{k} must be a number, got {kw[k]!r}") from None
+    return kw
+
+
+class LrRange(Experiment):
+    name = "lr-range"
+    ids = "E12"
+    paper = "escaping paper Fig. 1a"
+    claim = ("growing the step size exponentially from 1e-6 to 1e6 over 5 epochs, the supervised loss diverges at "
+             "eta ~ 10, while the teacher-student loss leaves the teacher in two steps, the second at eta ~ 500.")
+
+    def stages(self, ctx: Context):
+        return []  # lr_range runs its own distillation and supervised side (locally, in this process)
+
+    def post(self, ctx: Context) -> list[str]:
+        kw = _lr_range_kwargs(ctx)
+        length = f"{kw['steps']} steps" if kw.get("steps") is not None else f"{kw.get('epochs')} epochs"
+        return [f"seed {c.train.seed}: lr_range {kw.get('lr_start', 1e-6):g} -> {kw.get('lr_end', 1e6):g} over "
+                f"{length} into {ctx.out / f'seed{c.train.seed}'}" for c in _bases(ctx)]
+
+    def analyze(self, ctx: Context, arms) -> list[str]:
+        from ..analysis.lr_range import lr_range
+        kw = _lr_range_kwargs(ctx)
+        lines = []
+        for cfg in _bases(ctx):
+            out = ctx.out / f"seed{cfg.train.seed}"
+            r = lr_range(cfg, out=out, progress=ctx.progress, **kw)
+            rows = []
+            for side, curve in r["sides"].items():
+                rise, bad = curve["rise"], curve["nonfinite"]
+                finite = [v for v in curve["loss"] if math.isfinite(v)]
+                rows.append([side.replace("_", "-"), f"{min(finite):.3g}" if finite else "–",
+                             f"{rise['lr']:.3g} (step {rise['step']})" if rise else "none",
+                             f"{bad['lr']:.3g} (step {bad['step']})" if bad else "stays finite"])
+            lines += [f"## seed {cfg.train.seed}: {r['encoder']} on {r['data']} (n = {r['n_samples']}, batch "
+                      f"{r['batch_size']}, {r['steps']} steps = {r['epochs']:.3g} epochs, {r['optimizer']}, "
+                      f"{r['loss']} loss; eta {r['lr_start']:g} -> {r['lr_end']:g})", "",
+                      f"Schedule {r['schedule']}. Divergence: {r['divergence']}; smoothing: {r['smoothing']}.", ""]
+            lines += _md_table(["loss", "lowest loss", "rise at eta", "non-finite at eta"], rows)
+            lines += [f"![LR range seed {cfg.train.seed}]({Path(r['png']).relative_to(ctx.out)})", ""]
+        return lines
+
 
 ESCAPE_PARAMS = ("steps", "probe_every_steps", "lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses",
                  "stabilize_lr", "warmup_steps", "collapse_metric", "exact", "erank_samples", "prune_checkpoints")
@@ -225,15 +298,7 @@ class Escape(Experiment):
         return []  # run_escape distills its own runs (locally, in this process)
 
     def _kwargs(self, ctx: Context) -> dict:
-        unknown = sorted(set(ctx.params) - set(ESCAPE_PARAMS) - {"device"})
-        if unknown:
-            raise UserError(f"recipe {ctx.recipe.source}: unknown escape params {', '.join(unknown)}; "
-                            f"valid: {', '.join(ESCAPE_PARAMS)}")
-        return {k: v for k, v in ctx.params.items() if k in ESCAPE_PARAMS}
-
-    def _bases(self, ctx: Context) -> list[Config]:
-        arm = ctx.recipe.arms[0] if ctx.recipe.arms else Arm("base")
-        return ctx.recipe.configs(arm, ctx.out / "base", ctx.overrides)
+        return _known_params(ctx, ESCAPE_PARAMS)
 
     def post(self, ctx: Context) -> list[str]:
         from ..analysis.escape import escape_variants
@@ -243,12 +308,12 @@ class Escape(Experiment):
         variants = escape_variants(**keep)
         return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each "
                 f"({', '.join(v.group + '/' + v.label for v in variants)}) into {ctx.out / f'seed{c.train.seed}'}"
-                for c in self._bases(ctx)]
+                for c in _bases(ctx)]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
         from ..analysis.escape import run_escape
         lines = []
-        for cfg in self._bases(ctx):
+        for cfg in _bases(ctx):
             out = ctx.out / f"seed{cfg.train.seed}"
             result = run_escape(cfg, out, progress=ctx.progress, **self._kwargs(ctx))
             rows = []
@@ -271,4 +336,97 @@ class Escape(Experiment):
         return lines
 
 
-EXPERIMENTS = [Landscape(), Imp(), Lmc(), Escape()]
+SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "threshold", "probe")
+ROLE_NAMES = {"teacher": "θ_T", "collapse": "θ_C", "student": "θ_S"}
+
+
+class Signal(Experiment):
+    name = "signal"
+    ids = "E14"
+    paper = "escaping paper Fig. 2-3"
+    claim = ("from the teacher via the collapse point to the final student of the eta = 1e4 run, the per-layer "
+             "effective rank drops to single digits at the collapse and ends above the teacher's; the final student "
+             "is better conditioned, with more separable representations (tr(Sigma_w^+ Sigma_b)) and higher probe "
+             "accuracy per layer.")
+
+    def stages(self, ctx: Context):
+        return []  # the runs are the escape experiment's
+
+    def _escape(self, ctx: Context) -> Context:
+        """The escape experiment of this scale and root (same overrides): where the analysed runs live."""
+        from .recipe import load_recipe
+        return Context(load_recipe("escape", ctx.recipe.scale), ctx.root, ctx.overrides, ctx.launcher, ctx.workers,
+                       ctx.progress)
+
+    def post(self, ctx: Context) -> list[str]:
+        kw = _known_params(ctx, SIGNAL_PARAMS)
+        esc = self._escape(ctx)
+        return [f"analyze_signal of {esc.out / f'seed{c.train.seed}' / run} (after the escape experiment, if it "
+                "has not run)" for c in _bases(esc) for run in kw.get("runs", [])]
+
+    def analyze(self, ctx: Context, arms) -> list[str]:
+        from ..analysis.signal_layers import analyze_signal
+        from .base import execute
+        kw = _known_params(ctx, SIGNAL_PARAMS)
+        runs = kw.pop("runs", None)
+        if not runs:
+            raise UserError(f"recipe {ctx.recipe.source}: params.runs must name escape runs as GROUP/LABEL, "
+                            "e.g. [step_size/lr10000]")
+        esc = self._escape(ctx)
+        lines = []
+        for cfg in _bases(esc):
+            seed_dir = esc.out / f"seed{cfg.train.seed}"
+            if not (seed_dir / "escape.json").exists():
+                execute(Escape(), esc)
+            for run in runs:
+                if not (seed_dir / run / "summary.json").exists():
+                    raise UserError(f"the escape experiment has no run {run!r} in {seed_dir}; params.runs names "
+                                    "runs of its recipe as GROUP/LABEL, e.g. step_size/lr10000")
+                out = ctx.out / f"seed{cfg.train.seed}" / run
+                r = analyze_signal(seed_dir / run, out=out, overrides=_probe_overrides(ctx.overrides),
+                                   progress=ctx.progress, **kw)
+                lines += [f"## seed {cfg.train.seed}: `{run}` of the escape experiment", ""] + _signal_tables(r)
+                lines += [f"![{f}]({Path(p).relative_to(ctx.out)})" for f, p in r["figures"].items()] + [""]
+        return lines
+
+
+def _probe_overrides(overrides: dict) -> dict:
+    """The command line's overrides that `randteach signal` accepts for a finished run (probe, device, root)."""
+    return {k: v for k, v in overrides.items() if k.startswith("probe.") or k in ("train.device", "data.root")}
+
+
+def _signal_tables(r: dict) -> list[str]:
+    """Fig. 2 (propagation) and Fig. 3 (representation) as tables: one row per layer, cells θ_T / θ_C / θ_S."""
+    roles = list(r["metrics"])
+    ckpt = r["checkpoints"]
+    lines = [f"Checkpoints: " + ", ".join(f"{ROLE_NAMES.get(k, k)} = step {ckpt[k].get('step')}" for k in roles)
+             + f". Metrics on {r['n_samples']} training images ({r['spatial']} over positions; "
+             f"{'standardized' if r['standardize'] else 'centered' if r['center'] else 'uncentered'}); probes "
+             f"scored on {r['n_test']} test images. Cells: " + " / ".join(ROLE_NAMES.get(k, k) for k in roles) + ".",
+             ""]
+
+    def cells(i: int, key, f) -> str:
+        vals = [r["metrics"][k][i] for k in roles]
+        return " / ".join(f(key(v) if callable(key) else v[key]) for v in vals)
+
+    def num(x) -> str:
+        return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+    def pct(x) -> str:
+        return "–" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+    prop, rep = [], []
+    for i, layer in enumerate(r["layers"]):
+        prop.append([f"{i + 1} {layer['name']}", str(layer["dim"]), cells(i, "effective_rank", num),
+                     cells(i, "dead_neurons", str), cells(i, "condition_number", num)])
+        rep.append([f"{i + 1} {layer['name']}", cells(i, "trace_within", num), cells(i, "trace_between", num),
+                    cells(i, "separability_rel_teacher", num),
+                    cells(i, lambda v: v.get("probe", {}).get("linear"), pct)])
+    lines += ["### signal propagation (Fig. 2)", ""]
+    lines += _md_table(["layer", "neurons", "effective rank", "dead neurons", "condition number"], prop)
+    lines += ["### representations (Fig. 3)", ""]
+    lines += _md_table(["layer", "tr Σ_w", "tr Σ_b", "tr(Σ_w† Σ_b) / teacher's", "linear probe (%)"], rep)
+    return lines
+
+
+EXPERIMENTS = [Landscape(), Imp(), Lmc(), LrRange(), Escape(), Signal()]
