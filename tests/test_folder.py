@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from randteach.config import build_config
 from randteach.data import folder, load_dataset
+from randteach.evaluate import load_probe_splits
 from randteach.errors import DataMissingError, UserError
 from randteach.rundir import RunDir
 
@@ -32,6 +34,17 @@ def write_folder(base, counts=(("train", 6), ("test", 3)), **kw):
     return base
 
 
+@pytest.fixture(autouse=True)
+def data_root(tmp_path, monkeypatch):
+    """Caches go under the data root: a fresh one per test, never the user's."""
+    monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "root"))
+    return tmp_path / "root"
+
+
+def cache_files(root):
+    return list((root / "folder-cache").glob("*/*.npz"))
+
+
 @pytest.fixture
 def decodes(monkeypatch):
     """Counts decode passes over a folder."""
@@ -45,7 +58,7 @@ def decodes(monkeypatch):
     return calls
 
 
-def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decodes):
+def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decodes, data_root):
     base = write_folder(tmp_path / "imgs")
     (base / "train" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.warns(UserWarning, match=r"27 images in 3 classes \(train 18, test 9\).*skipped 1 unreadable "
@@ -55,7 +68,7 @@ def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decod
     assert train.labels.bincount().tolist() == [6, 6, 6]
     test = load_dataset("folder", "test", path=str(base))
     assert len(test) == 9 and decodes == [28]                 # one pass decoded both splits
-    cache, = (base / ".randteach-cache").glob("*.npz")
+    cache, = cache_files(data_root)
     stamp = cache.stat().st_mtime_ns
 
     again = load_dataset("folder", "train", path=str(base))
@@ -65,7 +78,7 @@ def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decod
     write_png(base / "train" / "c" / "new.png", 2)            # a file added: decoded again, stale cache gone
     with pytest.warns(UserWarning, match="28 images"):
         assert len(load_dataset("folder", "train", path=str(base))) == 19 and decodes == [28, 29]
-    assert not cache.exists() and len(list((base / ".randteach-cache").glob("*.npz"))) == 1
+    assert not cache.exists() and len(cache_files(data_root)) == 1 and not (base / ".randteach-cache").exists()
 
     first = base / "train" / "a" / "0.png"                 # a file changed in place
     Image.new("RGB", (16, 16), (255, 0, 0)).save(first)
@@ -74,14 +87,14 @@ def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decod
     assert decodes == [28, 29, 29] and changed.images[0, :, 0, 0].tolist() == [255, 0, 0]
 
 
-def test_cache_report_line_on_reuse(tmp_path, capsys):
+def test_cache_report_line_on_reuse(tmp_path, capsys, data_root):
     base = write_folder(tmp_path / "imgs")
     load_dataset("folder", "train", path=str(base))
     assert "decoded in" in capsys.readouterr().err
     folder._reported.clear()
     load_dataset("folder", "train", path=str(base))
     err = capsys.readouterr().err
-    assert "27 images in 3 classes (train 18, test 9)" in err and f"read from cache {base / '.randteach-cache'}" in err
+    assert "27 images in 3 classes (train 18, test 9)" in err and f"read from cache {data_root / 'folder-cache'}" in err
 
 
 def test_flat_folder_holds_out_a_stratified_fifth(tmp_path):
@@ -95,6 +108,12 @@ def test_flat_folder_holds_out_a_stratified_fifth(tmp_path):
     both = torch.cat([train.images, test.images]).flatten(1)
     assert len({tuple(x.tolist()) for x in both}) == 30       # disjoint, and together every image
     assert torch.equal(load_dataset("folder", "test", path=str(base)).images, test.images)  # deterministic
+    cfg = build_config(None, None, {"data.name": "folder", "data.path": str(base), "data.test_fraction": "0.5"})
+    half = load_probe_splits(cfg)
+    assert len(half.train) == len(half.test) == 15 and half.test.labels.bincount().tolist() == [5, 5, 5]
+    assert len({tuple(x.tolist()) for x in torch.cat([half.train.images, half.test.images]).flatten(1)}) == 30
+    with pytest.raises(UserError, match="test_fraction=1.5"):
+        load_dataset("folder", "test", path=str(base), test_fraction=1.5)
 
 
 def test_mixed_sizes_and_modes_give_one_format_for_both_splits(tmp_path):
@@ -111,13 +130,21 @@ def test_mixed_sizes_and_modes_give_one_format_for_both_splits(tmp_path):
     assert load_dataset("folder", "train", path=str(same)).images.shape == (2, 1, 14, 14)
 
 
-def test_read_only_folder_is_cached_under_the_data_root(tmp_path, monkeypatch, decodes):
-    monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "root"))
+def test_cache_follows_data_root_else_stays_in_the_folder(tmp_path, decodes, data_root):
     base = write_folder(tmp_path / "imgs", counts=(("train", 2), ("val", 1)))
-    (base / ".randteach-cache").write_text("in the way")      # not a folder: as good as read-only
-    load_dataset("folder", "test", path=str(base))
-    assert len(load_dataset("folder", "train", path=str(base))) == 6 and decodes == [9]
-    assert len(list((tmp_path / "root" / "folder-cache").glob("*/*.npz"))) == 1
+    other = tmp_path / "other-root"                            # --data.root beats $RANDTEACH_DATA
+    load_dataset("folder", "test", root=str(other), path=str(base))
+    assert len(load_dataset("folder", "train", root=str(other), path=str(base))) == 6 and decodes == [9]
+    assert len(cache_files(other)) == 1 and not cache_files(data_root)
+    cfg = build_config(None, None, {"data.name": "folder", "data.path": str(base), "data.root": str(other)})
+    load_probe_splits(cfg)                                     # the config's data root reaches the folder
+    assert decodes == [9]
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")                 # an unwritable data root
+    load_dataset("folder", "test", root=str(blocked), path=str(base))
+    assert decodes == [9, 9] and len(list((base / ".randteach-cache").glob("*.npz"))) == 1
+    load_dataset("folder", "train", root=str(blocked), path=str(base))
+    assert decodes == [9, 9]                                   # read back from inside the folder
 
 
 def test_folder_errors_say_what_to_do(tmp_path):

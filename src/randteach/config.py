@@ -51,6 +51,7 @@ class DataConfig:
     name: str = opt("fashion-mnist", "training data set (for distillation and, unless probe.data is set, probing)", DATASETS)
     root: str | None = opt(None, "data root; else $RANDTEACH_DATA, else the per-user cache (Fashion-MNIST is also found at the Debian package's path)")
     path: str | None = opt(None, "folder of images for data.name=folder (one sub-folder per class)")
+    test_fraction: float = opt(0.2, "data.name=folder without train/ and test/ (or val/) sub-folders: the fraction of each class held out as the test split (class-stratified, fixed seed: the same split in every run)")
     n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images")
     subset_seed: int = opt(0, "seed of the stratified subset")
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape", ("data", "noise"))

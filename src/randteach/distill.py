@@ -101,7 +101,8 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
     """(inputs, preprocess, data): uint8 images + their preprocess, or float noise (preprocess None)."""
-    data = train_data or load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+    data = train_data or load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path,
+                                      test_fraction=cfg.data.test_fraction)
     if cfg.data.n_samples:
         if cfg.data.n_samples > len(data):
             raise UserError(f"data.n_samples={cfg.data.n_samples} but {data.name} has only {len(data)} training images")

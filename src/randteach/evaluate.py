@@ -101,8 +101,10 @@ class ProbeSplits:
 def load_probe_splits(cfg: Config) -> ProbeSplits:
     name = probe_data_name(cfg)
     path = cfg.data.path if name == cfg.data.name else None
-    train = load_dataset(name, "train", root=cfg.data.root, path=path)
-    test = load_dataset(name, "test", root=cfg.data.root, path=path)
+    train = load_dataset(name, "train", root=cfg.data.root, path=path,
+                         test_fraction=cfg.data.test_fraction)
+    test = load_dataset(name, "test", root=cfg.data.root, path=path,
+                        test_fraction=cfg.data.test_fraction)
     if cfg.probe.n_train:
         train = train.subset(stratified_subset(train.labels, cfg.probe.n_train, seed=cfg.data.subset_seed))
     if cfg.probe.n_test:

@@ -240,7 +240,8 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
         raise UserError(f"steps and probe_every_steps must be positive, got {steps} and {probe_every_steps}")
     out = Path(out)
     full = train_data if train_data is not None else \
-        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path,
+                     test_fraction=cfg.data.test_fraction)
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
     variants = escape_variants(lrs=lrs, batch_sizes=batch_sizes, batch_lr=batch_lr, stabilize=stabilize,
                                stabilize_losses=stabilize_losses, stabilize_lr=stabilize_lr,

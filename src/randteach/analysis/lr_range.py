@@ -172,7 +172,8 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
     if not 0.0 <= smoothing < 1.0:
         raise UserError(f"smoothing is an EMA factor in [0, 1), got {smoothing}")
     full = train_data if train_data is not None else \
-        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path,
+                     test_fraction=cfg.data.test_fraction)
     inputs, preprocess, data, size = load_training_inputs(cfg, full)
     n = len(inputs)
     steps_per_epoch = math.ceil(n / min(cfg.train.batch_size or n, n))

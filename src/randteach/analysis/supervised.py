@@ -91,8 +91,10 @@ def load_supervised_data(cfg: Config, image_size: int, *, name: str | None = Non
     else:
         name = name or cfg.data.name
         path = cfg.data.path if name == cfg.data.name else None
-        train = load_dataset(name, "train", root=cfg.data.root, path=path)
-        test = load_dataset(name, "test", root=cfg.data.root, path=path)
+        train = load_dataset(name, "train", root=cfg.data.root, path=path,
+                             test_fraction=cfg.data.test_fraction)
+        test = load_dataset(name, "test", root=cfg.data.root, path=path,
+                            test_fraction=cfg.data.test_fraction)
     if n_train:
         train = train.subset(stratified_subset(train.labels, n_train, seed=cfg.data.subset_seed))
     if n_test:

@@ -1,7 +1,8 @@
 """Your own images: one sub-folder per class.
 
     DIR/train/<class>/*.png   DIR/test/<class>/*.png   (or DIR/val/ for the test split)
-    DIR/<class>/*.png         (no split folders: a class-stratified 20% is held out as the test split)
+    DIR/<class>/*.png         (no split folders: a class-stratified fraction, data.test_fraction = 0.2 by
+                               default, is held out as the test split, the same for every run)
 
 Classes are the sorted sub-folder names of train/ (of DIR itself without split folders). All images
 of the folder, every split, are decoded with Pillow to one format, so that train and test match:
@@ -10,8 +11,9 @@ kept (center-cropped to a square of the shorter side), mixed sizes are center-cr
 to `MIXED_SIZE` px. `data.image_size` then resizes each batch to the model's input side, like for
 every other data set. Files Pillow cannot decode are skipped and reported.
 
-Decoded images are cached in `DIR/.randteach-cache/<key>.npz`, or, when DIR is not writable, in
-`<data root>/folder-cache/<hash of DIR>/<key>.npz`. The key hashes the class names, the relative path,
+Decoded images are cached in `<data root>/folder-cache/<hash of DIR>/<key>.npz` (the data root of
+`data.root`, else $RANDTEACH_DATA, else the per-user cache), or, when the data root is not writable,
+in `DIR/.randteach-cache/<key>.npz`. The key hashes the class names, the relative path,
 byte size and mtime of every image file, and the decode settings, so adding, removing or changing a
 file decodes the folder again (and deletes the stale cache file). Each load prints one line saying
 how many images and classes it found, where they came from, and which files it skipped.
@@ -39,8 +41,8 @@ from .roots import resolve_root
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIXED_SIZE = 64
-HELD_OUT = 0.2        # test fraction of a folder without split folders
-HELD_OUT_SEED = 0     # the held-out split is a pure function of the folder's contents
+HELD_OUT = 0.2        # default test fraction of a folder without split folders (data.test_fraction)
+HELD_OUT_SEED = 0     # the held-out split is a pure function of the folder's contents and the fraction
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 CACHE_DIR = ".randteach-cache"
@@ -114,14 +116,14 @@ def _scan(base: Path) -> Listing:
     return Listing(classes, files, labels, splits, stats)
 
 
-def _cache_dirs(base: Path) -> list[Path]:
-    """Where the decoded folder is cached: inside it, else (read-only folder) under the data root."""
+def _cache_dirs(base: Path, root: str | Path | None) -> list[Path]:
+    """Where the decoded folder is cached: under the data root, else (not writable) inside the folder."""
     outside = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:16]
-    return [base / CACHE_DIR, resolve_root() / "folder-cache" / outside]
+    return [resolve_root(root) / "folder-cache" / outside, base / CACHE_DIR]
 
 
-def _read_cache(base: Path, key: str) -> Decoded | None:
-    for d in _cache_dirs(base):
+def _read_cache(base: Path, key: str, root: str | Path | None) -> Decoded | None:
+    for d in _cache_dirs(base, root):
         try:
             with np.load(d / f"{key}.npz", allow_pickle=False) as z:
                 out = Decoded(z["images"], z["labels"], z["splits"],
@@ -133,12 +135,12 @@ def _read_cache(base: Path, key: str) -> Decoded | None:
     return None
 
 
-def _write_cache(base: Path, key: str, d: Decoded) -> str:
+def _write_cache(base: Path, key: str, d: Decoded, root: str | Path | None) -> str:
     """Store `d`; returns where (or why not), for the report line."""
     arrays = dict(images=d.images, labels=d.labels, splits=d.splits,
                   skipped_paths=np.array([p for p, _ in d.skipped], dtype=str),
                   skipped_why=np.array([w for _, w in d.skipped], dtype=str))
-    for folder in _cache_dirs(base):
+    for folder in _cache_dirs(base, root):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
@@ -174,13 +176,15 @@ def _decode(base: Path, listing: Listing) -> Decoded:
 _reported: set[tuple[str, str]] = set()
 
 
-def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[str, int]) -> None:
+def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[str, int],
+            test_fraction: float) -> None:
     """One line per folder and process: what was found, where it came from, what was skipped."""
-    if (str(base), listing.key()) in _reported:
+    seen = (str(base), listing.key(), test_fraction if listing.flat else None)
+    if seen in _reported:
         return
-    _reported.add((str(base), listing.key()))
+    _reported.add(seen)
     n, c, h, w = d.images.shape
-    held = f", test = {HELD_OUT:.0%} held out" if listing.flat else ""
+    held = f", test = {test_fraction:.0%} held out" if listing.flat else ""
     line = (f"{name} {base}: {n} images in {len(listing.classes)} classes (train {counts['train']}, "
             f"test {counts['test']}{held}), {h}x{w} {'grey' if c == 1 else 'RGB'}; {d.origin}")
     if d.skipped:
@@ -192,18 +196,23 @@ def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[st
         print(line, file=sys.stderr)
 
 
-def _split_indices(listing: Listing, d: Decoded) -> dict[str, np.ndarray]:
+def _split_indices(listing: Listing, d: Decoded, test_fraction: float) -> dict[str, np.ndarray]:
     if not listing.flat:
         return {"train": np.flatnonzero(d.splits == TRAIN), "test": np.flatnonzero(d.splits == TEST)}
-    n_test = round(HELD_OUT * len(d.labels))
+    n_test = round(test_fraction * len(d.labels))
     test = stratified_subset(torch.from_numpy(d.labels), n_test, seed=HELD_OUT_SEED).numpy()
     mask = np.ones(len(d.labels), bool)
     mask[test] = False
     return {"train": np.flatnonzero(mask), "test": test}
 
 
-def load(path: str | Path | None, split: str = "train", *, name: str = "folder") -> ImageData:
-    """Split `split` ("train" or "test") of the image folder `path`, decoded once and then cached."""
+def load(path: str | Path | None, split: str = "train", *, name: str = "folder", root: str | Path | None = None,
+         test_fraction: float = HELD_OUT) -> ImageData:
+    """Split `split` ("train" or "test") of the image folder `path`, decoded once and then cached under
+    the data root `root`. Without split folders, `test_fraction` of each class is the test split."""
+    if not 0 < test_fraction < 1:
+        raise UserError(f"data.test_fraction={test_fraction}: expected a fraction between 0 and 1 (exclusive) "
+                        "of a folder's images to hold out as its test split, e.g. 0.2")
     if not path:
         raise UserError("data.name=folder needs data.path=DIR (one sub-folder per class)")
     base = Path(path).expanduser()
@@ -215,20 +224,21 @@ def load(path: str | Path | None, split: str = "train", *, name: str = "folder")
         raise DataMissingError(f"{base} has no images in train/<class>/; the train split needs them")
     if not listing.flat and split == "test" and not any((base / d).is_dir() for d in SPLIT_DIRS["test"]):
         raise UserError(f"{base} has a train/ folder but no test/ or val/ folder for the test split; add one, "
-                        f"or move the class folders out of train/ to hold out {HELD_OUT:.0%} of the images")
+                        f"or move the class folders out of train/ to hold out data.test_fraction ({test_fraction:.0%}) "
+                        "of the images")
     if not listing.files:
         raise DataMissingError(f"no images ({', '.join(sorted(EXTENSIONS))}) in {base}/<class>/ "
                                f"(or {base}/train/<class>/)")
     key = listing.key()
-    decoded = _read_cache(base, key)
+    decoded = _read_cache(base, key, root)
     if decoded is None:
         decoded = _decode(base, listing)
-        decoded.origin += ", " + _write_cache(base, key, decoded)
+        decoded.origin += ", " + _write_cache(base, key, decoded, root)
     if not len(decoded.labels):
         raise DataMissingError(f"none of the {len(listing.files)} image files in {base} could be decoded; "
                                f"e.g. {decoded.skipped[0][0]}: {decoded.skipped[0][1]}")
-    idx = _split_indices(listing, decoded)
-    _report(base, listing, decoded, name, {s: len(i) for s, i in idx.items()})
+    idx = _split_indices(listing, decoded, test_fraction)
+    _report(base, listing, decoded, name, {s: len(i) for s, i in idx.items()}, test_fraction)
     if not len(idx[split]):
         raise DataMissingError(f"no readable images in the {split} split of {base}")
     return from_numpy(decoded.images[idx[split]], decoded.labels[idx[split]], len(listing.classes), name,

@@ -141,8 +141,10 @@ def how_to_get(info: DatasetInfo, root: Path) -> str:
     return "Get it by hand: " + info.manual.format(folder=root / (info.folder or ""))
 
 
-def load_dataset(name: str, split: str = "train", root: str | None = None, path: str | None = None) -> ImageData:
-    """Read split `split` of data set `name` from `root` (see `resolve_root`), or `path` for name=folder."""
+def load_dataset(name: str, split: str = "train", root: str | None = None, path: str | None = None,
+                 test_fraction: float = folder.HELD_OUT) -> ImageData:
+    """Read split `split` of data set `name` from `root` (see `resolve_root`), or `path` for name=folder
+    (decoded images cached under `root`; `test_fraction` held out of a folder without split folders)."""
     info = dataset_info(name)
     if split not in info.splits:
         if name == "cifar5m":
@@ -151,7 +153,7 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, path:
     if name == "digits":
         return digits.load(split, name=name)
     if name == "folder":
-        return folder.load(path, split, name=name)
+        return folder.load(path, split, name=name, root=root, test_fraction=test_fraction)
     base = resolve_root(root)
     looked = []
     for directory in [base / info.folder, *map(Path, info.system_dirs)]:
