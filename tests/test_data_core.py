@@ -23,8 +23,9 @@ def test_imagedata_subset_and_checks():
     assert torch.equal(sub.images[0], data.images[3]) and sub.labels.tolist() == [3, 1]
     assert sub.images.is_contiguous()
     assert len(data.subset([0, 2, 4])) == 3 and len(data.subset(slice(0, 5))) == 5
-    with pytest.raises(ValueError, match="uint8"):
-        ImageData(torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long), 2, "x")
+    with pytest.raises(ValueError, match="uint8 or float"):
+        ImageData(torch.zeros(2, 1, 3, 3, dtype=torch.int32), torch.zeros(2, dtype=torch.long), 2, "x")
+    assert ImageData(torch.zeros(2, 1, 3, 3), torch.zeros(2), 2, "x").images.dtype == torch.float32  # Python API
     with pytest.raises(ValueError, match="labels"):
         ImageData(torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), 2, "x")
 

@@ -15,7 +15,9 @@ for probing.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import Config, build_config
-from .data import ImageData, stratified_subset
+from .data import ImageData, load_dataset, stratified_subset
 from .errors import UserError
 
 
@@ -58,9 +60,7 @@ def _fingerprint(*parts: Any) -> str:
     h = hashlib.sha256()
     for p in parts:
         if isinstance(p, ImageData):
-            h.update(str((p.images.shape, p.images.dtype)).encode())
-            h.update(p.images.contiguous().numpy().tobytes() if p.images.device.type == "cpu" else b"")
-            h.update(p.labels.numpy().tobytes())
+            h.update(p.digest().encode())
         elif isinstance(p, nn.Module):
             h.update(repr(p).encode())
         elif callable(p):
@@ -85,11 +85,7 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
     `overrides` are dotted keys (pass them as **{"optim.lr": 1e-3}) or double-underscored
     (optim__lr=1e-3). A run with the same config, encoder and data is not redone."""
     from .distill import distill as run_distillation
-    dotted = {k.replace("__", "."): v for k, v in overrides.items()}
-    if config is None:
-        config = build_config(preset, None, dotted)
-    elif dotted:
-        config = build_config(None, None, {**_flatten(config.to_dict()), **dotted})
+    config = _build(config, preset, overrides)
     train_data = as_image_data(train) if train is not None and not isinstance(train, str) else None
     if isinstance(train, str):
         config = build_config(None, None, {**_flatten(config.to_dict()), "data.name": train})
@@ -108,6 +104,20 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
                             probe_splits=probe_splits)
 
 
+def _dotted(overrides: dict) -> dict:
+    return {k.replace("__", "."): v for k, v in overrides.items()}
+
+
+def _build(config: Config | None, preset: str | None, overrides: dict) -> Config:
+    """`config`, or the preset's, with dotted / double-underscored keyword overrides on top."""
+    dotted = _dotted(overrides)
+    if config is None:
+        return build_config(preset, None, dotted)
+    if dotted:
+        return build_config(None, None, {**_flatten(config.to_dict()), **dotted})
+    return config
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -116,3 +126,330 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ------------------------------------------------------------------------------------------- analyses
+# Each mirrors a command (`randteach probe | signal | landscape | imp | lmc`) and calls the same code;
+# where the command takes a run directory these take a run directory, a RunResult, or Python objects.
+
+def _run_dir(obj: Any) -> Path | None:
+    """The run directory `obj` names (a RunResult, or a path holding config.yaml); else None."""
+    from .distill import RunResult
+    if isinstance(obj, RunResult):
+        return Path(obj.path)
+    if isinstance(obj, (str, os.PathLike)):
+        if not (Path(obj) / "config.yaml").is_file():
+            raise UserError(f"{obj} is not a randteach run directory (no config.yaml); pass the directory "
+                            "`randteach distill` wrote, a RunResult, or an nn.Module")
+        return Path(obj)
+    return None
+
+
+def _run_overrides(overrides: dict, device: str | None) -> dict[str, str]:
+    pairs = {k: str(v) for k, v in _dotted(overrides).items()}
+    if device is not None:
+        pairs["train.device"] = device
+    return pairs
+
+
+def _with_run_overrides(run, overrides: dict):
+    """A RunInfo with --probe.* / --data.root overrides, as the commands apply them."""
+    from .commands_analysis import _with_overrides
+    return _with_overrides(run, [f"--{k}={v}" for k, v in _dotted(overrides).items()])
+
+
+def _run_config(run: Path, overrides: dict) -> Config:
+    """The run's saved config with the probe.* / data.root overrides (to read named data sets)."""
+    from .analysis.supervised import run_info
+    return _with_run_overrides(run_info(run), {k: v for k, v in overrides.items()
+                                               if not k.replace("__", ".").startswith("train.")}).cfg
+
+
+def _data(obj: Any, cfg: Config, split: str) -> ImageData:
+    """A registered name (read from the config's data root; 'folder' from data.path) or a data object."""
+    if isinstance(obj, str):
+        return load_dataset(obj, split, root=cfg.data.root, path=cfg.data.path,
+                            test_fraction=cfg.data.test_fraction)
+    return as_image_data(obj)
+
+
+def _splits(train: Any, test: Any, cfg: Config) -> tuple[ImageData, ImageData] | None:
+    """(train, test): both given; a name alone: its train and test splits; data alone: split 80/20
+    (class-stratified); neither: None. probe.n_train / probe.n_test subsample them."""
+    if train is None and test is None:
+        return None
+    if train is None:
+        raise UserError("pass the data to fit on (train=) as well as test=")
+    if test is None and not isinstance(train, str):
+        splits = _split_for_probing(as_image_data(train), cfg.data.subset_seed)
+    else:
+        splits = (_data(train, cfg, "train"), _data(train if test is None else test, cfg, "test"))
+    return tuple(d.subset(stratified_subset(d.labels, n, seed=cfg.data.subset_seed)) if n and n < len(d) else d
+                 for d, n in zip(splits, (cfg.probe.n_train, cfg.probe.n_test)))
+
+
+def _module(obj: Any, what: str) -> nn.Module:
+    if not isinstance(obj, nn.Module):
+        raise UserError(f"{what} must be an nn.Module (or a run directory / RunResult), got {type(obj).__name__}")
+    return obj
+
+
+def _on(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` on `device`: itself if it is there already, else a copy (the user's module is not moved)."""
+    ref = next(module.parameters(), None)
+    if ref is None or ref.device == device:
+        return module
+    return copy.deepcopy(module).to(device)
+
+
+def _side(data: ImageData, cfg: Config) -> int:
+    return cfg.data.image_size or data.images.shape[-1]
+
+
+def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=None, checkpoint: str | None = None,
+          config: Config | None = None, preset: str | None = None, device: str | None = None,
+          **overrides: Any) -> dict:
+    """Linear and k-NN probe accuracy (`randteach probe`).
+
+    encoder: an nn.Module, probed as it is (its current weights, eval mode) -> {"linear": acc, "knn": acc};
+    or a run directory / RunResult -> {"teacher"|"student"|"input": {...}}, also written to
+    RUN/probes/<data>.json. train / test: data to fit / score on (test None: a class-stratified 80/20
+    split of train; a name alone: its train and test splits; a run without data: its probe data).
+    overrides: probe.* keys (e.g. probe__knn_k=20), data.root, data.image_size."""
+    from .distill import resolve_device
+    from .evaluate import Prober
+    from .probing import probe_run
+    run = _run_dir(encoder)
+    if run is not None:
+        cfg = _run_config(run, overrides)
+        return probe_run(run, _run_overrides(overrides, device), checkpoint=checkpoint, progress=False,
+                         splits=_splits(train, test, cfg), architecture=architecture)
+    encoder = _module(encoder, "encoder")
+    cfg = _build(config, preset, overrides)
+    splits = _splits(train, test, cfg)
+    if splits is None:
+        raise UserError("pass the data to probe on: train= (and test=, else train is split 80/20)")
+    dev = resolve_device(device or cfg.train.device)
+    prober = Prober(cfg, splits[0].images.shape[1], _side(splits[0], cfg), dev, splits=splits)
+    return prober.probe(_on(encoder, dev))
+
+
+def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architecture=None, n_samples: int = 1000,
+                  n_test: int = 1000, spatial: str = "avgpool", center: bool = False, standardize: bool = False,
+                  threshold: float = 0.999, probe: bool = True, collapse: str | None = None,
+                  out: str | os.PathLike | None = None, config: Config | None = None, preset: str | None = None,
+                  device: str | None = None, progress: bool = False, **overrides: Any) -> dict:
+    """Per-layer effective rank, dead neurons, condition number, Fisher metrics and probes (`randteach signal`).
+
+    encoders: a run directory / RunResult (its teacher, collapse point and student; writes OUT, default
+    RUN/signal), an nn.Module, or a dict {name: nn.Module} of one architecture (e.g. {"teacher": t,
+    "student": s}; writes OUT only if `out` is given). data: the images the metrics are computed on (a
+    class-stratified subset of `n_samples`); test: the per-layer probes' test data (None: data is split
+    80/20). Returns the content of signal.json (`randteach.analysis.signal_layers`)."""
+    from .analysis.signal_layers import analyze_signal, layer_signals, write_signal
+    from .distill import resolve_device
+    from .evaluate import _fit_preprocess
+    run = _run_dir(encoders)
+    if run is not None:
+        cfg = _run_config(run, overrides)
+        return analyze_signal(run, n_samples=n_samples, n_test=n_test, spatial=spatial, center=center,
+                              standardize=standardize, threshold=threshold, probe=probe, collapse=collapse, out=out,
+                              overrides=_run_overrides(overrides, device), progress=progress,
+                              splits=_splits(data, test, cfg), architecture=architecture)
+    named = {"encoder": encoders} if isinstance(encoders, nn.Module) else dict(encoders)
+    for name, module in named.items():
+        _module(module, f"encoders[{name!r}]")
+    cfg = _build(config, preset, overrides)
+    if data is None:
+        raise UserError("pass the data the layers are measured on: data= (and test= for the probes)")
+    train, test_data = _splits(data, test, cfg) if probe else (_data(data, cfg, "train"), None)
+    preprocess = _fit_preprocess(train, _side(train, cfg))
+    num_classes = max(train.num_classes, test_data.num_classes if test_data is not None else 0)
+    picked = [d.subset(stratified_subset(d.labels, n, seed=cfg.data.subset_seed)) if n and n < len(d) else d
+              for d, n in ((train, n_samples), (test_data, n_test)) if d is not None]
+    dev = resolve_device(device or cfg.train.device)
+    result = {"encoders": list(named), "data": train.name,
+              "metrics_on": "a class-stratified subset of `data`; probes fit on it and score on `test`",
+              **layer_signals({k: _on(m, dev) for k, m in named.items()}, (picked[0].images, picked[0].labels),
+                              (picked[1].images, picked[1].labels) if probe else None, preprocess, cfg.probe,
+                              num_classes, device=dev, channels=train.images.shape[1], spatial=spatial,
+                              center=center, standardize=standardize, threshold=threshold, progress=progress)}
+    return write_signal(result, out) if out is not None else result
+
+
+def _as_model(module: nn.Module, in_channels: int, image_size: int) -> nn.Module:
+    """A copy of `module` as a model with .encoder and .head: as it is if it has both, else the module
+    as the encoder under an identity head (the loss then compares embeddings)."""
+    from .models import DistillModel, IdentityHead, call_encoder_factory
+    if isinstance(getattr(module, "encoder", None), nn.Module) and isinstance(getattr(module, "head", None), nn.Module):
+        return copy.deepcopy(module)
+    encoder = call_encoder_factory(lambda: copy.deepcopy(module), type(module).__name__, in_channels, image_size)
+    return DistillModel(encoder, IdentityHead(encoder.embed_dim))
+
+
+def _state(obj: Any, template: nn.Module | None, in_channels: int, image_size: int) -> dict:
+    """A model state dict from a module or a state dict (an encoder's keys get the 'encoder.' prefix)."""
+    if isinstance(obj, nn.Module):
+        obj = _as_model(obj, in_channels, image_size).state_dict()
+    state = {k: v.detach().cpu() for k, v in obj.items()}
+    if template is not None:
+        keys = set(template.state_dict())
+        if not set(state) & keys and {f"encoder.{k}" for k in state} <= keys:
+            state = {f"encoder.{k}": v for k, v in state.items()}
+    return state
+
+
+def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), run: Any = None, architecture=None,
+              data: Any = None, probe_train: Any = None, probe_test: Any = None, teacher: Any = None,
+              grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine", n_loss: int = 512,
+              probe: bool = True, max_points: int | None = None, out: str | os.PathLike | None = None,
+              config: Config | None = None, preset: str | None = None, device: str | None = None,
+              progress: bool = False, **overrides: Any) -> dict:
+    """Loss / probe / embedding-KL landscape on the plane through three parameter vectors (`randteach landscape`).
+
+    anchors: three of "RUN_DIR[:teacher|student_init|student]" or checkpoint files (as --anchors), nn.Modules
+    (a model with .encoder and .head, or an encoder, which gets an identity head) or state dicts; origin
+    first. Or view="non-local" / "shared" with runs=[run directories]. run: the run giving architecture,
+    loss, data and probe (default: the first run / the origin's run); without one the config comes from
+    `config` / `preset` / overrides and the architecture from the module anchors (or `architecture`).
+    data: the distillation inputs of the loss; probe_train / probe_test: the probe's data (both None with
+    data given: data split 80/20). teacher: the loss's teacher (default: the run's, else the origin).
+    out: default RUN/landscape-<view>-<projection>; required without a run. Returns compute_landscape's
+    result (axes and metric grids; "complete" False after max_points: call again to continue)."""
+    from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
+    from .analysis.supervised import RunInfo, run_info
+    from .checkpoint import load_state_dict
+    from .distill import RunResult, resolve_device
+    paths = [str(a.path) if isinstance(a, RunResult) else a for a in (anchors or ())]
+    runs = [str(r.path) if isinstance(r, RunResult) else str(r) for r in runs]
+    if view is not None:
+        if anchors is not None:
+            raise UserError("give either view= with runs=, or three anchors, not both")
+        found = view_anchors(view, runs)
+        ref = _run_dir(run) if run is not None else Path(runs[0])
+    elif len(paths) == 3:
+        found = None
+        named = [a for a in paths if isinstance(a, (str, os.PathLike))]
+        ref = _run_dir(run) if run is not None else (run_of(named[0]) if named else None)
+    else:
+        raise UserError("which plane? anchors=[origin, a1, a2] (run directories, checkpoints, modules or state "
+                        "dicts), or view='non-local' / 'shared' with runs=[...]")
+    dev = resolve_device(device or "auto")
+    if ref is not None:
+        info = _with_run_overrides(run_info(ref, architecture), overrides)
+        cfg = info.cfg
+    else:
+        cfg = _build(config, preset, overrides)
+    train = _data(data, cfg, "train") if data is not None else None
+    splits = _splits(probe_train, probe_test, cfg) or (_split_for_probing(train, cfg.data.subset_seed)
+                                                       if train is not None and probe and ref is None else None)
+    if ref is None:
+        if train is None:
+            raise UserError("without a run directory, pass the data the loss is measured on (data=)")
+        info = RunInfo(None, cfg, train.images.shape[1], _side(train, cfg), architecture)
+    modules = [a for a in paths if isinstance(a, nn.Module)]
+    if modules:
+        template = _as_model(modules[0], info.in_channels, info.image_size)
+    elif architecture is not None or ref is None:
+        if architecture is None:
+            raise UserError("the anchors are state dicts: pass architecture= (the encoder factory or module they "
+                            "belong to), or a run directory as run=")
+        from .models import build_model
+        template = build_model(cfg, info.in_channels, info.image_size, seed=0, encoder=architecture)
+    else:
+        template = None
+    if found is None:
+        from .analysis.landscape import Anchor
+        found = []
+        for i, (a, role) in enumerate(zip(paths, ("teacher", "student", "student"))):
+            if isinstance(a, (str, os.PathLike)):
+                found.append(resolve_anchor(a, default_role=role))
+            else:
+                found.append(Anchor(("origin", "anchor 1", "anchor 2")[i], _state(a, template, info.in_channels,
+                                                                                   info.image_size), type(a).__name__))
+    if teacher is None:
+        teacher_state = load_state_dict(ref, "teacher") if ref is not None else None
+    elif isinstance(teacher, (nn.Module, dict)):
+        teacher_state = _state(teacher, template, info.in_channels, info.image_size)
+    else:
+        teacher_state = resolve_anchor(teacher.path if isinstance(teacher, RunResult) else teacher,
+                                       default_role="teacher").state
+    if out is None:
+        if ref is None:
+            raise UserError("pass out=DIR: the landscape writes its grid there (and resumes from it)")
+        out = ref / f"landscape-{view or 'anchors'}-{projection}"
+    return compute_landscape(found, info, out, teacher=teacher_state, grid=grid, extent=extent,
+                             projection=projection, n_loss=n_loss, probe=probe, limit=max_points, device=dev,
+                             progress=progress, template=template, data=train, probe_splits=splits)
+
+
+def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_test, config, preset, device, out,
+                kind: str, kwargs: dict):
+    """(RunInfo, Recipe, SupervisedData, device, out folder, default starts) for imp / lmc. `kwargs`:
+    Recipe fields (epochs=, lr=, ...) and dotted / double-underscored config overrides."""
+    from dataclasses import fields
+    from .analysis.supervised import Recipe, RunInfo, load_supervised_data, run_info
+    from .distill import resolve_device
+    names = {f.name for f in fields(Recipe)}
+    recipe_kw = {k: v for k, v in kwargs.items() if k in names}
+    overrides = {k: v for k, v in kwargs.items() if k not in names}
+    unknown = [k for k in overrides if "." not in k.replace("__", ".")]
+    if unknown:
+        raise UserError(f"unknown argument(s) {', '.join(unknown)}; the recipe takes {', '.join(sorted(names))}, "
+                        "and config keys are dotted (**{'probe.max_iter': 200}) or double-underscored")
+    recipe = Recipe(**recipe_kw)
+    ref = _run_dir(encoder)
+    if ref is not None:
+        info = _with_run_overrides(run_info(ref, architecture), overrides)
+        splits = None if train is None or (isinstance(train, str) and test is None) else _splits(train, test, info.cfg)
+        data = load_supervised_data(info.cfg, info.image_size, name=train if isinstance(train, str) else None,
+                                    n_train=n_train, n_test=n_test, splits=splits)
+        starts = {"imp": ["student@0", "random@0"], "lmc": ["teacher", "student"]}[kind]
+        out = Path(out) if out is not None else ref / kind
+    else:
+        encoder = _module(encoder, "encoder")
+        cfg = _build(config, preset, overrides)
+        splits = _splits(train, test, cfg)
+        if splits is None:
+            raise UserError(f"pass the supervised data: train= (and test=, else train is split 80/20)")
+        info = RunInfo(None, cfg, splits[0].images.shape[1], _side(splits[0], cfg), encoder)
+        data = load_supervised_data(cfg, info.image_size, n_train=n_train, n_test=n_test, splits=splits)
+        starts = {"imp": ["encoder@0", "random@0"], "lmc": ["random", "encoder"]}[kind]
+        if out is None:
+            raise UserError(f"pass out=DIR: {kind} writes its results and its resume state there")
+        out = Path(out)
+    return info, recipe, data, resolve_device(device or "auto"), out, starts
+
+
+def imp(encoder: Any, train: Any = None, test: Any = None, *, starts: list[str] | None = None, architecture=None,
+        rounds: int = 10, fraction: float = 0.2, prune_classifier: bool = False, n_train: int | None = None,
+        n_test: int | None = None, out: str | os.PathLike | None = None, config: Config | None = None,
+        preset: str | None = None, device: str | None = None, progress: bool = False, **recipe: Any) -> dict:
+    """Iterative magnitude pruning with rewinding (`randteach imp`): lottery tickets.
+
+    encoder: a run directory / RunResult (starts default student@0 random@0; out default RUN/imp) or an
+    nn.Module (starts: 'encoder' = the module's weights as they are, 'random' = a fresh init of its
+    architecture, each with an optional '@L' rewinding epoch; default encoder@0 random@0; out required).
+    train / test: the supervised data (a name, or objects; test None: train split 80/20; None with a run:
+    the run's data set). recipe: Recipe fields (epochs=, lr=, milestones=, ...; default the paper's
+    CIFAR-10 recipe). Returns the content of OUT/imp.json."""
+    from .analysis.imp import run_imp
+    run, rec, data, dev, out, default = _supervised(encoder, train, test, architecture, n_train, n_test, config,
+                                                    preset, device, out, "imp", recipe)
+    return run_imp(run, list(starts or default), data, rec, dev, rounds=rounds, out=out, fraction=fraction,
+                   prune_classifier=prune_classifier, progress=progress)
+
+
+def lmc(encoder: Any, train: Any = None, test: Any = None, *, starts: list[str] | None = None, architecture=None,
+        runs: int = 5, resolution: int = 11, bn_batches: int = 8, n_train: int | None = None,
+        n_test: int | None = None, out: str | os.PathLike | None = None, config: Config | None = None,
+        preset: str | None = None, device: str | None = None, progress: bool = False, **recipe: Any) -> dict:
+    """Linear mode connectivity of supervised runs from one start (`randteach lmc`).
+
+    encoder, train, test, recipe, out: as for `imp`; starts default teacher student (a run) or random
+    encoder (a module). Returns the content of OUT/lmc.json (barrier heights per start)."""
+    from .analysis.lmc import run_lmc
+    run, rec, data, dev, out, default = _supervised(encoder, train, test, architecture, n_train, n_test, config,
+                                                    preset, device, out, "lmc", recipe)
+    return run_lmc(run, list(starts or default), data, rec, dev, out=out, runs=runs, resolution=resolution,
+                   bn_batches=bn_batches, progress=progress)

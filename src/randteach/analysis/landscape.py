@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_dict, resolve_model_checkpoint
-from ..data import stratified_subset
+from ..data import ImageData, stratified_subset
 from ..distill import load_training_inputs
 from ..errors import UserError
 from ..evaluate import Prober
@@ -135,10 +136,11 @@ def grid_axis(lo: float, hi: float, n: int, snaps: list[float]) -> np.ndarray:
     return axis
 
 
-def loss_inputs(cfg, n_loss: int) -> torch.Tensor:
+def loss_inputs(cfg, n_loss: int, data: ImageData | None = None) -> torch.Tensor:
     """The float inputs on which the landscape's losses are measured: a stratified subset of `n_loss`
-    distillation inputs (images preprocessed as in training, or the run's noise inputs)."""
-    inputs, preprocess, data, _ = load_training_inputs(cfg)
+    distillation inputs (images preprocessed as in training, or the run's noise inputs); `data`
+    replaces the configured data set."""
+    inputs, preprocess, data, _ = load_training_inputs(cfg, data)
     if n_loss < len(inputs):
         inputs = inputs[stratified_subset(data.labels, n_loss, seed=cfg.data.subset_seed)]
     return preprocess(inputs) if preprocess is not None else inputs.float()
@@ -197,11 +199,14 @@ def _mean_loss(name: str, student: list, teacher: list, t_temp: float, s_temp: f
 def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, teacher: dict | None = None,
                       grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine",
                       n_loss: int = 512, probe: bool = True, limit: int | None = None,
-                      device: torch.device | str = "cpu", progress: bool = False) -> dict:
+                      device: torch.device | str = "cpu", progress: bool = False, template: nn.Module | None = None,
+                      data: ImageData | None = None, probe_splits: tuple[ImageData, ImageData] | None = None) -> dict:
     """Evaluate the landscape on the plane through `anchors` (origin first) and write OUT (see the module
     docstring). `run` gives the architecture, loss, data and probe config; `teacher` (default: the
     origin's state) is the teacher of the loss. `extent`: (lo, hi) for both axes or (x_lo, x_hi, y_lo, y_hi).
     `limit`: evaluate at most this many new points and return (the rest on a later call).
+    Python API: `template` (a model with .encoder and .head whose state dicts are the anchors') replaces
+    the run's architecture, `data` its distillation data, `probe_splits` (train, test) its probe data.
     Returns the npz contents plus "complete", "done" and "total" (points) and "metrics" (names)."""
     if len(anchors) != 3:
         raise UserError(f"a plane needs three anchors (origin, anchor 1, anchor 2), got {len(anchors)}")
@@ -218,7 +223,9 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
     out.mkdir(parents=True, exist_ok=True)
     cfg = run.cfg
 
-    template = build_model(cfg, run.in_channels, run.image_size, seed=0).to(device).eval()
+    if template is None:
+        template = build_model(cfg, run.in_channels, run.image_size, seed=0)
+    template = template.to(device).eval()
     space = ParamSpace(template)
     vecs = [space.flatten(a.state) for a in anchors]
     try:
@@ -235,6 +242,8 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
             "projection": projection, "grid": [nx, ny], "extent": list(extent), "n_loss": n_loss, "probe": probe,
             "loss": cfg.loss.name, "config_digest": cfg.digest(),
             "teacher": _digest(space.flatten(teacher)) if teacher is not None else "origin"}
+    if data is not None or probe_splits is not None:  # Python-API data: its bytes decide a resume
+        spec["data"] = [d.digest() for d in (data, *(probe_splits or ())) if d is not None]
     spec_path = out / "landscape.json"
     if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
         raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data); "
@@ -246,10 +255,10 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
     if limit is not None:
         todo = todo[:limit]
     if todo:
-        x = loss_inputs(cfg, n_loss).to(device)
+        x = loss_inputs(cfg, n_loss, data).to(device)
         t_state = teacher if teacher is not None else anchors[0].state
         t_emb, t_out = _outputs(template, {k: v.to(device) for k, v in t_state.items()}, x)
-        prober = Prober(cfg, run.in_channels, run.image_size, device) if probe else None
+        prober = Prober(cfg, run.in_channels, run.image_size, device, splits=probe_splits) if probe else None
         for i, j in tqdm(todo, disable=not progress, desc=f"landscape {out.name}", unit="point", dynamic_ncols=True):
             cx, cy = float(xs[j]), float(ys[i])
             if projection == "affine":

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..config import config_from_dict, dotted_to_nested
-from ..data import Preprocess, load_dataset, stratified_subset
+from ..data import ImageData, Preprocess, load_dataset, stratified_subset
 from ..distill import resolve_device
 from ..errors import UserError
 from ..evaluate import adapt_channels, embed, probe_data_name, score
@@ -186,7 +186,10 @@ def layer_metrics(x: torch.Tensor, labels: torch.Tensor, *, center: bool = False
 class RunModels:
     """A run directory's encoders (teacher, saved students) and data, rebuilt from its config."""
 
-    def __init__(self, run_dir: str | Path, overrides: dict | None = None):
+    def __init__(self, run_dir: str | Path, overrides: dict | None = None,
+                 splits: tuple[ImageData, ImageData] | None = None, architecture=None):
+        """`splits` (train, test) replace the run's probe data and `architecture` (an encoder factory or
+        module) its model.encoder: Python-API objects."""
         self.run = RunDir(run_dir)
         if not self.run.config_path.exists():
             raise UserError(f"{self.run.path} is not a randteach run directory (no config.yaml)")
@@ -202,7 +205,8 @@ class RunModels:
         self.in_channels = int(teacher["in_channels"])
         self.image_size = int(teacher["image_size"])
         self.device = resolve_device(self.cfg.train.device)
-        self._splits: dict[str, object] = {}
+        self.architecture = architecture
+        self._splits: dict[str, object] = dict(zip(("train", "test"), splits)) if splits is not None else {}
         self._preprocess: Preprocess | None = None
 
     def checkpoint_path(self, role: str) -> Path:
@@ -216,7 +220,7 @@ class RunModels:
         state = payload.get("model") or payload.get("student")
         if state is None:
             raise UserError(f"{path} holds no model weights")
-        model = build_model(self.cfg, self.in_channels, self.image_size, seed=0)
+        model = build_model(self.cfg, self.in_channels, self.image_size, seed=0, encoder=self.architecture)
         model.load_state_dict(state)
         return model.encoder.to(self.device)
 
@@ -224,7 +228,8 @@ class RunModels:
         if name not in self._splits:
             data_name = probe_data_name(self.cfg)
             path = self.cfg.data.path if data_name == self.cfg.data.name else None
-            self._splits[name] = load_dataset(data_name, name, root=self.cfg.data.root, path=path)
+            self._splits[name] = load_dataset(data_name, name, root=self.cfg.data.root, path=path,
+                                              test_fraction=self.cfg.data.test_fraction)
         return self._splits[name]
 
     @property
@@ -273,47 +278,76 @@ def signal_checkpoints(models: RunModels, collapse: str | Path | None = None) ->
 def analyze_signal(run_dir: str | Path, *, n_samples: int = 1000, n_test: int = 1000, spatial: str = "avgpool",
                    center: bool = False, standardize: bool = False, threshold: float = 0.999,
                    probe: bool = True, collapse: str | Path | None = None, out: str | Path | None = None,
-                   overrides: dict | None = None, progress: bool = True) -> dict:
+                   overrides: dict | None = None, progress: bool = True,
+                   splits: tuple[ImageData, ImageData] | None = None, architecture=None) -> dict:
     """Per-layer signal-propagation and representation metrics of a run; writes OUT/signal.json,
     OUT/signal_propagation.png (Fig. 2) and OUT/signal_representation.png (Fig. 3). OUT defaults to
-    RUN/signal. Returns the JSON content."""
-    models = RunModels(run_dir, overrides)
+    RUN/signal. Returns the JSON content. `splits`, `architecture`: see `RunModels`."""
+    models = RunModels(run_dir, overrides, splits, architecture)
     out = Path(out) if out else models.run.path / "signal"
     ckpts = signal_checkpoints(models, collapse)
     train_images, train_labels = models.samples("train", n_samples)
     test_images, test_labels = models.samples("test", n_test) if probe else (None, None)
     num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)
-    result = {"run": str(models.run.path), "data": probe_data_name(models.cfg), "n_samples": len(train_images),
-              "n_test": len(test_images) if probe else 0, "spatial": spatial, "center": center,
-              "standardize": standardize, "condition_threshold": threshold,
-              "layers_are": "post-activation outputs of every activation module of the encoder, in forward "
-                            "order, then the encoder output ('embedding')",
+    result = {"run": str(models.run.path), "data": models.split("train").name,
               "metrics_on": "the train-split subset; probes fit on it and score on the test-split subset",
               "checkpoints": {r: {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
-                              for r, c in ckpts.items()},
-              "layers": None, "metrics": {}}
-    for role, info in ckpts.items():
-        encoder = models.encoder(info["path"])
-        kw = dict(device=models.device, spatial=spatial, channels=models.in_channels)
-        layers, xs = collect_representations(encoder, train_images, models.preprocess, **kw)
-        test_xs = collect_representations(encoder, test_images, models.preprocess, **kw)[1] if probe else None
-        if result["layers"] is None:
-            result["layers"] = [vars(layer) for layer in layers]
+                              for r, c in ckpts.items()}}
+    encoders = {role: models.encoder(info["path"]) for role, info in ckpts.items()}
+    result.update(layer_signals(encoders, (train_images, train_labels), (test_images, test_labels) if probe else None,
+                                models.preprocess, models.cfg.probe, num_classes, device=models.device,
+                                channels=models.in_channels, spatial=spatial, center=center,
+                                standardize=standardize, threshold=threshold, progress=progress))
+    return write_signal(result, out)
+
+
+def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, torch.Tensor],
+                  test: tuple[torch.Tensor, torch.Tensor] | None, preprocess: Preprocess | None, probe_cfg,
+                  num_classes: int, *, device: torch.device, channels: int | None = None, spatial: str = "avgpool",
+                  center: bool = False, standardize: bool = False, threshold: float = 0.999,
+                  progress: bool = False) -> dict:
+    """Per-layer metrics of each encoder on the images `train` (metrics; the probes fit here) and `test`
+    (the probes score here; None: no probes): {"layers": [...], "metrics": {name: [row per layer]},
+    "relative_to": name, and the settings}.
+    The encoders must share one architecture; `*_rel_teacher` columns are relative to "teacher" if
+    there is one, else to the first encoder."""
+    train_images, train_labels = train
+    layers_out, metrics = None, {}
+    for role, encoder in encoders.items():
+        kw = dict(device=device, spatial=spatial, channels=channels)
+        layers, xs = collect_representations(encoder, train_images, preprocess, **kw)
+        test_xs = collect_representations(encoder, test[0], preprocess, **kw)[1] if test is not None else None
+        if layers_out is None:
+            layers_out = [vars(layer) for layer in layers]
+        elif [layer["name"] for layer in layers_out] != [layer.name for layer in layers]:
+            raise UserError(f"encoder {role!r} has other layers than {next(iter(encoders))!r}; compare encoders "
+                            "of one architecture")
         rows = []
         for i, (layer, x) in enumerate(zip(layers, xs)):
             row = {"layer": layer.name, **layer_metrics(x, train_labels, center=center, standardize=standardize,
                                                         threshold=threshold)}
-            if probe:
+            if test is not None:
                 row["probe"] = score(transform(x, center, standardize).float(), train_labels,
-                                     _test_transform(x, test_xs[i], center, standardize), test_labels,
-                                     models.cfg.probe, num_classes)
+                                     _test_transform(x, test_xs[i], center, standardize), test[1],
+                                     probe_cfg, num_classes)
             rows.append(row)
             if progress:
                 print(f"signal {role:8s} {layer.name:24s} erank {row['effective_rank']:8.2f}  dead {row['dead_neurons']:5d}"
                       f"/{layer.dim:<6d} cond {row['condition_number']:10.3g}  tr(Sw+Sb) {row['separability']:9.3g}"
-                      + (f"  probe {100 * row['probe'].get('linear', float('nan')):5.1f}%" if probe else ""))
-        result["metrics"][role] = rows
-    _relative_to_teacher(result["metrics"])
+                      + (f"  probe {100 * row['probe'].get('linear', float('nan')):5.1f}%" if test is not None else ""))
+        metrics[role] = rows
+    reference = "teacher" if "teacher" in metrics else next(iter(metrics))
+    _relative_to(metrics, reference)
+    return {"n_samples": len(train_images), "n_test": len(test[0]) if test is not None else 0, "spatial": spatial,
+            "center": center, "standardize": standardize, "condition_threshold": threshold,
+            "layers_are": "post-activation outputs of every activation module of the encoder, in forward "
+                          "order, then the encoder output ('embedding')",
+            "layers": layers_out, "metrics": metrics, "relative_to": reference}
+
+
+def write_signal(result: dict, out: str | Path) -> dict:
+    """OUT/signal.json, OUT/signal_propagation.png (Fig. 2) and OUT/signal_representation.png (Fig. 3)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result["figures"] = {"propagation": str(plot_propagation(result, out / "signal_propagation.png")),
                          "representation": str(plot_representation(result, out / "signal_representation.png"))}
@@ -335,8 +369,8 @@ def _test_transform(train_x: torch.Tensor, test_x: torch.Tensor, center: bool, s
 RELATIVE = ("separability", "trace_within", "trace_between", "trace_total")
 
 
-def _relative_to_teacher(metrics: dict) -> None:
-    teacher = metrics.get("teacher", [])
+def _relative_to(metrics: dict, reference: str) -> None:
+    teacher = metrics[reference]
     for rows in metrics.values():
         for row, ref in zip(rows, teacher):
             for key in RELATIVE:
@@ -353,7 +387,7 @@ def _panel(ax, result: dict, key, ylabel: str, log: bool = False, scale: float =
     for role, rows in result["metrics"].items():
         ys = [(key(r) if callable(key) else r[key]) for r in rows]
         ys = [scale * y if y is not None and math.isfinite(y) else float("nan") for y in ys]
-        ax.plot(range(len(ys)), ys, "-o", ms=3, color=COLORS.get(role, "k"), label=NAMES.get(role, role))
+        ax.plot(range(len(ys)), ys, "-o", ms=3, color=COLORS.get(role), label=NAMES.get(role, role))
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([str(i + 1) if n != "embedding" else "emb" for i, n in enumerate(names)], fontsize=7)
     ax.set_xlabel("layer")

@@ -6,6 +6,7 @@ on the device, in `Preprocess`.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,15 +26,15 @@ class FormatError(ValueError):
 class ImageData:
     """A labelled image data set held in memory."""
 
-    images: torch.Tensor   # uint8, (N, C, H, W), contiguous
+    images: torch.Tensor   # uint8, (N, C, H, W), contiguous; float only from the Python API (used as given)
     labels: torch.Tensor   # int64, (N,); -1 where unlabelled (STL-10's unlabeled split)
     num_classes: int       # number of classes of the data set, not of this subset
     name: str
     classes: tuple[str, ...] | None = None   # class names, when the data set ships them
 
     def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"{self.name}: images must be uint8 (N, C, H, W), "
+        if not (self.images.dtype == torch.uint8 or self.images.is_floating_point()) or self.images.dim() != 4:
+            raise ValueError(f"{self.name}: images must be uint8 or float (N, C, H, W), "
                              f"got {self.images.dtype} {tuple(self.images.shape)}")
         self.images = self.images.contiguous()
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
@@ -44,6 +45,13 @@ class ImageData:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def digest(self) -> str:
+        """16 hex digits of a hash of the images' shape, type and bytes and of the labels."""
+        h = hashlib.sha256(str((tuple(self.images.shape), self.images.dtype)).encode())
+        h.update(self.images.cpu().contiguous().numpy().tobytes())
+        h.update(self.labels.cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def subset(self, index) -> "ImageData":
         """The images at `index` (indices, a boolean mask or a slice), same classes and name."""
