@@ -28,24 +28,26 @@ for part in $parts; do
       "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests-gpu.log" | tail -5
       stamp "whole suite, tiny runs on the GPU"
       xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
-      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -q -p no:cacheprovider $xdist tests 2>&1 | tee "$out/tests-suite-cuda.log" | tail -30 ;;
+      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -v -p no:cacheprovider $xdist tests 2>&1 > "$out/tests-suite-cuda.log"
+      grep -E "FAILED|ERROR|passed|failed" "$out/tests-suite-cuda.log" | tail -30 ;;
     paper)
       for enc in ${ENCODERS:-vgg11 resnet18}; do
         stamp "paper recipe, $enc, Fashion-MNIST, ${EPOCHS:-20} epochs"
         # SIGTERM at the time limit: the run checkpoints and ends "interrupted" (resume with --resume).
         /usr/bin/time -v timeout -s TERM "${PAPER_TIMEOUT:-600}" "$py" -m randteach.cli --quiet distill --preset paper --data.name fashion-mnist \
-          --model.encoder "$enc" --train.epochs "${EPOCHS:-20}" --train.precision auto --train.teacher_cache true \
-          --train.probe_every "${PROBE_EVERY:-5}" --train.checkpoint_every 0 --out "/tmp/paper-$enc" \
-          > "$out/paper-$enc.log" 2> "$out/paper-$enc.time"
-        tail -3 "$out/paper-$enc.log"; grep -E "Elapsed|Maximum resident" "$out/paper-$enc.time"
+          --model.encoder "$enc" --train.epochs "${EPOCHS:-20}" --train.precision "${PRECISION:-auto}" --train.teacher_cache true \
+          --train.probe_every "${PROBE_EVERY:-5}" --train.checkpoint_every 0 --out "/tmp/paper-$enc-${PRECISION:-auto}" \
+          > "$out/paper-$enc-${PRECISION:-auto}.log" 2> "$out/paper-$enc-${PRECISION:-auto}.time"
+        tail -3 "$out/paper-$enc-${PRECISION:-auto}.log"; grep -E "Elapsed|Maximum resident" "$out/paper-$enc-${PRECISION:-auto}.time"
         for f in summary.json metrics.jsonl report.md probes.png; do
-          [ -f "/tmp/paper-$enc/$f" ] && cp "/tmp/paper-$enc/$f" "$out/paper-$enc-$f"
+          [ -f "/tmp/paper-$enc-${PRECISION:-auto}/$f" ] && cp "/tmp/paper-$enc-${PRECISION:-auto}/$f" "$out/paper-$enc-${PRECISION:-auto}-$f"
         done
       done ;;
     bench)
       for enc in ${ENCODERS:-vgg11 resnet18}; do
         stamp "benchmark on the GPU, $enc"
-        "$py" benchmarks/run.py --device cuda --encoder "$enc" --steps "${STEPS:-20}" --rounds 2 \
+        timeout "${BENCH_TIMEOUT:-600}" "$py" benchmarks/run.py --device cuda --encoder "$enc" --steps "${STEPS:-20}" \
+          --rounds "${ROUNDS:-2}" \
           --out "$out/bench-gpu-$enc.md" 2>&1 | tail -8
       done ;;
     *) echo "unknown part $part (tests, paper, bench)"; exit 2 ;;
