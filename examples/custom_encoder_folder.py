@@ -7,9 +7,11 @@ on an image folder, through the Python API.
 1. writes an image folder of PNGs (DIR/train/<class>/*.png, DIR/test/<class>/*.png) from a few hundred
    Fashion-MNIST images, the way your own data would look;
 2. defines a small encoder (any nn.Module mapping a batch of images to a batch of vectors);
-3. loads the folder (decoded once, then cached in DIR/.randteach-cache), distills a student into the
+3. loads the folder (decoded once, then cached under the data root), distills a student into the
    encoder's random teacher and probes teacher, student and raw pixels on the test split;
-4. prints the probe table. Re-running it reuses the finished run (runs are content-addressed).
+4. prints the probe table. Re-running it reuses the finished run (runs are content-addressed);
+5. measures every layer of teacher and student (`randteach.signal_report`: effective rank, dead
+   channels, per-layer linear probe) on the same folder.
 """
 from __future__ import annotations
 
@@ -72,6 +74,15 @@ def main() -> None:
            "head.hidden_dims": [512], "head.bottleneck_dim": 64, "head.out_dim": 1024})
     print(f"\n{result.summary['status']}: {result.path} ({result.summary['wall_time_s']:.0f} s)")
     print(probe_table(result.summary))
+
+    # The run's encoder exists only in this script: `architecture` says how to rebuild its checkpoints.
+    signal = randteach.signal_report(result, train, test, architecture=SmallEncoder, n_samples=len(train))
+    print(f"\nper layer, teacher -> student ({signal['figures']['propagation']}):")
+    for k, layer in enumerate(signal["layers"]):
+        t, s = signal["metrics"]["teacher"][k], signal["metrics"]["student"][k]
+        print(f"  {layer['name']:10s} effective rank {t['effective_rank']:5.1f} -> {s['effective_rank']:5.1f}   "
+              f"dead {t['dead_neurons']:3d} -> {s['dead_neurons']:3d} of {layer['dim']:3d}   "
+              f"linear probe {100 * t['probe']['linear']:5.1f}% -> {100 * s['probe']['linear']:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -24,4 +24,5 @@ def test_custom_encoder_folder_example(tmp_path):
     assert "40 images in 10 classes (train 30, test 10), 28x28 grey" in r.stderr
     assert "completed: runs/cpu-" in r.stdout
     assert all(f"| {role} |" in r.stdout for role in ("teacher", "student", "input"))
+    assert "per layer, teacher -> student" in r.stdout and "  embedding  effective rank" in r.stdout
     assert len(list((tmp_path / "images" / "per-class-3" / "train").glob("*/*.png"))) == 30
