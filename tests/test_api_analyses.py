@@ -151,3 +151,15 @@ def test_run_directories_take_python_data_and_the_architecture(run, digits):
                                architecture=Net, data=(xtr, ytr), grid=2, extent=(0.0, 1.0), probe=False,
                                n_loss=100)
     assert land["complete"] and np.isfinite(land["loss"]).all()
+
+
+def test_imp_of_a_run_rebuilds_its_python_encoder(run, digits, tmp_path):
+    from randteach.checkpoint import load_state_dict
+    student = Net()
+    student.load_state_dict({k[len("encoder."):]: v for k, v in load_state_dict(run.path, "student").items()
+                             if k.startswith("encoder.")})
+    student.embed_dim = 12
+    r = randteach.imp(run, *digits, architecture=Net, rounds=0, out=tmp_path / "imp", epochs=1, batch_size=100,
+                      lr=0.0, milestones=[], augment=False)
+    assert [s["start"] for s in r["series"]] == ["student@0", "random@0"]
+    assert r["series"][0]["rounds"][0]["test_accuracy"] == pytest.approx(_direct_accuracy(student, digits))
