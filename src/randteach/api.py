@@ -1,4 +1,5 @@
-"""The Python API: the command line's distillation and probing for any encoder and any data.
+"""The Python API: the command line's distillation and analyses (probe, signal, landscape, IMP, LMC)
+for any encoder and any data; reference in docs/API.md.
 
     import randteach
     result = randteach.distill(encoder=MyNet, train=(images, labels), preset="cpu",
@@ -12,6 +13,9 @@ Data: a registered name, an `ImageData`, a pair of tensors (images, labels) or a
 yielding (image, label). uint8 images are normalized like the built-in data sets; float images are used
 as given. Without `probe_train`/`probe_test`, labelled training data is split 80/20 (class-stratified)
 for probing.
+
+The analyses (`probe`, `signal_report`, `landscape`, `imp`, `lmc`) take a run directory or RunResult,
+as their commands do, or nn.Modules used as they are (their weights are what is measured) and data as above.
 """
 from __future__ import annotations
 
