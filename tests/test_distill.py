@@ -117,7 +117,7 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(tmp_path, monkeypatch, amx
     cpu = torch.device("cpu")
     assert evaluate.uses_bf16("bf16", cpu) and not evaluate.uses_bf16("fp32", cpu)
     assert evaluate.uses_bf16("auto", cpu) == amx
-    cfg = tiny_config(tmp_path, train__precision="auto", init__mode="independent", train__max_steps=2,
+    cfg = tiny_config(tmp_path, train__device="cpu", train__precision="auto", init__mode="independent", train__max_steps=2,
                       train__probe_every=0, probe__which="[]")
     result = distill(cfg, progress=False)
     assert result.summary["precision"] == ("bf16" if amx else "fp32")

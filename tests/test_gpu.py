@@ -58,3 +58,11 @@ def test_cuda_compile_follows_eager(tmp_path):
     _, eager = _losses(tmp_path, "eager", train__device="cuda")
     _, compiled = _losses(tmp_path, "compiled", train__device="cuda", train__compile="true")
     assert compiled == pytest.approx(eager, rel=1e-2)
+
+
+def test_cuda_conv_student_within_1e_10_leaves_its_teacher_in_fp32(tmp_path):
+    # cuDNN's default TF32 convolutions round such a student onto its teacher (loss and gradient exactly 0).
+    _, losses = _losses(tmp_path, "tf32", train__device="cuda", train__precision="fp32", init__mode="neighborhood",
+                        init__epsilon=1e-10, head__kind="linear", head__out_dim=32, loss__name="nmse",
+                        optim__name="sgd", optim__lr=1e4, train__max_steps=8)
+    assert losses[0] < 1e-10 and max(losses) > 1e-3

@@ -113,3 +113,16 @@ def test_compile_gives_the_same_losses(tmp_path, monkeypatch):
     torch._dynamo.reset()
     assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-4)
     assert compiled[-1]["dist_init"] == pytest.approx(eager[-1]["dist_init"], rel=1e-4)
+
+
+def test_exact_fp32_turns_tf32_off_and_restores_it():
+    import torch
+    from randteach.evaluate import exact_fp32
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with exact_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -27,7 +27,7 @@ from .data import ImageData, Preprocess, load_dataset, noise_like, stratified_su
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
-from .evaluate import Prober, autocast, uses_bf16
+from .evaluate import Prober, autocast, exact_fp32, uses_bf16
 from .init import (exact_copy, gradient_norm, init_report, locality_init, neighborhood_init, parameter_distance,
                    parameter_norm)
 from .losses import Centering, distill_loss
@@ -176,6 +176,13 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
+    with exact_fp32():
+        return _distill(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
+                        probe_splits=probe_splits)
+
+
+def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData | None, encoder,
+             probe_splits: tuple[ImageData, ImageData] | None) -> RunResult:
     run = RunDir(cfg.run_dir())
     existing = run.summary()
     last_path = run.checkpoints / "last.pt"

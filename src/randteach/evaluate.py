@@ -32,6 +32,20 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_amx()
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 that is fp32 on CUDA. cuDNN runs fp32 convolutions in TF32 by default (10 mantissa bits): like
+    bf16, that rounds away a student within 1e-10 of its teacher, so the loss and gradient are exactly 0
+    and it never leaves (seen on an H100: every escape test failed). Speed comes from bf16, which keeps
+    fp32 until the student has left. Restores the previous settings on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CPU (AMX) or CUDA; a no-op when disabled."""
     if not enabled:
