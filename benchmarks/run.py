@@ -57,6 +57,17 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _link_data_sets(root: Path) -> None:
+    """The benchmark's data root is a fresh folder (its teacher cache must start empty): link the user's
+    data sets into it, so a data set that lives only in the data root ($RANDTEACH_DATA) is found."""
+    from randteach.data import resolve_root
+    user = resolve_root(None)
+    if user.is_dir():
+        for entry in user.iterdir():
+            if entry.name != "teacher-targets":
+                (root / entry.name).symlink_to(entry.resolve())
+
+
 def run_distill(w: Workload, variants: list[str], rounds: int, root: Path, isolate: bool) -> list[dict]:
     measure = bench_distill.measure_isolated if isolate else bench_distill.measure
     order = [PLAIN[0]] + variants
@@ -97,6 +108,7 @@ def main(argv=None) -> dict:
     measure = bench_distill.measure if args.tiny else bench_distill.measure_isolated
     with tempfile.TemporaryDirectory(prefix="randteach-bench-") as tmp:
         root = Path(tmp)
+        _link_data_sets(root)
         results["flops"] = measure("flops", w, root)
         if any(VARIANTS[v][1].get("train.teacher_cache") == "true" for v in variants):
             results["cache_build"] = measure("cache", w, root)

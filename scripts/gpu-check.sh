@@ -13,7 +13,10 @@ out=${1:?usage: scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench]}
 shift
 parts=${*:-tests paper bench}
 py=${PYTHON:-python3}
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
+# Installed (editable) where pip can, since tests start `python -m randteach.cli` with their own PYTHONPATH.
+"$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 ||
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$out"
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 
@@ -28,7 +31,7 @@ for part in $parts; do
       "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests-gpu.log" | tail -5
       stamp "whole suite, tiny runs on the GPU"
       xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
-      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -v -p no:cacheprovider $xdist tests 2>&1 > "$out/tests-suite-cuda.log"
+      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -v -p no:cacheprovider $xdist ${SUITE_TESTS:-tests} 2>&1 > "$out/tests-suite-cuda.log"
       grep -E "FAILED|ERROR|passed|failed" "$out/tests-suite-cuda.log" | tail -30 ;;
     paper)
       for enc in ${ENCODERS:-vgg11 resnet18}; do
