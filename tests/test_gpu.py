@@ -61,8 +61,10 @@ def test_cuda_compile_follows_eager(tmp_path):
 
 
 def test_cuda_conv_student_within_1e_10_leaves_its_teacher_in_fp32(tmp_path):
-    # cuDNN's default TF32 convolutions round such a student onto its teacher (loss and gradient exactly 0).
-    _, losses = _losses(tmp_path, "tf32", train__device="cuda", train__precision="fp32", init__mode="neighborhood",
+    # At eps = 1e-10 only a few dozen of the tiny net's weights differ from the teacher's, and the outputs are
+    # bitwise equal on most batches: the student leaves on the first batch where rounding lets a difference
+    # through (step 5 on the development CPU). 60 steps leave room for the GPU's different rounding.
+    _, losses = _losses(tmp_path, "eps", train__device="cuda", train__precision="fp32", init__mode="neighborhood",
                         init__epsilon=1e-10, head__kind="linear", head__out_dim=32, loss__name="nmse",
-                        optim__name="sgd", optim__lr=1e4, train__max_steps=8)
+                        optim__name="sgd", optim__lr=1e4, train__max_steps=60)
     assert losses[0] < 1e-10 and max(losses) > 1e-3

@@ -34,10 +34,10 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def exact_fp32():
-    """fp32 that is fp32 on CUDA. cuDNN runs fp32 convolutions in TF32 by default (10 mantissa bits): like
-    bf16, that rounds away a student within 1e-10 of its teacher, so the loss and gradient are exactly 0
-    and it never leaves (seen on an H100: every escape test failed). Speed comes from bf16, which keeps
-    fp32 until the student has left. Restores the previous settings on exit."""
+    """fp32 that is fp32 on CUDA. cuDNN runs fp32 convolutions in TF32 by default (10 mantissa bits), which
+    truncates the 1e-10 perturbations of a locality or neighborhood init out of every product, so that a
+    student can only leave its teacher through the other layers. Speed comes from bf16, which keeps fp32
+    until the student has left. Restores the previous settings on exit."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
