@@ -51,7 +51,8 @@ def test_divergence_is_a_result(tmp_path):
 
 
 def _escape_losses(tmp_path, precision, after):
-    cfg = tiny_config(tmp_path, model__encoder="mlp", model__width=64, head__kind="linear", head__out_dim=32,
+    # On the CPU: whether a student at eps = 1e-10 leaves within 8 steps depends on the device's rounding.
+    cfg = tiny_config(tmp_path, train__device="cpu", model__encoder="mlp", model__width=64, head__kind="linear", head__out_dim=32,
                       init__mode="neighborhood", init__epsilon=1e-10, loss__name="nmse", optim__name="sgd",
                       optim__lr=1e4, train__max_steps=8, train__precision=precision,
                       train__bf16_after_distance=after, probe__which="[]", train__probe_every=0,
