@@ -269,7 +269,7 @@ class LrRange(Experiment):
             rows = []
             for side, curve in r["sides"].items():
                 rise, bad = curve["rise"], curve["nonfinite"]
-                finite = [v for v in curve["loss"] if math.isfinite(v)]
+                finite = [float(v) for v in curve["loss"] if math.isfinite(float(v))]  # cached JSON: "nan"
                 rows.append([side.replace("_", "-"), f"{min(finite):.3g}" if finite else "–",
                              f"{rise['lr']:.3g} (step {rise['step']})" if rise else "none",
                              f"{bad['lr']:.3g} (step {bad['step']})" if bad else "stays finite"])
