@@ -31,6 +31,11 @@ Measured on 2 shared CPU cores (the `escape` preset with model.encoder=convnet: 
 - stabilize (10,240 images, eta 1e4, 100 steps, warm-up 50 steps): MSE is non-finite at step 4 with
   or without warm-up; ND-MSE 59.7 %, N-MSE 72.3 %, N-MSE + warm-up 54.5 %; ND-MSE + warm-up ends at
   10.0 % (every unit of the embedding dead). A 50-step warm-up is far shorter than the paper's.
+- longer (1,024 images, eta 1e4, 3,000 steps, 3 seeds; docs/RESULTS.md E13): the step-3 loss spike throws
+  the weights to a distance of 5e3-1e4 from the teacher; N-MSE is scale-invariant, so its gradient then
+  shrinks with the weight norm and eta = 1e4 moves the weights by ~1e-5 of their norm per step (a plateau at
+  loss ~0.03). Student - teacher: -9.9 +- 2.0 pp at the collapse, -6.7 +- 1.2 pp at step 3,000; in one seed
+  the gradient norm grew 20x after step ~1,600 and the probe climbed 9.5 pp (to 2.7 pp below its teacher).
 """
 from __future__ import annotations
 
