@@ -281,11 +281,13 @@ def test_tiny_imp_and_lmc(tiny):
 def test_tiny_escape(tiny):
     out, text = run_tiny("escape", tiny)
     assert "| step_size | lr10000 | completed |" in text
+    assert "- runs: 1 completed (0 of them finished before" in text  # the analysis's own runs are counted
     assert (out.report.parent / "seed0" / "escape.json").exists()
 
 
 def test_tiny_lr_range(tiny):
     out, text = run_tiny("lr-range", tiny)
+    assert "- runs: 1 completed" in text and "the analysis's own runs in" in text
     assert "| teacher-student |" in text and "| supervised |" in text
     assert (out.report.parent / "seed0" / "lr_range.png").exists()
 

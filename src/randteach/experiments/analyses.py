@@ -259,6 +259,9 @@ class LrRange(Experiment):
         return [f"seed {c.train.seed}: lr_range {kw.get('lr_start', 1e-6):g} -> {kw.get('lr_end', 1e6):g} over "
                 f"{length} into {ctx.out / f'seed{c.train.seed}'}" for c in _bases(ctx)]
 
+    def own_runs(self, ctx: Context) -> list[Path]:
+        return [ctx.out / f"seed{c.train.seed}" / "teacher-student" for c in _bases(ctx)]  # lr_range's layout
+
     def analyze(self, ctx: Context, arms) -> list[str]:
         from ..analysis.lr_range import lr_range
         kw = _lr_range_kwargs(ctx)
@@ -284,6 +287,7 @@ class LrRange(Experiment):
 
 ESCAPE_PARAMS = ("steps", "probe_every_steps", "lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses",
                  "stabilize_lr", "warmup_steps", "collapse_metric", "exact", "erank_samples", "prune_checkpoints")
+ESCAPE_SWEEP = ("lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses", "stabilize_lr", "warmup_steps")
 
 
 class Escape(Experiment):
@@ -303,12 +307,16 @@ class Escape(Experiment):
     def post(self, ctx: Context) -> list[str]:
         from ..analysis.escape import escape_variants
         kw = self._kwargs(ctx)
-        keep = {k: kw[k] for k in ("lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses", "stabilize_lr",
-                                   "warmup_steps") if k in kw}
-        variants = escape_variants(**keep)
+        variants = escape_variants(**{k: kw[k] for k in ESCAPE_SWEEP if k in kw})
         return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each "
                 f"({', '.join(v.group + '/' + v.label for v in variants)}) into {ctx.out / f'seed{c.train.seed}'}"
                 for c in _bases(ctx)]
+
+    def own_runs(self, ctx: Context) -> list[Path]:
+        from ..analysis.escape import escape_variants
+        kw = self._kwargs(ctx)
+        variants = escape_variants(**{k: kw[k] for k in ESCAPE_SWEEP if k in kw})
+        return [ctx.out / f"seed{c.train.seed}" / v.group / v.label for c in _bases(ctx) for v in variants]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
         from ..analysis.escape import run_escape

@@ -77,6 +77,10 @@ class Experiment:
         """What happens after the runs besides tables (for --dry-run)."""
         return []
 
+    def own_runs(self, ctx: Context) -> list[Path]:
+        """Run directories the analysis distills itself (outside `stages`); the report header counts them."""
+        return []
+
     def analyze(self, ctx: Context, arms: dict[str, list[Config]]) -> list[str]:
         lines = []
         for arm in ctx.recipe.arms:
@@ -162,9 +166,17 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
         if any(r["status"] in ("pending", "interrupted") for r in results):
             break  # stopped: the later stages would start from unfinished runs
     ctx.out.mkdir(parents=True, exist_ok=True)
+    before = {p: (p / "summary.json").exists() for p in exp.own_runs(ctx)}
     body = exp.analyze(ctx, arms)
-    compute = sum(float((RunDir(c.run_dir()).summary() or {}).get("wall_time_s") or 0)
-                  for cs in arms.values() for c in cs if (c.run_dir() / "summary.json").exists())
+    summaries = [RunDir(c.run_dir()).summary() for cs in arms.values() for c in cs
+                 if (c.run_dir() / "summary.json").exists()]
+    for p, existed in before.items():
+        own = RunDir(p).summary() if (p / "summary.json").exists() else None
+        if own:
+            summaries.append(own)
+            counts[own.get("status", "unknown")] = counts.get(own.get("status", "unknown"), 0) + 1
+            reused += existed
+    compute = sum(float((s or {}).get("wall_time_s") or 0) for s in summaries)
     wall = time.perf_counter() - t0
     header = [f"# {exp.ids} · {exp.name} — scale {ctx.recipe.scale}", "",
               f"Paper ({exp.paper}): {exp.claim}", "",
@@ -173,7 +185,8 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- wall time of this invocation: {wall:.0f} s; distillation time in its runs (reused ones included): "
               f"{compute:.0f} s",
               f"- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
-              + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`",
+              + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`"
+              + (f", the analysis's own runs in `{ctx.out}`" if before else ""),
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
               "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
               "student − teacher is the paired difference per seed.",
