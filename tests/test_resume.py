@@ -16,7 +16,10 @@ from randteach.rundir import RunDir
 from tiny import TINY
 
 CLI = [sys.executable, "-m", "randteach.cli", "--quiet", "distill"]
-LONG = {**TINY, "model.encoder": "mlp", "train.epochs": "8", "train.checkpoint_every": "0.5", "train.probe_every": "0",
+# 24 epochs = 552 steps, about 2 s of loop on an idle machine: long enough that a signal sent as soon as the
+# first step is logged always lands mid-run (8 epochs finished within the old 0.5 s wait on an idle machine).
+EPOCHS = 24
+LONG = {**TINY, "model.encoder": "mlp", "train.epochs": str(EPOCHS), "train.checkpoint_every": "0.5", "train.probe_every": "0",
         "probe.which": "[]", "head.out_dim": "256"}
 
 
@@ -75,12 +78,11 @@ def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
     out = tmp_path / "run"
     proc = _start(out)
     _wait_for(out / "metrics.jsonl", proc)
-    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 3
     summary = RunDir(out).summary()
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
-    assert 0 < summary["steps"] < 8 * 23
+    assert 0 < summary["steps"] < EPOCHS * 23
     r = subprocess.run(CLI[:3] + ["distill", "--resume", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert RunDir(out).summary()["status"] == "completed"
