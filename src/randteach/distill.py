@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from .config import Config, config_from_dict
-from .data import ImageData, Preprocess, load_dataset, noise_like, stratified_subset
+from .data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
@@ -101,8 +101,7 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
     """(inputs, preprocess, data): uint8 images + their preprocess, or float noise (preprocess None)."""
-    data = train_data or load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path,
-                                      test_fraction=cfg.data.test_fraction)
+    data = train_data or load_configured(cfg.data, "train")
     if cfg.data.n_samples:
         if cfg.data.n_samples > len(data):
             raise UserError(f"data.n_samples={cfg.data.n_samples} but {data.name} has only {len(data)} training images")

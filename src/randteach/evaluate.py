@@ -9,7 +9,7 @@ from torch import nn
 
 from . import probe as probes
 from .config import Config
-from .data import ImageData, Preprocess, load_dataset, stratified_subset
+from .data import ImageData, Preprocess, load_configured, stratified_subset
 
 
 def cpu_has_amx() -> bool:
@@ -114,11 +114,8 @@ class ProbeSplits:
 
 def load_probe_splits(cfg: Config) -> ProbeSplits:
     name = probe_data_name(cfg)
-    path = cfg.data.path if name == cfg.data.name else None
-    train = load_dataset(name, "train", root=cfg.data.root, path=path,
-                         test_fraction=cfg.data.test_fraction)
-    test = load_dataset(name, "test", root=cfg.data.root, path=path,
-                        test_fraction=cfg.data.test_fraction)
+    train = load_configured(cfg.data, "train", name)
+    test = load_configured(cfg.data, "test", name)
     if cfg.probe.n_train:
         train = train.subset(stratified_subset(train.labels, cfg.probe.n_train, seed=cfg.data.subset_seed))
     if cfg.probe.n_test:

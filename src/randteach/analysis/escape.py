@@ -48,7 +48,7 @@ from pathlib import Path
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, config_from_dict, dotted_to_nested
-from ..data import ImageData, load_dataset
+from ..data import ImageData, load_configured
 from ..distill import distill
 from ..errors import UserError
 from ..rundir import RunDir, write_json
@@ -244,9 +244,7 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     if steps < 1 or probe_every_steps < 1:
         raise UserError(f"steps and probe_every_steps must be positive, got {steps} and {probe_every_steps}")
     out = Path(out)
-    full = train_data if train_data is not None else \
-        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path,
-                     test_fraction=cfg.data.test_fraction)
+    full = train_data if train_data is not None else load_configured(cfg.data, "train")
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
     variants = escape_variants(lrs=lrs, batch_sizes=batch_sizes, batch_lr=batch_lr, stabilize=stabilize,
                                stabilize_losses=stabilize_losses, stabilize_lr=stabilize_lr,

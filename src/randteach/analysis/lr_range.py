@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import ImageData, load_dataset
+from ..data import ImageData, load_configured
 from ..distill import distill, epoch_order, load_training_inputs, resolve_device, seeds
 from ..errors import UserError
 from ..evaluate import autocast, uses_bf16
@@ -171,9 +171,7 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
         raise UserError("give the length of the range test as either steps or epochs (not both)")
     if not 0.0 <= smoothing < 1.0:
         raise UserError(f"smoothing is an EMA factor in [0, 1), got {smoothing}")
-    full = train_data if train_data is not None else \
-        load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path,
-                     test_fraction=cfg.data.test_fraction)
+    full = train_data if train_data is not None else load_configured(cfg.data, "train")
     inputs, preprocess, data, size = load_training_inputs(cfg, full)
     n = len(inputs)
     steps_per_epoch = math.ceil(n / min(cfg.train.batch_size or n, n))

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..config import config_from_dict, dotted_to_nested
-from ..data import ImageData, Preprocess, load_dataset, stratified_subset
+from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..distill import resolve_device
 from ..errors import UserError
 from ..evaluate import adapt_channels, embed, probe_data_name, score
@@ -226,10 +226,7 @@ class RunModels:
 
     def split(self, name: str):
         if name not in self._splits:
-            data_name = probe_data_name(self.cfg)
-            path = self.cfg.data.path if data_name == self.cfg.data.name else None
-            self._splits[name] = load_dataset(data_name, name, root=self.cfg.data.root, path=path,
-                                              test_fraction=self.cfg.data.test_fraction)
+            self._splits[name] = load_configured(self.cfg.data, name, probe_data_name(self.cfg))
         return self._splits[name]
 
     @property

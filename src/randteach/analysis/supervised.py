@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, load_state_dict
 from ..config import Config, OptimConfig, config_from_dict, opt
-from ..data import ImageData, Preprocess, load_dataset, stratified_subset
+from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..distill import epoch_order
 from ..errors import UserError
 from ..models import build_model, call_encoder_factory
@@ -89,12 +89,8 @@ def load_supervised_data(cfg: Config, image_size: int, *, name: str | None = Non
             raise UserError("supervised training augments and normalizes uint8 images; pass uint8 images "
                             "(0..255), not float tensors")
     else:
-        name = name or cfg.data.name
-        path = cfg.data.path if name == cfg.data.name else None
-        train = load_dataset(name, "train", root=cfg.data.root, path=path,
-                             test_fraction=cfg.data.test_fraction)
-        test = load_dataset(name, "test", root=cfg.data.root, path=path,
-                            test_fraction=cfg.data.test_fraction)
+        train = load_configured(cfg.data, "train", name)
+        test = load_configured(cfg.data, "test", name)
     if n_train:
         train = train.subset(stratified_subset(train.labels, n_train, seed=cfg.data.subset_seed))
     if n_test:

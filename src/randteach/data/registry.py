@@ -141,6 +141,14 @@ def how_to_get(info: DatasetInfo, root: Path) -> str:
     return "Get it by hand: " + info.manual.format(folder=root / (info.folder or ""))
 
 
+def load_configured(data_cfg, split: str = "train", name: str | None = None) -> ImageData:
+    """Split `split` of data set `name` (default: the configured one) with a `DataConfig`'s root and folder
+    options; the folder path belongs to the configured data set only (a probe data set reads no folder)."""
+    name = name or data_cfg.name
+    path = data_cfg.path if name == data_cfg.name else None
+    return load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
+
+
 def load_dataset(name: str, split: str = "train", root: str | None = None, path: str | None = None,
                  test_fraction: float = folder.HELD_OUT) -> ImageData:
     """Read split `split` of data set `name` from `root` (see `resolve_root`), or `path` for name=folder
