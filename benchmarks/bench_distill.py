@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_machine import sync
 from randteach import teacher_cache
 from randteach.config import build_config
 from randteach.data import Preprocess, load_dataset, stratified_subset
@@ -116,12 +117,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _sync(device: str) -> None:
-    """Wait for queued GPU work, so that a clock read after it counts it (a no-op on the CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _ce(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
     return -(F.softmax(teacher_out, -1) * F.log_softmax(student_out, -1)).sum(-1).mean()
 
@@ -149,7 +144,7 @@ def plain_steps(w: Workload, root: Path) -> dict:
     order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0)).to(w.device)
     times, cpu = [], []
     for i in range(w.warmup + w.steps):
-        _sync(w.device)
+        sync(w.device)
         start, start_cpu = time.perf_counter(), time.process_time()
         idx = order[(i * w.batch) % len(x_all):][:w.batch]
         x = x_all[idx]
@@ -159,7 +154,7 @@ def plain_steps(w: Workload, root: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(w.device)
+        sync(w.device)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return {"step_s": times, "cpu_s": cpu}
@@ -193,11 +188,11 @@ def build_teacher_cache(w: Workload, root: Path) -> dict:
     teacher, _ = build_teacher_and_student(cfg, data.images.shape[1], size)
     teacher.eval().requires_grad_(False)
     teacher.to(w.device)
-    _sync(w.device)
+    sync(w.device)
     start = time.perf_counter()
     targets, origin = teacher_cache.load_or_compute(teacher, inputs, preprocess, min(w.batch, len(inputs)),
                                                     torch.device(w.device), root / "teacher-targets")
-    _sync(w.device)
+    sync(w.device)
     secs = time.perf_counter() - start
     return {"images": len(inputs), "seconds": secs, "bytes": targets.numel() * targets.element_size(),
             "origin": origin.split(" ")[0]}

@@ -84,25 +84,28 @@ def describe(onednn: bool = True) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a clock read after it counts it (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def matmul_flops(n: int = 2048, reps: int = 5, device: str = "cpu") -> dict:
     """FLOP/s of an (n x n) @ (n x n) product in fp32 and in bf16, alternating, median over `reps`: per
     wall second ("fp32", "bf16") and per process CPU second ("fp32_cpu", "bf16_cpu", all threads).
     On a GPU the fp32 product runs as torch's default says (TF32 off for matmul)."""
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
     mats = {dt: (torch.randn(n, n).to(device, dt), torch.randn(n, n).to(device, dt))
             for dt in (torch.float32, torch.bfloat16)}
     for a, b in mats.values():
         a @ b  # first call: kernel selection and page faults
-    sync()
+    sync(device)
     wall = {dt: [] for dt in mats}
     cpu = {dt: [] for dt in mats}
     for _ in range(reps):
         for dt, (a, b) in mats.items():
             start, start_cpu = time.perf_counter(), time.process_time()
             a @ b
-            sync()
+            sync(device)
             wall[dt].append(time.perf_counter() - start)
             cpu[dt].append(time.process_time() - start_cpu)
     flops = 2.0 * n ** 3
