@@ -134,10 +134,12 @@ class TrainConfig:
                          "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
-    compile: bool = opt(False, "torch.compile the student and teacher forward passes")
+    compile: bool = opt(False, "torch.compile the training step: the student's forward, head, loss and their backward as one graph, the teacher's forward as another")
+    cuda_graphs: bool = opt(False, "with train.compile on a CUDA device: also record the compiled step as CUDA graphs (torch.compile mode reduce-overhead)")
+    sync_bn: bool = opt(False, "under torchrun on CUDA: synchronize the student's batch-norm statistics across ranks (SyncBatchNorm)")
     data_on_device: bool = opt(True, "hold the whole (uint8) training set on the device and slice batches there")
     teacher_cache: bool = opt(False, "compute the frozen teacher's bottleneck outputs once (fp32, on disk under the data root) and apply only its last layer per step")
-    log_every: int = opt(1, "write metrics every this many steps")
+    log_every: int = opt(20, "read the step metrics from the device and write a record every this many steps (1 = every step)")
     checkpoint_every: float = opt(1, "save the student every this many epochs (0 = only at the end)")
     probe_every: float = opt(0, "probe every this many epochs (0 = only before and after training)")
     probe_at: list[float] = opt([], "extra epochs at which to probe")
@@ -204,6 +206,10 @@ class Config:
         _validate(self, "")
         if self.train.batch_size < 0:
             raise ConfigError(f"train.batch_size must be >= 0 (0 = full batch), got {self.train.batch_size}")
+        if self.train.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1 (1 = a record every step), got {self.train.log_every}")
+        if self.train.cuda_graphs and not self.train.compile:
+            raise ConfigError("train.cuda_graphs=true records the compiled step: also set --train.compile true")
         if self.train.micro_batch is not None and self.train.micro_batch <= 0:
             raise ConfigError(f"train.micro_batch must be positive, got {self.train.micro_batch}")
         if not 0.0 <= self.init.alpha <= 1.0:

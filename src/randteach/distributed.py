@@ -1,17 +1,24 @@
-"""Data parallelism under `torchrun`: each rank takes a shard of every global batch; gradients are summed.
+"""Data parallelism under `torchrun`: torch's DistributedDataParallel over shards of every global batch.
 
-The loss of each chunk is weighted by its share of the *global* batch, so the all-reduced sum of the
-ranks' gradients is exactly the gradient of the global-batch mean: the global batch size, and with it
-the optimization, is the same for any number of processes (up to float summation order). Batch-norm
-statistics are per rank (no SyncBatchNorm), as in DistributedDataParallel. Only rank 0 writes files.
+Each rank takes a contiguous shard of the global batch and weights each chunk's loss by its share of the
+*global* batch times the world size; DDP averages the gradients over ranks (overlapping the all-reduce
+with the backward pass), so the result is the gradient of the global-batch mean: the global batch size,
+and with it the optimization, is the same for any number of processes (up to float summation order).
+Micro-batches accumulate locally under `no_sync` and all-reduce once per step. Batch-norm statistics are
+per rank unless `train.sync_bn` converts them to SyncBatchNorm. Only rank 0 writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import UserError
 
 
 @dataclass
@@ -32,27 +39,35 @@ class Dist:
         """This rank's part of a global batch (every rank gets a contiguous, near-equal block)."""
         return idx.tensor_split(self.world)[self.rank] if self.enabled else idx
 
-    def sum_gradients(self, params) -> None:
+    def wrap(self, module: nn.Module, sync_bn: bool = False) -> nn.Module:
+        """`module` under DistributedDataParallel (itself in one process). Buffers (batch-norm statistics)
+        stay per rank, as the hand-written all-reduce kept them, unless sync_bn."""
         if not self.enabled:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+            return module
+        device = next(module.parameters()).device
+        if sync_bn:
+            if device.type != "cuda":
+                raise UserError("train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
+                                "set --train.sync_bn false on the CPU")
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
 
-    def sum_scalar(self, x: float, device: torch.device) -> float:
-        if not self.enabled:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t)
+    def no_sync(self, module: nn.Module):
+        """Skip the gradient all-reduce of this backward (all micro-batches but the last of a step)."""
+        return module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks, in place."""
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank if it is true on one (so all ranks stop at the same step)."""
-        return self.sum_scalar(float(flag), device) > 0 if self.enabled else flag
+        if not self.enabled:
+            return flag
+        return bool(self.sum_(torch.tensor([float(flag)], device=device)) > 0)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -102,6 +102,7 @@ def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_e
     c.train.probe_every = every
     c.train.checkpoint_every = every
     c.train.probe_at = []
+    c.train.log_every = 1  # the escape is read off every step's loss and distance
     c.name = f"escape-{variant.group}-{variant.label}"
     c.out = str(out / variant.group / variant.label)
     return c.validate()

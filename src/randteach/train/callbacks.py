@@ -1,0 +1,205 @@
+"""What happens around the training steps: small hooks, each with one job.
+
+The loop calls `after_step(state, metrics)` on each hook after every optimizer step and `at_end(state)`
+once the last step is done. A hook ends the run by raising `StopRun` (diverged, interrupted); the loop
+turns that into the run's status in one place.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluate import Prober
+from ..init import parameter_distance
+from .state import TrainState
+from .step import StepMetrics
+
+
+class StopRun(Exception):
+    """Ends the run with `status`; `extra` goes into summary.json."""
+
+    def __init__(self, status: str, steps: int, **extra):
+        super().__init__(status)
+        self.status, self.steps, self.extra = status, steps, extra
+
+
+class Hook:
+    def at_start(self, state: TrainState) -> None:
+        pass
+
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        pass
+
+    def at_end(self, state: TrainState) -> None:
+        pass
+
+
+class TeacherUpdate(Hook):
+    """The moving teachers: an EMA of the student after every step, or the student of the previous epoch."""
+
+    @torch.no_grad()
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        mode, m = state.cfg.teacher.mode, state.cfg.teacher.ema_momentum
+        if mode == "ema":
+            teacher = list(state.teacher.parameters())
+            torch._foreach_mul_(teacher, m)
+            torch._foreach_add_(teacher, [p.detach() for p in state.student.parameters()], alpha=1 - m)
+        elif mode == "previous-epoch" and state.step % state.plan.steps_per_epoch == 0:
+            state.teacher.load_state_dict(state.student.state_dict())
+
+
+class MetricsLog(Hook):
+    """Keeps each step's metrics on the device and reads them every `train.log_every` steps (one host sync).
+
+    A record is written for every logged step: that step's loss, gradient norm, distances and learning rate,
+    and (log_every > 1) `loss_mean`, the mean loss since the previous record. `flush` also finds the exact
+    first step whose loss or gradient was non-finite, and ends the run there as "diverged"."""
+
+    def __init__(self, progress_bar: tqdm):
+        self.window: list[tuple[int, StepMetrics, torch.Tensor | None]] = []
+        self.bar = progress_bar
+        self.last_loss = float("nan")
+
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        plan, distances = state.plan, None
+        if plan.logs_at(state.step):
+            distances = torch.stack([_distance(state.student, state.teacher), _distance(state.student, state.student_init)])
+        self.window.append((state.step, metrics, distances))
+        # Also read before a probe or a checkpoint (never probe or save a diverged student). Every rank
+        # reads at the same steps: the read all-reduces the losses.
+        if distances is not None or state.step in plan.probe_steps or state.step in plan.checkpoint_steps:
+            self.flush(state)
+
+    def at_end(self, state: TrainState) -> None:
+        self.flush(state)
+
+    def flush(self, state: TrainState) -> None:
+        """Read the window to the host, log it, and raise StopRun at a non-finite step."""
+        if not self.window:
+            return
+        window, self.window = self.window, []
+        losses = state.ddp.sum_(torch.stack([m.loss for _, m, _ in window]))
+        values = torch.cat([losses, torch.stack([m.grad_norm for _, m, _ in window]).to(losses.device),
+                            *[d.to(losses.device) for _, _, d in window if d is not None]]).tolist()
+        n = len(window)
+        losses, norms, distances = values[:n], values[n:2 * n], iter(values[2 * n:])
+        for i, (step, m, d) in enumerate(window):
+            if not (math.isfinite(losses[i]) and math.isfinite(norms[i])):
+                _log(state, {"event": "step", "step": step, "loss": losses[i], "grad_norm": norms[i], "lr": m.lr})
+                raise StopRun("diverged", step - 1, diverged_step=step, reason="non-finite loss or gradient")
+            if d is not None:
+                self._record(state, step, m, losses[i], norms[i], next(distances), next(distances), losses[:i + 1])
+        self.last_loss = losses[-1]
+        self.bar.set_postfix(loss=f"{self.last_loss:.3g}", refresh=False)
+
+    def _record(self, state, step, m, loss, grad_norm, dist_teacher, dist_init, window_losses) -> None:
+        if not math.isfinite(dist_teacher):  # a non-finite parameter makes the distance non-finite
+            raise StopRun("diverged", step, diverged_step=step, reason="non-finite parameters")
+        record = {"event": "step", "step": step, "epoch": step / state.plan.steps_per_epoch, "loss": loss,
+                  "grad_norm": grad_norm, "dist_teacher": dist_teacher, "dist_init": dist_init, "lr": m.lr,
+                  "bf16": m.bf16, "time": state.wall()}
+        if state.plan.log_every > 1:
+            record["loss_mean"] = sum(window_losses) / len(window_losses)
+        _log(state, record)
+
+
+@torch.no_grad()
+def _distance(a, b) -> torch.Tensor:
+    """||theta_a - theta_b||_2 on the device (as `randteach.init.parameter_distance`, without the read)."""
+    diff = torch._foreach_sub([p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()])
+    return torch.stack(torch._foreach_norm(diff)).double().pow(2).sum().sqrt()
+
+
+def _log(state: TrainState, record: dict) -> None:
+    if state.ddp.is_main:
+        state.run.log(record)
+
+
+class Probe(Hook):
+    """Linear / k-NN probes of teacher, student and raw input at the planned epochs (rank 0 only)."""
+
+    def __init__(self, state: TrainState, progress_bar: tqdm, splits=None):
+        cfg = state.cfg
+        self.prober = Prober(cfg, state.in_channels, state.image_size, state.device, bf16=state.bf16_requested,
+                             splits=splits)
+        self.bar, self.which = progress_bar, cfg.probe.which
+
+    def at_start(self, state: TrainState) -> None:
+        if state.step == 0 and 0 in state.plan.probe_steps:
+            self.probe(state, 0.0)
+
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        if state.step in state.plan.probe_steps and state.step != state.plan.total_steps:
+            self.probe(state, state.plan.probe_steps[state.step])
+
+    def at_end(self, state: TrainState) -> None:
+        self.probe(state, state.plan.total_epochs)
+
+    def probe(self, state: TrainState, epoch: float) -> None:
+        record = {"event": "probe", "step": state.step, "epoch": epoch}
+        if "teacher" in self.which:
+            if state.teacher_probe is None or state.cfg.teacher.mode != "frozen":
+                state.teacher_probe = self.prober.probe(state.teacher.encoder)
+            record["teacher"] = state.teacher_probe
+        if "student" in self.which:
+            record["student"] = self.prober.probe(state.student.encoder)
+        if "input" in self.which:
+            record["input"] = self.prober.input()
+        state.run.log(record)
+        if not self.bar.disable:
+            self.bar.write(probe_line(record))
+
+
+def probe_line(rec: dict) -> str:
+    parts = [f"epoch {rec['epoch']:g}"]
+    for role in ("teacher", "student", "input"):
+        if role in rec:
+            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in rec[role].items()))
+    return " | ".join(parts)
+
+
+class Checkpoint(Hook):
+    """The resumable state and a student snapshot every `train.checkpoint_every` epochs, and at the end.
+    MetricsLog has read the steps before it and found them finite: the last checkpoint is a finite one."""
+
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        if state.step in state.plan.checkpoint_steps:
+            state.save()
+            state.save_student(f"student_step{state.step}.pt")
+
+    def at_end(self, state: TrainState) -> None:
+        state.save()
+        state.save_student("student.pt")
+
+
+class StopOnSignal(Hook):
+    """SIGTERM/SIGINT set a flag; the run checkpoints and ends as "interrupted" after the current step.
+    Under torchrun the ranks agree at logged steps (an all-reduce), so that all stop at the same step."""
+
+    def __init__(self, metrics: MetricsLog):
+        self.metrics, self.signal, self._old = metrics, None, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        if state.ddp.enabled and not state.plan.logs_at(state.step):
+            return
+        if state.ddp.any(self.signal is not None, state.device):
+            self.metrics.flush(state)
+            state.save()
+            raise StopRun("interrupted", state.step, signal=signal.Signals(self.signal or signal.SIGTERM).name)

@@ -1,0 +1,91 @@
+"""What a run is made of: the device, the seeds, the data order, the training inputs, teacher and student.
+
+Pure functions of the config (and of the Python API's objects), shared by the training loop and by the
+analyses that must rebuild exactly what a run trained on (LR range test, landscape, supervised baselines).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import load_state_dict
+from ..config import Config
+from ..data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
+from ..errors import UserError
+from ..init import exact_copy, locality_init, neighborhood_init
+from ..models import build_model
+
+_SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
+NEEDS_32PX = ("vgg", "resnet", "vit")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is available; use --train.device cpu (or auto)")
+    return torch.device(name)
+
+
+def model_image_size(cfg: Config, native: int) -> int:
+    """VGG/ResNet/ViT need 32 px inputs at least (five 2x poolings, patch 8): 28 px images are zero-padded."""
+    if cfg.data.image_size:
+        return cfg.data.image_size
+    if cfg.model.encoder.startswith(NEEDS_32PX) and native < 32:
+        return 32
+    return native
+
+
+def seeds(cfg: Config) -> dict:
+    s = cfg.train.seed
+    return {"teacher": cfg.init.teacher_seed if cfg.init.teacher_seed is not None else s * 3 + 1,
+            "fresh": cfg.init.fresh_seed if cfg.init.fresh_seed is not None else s * 3 + 2,
+            "data": s * 3 + 3}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a pure function of (seed, epoch), so a resumed run replays it."""
+    g = torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None):
+    """Teacher (random init, or a checkpoint) and the student by the configured init rule.
+
+    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder."""
+    sd = seeds(cfg)
+    teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
+    if cfg.init.teacher_checkpoint:
+        teacher.load_state_dict(load_state_dict(cfg.init.teacher_checkpoint, "student"))
+    mode = cfg.init.mode
+    if mode == "copy":
+        return teacher, exact_copy(teacher)
+    if mode == "checkpoint":
+        student = exact_copy(teacher)
+        student.load_state_dict(load_state_dict(cfg.init.checkpoint, "student"))
+        return teacher, student
+    fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
+    if mode == "independent":
+        return teacher, fresh
+    if mode == "neighborhood":
+        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon)
+    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving)
+
+
+def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
+    """(inputs, preprocess, data): uint8 images + their preprocess, or float noise (preprocess None)."""
+    data = train_data or load_configured(cfg.data, "train")
+    if cfg.data.n_samples:
+        if cfg.data.n_samples > len(data):
+            raise UserError(f"data.n_samples={cfg.data.n_samples} but {data.name} has only {len(data)} training images")
+        data = data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
+    native = data.images.shape[-1]
+    if data.images.is_floating_point():  # Python API: float images are used as given
+        return data.images, None, data, native
+    size = model_image_size(cfg, native)
+    preprocess = Preprocess.fit(data, size=size)
+    if cfg.data.inputs == "noise":
+        # Gaussian inputs of the same shape as the (padded) images, in normalized units.
+        shaped = ImageData(torch.zeros((len(data), data.images.shape[1], size, size), dtype=torch.uint8),
+                           data.labels, data.num_classes, data.name)
+        return noise_like(shaped, std=cfg.data.noise_std, seed=cfg.data.subset_seed), None, data, size
+    return data.images, preprocess, data, size

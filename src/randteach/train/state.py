@@ -1,0 +1,186 @@
+"""The plan of a run (which step does what) and its state (models, optimizer, counters), created or resumed.
+
+Everything that a resumed run needs in order to continue bitwise is in `TrainState.payload()`: weights,
+optimizer moments, the step, the bf16 switch, DINO's center, the RNG and the frozen teacher's probe.
+The data order is a pure function of (seed, epoch) and the learning rate one of the step, so neither
+is saved.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config
+from ..distributed import Dist
+from ..init import init_report, parameter_norm
+from ..losses import Centering
+from ..optim import build_optimizer
+from ..rundir import RunDir
+from ..evaluate import uses_bf16
+from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
+
+
+def _probe_epochs(cfg: Config, total_epochs: float) -> list[float]:
+    marks = {0.0, float(total_epochs)}
+    if cfg.train.probe_every > 0:
+        e = cfg.train.probe_every
+        while e < total_epochs - 1e-9:
+            marks.add(round(e, 6))
+            e += cfg.train.probe_every
+    marks.update(float(e) for e in cfg.train.probe_at if 0 <= e <= total_epochs)
+    return sorted(marks)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Batch sizes, step counts and the steps at which probes, checkpoints and log records happen."""
+    n: int
+    batch: int
+    micro: int
+    steps_per_epoch: int
+    total_steps: int
+    data_seed: int
+    log_every: int
+    probe_steps: dict = field(default_factory=dict)       # step -> epoch
+    checkpoint_steps: frozenset = frozenset()
+
+    @classmethod
+    def of(cls, cfg: Config, n: int) -> "Plan":
+        batch = min(cfg.train.batch_size or n, n)
+        steps_per_epoch = math.ceil(n / batch)
+        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        if cfg.train.max_steps:
+            total = min(total, cfg.train.max_steps)
+        probes = {round(e * steps_per_epoch): e for e in _probe_epochs(cfg, total / steps_per_epoch)}
+        every = cfg.train.checkpoint_every
+        stride = max(1, round(every * steps_per_epoch)) if every > 0 else 0
+        ckpts = frozenset(range(stride, total, stride)) if stride else frozenset()
+        return cls(n, batch, cfg.train.micro_batch or batch, steps_per_epoch, total, seeds(cfg)["data"],
+                   cfg.train.log_every, probes, ckpts)
+
+    @property
+    def total_epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The global batch of optimizer step `step` (0-based)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        return epoch_order(self.n, self.data_seed, epoch)[offset * self.batch:(offset + 1) * self.batch]
+
+    def logs_at(self, step: int) -> bool:
+        """Whether the step that brought the count to `step` writes a record."""
+        return step % self.log_every == 0 or step == self.total_steps
+
+
+@dataclass
+class TrainState:
+    cfg: Config
+    run: RunDir
+    ddp: Dist
+    device: torch.device
+    plan: Plan
+    teacher: nn.Module
+    student: nn.Module
+    student_init: nn.Module
+    optimizer: torch.optim.Optimizer
+    centering: Centering | None
+    inputs: torch.Tensor                     # uint8 images (or float noise / API floats), sliced per batch
+    preprocess: object | None
+    in_channels: int
+    image_size: int
+    bf16_requested: bool                     # the run is a bf16 run (it starts in fp32 until the gate opens)
+    conv_like: bool                          # channels-last inputs
+    init_info: dict
+    step: int = 0
+    bf16_on: bool = False
+    wall_before: float = 0.0
+    teacher_probe: dict | None = None
+    targets: torch.Tensor | None = None      # the teacher cache's bottleneck outputs, one row per image
+    teacher_norm: float = 0.0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run.checkpoints / "last.pt"
+
+    @classmethod
+    def create_or_resume(cls, cfg: Config, run: RunDir, ddp: Dist, device: torch.device, *,
+                         train_data=None, encoder=None) -> "TrainState":
+        torch.manual_seed(cfg.train.seed)
+        inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
+        in_channels = data.images.shape[1]
+        teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder)
+        init_info = init_report(teacher, student)
+        teacher.to(device)
+        student.to(device)
+        teacher.train(cfg.teacher.train_mode)
+        teacher.requires_grad_(False)
+        student.train()
+        bf16 = uses_bf16(cfg.train.precision, device)
+        conv_like = inputs.dim() == 4 and cfg.train.channels_last and bf16
+        if conv_like:
+            teacher.to(memory_format=torch.channels_last)
+            student.to(memory_format=torch.channels_last)
+        state = cls(cfg, run, ddp, device, Plan.of(cfg, len(inputs)), teacher, student,
+                    copy.deepcopy(student).requires_grad_(False), build_optimizer(cfg.optim, student.parameters()),
+                    Centering(cfg.loss.center_momentum) if cfg.loss.center else None, inputs, preprocess,
+                    in_channels, size, bf16, conv_like, init_info)
+        if state.last_path.exists():
+            state._resume(load_checkpoint(state.last_path))
+        elif ddp.is_main:
+            state._start_fresh()
+        if cfg.train.data_on_device:
+            state.inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
+        state.teacher_norm = parameter_norm(teacher)
+        return state
+
+    def _resume(self, saved: dict) -> None:
+        self.student.load_state_dict(saved["student"])
+        self.teacher.load_state_dict(saved["teacher"])
+        self.student_init.load_state_dict(saved["student_init"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.step = int(saved["step"])
+        self.wall_before = float(saved["wall_time_s"])
+        self.bf16_on = bool(saved["bf16_on"])
+        self.init_info = saved["init"]
+        if self.centering is not None and saved.get("center") is not None:
+            self.centering.center = saved["center"].to(self.device)
+        torch.set_rng_state(saved["rng"]["torch"])
+        self.teacher_probe = saved.get("teacher_probe") or None
+        if self.ddp.is_main:
+            self.run.truncate_after(self.step)
+
+    def _start_fresh(self) -> None:
+        for f in (self.run.metrics_path, self.run.summary_path):
+            f.unlink(missing_ok=True)
+        save_checkpoint({"model": self.teacher.state_dict(), "role": "teacher", "in_channels": self.in_channels,
+                         "image_size": self.image_size}, self.run.checkpoints / "teacher.pt")
+        save_checkpoint({"model": self.student.state_dict(), "role": "student_init"},
+                        self.run.checkpoints / "student_init.pt")
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
+
+    def payload(self) -> dict:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "wall_time_s": self.wall(), "bf16_on": self.bf16_on, "init": self.init_info,
+                "center": self.centering.center if self.centering is not None else None,
+                "rng": {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {}}
+
+    def save(self) -> None:
+        """The resumable state, atomically, to checkpoints/last.pt (rank 0 writes)."""
+        if self.ddp.is_main:
+            save_checkpoint(self.payload(), self.last_path)
+
+    def save_student(self, name: str) -> None:
+        if self.ddp.is_main:
+            save_checkpoint({"model": self.student.state_dict(), "role": "student", "step": self.step},
+                            self.run.checkpoints / name)
