@@ -29,7 +29,7 @@ def run(precision: str, seed: int, epochs: float, out: Path) -> dict:
     o = overrides(precision, seed, epochs, out)
     print("randteach distill --preset cpu " + " ".join(f"--{k} {v}" for k, v in o.items() if k != "out"), flush=True)
     result = distill(build_config("cpu", None, o), progress=False)
-    steps = [r for r in RunDir(result.path).records() if "loss" in r]
+    steps = RunDir(result.path).steps()
     switch = next((r["step"] for r in steps if r["bf16"]), None)
     return {"precision": precision, "seed": seed, "probe": result.summary["probe"],
             "wall_time_s": result.summary["wall_time_s"], "steps": result.summary["steps"],

@@ -23,7 +23,7 @@ STEPS = 270  # 90 epochs of 3 batches: a few seconds, so that SIGTERM lands mid-
 OPTS = {"data.name": "folder", "model.encoder": "test_custom_module:factory", "head.hidden_dims": "[32]",
         "head.bottleneck_dim": "8", "head.out_dim": "32", "train.batch_size": "16", "train.epochs": "90",
         "train.checkpoint_every": "0", "train.probe_every": "0", "probe.which": "[]", "train.device": "cpu",
-        "train.precision": "fp32"}
+        "train.precision": "fp32", "train.log_every": "1"}
 # One thread: on a busy 2-core machine, batch norm with 2 OpenMP threads took 130 ms a call instead of 20 us.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 

@@ -1,8 +1,9 @@
 """The run directory: one format for every run.
 
     RUN_DIR/config.yaml     the resolved config
-    RUN_DIR/metrics.jsonl   one JSON object per line: training steps ({"step", "loss", ...}) and
-                            probe events ({"event": "probe", "epoch", "teacher": {...}, ...})
+    RUN_DIR/metrics.jsonl   one JSON object per line, each with an "event": training steps
+                            ({"event": "step", "step", "loss", ...}, every train.log_every steps) and
+                            probes ({"event": "probe", "epoch", "teacher": {...}, ...})
     RUN_DIR/checkpoints/    teacher.pt, student_init.pt, student_step<N>.pt, student.pt, last.pt (resume state)
     RUN_DIR/summary.json    status, final probes, steps, wall time
 """
@@ -87,6 +88,10 @@ class RunDir:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, self.metrics_path)
+
+    def steps(self) -> list[dict]:
+        """The training-step records (runs written before records carried an "event" have none on steps)."""
+        return [r for r in self.records() if r.get("event", "step") == "step" and "loss" in r]
 
     def probes(self) -> list[dict]:
         return [r for r in self.records() if r.get("event") == "probe"]

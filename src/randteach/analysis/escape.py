@@ -115,7 +115,7 @@ def _curves(run: RunDir) -> tuple[dict, list[dict]]:
         if r.get("event") == "probe":
             probes.append({"step": r["step"], "epoch": r["epoch"],
                            **{role: r[role] for role in ("teacher", "student", "input") if role in r}})
-        elif "loss" in r:
+        elif r.get("event", "step") == "step" and "loss" in r:
             for k in steps:
                 v = r.get(k)
                 steps[k].append(float(v) if v is not None else None)

@@ -150,11 +150,10 @@ def supervised_range(cfg: Config, inputs: torch.Tensor, preprocess, data: ImageD
 
 def _teacher_student_curve(run_path: Path) -> dict:
     curve = {"step": [], "lr": [], "loss": []}
-    for r in RunDir(run_path).records():
-        if "loss" in r and "step" in r:
-            curve["step"].append(int(r["step"]))
-            curve["lr"].append(float(r["lr"]))
-            curve["loss"].append(float(r["loss"]))  # "nan"/"inf" strings from the log become floats
+    for r in RunDir(run_path).steps():
+        curve["step"].append(int(r["step"]))
+        curve["lr"].append(float(r["lr"]))
+        curve["loss"].append(float(r["loss"]))  # "nan"/"inf" strings from the log become floats
     return curve
 
 

@@ -35,11 +35,8 @@ def rows_of(configs: list[Config]) -> list[dict]:
 
 def last_step(run_dir: str | Path) -> dict:
     """The last training-step record of a run's metrics.jsonl (loss, dist_init, dist_teacher, ...)."""
-    last: dict = {}
-    for r in RunDir(run_dir).records():
-        if "loss" in r and r.get("event") is None:
-            last = r
-    return last
+    steps = RunDir(run_dir).steps()
+    return steps[-1] if steps else {}
 
 
 def optimization_extras(row: dict) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""The training loop's own promises: device-side metrics equal a direct per-step computation, a record
+every train.log_every steps carries that step's values, divergence is found at its exact step, and the
+fast-path options refuse what they cannot do."""
+import math
+
+import pytest
+import torch
+
+from randteach.checkpoint import load_checkpoint
+from randteach.config import ConfigError
+from randteach.distill import build_teacher_and_student, distill, epoch_order, load_training_inputs, seeds
+from randteach.distributed import Dist
+from randteach.errors import UserError
+from randteach.init import gradient_norm, parameter_distance
+from randteach.losses import distill_loss
+from randteach.optim import build_optimizer
+from randteach.rundir import RunDir
+
+from tiny import tiny_config
+
+SHORT = dict(init__mode="independent", train__max_steps=6, data__n_samples=200, probe__which="[]",
+             train__probe_every=0, train__checkpoint_every=0, train__batch_size=64, optim__name="sgd", optim__lr=0.5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(tmp_path, name, **overrides):
+    cfg = tiny_config(tmp_path, out=str(tmp_path / name), **{**SHORT, **overrides})
+    return cfg, distill(cfg, progress=False), RunDir(cfg.run_dir()).steps()
+
+
+def _direct_steps(cfg, n_steps):
+    """The distillation step written out by hand: the values the loop must log."""
+    torch.manual_seed(cfg.train.seed)
+    inputs, preprocess, data, size = load_training_inputs(cfg)
+    teacher, student = build_teacher_and_student(cfg, data.images.shape[1], size)
+    init = [p.detach().clone() for p in student.parameters()]
+    teacher.requires_grad_(False)
+    optimizer = build_optimizer(cfg.optim, student.parameters())
+    out, batch, per_epoch = [], cfg.train.batch_size, math.ceil(len(inputs) / cfg.train.batch_size)
+    for step in range(n_steps):
+        epoch, offset = divmod(step, per_epoch)
+        x = preprocess(inputs[epoch_order(len(inputs), seeds(cfg)["data"], epoch)[offset * batch:(offset + 1) * batch]])
+        optimizer.zero_grad()
+        loss = distill_loss(cfg.loss.name, student(x), teacher(x).detach())
+        loss.backward()
+        grad = gradient_norm(student)
+        optimizer.step()
+        dist_init = math.sqrt(sum(float((p.detach() - q).double().pow(2).sum()) for p, q in zip(student.parameters(), init)))
+        out.append({"loss": float(loss), "grad_norm": grad, "dist_teacher": parameter_distance(student, teacher),
+                    "dist_init": dist_init})
+    return out
+
+
+def test_device_metrics_equal_a_direct_per_step_computation(tmp_path):
+    cfg, _, steps = _run(tmp_path, "every", train__log_every=1)
+    assert [s["step"] for s in steps] == list(range(1, 7)) and all(s["event"] == "step" for s in steps)
+    for logged, direct in zip(steps, _direct_steps(cfg, 6)):
+        for k, v in direct.items():
+            assert logged[k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_a_record_every_log_every_steps_carries_that_steps_values(tmp_path):
+    _, _, every = _run(tmp_path, "every", train__log_every=1)
+    _, result, sparse = _run(tmp_path, "sparse", train__log_every=4)
+    assert [s["step"] for s in sparse] == [4, 6]                   # every 4th step and the last
+    by_step = {s["step"]: s for s in every}
+    for s in sparse:
+        for k in ("loss", "grad_norm", "dist_teacher", "dist_init", "lr"):
+            assert s[k] == by_step[s["step"]][k], k                # same computation, read later
+    assert sparse[0]["loss_mean"] == pytest.approx(sum(by_step[i]["loss"] for i in range(1, 5)) / 4, rel=1e-12)
+    assert sparse[1]["loss_mean"] == pytest.approx((by_step[5]["loss"] + by_step[6]["loss"]) / 2, rel=1e-12)
+    assert result.summary["final_loss"] == by_step[6]["loss"]
+
+
+@pytest.mark.parametrize("log_every", [1, 7])
+def test_divergence_is_found_at_its_exact_step(tmp_path, log_every):
+    # SGD at 1e12 with MSE: the loss overflows after a few steps; the step must not depend on log_every.
+    _, result, steps = _run(tmp_path, f"d{log_every}", optim__lr=1e12, loss__name="mse", train__max_steps=40,
+                            train__epochs=20, train__checkpoint_every=1 / 4, train__log_every=log_every)
+    s = result.summary
+    assert s["status"] == "diverged" and s["reason"] == "non-finite loss or gradient"
+    _, _, reference = _run(tmp_path, "ref", optim__lr=1e12, loss__name="mse", train__max_steps=40, train__epochs=20,
+                           train__log_every=1)
+    first_bad = next(r["step"] for r in reference if not math.isfinite(float(r["loss"])) or
+                     not math.isfinite(float(r["grad_norm"])))
+    assert s["diverged_step"] == first_bad and s["steps"] == first_bad - 1
+    assert not math.isfinite(float(steps[-1]["loss"])) or not math.isfinite(float(steps[-1]["grad_norm"]))
+    assert steps[-1]["step"] == first_bad
+    last = load_checkpoint(result.path / "checkpoints" / "last.pt")    # the last checkpoint is a finite one
+    assert last["step"] < first_bad and all(torch.isfinite(v).all() for v in last["student"].values())
+
+
+def test_cuda_graphs_needs_compile_and_a_cuda_device(tmp_path):
+    with pytest.raises(ConfigError, match="train.compile"):
+        tiny_config(tmp_path, train__cuda_graphs=True)
+    with pytest.raises(UserError, match="CUDA"):
+        distill(tiny_config(tmp_path, train__device="cpu", train__compile=True, train__cuda_graphs=True, **{
+            k: v for k, v in SHORT.items()}), progress=False)
+
+
+def test_sync_bn_is_refused_off_cuda():
+    with pytest.raises(UserError, match="sync_bn"):
+        Dist(rank=0, world=2).wrap(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), sync_bn=True)
+
+
+def test_log_every_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="log_every"):
+        tiny_config(tmp_path, train__log_every=0)
