@@ -28,7 +28,7 @@ import bench_analysis
 import bench_distill
 import bench_machine
 import bench_report
-from bench_distill import PLAIN, VARIANTS, Workload
+from bench_distill import BASELINES, PLAIN, VARIANTS, Workload
 
 HERE = Path(__file__).resolve().parent
 TINY = Workload(encoder="convnet", width=8, data="digits", n_samples=256, batch=64, hidden_dims=[64],
@@ -76,7 +76,7 @@ def run_distill(w: Workload, variants: list[str], rounds: int, root: Path, isola
         seq = order if r % 2 == 0 else order[::-1]
         results = {}
         for key in seq:
-            results[key] = (measure("plain", w, root) if key == PLAIN[0]
+            results[key] = (measure(key, w, root) if key in BASELINES
                             else measure("ours", w, root, VARIANTS[key][1]))
             steps = ", ".join(f"{x:.2f}" for x in results[key]["step_s"])
             print(f"  round {r + 1}/{rounds} {key}: step s {steps}", file=sys.stderr, flush=True)
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     w = Workload(steps=args.steps, device=args.device, encoder=args.encoder, warmup=warmup)
     if args.tiny:
         w, args.threads = Workload(**{**asdict(TINY), "steps": 1}), 1
-        variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true"]
+        variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true" and v != "tuned"]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     argv_shown = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

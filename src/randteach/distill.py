@@ -75,6 +75,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 def _train(state: TrainState, hooks: list, bar: tqdm) -> tuple[str, int, dict]:
     """The loop: one step, then the hooks; a hook that ends the run raises StopRun."""
     plan, fns = state.plan, build_step_functions(state)
+    state.start_clock()
     try:
         for h in hooks:
             h.at_start(state)

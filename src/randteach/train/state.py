@@ -104,7 +104,7 @@ class TrainState:
     teacher_probe: dict | None = None
     targets: torch.Tensor | None = None      # the teacher cache's bottleneck outputs, one row per image
     teacher_norm: float = 0.0
-    t_start: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0                     # set by start_clock() as the first step begins
 
     @property
     def last_path(self) -> Path:
@@ -165,7 +165,11 @@ class TrainState:
         save_checkpoint({"model": self.student.state_dict(), "role": "student_init"},
                         self.run.checkpoints / "student_init.pt")
 
+    def start_clock(self) -> None:
+        self.t_start = time.perf_counter()
+
     def wall(self) -> float:
+        """Seconds of training so far, over every process that ran this run (setup excluded)."""
         return self.wall_before + time.perf_counter() - self.t_start
 
     def payload(self) -> dict:
