@@ -56,55 +56,53 @@ class MetricsLog(Hook):
     """Keeps each step's metrics on the device and reads them every `train.log_every` steps (one host sync).
 
     A record is written for every logged step: that step's loss, gradient norm, distances and learning rate,
-    and (log_every > 1) `loss_mean`, the mean loss since the previous record. `flush` also finds the exact
+    and (log_every > 1) `loss_mean`, the mean loss since the previous read. `flush` also finds the exact
     first step whose loss or gradient was non-finite, and ends the run there as "diverged"."""
 
     def __init__(self, progress_bar: tqdm):
-        self.window: list[tuple[int, StepMetrics, torch.Tensor | None]] = []
+        self.window: list[tuple[int, StepMetrics]] = []
         self.bar = progress_bar
         self.last_loss = float("nan")
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
-        plan, distances = state.plan, None
-        if plan.logs_at(state.step):
-            distances = torch.stack([_distance(state.student, state.teacher), _distance(state.student, state.student_init)])
-        self.window.append((state.step, metrics, distances))
+        self.window.append((state.step, metrics))
+        plan = state.plan
         # Also read before a probe or a checkpoint (never probe or save a diverged student). Every rank
         # reads at the same steps: the read all-reduces the losses.
-        if distances is not None or state.step in plan.probe_steps or state.step in plan.checkpoint_steps:
+        if plan.logs_at(state.step) or state.step in plan.probe_steps or state.step in plan.checkpoint_steps:
             self.flush(state)
 
     def at_end(self, state: TrainState) -> None:
         self.flush(state)
 
     def flush(self, state: TrainState) -> None:
-        """Read the window to the host, log it, and raise StopRun at a non-finite step."""
+        """Read the window and the current distances to the host (one sync), log, and raise StopRun at the
+        first non-finite step. Called right after a step: the distances are those of the window's last step."""
         if not self.window:
             return
         window, self.window = self.window, []
-        losses = state.ddp.sum_(torch.stack([m.loss for _, m, _ in window]))
-        values = torch.cat([losses, torch.stack([m.grad_norm for _, m, _ in window]).to(losses.device),
-                            *[d.to(losses.device) for _, _, d in window if d is not None]]).tolist()
+        losses = state.ddp.sum_(torch.stack([m.loss for _, m in window]))
+        distances = torch.stack([_distance(state.student, state.teacher), _distance(state.student, state.student_init)])
+        values = torch.cat([losses, torch.stack([m.grad_norm for _, m in window]).to(losses.device),
+                            distances.to(losses.device)]).tolist()
         n = len(window)
-        losses, norms, distances = values[:n], values[n:2 * n], iter(values[2 * n:])
-        for i, (step, m, d) in enumerate(window):
+        losses, norms, (dist_teacher, dist_init) = values[:n], values[n:2 * n], values[2 * n:]
+        for i, (step, m) in enumerate(window):
             if not (math.isfinite(losses[i]) and math.isfinite(norms[i])):
                 _log(state, {"event": "step", "step": step, "loss": losses[i], "grad_norm": norms[i], "lr": m.lr})
                 raise StopRun("diverged", step - 1, diverged_step=step, reason="non-finite loss or gradient")
-            if d is not None:
-                self._record(state, step, m, losses[i], norms[i], next(distances), next(distances), losses[:i + 1])
-        self.last_loss = losses[-1]
-        self.bar.set_postfix(loss=f"{self.last_loss:.3g}", refresh=False)
-
-    def _record(self, state, step, m, loss, grad_norm, dist_teacher, dist_init, window_losses) -> None:
+        step, m = window[-1]
         if not math.isfinite(dist_teacher):  # a non-finite parameter makes the distance non-finite
             raise StopRun("diverged", step, diverged_step=step, reason="non-finite parameters")
-        record = {"event": "step", "step": step, "epoch": step / state.plan.steps_per_epoch, "loss": loss,
-                  "grad_norm": grad_norm, "dist_teacher": dist_teacher, "dist_init": dist_init, "lr": m.lr,
-                  "bf16": m.bf16, "time": state.wall()}
-        if state.plan.log_every > 1:
-            record["loss_mean"] = sum(window_losses) / len(window_losses)
-        _log(state, record)
+        if state.plan.logs_at(step):
+            record = {"event": "step", "step": step, "epoch": step / state.plan.steps_per_epoch, "loss": losses[-1],
+                      "grad_norm": norms[-1], "dist_teacher": dist_teacher, "dist_init": dist_init, "lr": m.lr,
+                      "bf16": m.bf16, "time": state.wall()}
+            if state.plan.log_every > 1:
+                record["loss_mean"] = sum(losses) / n  # the steps since the previous read
+            _log(state, record)
+        self.last_loss = losses[-1]
+        self.bar.set_postfix(loss=f"{self.last_loss:.3g}", refresh=False)
 
 
 @torch.no_grad()
