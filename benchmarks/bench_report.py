@@ -107,43 +107,14 @@ def _load(triple) -> str:
     return " / ".join(f"{x:.2f}" for x in triple)
 
 
-def markdown(results: dict) -> str:
+def _distill_section(results: dict, title: str) -> list[str]:
+    """The distillation table of one workload (`results` holds its workload, flops, distill rounds)."""
     s = summarize(results)
-    m = results["machine"]
     w = results["workload"]
-    lines = ["# Benchmark results", "",
-             "Written by `make bench` (`benchmarks/run.py`); how to read it and what the numbers mean: "
-             "`docs/PERFORMANCE.md`. Every ratio compares measurements taken in this one run.", "",
-             f"- command: `{results['command']}`",
-             f"- date: {m['date']}; wall time {results['wall_s'] / 60:.1f} min",
-             f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
-             f"Python {m['python']}, host `{m['host']}`",
-             f"- code: commit {m.get('code', 'unknown')}",
-             f"- bf16 hardware: AMX flags {', '.join(m['amx']) if m['amx'] else 'absent'}; avx512_bf16 "
-             f"{'present' if m['avx512_bf16'] else 'absent'}; oneDNN dispatches to ISA `{m['onednn']['isa']}`, "
-             f"bf16 matmul kernel `{m['onednn']['bf16_matmul']}`",
-             f"- load average (1/5/15 min): start {_load(results['load_start'])}, end {_load(results['load_end'])}"
-             f" (the machine is shared; {m['cores']} cores)",
-             f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
-             "## Targets (issue 7)", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
-    for t in s["targets"]:
-        lines.append(f"| {t['name']} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
-    pk = s["peak"]
-    ms, me = results["matmul_start"], results["matmul_end"]
-    lines += ["", f"Matmul yardstick ({ms['n']}² @ {ms['n']}², fp32 and bf16 alternating, median; start → end of "
-              f"the run): fp32 {ms['fp32'] / 1e9:.1f} → {me['fp32'] / 1e9:.1f} GFLOP/s wall, "
-              f"{ms['fp32_cpu'] / 1e9:.1f} → {me['fp32_cpu'] / 1e9:.1f} GFLOP per CPU-second; bf16 "
-              f"{ms['bf16'] / 1e9:.1f} → {me['bf16'] / 1e9:.1f} GFLOP/s wall, {ms['bf16_cpu'] / 1e9:.1f} → "
-              f"{me['bf16_cpu'] / 1e9:.1f} GFLOP per CPU-second. bf16/fp32 = {pk['bf16_cpu'] / pk['fp32_cpu']:.2f} "
-              f"(CPU clock), {pk['bf16'] / pk['fp32']:.2f} (wall).", "",
-              ("Verdicts use the CPU clock (process CPU seconds, all threads), which other work on a shared "
-               "machine does not stretch; the wall-clock figure is shown beside it." if verdict_clock(w) == "cpu" else
-               f"Workload on {w['device']}: verdicts use the wall clock (after a device synchronize); the host's "
-               "CPU seconds are shown but measure only kernel launches."), ""]
     head = (f"{w['encoder']} encoder, DINO head {w['hidden_dims']} → bottleneck {w['bottleneck_dim']} → "
             f"{w['out_dim']}, {w['data']} ({w['n_samples']} images cycled, "
             f"padded to 32 px when the encoder needs it), batch {w['batch']}, CE loss, AdamW lr 1e-3")
-    lines += ["## 1. Distillation step", "",
+    lines = [f"## {title}", "",
               f"Workload: {head}; init.mode independent (so bf16, when asked for, is on from step 1). "
               f"{w['warmup']} warm-up step(s) then {w['steps']} timed step(s) per measurement, "
               f"{len(results['distill'])} rounds in palindromic order (plain, v1…vn | vn…v1, plain); "
@@ -180,6 +151,45 @@ def markdown(results: dict) -> str:
         lines.append(f"Teacher cache build ({cb['origin']}): {cb['images']} images in {cb['seconds']:.1f} s "
                      f"({cb['images'] / cb['seconds']:.0f} images/s, fp32), {cb['bytes'] / 2 ** 20:.1f} MiB; "
                      "paid once per teacher and data set, then read from disk by every run.")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    s = summarize(results)
+    m = results["machine"]
+    w = results["workload"]
+    lines = ["# Benchmark results", "",
+             "Written by `make bench` (`benchmarks/run.py`); how to read it and what the numbers mean: "
+             "`docs/PERFORMANCE.md`. Every ratio compares measurements taken in this one run.", "",
+             f"- command: `{results['command']}`",
+             f"- date: {m['date']}; wall time {results['wall_s'] / 60:.1f} min",
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+             f"Python {m['python']}, host `{m['host']}`",
+             f"- code: commit {m.get('code', 'unknown')}",
+             f"- bf16 hardware: AMX flags {', '.join(m['amx']) if m['amx'] else 'absent'}; avx512_bf16 "
+             f"{'present' if m['avx512_bf16'] else 'absent'}; oneDNN dispatches to ISA `{m['onednn']['isa']}`, "
+             f"bf16 matmul kernel `{m['onednn']['bf16_matmul']}`",
+             f"- load average (1/5/15 min): start {_load(results['load_start'])}, end {_load(results['load_end'])}"
+             f" (the machine is shared; {m['cores']} cores)",
+             f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
+             "## Targets (issue 7)", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+    for t in s["targets"]:
+        lines.append(f"| {t['name']} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
+    pk = s["peak"]
+    ms, me = results["matmul_start"], results["matmul_end"]
+    lines += ["", f"Matmul yardstick ({ms['n']}² @ {ms['n']}², fp32 and bf16 alternating, median; start → end of "
+              f"the run): fp32 {ms['fp32'] / 1e9:.1f} → {me['fp32'] / 1e9:.1f} GFLOP/s wall, "
+              f"{ms['fp32_cpu'] / 1e9:.1f} → {me['fp32_cpu'] / 1e9:.1f} GFLOP per CPU-second; bf16 "
+              f"{ms['bf16'] / 1e9:.1f} → {me['bf16'] / 1e9:.1f} GFLOP/s wall, {ms['bf16_cpu'] / 1e9:.1f} → "
+              f"{me['bf16_cpu'] / 1e9:.1f} GFLOP per CPU-second. bf16/fp32 = {pk['bf16_cpu'] / pk['fp32_cpu']:.2f} "
+              f"(CPU clock), {pk['bf16'] / pk['fp32']:.2f} (wall).", "",
+              ("Verdicts use the CPU clock (process CPU seconds, all threads), which other work on a shared "
+               "machine does not stretch; the wall-clock figure is shown beside it." if verdict_clock(w) == "cpu" else
+               f"Workload on {w['device']}: verdicts use the wall clock (after a device synchronize); the host's "
+               "CPU seconds are shown but measure only kernel launches."), ""]
+    lines += _distill_section(results, "1. Distillation step")
+    for i, more in enumerate(results.get("more_encoders", [])):
+        lines += [""] + _distill_section({**results, **more}, f"1.{i + 1}. Distillation step, {more['workload']['encoder']}")
     p = results.get("probes")
     if p:
         lines += ["", "## 2. Probes", "",

@@ -48,8 +48,8 @@ def parse_args(argv):
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the results")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where both loops, the probes and the matmul "
                    "yardstick run (on a GPU the verdicts use the wall clock)")
-    p.add_argument("--encoder", default=Workload.encoder, help="encoder of the workload (the issue asks for vgg11 "
-                   "and, on a GPU, resnet18 too)")
+    p.add_argument("--encoder", default=Workload.encoder, help="encoder of the workload, or a comma list "
+                   "(e.g. vgg11,resnet18): one distillation table per encoder, all in this one run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement (default 1 on the "
                    "CPU, 3 on a GPU, where compilation and cuDNN autotuning take the first steps)")
     p.add_argument("--tiny", action="store_true", help="tiny model and data, one thread, in-process, no "
@@ -84,6 +84,15 @@ def run_distill(w: Workload, variants: list[str], rounds: int, root: Path, isola
     return out
 
 
+def distill_tables(w: Workload, variants: list[str], rounds: int, root: Path, measure, isolate: bool) -> dict:
+    """Everything the distillation table of workload `w` needs: FLOPs, the cache build, the rounds."""
+    out = {"workload": asdict(w), "flops": measure("flops", w, root)}
+    if any(VARIANTS[v][1].get("train.teacher_cache") == "true" for v in variants):
+        out["cache_build"] = measure("cache", w, root)
+    out["distill"] = run_distill(w, variants, rounds, root, isolate)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -92,7 +101,8 @@ def main(argv=None) -> dict:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     on_gpu = args.device.startswith("cuda")
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    w = Workload(steps=args.steps, device=args.device, encoder=args.encoder, warmup=warmup)
+    encoders = [e.strip() for e in args.encoder.split(",") if e.strip()]
+    w = Workload(steps=args.steps, device=args.device, encoder=encoders[0], warmup=warmup)
     if args.tiny:
         w, args.threads = Workload(**{**asdict(TINY), "steps": 1}), 1
         variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true" and v != "tuned"]
@@ -109,10 +119,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="randteach-bench-") as tmp:
         root = Path(tmp)
         _link_data_sets(root)
-        results["flops"] = measure("flops", w, root)
-        if any(VARIANTS[v][1].get("train.teacher_cache") == "true" for v in variants):
-            results["cache_build"] = measure("cache", w, root)
-        results["distill"] = run_distill(w, variants, args.rounds, root, isolate=not args.tiny)
+        results.update(distill_tables(w, variants, args.rounds, root, measure, isolate=not args.tiny))
+        results["more_encoders"] = [distill_tables(Workload(**{**asdict(w), "encoder": e}), variants, args.rounds,
+                                                   root, measure, isolate=not args.tiny) for e in encoders[1:]]
         print("probes", file=sys.stderr, flush=True)
         feature_kw = {"data": "digits", "dim": 32} if args.tiny else {}
         threads = (args.threads,) if args.tiny or on_gpu else tuple(sorted({args.threads, os.cpu_count() or 1}))

@@ -53,7 +53,7 @@ def _direct_steps(cfg, n_steps):
         grad = gradient_norm(student)
         optimizer.step()
         dist_init = math.sqrt(sum(float((p.detach() - q).double().pow(2).sum()) for p, q in zip(student.parameters(), init)))
-        out.append({"loss": float(loss), "grad_norm": grad, "dist_teacher": parameter_distance(student, teacher),
+        out.append({"loss": float(loss.detach()), "grad_norm": grad, "dist_teacher": parameter_distance(student, teacher),
                     "dist_init": dist_init})
     return out
 
@@ -113,3 +113,23 @@ def test_sync_bn_is_refused_off_cuda():
 def test_log_every_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="log_every"):
         tiny_config(tmp_path, train__log_every=0)
+
+
+def test_compiled_step_compiles_a_bounded_number_of_graphs(tmp_path, monkeypatch):
+    # The whole student step (forward, head, loss, backward) is compiled with static shapes: the last
+    # partial batch of an epoch adds one graph once, not one per epoch; losses equal eager's. aot_eager
+    # exercises dynamo and AOTAutograd without inductor's C++ build (minutes on this CPU).
+    import functools
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    graphs = {}
+    for epochs in (1, 3):   # 200 images in batches of 64: three full batches and one of 8 per epoch
+        torch._dynamo.reset()
+        counters.clear()
+        _, _, compiled = _run(tmp_path, f"c{epochs}", train__compile=True, train__log_every=1, train__max_steps=1000,
+                              train__epochs=epochs)
+        graphs[epochs] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    _, _, eager = _run(tmp_path, "eager", train__log_every=1, train__max_steps=1000, train__epochs=3)
+    assert graphs[3] == graphs[1] <= 4            # teacher and student step, full and partial batch
+    assert [s["loss"] for s in compiled] == pytest.approx([s["loss"] for s in eager], rel=1e-4)
