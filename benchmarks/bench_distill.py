@@ -48,6 +48,9 @@ VARIANTS = {  # key: (label, config overrides on top of everything off)
     "bf16-cl": ("bf16 + channels-last", {"train.precision": "bf16", "train.channels_last": "true"}),
     "cache": ("teacher cache", {"train.teacher_cache": "true"}),
     "compile": ("torch.compile", {"train.compile": "true"}),
+    "fast": ("bf16 + channels-last + teacher cache (no compile)", {"train.precision": "bf16",
+                                                                   "train.channels_last": "true",
+                                                                   "train.teacher_cache": "true"}),
     "all": ("all on", {"train.precision": "bf16", "train.channels_last": "true", "train.teacher_cache": "true",
                        "train.compile": "true"}),
     # not ours: the hand-tuned baseline a GPU user would write (`tuned_steps`); no overrides apply to it
