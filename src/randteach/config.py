@@ -133,6 +133,7 @@ class TrainConfig:
     precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
                          "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
+    float64_until_distance: float = opt(2.0 ** -23 * 1e3, "hold teacher and student in float64 from a locality / neighborhood init until ||theta_S - theta_T|| / ||theta_T|| exceeds this, then continue in fp32 (default 2^-23 * 1e3: fp32 resolution with 3 digits to spare; 0 = start in fp32, where a 1e-10 residue rounds away)")
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
     compile: bool = opt(False, "torch.compile the student and teacher forward passes")
     data_on_device: bool = opt(True, "hold the whole (uint8) training set on the device and slice batches there")

@@ -33,6 +33,7 @@ from .init import (exact_copy, gradient_norm, init_report, locality_init, neighb
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
+from .precision import Float64Start
 from .rundir import RunDir, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
@@ -76,10 +77,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None):
+def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None,
+                              dtype: torch.dtype | None = None):
     """Teacher (random init, or a checkpoint) and the student by the configured init rule.
 
-    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder."""
+    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder.
+    `dtype`: hold a locality / neighborhood pair in this dtype (float64 keeps the whole 1e-10 residue)."""
     sd = seeds(cfg)
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
@@ -94,9 +97,11 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":
         return teacher, fresh
+    if dtype is not None:
+        teacher.to(dtype)
     if mode == "neighborhood":
-        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon)
-    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving)
+        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon, dtype)
+    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving, dtype)
 
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
@@ -209,8 +214,11 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     torch.manual_seed(cfg.train.seed)
     inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
     in_channels = data.images.shape[1]
-    teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder)
+    # precision gate (float64 start, precision.py): keep these marked lines when the loop is rewritten
+    gate = Float64Start(cfg.train.float64_until_distance)
+    teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder, gate.init_dtype)
     init_info = init_report(teacher, student)
+    gate.start(teacher, student)
     teacher.to(device)
     student.to(device)
     _freeze(teacher, cfg.teacher.train_mode)
@@ -243,6 +251,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     teacher_probe: dict | None = None
     if resuming:
         state = load_checkpoint(last_path)
+        gate.load_state_dict(state.get("precision"), [teacher, student, student_init], optimizer)  # precision gate
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         student_init.load_state_dict(state["student_init"])
@@ -276,7 +285,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
             raise UserError(f"train.teacher_cache=true cannot be used: {why}; set --train.teacher_cache false")
         from .data import resolve_root
         targets, origin = teacher_cache.load_or_compute(
-            teacher, inputs, preprocess, batch, device, resolve_root(cfg.data.root) / "teacher-targets", conv_like)
+            cfg, teacher, inputs, preprocess, batch, device, resolve_root(cfg.data.root) / "teacher-targets", conv_like)
         targets = targets.to(device)
         if progress and ddp.is_main:
             print(f"teacher targets: {origin}")
@@ -295,7 +304,8 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                          "student_init": student_init.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "wall_time_s": wall(), "bf16_on": bf16_on, "init": init_info,
                          "center": centering.center if centering is not None else None,
-                         "rng": _rng_state(), "teacher_probe": teacher_probe or {}}, path)
+                         "rng": _rng_state(), "teacher_probe": teacher_probe or {},
+                         "precision": gate.state_dict()}, path)
 
     def do_probe(epoch: float) -> dict:
         nonlocal teacher_probe
@@ -343,7 +353,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
             idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
             lr = lr_at(cfg.optim, step, total_steps)
             set_lr(optimizer, lr)
-            if use_bf16_requested and not bf16_on:
+            if use_bf16_requested and not bf16_on and not gate.active:
                 # bf16 cannot see a student that sits within fp32 resolution of its teacher: the loss and
                 # gradient are exactly 0 there. Stay in fp32 until the student has left the teacher.
                 bf16_on = parameter_distance(student, teacher) > cfg.train.bf16_after_distance * teacher_norm
@@ -352,23 +362,24 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
             for chunk in ddp.shard(idx).split(micro):
                 chunk = chunk.to(inputs.device)
                 x = inputs[chunk].to(device, non_blocking=True)
-                x = preprocess(x) if preprocess is not None else x
+                x = gate.cast(preprocess(x) if preprocess is not None else x)  # precision gate
                 if conv_like:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, bf16_on):  # the encoders only
                     with torch.no_grad():
-                        t_feat = teacher_enc(x) if targets is None else None
+                        live = targets is None or gate.active  # precision gate: live teacher in float64
+                        t_feat = teacher_enc(x) if live else None
                     s_feat = student_enc(x)
                 # The heads run in fp32. With the paper's head (unit bottleneck, unit rows, 2^16 outputs,
                 # temperature 1) the logits are cosines of about 0.06 and the softmax is nearly uniform: bf16's
                 # 8-bit rounding of them drowns the teacher-student difference (VGG11 on an H100, Fashion-MNIST,
                 # 5 epochs: student linear probe 53 % under a bf16 head, 83 % in fp32).
                 with torch.no_grad():
-                    t = (teacher.head.last(targets[chunk.to(device)]) if targets is not None
-                         else teacher.head(t_feat.float()))
-                s = student.head(s_feat.float())
+                    t = (teacher.head.last(targets[chunk.to(device)]) if not live
+                         else teacher.head(gate.cast(t_feat)))
+                s = student.head(gate.cast(s_feat))  # fp32 (float64 in the phase)
                 if centering is not None:
-                    t = centering(t.float())
+                    t = centering(t)
                 loss = distill_loss(cfg.loss.name, s, t, cfg.loss.teacher_temp, cfg.loss.student_temp)
                 (loss * (len(chunk) / len(idx))).backward()
                 loss_sum += float(loss.detach()) * len(chunk) / len(idx)
@@ -383,6 +394,9 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                 return finish("diverged", diverged_step=step + 1, reason="non-finite loss or gradient")
             optimizer.step()
             step += 1
+            switched = gate.after_step(step, teacher, student, [student_init], optimizer)  # precision gate
+            if switched:
+                log(switched)
             if cfg.teacher.mode == "ema":
                 with torch.no_grad():
                     for pt, ps in zip(teacher.parameters(), student.parameters()):

@@ -64,6 +64,11 @@ def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot map {x.shape[1]} input channels to {channels}")
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
 @torch.inference_mode()
 def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *, device: torch.device,
           batch_size: int = 512, bf16: bool = False, channels: int | None = None) -> torch.Tensor:
@@ -77,6 +82,7 @@ def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | Non
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
             x = preprocess(x) if preprocess is not None else x.float()
+            x = x.to(_dtype_of(encoder))  # a float64 encoder (the float64 start, precision.py) gets float64
             if channels is not None:
                 x = adapt_channels(x, channels)
             with autocast(device, bf16):
