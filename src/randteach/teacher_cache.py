@@ -9,10 +9,10 @@ allowed. Every step then applies only `last` (a matrix product) to the cached ro
 This removes the teacher's encoder pass from every step and is reused by every run with the same teacher
 and data (e.g. the seeds of a sweep that share train.seed-independent teacher seeds, or a re-run).
 
-What it changes: the teacher's outputs are computed in other batches than the student's. Per-sample
-results of a conv kernel can differ in the last bit with batch composition, so at alpha = 1e-10 the
-escape is seeded by that rounding noise as well as by the init residue. Only valid for a frozen teacher
-in eval mode (checked by `usable`).
+What it changes: the teacher's outputs are computed in other batches than the student's, so per-sample
+results may differ from a live teacher's in the last fp32 bit. The escape at alpha = 1e-10 is not seeded
+by that: the loop runs the teacher live during the float64 start (see below). Only valid for a frozen
+teacher in eval mode (checked by `usable`).
 
 A teacher held in float64 (the float64 start, precision.py) is cached from its fp32 copy: the loop runs
 the teacher live while the float64 phase lasts and uses these fp32 targets after it.

@@ -20,8 +20,9 @@ paper's two divergences (the second at eta ~ 500 on CIFAR10/VGG11).
 Measured (2 shared CPU cores, `randteach lr-range --data.name fashion-mnist --model.encoder convnet
 --data.n_samples 10240 --train.device cpu --epochs 5`: 200 steps, SGD, plain MSE, batch 256): the
 teacher-student loss sits at ~1e-15 up to lr ~1e-2, rises at lr 0.067 and becomes non-finite at
-lr 0.134; the supervised loss rises at lr 3.7 and becomes non-finite at lr 5.7. (Our MSE sums over
-the 512 output features; a per-element mean would move the teacher-student points up by that factor.)
+lr 0.134; the supervised loss rises at lr 3.7 and becomes non-finite at lr 5.7. (Measured when our MSE
+summed over the 512 output features; it is now their mean, as in the paper, which moves the
+teacher-student points up by up to that factor. Not re-measured yet.)
 """
 from __future__ import annotations
 
