@@ -100,3 +100,14 @@ def test_collapse_point_and_variants():
     assert [x.label for x in v] == ["lr32", "batch256", "full-batch", "mse", "mse+warmup100", "ndmse",
                                     "ndmse+warmup100", "nmse", "nmse+warmup100"]
     assert v[2].overrides["train.batch_size"] == 0 and v[4].overrides["optim.schedule"] == "warmup"
+
+
+def test_group_steps_sets_each_groups_length(tmp_path):
+    # the paper's step-size sweep runs 20k steps, its batch-size sweep 6k: one length per group
+    cfg = tiny_config(tmp_path, **{**ESCAPE, "probe__which": "[]"})
+    r = run_escape(cfg, tmp_path / "escape", steps=4, probe_every_steps=2, lrs=(1e4,), batch_sizes=(0,),
+                   stabilize=False, group_steps={"batch_size": 2}, progress=False)
+    lengths = {run["group"]: (run["max_steps"], run["steps"]["step"][-1]) for run in r["runs"]}
+    assert lengths == {"step_size": (4, 4), "batch_size": (2, 2)}
+    with pytest.raises(Exception, match="unknown groups"):
+        run_escape(cfg, tmp_path / "bad", steps=4, probe_every_steps=2, group_steps={"nope": 3}, progress=False)

@@ -62,7 +62,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
-    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own)", NORMS)
+    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own; group = the paper's GroupNorm8, 8 channels per group)", NORMS)
     width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width")
 
 
