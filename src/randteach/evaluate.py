@@ -159,11 +159,12 @@ class Prober:
                      self.cfg.probe, self.num_classes)
 
     def input(self) -> dict:
-        """The raw-pixel baseline: standardized flattened images at their native size."""
+        """The raw-pixel baseline: standardized flattened images at the resolution the encoders see (as in the
+        random-teacher authors' code: 32 px for CIFAR-trained encoders probed on STL10 or TinyImageNet)."""
         if self._input is None:
-            native = _fit_preprocess(self.splits.train, None)
-            train_x = (native(self.splits.train.images) if native else self.splits.train.images).flatten(1)
-            test_x = (native(self.splits.test.images) if native else self.splits.test.images).flatten(1)
+            pre = self.preprocess
+            train_x = (pre(self.splits.train.images) if pre else self.splits.train.images).flatten(1)
+            test_x = (pre(self.splits.test.images) if pre else self.splits.test.images).flatten(1)
             self._input = score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
                                 self.cfg.probe, self.num_classes)
         return self._input
