@@ -119,3 +119,21 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(tmp_path, monkeypatch, amx
     result = distill(cfg, progress=False)
     assert result.summary["precision"] == ("bf16" if amx else "fp32")
     assert [r["bf16"] for r in RunDir(result.path).records() if "loss" in r] == [amx, amx]
+
+
+def test_teacher_cache_is_keyed_by_the_head_switches(tmp_path):
+    # fn1 changes what bottleneck() returns for the same weights and inputs: one cache file per setting,
+    # and each run's targets are its own head's.
+    root = tmp_path / "root"
+    losses = {}
+    for fn1 in (True, False):
+        for cache in (True, False):
+            cfg = tiny_config(tmp_path, out=str(tmp_path / f"fn1{fn1}-cache{cache}"), head__fn1=fn1,
+                              train__teacher_cache=cache, train__max_steps=2, train__probe_every=0,
+                              probe__which="[]", init__mode="independent", data__root=str(root))
+            run = distill(cfg, progress=False)
+            losses[fn1, cache] = [r["loss"] for r in RunDir(run.path).records() if "loss" in r]
+    assert len(list((root / "teacher-targets").glob("*.pt"))) == 2
+    for fn1 in (True, False):
+        assert losses[fn1, True] == pytest.approx(losses[fn1, False], rel=1e-4)
+    assert losses[True, True] != pytest.approx(losses[False, True], rel=1e-4)

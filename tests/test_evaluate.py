@@ -23,3 +23,20 @@ def test_input_baseline_is_probed_at_the_encoders_resolution(tmp_path, monkeypat
     prober.input()
     assert seen == [(20, 3 * 8 * 8)]
     assert prober.features(torch.nn.Flatten())[0].shape == (20, 3 * 8 * 8)  # what an encoder is given
+
+
+def test_probe_outside_a_run_uses_the_runs_fp32_rules(tmp_path, monkeypatch):
+    # `randteach probe` probes with TF32 off (exact_fp32), as the probes inside a run do
+    from randteach.distill import distill
+    from randteach.probing import probe_run
+    run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]"), progress=False)
+    seen = []
+    monkeypatch.setattr(evaluate.Prober, "probe", lambda self, enc: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or {})
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        probe_run(run.path, ["--probe.which", "[teacher, student]"], progress=False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False), (False, False)]
