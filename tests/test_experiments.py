@@ -307,3 +307,25 @@ def test_tiny_signal_on_the_escape_run(tiny):
     assert (tiny / "escape" / "seed0" / "step_size" / "lr10000" / "collapse.json").exists()
     assert "### signal propagation (Fig. 2)" in text and "| 5 embedding |" in text
     assert (out.report.parent / "seed0" / "step_size" / "lr10000" / "signal.json").exists()
+
+
+def test_paper_protocol_probes_sit_beside_ours(tmp_path):
+    # the reference tables' runs are re-probed with the authors' protocols (AdamW 10-epoch linear probe,
+    # unweighted L2 majority k-NN) and shown labelled beside our logistic regression / cosine k-NN
+    from randteach.distill import distill
+    from randteach.experiments.protocol import with_paper_protocol
+    from randteach.experiments.tables import markdown, rows_of, summarize
+    from tiny import tiny_config
+    cfg = tiny_config(tmp_path, train__max_steps=3, train__probe_every=0, probe__n_train=300, probe__n_test=200)
+    distill(cfg, progress=False)
+    protocol = make_context("probes", "paper").params["paper_protocol"]
+    assert protocol == {"probe.linear": "adamw", "probe.knn_weighting": "majority"}
+    rows = with_paper_protocol(rows_of([cfg]), protocol)
+    m = rows[0]["metrics"]
+    for role in ("teacher", "student", "input"):
+        assert 0 < m[f"{role}.paper_linear"] <= 1 and 0 < m[f"{role}.paper_knn"] <= 1
+    assert m["student.paper_linear"] != m["student.linear"] or m["student.paper_knn"] != m["student.knn"]
+    assert len(list((cfg.run_dir() / "probes").glob("paper-protocol-*.json"))) == 1
+    text = markdown(summarize(rows, ["model.encoder"]), ["model.encoder"])
+    assert "student linear, authors' protocol (AdamW 10 epochs) (%)" in text and "student linear (%)" in text
+    assert with_paper_protocol(rows_of([cfg]), None) == rows_of([cfg])

@@ -33,7 +33,7 @@ from .init import (exact_copy, gradient_norm, init_report, locality_init, neighb
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
-from .precision import Float64Start
+from .precision import Float64Start, fp32_state
 from .rundir import RunDir, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
@@ -269,9 +269,9 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     elif ddp.is_main:
         for f in (run.metrics_path, run.summary_path):
             f.unlink(missing_ok=True)
-        save_checkpoint({"model": teacher.state_dict(), "role": "teacher", "in_channels": in_channels,
+        save_checkpoint({"model": fp32_state(teacher), "role": "teacher", "in_channels": in_channels,
                          "image_size": size}, run.checkpoints / "teacher.pt")
-        save_checkpoint({"model": student.state_dict(), "role": "student_init"}, run.checkpoints / "student_init.pt")
+        save_checkpoint({"model": fp32_state(student), "role": "student_init"}, run.checkpoints / "student_init.pt")
 
     if cfg.train.data_on_device:
         inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
@@ -327,7 +327,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
 
     def save_model(path: Path) -> None:
         if ddp.is_main:
-            save_checkpoint({"model": student.state_dict(), "role": "student", "step": step}, path)
+            save_checkpoint({"model": fp32_state(student), "role": "student", "step": step}, path)
 
     def finish(status: str, **extra) -> RunResult:
         ddp.barrier()

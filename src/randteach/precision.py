@@ -13,7 +13,9 @@ digits to spare), both models, the student's init copy and the optimizer state a
 run continues there (and in bf16 later, by `train.bf16_after_distance`, one level up).
 
 A student that starts farther away (an independent init, alpha >= 1e-4) never enters the phase. The
-switch is logged to metrics.jsonl as {"event": "precision", ...} and saved in checkpoints.
+switch is logged to metrics.jsonl as {"event": "precision", ...} and saved in the resume checkpoint, which
+holds the float64 weights; the model files written for readers (teacher.pt, student_init.pt, student*.pt)
+are fp32 (the teacher is exact in fp32; student_init.pt rounds the residue, as an fp32 init would).
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ DEFAULT_FLOAT64_UNTIL = FP32_RESOLUTION * 1e3
 def relative_distance(student: nn.Module, teacher: nn.Module) -> float:
     """||theta_S - theta_T|| / ||theta_T|| over all parameters."""
     return parameter_distance(student, teacher) / max(parameter_norm(teacher), 1e-30)
+
+
+def fp32_state(module: nn.Module) -> dict:
+    """The module's state dict with float64 tensors rounded to fp32: model files (teacher.pt, student*.pt)
+    are fp32 for every reader; only the resume checkpoint (last.pt) keeps the float64 phase."""
+    return {k: v.float() if v.dtype == torch.float64 else v for k, v in module.state_dict().items()}
 
 
 def _cast_optimizer_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
