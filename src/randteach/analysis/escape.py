@@ -20,7 +20,8 @@ It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json,
 `randteach signal RUN` finds it.
 
 Measured on 2 shared CPU cores (the `escape` preset with model.encoder=convnet: 4 conv layers + linear
-512, SGD, N-MSE, fp32; Fashion-MNIST; linear logreg probe on 5,000 / 2,000 images; teacher 77.6 %):
+512, SGD, N-MSE, fp32; Fashion-MNIST; linear logreg probe on 5,000 / 2,000 images; teacher 77.6 %; measured
+when the MSE family summed over the outputs and before the float64 start, so every eta acted 512x larger):
 - step size (10,240 images, batch 256, 400 steps): the loss spikes to ~1 within 3 steps, then sits on
   a plateau (~0.03); every eta collapses below the teacher and recovers slowly, if at all:
   eta 1e2 69.2 % (step 50) -> 71.5 %; 1e3 47.9 % -> 46.8 %; 1e4 73.2 % -> 65.9 % (step 350) -> 67.1 %;
