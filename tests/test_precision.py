@@ -53,7 +53,8 @@ def _teacher_norm(cfg) -> float:
 
 def test_bf16_switches_on_by_its_rule_and_stays_on(tmp_path):
     # Rule (train.bf16_after_distance): step k runs in bf16 once ||theta_S - theta_T|| before it (the
-    # distance logged at step k-1) exceeds after * ||theta_T||, and stays in bf16 from then on.
+    # distance logged at step k-1) exceeds after * ||theta_T||, and stays in bf16 from then on. (The float64
+    # start ends at 1.2e-4 < after, so it is over by then.)
     after = 1e-3
     cfg, steps = _steps(tmp_path, "rule", **ESCAPE, train__precision="bf16", train__bf16_after_distance=after)
     norm = _teacher_norm(cfg)
