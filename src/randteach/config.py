@@ -62,6 +62,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
+    encoder_args: dict[str, Any] = opt({}, "keyword arguments of the encoder: JSON on the command line "
+                                       "('{\"num_classes\": 0}'), a mapping in YAML and sweeps; for an import path they go "
+                                       "to the callable, for the ViTs patch_size")
     norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own)", NORMS)
     width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width")
 
@@ -270,6 +273,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        return _mapping(value, key)
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -299,6 +304,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """A mapping from YAML (as is) or the command line (a JSON object). String leaves that are JSON
+    literals become numbers, booleans or null, so `--model.encoder_args.depth 2` means 2."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: {value!r} is not a JSON object ({e.msg}); expected e.g. "
+                              f"--{key} '{{\"num_classes\": 0, \"in_chans\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of keyword arguments, got {type(value).__name__} {value!r}")
+    return {str(k): _json_literal(v) for k, v in value.items()}
+
+
+def _json_literal(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
 
 
 def _apply(obj: Any, updates: dict, prefix: str) -> None:

@@ -164,6 +164,7 @@ def build_model(cfg: Config, in_channels: int, image_size: int, seed: int, encod
         elif encoder is not None:
             encoder = call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)
         else:
-            encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width)
+            encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width,
+                                    **cfg.model.encoder_args)
         head = build_head(cfg.head, encoder.embed_dim)
     return DistillModel(encoder, head)
