@@ -47,6 +47,17 @@ def test_arguments_change_the_run_address_and_default_keeps_it():
     assert plain.digest() != build_config("cpu", None, {**BASE, "model.encoder_args": '{"hidden": 5}'}).digest()
 
 
+def forwarding(**kwargs):
+    """Like timm.create_model: every keyword goes on to a model class that takes no image_size."""
+    return Widened(in_channels=1, image_size=8, **kwargs)
+
+
+def test_a_forwarding_factory_gets_only_the_users_arguments():
+    cfg = build_config("cpu", None, {**BASE, "model.encoder": "test_encoder_args:forwarding",
+                                     "model.encoder_args": '{"hidden": 5, "depth": 1, "bias": true}'})
+    assert build_teacher_and_student(cfg, 1, 8)[0].embed_dim == 5
+
+
 def test_yaml_mapping_and_dotted_keys(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  encoder: test_encoder_args:widened\n  encoder_args: {hidden: 7, depth: 2}\n")
@@ -65,7 +76,7 @@ def test_sweep_grid_over_an_argument(tmp_path):
     assert build_teacher_and_student(cfg, 1, 8)[0].embed_dim == 6
 
 
-@pytest.mark.parametrize("bad", ["{hidden: 3", "[1, 2]", "3"])
+@pytest.mark.parametrize("bad", ["{hidden: 3", "[1, 2]", "3", '{"in_channels": 3}'])
 def test_bad_json_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="model.encoder_args"):
         build_config("cpu", None, {**BASE, "model.encoder_args": bad})

@@ -219,6 +219,10 @@ class Config:
         if enc not in ENCODERS and ":" not in enc:
             raise ConfigError(f"model.encoder: unknown encoder {enc!r}; valid choices: {', '.join(ENCODERS)}, "
                               "or an import path 'package.module:callable'")
+        taken = sorted(set(self.model.encoder_args) & {"in_channels", "image_size", "norm", "width"})
+        if taken:
+            raise ConfigError(f"model.encoder_args: {', '.join(taken)} come from the data and model.norm / "
+                              "model.width; remove them from encoder_args")
         if self.train.device not in ("auto", "cpu", "cuda") and not self.train.device.startswith("cuda:"):
             raise ConfigError(f"train.device: {self.train.device!r} is not one of auto, cpu, cuda, cuda:N")
         for w in self.probe.which:
