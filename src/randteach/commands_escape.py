@@ -28,6 +28,8 @@ def cmd_lr_range(args, extra) -> int:
               f"  {name:16s} no rise", end="")
         print(f"; diverges (non-finite) at lr {nonfinite['lr']:.3g} (step {nonfinite['step']})" if nonfinite
               else "; stays finite")
+        if side.get("suggested"):
+            print(f"  {'':16s} suggested lr {side['suggested']['lr']:.3g} ({side['suggested']['rule']})")
     print(f"{result['png']}")
     return 0
 
