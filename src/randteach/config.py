@@ -162,6 +162,16 @@ class ProbeConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = opt(False, "mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard "
+                            "(pip install tensorboard)")
+    wandb: str | None = opt(None, "mirror metrics.jsonl to this Weights & Biases project, the config as "
+                            "hyperparameters; files under RUN_DIR/wandb (pip install wandb)")
+    wandb_mode: str = opt("default", "W&B mode: online, offline (sync later with `wandb sync RUN_DIR/wandb/offline-run-*`), "
+                          "or default: W&B's own setting ($WANDB_MODE, `wandb offline`)", ("default", "online", "offline"))
+
+
+@dataclass
 class Config:
     name: str = opt("run", "readable prefix of the run directory")
     out: str | None = opt(None, "run directory (default: runs/<name>-<hash of the config>)")
@@ -174,6 +184,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
@@ -183,12 +194,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """Hash of the values that differ from the defaults, less where and how a run is logged.
+        """Hash of the values that differ from the defaults, less where and how a run is logged (out, log.*).
 
         Only non-default values enter, so adding a new key (with a default) keeps every existing run's
         address; the price is that changing a default changes what an address means."""
         d = _non_default(self.to_dict(), Config().to_dict())
         d.pop("out", None)
+        d.pop("log", None)
         for key in RUNTIME_ONLY:
             d.get("train", {}).pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -201,6 +201,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
+        run.track(cfg)  # hook (tracking): TensorBoard / W&B sinks mirror every run.log record
         if encoder is not None or train_data is not None or probe_splits is not None:
             # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
             write_json(run.path / PYTHON_OBJECTS, {"encoder": encoder is not None, "train": train_data is not None,
