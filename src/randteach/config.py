@@ -57,6 +57,9 @@ class DataConfig:
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape", ("data", "noise"))
     noise_std: float = opt(1.0, "standard deviation of the Gaussian-noise inputs (after normalization)")
     image_size: int | None = opt(None, "pad/resize images to this side length; None keeps the native size (28 px images are zero-padded to 32 for VGG/ResNet)")
+    augment: str = opt("none", "augmentation of the distillation batches, on the device (the papers: none): "
+                       "CIFAR's pad-4 crop + flip, or DINO's global view (random resized crop, flip, colour jitter, "
+                       "grey, blur)", ("none", "flip-crop", "dino"))
 
 
 @dataclass
@@ -227,6 +230,11 @@ class Config:
             raise ConfigError("init.mode=checkpoint needs init.checkpoint=PATH (a .pt file or a run directory)")
         if self.data.name == "folder" and not self.data.path:
             raise ConfigError("data.name=folder needs data.path=DIR (one sub-folder per class)")
+        if self.data.augment != "none" and self.data.inputs == "noise":
+            raise ConfigError("data.augment augments images; with data.inputs=noise leave data.augment=none")
+        if self.data.augment != "none" and self.train.teacher_cache:
+            raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
+                              "outputs cannot be cached: add --train.teacher_cache false")
         enc = self.model.encoder
         if enc not in ENCODERS and ":" not in enc:
             raise ConfigError(f"model.encoder: unknown encoder {enc!r}; valid choices: {', '.join(ENCODERS)}, "
