@@ -125,3 +125,12 @@ def test_augmented_distillation_differs_and_repeats(tmp_path):
     crop = losses("crop", data__augment="flip-crop")
     assert crop != plain and losses("crop-again", data__augment="flip-crop") == crop
     assert losses("dino", data__augment="dino") != crop
+
+
+def test_multicrop_loss_pairs_every_global_target_with_every_other_view():
+    from randteach.data.augment import multicrop_loss
+    t = [torch.tensor(1.0), torch.tensor(2.0)]
+    s = [torch.tensor(10.0), torch.tensor(20.0), torch.tensor(30.0), torch.tensor(40.0)]
+    got = multicrop_loss(t, s, lambda a, b: a * b)
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # (teacher i, student j), j != i
+    assert float(got) == pytest.approx(sum(float(t[i] * s[j]) for i, j in pairs) / 6)

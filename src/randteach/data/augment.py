@@ -11,7 +11,8 @@ place a result between that and DINO's recipe:
   global view blurs with p 0.1 and solarizes with p 0.2; local views crop 5-40 % of the area at
   96/224 of the side and blur with p 0.5. Blur radii (DINO: sigma 0.1-2 px at 224 px) scale with the
   image side. `Augment.views` gives DINO's multi-crop: the teacher sees the 2 global views, the student
-  all of them (not yet used by the distillation loop, so there is no config key for it).
+  all of them, scored by `multicrop_loss` (not yet used by the distillation loop, so there is no config
+  key for it).
 
 Every random number is a pure function of (seed, step, sample index, draw): a counter-based hash
 (splitmix64 on int64 tensors, exact on any device), so a batch is augmented the same way on every
@@ -193,3 +194,11 @@ def augmenter(kind: str, preprocess, seed: int, channels: int) -> Augment:
     """The run's augmentation; float inputs without a Preprocess are taken as pixel units."""
     mean, std = (preprocess.mean, preprocess.std) if preprocess is not None else ((0.0,) * channels, (1.0,) * channels)
     return Augment(kind, seed, mean, std)
+
+
+def multicrop_loss(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor], loss) -> torch.Tensor:
+    """DINO's multi-crop objective (Caron et al. 2021, Eq. 3 / Algorithm 1): `loss(student_j, teacher_i)`
+    averaged over every pair of a teacher view i (the global crops) and a student view j != i (the same
+    global crop is not its own target); student_out lists the global views first, as `Augment.views`."""
+    terms = [loss(s, t) for i, t in enumerate(teacher_out) for j, s in enumerate(student_out) if j != i]
+    return torch.stack(terms).mean()
