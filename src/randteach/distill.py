@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from .config import Config, config_from_dict
 from .data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
+from .data.augment import augmenter
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
@@ -206,6 +207,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
+        run.track(cfg)  # hook (tracking): TensorBoard / W&B sinks mirror every run.log record
         if encoder is not None or train_data is not None or probe_splits is not None:
             # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
             write_json(run.path / PYTHON_OBJECTS, {"encoder": encoder is not None, "train": train_data is not None,
@@ -342,6 +344,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         run.write_summary(summary)
         return RunResult(run.path, summary)
 
+    augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels)  # hook (augment)
     last_loss = float("nan")
     bar = tqdm(total=total_steps, initial=step, disable=not progress or not ddp.is_main, desc=f"distill {run.path.name}",
                unit="step", dynamic_ncols=True)
@@ -362,7 +365,9 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
             for chunk in ddp.shard(idx).split(micro):
                 chunk = chunk.to(inputs.device)
                 x = inputs[chunk].to(device, non_blocking=True)
-                x = gate.cast(preprocess(x) if preprocess is not None else x)  # precision gate
+                x = preprocess(x) if preprocess is not None else x
+                x = augment(x, step, chunk)  # hook (augment): a no-op for data.augment=none
+                x = gate.cast(x)  # precision gate (float64 start)
                 if conv_like:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, bf16_on):  # the encoders only

@@ -346,7 +346,7 @@ class Escape(Experiment):
         return lines
 
 
-SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "threshold", "probe")
+SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "rank_eps", "threshold", "probe")
 ROLE_NAMES = {"teacher": "θ_T", "collapse": "θ_C", "student": "θ_S"}
 
 
