@@ -17,7 +17,8 @@ DEMO_PRESET = "cpu"
 
 # Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
 # `func(args, extra) -> int` as its default.
-COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis", "commands_experiment"]
+COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis", "commands_experiment",
+                             "commands_export"]
 
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):

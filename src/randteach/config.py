@@ -57,12 +57,18 @@ class DataConfig:
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape", ("data", "noise"))
     noise_std: float = opt(1.0, "standard deviation of the Gaussian-noise inputs (after normalization)")
     image_size: int | None = opt(None, "pad/resize images to this side length; None keeps the native size (28 px images are zero-padded to 32 for VGG/ResNet)")
+    augment: str = opt("none", "augmentation of the distillation batches, on the device (the papers: none): "
+                       "CIFAR's pad-4 crop + flip, or DINO's global view (random resized crop, flip, colour jitter, "
+                       "grey, blur)", ("none", "flip-crop", "dino"))
 
 
 @dataclass
 class ModelConfig:
     encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
-    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own)", NORMS)
+    encoder_args: dict[str, Any] = opt({}, "keyword arguments of the encoder: JSON on the command line "
+                                       "('{\"num_classes\": 0}'), a mapping in YAML and sweeps; for an import path they go "
+                                       "to the callable, for the ViTs patch_size")
+    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own; group = the paper's GroupNorm8, 8 channels per group)", NORMS)
     width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width")
 
 
@@ -133,6 +139,7 @@ class TrainConfig:
     precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
                          "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
+    float64_until_distance: float = opt(2.0 ** -23 * 1e3, "hold teacher and student in float64 from a locality / neighborhood init until ||theta_S - theta_T|| / ||theta_T|| exceeds this, then continue in fp32 (default 2^-23 * 1e3: fp32 resolution with 3 digits to spare; 0 = start in fp32, where a 1e-10 residue rounds away)")
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
     compile: bool = opt(False, "torch.compile the training step: the student's forward, head, loss and their backward as one graph, the teacher's forward as another")
     cuda_graphs: bool = opt(False, "with train.compile on a CUDA device: also record the compiled step as CUDA graphs (torch.compile mode reduce-overhead)")
@@ -161,6 +168,16 @@ class ProbeConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = opt(False, "mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard "
+                            "(pip install tensorboard)")
+    wandb: str | None = opt(None, "mirror metrics.jsonl to this Weights & Biases project, the config as "
+                            "hyperparameters; files under RUN_DIR/wandb (pip install wandb)")
+    wandb_mode: str = opt("default", "W&B mode: online, offline (sync later with `wandb sync RUN_DIR/wandb/offline-run-*`), "
+                          "or default: W&B's own setting ($WANDB_MODE, `wandb offline`)", ("default", "online", "offline"))
+
+
+@dataclass
 class Config:
     name: str = opt("run", "readable prefix of the run directory")
     out: str | None = opt(None, "run directory (default: runs/<name>-<hash of the config>)")
@@ -173,6 +190,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
@@ -182,12 +200,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """Hash of the values that differ from the defaults, less where and how a run is logged.
+        """Hash of the values that differ from the defaults, less where and how a run is logged (out, log.*).
 
         Only non-default values enter, so adding a new key (with a default) keeps every existing run's
         address; the price is that changing a default changes what an address means."""
         d = _non_default(self.to_dict(), Config().to_dict())
         d.pop("out", None)
+        d.pop("log", None)
         for key in RUNTIME_ONLY:
             d.get("train", {}).pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -218,10 +237,19 @@ class Config:
             raise ConfigError("init.mode=checkpoint needs init.checkpoint=PATH (a .pt file or a run directory)")
         if self.data.name == "folder" and not self.data.path:
             raise ConfigError("data.name=folder needs data.path=DIR (one sub-folder per class)")
+        if self.data.augment != "none" and self.data.inputs == "noise":
+            raise ConfigError("data.augment augments images; with data.inputs=noise leave data.augment=none")
+        if self.data.augment != "none" and self.train.teacher_cache:
+            raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
+                              "outputs cannot be cached: add --train.teacher_cache false")
         enc = self.model.encoder
         if enc not in ENCODERS and ":" not in enc:
             raise ConfigError(f"model.encoder: unknown encoder {enc!r}; valid choices: {', '.join(ENCODERS)}, "
                               "or an import path 'package.module:callable'")
+        taken = sorted(set(self.model.encoder_args) & {"in_channels", "image_size", "norm", "width"})
+        if taken:
+            raise ConfigError(f"model.encoder_args: {', '.join(taken)} come from the data and model.norm / "
+                              "model.width; remove them from encoder_args")
         if self.train.device not in ("auto", "cpu", "cuda") and not self.train.device.startswith("cuda:"):
             raise ConfigError(f"train.device: {self.train.device!r} is not one of auto, cpu, cuda, cuda:N")
         for w in self.probe.which:
@@ -276,6 +304,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        return _mapping(value, key)
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -305,6 +335,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """A mapping from YAML (as is) or the command line (a JSON object). String leaves that are JSON
+    literals become numbers, booleans or null, so `--model.encoder_args.depth 2` means 2."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: {value!r} is not a JSON object ({e.msg}); expected e.g. "
+                              f"--{key} '{{\"num_classes\": 0, \"in_chans\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of keyword arguments, got {type(value).__name__} {value!r}")
+    return {str(k): _json_literal(v) for k, v in value.items()}
+
+
+def _json_literal(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
 
 
 def _apply(obj: Any, updates: dict, prefix: str) -> None:

@@ -25,7 +25,7 @@ from .errors import UserError
 from .evaluate import exact_fp32
 from .optim import lr_at
 from .rundir import RunDir, write_json
-from .train.callbacks import Checkpoint, MetricsLog, Probe, StopOnSignal, StopRun, TeacherUpdate
+from .train.callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
 from .train.setup import (NEEDS_32PX, build_teacher_and_student, epoch_order, load_training_inputs,  # noqa: F401
                           model_image_size, resolve_device, seeds)
 from .train.state import TrainState
@@ -64,8 +64,8 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
                    desc=f"distill {run.path.name}", unit="step", dynamic_ncols=True)
         metrics = MetricsLog(bar)
         with StopOnSignal(metrics) as stop:
-            hooks = [TeacherUpdate(), metrics, *([Probe(state, bar, probe_splits)]
-                                                 if cfg.probe.which and ddp.is_main else []), Checkpoint(), stop]
+            probe = [Probe(state, bar, probe_splits)] if cfg.probe.which and ddp.is_main else []
+            hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), stop]
             status, steps, extra = _train(state, hooks, bar)
         if status == "completed":
             extra["final_loss"] = metrics.last_loss
@@ -80,6 +80,8 @@ def _train(state: TrainState, hooks: list, bar: tqdm) -> tuple[str, int, dict]:
         for h in hooks:
             h.at_start(state)
         while state.step < plan.total_steps:
+            if fns.dtype != state.gate.dtype:  # the float64 start ended: DDP's buckets and graphs hold dtypes
+                fns = build_step_functions(state)
             metrics = train_step(state, fns, plan.indices(state.step), lr_at(state.cfg.optim, state.step,
                                                                                plan.total_steps))
             state.step += 1
@@ -109,6 +111,7 @@ def _open_run(cfg: Config, run: RunDir, ddp: Dist, python_objects: dict) -> None
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
+        run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record (tracking.py)
         if any(python_objects.values()):
             # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
             write_json(run.path / PYTHON_OBJECTS, python_objects)
@@ -124,7 +127,7 @@ def _attach_teacher_cache(state: TrainState, progress: bool) -> None:
     if not ok:
         raise UserError(f"train.teacher_cache=true cannot be used: {why}; set --train.teacher_cache false")
     from .data import resolve_root
-    targets, origin = teacher_cache.load_or_compute(state.teacher, state.inputs, state.preprocess, state.plan.batch,
+    targets, origin = teacher_cache.load_or_compute(cfg, state.teacher, state.inputs, state.preprocess, state.plan.batch,
                                                     state.device, resolve_root(cfg.data.root) / "teacher-targets",
                                                     state.conv_like)
     state.targets = targets.to(state.device)

@@ -64,6 +64,11 @@ def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot map {x.shape[1]} input channels to {channels}")
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
 @torch.inference_mode()
 def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *, device: torch.device,
           batch_size: int = 512, bf16: bool = False, channels: int | None = None) -> torch.Tensor:
@@ -77,6 +82,7 @@ def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | Non
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
             x = preprocess(x) if preprocess is not None else x.float()
+            x = x.to(_dtype_of(encoder))  # a float64 encoder (the float64 start, precision.py) gets float64
             if channels is not None:
                 x = adapt_channels(x, channels)
             with autocast(device, bf16):
@@ -153,11 +159,12 @@ class Prober:
                      self.cfg.probe, self.num_classes)
 
     def input(self) -> dict:
-        """The raw-pixel baseline: standardized flattened images at their native size."""
+        """The raw-pixel baseline: standardized flattened images at the resolution the encoders see (as in the
+        random-teacher authors' code: 32 px for CIFAR-trained encoders probed on STL10 or TinyImageNet)."""
         if self._input is None:
-            native = _fit_preprocess(self.splits.train, None)
-            train_x = (native(self.splits.train.images) if native else self.splits.train.images).flatten(1)
-            test_x = (native(self.splits.test.images) if native else self.splits.test.images).flatten(1)
+            pre = self.preprocess
+            train_x = (pre(self.splits.train.images) if pre else self.splits.train.images).flatten(1)
+            test_x = (pre(self.splits.test.images) if pre else self.splits.test.images).flatten(1)
             self._input = score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
                                 self.cfg.probe, self.num_classes)
         return self._input

@@ -10,7 +10,7 @@ from .config import dotted_to_nested, parse_overrides, config_from_dict
 from .data import ImageData
 from .distill import resolve_device
 from .errors import UserError
-from .evaluate import Prober, uses_bf16
+from .evaluate import Prober, exact_fp32, uses_bf16
 from .models import build_model
 from .rundir import RunDir, write_json
 
@@ -49,12 +49,13 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
     student.to(device)
     prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)
     result = {}
-    if "teacher" in cfg.probe.which:
-        result["teacher"] = prober.probe(teacher.encoder)
-    if "student" in cfg.probe.which:
-        result["student"] = prober.probe(student.encoder)
-    if "input" in cfg.probe.which:
-        result["input"] = prober.input()
+    with exact_fp32():  # the same fp32 as the probes inside a run (no TF32 on CUDA)
+        if "teacher" in cfg.probe.which:
+            result["teacher"] = prober.probe(teacher.encoder)
+        if "student" in cfg.probe.which:
+            result["student"] = prober.probe(student.encoder)
+        if "input" in cfg.probe.which:
+            result["input"] = prober.input()
     name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
     write_json(run.path / "probes" / f"{name}.json", {"data": name, "checkpoint": str(checkpoint or "student.pt"),
                                                       "probe": result})

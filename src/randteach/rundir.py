@@ -6,6 +6,7 @@
                             probes ({"event": "probe", "epoch", "teacher": {...}, ...})
     RUN_DIR/checkpoints/    teacher.pt, student_init.pt, student_step<N>.pt, student.pt, last.pt (resume state)
     RUN_DIR/summary.json    status, final probes, steps, wall time
+    RUN_DIR/tensorboard/, RUN_DIR/wandb/   with log.tensorboard / log.wandb: live mirrors of metrics.jsonl
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def write_json(path: Path, data: Any) -> None:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.sinks: list = []  # tracking sinks (`track`): each record logged is forwarded to them
 
     @property
     def config_path(self) -> Path:
@@ -62,9 +64,16 @@ class RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         return self
 
+    def track(self, cfg) -> None:
+        """Attach the tracking sinks that `cfg.log` asks for (none by default)."""
+        from .tracking import sinks_for
+        self.sinks = sinks_for(cfg, self.path)
+
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
+        for sink in self.sinks:
+            sink.write(_clean(record))
 
     def records(self) -> Iterator[dict]:
         if not self.metrics_path.exists():
@@ -97,7 +106,11 @@ class RunDir:
         return [r for r in self.records() if r.get("event") == "probe"]
 
     def write_summary(self, summary: dict) -> None:
+        """The run's last word: also ends its tracking sinks (the summary's probes logged first)."""
         write_json(self.summary_path, summary)
+        for sink in self.sinks:
+            sink.write({"event": "summary", "step": summary.get("steps", 0), "probe": summary.get("probe", {})})
+            sink.close()
 
     def summary(self) -> dict | None:
         if not self.summary_path.exists():

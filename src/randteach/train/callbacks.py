@@ -38,6 +38,17 @@ class Hook:
         pass
 
 
+class PrecisionSwitch(Hook):
+    """The end of the float64 start (precision.py): once the student has left its teacher, models, init copy
+    and optimizer state continue in fp32; the switch is logged ({"event": "precision", ...})."""
+
+    def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
+        switched = state.gate.after_step(state.step, state.teacher, state.student, [state.student_init],
+                                         state.optimizer)
+        if switched:
+            _log(state, switched)
+
+
 class TeacherUpdate(Hook):
     """The moving teachers: an EMA of the student after every step, or the student of the previous epoch."""
 

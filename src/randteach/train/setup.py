@@ -48,10 +48,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None):
+def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None,
+                              dtype: torch.dtype | None = None):
     """Teacher (random init, or a checkpoint) and the student by the configured init rule.
 
-    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder."""
+    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder.
+    `dtype`: hold a locality / neighborhood pair in this dtype (float64 keeps the whole 1e-10 residue)."""
     sd = seeds(cfg)
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
@@ -66,9 +68,11 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":
         return teacher, fresh
+    if dtype is not None:
+        teacher.to(dtype)
     if mode == "neighborhood":
-        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon)
-    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving)
+        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon, dtype)
+    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving, dtype)
 
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):

@@ -19,10 +19,12 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
+from ..data.augment import Augment, augmenter
 from ..distributed import Dist
 from ..init import init_report, parameter_norm
 from ..losses import Centering
 from ..optim import build_optimizer
+from ..precision import Float64Start, fp32_state
 from ..rundir import RunDir
 from ..evaluate import uses_bf16
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
@@ -105,11 +107,13 @@ class TrainState:
     bf16_requested: bool                     # the run is a bf16 run (it starts in fp32 until the gate opens)
     conv_like: bool                          # channels-last inputs
     init_info: dict
+    gate: Float64Start                       # the float64 start (precision.py)
     step: int = 0
     bf16_on: bool = False
     wall_before: float = 0.0
     teacher_probe: dict | None = None
     targets: torch.Tensor | None = None      # the teacher cache's bottleneck outputs, one row per image
+    augment: Augment | None = None           # data.augment, applied to each batch on the device
     teacher_norm: float = 0.0
     t_start: float = 0.0                     # set by start_clock() as the first step begins
 
@@ -123,8 +127,10 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
         in_channels = data.images.shape[1]
-        teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder)
+        gate = Float64Start(cfg.train.float64_until_distance)
+        teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder, gate.init_dtype)
         init_info = init_report(teacher, student)
+        gate.start(teacher, student)
         teacher.to(device)
         student.to(device)
         teacher.train(cfg.teacher.train_mode)
@@ -138,7 +144,7 @@ class TrainState:
         state = cls(cfg, run, ddp, device, Plan.of(cfg, len(inputs)), teacher, student,
                     copy.deepcopy(student).requires_grad_(False), build_optimizer(cfg.optim, student.parameters()),
                     Centering(cfg.loss.center_momentum) if cfg.loss.center else None, inputs, preprocess,
-                    in_channels, size, bf16, conv_like, init_info)
+                    in_channels, size, bf16, conv_like, init_info, gate)
         if state.last_path.exists():
             state._resume(load_checkpoint(state.last_path))
         elif ddp.is_main:
@@ -146,9 +152,12 @@ class TrainState:
         if cfg.train.data_on_device:
             state.inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
         state.teacher_norm = parameter_norm(teacher)
+        state.augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels)
         return state
 
     def _resume(self, saved: dict) -> None:
+        self.gate.load_state_dict(saved.get("precision"), [self.teacher, self.student, self.student_init],
+                                  self.optimizer)
         self.student.load_state_dict(saved["student"])
         self.teacher.load_state_dict(saved["teacher"])
         self.student_init.load_state_dict(saved["student_init"])
@@ -167,9 +176,9 @@ class TrainState:
     def _start_fresh(self) -> None:
         for f in (self.run.metrics_path, self.run.summary_path):
             f.unlink(missing_ok=True)
-        save_checkpoint({"model": self.teacher.state_dict(), "role": "teacher", "in_channels": self.in_channels,
+        save_checkpoint({"model": fp32_state(self.teacher), "role": "teacher", "in_channels": self.in_channels,
                          "image_size": self.image_size}, self.run.checkpoints / "teacher.pt")
-        save_checkpoint({"model": self.student.state_dict(), "role": "student_init"},
+        save_checkpoint({"model": fp32_state(self.student), "role": "student_init"},
                         self.run.checkpoints / "student_init.pt")
 
     def start_clock(self) -> None:
@@ -184,7 +193,8 @@ class TrainState:
                 "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "wall_time_s": self.wall(), "bf16_on": self.bf16_on, "init": self.init_info,
                 "center": self.centering.center if self.centering is not None else None,
-                "rng": {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {}}
+                "rng": {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {},
+                "precision": self.gate.state_dict()}
 
     def save(self) -> None:
         """The resumable state, atomically, to checkpoints/last.pt (rank 0 writes)."""
@@ -193,5 +203,5 @@ class TrainState:
 
     def save_student(self, name: str) -> None:
         if self.ddp.is_main:
-            save_checkpoint({"model": self.student.state_dict(), "role": "student", "step": self.step},
+            save_checkpoint({"model": fp32_state(self.student), "role": "student", "step": self.step},
                             self.run.checkpoints / name)

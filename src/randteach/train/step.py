@@ -25,6 +25,7 @@ from ..evaluate import autocast
 from ..init import parameter_distance
 from ..losses import distill_loss
 from ..optim import set_lr
+from ..precision import Float64Start
 from .state import TrainState
 
 
@@ -37,14 +38,14 @@ class StudentForward(nn.Module):
     teacher-student difference (VGG11 on an H100, Fashion-MNIST, 5 epochs: student linear probe 53 %
     under a bf16 head, 83 % in fp32)."""
 
-    def __init__(self, model: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, device: torch.device, gate: Float64Start):
         super().__init__()
-        self.model, self.device = model, device
+        self.model, self.device, self.gate = model, device, gate
 
     def forward(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
         with autocast(self.device, bf16):  # the encoder only
             features = self.model.encoder(x)
-        return self.model.head(features.float())
+        return self.model.head(self.gate.cast(features))  # fp32 (float64 during the float64 start)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class StepFunctions:
     student: nn.Module                        # StudentForward, DDP-wrapped when distributed
     teacher_out: Callable                     # (x, rows, bf16) -> teacher head outputs, no gradient
     student_loss: Callable                    # (x, t, bf16) -> batch-mean loss
+    dtype: torch.dtype = torch.float32        # the models' dtype they were built for (float64 start)
     graphs: bool = False                      # CUDA graphs: mark each step's start
 
 
@@ -67,43 +69,47 @@ class StepMetrics:
 
 def build_step_functions(state: TrainState) -> StepFunctions:
     cfg, device = state.cfg, state.device
-    student = state.ddp.wrap(StudentForward(state.student, device), sync_bn=cfg.train.sync_bn)
+    gate = state.gate
+    student = state.ddp.wrap(StudentForward(state.student, device, gate), sync_bn=cfg.train.sync_bn)
     teacher, targets, loss_cfg = state.teacher, state.targets, cfg.loss
 
     @torch.no_grad()
     def teacher_out(x: torch.Tensor, rows: torch.Tensor, bf16: bool) -> torch.Tensor:
-        if targets is not None:  # the teacher cache: only the head's last layer runs per step
+        if targets is not None and not gate.active:  # the cache: only the head's last layer runs per step
             return teacher.head.last(targets[rows])
-        with autocast(device, bf16):
+        with autocast(device, bf16):  # the float64 start runs the live teacher in float64
             features = teacher.encoder(x)
-        return teacher.head(features.float())
+        return teacher.head(gate.cast(features))
 
     def student_loss(x: torch.Tensor, t: torch.Tensor, bf16: bool) -> torch.Tensor:
         return distill_loss(loss_cfg.name, student(x, bf16), t, loss_cfg.teacher_temp, loss_cfg.student_temp)
 
     if not cfg.train.compile:
-        return StepFunctions(student, teacher_out, student_loss)
+        return StepFunctions(student, teacher_out, student_loss, gate.dtype)
     if cfg.train.cuda_graphs and device.type != "cuda":
         raise UserError(f"train.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
                         "set --train.cuda_graphs false")
     mode = "reduce-overhead" if cfg.train.cuda_graphs else None
     compiled = lambda fn: torch.compile(fn, dynamic=False, mode=mode)
-    return StepFunctions(student, compiled(teacher_out), compiled(student_loss), graphs=cfg.train.cuda_graphs)
+    return StepFunctions(student, compiled(teacher_out), compiled(student_loss), gate.dtype, cfg.train.cuda_graphs)
 
 
 def bf16_gate(state: TrainState) -> bool:
     """bf16 cannot see a student that sits within fp32 resolution of its teacher: the loss and gradient
     are exactly 0 there. Stay in fp32 until ||theta_S - theta_T|| > bf16_after_distance * ||theta_T||,
     then stay in bf16 (one host read per step while the gate is closed, none after)."""
-    if state.bf16_requested and not state.bf16_on:
+    if state.bf16_requested and not state.bf16_on and not state.gate.active:
         state.bf16_on = parameter_distance(state.student, state.teacher) > \
             state.cfg.train.bf16_after_distance * state.teacher_norm
     return state.bf16_on
 
 
 def _batch(state: TrainState, rows: torch.Tensor) -> torch.Tensor:
-    x = state.inputs[rows.to(state.inputs.device)].to(state.device, non_blocking=True)
+    rows = rows.to(state.inputs.device)
+    x = state.inputs[rows].to(state.device, non_blocking=True)
     x = state.preprocess(x) if state.preprocess is not None else x
+    x = state.augment(x, state.step, rows)  # data.augment: a no-op for none
+    x = state.gate.cast(x)                   # float64 during the float64 start
     return x.contiguous(memory_format=torch.channels_last) if state.conv_like else x
 
 
@@ -129,7 +135,7 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
         x = _batch(state, rows)
         t = fns.teacher_out(x, rows.to(state.device), bf16)
         if state.centering is not None:
-            t = state.centering(t.float())
+            t = state.centering(t)
         # DDP averages gradients over ranks: weighting each chunk by its share of the *global* batch times
         # the world size makes the average the gradient of the global-batch mean, for any number of ranks.
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else state.ddp.no_sync(fns.student)
