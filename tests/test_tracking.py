@@ -36,7 +36,7 @@ def test_tensorboard_mirrors_metrics_jsonl(tmp_path):
     records = list(RunDir(run.path).records())
     acc = EventAccumulator(str(run.path / "tensorboard"))
     acc.Reload()
-    steps = [r for r in records if "loss" in r and "event" not in r]
+    steps = [r for r in records if r.get("event") == "step"]
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in steps]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps], rel=1e-6)

@@ -39,7 +39,7 @@ def _numbers(d: dict, prefix: str) -> dict[str, float]:
 
 def _tag_prefix(record: dict) -> str:
     event = record.get("event")
-    return f"{event}/" if isinstance(event, str) else "train/"
+    return f"{event}/" if isinstance(event, str) and event != "step" else "train/"  # steps: "train/loss"
 
 
 def hyperparameters(cfg: Config) -> dict[str, int | float | str | bool]:
@@ -75,7 +75,7 @@ class TensorBoardSink:
         step = int(record.get("step", 0))
         for tag, value in scalars(record, _tag_prefix(record)).items():
             self.writer.add_scalar(tag, value, step)
-        if record.get("event"):
+        if record.get("event", "step") != "step":
             self.writer.flush()  # probes and other events are rare and worth seeing at once
 
     def close(self) -> None:

@@ -118,9 +118,10 @@ class MetricsLog(Hook):
 
 @torch.no_grad()
 def _distance(a, b) -> torch.Tensor:
-    """||theta_a - theta_b||_2 on the device (as `randteach.init.parameter_distance`, without the read)."""
+    """||theta_a - theta_b||_2 on the device (as `randteach.init.parameter_distance`, without the read),
+    accumulated in float64: non-finite exactly when a parameter is, not when huge finite ones overflow fp32."""
     diff = torch._foreach_sub([p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()])
-    return torch.stack(torch._foreach_norm(diff)).double().pow(2).sum().sqrt()
+    return torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float64)).pow(2).sum().sqrt()
 
 
 def _log(state: TrainState, record: dict) -> None:

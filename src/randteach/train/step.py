@@ -114,12 +114,13 @@ def _batch(state: TrainState, rows: torch.Tensor) -> torch.Tensor:
 
 
 def total_grad_norm(params) -> torch.Tensor:
-    """||grad||_2 over all parameters, on the device: per-tensor fp32 norms, summed in float64 (as
-    `randteach.init.gradient_norm`, which reads it to the host). Non-finite if any gradient is."""
+    """||grad||_2 over all parameters, on the device, accumulated in float64: non-finite exactly when a
+    gradient is (an fp32 norm would overflow for huge finite gradients, elements above ~1e19, and call a
+    step diverged that can still be taken; `randteach.init.gradient_norm` falls back to float64 there)."""
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().sqrt()
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum().sqrt()
 
 
 def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: float) -> StepMetrics:
