@@ -97,7 +97,7 @@ class Workload:
 
 
 class _NotingClock:
-    """Stands in for the `time` module inside randteach.distill during a benchmark run: the loop's wall
+    """Stands in for the `time` module inside randteach.train.state during a benchmark run: the loop's wall
     clock reads as before, and each reading also notes the process CPU clock at that instant, so every
     logged step time pairs with the CPU seconds spent up to it."""
 
@@ -114,7 +114,7 @@ class _NotingClock:
         t0, c0 = self.readings[0]
         wall, cpu = min(self.readings, key=lambda r: abs(r[0] - t0 - elapsed))
         if abs(wall - t0 - elapsed) > 1e-6:
-            raise RuntimeError("randteach.distill no longer logs `time` as perf_counter() - t_start with t_start its "
+            raise RuntimeError("randteach.train.state no longer logs `time` as perf_counter() - t_start with t_start its "
                                "first reading; update _NotingClock in benchmarks/bench_distill.py")
         return cpu - c0
 
@@ -236,7 +236,7 @@ def build_teacher_cache(w: Workload, root: Path) -> dict:
     teacher.to(w.device)
     sync(w.device)
     start = time.perf_counter()
-    targets, origin = teacher_cache.load_or_compute(teacher, inputs, preprocess, min(w.batch, len(inputs)),
+    targets, origin = teacher_cache.load_or_compute(cfg, teacher, inputs, preprocess, min(w.batch, len(inputs)),
                                                     torch.device(w.device), root / "teacher-targets")
     sync(w.device)
     secs = time.perf_counter() - start
