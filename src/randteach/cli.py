@@ -6,6 +6,7 @@ Each subcommand takes a preset (`--preset`), a YAML file (`--config`) and dotted
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -31,7 +32,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_distill(args, extra) -> int:
-    from .config import config_from_dict, load_yaml
+    from .config import config_from_dict, load_yaml, parse_overrides
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -41,9 +42,14 @@ def cmd_distill(args, extra) -> int:
             raise UserError(f"--resume {run_dir}: this run was started from Python with an encoder or data object "
                             "that the command line cannot rebuild; resume it from Python with the same objects: "
                             f"randteach.distill(..., out={str(run_dir)!r}, resume=True)")
-        cfg = config_from_dict({**load_yaml(run_dir / "config.yaml"), "out": str(run_dir)})
-        if extra:
-            raise UserError("--resume continues a run as it was configured; overrides are not allowed with it")
+        saved = load_yaml(run_dir / "config.yaml")
+        confirmed = parse_overrides(extra)
+        own = (saved.get("model") or {}).get("encoder")
+        if args.preset or args.config or set(confirmed) - {"model.encoder"} or confirmed.get("model.encoder", own) != own:
+            raise UserError("--resume continues a run as it was configured; --preset, --config and overrides are "
+                            "not allowed with it (only --allow-import MODULE, or --model.encoder repeating the "
+                            "run's own import-path encoder, to confirm it)")
+        cfg = config_from_dict({**saved, "out": str(run_dir)})
     else:
         cfg = _config_from_args(args, extra)
     from .distill import distill
@@ -153,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _confine_imports(extra: list[str]) -> list[str]:
+    """Take `--allow-import MODULE` (repeatable) out of `extra`; from now on only those modules and the
+    module of a `--model.encoder pkg.mod:fn` given on this command line may be imported as encoders."""
+    from .config import confine_imports
+    allowed, rest, i = set(), [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg == "--allow-import" or arg.startswith("--allow-import="):
+            value = arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else "")
+            if not value or value.startswith("--"):
+                raise UserError("--allow-import needs a module name, e.g. --allow-import mypackage.encoders")
+            allowed.add(value.partition(":")[0])
+            i += 1 if "=" in arg else 2
+            continue
+        if arg.startswith("--model.encoder"):
+            value = arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else "")
+            allowed.add(value.partition(":")[0])
+        rest.append(arg)
+        i += 1
+    confine_imports(allowed)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -160,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        extra = _confine_imports(extra)
         return args.func(args, extra)
     except UserError as e:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
@@ -170,4 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m randteach.cli` puts the current folder first on sys.path, which would make any folder
+    # there (a downloaded run, say) importable; randteach never imports from it unless asked.
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
     sys.exit(main())

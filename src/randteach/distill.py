@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict, load_weights, save_checkpoint
 from .config import Config, config_from_dict
 from .data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
 from .distributed import from_environment
@@ -33,7 +33,7 @@ from .init import (exact_copy, gradient_norm, init_report, locality_init, neighb
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
-from .rundir import RunDir, write_json
+from .rundir import RunDir, check_config_digest, run_lock, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
 NEEDS_32PX = ("vgg", "resnet", "vit")
@@ -83,13 +83,13 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     sd = seeds(cfg)
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
-        teacher.load_state_dict(load_state_dict(cfg.init.teacher_checkpoint, "student"))
+        load_weights(teacher, load_state_dict(cfg.init.teacher_checkpoint, "student"), cfg.init.teacher_checkpoint)
     mode = cfg.init.mode
     if mode == "copy":
         return teacher, exact_copy(teacher)
     if mode == "checkpoint":
         student = exact_copy(teacher)
-        student.load_state_dict(load_state_dict(cfg.init.checkpoint, "student"))
+        load_weights(student, load_state_dict(cfg.init.checkpoint, "student"), cfg.init.checkpoint)
         return teacher, student
     fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":
@@ -175,7 +175,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
-    with exact_fp32():
+    with exact_fp32(), run_lock(cfg.run_dir()):  # reliability: one writer per run folder
         return _distill(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
                         probe_splits=probe_splits)
 
@@ -185,13 +185,15 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     run = RunDir(cfg.run_dir())
     existing = run.summary()
     last_path = run.checkpoints / "last.pt"
-    if run.config_path.exists():  # checked first: a finished run of another config is not this run's result
+    run.remove_stale_temporaries()  # reliability: a kill mid-write leaves .*.tmp files
+    if run.config_path.exists() and run.started():  # checked first: a finished run of another config is not this run's result
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
             raise UserError(f"{run.path} holds a run with a different config; choose another --out, "
                             f"or resume it with `randteach distill --resume {run.path}`")
     if existing and existing.get("status") in ("completed", "diverged"):
+        check_config_digest(existing.get("config_digest"), cfg, run.path)  # reliability: hand-edited config.yaml
         return RunResult(run.path, existing)
     resuming = last_path.exists()
     device = resolve_device(cfg.train.device)
@@ -238,12 +240,14 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         student.to(memory_format=torch.channels_last)
 
     step = 0
+    last_loss = float("nan")
     wall_before = 0.0
     bf16_on = False
     teacher_probe: dict | None = None
     if resuming:
         state = load_checkpoint(last_path)
-        student.load_state_dict(state["student"])
+        check_config_digest(state.get("config_digest"), cfg, run.path)  # reliability: hand-edited config.yaml
+        load_weights(student, state["student"], last_path)  # reliability: another architecture's checkpoint
         teacher.load_state_dict(state["teacher"])
         student_init.load_state_dict(state["student_init"])
         optimizer.load_state_dict(state["optimizer"])
@@ -257,6 +261,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         if ddp.is_main:
             run.truncate_after(step)
         teacher_probe = state.get("teacher_probe") or None
+        last_loss = float(state.get("last_loss", float("nan")))  # reliability: a kill after the final checkpoint
     elif ddp.is_main:
         for f in (run.metrics_path, run.summary_path):
             f.unlink(missing_ok=True)
@@ -295,7 +300,8 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                          "student_init": student_init.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "wall_time_s": wall(), "bf16_on": bf16_on, "init": init_info,
                          "center": centering.center if centering is not None else None,
-                         "rng": _rng_state(), "teacher_probe": teacher_probe or {}}, path)
+                         "rng": _rng_state(), "teacher_probe": teacher_probe or {},
+                         "config_digest": cfg.digest(), "last_loss": last_loss}, path)  # reliability: both
 
     def do_probe(epoch: float) -> dict:
         nonlocal teacher_probe
@@ -332,12 +338,14 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         run.write_summary(summary)
         return RunResult(run.path, summary)
 
-    last_loss = float("nan")
     bar = tqdm(total=total_steps, initial=step, disable=not progress or not ddp.is_main, desc=f"distill {run.path.name}",
                unit="step", dynamic_ncols=True)
     with _StopFlag() as stop:
         if step == 0 and prober is not None and 0 in probe_steps:
             do_probe(0.0)
+        if step in ckpt_steps and not (run.checkpoints / f"student_step{step}.pt").exists():
+            save_model(run.checkpoints / f"student_step{step}.pt")  # reliability: killed between the two writes
+        final_probed = resuming and step == total_steps  # reliability: the final probe is already in metrics
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
             idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
@@ -412,7 +420,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                 bar.close()
                 return finish("interrupted", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
         bar.close()
-        if prober is not None:
+        if prober is not None and not final_probed:
             rec = do_probe(total_epochs)
             if progress:
                 print(_probe_line(rec))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import load_checkpoint, load_state_dict
+from .checkpoint import load_checkpoint, load_state_dict, load_weights
 from .config import dotted_to_nested, parse_overrides, config_from_dict
 from .data import ImageData
 from .distill import resolve_device
@@ -29,6 +29,8 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
         raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
     saved = yaml.safe_load(run.config_path.read_text())
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    if pairs.get("model.encoder") == (saved.get("model") or {}).get("encoder"):
+        pairs.pop("model.encoder")  # the run's own encoder, repeated to confirm the import
     for key in pairs:
         if key.split(".")[0] not in PROBE_SECTIONS + ("train",):
             raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root and --train.device only")
@@ -43,8 +45,8 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
     in_channels, size = int(teacher_ckpt["in_channels"]), int(teacher_ckpt["image_size"])
     teacher = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
     student = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
-    teacher.load_state_dict(teacher_sd)
-    student.load_state_dict(student_sd)
+    load_weights(teacher, teacher_sd, run.checkpoints / "teacher.pt")
+    load_weights(student, student_sd, checkpoint or run.checkpoints / "student.pt")
     teacher.to(device)
     student.to(device)
     prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)
