@@ -6,6 +6,7 @@ Each subcommand takes a preset (`--preset`), a YAML file (`--config`) and dotted
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -53,20 +54,28 @@ def cmd_distill(args, extra) -> int:
     else:
         cfg = _config_from_args(args, extra)
     from .distill import distill
-    from .report import probe_table, write_report
+    from .report import probe_table, recorded_command, write_report
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
     if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0 if result.summary["status"] == "completed" else 3
-    write_report(result.path, command="randteach distill " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    this_command = "randteach " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
     print(f"\n{result.summary['status']}: {result.path}")
+    if result.summary["status"] != "completed" and result.summary.get("probe_epoch") is not None:
+        print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:g})")
     print(probe_table(result.summary))
     return 0 if result.summary["status"] in ("completed",) else 3
 
 
 def cmd_probe(args, extra) -> int:
     from .probing import probe_run
-    result = probe_run(args.run_dir, extra, checkpoint=args.checkpoint, progress=not args.quiet)
     from .report import probe_table
+    from .rundir import ResultsNotSaved
+    try:
+        result = probe_run(args.run_dir, extra, checkpoint=args.checkpoint, progress=not args.quiet)
+    except ResultsNotSaved as e:
+        print(probe_table({"probe": e.result}))  # printed before the error, so nothing computed is lost
+        raise
     print(probe_table({"probe": result}))
     return 0
 
@@ -193,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, extra)
     except UserError as e:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"randteach {args.command}: error: cannot write {e.filename or 'a file'}: {e.strerror} (full disk, "
+              "quota or read-only folder?); what was already written is kept: free space or choose a writable "
+              "folder and run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

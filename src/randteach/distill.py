@@ -27,13 +27,13 @@ from .data import ImageData, Preprocess, load_configured, noise_like, stratified
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
-from .evaluate import Prober, autocast, exact_fp32, uses_bf16
+from .evaluate import Prober, accuracies, autocast, exact_fp32, uses_bf16
 from .init import (exact_copy, gradient_norm, init_report, locality_init, neighborhood_init, parameter_distance,
                    parameter_norm)
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
-from .rundir import RunDir, check_config_digest, run_lock, write_json
+from .rundir import RunDir, check_config_digest, probe_warnings, run_lock, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
 NEEDS_32PX = ("vgg", "resnet", "vit")
@@ -175,7 +175,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
-    with exact_fp32(), run_lock(cfg.run_dir()):  # reliability: one writer per run folder
+    with exact_fp32(), run_lock(cfg.run_dir(), create=True):  # reliability: one writer per run folder
         return _distill(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
                         probe_splits=probe_splits)
 
@@ -333,8 +333,10 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         final = probes[-1] if probes else {}
         summary = {"status": status, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": wall(),
                    "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
+                   "probe_epoch": final.get("epoch"),  # reliability: after a stop, the last probe may be epoch 0
                    "init": init_info, "config_digest": cfg.digest(), "device": str(device),
-                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(), **extra}
+                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(),
+                   **probe_warnings(probes), **extra}  # reliability: probes that could not measure
         run.write_summary(summary)
         return RunResult(run.path, summary)
 
@@ -433,5 +435,5 @@ def _probe_line(rec: dict) -> str:
     parts = [f"epoch {rec['epoch']:g}"]
     for role in ("teacher", "student", "input"):
         if role in rec:
-            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in rec[role].items()))
+            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies(rec[role]).items()))
     return " | ".join(parts)

@@ -12,7 +12,7 @@ from .distill import resolve_device
 from .errors import UserError
 from .evaluate import Prober, uses_bf16
 from .models import build_model
-from .rundir import RunDir, write_json
+from .rundir import ResultsNotSaved, RunDir, run_lock, write_json
 
 PROBE_SECTIONS = ("probe", "data")
 
@@ -24,7 +24,11 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
 
     Python API: `splits` (train, test) replace the configured probe data; `architecture` (an encoder
     factory or module) rebuilds a run whose encoder came from Python rather than model.encoder."""
-    run = RunDir(run_dir)
+    with run_lock(run_dir):  # one writer per run folder
+        return _probe_run(RunDir(run_dir), overrides, checkpoint, splits, architecture)
+
+
+def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict:
     if not run.config_path.exists():
         raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
     saved = yaml.safe_load(run.config_path.read_text())
@@ -58,6 +62,10 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
     if "input" in cfg.probe.which:
         result["input"] = prober.input()
     name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
-    write_json(run.path / "probes" / f"{name}.json", {"data": name, "checkpoint": str(checkpoint or "student.pt"),
-                                                      "probe": result})
+    path = run.path / "probes" / f"{name}.json"
+    try:
+        write_json(path, {"data": name, "checkpoint": str(checkpoint or "student.pt"), "probe": result})
+    except OSError as e:
+        raise ResultsNotSaved(f"the probe results could not be saved to {path}: {e.strerror or e} (read-only folder "
+                              "or full disk?); the run itself is untouched", result) from None
     return result

@@ -63,6 +63,14 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class ResultsNotSaved(UserError):
+    """Results computed but not written (disk full, read-only folder); `.result` holds them."""
+
+    def __init__(self, message: str, result: Any):
+        super().__init__(message)
+        self.result = result
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -142,6 +150,13 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
 
 
+def probe_warnings(probes: list[dict]) -> dict:
+    """{"warnings": [...]} naming every probe that could not measure its features (see probe.unmeasurable)."""
+    notes = [f"epoch {r.get('epoch', 0):g} {role}: {r[role]['invalid']}" for r in probes
+             for role in ("teacher", "student", "input") if "invalid" in r.get(role, {})]
+    return {"warnings": notes} if notes else {}
+
+
 def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
     """Refuse to continue a run whose config.yaml no longer matches the config it was started with."""
     if recorded and recorded != cfg.digest():
@@ -151,13 +166,14 @@ def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
 
 
 @contextmanager
-def run_lock(path: str | Path):
+def run_lock(path: str | Path, create: bool = False):
     """Hold the run folder's advisory lock: one writer per run. A second process is refused with the holder's
-    PID. Under torchrun only rank 0 (the rank that writes) takes it; a folder nobody can write is not locked."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    PID. Under torchrun only rank 0 (the rank that writes) takes it; a folder nobody can write is not locked,
+    nor one that does not exist unless `create` (a new run)."""
+    path = Path(path)
+    if int(os.environ.get("RANK", "0")) != 0 or not (create or path.is_dir()):
         yield
         return
-    path = Path(path)
     key = str(path.resolve())
     if key in _held:
         _held[key] += 1
