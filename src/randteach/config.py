@@ -493,6 +493,7 @@ def help_lines() -> list[str]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             ch = f.metadata.get("choices")
             extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
+            extra += f" range {_interval(f.metadata['range'])}" if "range" in f.metadata else ""
             lines.append(f"--{prefix}{name} (default {default!r}){extra}: {f.metadata.get('help', '')}")
     walk(Config, "")
     return lines
