@@ -313,3 +313,20 @@ def test_report_command_and_file_modes(tmp_path):
     for f in (out / "summary.json", out / "checkpoints" / "last.pt"):
         assert f.stat().st_mode & 0o777 == 0o644, f
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_full_disk_is_one_message_and_keeps_what_was_written(tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small file system")
+    try:
+        opts = {**TINY, "train.epochs": "1", "probe.which": "[]", "out": str(disk / "run")}
+        r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
+                           env=ENV, timeout=120)
+        assert r.returncode == 2 and "cannot write checkpoint" in r.stderr and "disk full" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+        assert (disk / "run" / "config.yaml").exists() and (disk / "run" / "checkpoints" / "teacher.pt").exists()
+        assert not list((disk / "run").rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)])

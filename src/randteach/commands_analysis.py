@@ -24,6 +24,7 @@ def cmd_landscape(args, extra) -> int:
     from .analysis.supervised import run_info
     from .checkpoint import load_state_dict
     from .distill import resolve_device
+    from .rundir import run_lock
     if args.anchors and (args.view or args.runs):
         raise UserError("give either --view with run directories, or --anchors ORIGIN A1 A2, not both")
     if args.anchors:
@@ -44,10 +45,11 @@ def cmd_landscape(args, extra) -> int:
     grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
     name = args.view or "anchors"
     out = Path(args.out) if args.out else Path(ref) / f"landscape-{name}-{args.projection}"
-    result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
-                               extent=args.extent, projection=args.projection, n_loss=args.n_loss,
-                               probe=not args.no_probe, limit=args.max_points,
-                               device=resolve_device(args.device), progress=not args.quiet)
+    with run_lock(ref):  # one writer per run folder (it writes RUN/landscape-* unless --out)
+        result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
+                                   extent=args.extent, projection=args.projection, n_loss=args.n_loss,
+                                   probe=not args.no_probe, limit=args.max_points,
+                                   device=resolve_device(args.device), progress=not args.quiet)
     print(f"landscape: {result['done']}/{result['total']} points in {out}" + ("" if result["complete"] else
           " (partial: run the same command again to continue)"))
     if result["complete"]:
