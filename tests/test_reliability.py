@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from randteach.cli import main
-from randteach.config import confine_imports
 from randteach.distill import distill
 from randteach.rundir import RunDir
 
@@ -22,13 +21,6 @@ from tiny import TINY, tiny_config
 
 CLI = [sys.executable, "-m", "randteach.cli", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def unconfined_imports():
-    """main() confines imports for the rest of the process; the other tests use the Python API."""
-    yield
-    confine_imports(None)
 
 
 def _args(options: dict) -> list[str]:
@@ -64,8 +56,9 @@ def test_a_run_folder_cannot_import_code(tmp_path, finished_run, encoder):
                                      "grid": {"train.seed": [0]}}))
     # the current folder holds evil.py and the run: `python -m` would put it first on sys.path
     env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
-    for cmd in (["probe", str(run)], ["distill", "--resume", str(run)], ["signal", str(run), "--no-probe"],
-                ["sweep", str(sweep)]):
+    commands = [["probe", str(run)], ["distill", "--resume", str(run)], ["signal", str(run), "--no-probe"],
+                ["sweep", str(sweep)]]
+    for cmd in commands if encoder == "evil:make" else commands[:1]:  # each command once: seconds each
         r = subprocess.run(CLI + cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
         assert r.returncode == 2, (cmd, r.stderr[-1500:])
         assert "--allow-import" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
@@ -156,7 +149,7 @@ def test_bad_files_and_combinations(tmp_path, capsys, finished_run, case):
 
 # ------------------------------------------------------------------------------- 3. one writer
 
-def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, finished_run):
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
     out = tmp_path / "run"
     opts = {**TINY, "model.encoder": "mlp", "train.epochs": "400", "probe.which": "[]", "head.out_dim": "256",
             "out": str(out)}
@@ -168,11 +161,12 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, finished_run)
             assert first.poll() is None, first.stderr.read().decode()
             assert time.time() - t0 < 120
             time.sleep(0.05)
-        for cmd in (["distill", "--preset", "cpu"] + _args(opts), ["distill", "--resume", str(out)],
-                    ["probe", str(out)]):
-            r = subprocess.run(CLI + cmd, capture_output=True, text=True, env=ENV, timeout=120)
-            assert r.returncode == 2, (cmd, r.stderr[-1500:])
-            assert f"PID {first.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
+                           env=ENV, timeout=120)
+        assert r.returncode == 2 and f"PID {first.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        for cmd in (["distill", "--resume", str(out)], ["probe", str(out)]):  # this process is a second one too
+            assert main(["--quiet", *cmd]) == 2
+            assert f"PID {first.pid}" in capsys.readouterr().err
         assert first.poll() is None  # the holder was not disturbed
     finally:
         first.terminate()
@@ -330,3 +324,19 @@ def test_a_full_disk_is_one_message_and_keeps_what_was_written(tmp_path):
         assert not list((disk / "run").rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_after_sigterm_the_table_says_which_epoch_it_shows(tmp_path):
+    out = tmp_path / "run"
+    opts = {**TINY, "model.encoder": "mlp", "train.epochs": "400", "train.probe_every": "0",
+            "probe.which": "[student]", "head.out_dim": "256", "out": str(out)}
+    proc = subprocess.Popen(CLI + ["distill", "--preset", "cpu"] + _args(opts), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not [r for r in RunDir(out).records() if "loss" in r]:  # the step-0 probe is done, training runs
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert "interrupted" in stdout and "the last probe below is from epoch 0" in stdout, stdout

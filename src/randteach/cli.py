@@ -192,6 +192,7 @@ def _confine_imports(extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import confine_imports
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        confine_imports(None)  # the confinement is this invocation's; a Python caller of main() gets its own back
 
 
 if __name__ == "__main__":
