@@ -63,6 +63,10 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class CorruptSummary(UserError, ValueError):
+    """summary.json is not readable JSON (a ValueError, like the JSONDecodeError it replaces)."""
+
+
 class ResultsNotSaved(UserError):
     """Results computed but not written (disk full, read-only folder); `.result` holds them."""
 
@@ -134,7 +138,7 @@ class RunDir:
         try:
             return json.loads(self.summary_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.summary_path} is corrupt ({e}); nothing was changed. If the run has a "
+            raise CorruptSummary(f"{self.summary_path} is corrupt ({e}); nothing was changed. If the run has a "
                             f"checkpoints/last.pt, delete summary.json and resume: `randteach distill --resume "
                             f"{self.path}`; otherwise start it again with --out elsewhere") from None
 
@@ -145,6 +149,8 @@ class RunDir:
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of writes cut short by a kill (the lock guarantees no writer is running)."""
+        if not _writes():
+            return
         for folder in (self.path, self.checkpoints):
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
                 tmp.unlink(missing_ok=True)
@@ -165,13 +171,18 @@ def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
                         "the changed config as a new run with --out elsewhere")
 
 
+def _writes() -> bool:
+    """Whether this process writes into run folders: always, except the ranks > 0 of a torchrun job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def run_lock(path: str | Path, create: bool = False):
     """Hold the run folder's advisory lock: one writer per run. A second process is refused with the holder's
     PID. Under torchrun only rank 0 (the rank that writes) takes it; a folder nobody can write is not locked,
     nor one that does not exist unless `create` (a new run)."""
     path = Path(path)
-    if int(os.environ.get("RANK", "0")) != 0 or not (create or path.is_dir()):
+    if not _writes() or not (create or path.is_dir()):
         yield
         return
     key = str(path.resolve())
