@@ -268,6 +268,18 @@ def test_probes_refuse_features_they_cannot_measure():
     assert set(broken) == {"invalid"} and "not finite" in broken["invalid"]
 
 
+def test_a_run_at_absurd_scale_is_marked_not_reported_as_chance(tmp_path):
+    from randteach.report import write_report
+    # AdamW at lr 1e6 drives the student's features to about 1e25 (float32 distances overflow) without a
+    # non-finite loss: the run completes, and its k-NN result must not be a number
+    cfg = tiny_config(tmp_path, optim__lr=1e6, train__epochs=1, train__probe_every=0, probe__which="[student]")
+    summary = distill(cfg, progress=False).summary
+    assert summary["status"] == "completed" and "knn" not in summary["probe"]["student"]
+    assert "distances overflow" in summary["probe"]["student"]["invalid"]
+    assert summary["warnings"] and "student" in summary["warnings"][0]
+    assert "Warning: epoch 1 student: knn probe not measured" in write_report(cfg.run_dir()).read_text()
+
+
 # ---------------------------------------------------------------------------- 6. read-only folder
 
 def test_probe_on_a_read_only_run_prints_its_results_before_failing(tmp_path, finished_run):
