@@ -186,7 +186,9 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     existing = run.summary()
     last_path = run.checkpoints / "last.pt"
     run.remove_stale_temporaries()  # reliability: a kill mid-write leaves .*.tmp files
-    if run.config_path.exists() and run.started():  # checked first: a finished run of another config is not this run's result
+    # checked first: a finished run of another config is not this run's result (reliability: a start that failed
+    # before training, config.yaml alone, binds nothing)
+    if run.config_path.exists() and run.started():
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
@@ -347,7 +349,8 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
             do_probe(0.0)
         if step in ckpt_steps and not (run.checkpoints / f"student_step{step}.pt").exists():
             save_model(run.checkpoints / f"student_step{step}.pt")  # reliability: killed between the two writes
-        final_probed = resuming and step == total_steps  # reliability: the final probe is already in metrics
+        # reliability: killed after the final checkpoint, the final probe is already in metrics.jsonl
+        final_probed = resuming and step == total_steps and any(r["step"] == step for r in run.probes())
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
             idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
