@@ -132,6 +132,10 @@ def cmd_config(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="randteach", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
+                        help="import an encoder 'MODULE:callable' named in a file (a run's config.yaml, a sweep "
+                             "file, --config); without it such a file imports nothing (also accepted after the "
+                             "command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("distill", help="distill a student into a random teacher",
@@ -168,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _confine_imports(extra: list[str]) -> list[str]:
-    """Take `--allow-import MODULE` (repeatable) out of `extra`; from now on only those modules and the
-    module of a `--model.encoder pkg.mod:fn` given on this command line may be imported as encoders."""
+def _confine_imports(allowed: set[str], extra: list[str]) -> list[str]:
+    """Take `--allow-import MODULE` (repeatable) out of `extra`; from now on only those modules (and those in
+    `allowed`) and the module of a `--model.encoder pkg.mod:fn` given on this command line may be imported."""
     from .config import confine_imports
-    allowed, rest, i = set(), [], 0
+    allowed, rest, i = set(allowed), [], 0
     while i < len(extra):
         arg = extra[i]
         if arg == "--allow-import" or arg.startswith("--allow-import="):
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        extra = _confine_imports(extra)
+        extra = _confine_imports(args.allow_import, extra)
         return args.func(args, extra)
     except UserError as e:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
