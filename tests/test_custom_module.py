@@ -63,7 +63,8 @@ def _cli(*args) -> list[str]:
 
 
 def test_sigterm_then_resume_of_an_import_path_encoder(tmp_path, monkeypatch):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "RANDTEACH_DATA": str(tmp_path / "root"), **ONE_THREAD}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "RANDTEACH_DATA": str(tmp_path / "root"), **ONE_THREAD}
     opts = {**OPTS, "data.path": str(write_folder(tmp_path / "imgs", counts=(("train", 16), ("val", 4)), side=8))}
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli("--preset", "cpu", *[a for k, v in opts.items() for a in (f"--{k}", v)],

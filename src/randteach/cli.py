@@ -46,7 +46,8 @@ def cmd_distill(args, extra) -> int:
         saved = load_yaml(run_dir / "config.yaml")
         confirmed = parse_overrides(extra)
         own = (saved.get("model") or {}).get("encoder")
-        if args.preset or args.config or set(confirmed) - {"model.encoder"} or confirmed.get("model.encoder", own) != own:
+        if (args.preset or args.config or set(confirmed) - {"model.encoder"}
+                or confirmed.get("model.encoder", own) != own):
             raise UserError("--resume continues a run as it was configured; --preset, --config and overrides are "
                             "not allowed with it (only --allow-import MODULE, or --model.encoder repeating the "
                             "run's own import-path encoder, to confirm it)")

@@ -338,7 +338,8 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                    "probe_epoch": final.get("epoch"),  # reliability: after a stop, the last probe may be epoch 0
                    "init": init_info, "config_digest": cfg.digest(), "device": str(device),
                    "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(),
-                   **probe_warnings(probes), **extra}  # reliability: probes that could not measure
+                   **probe_warnings(probes),  # reliability: probes that could not measure
+                   **extra}
         run.write_summary(summary)
         return RunResult(run.path, summary)
 

@@ -67,7 +67,9 @@ def unmeasurable(*features: torch.Tensor) -> dict[str, str]:
     if any(x.is_floating_point() and not torch.isfinite(x).all() for x in features):
         why = "the features are not finite (a diverged encoder)"
         return {"linear": why, "knn": why}
-    scale = max(float(x.abs().amax()) * math.sqrt(x.shape[1]) for x in features if x.numel())
+    # max |x| * sqrt(D) bounds a row norm from above; amax/amin avoid a copy of the features
+    scale = max((max(abs(float(x.amax())), abs(float(x.amin()))) * math.sqrt(x.shape[1])
+                 for x in features if x.numel()), default=0.0)
     if scale > ABSURD_NORM:
         return {"knn": f"feature norms reach about {scale:.1e}, beyond {ABSURD_NORM:.0e}: distances overflow"}
     return {}
