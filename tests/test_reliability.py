@@ -164,7 +164,8 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
         r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
                            env=ENV, timeout=120)
         assert r.returncode == 2 and f"PID {first.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
-        for cmd in (["distill", "--resume", str(out)], ["probe", str(out)]):  # this process is a second one too
+        for cmd in (["distill", "--resume", str(out)], ["probe", str(out)], ["signal", str(out)],
+                    ["finetune", str(out)], ["imp", str(out)]):  # this process is a second one too
             assert main(["--quiet", *cmd]) == 2
             assert f"PID {first.pid}" in capsys.readouterr().err
         assert first.poll() is None  # the holder was not disturbed

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import fields
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def _supervised_setup(args, extra):
     return run, recipe, data, resolve_device(args.device)
 
 
+def _holding_run_lock(cmd):
+    """The command holds the lock of RUN (args.run): it writes into the run folder unless --out says elsewhere."""
+    @functools.wraps(cmd)
+    def locked(args, extra) -> int:
+        from .rundir import run_lock
+        with run_lock(args.run):
+            return cmd(args, extra)
+    return locked
+
+
+@_holding_run_lock
 def cmd_finetune(args, extra) -> int:
     from .analysis.supervised import build_classifier, label_of, parse_start, provenance, state_of, train_supervised
     from .checkpoint import save_checkpoint
@@ -127,6 +139,7 @@ def cmd_finetune(args, extra) -> int:
     return 0
 
 
+@_holding_run_lock
 def cmd_imp(args, extra) -> int:
     from .analysis.imp import run_imp
     run, recipe, data, device = _supervised_setup(args, extra)
@@ -140,6 +153,7 @@ def cmd_imp(args, extra) -> int:
     return 0
 
 
+@_holding_run_lock
 def cmd_lmc(args, extra) -> int:
     from .analysis.lmc import run_lmc
     run, recipe, data, device = _supervised_setup(args, extra)
