@@ -353,3 +353,16 @@ def test_after_sigterm_the_table_says_which_epoch_it_shows(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 3, stderr
     assert "interrupted" in stdout and "the last probe below is from epoch 0" in stdout, stdout
+
+
+def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
+    from randteach.rundir import LOCK_FILE, run_lock
+    with run_lock(tmp_path, create=True):
+        with run_lock(tmp_path):  # nested use by the same process passes
+            assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+        probe = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR);"
+                                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(tmp_path / LOCK_FILE)],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr  # still held after the inner exit
+    with run_lock(tmp_path):
+        pass  # released: taken again

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from .errors import UserError
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
-_held: dict[str, int] = {}  # run folders this process has locked -> nesting depth (the lock is re-entrant)
+_held: set[str] = set()  # run folders this process has locked (a nested run_lock of one of them passes)
 
 
 def _clean(x: Any) -> Any:
@@ -139,8 +139,8 @@ class RunDir:
             return json.loads(self.summary_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptSummary(f"{self.summary_path} is corrupt ({e}); nothing was changed. If the run has a "
-                            f"checkpoints/last.pt, delete summary.json and resume: `randteach distill --resume "
-                            f"{self.path}`; otherwise start it again with --out elsewhere") from None
+                                 f"checkpoints/last.pt, delete summary.json and resume: `randteach distill --resume "
+                                 f"{self.path}`; otherwise start it again with --out elsewhere") from None
 
     def started(self) -> bool:
         """Has training begun (a resumable checkpoint or a summary)? A folder holding only config.yaml is a
@@ -186,12 +186,8 @@ def run_lock(path: str | Path, create: bool = False):
         yield
         return
     key = str(path.resolve())
-    if key in _held:
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
+    if key in _held:  # this process holds it already (e.g. the Python API probing inside a distill)
+        yield
         return
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -211,8 +207,8 @@ def run_lock(path: str | Path, create: bool = False):
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        _held[key] = 1
+        _held.add(key)
         yield
     finally:
-        _held.pop(key, None)
+        _held.discard(key)
         os.close(fd)  # closing the descriptor releases the lock
