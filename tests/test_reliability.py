@@ -91,7 +91,8 @@ BAD = [
     ("train.checkpoint_every", "nan"), ("probe.l2", "nan"), ("head.out_dim", "0"), ("head.bottleneck_dim", "0"),
     ("train.max_steps", "0"), ("data.n_samples", "0"), ("train.epochs", "0"), ("train.epochs", "-1"),
     ("optim.grad_clip", "-1"), ("model.encoder", "not.a.module:"), ("model.encoder", "pkg..mod:fn"),
-    ("head.hidden_dims", "[64,0]"), ("optim.betas", "[0.9]"), ("train.max_steps", "inf"),
+    ("head.hidden_dims", "[64,0]"), ("optim.betas", "[0.9]"), ("train.max_steps", "inf"), ("train.seed", "1e20"),
+    ("train.seed", "-1"), ("data.test_fraction", "1"), ("probe.knn_temperature", "0"),
 ]
 
 

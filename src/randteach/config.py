@@ -49,6 +49,7 @@ ENCODERS = ("flatten", "mlp", "convnet", "vgg11", "vgg13", "vgg16", "vgg19",
             "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet18", "resnet34",
             "resnet50", "resnet20", "resnet56", "vit_tiny", "vit_small", "vit_medium",
             "vit_base")
+SEEDS = 2 ** 32  # seeds are combined (e.g. seed * 3 + 1, times a stride) below torch's 64-bit seed limit
 NORMS = ("default", "batch", "layer", "group", "instance", "none")
 
 
@@ -59,7 +60,7 @@ class DataConfig:
     path: str | None = opt(None, "folder of images for data.name=folder (one sub-folder per class)")
     test_fraction: float = opt(0.2, "data.name=folder without train/ and test/ (or val/) sub-folders: the fraction of each class held out as the test split (class-stratified, fixed seed: the same split in every run)", gt=0, lt=1)
     n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images", gt=0)
-    subset_seed: int = opt(0, "seed of the stratified subset")
+    subset_seed: int = opt(0, "seed of the stratified subset", ge=0, lt=SEEDS)
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape", ("data", "noise"))
     noise_std: float = opt(1.0, "standard deviation of the Gaussian-noise inputs (after normalization)", gt=0)
     image_size: int | None = opt(None, "pad/resize images to this side length; None keeps the native size (28 px images are zero-padded to 32 for VGG/ResNet)", gt=0)
@@ -94,8 +95,8 @@ class InitConfig:
     variance_preserving: bool = opt(True, "divide the locality mix by sqrt(a^2 + (1-a)^2)")
     checkpoint: str | None = opt(None, "student checkpoint (or run directory) for mode=checkpoint")
     teacher_checkpoint: str | None = opt(None, "use this checkpoint (or run directory's final student) as the teacher instead of a random init")
-    teacher_seed: int | None = opt(None, "seed of the teacher's init (default: derived from train.seed)")
-    fresh_seed: int | None = opt(None, "seed of the second init mixed into the student (default: derived from train.seed)")
+    teacher_seed: int | None = opt(None, "seed of the teacher's init (default: derived from train.seed)", ge=0, lt=SEEDS)
+    fresh_seed: int | None = opt(None, "seed of the second init mixed into the student (default: derived from train.seed)", ge=0, lt=SEEDS)
 
 
 @dataclass
@@ -134,7 +135,7 @@ class TrainConfig:
     max_steps: int | None = opt(None, "stop after this many optimizer steps", gt=0)
     batch_size: int = opt(256, "samples per optimizer step (0 = the full data set)", ge=0)
     micro_batch: int | None = opt(None, "split each step into chunks of this size (gradient accumulation)", gt=0)
-    seed: int = opt(0, "seed of the data order and, unless set, of both inits")
+    seed: int = opt(0, "seed of the data order and, unless set, of both inits", ge=0, lt=SEEDS)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", ("auto", "cpu", "cuda") )
     precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
                          "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
@@ -368,8 +369,8 @@ def _validate(obj: Any, prefix: str) -> None:
 
 def _interval(bounds: dict) -> str:
     """{'ge': 0, 'lt': 1} -> '[0, 1)'."""
-    low = f"[{bounds['ge']:g}" if "ge" in bounds else f"({bounds['gt']:g}" if "gt" in bounds else "(-inf"
-    high = f"{bounds['le']:g}]" if "le" in bounds else f"{bounds['lt']:g})" if "lt" in bounds else "inf)"
+    low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else "(-inf"
+    high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else "inf)"
     return f"{low}, {high}"
 
 
