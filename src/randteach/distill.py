@@ -21,21 +21,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict, load_weights, save_checkpoint
 from .config import Config, config_from_dict
 from .data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
 from .data.augment import augmenter
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
-from .evaluate import Prober, autocast, exact_fp32, uses_bf16
+from .evaluate import Prober, accuracies, autocast, exact_fp32, uses_bf16
 from .init import (exact_copy, gradient_norm, init_report, locality_init, neighborhood_init, parameter_distance,
                    parameter_norm)
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import Float64Start, fp32_state
-from .rundir import RunDir, write_json
+from .rundir import RunDir, check_config_digest, probe_warnings, run_lock, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
 NEEDS_32PX = ("vgg", "resnet", "vit")
@@ -87,13 +87,13 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     sd = seeds(cfg)
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
-        teacher.load_state_dict(load_state_dict(cfg.init.teacher_checkpoint, "student"))
+        load_weights(teacher, load_state_dict(cfg.init.teacher_checkpoint, "student"), cfg.init.teacher_checkpoint)
     mode = cfg.init.mode
     if mode == "copy":
         return teacher, exact_copy(teacher)
     if mode == "checkpoint":
         student = exact_copy(teacher)
-        student.load_state_dict(load_state_dict(cfg.init.checkpoint, "student"))
+        load_weights(student, load_state_dict(cfg.init.checkpoint, "student"), cfg.init.checkpoint)
         return teacher, student
     fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":
@@ -181,7 +181,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
-    with exact_fp32():
+    with exact_fp32(), run_lock(cfg.run_dir(), create=True):  # reliability: one writer per run folder
         return _distill(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
                         probe_splits=probe_splits)
 
@@ -191,13 +191,17 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     run = RunDir(cfg.run_dir())
     existing = run.summary()
     last_path = run.checkpoints / "last.pt"
-    if run.config_path.exists():  # checked first: a finished run of another config is not this run's result
+    run.remove_stale_temporaries()  # reliability: a kill mid-write leaves .*.tmp files
+    # checked first: a finished run of another config is not this run's result (reliability: a start that failed
+    # before training, config.yaml alone, binds nothing)
+    if run.config_path.exists() and run.started():
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
             raise UserError(f"{run.path} holds a run with a different config; choose another --out, "
                             f"or resume it with `randteach distill --resume {run.path}`")
     if existing and existing.get("status") in ("completed", "diverged"):
+        check_config_digest(existing.get("config_digest"), cfg, run.path)  # reliability: hand-edited config.yaml
         return RunResult(run.path, existing)
     resuming = last_path.exists()
     device = resolve_device(cfg.train.device)
@@ -248,13 +252,15 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         student.to(memory_format=torch.channels_last)
 
     step = 0
+    last_loss = float("nan")
     wall_before = 0.0
     bf16_on = False
     teacher_probe: dict | None = None
     if resuming:
         state = load_checkpoint(last_path)
+        check_config_digest(state.get("config_digest"), cfg, run.path)  # reliability: hand-edited config.yaml
         gate.load_state_dict(state.get("precision"), [teacher, student, student_init], optimizer)  # precision gate
-        student.load_state_dict(state["student"])
+        load_weights(student, state["student"], last_path)  # reliability: another architecture's checkpoint
         teacher.load_state_dict(state["teacher"])
         student_init.load_state_dict(state["student_init"])
         optimizer.load_state_dict(state["optimizer"])
@@ -268,6 +274,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         if ddp.is_main:
             run.truncate_after(step)
         teacher_probe = state.get("teacher_probe") or None
+        last_loss = float(state.get("last_loss", float("nan")))  # reliability: a kill after the final checkpoint
     elif ddp.is_main:
         for f in (run.metrics_path, run.summary_path):
             f.unlink(missing_ok=True)
@@ -307,7 +314,8 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                          "step": step, "wall_time_s": wall(), "bf16_on": bf16_on, "init": init_info,
                          "center": centering.center if centering is not None else None,
                          "rng": _rng_state(), "teacher_probe": teacher_probe or {},
-                         "precision": gate.state_dict()}, path)
+                         "precision": gate.state_dict(),
+                         "config_digest": cfg.digest(), "last_loss": last_loss}, path)  # reliability: both
 
     def do_probe(epoch: float) -> dict:
         nonlocal teacher_probe
@@ -339,18 +347,24 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         final = probes[-1] if probes else {}
         summary = {"status": status, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": wall(),
                    "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
+                   "probe_epoch": final.get("epoch"),  # reliability: after a stop, the last probe may be epoch 0
                    "init": init_info, "config_digest": cfg.digest(), "device": str(device),
-                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(), **extra}
+                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(),
+                   **probe_warnings(probes),  # reliability: probes that could not measure
+                   **extra}
         run.write_summary(summary)
         return RunResult(run.path, summary)
 
     augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels)  # hook (augment)
-    last_loss = float("nan")
     bar = tqdm(total=total_steps, initial=step, disable=not progress or not ddp.is_main, desc=f"distill {run.path.name}",
                unit="step", dynamic_ncols=True)
     with _StopFlag() as stop:
         if step == 0 and prober is not None and 0 in probe_steps:
             do_probe(0.0)
+        if step in ckpt_steps and not (run.checkpoints / f"student_step{step}.pt").exists():
+            save_model(run.checkpoints / f"student_step{step}.pt")  # reliability: killed between the two writes
+        # reliability: killed after the final checkpoint, the final probe is already in metrics.jsonl
+        final_probed = resuming and step == total_steps and any(r["step"] == step for r in run.probes())
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
             idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
@@ -431,7 +445,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                 bar.close()
                 return finish("interrupted", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
         bar.close()
-        if prober is not None:
+        if prober is not None and not final_probed:
             rec = do_probe(total_epochs)
             if progress:
                 print(_probe_line(rec))
@@ -444,5 +458,5 @@ def _probe_line(rec: dict) -> str:
     parts = [f"epoch {rec['epoch']:g}"]
     for role in ("teacher", "student", "input"):
         if role in rec:
-            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in rec[role].items()))
+            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies(rec[role]).items()))
     return " | ".join(parts)
