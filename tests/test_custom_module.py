@@ -81,7 +81,8 @@ def test_sigterm_then_resume_of_an_import_path_encoder(tmp_path, monkeypatch):
     interrupted = RunDir(out).summary()
     assert interrupted["status"] == "interrupted" and interrupted["steps"] < STEPS
 
-    r = subprocess.run(_cli("--resume", str(out)), capture_output=True, text=True, env=env)
+    r = subprocess.run(_cli("--resume", str(out), "--allow-import", "test_custom_module"), capture_output=True,
+                       text=True, env=env)  # a run folder imports nothing unless confirmed
     assert r.returncode == 0, r.stderr[-2000:]
     summary = RunDir(out).summary()
     assert summary["status"] == "completed" and summary["steps"] == STEPS

@@ -37,10 +37,13 @@ def cmd_lr_range(args, extra) -> int:
 def cmd_signal(args, extra) -> int:
     from .analysis.signal_layers import analyze_signal
     from .config import parse_overrides
-    result = analyze_signal(args.run_dir, n_samples=args.n_samples, n_test=args.n_test, spatial=args.spatial,
-                            center=args.center, standardize=args.standardize, threshold=args.threshold, rank_eps=args.rank_eps,
-                            probe=not args.no_probe, collapse=args.collapse, out=args.out,
-                            overrides=parse_overrides(extra), progress=not args.quiet)
+    from .rundir import run_lock
+    with run_lock(args.run_dir):  # it writes RUN_DIR/signal unless --out says elsewhere
+        result = analyze_signal(args.run_dir, n_samples=args.n_samples, n_test=args.n_test, spatial=args.spatial,
+                                center=args.center, standardize=args.standardize, threshold=args.threshold,
+                                rank_eps=args.rank_eps,
+                                probe=not args.no_probe, collapse=args.collapse, out=args.out,
+                                overrides=parse_overrides(extra), progress=not args.quiet)
     print(f"{len(result['layers'])} layers x {', '.join(result['metrics'])}: {result['figures']['propagation']}, "
           f"{result['figures']['representation']}")
     return 0

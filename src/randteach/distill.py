@@ -24,7 +24,7 @@ from . import teacher_cache
 from .errors import UserError
 from .evaluate import exact_fp32
 from .optim import lr_at
-from .rundir import RunDir, write_json
+from .rundir import RunDir, check_config_digest, probe_warnings, run_lock, write_json
 from .train.callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
 from .train.setup import (NEEDS_32PX, build_teacher_and_student, epoch_order, load_training_inputs,  # noqa: F401
                           model_image_size, resolve_device, seeds)
@@ -46,10 +46,17 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
+    with run_lock(cfg.run_dir(), create=True):  # one writer per run folder
+        return _distill(cfg, progress, train_data, encoder, probe_splits)
+
+
+def _distill(cfg: Config, progress: bool, train_data, encoder, probe_splits) -> RunResult:
     run = RunDir(cfg.run_dir())
+    run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
     _check_same_config(cfg, run)
     existing = run.summary()
     if existing and existing.get("status") in ("completed", "diverged"):
+        check_config_digest(existing.get("config_digest"), cfg, run.path)  # a hand-edited config.yaml
         return RunResult(run.path, existing)
     device = resolve_device(cfg.train.device)
     ddp = from_environment(device)
@@ -68,7 +75,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
             hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), stop]
             status, steps, extra = _train(state, hooks, bar)
         if status == "completed":
-            extra["final_loss"] = metrics.last_loss
+            extra["final_loss"] = state.last_loss
         return _finish(state, status, steps, extra)
 
 
@@ -98,8 +105,9 @@ def _train(state: TrainState, hooks: list, bar: tqdm) -> tuple[str, int, dict]:
 
 
 def _check_same_config(cfg: Config, run: RunDir) -> None:
-    """A run directory of another config is not this run's (checked before a finished run is returned)."""
-    if run.config_path.exists():
+    """A run directory of another config is not this run's (checked before a finished run is returned; a start
+    that failed before training, config.yaml alone, binds nothing)."""
+    if run.config_path.exists() and run.started():
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
@@ -145,8 +153,9 @@ def _finish(state: TrainState, status: str, steps: int, extra: dict) -> RunResul
     final = probes[-1] if probes else {}
     summary = {"status": status, "steps": steps, "epochs": steps / state.plan.steps_per_epoch,
                "wall_time_s": state.wall(), "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
+               "probe_epoch": final.get("epoch"),  # after a stop, the last probe may be epoch 0
                "init": state.init_info, "config_digest": state.cfg.digest(), "device": str(state.device),
                "precision": "bf16" if state.bf16_requested else "fp32", "torch": torch.__version__,
-               "host": platform.node(), **extra}
+               "host": platform.node(), **probe_warnings(probes), **extra}
     run.write_summary(summary)
     return RunResult(run.path, summary)

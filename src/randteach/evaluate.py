@@ -92,17 +92,28 @@ def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | Non
     return torch.cat(out).flatten(1)
 
 
+INVALID = "invalid"  # key of a probe result naming the probes that could not measure the features, and why
+
+
+def accuracies(result: dict) -> dict[str, float]:
+    """The accuracies of a probe result, without its INVALID note."""
+    return {k: v for k, v in result.items() if k != INVALID}
+
+
 def score(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
           cfg, num_classes: int, device: torch.device | None = None) -> dict:
     """Linear and k-NN test accuracy of features, as configured by a ProbeConfig."""
     result = {}
-    if cfg.linear != "none":
+    refused = probes.unmeasurable(train_x, test_x)  # never a silent chance-level number
+    if cfg.linear != "none" and "linear" not in refused:
         result["linear"] = probes.linear_probe(train_x, train_y, test_x, test_y, method=cfg.linear, l2=cfg.l2,
                                                max_iter=cfg.max_iter, num_classes=num_classes, device=device)
-    if cfg.knn_k > 0:
+    if cfg.knn_k > 0 and "knn" not in refused:
         result["knn"] = probes.knn_probe(train_x, train_y, test_x, test_y, k=cfg.knn_k,
                                          weighting=cfg.knn_weighting, temperature=cfg.knn_temperature,
                                          num_classes=num_classes)
+    if refused:
+        result[INVALID] = "; ".join(f"{kind} probe not measured: {why}" for kind, why in refused.items())
     return result
 
 

@@ -19,7 +19,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..config import ENCODERS, Config, ConfigError
+from ..config import ENCODERS, Config, ConfigError, check_encoder
 from .common import count_parameters, norm2d, resolve_norm
 from .heads import DINOHead, IdentityHead, LinearHead, build_head, unit_rows
 from .resnet import SPECS as RESNETS, build_resnet
@@ -69,6 +69,7 @@ def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> 
     """'package.module:callable' -> callable(in_channels=..., image_size=..., **options), passing
     in_channels/image_size only where the signature accepts them; embed_dim from the module's
     .embed_dim, else from one forward pass of a dummy batch."""
+    check_encoder(path)  # refused before anything is imported unless the user allowed this module
     module_name, _, attr = path.partition(":")
     try:
         obj = importlib.import_module(module_name)

@@ -13,7 +13,7 @@ import threading
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluate import Prober
+from ..evaluate import Prober, accuracies
 from ..init import parameter_distance
 from .state import TrainState
 from .step import StepMetrics
@@ -73,7 +73,6 @@ class MetricsLog(Hook):
     def __init__(self, progress_bar: tqdm):
         self.window: list[tuple[int, StepMetrics]] = []
         self.bar = progress_bar
-        self.last_loss = float("nan")
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
         self.window.append((state.step, metrics))
@@ -112,8 +111,8 @@ class MetricsLog(Hook):
             if state.plan.log_every > 1:
                 record["loss_mean"] = sum(losses) / n  # the steps since the previous read
             _log(state, record)
-        self.last_loss = losses[-1]
-        self.bar.set_postfix(loss=f"{self.last_loss:.3g}", refresh=False)
+        state.last_loss = losses[-1]
+        self.bar.set_postfix(loss=f"{state.last_loss:.3g}", refresh=False)
 
 
 @torch.no_grad()
@@ -137,17 +136,22 @@ class Probe(Hook):
         self.prober = Prober(cfg, state.in_channels, state.image_size, state.device, bf16=state.bf16_requested,
                              splits=splits)
         self.bar, self.which = progress_bar, cfg.probe.which
+        self.final_done = False
 
     def at_start(self, state: TrainState) -> None:
         if state.step == 0 and 0 in state.plan.probe_steps:
             self.probe(state, 0.0)
+        # resumed after a kill that followed the final checkpoint: the final probe may be logged already
+        self.final_done = state.step == state.plan.total_steps and any(r["step"] == state.step
+                                                                       for r in state.run.probes())
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
         if state.step in state.plan.probe_steps and state.step != state.plan.total_steps:
             self.probe(state, state.plan.probe_steps[state.step])
 
     def at_end(self, state: TrainState) -> None:
-        self.probe(state, state.plan.total_epochs)
+        if not self.final_done:
+            self.probe(state, state.plan.total_epochs)
 
     def probe(self, state: TrainState, epoch: float) -> None:
         record = {"event": "probe", "step": state.step, "epoch": epoch}
@@ -168,13 +172,18 @@ def probe_line(rec: dict) -> str:
     parts = [f"epoch {rec['epoch']:g}"]
     for role in ("teacher", "student", "input"):
         if role in rec:
-            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in rec[role].items()))
+            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies(rec[role]).items()))
     return " | ".join(parts)
 
 
 class Checkpoint(Hook):
     """The resumable state and a student snapshot every `train.checkpoint_every` epochs, and at the end.
     MetricsLog has read the steps before it and found them finite: the last checkpoint is a finite one."""
+
+    def at_start(self, state: TrainState) -> None:
+        name = f"student_step{state.step}.pt"  # a kill between the resume state and the snapshot lost the latter
+        if state.step in state.plan.checkpoint_steps and not (state.run.checkpoints / name).exists():
+            state.save_student(name)
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
         if state.step in state.plan.checkpoint_steps:

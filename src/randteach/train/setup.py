@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import load_state_dict
+from ..checkpoint import load_state_dict, load_weights
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
 from ..errors import UserError
@@ -57,13 +57,13 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     sd = seeds(cfg)
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
-        teacher.load_state_dict(load_state_dict(cfg.init.teacher_checkpoint, "student"))
+        load_weights(teacher, load_state_dict(cfg.init.teacher_checkpoint, "student"), cfg.init.teacher_checkpoint)
     mode = cfg.init.mode
     if mode == "copy":
         return teacher, exact_copy(teacher)
     if mode == "checkpoint":
         student = exact_copy(teacher)
-        student.load_state_dict(load_state_dict(cfg.init.checkpoint, "student"))
+        load_weights(student, load_state_dict(cfg.init.checkpoint, "student"), cfg.init.checkpoint)
         return teacher, student
     fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ..config import Config
 from ..data.augment import Augment, augmenter
 from ..distributed import Dist
@@ -25,7 +25,7 @@ from ..init import init_report, parameter_norm
 from ..losses import Centering
 from ..optim import build_optimizer
 from ..precision import Float64Start, fp32_state
-from ..rundir import RunDir
+from ..rundir import RunDir, check_config_digest
 from ..evaluate import uses_bf16
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
 
@@ -115,6 +115,7 @@ class TrainState:
     targets: torch.Tensor | None = None      # the teacher cache's bottleneck outputs, one row per image
     augment: Augment | None = None           # data.augment, applied to each batch on the device
     teacher_norm: float = 0.0
+    last_loss: float = float("nan")          # the loss of the last step read from the device
     t_start: float = 0.0                     # set by start_clock() as the first step begins
 
     @property
@@ -156,9 +157,10 @@ class TrainState:
         return state
 
     def _resume(self, saved: dict) -> None:
+        check_config_digest(saved.get("config_digest"), self.cfg, self.run.path)  # a hand-edited config.yaml
         self.gate.load_state_dict(saved.get("precision"), [self.teacher, self.student, self.student_init],
                                   self.optimizer)
-        self.student.load_state_dict(saved["student"])
+        load_weights(self.student, saved["student"], self.last_path)  # another architecture's checkpoint
         self.teacher.load_state_dict(saved["teacher"])
         self.student_init.load_state_dict(saved["student_init"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -170,6 +172,7 @@ class TrainState:
             self.centering.center = saved["center"].to(self.device)
         torch.set_rng_state(saved["rng"]["torch"])
         self.teacher_probe = saved.get("teacher_probe") or None
+        self.last_loss = float(saved.get("last_loss", float("nan")))  # a kill after the final checkpoint
         if self.ddp.is_main:
             self.run.truncate_after(self.step)
 
@@ -194,7 +197,7 @@ class TrainState:
                 "step": self.step, "wall_time_s": self.wall(), "bf16_on": self.bf16_on, "init": self.init_info,
                 "center": self.centering.center if self.centering is not None else None,
                 "rng": {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {},
-                "precision": self.gate.state_dict()}
+                "precision": self.gate.state_dict(), "config_digest": self.cfg.digest(), "last_loss": self.last_loss}
 
     def save(self) -> None:
         """The resumable state, atomically, to checkpoints/last.pt (rank 0 writes)."""
