@@ -268,6 +268,10 @@ def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
                     _finish(r, plan, "diverged", step + 1, wall(r), device,
                             diverged_step=step + 1, reason="non-finite loss or gradient")
                     continue
+                # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
+                # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
+                # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
+                # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
                 set_lr(r.optimizer, lr)
                 r.optimizer.step()
                 r.last_loss = loss_values[k]
