@@ -136,3 +136,13 @@ def test_killed_stacked_sweep_resumes_every_run_from_its_own_checkpoint(tmp_path
         solo = cfg
         solo.out = str(tmp_path / "solo" / Path(cfg.run_dir()).name)
         assert_same_student(distill(solo, progress=False).path, run.path)
+
+
+@pytest.mark.parametrize("args, message", [(["--stack", "0"], "--stack must be at least 1"),
+                                           (["--stack", "2", "--launcher", "slurm"], "--launcher local only")])
+def test_bad_stack_option_is_a_clear_error(tmp_path, capsys, args, message):
+    from randteach.cli import main
+    path = _write_sweep(tmp_path, SWEEP_BASE, seeds=[0, 1])
+    assert main(["sweep", str(path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()                      # nothing started
