@@ -93,7 +93,7 @@ def test_landscape_through_three_modules_matches_direct_losses(digits, tmp_path)
     x = Preprocess.fit(as_image_data((xtr, ytr)))(xtr)
     with torch.no_grad():
         ft = t(x)
-        direct = [float((m(x) - ft).pow(2).sum(-1).mean()) for m in (t, s1, s2)]
+        direct = [float((m(x) - ft).pow(2).mean()) for m in (t, s1, s2)]  # MSE: a mean over features and batch
     assert r["loss"][0, 0] == pytest.approx(direct[0], abs=1e-6)     # the origin: the teacher itself
     assert r["loss"][0, 2] == pytest.approx(direct[1], rel=1e-4)     # (l1, l2) = (1, 0): anchor 1
     assert r["loss"][2, 0] == pytest.approx(direct[2], rel=1e-4)     # (0, 1): anchor 2

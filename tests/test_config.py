@@ -60,7 +60,14 @@ def test_paper_preset_is_the_spec():
 
 def test_every_preset_validates():
     for name in preset_names():
-        assert build_config(name)
+        cfg = build_config(name)
+        # each preset's file is what the config holds: name and every section it sets
+        raw = preset(name)
+        assert cfg.name == raw["name"]
+        for section, values in raw.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    assert getattr(getattr(cfg, section), key) == value, (name, section, key)
     with pytest.raises(ConfigError, match="valid presets"):
         preset("nope")
 

@@ -63,7 +63,9 @@ def _cli(*args) -> list[str]:
 
 
 def test_sigterm_then_resume_of_an_import_path_encoder(tmp_path, monkeypatch):
-    env = {**os.environ, "PYTHONPATH": str(HERE), "RANDTEACH_DATA": str(tmp_path / "root"), **ONE_THREAD}
+    # the tests' folder for the encoder module, after the randteach this test imports (a worktree's src/)
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "RANDTEACH_DATA": str(tmp_path / "root"), **ONE_THREAD}
     opts = {**OPTS, "data.path": str(write_folder(tmp_path / "imgs", counts=(("train", 16), ("val", 4)), side=8))}
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli("--preset", "cpu", *[a for k, v in opts.items() for a in (f"--{k}", v)],
@@ -79,7 +81,8 @@ def test_sigterm_then_resume_of_an_import_path_encoder(tmp_path, monkeypatch):
     interrupted = RunDir(out).summary()
     assert interrupted["status"] == "interrupted" and interrupted["steps"] < STEPS
 
-    r = subprocess.run(_cli("--resume", str(out)), capture_output=True, text=True, env=env)
+    r = subprocess.run(_cli("--resume", str(out), "--allow-import", "test_custom_module"), capture_output=True,
+                       text=True, env=env)  # a run folder imports nothing unless confirmed
     assert r.returncode == 0, r.stderr[-2000:]
     summary = RunDir(out).summary()
     assert summary["status"] == "completed" and summary["steps"] == STEPS

@@ -335,3 +335,24 @@ def test_real_fashion_mnist_checksums():
     for remote in DATASETS["fashion-mnist"].remote:
         content = gzip.decompress((Path(DEBIAN_FASHION_MNIST) / remote.filename).read_bytes())
         assert hashlib.md5(content).hexdigest() == remote.raw_md5, remote.filename
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_torchvision_layout_is_found(tmp_path, name, folder):
+    # torchvision.datasets.MNIST(root) keeps <root>/MNIST/raw/*-ubyte (and the .gz it downloaded)
+    written = write_mnist(tmp_path / folder / "raw", n_train=7, n_test=3, gz=False)
+    for split in ("train", "test"):
+        data = load_dataset(name, split, root=str(tmp_path))
+        assert data.labels.tolist() == written[split][1].tolist()
+        assert torch.equal(data.images[:, 0], torch.from_numpy(written[split][0]))
+
+
+def test_randteach_folder_comes_before_torchvision_layout(tmp_path):
+    ours = write_mnist(tmp_path / "mnist", n_train=4, n_test=2)
+    write_mnist(tmp_path / "MNIST" / "raw", n_train=9, n_test=2)
+    assert len(load_dataset("mnist", "train", root=str(tmp_path))) == len(ours["train"][0])
+
+
+def test_missing_mnist_names_the_torchvision_folder_it_looked_in(tmp_path):
+    with pytest.raises(DataMissingError, match=r"MNIST/raw"):
+        load_dataset("mnist", "train", root=str(tmp_path))

@@ -82,13 +82,21 @@ def test_paper_transfer_is_tinyimagenet_to_cifar_and_stl():
 
 def test_paper_head_ablations_cover_app_b():
     cs = configs("head-ablations", "out_dim")
-    assert sorted({c.head.out_dim for c in cs}) == [2 ** k for k in range(8, 17)]
+    # App. B: m from 2^0 to 2^16, the phase transition at the bottleneck width 2^8 inside the grid
+    assert sorted({c.head.out_dim for c in cs}) == [2 ** k for k in range(0, 17)]
     for c in cs:
         assert_paper_recipe(c, out_dim=c.head.out_dim)
     assert {c.model.norm for c in configs("head-ablations", "norm")} == {"batch", "layer", "group", "instance", "none"}
     parts = {(c.head.wn1, c.head.lin1, c.head.fn1, c.head.wn2, c.head.lin2, c.head.fn2)
              for c in configs("head-ablations", "bottleneck")}
     assert (False, True, True, True, True, False) in parts and len(parts) == 7
+
+
+def test_paper_imp_prunes_to_half_a_percent():
+    params = make_context("imp", "paper").params
+    # Fig. 8's axis ends near 0.5 % of the weights: 24 rounds of 20 % leave 0.8^24 = 0.47 %
+    assert params["fraction"] == 0.2 and params["rounds"] == 24
+    assert 0.004 < (1 - params["fraction"]) ** params["rounds"] < 0.006
 
 
 def test_paper_architectures_are_table5():
@@ -131,6 +139,8 @@ def test_paper_escaping_experiments_are_e12_to_e15():
     assert c.data.n_samples == 49152 and esc.params["batch_lr"] == esc.params["stabilize_lr"] == 1e4
     assert esc.params["lrs"][0] == 32 and esc.params["lrs"][-1] == 1e5 and 1e4 in esc.params["lrs"]
     assert esc.params["batch_sizes"] == [256, 1024, 4096, 16384, 0] and esc.params["stabilize"]
+    # Fig. 1c: 20k steps (~100 epochs of 192 steps: theta_S of Sec. 3); Fig. 1d: 6k steps
+    assert esc.params["steps"] == 20000 and esc.params["group_steps"]["batch_size"] == 6000
     assert load_recipe("signal", "paper").params["runs"] == ["step_size/lr10000"]  # E14 analyses E13's eta = 1e4 run
 
 
@@ -297,3 +307,25 @@ def test_tiny_signal_on_the_escape_run(tiny):
     assert (tiny / "escape" / "seed0" / "step_size" / "lr10000" / "collapse.json").exists()
     assert "### signal propagation (Fig. 2)" in text and "| 5 embedding |" in text
     assert (out.report.parent / "seed0" / "step_size" / "lr10000" / "signal.json").exists()
+
+
+def test_paper_protocol_probes_sit_beside_ours(tmp_path):
+    # the reference tables' runs are re-probed with the authors' protocols (AdamW 10-epoch linear probe,
+    # unweighted L2 majority k-NN) and shown labelled beside our logistic regression / cosine k-NN
+    from randteach.distill import distill
+    from randteach.experiments.protocol import with_paper_protocol
+    from randteach.experiments.tables import markdown, rows_of, summarize
+    from tiny import tiny_config
+    cfg = tiny_config(tmp_path, train__max_steps=3, train__probe_every=0, probe__n_train=300, probe__n_test=200)
+    distill(cfg, progress=False)
+    protocol = make_context("probes", "paper").params["paper_protocol"]
+    assert protocol == {"probe.linear": "adamw", "probe.knn_weighting": "majority"}
+    rows = with_paper_protocol(rows_of([cfg]), protocol)
+    m = rows[0]["metrics"]
+    for role in ("teacher", "student", "input"):
+        assert 0 < m[f"{role}.paper_linear"] <= 1 and 0 < m[f"{role}.paper_knn"] <= 1
+    assert m["student.paper_linear"] != m["student.linear"] or m["student.paper_knn"] != m["student.knn"]
+    assert len(list((cfg.run_dir() / "probes").glob("paper-protocol-*.json"))) == 1
+    text = markdown(summarize(rows, ["model.encoder"]), ["model.encoder"])
+    assert "student linear, authors' protocol (AdamW 10 epochs) (%)" in text and "student linear (%)" in text
+    assert with_paper_protocol(rows_of([cfg]), None) == rows_of([cfg])

@@ -202,3 +202,54 @@ def test_internal_symlink_is_allowed(tmp_path):
         add_link(tar, "data/b.txt", "a.txt")
     extract_archive(archive, tmp_path / "target")
     assert (tmp_path / "target" / "data" / "b.txt").read_bytes() == b"a"
+
+
+# ------------------------------------------------------------------ hand-placed archives, damaged copies
+
+def _cifar_archive(tmp_path: Path, write_cifar10, folder: Path) -> Path:
+    write_cifar10(tmp_path / "build" / "cifar-10-batches-py")
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "build" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive
+
+
+def test_an_archive_placed_by_hand_is_verified_and_used(server, tmp_path, monkeypatch, write_cifar10):
+    url, served = server  # serves nothing: a download would fail with 404
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = _cifar_archive(tmp_path, write_cifar10, root)
+    use_archive(monkeypatch, "cifar10", archive)
+    assert fetch("cifar10", str(root), base_url=url, progress=False) == root / "cifar-10-batches-py"
+    assert archive.exists() and len(load_dataset("cifar10", "test", root=str(root))) == 4
+    archive.write_bytes(b"damaged")  # a hand-placed file with the wrong checksum is not used
+    shutil.rmtree(root / "cifar-10-batches-py")
+    with pytest.raises(FetchError, match="404"):
+        fetch("cifar10", str(root), base_url=url, progress=False)
+
+
+def test_a_damaged_unpacked_copy_is_unpacked_again(server, tmp_path, monkeypatch, write_cifar10):
+    url, served = server
+    archive = _cifar_archive(tmp_path, write_cifar10, served)
+    use_archive(monkeypatch, "cifar10", archive)
+    root = tmp_path / "root"
+    folder = fetch("cifar10", str(root), base_url=url, progress=False)
+    good = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(good[: len(good) // 2])  # truncated, as by a full disk
+    fetch("cifar10", str(root), base_url=url, progress=False)
+    assert (folder / "test_batch").read_bytes() == good
+    archive.unlink()  # intact now: a fetch needs nothing from the server
+    assert fetch("cifar10", str(root), base_url=url, progress=False) == folder
+
+
+def test_a_member_with_dotdot_inside_the_folder_is_refused(tmp_path):
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_bytes(tar, "cifar-10-batches-py/data_batch_1", b"fine")
+        add_bytes(tar, "cifar-10-batches-py/../victim.txt", b"overwritten")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "victim.txt").write_text("mine")
+    with pytest.raises(FetchError, match="contains '..'"):
+        extract_archive(archive, target)
+    assert (target / "victim.txt").read_text() == "mine"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from randteach.checkpoint import load_checkpoint
 from randteach.distill import distill
 from randteach.evaluate import uses_bf16
 from randteach.rundir import RunDir
@@ -31,9 +32,18 @@ def test_cuda_run_follows_the_cpu_run(tmp_path):
 
 def test_cuda_probes_and_checkpoints(tmp_path):
     cfg = tiny_config(tmp_path, train__device="cuda", train__epochs=1, train__probe_every=1)
-    s = distill(cfg, progress=False).summary
+    result = distill(cfg, progress=False)
+    s = result.summary
     for role in ("teacher", "student", "input"):
         assert 0.5 < s["probe"][role]["linear"] <= 1.0
+    # the checkpoints a CUDA run writes load back and hold the final step's student
+    ckpts = result.path / "checkpoints"
+    last, student = load_checkpoint(ckpts / "last.pt"), load_checkpoint(ckpts / "student.pt")
+    assert last["step"] == student["step"] == s["steps"] > 0
+    assert all(torch.equal(student["model"][k].cpu(), v.cpu()) for k, v in last["student"].items())
+    teacher = load_checkpoint(ckpts / "teacher.pt")["model"]
+    assert teacher.keys() == student["model"].keys()
+    assert any(not torch.equal(teacher[k].cpu(), student["model"][k].cpu()) for k in teacher)  # it trained
 
 
 def test_cuda_teacher_cache_and_data_on_device_change_no_result(tmp_path):
@@ -51,7 +61,11 @@ def test_cuda_auto_precision_is_bf16_and_escapes(tmp_path):
     result, losses = _losses(tmp_path, "auto", train__device="cuda", train__precision="auto", **escape)
     assert result.summary["precision"] == "bf16"
     assert losses[0] < 1e-10 and max(losses) > 1e-3
-    assert any(r["bf16"] for r in RunDir(result.path).records() if "loss" in r)
+    records = list(RunDir(result.path).records())
+    assert any(r["bf16"] for r in records if "loss" in r)
+    # the float64 start ended before bf16 began (precision.py)
+    switch = [r["step"] for r in records if r.get("event") == "precision"]
+    assert len(switch) == 1 and min(r["step"] for r in records if r.get("bf16")) > switch[0]
 
 
 def test_cuda_compile_follows_eager(tmp_path):

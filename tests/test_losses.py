@@ -39,11 +39,33 @@ def test_kl_and_ce_have_the_same_gradient(st):
 def test_mse_family_matches_numpy(st):
     s, t = st
     S, T = s.numpy(), t.numpy()
-    assert distill_loss("mse", s, t).item() == pytest.approx(((S - T) ** 2).sum(-1).mean(), rel=1e-5)
+    # a mean over the features (and the batch), not a sum: the escaping paper's "mean-squared error"
+    assert distill_loss("mse", s, t).item() == pytest.approx(((S - T) ** 2).mean(), rel=1e-5)
     n = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
-    want = ((n(S) - n(T)) ** 2).sum(-1).mean()
+    want = ((n(S) - n(T)) ** 2).mean()
     assert distill_loss("nmse", s, t).item() == pytest.approx(want, rel=1e-5)
     assert distill_loss("ndmse", s, t).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_mse_family_equals_torch_mse_loss_with_mean_reduction(st):
+    s, t = st
+    F = torch.nn.functional
+    torch.testing.assert_close(distill_loss("mse", s, t), F.mse_loss(s, t, reduction="mean"))
+    unit = lambda a: a / a.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(distill_loss("nmse", s, t), F.mse_loss(unit(s), unit(t), reduction="mean"))
+    torch.testing.assert_close(distill_loss("ndmse", s, t), F.mse_loss(unit(s), unit(t), reduction="mean"))
+    # and the gradients agree too
+    x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    distill_loss("nmse", x1, t).backward()
+    F.mse_loss(unit(x2), unit(t)).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_float64_outputs_keep_float64(st):
+    s, t = st
+    assert distill_loss("nmse", s, t).dtype == torch.float64
+    assert distill_loss("ce", s, t).dtype == torch.float64
+    assert distill_loss("ce", s.float(), t.float()).dtype == torch.float32
 
 
 def test_ndmse_detaches_the_norm(st):
@@ -55,7 +77,7 @@ def test_ndmse_detaches_the_norm(st):
     # ND-MSE's gradient is the plain one through s/c with c constant: 2 (s/c - t_hat) / c
     c = s.float().norm(dim=-1, keepdim=True)
     t_hat = t.float() / t.float().norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(x2.grad, 2 * (s.float() / c - t_hat) / c / len(s))
+    torch.testing.assert_close(x2.grad, 2 * (s.float() / c - t_hat) / c / s.numel())
     assert not torch.allclose(x1.grad, x2.grad)
     # N-MSE's gradient is orthogonal to s (scale invariance); ND-MSE's is not
     assert torch.allclose((x1.grad * s.float()).sum(-1), torch.zeros(len(s)), atol=1e-6)

@@ -3,14 +3,14 @@ import math
 
 import pytest
 
-from randteach.analysis.lr_range import find_divergences, lr_range, smooth
+from randteach.analysis.lr_range import find_divergences, lr_range, smooth, suggest_lr
 from randteach.cli import main
 from randteach.rundir import RunDir
 
 from tiny import TINY, tiny_config
 
-# Pinned to the CPU: at eps = 1e-10 the tiny net's outputs equal its teacher's bitwise on most batches, so the
-# step at which it leaves depends on the device's rounding (CUDA counterparts: tests/test_gpu.py).
+# The 1e-10 residue is held in float64 until the student has left (the float64 start, precision.py), so the
+# escape follows the formula on any CPU. Pinned to the CPU to keep the suite's device fixed (CUDA: tests/test_gpu.py).
 RANGE = dict(head__kind="linear", head__out_dim=64, optim__name="sgd", loss__name="mse", init__mode="neighborhood",
              init__epsilon=1e-10, train__precision="fp32", data__n_samples=256, train__device="cpu")
 
@@ -42,7 +42,8 @@ def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
     rc = main(["--quiet", "lr-range", "--preset", "cpu", "--lr-start", "1e-2", "--lr-end", "1e12", "--steps", "30",
                "--out", str(out), *overrides])
     assert rc == 0
-    assert "diverges (non-finite)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "diverges (non-finite)" in printed
     r = json.loads((out / "lr_range.json").read_text())  # valid JSON despite the NaN losses
     assert r["teacher_student_status"] == "diverged"
     summary = RunDir(r["teacher_student_run"]).summary()
@@ -55,6 +56,11 @@ def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
     assert sup["rise"] is not None
     assert sup["step"][-1] == (sup["nonfinite"]["step"] if sup["nonfinite"] else 30)
     assert (out / "lr_range.png").exists()
+    for side in r["sides"].values():  # every suggestion printed, and before the side's first divergence
+        if side["suggested"]:
+            assert f"suggested lr {side['suggested']['lr']:.3g}" in printed
+            assert side["suggested"]["lr"] < (side["rise"] or side["nonfinite"])["lr"]
+    assert ts["suggested"] is not None
 
 
 def test_smoothing_and_divergence_criterion():
@@ -66,3 +72,31 @@ def test_smoothing_and_divergence_criterion():
     # fp32 residue of a student on its teacher (1e-18 flickering to 1e-16) is not a rise; leaving it is
     d = find_divergences(steps, lrs, [0.0, 1e-18, 1e-16, 0.0, 1e-12, 1e-3, 1.0], beta=0.0)
     assert d["rise"]["step"] == 6 and d["nonfinite"] is None
+
+
+def _synthetic(loss_of_log_lr):
+    """A curve on lr = 10^-6 .. 10^3 in steps of 0.05 decades (1-based steps, as the runs log them)."""
+    logs = [-6 + 0.05 * k for k in range(181)]
+    lrs = [10.0 ** x for x in logs]
+    return list(range(1, len(lrs) + 1)), lrs, [loss_of_log_lr(x) for x in logs]
+
+
+def test_suggestion_is_the_steepest_descent_of_a_known_curve():
+    # falls fastest at lr = 1e-2 (tanh's inflection), blows up beyond lr = 10
+    steps, lrs, losses = _synthetic(lambda x: 2 - math.tanh(2 * (x + 2)) if x <= 1 else math.inf)
+    div = find_divergences(steps, lrs, losses, beta=0.0)
+    got = suggest_lr(lrs, losses, div, beta=0.0)
+    assert got["lr"] == pytest.approx(1e-2, rel=1e-9) and "steepest" in got["rule"]
+    lagged = suggest_lr(lrs, losses, find_divergences(steps, lrs, losses), beta=0.9)["lr"]
+    assert 1e-2 <= lagged <= 10 ** -1.4  # the EMA's lag of ~9 steps = 0.45 decades
+
+
+def test_a_curve_that_never_falls_gets_a_tenth_of_its_blow_up():
+    # a student on its teacher: fp32 residue until lr = 1, then the loss grows, non-finite from lr = 100
+    steps, lrs, losses = _synthetic(lambda x: 1e-15 if x < 0 else (10.0 ** (3 * x) * 1e-6 if x < 2 else math.nan))
+    div = find_divergences(steps, lrs, losses, beta=0.0)
+    got = suggest_lr(lrs, losses, div, beta=0.0)
+    assert div["nonfinite"]["lr"] == pytest.approx(100.0)
+    assert got["lr"] == pytest.approx(10.0) and "never falls" in got["rule"]
+    flat = [1.0] * len(lrs)  # neither falls nor diverges: no suggestion
+    assert suggest_lr(lrs, flat, find_divergences(steps, lrs, flat)) is None

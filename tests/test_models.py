@@ -164,7 +164,7 @@ def test_unknown_encoder_and_option_are_user_errors():
         build_encoder("convnet", patch_size=4)
     with pytest.raises(ConfigError, match="not available"):
         build_encoder("vit_tiny", norm="batch")
-    with pytest.raises(ConfigError, match="8 groups"):
+    with pytest.raises(ConfigError, match="groups of 8 channels"):
         build_encoder("convnet", norm="group", width=4)
 
 
@@ -193,8 +193,9 @@ def test_norm_options_give_named_layers_in_the_forward_path(name, n_norm, defaul
     assert all(type(m) is NORM_TYPES[kind] for m in layers)
     if kind == "layer":
         assert all(m.num_groups == 1 for m in layers)
-    if kind == "group":
-        assert all(m.num_groups == 8 for m in layers)
+    if kind == "group":  # the paper's GroupNorm8: 8 channels per group
+        assert all(m.num_channels == 8 * m.num_groups for m in layers)
+        assert len({m.num_groups for m in layers}) > 1  # so not a fixed number of groups
     if kind == "instance":
         assert all(m.affine for m in layers)
     calls = []

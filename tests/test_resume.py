@@ -57,11 +57,20 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until metrics.jsonl has logged `step`: a known point of the run, not a guess of its speed."""
+    t0 = time.time()
+    while not any(r.get("step", 0) >= step for r in RunDir(out).records()):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() - t0 < timeout, f"step {step} was never logged"
+        time.sleep(0.01)
+
+
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference):
     out = tmp_path / "run"
     proc = _start(out)
-    _wait_for(out / "checkpoints" / "last.pt", proc)   # a resumable checkpoint exists and the run goes on
-    time.sleep(0.3)
+    _wait_for(out / "checkpoints" / "last.pt", proc)   # a resumable checkpoint exists (step 12)
+    _wait_for_step(out, 20, proc)                      # and the run has gone on past it: steps to redo
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert RunDir(out).summary() is None                         # killed: no summary written
@@ -77,7 +86,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference):
 def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
     out = tmp_path / "run"
     proc = _start(out)
-    _wait_for(out / "metrics.jsonl", proc)
+    _wait_for_step(out, 1, proc)                       # training has begun: the handler is installed
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 3
     summary = RunDir(out).summary()

@@ -189,3 +189,28 @@ def test_bad_labels_raise_user_error():
         fisher_metrics(X, np.array([0.0, 1.0, 0.0, 1.0]))
     with pytest.raises(UserError, match="method"):
         singular_values(X, method="qr")
+
+
+def _rankme_direct(X, eps=1e-7):
+    Xc = X - X.mean(0)
+    s = np.linalg.svd(Xc, compute_uv=False)
+    p = s / s.sum() + eps
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_rankme_convention_matches_direct_computation():
+    from randteach.signal import RANKME
+    rng = np.random.default_rng(3)
+    X = 100.0 + rng.normal(size=(40, 6)) @ rng.normal(size=(6, 30))  # rank 6 plus a large common offset
+    assert effective_rank(X, **RANKME) == pytest.approx(_rankme_direct(X), rel=1e-10)
+    # centering removes the offset direction that dominates the uncentered spectrum
+    assert effective_rank(X) < 2.0 < effective_rank(X, center=True)
+    # eps puts mass on the 24 zero singular values: the entropy grows by about 24 * eps * log(1/eps)
+    diff = np.log(effective_rank(X, center=True, eps=1e-7)) - np.log(effective_rank(X, center=True))
+    assert diff == pytest.approx(24 * 1e-7 * np.log(1e7), rel=0.2)
+
+
+def test_signal_metrics_passes_rank_eps():
+    X = np.diag([3.0, 1.0, 0.0, 0.0])
+    assert signal_metrics(X, rank_eps=1e-3)["effective_rank"] == pytest.approx(effective_rank(X, eps=1e-3))
+    assert signal_metrics(X, rank_eps=1e-3)["effective_rank"] > signal_metrics(X)["effective_rank"]

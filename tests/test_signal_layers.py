@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 from randteach.analysis.escape import keep_collapse_checkpoint
-from randteach.analysis.signal_layers import LayerRecorder, collect_representations, layer_metrics, transform
+from randteach.analysis.signal_layers import (LayerRecorder, collect_representations, layer_metrics, layer_signals,
+                                              samples_that_fit, transform)
+from randteach.config import build_config
+from randteach.signal import RANKME, effective_rank
 from randteach.cli import main
 from randteach.distill import distill
 from randteach.models import build_encoder
@@ -21,7 +24,7 @@ def _convnet(seed=0):
 def test_every_activation_is_a_layer_and_the_embedding_comes_last():
     enc = _convnet()
     x = torch.randn(10, 1, 8, 8)
-    layers, xs = collect_representations(enc, x, None, device=torch.device("cpu"))
+    layers, xs = collect_representations(enc, x, None, device=torch.device("cpu"), spatial="avgpool")
     assert [layer.name for layer in layers] == ["features.2", "features.6", "features.10", "features.14", "embedding"]
     assert [layer.shape for layer in layers][:4] == [[4, 8, 8], [8, 4, 4], [16, 2, 2], [16, 1, 1]]
     assert [tuple(x.shape) for x in xs] == [(10, 4), (10, 8), (10, 16), (10, 16), (10, 16)]
@@ -62,7 +65,7 @@ def test_dead_neurons_match_a_hand_count():
             h = m(h)
             if isinstance(m, nn.ReLU):
                 hand.append((int((h == 0).all(dim=(0, 2, 3)).sum()), int((h == 0).all(dim=0).sum())))
-    pooled = collect_representations(enc, x, None, device=torch.device("cpu"))[1]
+    pooled = collect_representations(enc, x, None, device=torch.device("cpu"), spatial="avgpool")[1]
     flat = collect_representations(enc, x, None, device=torch.device("cpu"), spatial="flatten")[1]
     for i, (channels, units) in enumerate(hand):
         assert layer_metrics(pooled[i], labels)["dead_neurons"] == channels
@@ -86,7 +89,8 @@ def test_signal_command_on_a_tiny_run(tmp_path, capsys):
                       probe__which="[]", probe__knn_k=0)
     run = distill(cfg, progress=False)
     keep_collapse_checkpoint(cfg, run.path, {"step": 4, "metric": "probe", "value": 0.0})
-    rc = main(["--quiet", "signal", str(run.path), "--n-samples", "200", "--n-test", "100", "--probe.max_iter", "50"])
+    rc = main(["--quiet", "signal", str(run.path), "--n-samples", "200", "--n-test", "100", "--probe.max_iter", "50",
+               "--spatial", "avgpool"])
     assert rc == 0 and "5 layers" in capsys.readouterr().out
     r = json.loads((run.path / "signal" / "signal.json").read_text())
     assert list(r["metrics"]) == ["teacher", "collapse", "student"]
@@ -108,3 +112,39 @@ def test_signal_command_on_a_tiny_run(tmp_path, capsys):
     assert teacher_probe > 0.3  # digits from a random conv net's embedding: well above chance (0.1)
     for name in ("signal_propagation.png", "signal_representation.png"):
         assert (run.path / "signal" / name).stat().st_size > 0
+
+
+def test_flattened_neurons_are_the_default_as_the_authors_counted_them():
+    enc = _convnet()
+    x = torch.randn(12, 1, 8, 8)
+    labels = torch.arange(12) % 3
+    r = layer_signals({"teacher": enc}, (x, labels), None, None, build_config("cpu").probe, 3,
+                      device=torch.device("cpu"))
+    assert r["spatial"] == "flatten" and [layer["dim"] for layer in r["layers"]][:3] == [256, 128, 64]
+    pooled = layer_signals({"teacher": enc}, (x, labels), None, None, build_config("cpu").probe, 3,
+                           device=torch.device("cpu"), spatial="avgpool")
+    assert [layer["dim"] for layer in pooled["layers"]][:3] == [4, 8, 16]
+    assert r["n_samples"] == 12  # the whole split: it fits
+
+
+def test_samples_that_fit_keeps_the_largest_stratified_subset():
+    enc = _convnet()
+    x, labels = torch.randn(40, 1, 8, 8), torch.arange(40) % 4
+    per_sample = 4 * (256 + 128 + 64 + 16 + 16)  # every flattened layer in float32
+    kw = dict(device=torch.device("cpu"), spatial="flatten", channels=None)
+    assert samples_that_fit(enc, x, labels, None, **kw)[0] is x
+    xs, ys = samples_that_fit(enc, x, labels, None, max_bytes=per_sample * 20 + 3, **kw)
+    assert len(xs) == 20 and torch.bincount(ys).tolist() == [5, 5, 5, 5]
+    # not even one sample's flattened layers (1,920 bytes) fit: a clear error that names the way out
+    with pytest.raises(Exception, match="use spatial=avgpool"):
+        samples_that_fit(enc, x, labels, None, max_bytes=650, **kw)
+    xs, _ = samples_that_fit(enc, x, labels, None, max_bytes=per_sample * 30, **{**kw, "spatial": "avgpool"})
+    assert len(xs) == 40
+
+
+def test_rank_eps_and_center_give_the_rankme_number():
+    x = torch.relu(torch.randn(30, 12) + 0.5)
+    labels = torch.arange(30) % 3
+    row = layer_metrics(x, labels, center=True, rank_eps=RANKME["eps"])
+    assert row["effective_rank"] == pytest.approx(effective_rank(x.double().numpy(), **RANKME), rel=1e-9)
+    assert row["effective_rank"] != pytest.approx(layer_metrics(x, labels)["effective_rank"], rel=1e-3)

@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 from . import distill as _distill_module  # noqa: E402,F401
 from . import probe as _probe_module  # noqa: E402,F401
 from .api import distill, imp, landscape, lmc, probe, signal_report  # noqa: E402
+from .export import load_encoder  # noqa: E402
 
-__all__ = ["distill", "probe", "signal_report", "landscape", "imp", "lmc", "__version__"]
+__all__ = ["distill", "probe", "signal_report", "landscape", "imp", "lmc", "load_encoder", "__version__"]

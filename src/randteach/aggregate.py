@@ -23,7 +23,7 @@ from .sweep import flatten
 
 IGNORED_KEYS = ("train.seed", "out")  # never group by these: seeds are what a group averages over
 ROLES = ("teacher", "student", "input")
-KINDS = ("linear", "knn")
+KINDS = ("linear", "knn", "paper_linear", "paper_knn")  # paper_*: the papers' probe protocols (experiments/protocol.py)
 EXTRA_METRICS = ("final_loss", "wall_time_s")
 
 

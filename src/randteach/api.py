@@ -238,8 +238,9 @@ def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=Non
     return prober.probe(_on(encoder, dev))
 
 
-def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architecture=None, n_samples: int = 1000,
-                  n_test: int = 1000, spatial: str = "avgpool", center: bool = False, standardize: bool = False,
+def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architecture=None,
+                  n_samples: int | None = None, n_test: int | None = None, spatial: str = "flatten",
+                  center: bool = False, standardize: bool = False, rank_eps: float = 0.0,
                   threshold: float = 0.999, probe: bool = True, collapse: str | None = None,
                   out: str | os.PathLike | None = None, config: Config | None = None, preset: str | None = None,
                   device: str | None = None, progress: bool = False, **overrides: Any) -> dict:
@@ -257,7 +258,8 @@ def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architec
     if run is not None:
         cfg = _run_config(run, overrides)
         return analyze_signal(run, n_samples=n_samples, n_test=n_test, spatial=spatial, center=center,
-                              standardize=standardize, threshold=threshold, probe=probe, collapse=collapse, out=out,
+                              standardize=standardize, threshold=threshold, rank_eps=rank_eps, probe=probe,
+                              collapse=collapse, out=out,
                               overrides=_run_overrides(overrides, device), progress=progress,
                               splits=_splits(data, test, cfg), architecture=architecture)
     named = {"encoder": encoders} if isinstance(encoders, nn.Module) else dict(encoders)
@@ -277,7 +279,8 @@ def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architec
               **layer_signals({k: _on(m, dev) for k, m in named.items()}, (picked[0].images, picked[0].labels),
                               (picked[1].images, picked[1].labels) if probe else None, preprocess, cfg.probe,
                               num_classes, device=dev, channels=train.images.shape[1], spatial=spatial,
-                              center=center, standardize=standardize, threshold=threshold, progress=progress)}
+                              center=center, standardize=standardize, threshold=threshold, rank_eps=rank_eps,
+                              progress=progress, seed=cfg.data.subset_seed)}
     return write_signal(result, out) if out is not None else result
 
 

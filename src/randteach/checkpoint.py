@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .rundir import temporary_beside
 
 FORMAT = "randteach-checkpoint-v1"
 
@@ -24,17 +24,33 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
     """Atomically write `payload` (plus the format tag) to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError ("unexpected pos")
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {str(e).splitlines()[0] if str(e) else e!r} "
+                              "(disk full, quota, or a read-only folder?); the previous version of the file, if "
+                              "any, is kept: free space and resume") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict, source: str | Path) -> None:
+    """module.load_state_dict, with a message that names the file when the architectures differ."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"{str(source)!r} holds weights of another architecture than the configured model "
+                              f"({lines[1].strip() if len(lines) > 1 else lines[0]}); check model.*, head.* and "
+                              "data.image_size against the run that wrote it") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -6,6 +6,8 @@ Each subcommand takes a preset (`--preset`), a YAML file (`--config`) and dotted
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shlex
 import sys
 import time
@@ -17,7 +19,8 @@ DEMO_PRESET = "cpu"
 
 # Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
 # `func(args, extra) -> int` as its default.
-COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis", "commands_experiment"]
+COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis", "commands_experiment",
+                             "commands_export"]
 
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):
@@ -31,7 +34,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_distill(args, extra) -> int:
-    from .config import config_from_dict, load_yaml
+    from .config import config_from_dict, load_yaml, parse_overrides
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -41,26 +44,40 @@ def cmd_distill(args, extra) -> int:
             raise UserError(f"--resume {run_dir}: this run was started from Python with an encoder or data object "
                             "that the command line cannot rebuild; resume it from Python with the same objects: "
                             f"randteach.distill(..., out={str(run_dir)!r}, resume=True)")
-        cfg = config_from_dict({**load_yaml(run_dir / "config.yaml"), "out": str(run_dir)})
-        if extra:
-            raise UserError("--resume continues a run as it was configured; overrides are not allowed with it")
+        saved = load_yaml(run_dir / "config.yaml")
+        confirmed = parse_overrides(extra)
+        own = (saved.get("model") or {}).get("encoder")
+        if (args.preset or args.config or set(confirmed) - {"model.encoder"}
+                or confirmed.get("model.encoder", own) != own):
+            raise UserError("--resume continues a run as it was configured; --preset, --config and overrides are "
+                            "not allowed with it (only --allow-import MODULE, or --model.encoder repeating the "
+                            "run's own import-path encoder, to confirm it)")
+        cfg = config_from_dict({**saved, "out": str(run_dir)})
     else:
         cfg = _config_from_args(args, extra)
     from .distill import distill
-    from .report import probe_table, write_report
+    from .report import probe_table, recorded_command, write_report
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
     if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0 if result.summary["status"] == "completed" else 3
-    write_report(result.path, command="randteach distill " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    this_command = "randteach " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
     print(f"\n{result.summary['status']}: {result.path}")
+    if result.summary["status"] != "completed" and result.summary.get("probe_epoch") is not None:
+        print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:g})")
     print(probe_table(result.summary))
     return 0 if result.summary["status"] in ("completed",) else 3
 
 
 def cmd_probe(args, extra) -> int:
     from .probing import probe_run
-    result = probe_run(args.run_dir, extra, checkpoint=args.checkpoint, progress=not args.quiet)
     from .report import probe_table
+    from .rundir import ResultsNotSaved
+    try:
+        result = probe_run(args.run_dir, extra, checkpoint=args.checkpoint, progress=not args.quiet)
+    except ResultsNotSaved as e:
+        print(probe_table({"probe": e.result}))  # printed before the error, so nothing computed is lost
+        raise
     print(probe_table({"probe": result}))
     return 0
 
@@ -117,6 +134,10 @@ def cmd_config(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="randteach", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
+                        help="import an encoder 'MODULE:callable' named in a file (a run's config.yaml, a sweep "
+                             "file, --config); without it such a file imports nothing (also accepted after the "
+                             "command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("distill", help="distill a student into a random teacher",
@@ -153,21 +174,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _confine_imports(allowed: set[str], extra: list[str]) -> list[str]:
+    """Take `--allow-import MODULE` (repeatable) out of `extra`; from now on only those modules (and those in
+    `allowed`) and the module of a `--model.encoder pkg.mod:fn` given on this command line may be imported."""
+    from .config import confine_imports
+    allowed, rest, i = set(allowed), [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg == "--allow-import" or arg.startswith("--allow-import="):
+            value = arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else "")
+            if not value or value.startswith("--"):
+                raise UserError("--allow-import needs a module name, e.g. --allow-import mypackage.encoders")
+            allowed.add(value.partition(":")[0])
+            i += 1 if "=" in arg else 2
+            continue
+        if arg.startswith("--model.encoder"):
+            value = arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else "")
+            allowed.add(value.partition(":")[0])
+        rest.append(arg)
+        i += 1
+    confine_imports(allowed)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .config import confine_imports
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     try:
+        extra = _confine_imports(args.allow_import, extra)
         return args.func(args, extra)
     except UserError as e:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"randteach {args.command}: error: cannot write {e.filename or 'a file'}: {e.strerror} (full disk, "
+              "quota or read-only folder?); what was already written is kept: free space or choose a writable "
+              "folder and run the command again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        confine_imports(None)  # the confinement is this invocation's; a Python caller of main() gets its own back
 
 
 if __name__ == "__main__":
+    # `python -m randteach.cli` puts the current folder first on sys.path, which would make any folder
+    # there (a downloaded run, say) importable; randteach never imports from it unless asked.
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
     sys.exit(main())

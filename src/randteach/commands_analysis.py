@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def cmd_landscape(args, extra) -> int:
     from .analysis.supervised import run_info
     from .checkpoint import load_state_dict
     from .distill import resolve_device
+    from .rundir import run_lock
     if args.anchors and (args.view or args.runs):
         raise UserError("give either --view with run directories, or --anchors ORIGIN A1 A2, not both")
     if args.anchors:
@@ -44,10 +46,11 @@ def cmd_landscape(args, extra) -> int:
     grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
     name = args.view or "anchors"
     out = Path(args.out) if args.out else Path(ref) / f"landscape-{name}-{args.projection}"
-    result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
-                               extent=args.extent, projection=args.projection, n_loss=args.n_loss,
-                               probe=not args.no_probe, limit=args.max_points,
-                               device=resolve_device(args.device), progress=not args.quiet)
+    with run_lock(ref):  # one writer per run folder (it writes RUN/landscape-* unless --out)
+        result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
+                                   extent=args.extent, projection=args.projection, n_loss=args.n_loss,
+                                   probe=not args.no_probe, limit=args.max_points,
+                                   device=resolve_device(args.device), progress=not args.quiet)
     print(f"landscape: {result['done']}/{result['total']} points in {out}" + ("" if result["complete"] else
           " (partial: run the same command again to continue)"))
     if result["complete"]:
@@ -105,6 +108,17 @@ def _supervised_setup(args, extra):
     return run, recipe, data, resolve_device(args.device)
 
 
+def _holding_run_lock(cmd):
+    """The command holds the lock of RUN (args.run): it writes into the run folder unless --out says elsewhere."""
+    @functools.wraps(cmd)
+    def locked(args, extra) -> int:
+        from .rundir import run_lock
+        with run_lock(args.run):
+            return cmd(args, extra)
+    return locked
+
+
+@_holding_run_lock
 def cmd_finetune(args, extra) -> int:
     from .analysis.supervised import build_classifier, label_of, parse_start, provenance, state_of, train_supervised
     from .checkpoint import save_checkpoint
@@ -125,6 +139,7 @@ def cmd_finetune(args, extra) -> int:
     return 0
 
 
+@_holding_run_lock
 def cmd_imp(args, extra) -> int:
     from .analysis.imp import run_imp
     run, recipe, data, device = _supervised_setup(args, extra)
@@ -138,6 +153,7 @@ def cmd_imp(args, extra) -> int:
     return 0
 
 
+@_holding_run_lock
 def cmd_lmc(args, extra) -> int:
     from .analysis.lmc import run_lmc
     run, recipe, data, device = _supervised_setup(args, extra)

@@ -28,6 +28,8 @@ def cmd_lr_range(args, extra) -> int:
               f"  {name:16s} no rise", end="")
         print(f"; diverges (non-finite) at lr {nonfinite['lr']:.3g} (step {nonfinite['step']})" if nonfinite
               else "; stays finite")
+        if side.get("suggested"):
+            print(f"  {'':16s} suggested lr {side['suggested']['lr']:.3g} ({side['suggested']['rule']})")
     print(f"{result['png']}")
     return 0
 
@@ -35,10 +37,13 @@ def cmd_lr_range(args, extra) -> int:
 def cmd_signal(args, extra) -> int:
     from .analysis.signal_layers import analyze_signal
     from .config import parse_overrides
-    result = analyze_signal(args.run_dir, n_samples=args.n_samples, n_test=args.n_test, spatial=args.spatial,
-                            center=args.center, standardize=args.standardize, threshold=args.threshold,
-                            probe=not args.no_probe, collapse=args.collapse, out=args.out,
-                            overrides=parse_overrides(extra), progress=not args.quiet)
+    from .rundir import run_lock
+    with run_lock(args.run_dir):  # it writes RUN_DIR/signal unless --out says elsewhere
+        result = analyze_signal(args.run_dir, n_samples=args.n_samples, n_test=args.n_test, spatial=args.spatial,
+                                center=args.center, standardize=args.standardize, threshold=args.threshold,
+                                rank_eps=args.rank_eps,
+                                probe=not args.no_probe, collapse=args.collapse, out=args.out,
+                                overrides=parse_overrides(extra), progress=not args.quiet)
     print(f"{len(result['layers'])} layers x {', '.join(result['metrics'])}: {result['figures']['propagation']}, "
           f"{result['figures']['representation']}")
     return 0
@@ -77,10 +82,14 @@ def add_parser(subparsers) -> None:
                     "signal_representation.png (Fig. 3); OUT defaults to RUN_DIR/signal. Takes --probe.*, "
                     "--data.root and --train.device overrides.")
     p.add_argument("run_dir")
-    p.add_argument("--n-samples", type=int, default=1000, help="training images the metrics are computed on (default 1000)")
-    p.add_argument("--n-test", type=int, default=1000, help="test images the per-layer probes are scored on (default 1000)")
-    p.add_argument("--spatial", choices=("avgpool", "flatten"), default="avgpool",
-                   help="conv maps: average over positions (default; a channel is a neuron) or keep every position")
+    p.add_argument("--n-samples", type=int, help="training images the metrics are computed on (default: the whole "
+                   "split, or the largest stratified subset that fits in 4 GiB)")
+    p.add_argument("--n-test", type=int, help="test images the per-layer probes are scored on (default: as --n-samples)")
+    p.add_argument("--spatial", choices=("flatten", "avgpool"), default="flatten",
+                   help="conv maps: every (channel, position) is a neuron (default, the authors' C*H*W) or "
+                        "average over positions (a channel is a neuron)")
+    p.add_argument("--rank-eps", type=float, default=0.0, help="eps added to the effective rank's normalized "
+                   "spectrum (default 0, the escaping paper; --center --rank-eps 1e-7 is RankMe's convention)")
     p.add_argument("--center", action="store_true", help="center each neuron before the metrics")
     p.add_argument("--standardize", action="store_true", help="center and scale each neuron before the metrics")
     p.add_argument("--threshold", type=float, default=0.999, help="spectral mass defining sigma'_min (default 0.999)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,11 +29,15 @@ class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message says what to do."""
 
 
-def opt(default, help: str, choices: tuple | None = None, **kw):
-    """A dataclass field carrying its help text (and optional valid choices)."""
+def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None, **kw):
+    """A dataclass field carrying its help text, optional valid choices and an optional valid range
+    (ge/gt/le/lt bound a number, or each element of a list of numbers; None always passes)."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["range"] = bounds
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -43,6 +49,7 @@ ENCODERS = ("flatten", "mlp", "convnet", "vgg11", "vgg13", "vgg16", "vgg19",
             "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet18", "resnet34",
             "resnet50", "resnet20", "resnet56", "vit_tiny", "vit_small", "vit_medium",
             "vit_base")
+SEEDS = 2 ** 32  # seeds are combined (e.g. seed * 3 + 1, times a stride) below torch's 64-bit seed limit
 NORMS = ("default", "batch", "layer", "group", "instance", "none")
 
 
@@ -51,27 +58,33 @@ class DataConfig:
     name: str = opt("fashion-mnist", "training data set (for distillation and, unless probe.data is set, probing)", DATASETS)
     root: str | None = opt(None, "data root; else $RANDTEACH_DATA, else the per-user cache (Fashion-MNIST is also found at the Debian package's path)")
     path: str | None = opt(None, "folder of images for data.name=folder (one sub-folder per class)")
-    test_fraction: float = opt(0.2, "data.name=folder without train/ and test/ (or val/) sub-folders: the fraction of each class held out as the test split (class-stratified, fixed seed: the same split in every run)")
-    n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images")
-    subset_seed: int = opt(0, "seed of the stratified subset")
+    test_fraction: float = opt(0.2, "data.name=folder without train/ and test/ (or val/) sub-folders: the fraction of each class held out as the test split (class-stratified, fixed seed: the same split in every run)", gt=0, lt=1)
+    n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images", gt=0)
+    subset_seed: int = opt(0, "seed of the stratified subset", ge=0, lt=SEEDS)
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape", ("data", "noise"))
-    noise_std: float = opt(1.0, "standard deviation of the Gaussian-noise inputs (after normalization)")
-    image_size: int | None = opt(None, "pad/resize images to this side length; None keeps the native size (28 px images are zero-padded to 32 for VGG/ResNet)")
+    noise_std: float = opt(1.0, "standard deviation of the Gaussian-noise inputs (after normalization)", gt=0)
+    image_size: int | None = opt(None, "pad/resize images to this side length; None keeps the native size (28 px images are zero-padded to 32 for VGG/ResNet)", gt=0)
+    augment: str = opt("none", "augmentation of the distillation batches, on the device (the papers: none): "
+                       "CIFAR's pad-4 crop + flip, or DINO's global view (random resized crop, flip, colour jitter, "
+                       "grey, blur)", ("none", "flip-crop", "dino"))
 
 
 @dataclass
 class ModelConfig:
     encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
-    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own)", NORMS)
-    width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width")
+    encoder_args: dict[str, Any] = opt({}, "keyword arguments of the encoder: JSON on the command line "
+                                       "('{\"num_classes\": 0}'), a mapping in YAML and sweeps; for an import path they go "
+                                       "to the callable, for the ViTs patch_size")
+    norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own; group = the paper's GroupNorm8, 8 channels per group)", NORMS)
+    width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width", gt=0)
 
 
 @dataclass
 class HeadConfig:
     kind: str = opt("dino", "projector: DINO-style MLP with L2 bottleneck, one linear layer (escaping paper), or none", ("dino", "linear", "none"))
-    hidden_dims: list[int] = opt([2048, 2048], "hidden widths of the DINO MLP (Linear + GELU each)")
-    bottleneck_dim: int = opt(256, "width of the L2 bottleneck")
-    out_dim: int = opt(65536, "output dimension m (softmax size) of the DINO head; output width of the linear head")
+    hidden_dims: list[int] = opt([2048, 2048], "hidden widths of the DINO MLP (Linear + GELU each)", gt=0)
+    bottleneck_dim: int = opt(256, "width of the L2 bottleneck", gt=0)
+    out_dim: int = opt(65536, "output dimension m (softmax size) of the DINO head; output width of the linear head", gt=0)
     wn1: bool = opt(False, "weight-normalize the linear layer into the bottleneck")
     lin1: bool = opt(True, "linear layer into the bottleneck (off: the MLP's last hidden layer feeds the bottleneck directly)")
     fn1: bool = opt(True, "L2-normalize the bottleneck features")
@@ -83,79 +96,90 @@ class HeadConfig:
 @dataclass
 class InitConfig:
     mode: str = opt("locality", "how the student starts: ((1-a)T + a*fresh)/delta, T + eps*fresh, independent, exact copy, or a checkpoint", ("locality", "neighborhood", "independent", "copy", "checkpoint"))
-    alpha: float = opt(1e-10, "locality alpha (0 = teacher, 1 = independent init)")
-    epsilon: float = opt(1e-10, "neighborhood epsilon for mode=neighborhood")
+    alpha: float = opt(1e-10, "locality alpha (0 = teacher, 1 = independent init)", ge=0, le=1)
+    epsilon: float = opt(1e-10, "neighborhood epsilon for mode=neighborhood", ge=0)
     variance_preserving: bool = opt(True, "divide the locality mix by sqrt(a^2 + (1-a)^2)")
     checkpoint: str | None = opt(None, "student checkpoint (or run directory) for mode=checkpoint")
     teacher_checkpoint: str | None = opt(None, "use this checkpoint (or run directory's final student) as the teacher instead of a random init")
-    teacher_seed: int | None = opt(None, "seed of the teacher's init (default: derived from train.seed)")
-    fresh_seed: int | None = opt(None, "seed of the second init mixed into the student (default: derived from train.seed)")
+    teacher_seed: int | None = opt(None, "seed of the teacher's init (default: derived from train.seed)", ge=0, lt=SEEDS)
+    fresh_seed: int | None = opt(None, "seed of the second init mixed into the student (default: derived from train.seed)", ge=0, lt=SEEDS)
 
 
 @dataclass
 class TeacherConfig:
     mode: str = opt("frozen", "teacher update rule: never (the paper), EMA of the student, or the student of the previous epoch", ("frozen", "ema", "previous-epoch"))
-    ema_momentum: float = opt(0.996, "EMA momentum for mode=ema")
+    ema_momentum: float = opt(0.996, "EMA momentum for mode=ema", ge=0, le=1)
     train_mode: bool = opt(False, "run the teacher in train mode (batch-norm uses batch statistics); the paper uses eval mode")
 
 
 @dataclass
 class LossConfig:
     name: str = opt("ce", "teacher-student loss on the head outputs", ("ce", "kl", "mse", "nmse", "ndmse"))
-    teacher_temp: float = opt(1.0, "softmax temperature of the teacher (ce, kl)")
-    student_temp: float = opt(1.0, "softmax temperature of the student (ce, kl)")
+    teacher_temp: float = opt(1.0, "softmax temperature of the teacher (ce, kl)", gt=0)
+    student_temp: float = opt(1.0, "softmax temperature of the student (ce, kl)", gt=0)
     center: bool = opt(False, "subtract a running mean from the teacher outputs (DINO centering)")
-    center_momentum: float = opt(0.9, "momentum of the running center")
+    center_momentum: float = opt(0.9, "momentum of the running center", ge=0, le=1)
 
 
 @dataclass
 class OptimConfig:
     name: str = opt("adamw", "optimizer", ("adamw", "adam", "sgd"))
-    lr: float = opt(1e-3, "peak learning rate")
-    weight_decay: float = opt(0.0, "weight decay (all parameter groups)")
-    momentum: float = opt(0.0, "SGD momentum")
-    betas: list[float] = opt([0.9, 0.999], "Adam betas")
+    lr: float = opt(1e-3, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "weight decay (all parameter groups)", ge=0)
+    momentum: float = opt(0.0, "SGD momentum", ge=0, lt=1)
+    betas: list[float] = opt([0.9, 0.999], "Adam betas", ge=0, lt=1)
     schedule: str = opt("constant", "learning-rate schedule", ("constant", "warmup", "cosine", "exponential"))
-    warmup_steps: int = opt(0, "linear warm-up steps (schedule warmup or cosine)")
-    min_lr: float = opt(0.0, "final learning rate of the cosine schedule")
-    lr_end: float = opt(1e6, "final learning rate of the exponential schedule (starts at lr)")
-    grad_clip: float | None = opt(None, "clip the gradient norm to this value (the paper: none)")
+    warmup_steps: int = opt(0, "linear warm-up steps (schedule warmup or cosine)", ge=0)
+    min_lr: float = opt(0.0, "final learning rate of the cosine schedule", ge=0)
+    lr_end: float = opt(1e6, "final learning rate of the exponential schedule (starts at lr)", gt=0)
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value (the paper: none)", gt=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = opt(10, "epochs of distillation (fractions allowed)")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps")
-    batch_size: int = opt(256, "samples per optimizer step (0 = the full data set)")
-    micro_batch: int | None = opt(None, "split each step into chunks of this size (gradient accumulation)")
-    seed: int = opt(0, "seed of the data order and, unless set, of both inits")
+    epochs: float = opt(10, "epochs of distillation (fractions allowed)", gt=0)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps", gt=0)
+    batch_size: int = opt(256, "samples per optimizer step (0 = the full data set)", ge=0)
+    micro_batch: int | None = opt(None, "split each step into chunks of this size (gradient accumulation)", gt=0)
+    seed: int = opt(0, "seed of the data order and, unless set, of both inits", ge=0, lt=SEEDS)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", ("auto", "cpu", "cuda") )
     precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
                          "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
-    bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this")
+    bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this", ge=0)
+    float64_until_distance: float = opt(2.0 ** -23 * 1e3, "hold teacher and student in float64 from a locality / neighborhood init until ||theta_S - theta_T|| / ||theta_T|| exceeds this, then continue in fp32 (default 2^-23 * 1e3: fp32 resolution with 3 digits to spare; 0 = start in fp32, where a 1e-10 residue rounds away)", ge=0)
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
     compile: bool = opt(False, "torch.compile the student and teacher forward passes")
     data_on_device: bool = opt(True, "hold the whole (uint8) training set on the device and slice batches there")
     teacher_cache: bool = opt(False, "compute the frozen teacher's bottleneck outputs once (fp32, on disk under the data root) and apply only its last layer per step")
-    log_every: int = opt(1, "write metrics every this many steps")
-    checkpoint_every: float = opt(1, "save the student every this many epochs (0 = only at the end)")
-    probe_every: float = opt(0, "probe every this many epochs (0 = only before and after training)")
-    probe_at: list[float] = opt([], "extra epochs at which to probe")
+    log_every: int = opt(1, "write metrics every this many steps", gt=0)
+    checkpoint_every: float = opt(1, "save the student every this many epochs (0 = only at the end)", ge=0)
+    probe_every: float = opt(0, "probe every this many epochs (0 = only before and after training)", ge=0)
+    probe_at: list[float] = opt([], "extra epochs at which to probe", ge=0)
 
 
 @dataclass
 class ProbeConfig:
     data: str | None = opt(None, "probe on this data set instead of data.name (transfer)")
     linear: str = opt("logreg", "linear probe: converged L2 logistic regression, or the authors' AdamW 10-epoch protocol", ("logreg", "adamw", "none"))
-    l2: float = opt(1e-4, "L2 penalty of the logistic regression (times the mean loss)")
-    max_iter: int = opt(500, "L-BFGS iterations of the logistic regression")
-    knn_k: int = opt(20, "k of the k-NN probe (0 = no k-NN)")
+    l2: float = opt(1e-4, "L2 penalty of the logistic regression (times the mean loss)", ge=0)
+    max_iter: int = opt(500, "L-BFGS iterations of the logistic regression", gt=0)
+    knn_k: int = opt(20, "k of the k-NN probe (0 = no k-NN)", ge=0)
     knn_weighting: str = opt("cosine", "k-NN convention: DINO's cosine with exp(sim/T) weights, or unweighted L2 majority vote", ("cosine", "majority"))
-    knn_temperature: float = opt(0.07, "temperature T of the cosine k-NN weights")
-    n_train: int | None = opt(None, "probe on a stratified subset of this many training images (None = all)")
-    n_test: int | None = opt(None, "evaluate on a stratified subset of this many test images (None = all)")
-    batch_size: int = opt(512, "batch size for embedding")
+    knn_temperature: float = opt(0.07, "temperature T of the cosine k-NN weights", gt=0)
+    n_train: int | None = opt(None, "probe on a stratified subset of this many training images (None = all)", gt=0)
+    n_test: int | None = opt(None, "evaluate on a stratified subset of this many test images (None = all)", gt=0)
+    batch_size: int = opt(512, "batch size for embedding", gt=0)
     which: list[str] = opt(["teacher", "student", "input"], "what to probe")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = opt(False, "mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard "
+                            "(pip install tensorboard)")
+    wandb: str | None = opt(None, "mirror metrics.jsonl to this Weights & Biases project, the config as "
+                            "hyperparameters; files under RUN_DIR/wandb (pip install wandb)")
+    wandb_mode: str = opt("default", "W&B mode: online, offline (sync later with `wandb sync RUN_DIR/wandb/offline-run-*`), "
+                          "or default: W&B's own setting ($WANDB_MODE, `wandb offline`)", ("default", "online", "offline"))
 
 
 @dataclass
@@ -171,6 +195,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
@@ -180,12 +205,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        """Hash of the values that differ from the defaults, less where and how a run is logged.
+        """Hash of the values that differ from the defaults, less where and how a run is logged (out, log.*).
 
         Only non-default values enter, so adding a new key (with a default) keeps every existing run's
         address; the price is that changing a default changes what an address means."""
         d = _non_default(self.to_dict(), Config().to_dict())
         d.pop("out", None)
+        d.pop("log", None)
         for key in RUNTIME_ONLY:
             d.get("train", {}).pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
@@ -201,27 +227,63 @@ class Config:
         return Path("runs") / name
 
     def validate(self) -> "Config":
-        _validate(self, "")
-        if self.train.batch_size < 0:
-            raise ConfigError(f"train.batch_size must be >= 0 (0 = full batch), got {self.train.batch_size}")
-        if self.train.micro_batch is not None and self.train.micro_batch <= 0:
-            raise ConfigError(f"train.micro_batch must be positive, got {self.train.micro_batch}")
-        if not 0.0 <= self.init.alpha <= 1.0:
-            raise ConfigError(f"init.alpha must lie in [0, 1], got {self.init.alpha}")
+        _validate(self, "")  # types were checked when the values were set; choices and ranges here
         if self.init.mode == "checkpoint" and not self.init.checkpoint:
             raise ConfigError("init.mode=checkpoint needs init.checkpoint=PATH (a .pt file or a run directory)")
         if self.data.name == "folder" and not self.data.path:
             raise ConfigError("data.name=folder needs data.path=DIR (one sub-folder per class)")
-        enc = self.model.encoder
-        if enc not in ENCODERS and ":" not in enc:
-            raise ConfigError(f"model.encoder: unknown encoder {enc!r}; valid choices: {', '.join(ENCODERS)}, "
-                              "or an import path 'package.module:callable'")
+        if self.data.augment != "none" and self.data.inputs == "noise":
+            raise ConfigError("data.augment augments images; with data.inputs=noise leave data.augment=none")
+        if self.data.augment != "none" and self.train.teacher_cache:
+            raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
+                              "outputs cannot be cached: add --train.teacher_cache false")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas: {self.optim.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        check_encoder(self.model.encoder)
+        taken = sorted(set(self.model.encoder_args) & {"in_channels", "image_size", "norm", "width"})
+        if taken:
+            raise ConfigError(f"model.encoder_args: {', '.join(taken)} come from the data and model.norm / "
+                              "model.width; remove them from encoder_args")
         if self.train.device not in ("auto", "cpu", "cuda") and not self.train.device.startswith("cuda:"):
             raise ConfigError(f"train.device: {self.train.device!r} is not one of auto, cpu, cuda, cuda:N")
         for w in self.probe.which:
             if w not in ("teacher", "student", "input"):
                 raise ConfigError(f"probe.which: {w!r} is not one of teacher, student, input")
         return self
+
+
+# ---------------------------------------------------------------------- import-path encoders
+# An encoder 'package.module:callable' runs code when it is built. A config file (a run's config.yaml, a
+# sweep file, --config) may come from someone else, so the command line confines imports to the modules
+# the user names in that invocation; the Python API (the user's own program) leaves them unconfined.
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_allowed_imports: frozenset[str] | None = None  # None: unconfined (Python API)
+
+
+def confine_imports(modules) -> None:
+    """From now on, accept import-path encoders only from these modules (None: accept any)."""
+    global _allowed_imports
+    _allowed_imports = None if modules is None else frozenset(modules)
+
+
+def check_encoder(encoder: str) -> None:
+    """A built-in encoder name, or a well-formed import path whose module the user has allowed."""
+    if encoder in ENCODERS:
+        return
+    if ":" not in encoder:
+        raise ConfigError(f"model.encoder: unknown encoder {encoder!r}; valid choices: {', '.join(ENCODERS)}, "
+                          "or an import path 'package.module:callable'")
+    if not _IMPORT_PATH.match(encoder):
+        raise ConfigError(f"model.encoder: {encoder!r} is not an import path; expected 'package.module:callable' "
+                          "(dotted Python names on both sides of one colon)")
+    module = encoder.partition(":")[0]
+    if _allowed_imports is not None and module not in _allowed_imports:
+        raise ConfigError(
+            f"model.encoder: {encoder!r} would import and run code from module {module!r}, and it was read from a "
+            "file (a run's config.yaml, a sweep file or --config), not given on this command line; nothing was "
+            f"imported. If you trust that module, confirm it: --allow-import {module} "
+            f"(or --model.encoder {encoder})")
 
 
 # Keys that change how a run is executed or logged but not its result.
@@ -270,6 +332,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        return _mapping(value, key)
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -296,9 +360,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """A mapping from YAML (as is) or the command line (a JSON object). String leaves that are JSON
+    literals become numbers, booleans or null, so `--model.encoder_args.depth 2` means 2."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: {value!r} is not a JSON object ({e.msg}); expected e.g. "
+                              f"--{key} '{{\"num_classes\": 0, \"in_chans\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of keyword arguments, got {type(value).__name__} {value!r}")
+    return {str(k): _json_literal(v) for k, v in value.items()}
+
+
+def _json_literal(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
 
 
 def _apply(obj: Any, updates: dict, prefix: str) -> None:
@@ -329,6 +416,25 @@ def _validate(obj: Any, prefix: str) -> None:
         choices = f.metadata.get("choices")
         if choices and value not in choices and not (key == "train.device" and str(value).startswith("cuda:")):
             raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}")
+        for v in value if isinstance(value, list) else [value]:
+            _check_number(key, v, f.metadata.get("range", {}))
+
+
+def _interval(bounds: dict) -> str:
+    """{'ge': 0, 'lt': 1} -> '[0, 1)'."""
+    low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else "(-inf"
+    high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else "inf)"
+    return f"{low}, {high}"
+
+
+def _check_number(key: str, value: Any, bounds: dict) -> None:
+    """Every number must be finite (nan and inf reach no sensible run) and lie within the field's range."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    ok = math.isfinite(value) and all({"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k]
+                                      for k, b in bounds.items())
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is out of range; valid: a finite number in {_interval(bounds)}")
 
 
 def dotted_to_nested(pairs: dict[str, Any]) -> dict:
@@ -386,7 +492,10 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not a text file (not UTF-8); expected a YAML file of "
+                          "config sections") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     if data is None:
@@ -438,6 +547,7 @@ def help_lines() -> list[str]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             ch = f.metadata.get("choices")
             extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
+            extra += f" range {_interval(f.metadata['range'])}" if "range" in f.metadata else ""
             lines.append(f"--{prefix}{name} (default {default!r}){extra}: {f.metadata.get('help', '')}")
     walk(Config, "")
     return lines

@@ -21,19 +21,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict, load_weights, save_checkpoint
 from .config import Config, config_from_dict
 from .data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
+from .data.augment import augmenter
 from .distributed import from_environment
 from . import teacher_cache
 from .errors import UserError
-from .evaluate import Prober, autocast, exact_fp32, uses_bf16
+from .evaluate import Prober, accuracies, autocast, exact_fp32, uses_bf16
 from .init import (exact_copy, gradient_norm, init_report, locality_init, neighborhood_init, parameter_distance,
                    parameter_norm)
 from .losses import Centering, distill_loss
 from .models import DistillModel, build_model
 from .optim import build_optimizer, lr_at, set_lr
-from .rundir import RunDir, write_json
+from .precision import Float64Start, fp32_state
+from .rundir import RunDir, check_config_digest, probe_warnings, run_lock, write_json
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
 NEEDS_32PX = ("vgg", "resnet", "vit")
@@ -76,27 +78,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None):
+def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, encoder=None,
+                              dtype: torch.dtype | None = None):
     """Teacher (random init, or a checkpoint) and the student by the configured init rule.
 
-    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder."""
+    `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder.
+    `dtype`: hold a locality / neighborhood pair in this dtype (float64 keeps the whole 1e-10 residue)."""
     sd = seeds(cfg)
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
-        teacher.load_state_dict(load_state_dict(cfg.init.teacher_checkpoint, "student"))
+        load_weights(teacher, load_state_dict(cfg.init.teacher_checkpoint, "student"), cfg.init.teacher_checkpoint)
     mode = cfg.init.mode
     if mode == "copy":
         return teacher, exact_copy(teacher)
     if mode == "checkpoint":
         student = exact_copy(teacher)
-        student.load_state_dict(load_state_dict(cfg.init.checkpoint, "student"))
+        load_weights(student, load_state_dict(cfg.init.checkpoint, "student"), cfg.init.checkpoint)
         return teacher, student
     fresh = build_model(cfg, in_channels, image_size, seed=sd["fresh"], encoder=encoder)
     if mode == "independent":
         return teacher, fresh
+    if dtype is not None:
+        teacher.to(dtype)
     if mode == "neighborhood":
-        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon)
-    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving)
+        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon, dtype)
+    return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving, dtype)
 
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
@@ -175,7 +181,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
-    with exact_fp32():
+    with exact_fp32(), run_lock(cfg.run_dir(), create=True):  # reliability: one writer per run folder
         return _distill(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
                         probe_splits=probe_splits)
 
@@ -185,13 +191,17 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     run = RunDir(cfg.run_dir())
     existing = run.summary()
     last_path = run.checkpoints / "last.pt"
-    if run.config_path.exists():  # checked first: a finished run of another config is not this run's result
+    run.remove_stale_temporaries()  # reliability: a kill mid-write leaves .*.tmp files
+    # checked first: a finished run of another config is not this run's result (reliability: a start that failed
+    # before training, config.yaml alone, binds nothing)
+    if run.config_path.exists() and run.started():
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
             raise UserError(f"{run.path} holds a run with a different config; choose another --out, "
                             f"or resume it with `randteach distill --resume {run.path}`")
     if existing and existing.get("status") in ("completed", "diverged"):
+        check_config_digest(existing.get("config_digest"), cfg, run.path)  # reliability: hand-edited config.yaml
         return RunResult(run.path, existing)
     resuming = last_path.exists()
     device = resolve_device(cfg.train.device)
@@ -201,6 +211,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
+        run.track(cfg)  # hook (tracking): TensorBoard / W&B sinks mirror every run.log record
         if encoder is not None or train_data is not None or probe_splits is not None:
             # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
             write_json(run.path / PYTHON_OBJECTS, {"encoder": encoder is not None, "train": train_data is not None,
@@ -209,8 +220,11 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
     torch.manual_seed(cfg.train.seed)
     inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
     in_channels = data.images.shape[1]
-    teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder)
+    # precision gate (float64 start, precision.py): keep these marked lines when the loop is rewritten
+    gate = Float64Start(cfg.train.float64_until_distance)
+    teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder, gate.init_dtype)
     init_info = init_report(teacher, student)
+    gate.start(teacher, student)
     teacher.to(device)
     student.to(device)
     _freeze(teacher, cfg.teacher.train_mode)
@@ -238,12 +252,15 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         student.to(memory_format=torch.channels_last)
 
     step = 0
+    last_loss = float("nan")
     wall_before = 0.0
     bf16_on = False
     teacher_probe: dict | None = None
     if resuming:
         state = load_checkpoint(last_path)
-        student.load_state_dict(state["student"])
+        check_config_digest(state.get("config_digest"), cfg, run.path)  # reliability: hand-edited config.yaml
+        gate.load_state_dict(state.get("precision"), [teacher, student, student_init], optimizer)  # precision gate
+        load_weights(student, state["student"], last_path)  # reliability: another architecture's checkpoint
         teacher.load_state_dict(state["teacher"])
         student_init.load_state_dict(state["student_init"])
         optimizer.load_state_dict(state["optimizer"])
@@ -257,12 +274,13 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         if ddp.is_main:
             run.truncate_after(step)
         teacher_probe = state.get("teacher_probe") or None
+        last_loss = float(state.get("last_loss", float("nan")))  # reliability: a kill after the final checkpoint
     elif ddp.is_main:
         for f in (run.metrics_path, run.summary_path):
             f.unlink(missing_ok=True)
-        save_checkpoint({"model": teacher.state_dict(), "role": "teacher", "in_channels": in_channels,
+        save_checkpoint({"model": fp32_state(teacher), "role": "teacher", "in_channels": in_channels,
                          "image_size": size}, run.checkpoints / "teacher.pt")
-        save_checkpoint({"model": student.state_dict(), "role": "student_init"}, run.checkpoints / "student_init.pt")
+        save_checkpoint({"model": fp32_state(student), "role": "student_init"}, run.checkpoints / "student_init.pt")
 
     if cfg.train.data_on_device:
         inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
@@ -276,7 +294,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
             raise UserError(f"train.teacher_cache=true cannot be used: {why}; set --train.teacher_cache false")
         from .data import resolve_root
         targets, origin = teacher_cache.load_or_compute(
-            teacher, inputs, preprocess, batch, device, resolve_root(cfg.data.root) / "teacher-targets", conv_like)
+            cfg, teacher, inputs, preprocess, batch, device, resolve_root(cfg.data.root) / "teacher-targets", conv_like)
         targets = targets.to(device)
         if progress and ddp.is_main:
             print(f"teacher targets: {origin}")
@@ -295,7 +313,9 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                          "student_init": student_init.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "wall_time_s": wall(), "bf16_on": bf16_on, "init": init_info,
                          "center": centering.center if centering is not None else None,
-                         "rng": _rng_state(), "teacher_probe": teacher_probe or {}}, path)
+                         "rng": _rng_state(), "teacher_probe": teacher_probe or {},
+                         "precision": gate.state_dict(),
+                         "config_digest": cfg.digest(), "last_loss": last_loss}, path)  # reliability: both
 
     def do_probe(epoch: float) -> dict:
         nonlocal teacher_probe
@@ -317,7 +337,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
 
     def save_model(path: Path) -> None:
         if ddp.is_main:
-            save_checkpoint({"model": student.state_dict(), "role": "student", "step": step}, path)
+            save_checkpoint({"model": fp32_state(student), "role": "student", "step": step}, path)
 
     def finish(status: str, **extra) -> RunResult:
         ddp.barrier()
@@ -327,23 +347,30 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         final = probes[-1] if probes else {}
         summary = {"status": status, "steps": step, "epochs": step / steps_per_epoch, "wall_time_s": wall(),
                    "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
+                   "probe_epoch": final.get("epoch"),  # reliability: after a stop, the last probe may be epoch 0
                    "init": init_info, "config_digest": cfg.digest(), "device": str(device),
-                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(), **extra}
+                   "precision": "bf16" if use_bf16_requested else "fp32", "torch": torch.__version__, "host": platform.node(),
+                   **probe_warnings(probes),  # reliability: probes that could not measure
+                   **extra}
         run.write_summary(summary)
         return RunResult(run.path, summary)
 
-    last_loss = float("nan")
+    augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels)  # hook (augment)
     bar = tqdm(total=total_steps, initial=step, disable=not progress or not ddp.is_main, desc=f"distill {run.path.name}",
                unit="step", dynamic_ncols=True)
     with _StopFlag() as stop:
         if step == 0 and prober is not None and 0 in probe_steps:
             do_probe(0.0)
+        if step in ckpt_steps and not (run.checkpoints / f"student_step{step}.pt").exists():
+            save_model(run.checkpoints / f"student_step{step}.pt")  # reliability: killed between the two writes
+        # reliability: killed after the final checkpoint, the final probe is already in metrics.jsonl
+        final_probed = resuming and step == total_steps and any(r["step"] == step for r in run.probes())
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
             idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
             lr = lr_at(cfg.optim, step, total_steps)
             set_lr(optimizer, lr)
-            if use_bf16_requested and not bf16_on:
+            if use_bf16_requested and not bf16_on and not gate.active:
                 # bf16 cannot see a student that sits within fp32 resolution of its teacher: the loss and
                 # gradient are exactly 0 there. Stay in fp32 until the student has left the teacher.
                 bf16_on = parameter_distance(student, teacher) > cfg.train.bf16_after_distance * teacher_norm
@@ -353,22 +380,25 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                 chunk = chunk.to(inputs.device)
                 x = inputs[chunk].to(device, non_blocking=True)
                 x = preprocess(x) if preprocess is not None else x
+                x = augment(x, step, chunk)  # hook (augment): a no-op for data.augment=none
+                x = gate.cast(x)  # precision gate (float64 start)
                 if conv_like:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, bf16_on):  # the encoders only
                     with torch.no_grad():
-                        t_feat = teacher_enc(x) if targets is None else None
+                        live = targets is None or gate.active  # precision gate: live teacher in float64
+                        t_feat = teacher_enc(x) if live else None
                     s_feat = student_enc(x)
                 # The heads run in fp32. With the paper's head (unit bottleneck, unit rows, 2^16 outputs,
                 # temperature 1) the logits are cosines of about 0.06 and the softmax is nearly uniform: bf16's
                 # 8-bit rounding of them drowns the teacher-student difference (VGG11 on an H100, Fashion-MNIST,
                 # 5 epochs: student linear probe 53 % under a bf16 head, 83 % in fp32).
                 with torch.no_grad():
-                    t = (teacher.head.last(targets[chunk.to(device)]) if targets is not None
-                         else teacher.head(t_feat.float()))
-                s = student.head(s_feat.float())
+                    t = (teacher.head.last(targets[chunk.to(device)]) if not live
+                         else teacher.head(gate.cast(t_feat)))
+                s = student.head(gate.cast(s_feat))  # fp32 (float64 in the phase)
                 if centering is not None:
-                    t = centering(t.float())
+                    t = centering(t)
                 loss = distill_loss(cfg.loss.name, s, t, cfg.loss.teacher_temp, cfg.loss.student_temp)
                 (loss * (len(chunk) / len(idx))).backward()
                 loss_sum += float(loss.detach()) * len(chunk) / len(idx)
@@ -383,6 +413,9 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                 return finish("diverged", diverged_step=step + 1, reason="non-finite loss or gradient")
             optimizer.step()
             step += 1
+            switched = gate.after_step(step, teacher, student, [student_init], optimizer)  # precision gate
+            if switched:
+                log(switched)
             if cfg.teacher.mode == "ema":
                 with torch.no_grad():
                     for pt, ps in zip(teacher.parameters(), student.parameters()):
@@ -412,7 +445,7 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
                 bar.close()
                 return finish("interrupted", signal=signal.Signals(stop.signal or signal.SIGTERM).name)
         bar.close()
-        if prober is not None:
+        if prober is not None and not final_probed:
             rec = do_probe(total_epochs)
             if progress:
                 print(_probe_line(rec))
@@ -425,5 +458,5 @@ def _probe_line(rec: dict) -> str:
     parts = [f"epoch {rec['epoch']:g}"]
     for role in ("teacher", "student", "input"):
         if role in rec:
-            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in rec[role].items()))
+            parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies(rec[role]).items()))
     return " | ".join(parts)

@@ -64,6 +64,11 @@ def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot map {x.shape[1]} input channels to {channels}")
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
 @torch.inference_mode()
 def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *, device: torch.device,
           batch_size: int = 512, bf16: bool = False, channels: int | None = None) -> torch.Tensor:
@@ -77,6 +82,7 @@ def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | Non
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
             x = preprocess(x) if preprocess is not None else x.float()
+            x = x.to(_dtype_of(encoder))  # a float64 encoder (the float64 start, precision.py) gets float64
             if channels is not None:
                 x = adapt_channels(x, channels)
             with autocast(device, bf16):
@@ -86,17 +92,28 @@ def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | Non
     return torch.cat(out).flatten(1)
 
 
+INVALID = "invalid"  # key of a probe result naming the probes that could not measure the features, and why
+
+
+def accuracies(result: dict) -> dict[str, float]:
+    """The accuracies of a probe result, without its INVALID note."""
+    return {k: v for k, v in result.items() if k != INVALID}
+
+
 def score(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
           cfg, num_classes: int, device: torch.device | None = None) -> dict:
     """Linear and k-NN test accuracy of features, as configured by a ProbeConfig."""
     result = {}
-    if cfg.linear != "none":
+    refused = probes.unmeasurable(train_x, test_x)  # never a silent chance-level number
+    if cfg.linear != "none" and "linear" not in refused:
         result["linear"] = probes.linear_probe(train_x, train_y, test_x, test_y, method=cfg.linear, l2=cfg.l2,
                                                max_iter=cfg.max_iter, num_classes=num_classes, device=device)
-    if cfg.knn_k > 0:
+    if cfg.knn_k > 0 and "knn" not in refused:
         result["knn"] = probes.knn_probe(train_x, train_y, test_x, test_y, k=cfg.knn_k,
                                          weighting=cfg.knn_weighting, temperature=cfg.knn_temperature,
                                          num_classes=num_classes)
+    if refused:
+        result[INVALID] = "; ".join(f"{kind} probe not measured: {why}" for kind, why in refused.items())
     return result
 
 
@@ -153,11 +170,12 @@ class Prober:
                      self.cfg.probe, self.num_classes)
 
     def input(self) -> dict:
-        """The raw-pixel baseline: standardized flattened images at their native size."""
+        """The raw-pixel baseline: standardized flattened images at the resolution the encoders see (as in the
+        random-teacher authors' code: 32 px for CIFAR-trained encoders probed on STL10 or TinyImageNet)."""
         if self._input is None:
-            native = _fit_preprocess(self.splits.train, None)
-            train_x = (native(self.splits.train.images) if native else self.splits.train.images).flatten(1)
-            test_x = (native(self.splits.test.images) if native else self.splits.test.images).flatten(1)
+            pre = self.preprocess
+            train_x = (pre(self.splits.train.images) if pre else self.splits.train.images).flatten(1)
+            test_x = (pre(self.splits.test.images) if pre else self.splits.test.images).flatten(1)
             self._input = score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
                                 self.cfg.probe, self.num_classes)
         return self._input

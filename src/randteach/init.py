@@ -7,11 +7,11 @@ The student starts from the teacher by the *locality* rule of Sarnthein et al. (
 or by the follow-up paper's neighborhood ``theta_T + eps * theta_fresh``. Only parameters are mixed;
 buffers (batch-norm statistics) are copied from the teacher.
 
-Precision: the mix is computed in float64 and rounded once to the parameter's dtype. With alpha = 1e-10
-the exact value differs from theta_T by far less than fp32's resolution for almost every weight, so the
-student is bitwise equal to the teacher except where a teacher weight is itself tiny (or zero, e.g. a
-bias at 0 stays 0 since fresh biases are 0 too). Computing in fp32 instead would round (1 - alpha) to
-1 first and lose even that residue. `init_report` says how many weights actually moved.
+Precision: the mix is computed in float64. Rounded to fp32 (`dtype=None` keeps the teacher's dtype), a
+student at alpha = 1e-10 is bitwise equal to its teacher except where a teacher weight is itself tiny,
+because 1e-10 is far below fp32's relative resolution 2^-23. Kept in float64 (`dtype=torch.float64`,
+what the distillation loop does, see precision.py) the whole residue alpha * theta_fresh is represented.
+`init_report` says how many weights differ, as held and once rounded to fp32.
 """
 from __future__ import annotations
 
@@ -22,9 +22,13 @@ import torch
 from torch import nn
 
 
-def _mixed(teacher: nn.Module, fresh: nn.Module, a: float, b: float, scale: float) -> nn.Module:
-    """A copy of `teacher` whose parameters are (a * teacher + b * fresh) / scale, computed in float64."""
+def _mixed(teacher: nn.Module, fresh: nn.Module, a: float, b: float, scale: float,
+           dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `teacher` whose parameters are (a * teacher + b * fresh) / scale, computed in float64 and
+    held in `dtype` (None: the teacher's dtype)."""
     out = copy.deepcopy(teacher)
+    if dtype is not None:
+        out.to(dtype)
     fresh_params = dict(fresh.named_parameters())
     with torch.no_grad():
         for name, p in out.named_parameters():
@@ -35,7 +39,8 @@ def _mixed(teacher: nn.Module, fresh: nn.Module, a: float, b: float, scale: floa
     return out
 
 
-def locality_init(teacher: nn.Module, fresh: nn.Module, alpha: float, variance_preserving: bool = True) -> nn.Module:
+def locality_init(teacher: nn.Module, fresh: nn.Module, alpha: float, variance_preserving: bool = True,
+                  dtype: torch.dtype | None = None) -> nn.Module:
     """A new module with parameters ((1-alpha) * teacher + alpha * fresh) / delta and the teacher's buffers.
 
     delta = sqrt(alpha^2 + (1-alpha)^2) keeps the variance of two independent inits constant
@@ -44,12 +49,12 @@ def locality_init(teacher: nn.Module, fresh: nn.Module, alpha: float, variance_p
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     delta = math.sqrt(alpha ** 2 + (1 - alpha) ** 2) if variance_preserving else 1.0
-    return _mixed(teacher, fresh, 1.0 - alpha, alpha, delta)
+    return _mixed(teacher, fresh, 1.0 - alpha, alpha, delta, dtype)
 
 
-def neighborhood_init(teacher: nn.Module, fresh: nn.Module, epsilon: float) -> nn.Module:
-    """theta_T + epsilon * theta_fresh (the escaping paper's theta_S(0))."""
-    return _mixed(teacher, fresh, 1.0, epsilon, 1.0)
+def neighborhood_init(teacher: nn.Module, fresh: nn.Module, epsilon: float, dtype: torch.dtype | None = None) -> nn.Module:
+    """theta_T + epsilon * theta_fresh (the escaping paper's theta_S(0), Sec. 2)."""
+    return _mixed(teacher, fresh, 1.0, epsilon, 1.0, dtype)
 
 
 def exact_copy(teacher: nn.Module) -> nn.Module:
@@ -93,9 +98,12 @@ def gradient_norm(m: nn.Module) -> float:
 
 @torch.no_grad()
 def init_report(teacher: nn.Module, student: nn.Module) -> dict:
-    """How far the student starts from the teacher: distance, and how many weights differ at all."""
-    differ = total = 0
+    """How far the student starts from the teacher: distance, and how many weights differ at all (as held,
+    and once rounded to fp32: the weights an fp32 run would see moved)."""
+    differ = differ_fp32 = total = 0
     for pt, ps in zip(teacher.parameters(), student.parameters()):
         differ += int((pt != ps).sum())
+        differ_fp32 += int((pt.float() != ps.float()).sum())
         total += pt.numel()
-    return {"distance": parameter_distance(teacher, student), "weights_differing": differ, "weights_total": total}
+    return {"distance": parameter_distance(teacher, student), "weights_differing": differ,
+            "weights_differing_fp32": differ_fp32, "weights_total": total}

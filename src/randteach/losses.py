@@ -1,12 +1,14 @@
-"""Teacher-student losses on the head outputs (SPEC §1; escaping paper Sec. 2 and App. A).
+"""Teacher-student losses on the head outputs (Sarnthein et al. 2023, Sec. 3; escaping paper Sec. 2 and App. A).
 
-Every loss is a mean over the batch of a per-sample value, computed in float32 whatever the autocast
-precision of the forward passes:
+Every loss is a mean over the batch of a per-sample value, computed in float32 (float64 inputs stay
+float64) whatever the autocast precision of the forward passes; m is the number of output features:
 - ce:    -sum_k softmax(t/tau_T)_k log softmax(s/tau_S)_k                  (the paper's default, tau = 1)
 - kl:    KL(softmax(t/tau_T) || softmax(s/tau_S)) = ce - H(teacher)        (same gradient as ce)
-- mse:   ||s - t||_2^2                                                     (sum over features)
-- nmse:  ||s/||s|| - t/||t|| ||_2^2                                        (bounded loss and gradient)
+- mse:   (1/m) ||s - t||_2^2                                               (mean over features)
+- nmse:  (1/m) ||s/||s|| - t/||t|| ||_2^2                                  (bounded loss and gradient)
 - ndmse: as nmse, with ||s|| detached from back-propagation (as BatchNorm/LayerNorm do)
+The MSE family is the escaping paper's "mean-squared error" (its Sec. 2): a mean over the m features,
+so its step sizes (eta = 32 ... 1e5, Fig. 1c) apply as written. CE and KL sum over the m classes.
 The teacher side never carries a gradient.
 """
 from __future__ import annotations
@@ -36,8 +38,10 @@ class Centering:
 def distill_loss(name: str, student: torch.Tensor, teacher: torch.Tensor,
                  teacher_temp: float = 1.0, student_temp: float = 1.0) -> torch.Tensor:
     """The batch-mean teacher-student loss `name` between outputs of shape (B, m)."""
-    s = student.float()
-    t = teacher.detach().float()
+    # float64 outputs (the escape's float64 phase, see precision.py) keep their precision
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student.to(dtype)
+    t = teacher.detach().to(dtype)
     if name in ("ce", "kl"):
         log_ps = F.log_softmax(s / student_temp, dim=-1)
         log_pt = F.log_softmax(t / teacher_temp, dim=-1)
@@ -47,11 +51,11 @@ def distill_loss(name: str, student: torch.Tensor, teacher: torch.Tensor,
             per_sample = per_sample + (pt * log_pt).sum(-1)
         return per_sample.mean()
     if name == "mse":
-        return (s - t).pow(2).sum(-1).mean()
+        return (s - t).pow(2).mean(-1).mean()
     if name in ("nmse", "ndmse"):
         s_norm = s.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         if name == "ndmse":
             s_norm = s_norm.detach()
         t_unit = t / t.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        return (s / s_norm - t_unit).pow(2).sum(-1).mean()
+        return (s / s_norm - t_unit).pow(2).mean(-1).mean()
     raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")

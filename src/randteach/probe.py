@@ -57,6 +57,24 @@ def _features(x, name: str, device=None) -> torch.Tensor:
     return x
 
 
+# A row norm past this cannot be squared in float32 (max 3.4e38), so cosine and L2 k-NN compare overflowed
+# values; no trained encoder gets near it (a run at lr 1e6 reached 1e22 and k-NN silently gave chance).
+ABSURD_NORM = 1e18
+
+
+def unmeasurable(*features: torch.Tensor) -> dict[str, str]:
+    """The probes that cannot measure these features, each with the reason; empty if all can."""
+    if any(x.is_floating_point() and not torch.isfinite(x).all() for x in features):
+        why = "the features are not finite (a diverged encoder)"
+        return {"linear": why, "knn": why}
+    # max |x| * sqrt(D) bounds a row norm from above; amax/amin avoid a copy of the features
+    scale = max((max(abs(float(x.amax())), abs(float(x.amin()))) * math.sqrt(x.shape[1])
+                 for x in features if x.numel()), default=0.0)
+    if scale > ABSURD_NORM:
+        return {"knn": f"feature norms reach about {scale:.1e}, beyond {ABSURD_NORM:.0e}: distances overflow"}
+    return {}
+
+
 def _labels(y, name: str, n: int, device) -> torch.Tensor:
     y = torch.as_tensor(y) if isinstance(y, np.ndarray) else y
     if not isinstance(y, torch.Tensor):

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import load_checkpoint, load_state_dict
+from .checkpoint import load_checkpoint, load_state_dict, load_weights
 from .config import dotted_to_nested, parse_overrides, config_from_dict
 from .data import ImageData
 from .distill import resolve_device
 from .errors import UserError
-from .evaluate import Prober, uses_bf16
+from .evaluate import Prober, exact_fp32, uses_bf16
 from .models import build_model
-from .rundir import RunDir, write_json
+from .rundir import ResultsNotSaved, RunDir, run_lock, write_json
 
 PROBE_SECTIONS = ("probe", "data")
 
@@ -24,11 +24,17 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
 
     Python API: `splits` (train, test) replace the configured probe data; `architecture` (an encoder
     factory or module) rebuilds a run whose encoder came from Python rather than model.encoder."""
-    run = RunDir(run_dir)
+    with run_lock(run_dir):  # one writer per run folder
+        return _probe_run(RunDir(run_dir), overrides, checkpoint, splits, architecture)
+
+
+def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict:
     if not run.config_path.exists():
         raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
     saved = yaml.safe_load(run.config_path.read_text())
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    if pairs.get("model.encoder") == (saved.get("model") or {}).get("encoder"):
+        pairs.pop("model.encoder")  # the run's own encoder, repeated to confirm the import
     for key in pairs:
         if key.split(".")[0] not in PROBE_SECTIONS + ("train",):
             raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root and --train.device only")
@@ -43,19 +49,24 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
     in_channels, size = int(teacher_ckpt["in_channels"]), int(teacher_ckpt["image_size"])
     teacher = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
     student = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
-    teacher.load_state_dict(teacher_sd)
-    student.load_state_dict(student_sd)
+    load_weights(teacher, teacher_sd, run.checkpoints / "teacher.pt")
+    load_weights(student, student_sd, checkpoint or run.checkpoints / "student.pt")
     teacher.to(device)
     student.to(device)
     prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)
     result = {}
-    if "teacher" in cfg.probe.which:
-        result["teacher"] = prober.probe(teacher.encoder)
-    if "student" in cfg.probe.which:
-        result["student"] = prober.probe(student.encoder)
-    if "input" in cfg.probe.which:
-        result["input"] = prober.input()
+    with exact_fp32():  # the same fp32 as the probes inside a run (no TF32 on CUDA)
+        if "teacher" in cfg.probe.which:
+            result["teacher"] = prober.probe(teacher.encoder)
+        if "student" in cfg.probe.which:
+            result["student"] = prober.probe(student.encoder)
+        if "input" in cfg.probe.which:
+            result["input"] = prober.input()
     name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
-    write_json(run.path / "probes" / f"{name}.json", {"data": name, "checkpoint": str(checkpoint or "student.pt"),
-                                                      "probe": result})
+    path = run.path / "probes" / f"{name}.json"
+    try:
+        write_json(path, {"data": name, "checkpoint": str(checkpoint or "student.pt"), "probe": result})
+    except OSError as e:
+        raise ResultsNotSaved(f"the probe results could not be saved to {path}: {e.strerror or e} (read-only folder "
+                              "or full disk?); the run itself is untouched", result) from None
     return result

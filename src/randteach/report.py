@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .evaluate import accuracies
 from .rundir import RunDir
 
 ROLES = ("teacher", "student", "input")
@@ -16,7 +17,7 @@ def _pct(x) -> str:
 def probe_table(summary: dict) -> str:
     """Markdown table: one row per role, one column per probe, accuracy in %."""
     probes = summary.get("probe", {})
-    kinds = sorted({k for r in probes.values() for k in r})
+    kinds = sorted({k for r in probes.values() for k in accuracies(r)})
     lines = ["| model | " + " | ".join(f"{k} probe (%)" for k in kinds) + " |",
              "|---|" + "---|" * len(kinds)]
     for role in ROLES:
@@ -27,7 +28,7 @@ def probe_table(summary: dict) -> str:
 
 def history_table(run: RunDir) -> str:
     rows = run.probes()
-    kinds = sorted({k for r in rows for role in ROLES for k in r.get(role, {})})
+    kinds = sorted({k for r in rows for role in ROLES for k in accuracies(r.get(role, {}))})
     cols = [(role, k) for role in ROLES for k in kinds if any(role in r for r in rows)]
     lines = ["| epoch | " + " | ".join(f"{role} {k}" for role, k in cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
@@ -63,6 +64,16 @@ def plot_probes(run: RunDir, path: Path | None = None) -> Path:
     return path
 
 
+def recorded_command(run_dir: str | Path) -> str | None:
+    """The command that report.md names (the one that started the run), if there is a report."""
+    report = Path(run_dir) / "report.md"
+    if report.is_file():
+        for line in report.read_text().splitlines():
+            if line.startswith("Command: `") and line.endswith("`"):
+                return line[len("Command: `"):-1]
+    return None
+
+
 def write_report(run_dir: str | Path, title: str | None = None, command: str | None = None) -> Path:
     """RUN_DIR/report.md with the final probe table, the history and the plot."""
     run = RunDir(run_dir)
@@ -76,6 +87,7 @@ def write_report(run_dir: str | Path, title: str | None = None, command: str | N
               f"({summary.get('epochs', 0):.2f} epochs), wall time {summary.get('wall_time_s', 0):.0f} s "
               f"on {summary.get('device', '?')} ({summary.get('precision', '?')}, torch {summary.get('torch', '?')}).",
               "", "## Final probes (test accuracy)", "", probe_table(summary), "",
+              *[f"Warning: {w}" for w in summary.get("warnings", [])], "",
               "## Probes during training", "", history_table(run), "", f"![probe accuracy vs epoch]({png.name})", "",
               "## Config", "", "```yaml", cfg.rstrip(), "```", ""]
     out = run.path / "report.md"

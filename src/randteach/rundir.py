@@ -5,15 +5,25 @@
                             probe events ({"event": "probe", "epoch", "teacher": {...}, ...})
     RUN_DIR/checkpoints/    teacher.pt, student_init.pt, student_step<N>.pt, student.pt, last.pt (resume state)
     RUN_DIR/summary.json    status, final probes, steps, wall time
+    RUN_DIR/tensorboard/, RUN_DIR/wandb/   with log.tensorboard / log.wandb: live mirrors of metrics.jsonl
+    RUN_DIR/.lock           advisory lock of the one process writing into the run (its PID)
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import UserError
+
+LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
+_held: set[str] = set()  # run folders this process has locked (a nested run_lock of one of them passes)
 
 
 def _clean(x: Any) -> Any:
@@ -27,19 +37,49 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # what open() would give a new file; mkstemp's 0600 would survive the rename
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to `path` for an atomic write, named `.<name>.*.tmp` (removed at a run's start
+    if a kill left it) and with the permissions a plain new file would get under the user's umask."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically write JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     with os.fdopen(fd, "w") as f:
         json.dump(_clean(data), f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
 
 
+class CorruptSummary(UserError, ValueError):
+    """summary.json is not readable JSON (a ValueError, like the JSONDecodeError it replaces)."""
+
+
+class ResultsNotSaved(UserError):
+    """Results computed but not written (disk full, read-only folder); `.result` holds them."""
+
+    def __init__(self, message: str, result: Any):
+        super().__init__(message)
+        self.result = result
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.sinks: list = []  # tracking sinks (`track`): each record logged is forwarded to them
 
     @property
     def config_path(self) -> Path:
@@ -61,9 +101,16 @@ class RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         return self
 
+    def track(self, cfg) -> None:
+        """Attach the tracking sinks that `cfg.log` asks for (none by default)."""
+        from .tracking import sinks_for
+        self.sinks = sinks_for(cfg, self.path)
+
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
+        for sink in self.sinks:
+            sink.write(_clean(record))
 
     def records(self) -> Iterator[dict]:
         if not self.metrics_path.exists():
@@ -82,7 +129,7 @@ class RunDir:
         if not self.metrics_path.exists():
             return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.path)
+        fd, tmp = temporary_beside(self.metrics_path)
         with os.fdopen(fd, "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
@@ -92,9 +139,89 @@ class RunDir:
         return [r for r in self.records() if r.get("event") == "probe"]
 
     def write_summary(self, summary: dict) -> None:
+        """The run's last word: also ends its tracking sinks (the summary's probes logged first)."""
         write_json(self.summary_path, summary)
+        for sink in self.sinks:
+            sink.write({"event": "summary", "step": summary.get("steps", 0), "probe": summary.get("probe", {})})
+            sink.close()
 
     def summary(self) -> dict | None:
         if not self.summary_path.exists():
             return None
-        return json.loads(self.summary_path.read_text())
+        try:
+            return json.loads(self.summary_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptSummary(f"{self.summary_path} is corrupt ({e}); nothing was changed. If the run has a "
+                                 f"checkpoints/last.pt, delete summary.json and resume: `randteach distill --resume "
+                                 f"{self.path}`; otherwise start it again with --out elsewhere") from None
+
+    def started(self) -> bool:
+        """Has training begun (a resumable checkpoint or a summary)? A folder holding only config.yaml is a
+        start that failed before training: it does not bind the folder to that config."""
+        return (self.checkpoints / "last.pt").exists() or self.summary_path.exists()
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of writes cut short by a kill (the lock guarantees no writer is running)."""
+        if not _writes():
+            return
+        for folder in (self.path, self.checkpoints):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+
+
+def probe_warnings(probes: list[dict]) -> dict:
+    """{"warnings": [...]} naming every probe that could not measure its features (see probe.unmeasurable)."""
+    notes = [f"epoch {r.get('epoch', 0):g} {role}: {r[role]['invalid']}" for r in probes
+             for role in ("teacher", "student", "input") if "invalid" in r.get(role, {})]
+    return {"warnings": notes} if notes else {}
+
+
+def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
+    """Refuse to continue a run whose config.yaml no longer matches the config it was started with."""
+    if recorded and recorded != cfg.digest():
+        raise UserError(f"{run_path}/config.yaml was changed after the run started (digest {cfg.digest()}, the run "
+                        f"has {recorded}); a run continues only as it was configured. Restore the file, or start "
+                        "the changed config as a new run with --out elsewhere")
+
+
+def _writes() -> bool:
+    """Whether this process writes into run folders: always, except the ranks > 0 of a torchrun job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def run_lock(path: str | Path, create: bool = False):
+    """Hold the run folder's advisory lock: one writer per run. A second process is refused with the holder's
+    PID. Under torchrun only rank 0 (the rank that writes) takes it; a folder nobody can write is not locked,
+    nor one that does not exist unless `create` (a new run)."""
+    path = Path(path)
+    if not _writes() or not (create or path.is_dir()):
+        yield
+        return
+    key = str(path.resolve())
+    if key in _held:  # this process holds it already (e.g. the Python API probing inside a distill)
+        yield
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        yield  # read-only: no process can write here, so there is nothing to guard
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{path} is in use by another randteach process (PID {holder}); one process writes into "
+                        "a run at a time: wait for it to finish, or use --out elsewhere") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held.add(key)
+        yield
+    finally:
+        _held.discard(key)
+        os.close(fd)  # closing the descriptor releases the lock

@@ -99,12 +99,14 @@ def singular_values(X, method: str = "auto") -> np.ndarray:
 # formulas on a spectrum (written once; the X-level functions and `signal_metrics` share them)
 
 
-def _effective_rank(s: np.ndarray) -> float:
-    # escaping paper: erank = exp(H(p)), p_k = s_k / sum_j s_j, H = -sum p log p with 0 log 0 = 0
+def _effective_rank(s: np.ndarray, eps: float = 0.0) -> float:
+    # escaping paper (after Roy & Vetterli 2007): erank = exp(H(p)), p_k = s_k / sum_j s_j,
+    # H = -sum p log p with 0 log 0 = 0. RankMe (Garrido et al. 2023, Eq. 1) adds eps to every p_k.
     total = s.sum()
     if total == 0:
         return 0.0  # the zero matrix has rank 0
-    p = s[s > 0] / total
+    p = s / total + eps
+    p = p[p > 0]
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
@@ -120,11 +122,22 @@ def _condition_number(s: np.ndarray, threshold: float) -> float:
     return float(s[0] / s[k])
 
 
-def effective_rank(X, *, method: str = "auto") -> float:
-    """exp(H(p)) with p_k = s_k / sum_j s_j over the singular values s of X (uncentered) and
-    H(p) = -sum_k p_k log p_k (0 log 0 = 0). Between 1 and rank(X); equal singular values give exactly
-    the rank. The zero matrix gives 0."""
-    return _effective_rank(singular_values(X, method))
+RANKME = {"center": True, "eps": 1e-7}  # the RankMe convention (Garrido et al. 2023; reptrix)
+
+
+def effective_rank(X, center: bool = False, eps: float = 0.0, *, method: str = "auto") -> float:
+    """exp(H(p)) with p_k = s_k / sum_j s_j + eps over the singular values s of X and
+    H(p) = -sum_k p_k log p_k (0 log 0 = 0).
+
+    Defaults: the escaping paper's convention (Roy & Vetterli 2007): X uncentered, eps = 0; between 1 and
+    rank(X), equal singular values give exactly the rank, the zero matrix gives 0. RankMe's convention
+    (Garrido et al. 2023, "RankMe: assessing the downstream performance of pretrained self-supervised
+    representations by their rank"): `effective_rank(X, **RANKME)`, i.e. each column centered over the
+    samples and eps = 1e-7 added to every p_k (which adds about eps * min(n, d) * log(1/eps) to H)."""
+    X = _matrix(X)
+    if center:
+        X = X - X.mean(axis=0, keepdims=True)
+    return _effective_rank(singular_values(X, method), eps)
 
 
 def condition_number(X, threshold: float = CONDITION_THRESHOLD, *, method: str = "auto") -> float:
@@ -203,12 +216,13 @@ def fisher_separability(X, labels, *, rtol: float = PINV_RTOL) -> float:
 
 
 def signal_metrics(X, labels=None, *, threshold: float = CONDITION_THRESHOLD, atol: float = 0.0,
-                   method: str = "auto") -> dict[str, float]:
-    """All E14 metrics of one layer from a single spectrum: "effective_rank", "condition_number",
-    "dead_neurons", and with labels the `fisher_metrics` entries."""
+                   method: str = "auto", rank_eps: float = 0.0) -> dict[str, float]:
+    """All E14 metrics of one layer from a single spectrum: "effective_rank" (with `rank_eps` added to
+    each p_k, see `effective_rank`), "condition_number", "dead_neurons", and with labels the
+    `fisher_metrics` entries."""
     X = _matrix(X)
     s = singular_values(X, method)
-    out = {"effective_rank": _effective_rank(s), "condition_number": _condition_number(s, threshold),
+    out = {"effective_rank": _effective_rank(s, rank_eps), "condition_number": _condition_number(s, threshold),
            "dead_neurons": dead_neurons(X, atol)}
     if labels is not None:
         out.update(fisher_metrics(X, labels))

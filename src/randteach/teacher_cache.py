@@ -2,19 +2,26 @@
 
 The teacher's head is split as f_T(x) = last(bottleneck(encoder(x))). The compact part,
 bottleneck(encoder(x)) — 256 numbers per image for the paper's head — is computed once for the whole
-training set, in fp32, in batches of train.batch_size, and stored on disk keyed by the teacher's weights
-and the exact inputs; every step then applies only `last` (a matrix product) to the cached rows.
+training set, in fp32, in batches of train.batch_size, and stored on disk keyed by everything that changes
+them: the teacher's weights and buffers, the exact inputs and their preprocessing, the head's switches and
+the encoder's settings (`head.*`, `model.*`), the memory format, the device type and whether TF32 is
+allowed. Every step then applies only `last` (a matrix product) to the cached rows.
 This removes the teacher's encoder pass from every step and is reused by every run with the same teacher
 and data (e.g. the seeds of a sweep that share train.seed-independent teacher seeds, or a re-run).
 
-What it changes: the teacher's outputs are computed in other batches than the student's. Per-sample
-results of a conv kernel can differ in the last bit with batch composition, so at alpha = 1e-10 the
-escape is seeded by that rounding noise as well as by the init residue. Only valid for a frozen teacher
-in eval mode (checked by `usable`).
+What it changes: the teacher's outputs are computed in other batches than the student's, so per-sample
+results may differ from a live teacher's in the last fp32 bit. The escape at alpha = 1e-10 is not seeded
+by that: the loop runs the teacher live during the float64 start (see below). Only valid for a frozen
+teacher in eval mode (checked by `usable`).
+
+A teacher held in float64 (the float64 start, precision.py) is cached from its fp32 copy: the loop runs
+the teacher live while the float64 phase lasts and uses these fp32 targets after it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError
 
-VERSION = "1"
+VERSION = "2"
 
 
 def usable(cfg: Config) -> tuple[bool, str]:
@@ -42,9 +49,17 @@ def _digest_tensor(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def cache_key(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int) -> str:
-    """Hash of everything the targets depend on: teacher weights and buffers, inputs, their conversion."""
+def target_settings(cfg: Config, device: torch.device, channels_last: bool) -> dict:
+    """The settings besides weights and inputs that change the cached targets."""
+    return {"head": asdict(cfg.head), "model": asdict(cfg.model), "channels_last": channels_last,
+            "device": device.type, "dtype": "float32", "tf32": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def cache_key(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int, settings: dict) -> str:
+    """Hash of everything the targets depend on: teacher weights and buffers, inputs, their conversion,
+    and `settings` (see `target_settings`)."""
     h = hashlib.sha256(f"teacher-targets-v{VERSION}-b{batch_size}".encode())
+    h.update(repr(sorted(settings.items())).encode())
     for name, t in teacher.state_dict().items():
         h.update(name.encode())
         _digest_tensor(h, t)
@@ -68,10 +83,18 @@ def compute_targets(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_
     return torch.cat(out)
 
 
-def load_or_compute(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int, device: torch.device,
-                    folder: Path | None, channels_last: bool = False) -> tuple[torch.Tensor, str]:
+def _fp32(teacher: nn.Module) -> nn.Module:
+    """The teacher itself, or its fp32 copy when it is held in float64."""
+    if any(p.dtype == torch.float64 for p in teacher.parameters()):
+        return copy.deepcopy(teacher).float()
+    return teacher
+
+
+def load_or_compute(cfg: Config, teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int,
+                    device: torch.device, folder: Path | None, channels_last: bool = False) -> tuple[torch.Tensor, str]:
     """The cached targets (from `folder` when present and valid) and where they came from."""
-    key = cache_key(teacher, inputs, preprocess, batch_size)
+    teacher = _fp32(teacher)
+    key = cache_key(teacher, inputs, preprocess, batch_size, target_settings(cfg, device, channels_last))
     path = folder / f"{key}.pt" if folder is not None else None
     if path is not None and path.exists():
         try:

@@ -20,7 +20,8 @@ It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json,
 `randteach signal RUN` finds it.
 
 Measured on 2 shared CPU cores (the `escape` preset with model.encoder=convnet: 4 conv layers + linear
-512, SGD, N-MSE, fp32; Fashion-MNIST; linear logreg probe on 5,000 / 2,000 images; teacher 77.6 %):
+512, SGD, N-MSE, fp32; Fashion-MNIST; linear logreg probe on 5,000 / 2,000 images; teacher 77.6 %; measured
+when the MSE family summed over the outputs and before the float64 start, so every eta acted 512x larger):
 - step size (10,240 images, batch 256, 400 steps): the loss spikes to ~1 within 3 steps, then sits on
   a plateau (~0.03); every eta collapses below the teacher and recovers slowly, if at all:
   eta 1e2 69.2 % (step 50) -> 71.5 %; 1e3 47.9 % -> 46.8 %; 1e4 73.2 % -> 65.9 % (step 350) -> 67.1 %;
@@ -231,18 +232,25 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
                stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4, warmup_steps: int = 1000,
                collapse_metric: str = "probe", exact: bool = False, erank_samples: int = 500,
                prune_checkpoints: bool = False, progress: bool = True,
-               train_data: ImageData | None = None) -> dict:
+               train_data: ImageData | None = None, group_steps: dict[str, int] | None = None) -> dict:
     """Run the escape sweeps (E13, E15) of base config `cfg` into OUT and return OUT/escape.json's content.
 
-    Every run lasts `steps` optimizer steps and is probed/checkpointed every `probe_every_steps` steps.
+    Every run lasts `steps` optimizer steps (or `group_steps[group]` for the groups it names: the paper's
+    step-size sweep runs 20k steps, its batch-size sweep 6k) and is probed/checkpointed every
+    `probe_every_steps` steps.
     Completed runs are not redone (the loop skips them), nor are their kept collapse checkpoints.
     `prune_checkpoints` deletes the intermediate student_step<N>.pt once the collapse point is kept
     (a VGG11 run probed every 500 of 20k steps saves 40 of them). Writes OUT/escape.json and one figure
     per group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
     if collapse_metric not in COLLAPSE_METRICS:
         raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
-    if steps < 1 or probe_every_steps < 1:
-        raise UserError(f"steps and probe_every_steps must be positive, got {steps} and {probe_every_steps}")
+    group_steps = dict(group_steps or {})
+    if steps < 1 or probe_every_steps < 1 or any(int(s) < 1 for s in group_steps.values()):
+        raise UserError(f"steps, group_steps and probe_every_steps must be positive, got {steps}, {group_steps} "
+                        f"and {probe_every_steps}")
+    if set(group_steps) - set(GROUPS):
+        raise UserError(f"group_steps names unknown groups {sorted(set(group_steps) - set(GROUPS))}; "
+                        f"valid: {', '.join(GROUPS)}")
     out = Path(out)
     full = train_data if train_data is not None else load_configured(cfg.data, "train")
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
@@ -253,7 +261,8 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
         raise UserError("nothing to run: give at least one step size, batch size or the stabilize group")
     results = []
     for v in variants:
-        c = variant_config(cfg, v, n=n, steps=steps, probe_every_steps=probe_every_steps, out=out)
+        c = variant_config(cfg, v, n=n, steps=int(group_steps.get(v.group, steps)),
+                           probe_every_steps=probe_every_steps, out=out)
         run = distill(c, progress=progress, train_data=full)
         curves, probes = _curves(RunDir(run.path))
         erank = erank_curve(run.path, erank_samples) if collapse_metric == "erank" else None
@@ -267,9 +276,10 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
         results.append({"group": v.group, "label": v.label, "overrides": v.overrides, "run": str(run.path),
                         "status": run.summary.get("status"), "diverged_step": run.summary.get("diverged_step"),
                         "batch_size": c.train.batch_size or n, "lr": c.optim.lr, "loss_name": c.loss.name,
+                        "max_steps": c.train.max_steps,
                         "steps": curves, "probes": probes, "erank": erank, "collapse": collapse,
                         "final_probe": run.summary.get("probe", {})})
-    result = {"base_config_digest": cfg.digest(), "n_samples": n, "steps": steps,
+    result = {"base_config_digest": cfg.digest(), "n_samples": n, "steps": steps, "group_steps": group_steps,
               "probe_every_steps": probe_every_steps, "collapse_metric": collapse_metric,
               "collapse_checkpoint": "re-run to the exact step" if exact else "nearest saved checkpoint",
               "encoder": cfg.model.encoder, "data": cfg.data.name, "runs": results, "figures": {}}

@@ -14,21 +14,25 @@ order; a module called several times per forward pass (ResNet blocks reuse one R
 per call, named `name#k`. The encoder's output (the embedding the probes see, after its pooling) is
 the last layer, `embedding`. For ViTs the activation layers are the hidden units of each block's MLP.
 
-Spatial maps (B, C, H, W) are average-pooled over positions by default (`spatial="avgpool"`: d_l = C,
-so a channel is one neuron and counts as dead when it is 0 at every position of every sample, which
-for ReLU is exactly "0 after pooling"); `spatial="flatten"` keeps every (channel, position) as a
-neuron, d_l = C*H*W, memory-checked (`max_bytes`). Token sequences (B, T, D) are averaged over tokens
-(or flattened). Memory: X is kept in float32 for a class-stratified sample subset (`n_samples`, default
-1000), and `randteach.signal` works on wide layers through the n x n Gram matrix (min(n, d)^2 float64),
-so even flattened VGG maps (d = 65,536) cost n*d*4 bytes plus n^2*8. The forward passes run in float32
-(never bf16: ranks and exact zeros need it) in eval mode, as the probes do.
+Spatial maps (B, C, H, W) are flattened by default, as the authors computed the metrics
+(`spatial="flatten"`: every (channel, position) is a neuron, d_l = C*H*W; Fig. 2b counts neurons that are
+0 on every sample). `spatial="avgpool"` averages over positions instead (d_l = C: a channel is one neuron
+and counts as dead when it is 0 at every position of every sample, which for ReLU is exactly "0 after
+pooling"). Token sequences (B, T, D) are flattened (or averaged over tokens). The paper computes X over
+the data set D; `n_samples=None` (the default) takes the whole split where memory allows, else the
+largest class-stratified subset whose representations (all layers, float32) and widest Gram matrix
+(min(n, d)^2 float64, the way `randteach.signal` handles wide layers) each fit in `max_bytes` (4 GiB);
+the number used is recorded as "n_samples". The forward passes run in float32 (never bf16: ranks and
+exact zeros need it) in eval mode, as the probes do.
 
 Metrics are computed on X exactly as collected unless `center` (subtract each neuron's mean over the
-samples) or `standardize` (center and divide by the std; constant neurons stay 0) is asked for; dead
+samples) or `standardize` (center and divide by the std; constant neurons stay 0) is asked for;
+`rank_eps` adds eps to the normalized spectrum of the effective rank (`center=True, rank_eps=1e-7` is
+the RankMe convention, see `randteach.signal.effective_rank`); dead
 neurons are always counted on the collected post-activation X (centering would turn constant neurons
 into zero rows).
 
-Measured (`randteach signal RUN --n-samples 1000 --n-test 1000 --probe.knn_k 0` on the eta = 1e5 run of
+Measured (`randteach signal RUN --spatial avgpool --n-samples 1000 --n-test 1000 --probe.knn_k 0` on the eta = 1e5 run of
 the CPU escape sweep in `escape.py`: collapse at step 50, student at step 400; 37 s on 2 shared cores):
 from the teacher to the collapse point, conv layers 2-4 go from effective rank 5.0 / 10.4 / 15.0 to
 1.1 / 1.0 / 1.0, from 0 / 2 / 0 to 29 / 56 / 66 dead channels (of 64 / 128 / 128), to a Fisher
@@ -82,7 +86,7 @@ def _reduce(t: torch.Tensor, spatial: str) -> torch.Tensor:
 class LayerRecorder:
     """Context manager: forward hooks on every activation module of `encoder` and on its output."""
 
-    def __init__(self, encoder: nn.Module, spatial: str = "avgpool"):
+    def __init__(self, encoder: nn.Module, spatial: str = "flatten"):
         if spatial not in SPATIAL:
             raise UserError(f"spatial={spatial!r} is not one of {', '.join(SPATIAL)}")
         self.encoder = encoder
@@ -133,7 +137,7 @@ class LayerRecorder:
 
 @torch.no_grad()
 def collect_representations(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *,
-                            device: torch.device, spatial: str = "avgpool", batch_size: int = 256,
+                            device: torch.device, spatial: str = "flatten", batch_size: int = 256,
                             channels: int | None = None, max_bytes: int = MAX_BYTES) -> tuple[list[Layer], list[torch.Tensor]]:
     """Every layer's representation of `images` ((n, d_l) float32 each), the encoder in eval mode."""
     was_training = encoder.training
@@ -159,6 +163,26 @@ def collect_representations(encoder: nn.Module, images: torch.Tensor, preprocess
     return rec.layers()
 
 
+def samples_that_fit(encoder: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess | None,
+                     *, device: torch.device, spatial: str, channels: int | None, max_bytes: int = MAX_BYTES,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of (images, labels), or the largest class-stratified subset for which every layer's X (float32)
+    and the widest layer's Gram matrix (min(n, d)^2 float64) each fit in `max_bytes`."""
+    layers, _ = collect_representations(encoder, images[:1], preprocess, device=device, spatial=spatial,
+                                        channels=channels, max_bytes=math.inf)
+    n = min(len(images), max_bytes // (4 * sum(layer.dim for layer in layers)))
+    gram_side = math.isqrt(max_bytes // 8)
+    if min(n, max(layer.dim for layer in layers)) > gram_side:
+        n = gram_side
+    if n < 1:
+        raise UserError(f"one sample's representations (spatial={spatial}) exceed {max_bytes / 2 ** 30:.1f} GiB; "
+                        "use spatial=avgpool")
+    if n >= len(images):
+        return images, labels
+    keep = stratified_subset(labels, n, seed)
+    return images[keep], labels[keep]
+
+
 def transform(x: torch.Tensor, center: bool = False, standardize: bool = False) -> torch.Tensor:
     """X as given, centered per neuron, or standardized per neuron (a constant neuron stays 0)."""
     if not (center or standardize):
@@ -172,11 +196,11 @@ def transform(x: torch.Tensor, center: bool = False, standardize: bool = False) 
 
 
 def layer_metrics(x: torch.Tensor, labels: torch.Tensor, *, center: bool = False, standardize: bool = False,
-                  threshold: float = 0.999) -> dict:
+                  threshold: float = 0.999, rank_eps: float = 0.0) -> dict:
     """Effective rank, dead neurons, condition number and Fisher metrics of one layer's X (n, d)."""
     from ..signal import dead_neurons, signal_metrics
 
-    m = signal_metrics(transform(x, center, standardize), labels, threshold=threshold)
+    m = signal_metrics(transform(x, center, standardize), labels, threshold=threshold, rank_eps=rank_eps)
     dead = dead_neurons(x)  # on the post-activation X as collected, whatever the transform
     return {"effective_rank": m["effective_rank"], "dead_neurons": dead, "dead_fraction": dead / x.shape[1],
             "condition_number": m["condition_number"], "trace_within": m["trace_within"],
@@ -272,8 +296,9 @@ def signal_checkpoints(models: RunModels, collapse: str | Path | None = None) ->
     return out
 
 
-def analyze_signal(run_dir: str | Path, *, n_samples: int = 1000, n_test: int = 1000, spatial: str = "avgpool",
-                   center: bool = False, standardize: bool = False, threshold: float = 0.999,
+def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test: int | None = None,
+                   spatial: str = "flatten", center: bool = False, standardize: bool = False,
+                   threshold: float = 0.999, rank_eps: float = 0.0,
                    probe: bool = True, collapse: str | Path | None = None, out: str | Path | None = None,
                    overrides: dict | None = None, progress: bool = True,
                    splits: tuple[ImageData, ImageData] | None = None, architecture=None) -> dict:
@@ -294,21 +319,27 @@ def analyze_signal(run_dir: str | Path, *, n_samples: int = 1000, n_test: int = 
     result.update(layer_signals(encoders, (train_images, train_labels), (test_images, test_labels) if probe else None,
                                 models.preprocess, models.cfg.probe, num_classes, device=models.device,
                                 channels=models.in_channels, spatial=spatial, center=center,
-                                standardize=standardize, threshold=threshold, progress=progress))
+                                standardize=standardize, threshold=threshold, rank_eps=rank_eps,
+                                progress=progress, seed=models.cfg.data.subset_seed))
     return write_signal(result, out)
 
 
 def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, torch.Tensor],
                   test: tuple[torch.Tensor, torch.Tensor] | None, preprocess: Preprocess | None, probe_cfg,
-                  num_classes: int, *, device: torch.device, channels: int | None = None, spatial: str = "avgpool",
-                  center: bool = False, standardize: bool = False, threshold: float = 0.999,
-                  progress: bool = False) -> dict:
+                  num_classes: int, *, device: torch.device, channels: int | None = None, spatial: str = "flatten",
+                  center: bool = False, standardize: bool = False, threshold: float = 0.999, rank_eps: float = 0.0,
+                  progress: bool = False, max_bytes: int = MAX_BYTES, seed: int = 0) -> dict:
     """Per-layer metrics of each encoder on the images `train` (metrics; the probes fit here) and `test`
     (the probes score here; None: no probes): {"layers": [...], "metrics": {name: [row per layer]},
     "relative_to": name, and the settings}.
     The encoders must share one architecture; `*_rel_teacher` columns are relative to "teacher" if
-    there is one, else to the first encoder."""
-    train_images, train_labels = train
+    there is one, else to the first encoder. Samples beyond what memory allows are left out by
+    `samples_that_fit` (a class-stratified subset; the counts used are returned)."""
+    first = next(iter(encoders.values()))
+    fit = dict(device=device, spatial=spatial, channels=channels, max_bytes=max_bytes, seed=seed)
+    train_images, train_labels = train = samples_that_fit(first, *train, preprocess, **fit)
+    if test is not None:
+        test = samples_that_fit(first, *test, preprocess, **fit)
     layers_out, metrics = None, {}
     for role, encoder in encoders.items():
         kw = dict(device=device, spatial=spatial, channels=channels)
@@ -322,7 +353,7 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
         rows = []
         for i, (layer, x) in enumerate(zip(layers, xs)):
             row = {"layer": layer.name, **layer_metrics(x, train_labels, center=center, standardize=standardize,
-                                                        threshold=threshold)}
+                                                        threshold=threshold, rank_eps=rank_eps)}
             if test is not None:
                 row["probe"] = score(transform(x, center, standardize).float(), train_labels,
                                      _test_transform(x, test_xs[i], center, standardize), test[1],
@@ -336,7 +367,7 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
     reference = "teacher" if "teacher" in metrics else next(iter(metrics))
     _relative_to(metrics, reference)
     return {"n_samples": len(train_images), "n_test": len(test[0]) if test is not None else 0, "spatial": spatial,
-            "center": center, "standardize": standardize, "condition_threshold": threshold,
+            "center": center, "standardize": standardize, "rank_eps": rank_eps, "condition_threshold": threshold,
             "layers_are": "post-activation outputs of every activation module of the encoder, in forward "
                           "order, then the encoder output ('embedding')",
             "layers": layers_out, "metrics": metrics, "relative_to": reference}

@@ -5,13 +5,16 @@ and renamed into place only if the checksum matches, so an interrupted or corrup
 looks like data. Archives are unpacked into a temporary folder inside the root, after every member
 has been checked: an absolute name, a name that resolves outside the root (`../x`), a link that
 points outside, or a device file refuses the whole archive before anything is written. The archive
-is deleted afterwards.
+is deleted afterwards (an archive placed by hand, once its checksum matches, is used and kept). A marker
+with every unpacked file's MD5 is written after a verified extraction; a copy that no longer matches it
+is unpacked again.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import stat
@@ -64,18 +67,49 @@ def _urls(remote: Remote, base_url: str | None) -> tuple[str, ...]:
 
 
 def _fetch_archive(info: DatasetInfo, base: Path, target: Path, base_url: str | None, progress: bool) -> None:
-    if all((target / f).exists() for f in info.contents):
+    if unpacked_intact(target):
         return
     remote = info.remote[0]
-    archive = download(_urls(remote, base_url), base / remote.filename, remote, progress=progress)
+    archive = base / remote.filename
+    placed_by_hand = archive.is_file() and checksum_ok(archive, remote)  # as the download error advises
+    if not placed_by_hand:
+        archive = download(_urls(remote, base_url), archive, remote, progress=progress)
     try:
         extract_archive(archive, base)
     finally:
-        archive.unlink(missing_ok=True)
+        if not placed_by_hand:  # ours to delete; the user's own copy stays
+            archive.unlink(missing_ok=True)
     missing = [f for f in info.contents if not (target / f).exists()]
     if missing:
         raise FetchError(f"{remote.filename} unpacked, but {target / missing[0]} is missing: "
                          f"it is not the official {info.title} archive")
+    _mark_intact(target)
+
+
+# Written after a verified archive was unpacked: the MD5 of every file, so that a later fetch tells an intact
+# copy from a truncated or altered one (and unpacks again) instead of saying "ready".
+INTACT_MARKER = ".randteach-unpacked.json"
+
+
+def _file_md5s(target: Path) -> dict[str, str]:
+    return {str(p.relative_to(target)): file_md5(p) for p in sorted(target.rglob("*"))
+            if p.is_file() and p.name != INTACT_MARKER}
+
+
+def _mark_intact(target: Path) -> None:
+    tmp = target / f".{INTACT_MARKER}.tmp"
+    tmp.write_text(json.dumps(_file_md5s(target), indent=1))
+    os.replace(tmp, target / INTACT_MARKER)
+
+
+def unpacked_intact(target: Path) -> bool:
+    """Whether `target` holds every file of a verified extraction, each with its recorded MD5."""
+    try:
+        recorded = json.loads((target / INTACT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and all(
+        (target / name).is_file() and file_md5(target / name) == md5 for name, md5 in recorded.items())
 
 
 # ------------------------------------------------------------------ checksums
@@ -159,6 +193,8 @@ def _check_name(name: str, root: str, archive: Path) -> None:
         raise FetchError(f"refusing to unpack {archive.name}: member {name!r} has an absolute path")
     if not _inside(root, os.path.join(root, name)):
         raise FetchError(f"refusing to unpack {archive.name}: member {name!r} would land outside the target folder")
+    if ".." in name.replace("\\", "/").split("/"):  # even one that stays inside could overwrite a sibling
+        raise FetchError(f"refusing to unpack {archive.name}: member {name!r} contains '..'")
 
 
 def _through_link(path: str, links: set[str]) -> bool:

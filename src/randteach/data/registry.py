@@ -43,6 +43,7 @@ class DatasetInfo:
     homepage: str
     reader: Callable[[Path, str], ImageData] | None = None
     system_dirs: tuple[str, ...] = ()  # also looked in, after the data root
+    torchvision: str | None = None     # torchvision's folder for it under a root (its downloads are reused)
     manual: str = ""            # how to get it by hand, when `remote` is empty
 
     @property
@@ -81,12 +82,13 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
         tuple(f"{stem}.gz" for stem in FASHION_MD5), _idx_files((_ZALANDO,), FASHION_MD5),
         "https://github.com/zalandoresearch/fashion-mnist",
         partial(idx.load, name="fashion-mnist", classes=FASHION_CLASSES),
-        system_dirs=(DEBIAN_FASHION_MNIST,)),
+        system_dirs=(DEBIAN_FASHION_MNIST,), torchvision="FashionMNIST/raw"),
     DatasetInfo(
         "mnist", "MNIST", 1, 28, 10, ("train", "test"), "mnist",
         tuple(f"{stem}.gz" for stem in MNIST_MD5), _idx_files(_MNIST_MIRRORS, MNIST_MD5),
         "http://yann.lecun.com/exdb/mnist/",
-        partial(idx.load, name="mnist", classes=tuple(str(d) for d in range(10)))),
+        partial(idx.load, name="mnist", classes=tuple(str(d) for d in range(10))),
+        torchvision="MNIST/raw"),
     DatasetInfo(
         "digits", "scikit-learn digits", 1, 8, 10, ("train", "test"), None, (), (),
         "https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
@@ -164,7 +166,8 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, path:
         return folder.load(path, split, name=name, root=root, test_fraction=test_fraction)
     base = resolve_root(root)
     looked = []
-    for directory in [base / info.folder, *map(Path, info.system_dirs)]:
+    torchvision = [base / info.torchvision] if info.torchvision else []
+    for directory in [base / info.folder, *torchvision, *map(Path, info.system_dirs)]:
         if not directory.is_dir():
             looked.append(f"  {directory}  (no such folder)")
             continue

@@ -286,7 +286,8 @@ class LrRange(Experiment):
 
 
 ESCAPE_PARAMS = ("steps", "probe_every_steps", "lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses",
-                 "stabilize_lr", "warmup_steps", "collapse_metric", "exact", "erank_samples", "prune_checkpoints")
+                 "stabilize_lr", "warmup_steps", "collapse_metric", "exact", "erank_samples", "prune_checkpoints",
+                 "group_steps")
 ESCAPE_SWEEP = ("lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses", "stabilize_lr", "warmup_steps")
 
 
@@ -308,7 +309,8 @@ class Escape(Experiment):
         from ..analysis.escape import escape_variants
         kw = self._kwargs(ctx)
         variants = escape_variants(**{k: kw[k] for k in ESCAPE_SWEEP if k in kw})
-        return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each "
+        per_group = "".join(f", {g} {s}" for g, s in (kw.get("group_steps") or {}).items())
+        return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each{per_group} "
                 f"({', '.join(v.group + '/' + v.label for v in variants)}) into {ctx.out / f'seed{c.train.seed}'}"
                 for c in _bases(ctx)]
 
@@ -344,7 +346,7 @@ class Escape(Experiment):
         return lines
 
 
-SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "threshold", "probe")
+SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "rank_eps", "threshold", "probe")
 ROLE_NAMES = {"teacher": "θ_T", "collapse": "θ_C", "student": "θ_S"}
 
 

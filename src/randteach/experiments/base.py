@@ -20,6 +20,7 @@ from ..config import Config
 from ..rundir import RunDir
 from ..sweep import finished_summary, run_one, run_sweep
 from .recipe import Recipe
+from .protocol import with_paper_protocol
 from .tables import arm_section, rows_of
 
 DEFAULT_ROOT = "runs/experiments"
@@ -84,7 +85,9 @@ class Experiment:
     def analyze(self, ctx: Context, arms: dict[str, list[Config]]) -> list[str]:
         lines = []
         for arm in ctx.recipe.arms:
-            section, _ = arm_section(f"{arm.name}", rows_of(arms[arm.name]), arm.keys(), ctx.out, arm.name,
+            rows = with_paper_protocol(rows_of(arms[arm.name]), ctx.params.get("paper_protocol"),
+                                       progress=ctx.progress)
+            section, _ = arm_section(f"{arm.name}", rows, arm.keys(), ctx.out, arm.name,
                                      references=ctx.recipe.reference, extras=self.extras)
             lines += section
         return lines

@@ -19,8 +19,9 @@ from ..config import Config
 from ..rundir import RunDir
 
 ROLES = ("teacher", "student", "input")
-KINDS = ("linear", "knn")
-KIND_LABEL = {"linear": "linear", "knn": "k-NN"}
+KINDS = ("linear", "knn", "paper_linear", "paper_knn")
+KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
+              "paper_knn": "k-NN, authors' protocol (L2 majority vote)"}
 Extra = Callable[[dict], dict[str, float]]
 
 

@@ -4,12 +4,10 @@ A target's probe result is cached in the run directory (probes/transfer-<target>
 re-run probes only what is missing. The source itself as a target is the run's own final probe."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-from ..rundir import write_json
 from .base import Context, Experiment
+from .protocol import cached_probe, paper_metrics
 from .tables import arm_section, rows_of
 
 TARGET_KEY = "probe.data"
@@ -27,15 +25,7 @@ def targets(ctx: Context) -> list[dict]:
 
 def transfer_probe(run_dir: str | Path, target: str, overrides: dict, progress: bool = False) -> dict:
     """Teacher/student/input probes of a finished run on `target` (cached in the run directory)."""
-    from ..probing import probe_run
-    pairs = {TARGET_KEY: target, **overrides}
-    key = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:8]
-    cache = Path(run_dir) / "probes" / f"transfer-{target}-{key}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())["probe"]
-    result = probe_run(run_dir, pairs, progress=progress)
-    write_json(cache, {"overrides": pairs, "probe": result})
-    return result
+    return cached_probe(run_dir, {TARGET_KEY: target, **overrides}, f"transfer-{target}", progress)
 
 
 def _metrics(probe: dict) -> dict[str, float]:
@@ -68,8 +58,12 @@ class Transfer(Experiment):
                         probe = row["summary"].get("probe", {})
                     else:
                         probe = transfer_probe(row["run_dir"], t["name"], t["overrides"], ctx.progress)
-                    rows.append({**row, "config": {**row["config"], TARGET_KEY: t["name"]},
-                                 "metrics": _metrics(probe)})
+                    metrics = _metrics(probe)
+                    protocol = ctx.params.get("paper_protocol")
+                    if protocol and row["status"] == "completed":  # the papers' probes beside ours (Tab. 2)
+                        pairs = {**t["overrides"], **{k: str(v) for k, v in protocol.items()}}
+                        metrics.update(paper_metrics(transfer_probe(row["run_dir"], t["name"], pairs, ctx.progress)))
+                    rows.append({**row, "config": {**row["config"], TARGET_KEY: t["name"]}, "metrics": metrics})
         keys = ["data.name"] + [k for k in keys if k != "data.name"] + [TARGET_KEY]
         section, _ = arm_section("source (data.name) -> target (probe.data)", rows, keys, ctx.out, "transfer",
                                  references=ctx.recipe.reference, curves=False,

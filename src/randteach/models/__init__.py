@@ -19,7 +19,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..config import ENCODERS, Config, ConfigError
+from ..config import ENCODERS, Config, ConfigError, check_encoder
 from .common import count_parameters, norm2d, resolve_norm
 from .heads import DINOHead, IdentityHead, LinearHead, build_head, unit_rows
 from .resnet import SPECS as RESNETS, build_resnet
@@ -69,6 +69,7 @@ def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> 
     """'package.module:callable' -> callable(in_channels=..., image_size=..., **options), passing
     in_channels/image_size only where the signature accepts them; embed_dim from the module's
     .embed_dim, else from one forward pass of a dummy batch."""
+    check_encoder(path)  # refused before anything is imported unless the user allowed this module
     module_name, _, attr = path.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -81,13 +82,16 @@ def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> 
 
 
 def call_encoder_factory(obj, what: str, in_channels: int, image_size: int, **options) -> nn.Module:
-    """Call an encoder factory, passing in_channels/image_size where its signature accepts them."""
+    """Call an encoder factory, passing in_channels/image_size where its signature accepts them (by name,
+    or by **kwargs when `options` is empty)."""
     kwargs = dict(options)
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # With arguments of the user's own, **kwargs is assumed to forward them to a model class (as
+    # timm.create_model does), which would refuse in_channels/image_size: pass those only by name then.
+    takes_any = not options and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in (("in_channels", in_channels), ("image_size", image_size)):
         if takes_any or key in params:
             kwargs[key] = value
@@ -164,6 +168,7 @@ def build_model(cfg: Config, in_channels: int, image_size: int, seed: int, encod
         elif encoder is not None:
             encoder = call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)
         else:
-            encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width)
+            encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width,
+                                    **cfg.model.encoder_args)
         head = build_head(cfg.head, encoder.embed_dim)
     return DistillModel(encoder, head)

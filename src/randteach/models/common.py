@@ -22,6 +22,17 @@ def resolve_norm(norm: str, default: str, encoder: str, allowed: tuple[str, ...]
     return default if norm == "default" else norm
 
 
+CHANNELS_PER_GROUP = 8
+
+
+def group_norm8(channels: int, where: str) -> nn.GroupNorm:
+    """The random-teacher paper's "GroupNorm8" (App. B, Fig. 11): groups of 8 channels, GroupNorm(C // 8, C)."""
+    if channels % CHANNELS_PER_GROUP:
+        raise ConfigError(f"model.norm=group uses groups of {CHANNELS_PER_GROUP} channels, but {where} has "
+                          f"{channels}; choose a width whose channel counts are multiples of 8, or another norm")
+    return nn.GroupNorm(channels // CHANNELS_PER_GROUP, channels)
+
+
 def norm2d(kind: str, channels: int) -> nn.Module:
     """The normalization layer of a conv encoder after a conv with `channels` outputs."""
     if kind == "batch":
@@ -31,10 +42,7 @@ def norm2d(kind: str, channels: int) -> nn.Module:
         # (as in GroupNorm), not per element as nn.LayerNorm([C, H, W]) would have it.
         return nn.GroupNorm(1, channels)
     if kind == "group":
-        if channels % 8:
-            raise ConfigError(f"model.norm=group uses 8 groups, but a layer has {channels} channels; "
-                              "choose a width whose channel counts are multiples of 8, or another norm")
-        return nn.GroupNorm(8, channels)
+        return group_norm8(channels, "a conv layer")
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     if kind == "none":

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ConfigError
-from .common import he_init_, norm2d, resolve_norm
+from .common import group_norm8, he_init_, norm2d, resolve_norm
 
 
 class Flatten(nn.Module):
@@ -42,10 +41,7 @@ def _norm1d(kind: str, features: int) -> nn.Module:
     if kind == "layer":
         return nn.LayerNorm(features)
     if kind == "group":
-        if features % 8:
-            raise ConfigError(f"model.norm=group uses 8 groups, but the MLP has {features} units; "
-                              "choose a width that makes it a multiple of 8, or another norm")
-        return nn.GroupNorm(8, features)
+        return group_norm8(features, "the MLP")
     return nn.Identity()
 
 

@@ -1,0 +1,45 @@
+"""`randteach export` and `randteach embed`: the trained encoder and its features, outside the run."""
+from __future__ import annotations
+
+from .errors import UserError
+
+
+def cmd_export(args, extra) -> int:
+    from .export import export_encoder
+    if extra:
+        raise UserError(f"unexpected argument(s) {' '.join(extra)}; `randteach export` takes RUN_DIR "
+                        "[--which student|teacher] [--format safetensors|pt] [--out DIR]")
+    meta = export_encoder(args.run_dir, args.which, args.format, args.out)
+    print(f"{args.which} encoder: {meta.parent / meta.stem}.{args.format} (+ {meta.name}); "
+          f"load it with randteach.load_encoder({str(meta)!r})")
+    return 0
+
+
+def cmd_embed(args, extra) -> int:
+    from .config import parse_overrides
+    from .export import embed_run
+    opts = parse_overrides(extra)
+    unknown = set(opts) - {"data.name", "data.root"}
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join('--' + k for k in sorted(unknown))}; "
+                        "`randteach embed` takes --data.name NAME and --data.root DIR")
+    if not args.out.endswith(".npz"):
+        raise UserError(f"--out {args.out!r}: expected a file name ending in .npz")
+    out = embed_run(args.run_dir, args.out, opts.get("data.name"), opts.get("data.root"), progress=not args.quiet)
+    print(f"features: {out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .export import FORMATS, ROLES
+    p = sub.add_parser("export", help="write a run's encoder weights (safetensors or pt) + a JSON to rebuild it")
+    p.add_argument("run_dir")
+    p.add_argument("--which", choices=ROLES, default="student")
+    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument("--out", help="folder (default RUN_DIR/export)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="teacher and student features of the train and test splits, as .npz")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="FILE.npz")
+    p.set_defaults(func=cmd_embed)

@@ -1,0 +1,166 @@
+"""Encoders that leave the run: weights + a rebuild recipe, `load_encoder`, and embeddings as .npz.
+
+    randteach export RUN_DIR [--which student|teacher] [--format safetensors|pt] [--out DIR]
+        -> DIR/<which>-encoder.{safetensors,pt} and DIR/<which>-encoder.json
+    randteach.load_encoder(RUN_DIR | .json | weights file, which="student") -> nn.Module in eval mode
+    randteach embed RUN_DIR [--data.name NAME] --out FILE.npz
+        -> {teacher,student}_{train,test} (float32), {train,test}_labels (int64)
+
+The JSON holds what `build_encoder` needs (encoder name, its arguments, norm, width, input channels and
+side length) and the run's input normalization (per-channel mean and std of its training split), so the
+encoder can be rebuilt without the run folder. Weights are the encoder's state dict only: the projector
+head is training machinery, the encoder is what the papers probe.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, load_state_dict
+from .config import Config, config_from_dict, load_yaml
+from .errors import UserError
+
+FORMAT = "randteach-encoder-v1"
+FORMATS = ("safetensors", "pt")
+ROLES = ("student", "teacher")
+
+
+def _run_config(run: Path) -> Config:
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a randteach run directory (no config.yaml)")
+    from .distill import PYTHON_OBJECTS
+    marker = run / PYTHON_OBJECTS
+    if marker.is_file() and json.loads(marker.read_text()).get("encoder"):
+        raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name; rebuild "
+                        "it in Python and load checkpoints/student.pt into it (randteach.probe(..., architecture=))")
+    return config_from_dict(load_yaml(run / "config.yaml"))
+
+
+def _check_role(which: str) -> None:
+    if which not in ROLES:
+        raise UserError(f"--which {which!r}: expected one of {', '.join(ROLES)}")
+
+
+def encoder_state(run: Path, which: str) -> dict[str, torch.Tensor]:
+    """The encoder part of the run's `which` checkpoint, keys without the 'encoder.' prefix."""
+    _check_role(which)
+    state = load_state_dict(run, which)
+    return {k.removeprefix("encoder."): v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
+
+
+def recipe(run: Path, which: str) -> dict:
+    """Plain values that say how to rebuild `which`'s encoder of the run at `run` and feed it."""
+    from .distill import load_training_inputs
+    cfg = _run_config(run)
+    teacher = load_checkpoint(run / "checkpoints" / "teacher.pt")
+    _, preprocess, _, _ = load_training_inputs(cfg)
+    return {"format": FORMAT, "role": which, "run": str(run.resolve()), "data": cfg.data.name,
+            "encoder": cfg.model.encoder, "encoder_args": cfg.model.encoder_args, "norm": cfg.model.norm,
+            "width": cfg.model.width, "in_channels": int(teacher["in_channels"]),
+            "image_size": int(teacher["image_size"]),
+            "preprocess": preprocess.as_dict() if preprocess is not None else None}
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("--format safetensors needs the safetensors package: `pip install safetensors` "
+                        "(or `pip install 'randteach[export]'`), or export with --format pt") from None
+    return safetensors.torch
+
+
+def export_encoder(run_dir: str | Path, which: str = "student", fmt: str = "safetensors",
+                   out: str | Path | None = None) -> Path:
+    """Write `which`'s encoder weights and its rebuild recipe; returns the JSON's path.
+
+    Default folder: RUN_DIR/export/."""
+    run = Path(run_dir)
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    state = encoder_state(run, which)
+    info = recipe(run, which)
+    folder = Path(out) if out else run / "export"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{which}-encoder.{fmt}"
+    if fmt == "safetensors":
+        _safetensors().save_file(state, str(weights), metadata={"format": FORMAT})
+    else:
+        torch.save(state, weights)
+    info["weights"] = weights.name
+    meta = folder / f"{which}-encoder.json"
+    meta.write_text(json.dumps(info, indent=2) + "\n")
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return _safetensors().load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _build(info: dict) -> nn.Module:
+    from .models import build_encoder
+    return build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["norm"], info["width"],
+                         **info.get("encoder_args", {}))
+
+
+def load_encoder(path: str | Path, which: str = "student") -> nn.Module:
+    """The trained encoder as an nn.Module in eval mode, on the CPU.
+
+    `path`: a run directory (its `which` checkpoint), an exported <which>-encoder.json, or the weights
+    file next to it. The module carries `.embed_dim` and `.randteach` (the recipe, with the input
+    normalization under "preprocess": uint8 pixels / 255, minus mean, over std, padded to image_size)."""
+    p = Path(path)
+    if p.is_dir():
+        info = {**recipe(p, which), "weights": None}
+        _check_role(which)
+        state = encoder_state(p, which)
+    else:
+        meta = p if p.suffix == ".json" else p.with_suffix(".json")
+        if not meta.is_file():
+            raise UserError(f"{p}: expected a run directory or an exported encoder (<role>-encoder.json next to "
+                            f"its weights); {meta} does not exist. Export one with `randteach export RUN_DIR`")
+        info = json.loads(meta.read_text())
+        if info.get("format") != FORMAT:
+            raise UserError(f"{meta} is not a randteach encoder description (expected format {FORMAT!r})")
+        state = _read_weights(meta.parent / info["weights"])
+    encoder = _build(info)
+    encoder.load_state_dict(state)
+    encoder.randteach = info
+    return encoder.eval()
+
+
+def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, root: str | None = None,
+              progress: bool = True) -> Path:
+    """Features of the teacher and the student encoders on the train and test splits of `data` (default:
+    the run's probe data), computed as the run's probes compute them; written to `out` (.npz)."""
+    from .distill import resolve_device
+    from .evaluate import Prober, uses_bf16
+    run = Path(run_dir)
+    cfg = _run_config(run)
+    if data:
+        cfg.probe.data = data
+    if root:
+        cfg.data.root = root
+    cfg.probe.n_train = cfg.probe.n_test = None  # every image of both splits
+    info = recipe(run, "teacher")
+    device = resolve_device(cfg.train.device)
+    prober = Prober(cfg, info["in_channels"], info["image_size"], device,
+                    bf16=uses_bf16(cfg.train.precision, device))
+    arrays = {"train_labels": prober.splits.train.labels.numpy(), "test_labels": prober.splits.test.labels.numpy()}
+    for which in ROLES:
+        encoder = _build(info)
+        encoder.load_state_dict(encoder_state(run, which))
+        train_x, test_x = prober.features(encoder.to(device))
+        arrays[f"{which}_train"], arrays[f"{which}_test"] = train_x.numpy(), test_x.numpy()
+        if progress:
+            print(f"{which}: train {tuple(train_x.shape)}, test {tuple(test_x.shape)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    return out

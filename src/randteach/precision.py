@@ -1,0 +1,115 @@
+"""The float64 start: a student at 1e-10 from its teacher leaves it by the papers' arithmetic, on any machine.
+
+A locality init with alpha = 1e-10 (Sarnthein et al. 2023, Sec. 4.2) or the neighborhood
+theta_T + 1e-10 theta_fresh (escaping paper, Sec. 2) differs from the teacher by ~1e-10 of its weights,
+far below fp32's relative resolution 2^-23 ~ 1.2e-7. Rounded to fp32, the student is bitwise its teacher
+except for a few tiny weights, and whether that residue reaches the output depends on the kernels'
+summation order: the escape then starts at a device-dependent step, or never.
+
+Here teacher and student start in float64 (resolution 2^-52 ~ 2.2e-16), where the residue is represented,
+so the first loss and gradient are the formula's. Once ||theta_S - theta_T|| / ||theta_T|| exceeds
+`train.float64_until_distance` (default 2^-23 * 1e3: fp32 resolves the difference with three decimal
+digits to spare), both models, the student's init copy and the optimizer state are cast to fp32 and the
+run continues there (and in bf16 later, by `train.bf16_after_distance`, one level up).
+
+A student that starts farther away (an independent init, alpha >= 1e-4) never enters the phase. The
+switch is logged to metrics.jsonl as {"event": "precision", ...} and saved in the resume checkpoint, which
+holds the float64 weights; the model files written for readers (teacher.pt, student_init.pt, student*.pt)
+are fp32 (the teacher is exact in fp32; student_init.pt rounds the residue, as an fp32 init would).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .init import parameter_distance, parameter_norm
+
+FP32_RESOLUTION = 2.0 ** -23  # fp32's machine epsilon (relative spacing of floats at 1.0)
+DEFAULT_FLOAT64_UNTIL = FP32_RESOLUTION * 1e3
+
+
+def relative_distance(student: nn.Module, teacher: nn.Module) -> float:
+    """||theta_S - theta_T|| / ||theta_T|| over all parameters."""
+    return parameter_distance(student, teacher) / max(parameter_norm(teacher), 1e-30)
+
+
+def fp32_state(module: nn.Module) -> dict:
+    """The module's state dict with float64 tensors rounded to fp32: model files (teacher.pt, student*.pt)
+    are fp32 for every reader; only the resume checkpoint (last.pt) keeps the float64 phase."""
+    return {k: v.float() if v.dtype == torch.float64 else v for k, v in module.state_dict().items()}
+
+
+def _cast_optimizer_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+    """Momentum buffers and moments follow their parameters' new dtype (the step counters are left as they are)."""
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dtype == torch.float64 and k != "step":
+                state[k] = v.to(dtype)
+
+
+class Float64Start:
+    """Holds the models in float64 while the student sits within fp32 resolution of its teacher.
+
+    Used by the distillation loop: models are built in `init_dtype`, inputs and head inputs go through
+    `cast`, `after_step` ends the phase (returning the metrics record of the switch), and the phase is
+    saved and restored with `state_dict` / `load_state_dict`."""
+
+    def __init__(self, until_distance: float):
+        self.until_distance = until_distance
+        self.active = until_distance > 0  # decided for good by `start` or `load_state_dict`
+        self.switch: dict | None = None   # the logged switch record, once it happened
+
+    @property
+    def init_dtype(self) -> torch.dtype | None:
+        """The dtype in which to build a locality / neighborhood student (None: the model's own)."""
+        return torch.float64 if self.active else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64 if self.active else torch.float32
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Float inputs in the phase's dtype (bf16 autocast outputs come back to fp32 after the phase)."""
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def start(self, teacher: nn.Module, student: nn.Module) -> float:
+        """Enter the phase only for a float64 student within `until_distance` of its teacher; cast to fp32
+        otherwise. Returns the relative distance."""
+        rel = relative_distance(student, teacher)
+        in_float64 = next(student.parameters()).dtype == torch.float64
+        if not (self.active and in_float64 and rel <= self.until_distance):
+            self.active = False
+            teacher.float()
+            student.float()
+        return rel
+
+    def after_step(self, step: int, teacher: nn.Module, student: nn.Module, others: list[nn.Module],
+                   optimizer: torch.optim.Optimizer) -> dict | None:
+        """End the phase once the student has left the teacher by `until_distance`; returns the event record."""
+        if not self.active:
+            return None
+        rel = relative_distance(student, teacher)
+        if not rel > self.until_distance:  # also stays on while non-finite: the loop reports divergence
+            return None
+        self._to_float32([teacher, student, *others], optimizer)
+        self.switch = {"event": "precision", "step": step, "from": "float64", "to": "float32",
+                       "rel_distance": rel, "until_distance": self.until_distance}
+        return self.switch
+
+    def _to_float32(self, modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.active = False
+        for m in modules:
+            m.float()  # keeps the Parameter objects, so the optimizer still holds them
+        _cast_optimizer_state(optimizer, torch.float32)
+
+    def state_dict(self) -> dict:
+        return {"active": self.active, "switch": self.switch}
+
+    def load_state_dict(self, state: dict | None, modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        """Restore the phase of a checkpoint (call before loading the models' and optimizer's states).
+        A checkpoint without one predates the float64 start and was written in fp32."""
+        state = state or {"active": False, "switch": None}
+        self.switch = state["switch"]
+        if self.active and not state["active"]:
+            self._to_float32(modules, optimizer)
+        self.active = bool(state["active"])

@@ -1,0 +1,42 @@
+"""The evaluation path: the raw-input baseline is probed at the encoders' resolution."""
+import torch
+
+import randteach.evaluate as evaluate
+from randteach.data import ImageData
+
+from tiny import tiny_config
+
+
+def _images(n, side, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ImageData(torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g),
+                     torch.arange(n) % 2, 2, "synthetic")
+
+
+def test_input_baseline_is_probed_at_the_encoders_resolution(tmp_path, monkeypatch):
+    # 16 px images seen by an encoder trained at 8 px (as CIFAR-trained encoders see STL10 at 32 px): the
+    # baseline's features are the 8 px images the encoder sees, 3 * 8 * 8 of them, not the native 3 * 16 * 16.
+    seen = []
+    monkeypatch.setattr(evaluate, "score", lambda train_x, *a, **k: seen.append(train_x.shape) or {})
+    prober = evaluate.Prober(tiny_config(tmp_path), 3, 8, torch.device("cpu"),
+                             splits=(_images(20, 16, 0), _images(10, 16, 1)))
+    prober.input()
+    assert seen == [(20, 3 * 8 * 8)]
+    assert prober.features(torch.nn.Flatten())[0].shape == (20, 3 * 8 * 8)  # what an encoder is given
+
+
+def test_probe_outside_a_run_uses_the_runs_fp32_rules(tmp_path, monkeypatch):
+    # `randteach probe` probes with TF32 off (exact_fp32), as the probes inside a run do
+    from randteach.distill import distill
+    from randteach.probing import probe_run
+    run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]"), progress=False)
+    seen = []
+    monkeypatch.setattr(evaluate.Prober, "probe", lambda self, enc: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or {})
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        probe_run(run.path, ["--probe.which", "[teacher, student]"], progress=False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False), (False, False)]

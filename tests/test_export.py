@@ -1,0 +1,95 @@
+"""Encoders that leave the run: export (safetensors / pt), load_encoder, and `randteach embed`."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import randteach
+from randteach.checkpoint import load_state_dict
+from randteach.config import config_from_dict, load_yaml
+from randteach.distill import distill
+from randteach.errors import UserError
+from randteach.evaluate import Prober
+from randteach.export import export_encoder
+from randteach.models import build_model
+
+from tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("export"), train__epochs=1, train__precision="fp32",
+                      train__device="cpu", probe__which="[]")
+    return distill(cfg, progress=False).path
+
+
+def run_features(run, which):
+    """The features the run's own probes compute: the run's model rebuilt from config + checkpoint."""
+    cfg = config_from_dict(load_yaml(run / "config.yaml"))
+    model = build_model(cfg, 1, 8, seed=0)
+    model.load_state_dict(load_state_dict(run, which))
+    prober = Prober(cfg, 1, 8, torch.device("cpu"))
+    return prober, prober.features(model.encoder)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "randteach.cli", "--quiet", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_exported_encoder_embeds_to_the_bit(run, tmp_path, fmt):
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors", reason="the export extra is not installed")
+    done = cli("export", run, "--format", fmt, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "student-encoder.json").read_text())
+    assert meta["encoder"] == "convnet" and meta["weights"] == f"student-encoder.{fmt}"
+    assert len(meta["preprocess"]["mean"]) == 1
+    prober, (train_x, test_x) = run_features(run, "student")
+    for path in (tmp_path / "student-encoder.json", tmp_path / f"student-encoder.{fmt}"):
+        encoder = randteach.load_encoder(path)
+        assert not encoder.training
+        got_train, got_test = prober.features(encoder)
+        assert torch.equal(got_train, train_x) and torch.equal(got_test, test_x)
+
+
+def test_load_from_run_dir_and_roles_differ(run):
+    prober, (student_x, _) = run_features(run, "student")
+    _, (teacher_x, _) = run_features(run, "teacher")
+    assert not torch.equal(student_x, teacher_x)  # one epoch moved the student
+    assert torch.equal(prober.features(randteach.load_encoder(run, "teacher"))[0], teacher_x)
+    assert torch.equal(prober.features(randteach.load_encoder(run))[0], student_x)
+
+
+def test_embed_writes_both_roles_and_splits(run, tmp_path):
+    out = tmp_path / "feats.npz"
+    done = cli("embed", run, "--data.name", "digits", "--out", out)
+    assert done.returncode == 0, done.stderr
+    z = np.load(out)
+    for which in ("teacher", "student"):
+        prober, (train_x, test_x) = run_features(run, which)
+        assert np.array_equal(z[f"{which}_train"], train_x.numpy())
+        assert np.array_equal(z[f"{which}_test"], test_x.numpy())
+    assert np.array_equal(z["train_labels"], prober.splits.train.labels.numpy())
+    assert len(z["test_labels"]) == len(z["student_test"]) > 0
+
+
+def test_missing_safetensors_is_a_clear_error(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(UserError, match="pip install safetensors.*--format pt"):
+        export_encoder(run, "student", "safetensors", tmp_path)
+
+
+def test_bad_inputs_exit_2(run, tmp_path):
+    assert cli("export", tmp_path).returncode == 2  # not a run
+    unknown = cli("embed", run, "--out", tmp_path / "x.npz", "--optim.lr", "1")
+    assert unknown.returncode == 2 and "--data.name" in unknown.stderr
+    bad = cli("embed", run, "--out", tmp_path / "x.txt")
+    assert bad.returncode == 2 and ".npz" in bad.stderr
+    with pytest.raises(UserError, match="exported encoder"):
+        randteach.load_encoder(tmp_path / "nothing.safetensors")

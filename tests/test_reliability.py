@@ -1,0 +1,369 @@
+"""Nothing lost, nothing run that the user did not ask for: real processes, files and locks.
+
+Run folders and sweep files cannot import code on their own; every bad value is one message and exit 2
+before anything is written; one process writes into a run at a time; resumes are exact at the edges."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from randteach.cli import main
+from randteach.distill import distill
+from randteach.rundir import RunDir
+
+from tiny import TINY, tiny_config
+
+CLI = [sys.executable, "-m", "randteach.cli", "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _args(options: dict) -> list[str]:
+    return [a for k, v in options.items() for a in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A completed tiny run (one epoch, probed), made once for the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(tmp, train__epochs=1, train__probe_every=0, probe__which="[student]")
+    return distill(cfg, progress=False).path
+
+
+# ------------------------------------------------------------------------------ 1. no code from files
+
+def _planted_run(tmp_path: Path, finished: Path, encoder: str) -> Path:
+    """A copy of a finished run whose config.yaml names `encoder`, next to a module that would leave a mark."""
+    run = tmp_path / "shared_run"
+    subprocess.run(["cp", "-r", str(finished), str(run)], check=True)
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\ndef make(): pass\n")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["encoder"] = encoder
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    return run
+
+
+@pytest.mark.parametrize("encoder", ["evil:make", "os:abort"])
+def test_a_run_folder_cannot_import_code(tmp_path, finished_run, encoder):
+    run = _planted_run(tmp_path, finished_run, encoder)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": {"model.encoder": encoder, "data.name": "digits"},
+                                     "grid": {"train.seed": [0]}}))
+    # the current folder holds evil.py and the run: `python -m` would put it first on sys.path
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    commands = [["probe", str(run)], ["distill", "--resume", str(run)], ["signal", str(run), "--no-probe"],
+                ["sweep", str(sweep)]]
+    for cmd in commands if encoder == "evil:make" else commands[:1]:  # each command once: seconds each
+        r = subprocess.run(CLI + cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert r.returncode == 2, (cmd, r.stderr[-1500:])
+        assert "--allow-import" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+        assert not (tmp_path / "PWNED").exists(), cmd
+
+
+def test_an_import_is_run_when_confirmed_on_the_command_line(tmp_path, finished_run):
+    run = _planted_run(tmp_path, finished_run, "evil:make")
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    r = subprocess.run(CLI + ["probe", str(run), "--allow-import", "evil"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert (tmp_path / "PWNED").exists()  # imported: the user asked for it (make() then returns no module)
+    assert r.returncode == 2 and "expected a torch.nn.Module" in r.stderr, r.stderr
+
+
+def test_python_m_does_not_import_from_the_current_folder(tmp_path):
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\ndef make(): pass\n")
+    opts = {**TINY, "model.encoder": "evil:make", "train.max_steps": "1", "out": str(tmp_path / "run")}
+    r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
+                       cwd=tmp_path, env=ENV, timeout=120)
+    assert r.returncode == 2 and "cannot import 'evil:make'" in r.stderr, r.stderr
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ----------------------------------------------------------------------------- 2. values at the edge
+
+BAD = [
+    ("optim.lr", "-1"), ("optim.lr", "nan"), ("train.epochs", "nan"), ("train.epochs", "inf"),
+    ("head.out_dim", "-3"), ("model.width", "0"), ("optim.betas", "[2,3]"), ("optim.weight_decay", "-1"),
+    ("train.checkpoint_every", "nan"), ("probe.l2", "nan"), ("head.out_dim", "0"), ("head.bottleneck_dim", "0"),
+    ("train.max_steps", "0"), ("data.n_samples", "0"), ("train.epochs", "0"), ("train.epochs", "-1"),
+    ("optim.grad_clip", "-1"), ("model.encoder", "not.a.module:"), ("model.encoder", "pkg..mod:fn"),
+    ("head.hidden_dims", "[64,0]"), ("optim.betas", "[0.9]"), ("train.max_steps", "inf"), ("train.seed", "1e20"),
+    ("train.seed", "-1"), ("data.test_fraction", "1"), ("probe.knn_temperature", "0"),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD)
+def test_every_bad_value_is_one_message_and_nothing_written(tmp_path, capsys, key, value):
+    out = tmp_path / "run"
+    rc = main(["--quiet", "distill", "--preset", "cpu", "--out", str(out), f"--{key}", value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and key in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_bad_value_in_a_real_process_and_the_corrected_command_runs(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(CLI + ["distill", "--preset", "cpu", "--out", str(out), "--optim.lr", "-1"],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 2 and "optim.lr: -1.0 is out of range; valid: a finite number in (0, inf)" in r.stderr
+    assert not out.exists()
+
+
+def test_a_failed_start_does_not_block_its_fix(tmp_path):
+    # data.n_samples beyond the data set fails after the run folder was created
+    with pytest.raises(Exception, match="data.n_samples"):
+        distill(tiny_config(tmp_path, data__n_samples=10 ** 6), progress=False)
+    assert (tmp_path / "run" / "config.yaml").exists()
+    result = distill(tiny_config(tmp_path, train__max_steps=2, probe__which="[]"), progress=False)
+    assert result.summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("case", ["binary-config", "resume-with-preset", "corrupt-summary", "other-architecture"])
+def test_bad_files_and_combinations(tmp_path, capsys, finished_run, case):
+    run = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(finished_run), str(run)], check=True)
+    if case == "binary-config":
+        (tmp_path / "c.yaml").write_bytes(bytes(range(256)))
+        argv, words = ["distill", "--config", str(tmp_path / "c.yaml")], "not a text file"
+    elif case == "resume-with-preset":
+        argv, words = ["distill", "--resume", str(run), "--preset", "cpu"], "--preset"
+    elif case == "corrupt-summary":
+        (run / "summary.json").write_text('{"status": "compl')
+        argv, words = ["distill", "--resume", str(run)], "summary.json is corrupt"
+    else:
+        other = tiny_config(tmp_path / "o", model__width=4, train__max_steps=1, probe__which="[]")
+        distill(other, progress=False)
+        argv = ["probe", str(run), "--checkpoint", str(tmp_path / "o" / "run" / "checkpoints" / "student.pt")]
+        words = "another architecture"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == \
+        {p: b for p, b in before.items() if p.name != ".lock"}
+
+
+# ------------------------------------------------------------------------------- 3. one writer
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
+    out = tmp_path / "run"
+    opts = {**TINY, "model.encoder": "mlp", "train.epochs": "400", "probe.which": "[]", "head.out_dim": "256",
+            "out": str(out)}
+    first = subprocess.Popen(CLI + ["distill", "--preset", "cpu"] + _args(opts), env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.time()
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.time() - t0 < 120
+            time.sleep(0.05)
+        r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
+                           env=ENV, timeout=120)
+        assert r.returncode == 2 and f"PID {first.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        for cmd in (["distill", "--resume", str(out)], ["probe", str(out)], ["signal", str(out)],
+                    ["finetune", str(out)], ["imp", str(out)]):  # this process is a second one too
+            assert main(["--quiet", *cmd]) == 2
+            assert f"PID {first.pid}" in capsys.readouterr().err
+        assert first.poll() is None  # the holder was not disturbed
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    steps = [r["step"] for r in RunDir(out).records() if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved records
+
+
+# ------------------------------------------------------------------------------- 4. resume edges
+
+def _strip_times(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_time_s",)}
+
+
+def _losses(run: Path) -> list:
+    return [{k: v for k, v in r.items() if k != "time"} for r in RunDir(run).records()]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at one exact instant: nothing after it runs, files stay as they are."""
+
+
+def _resume(run: Path) -> None:
+    r = subprocess.run(CLI + ["distill", "--resume", str(run)], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_after_a_kill_at_the_edges_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    loop = sys.modules["randteach.distill"]  # the module (the package exports the function under its name)
+    opts = dict(train__epochs=2, train__checkpoint_every=1, train__probe_every=0, probe__which="[student]")
+    ref = distill(tiny_config(tmp_path / "ref", **opts), progress=False)
+    run = tmp_path / "cut" / "run"
+    ckpts = run / "checkpoints"
+    real_save = loop.save_checkpoint
+
+    def save_then_die_before_the_step_checkpoint(payload, path):
+        if Path(path).name.startswith("student_step"):
+            raise _Killed
+        return real_save(payload, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die_before_the_step_checkpoint)
+    with pytest.raises(_Killed):  # killed between last.pt and student_step<N>.pt
+        distill(tiny_config(tmp_path / "cut", **opts), progress=False)
+    monkeypatch.undo()
+    (step_ckpt,) = [ckpts / f"student_step{int(torch.load(ckpts / 'last.pt')['step'])}.pt"]
+    assert not step_ckpt.exists()
+    (ckpts / ".last.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write
+    _resume(run)
+    assert step_ckpt.exists() and not list(ckpts.glob(".*.tmp"))
+
+    # killed after the final last.pt: no student.pt, no summary yet
+    for f in (ckpts / "student.pt", run / "summary.json"):
+        f.unlink()
+    _resume(run)
+    summary = RunDir(run).summary()
+    assert _strip_times(summary) == _strip_times(ref.summary)
+    assert isinstance(summary["final_loss"], float)  # not "nan"
+    assert _losses(run) == _losses(ref.path)  # every step once, the final probe once
+    for name in ("student.pt", step_ckpt.name):
+        a, b = (torch.load(d / "checkpoints" / name, weights_only=True)["model"] for d in (run, ref.path))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_hand_edited_config_is_not_resumed(tmp_path):
+    out = tmp_path / "run"
+    opts = {**TINY, "model.encoder": "mlp", "train.epochs": "400", "probe.which": "[]", "head.out_dim": "256",
+            "out": str(out)}
+    first = subprocess.Popen(CLI + ["distill", "--preset", "cpu"] + _args(opts), env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not (out / "checkpoints" / "last.pt").exists():
+        assert first.poll() is None, first.stderr.read().decode()
+        assert time.time() - t0 < 120
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    text = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(text.replace("lr: 0.001", "lr: 0.5"))
+    r = subprocess.run(CLI + ["distill", "--resume", str(out)], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 2 and "was changed after the run started" in r.stderr and "--out" in r.stderr, r.stderr
+
+
+# -------------------------------------------------------------------------- 5. probes that refuse
+
+def test_probes_refuse_features_they_cannot_measure():
+    from randteach.config import ProbeConfig
+    from randteach.evaluate import score
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 8, generator=g) + 4 * y[:, None].float()  # separable
+    cfg = ProbeConfig(knn_k=5, max_iter=50)
+    assert score(x, y, x, y, cfg, 2)["knn"] == 1.0
+    huge = score(x * 1e20, y, x * 1e20, y, cfg, 2)
+    assert "knn" not in huge and "distances overflow" in huge["invalid"]
+    assert huge["linear"] > 0.9  # standardized: still measurable
+    broken = score(x.masked_fill(x > 5, float("inf")), y, x, y, cfg, 2)
+    assert set(broken) == {"invalid"} and "not finite" in broken["invalid"]
+
+
+def test_a_run_at_absurd_scale_is_marked_not_reported_as_chance(tmp_path):
+    from randteach.report import write_report
+    # AdamW at lr 1e6 drives the student's features to about 1e25 (float32 distances overflow) without a
+    # non-finite loss: the run completes, and its k-NN result must not be a number
+    cfg = tiny_config(tmp_path, optim__lr=1e6, train__epochs=1, train__probe_every=0, probe__which="[student]")
+    summary = distill(cfg, progress=False).summary
+    assert summary["status"] == "completed" and "knn" not in summary["probe"]["student"]
+    assert "distances overflow" in summary["probe"]["student"]["invalid"]
+    assert summary["warnings"] and "student" in summary["warnings"][0]
+    assert "Warning: epoch 1 student: knn probe not measured" in write_report(cfg.run_dir()).read_text()
+
+
+# ---------------------------------------------------------------------------- 6. read-only folder
+
+def test_probe_on_a_read_only_run_prints_its_results_before_failing(tmp_path, finished_run):
+    run = tmp_path / "ro"
+    subprocess.run(["cp", "-r", str(finished_run), str(run)], check=True)
+    mounted = False
+    if os.geteuid() == 0:  # root ignores permissions: a read-only bind mount is the real thing
+        mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(run), str(run)]).returncode == 0
+        if not mounted:
+            pytest.skip("running as root without mount: cannot make a read-only folder")
+    else:
+        run.chmod(0o555)
+    try:
+        r = subprocess.run(CLI + ["probe", str(run)], capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        subprocess.run(["umount", str(run)]) if mounted else run.chmod(0o755)
+    assert r.returncode == 2 and "could not be saved" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "| student |" in r.stdout
+
+
+# ------------------------------------------------------------------------------------ 11. smaller
+
+def test_report_command_and_file_modes(tmp_path):
+    out = tmp_path / "run"
+    opts = {**TINY, "train.max_steps": "2", "probe.which": "[]", "out": str(out)}
+    old = os.umask(0o022)
+    try:
+        subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), check=True, env=ENV,
+                       capture_output=True, timeout=120)
+        first = (out / "report.md").read_text()
+        assert "Command: `randteach --quiet distill --preset cpu" in first
+        subprocess.run(CLI + ["distill", "--resume", str(out)], check=True, env=ENV, capture_output=True,
+                       timeout=120)
+    finally:
+        os.umask(old)
+    assert (out / "report.md").read_text().count("Command: `randteach --quiet distill --preset cpu") == 1
+    for f in (out / "summary.json", out / "checkpoints" / "last.pt"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_full_disk_is_one_message_and_keeps_what_was_written(tmp_path):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root to mount a small file system")
+    try:
+        opts = {**TINY, "train.epochs": "1", "probe.which": "[]", "out": str(disk / "run")}
+        r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
+                           env=ENV, timeout=120)
+        assert r.returncode == 2 and "cannot write checkpoint" in r.stderr and "disk full" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+        assert (disk / "run" / "config.yaml").exists() and (disk / "run" / "checkpoints" / "teacher.pt").exists()
+        assert not list((disk / "run").rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_after_sigterm_the_table_says_which_epoch_it_shows(tmp_path):
+    out = tmp_path / "run"
+    opts = {**TINY, "model.encoder": "mlp", "train.epochs": "400", "train.probe_every": "0",
+            "probe.which": "[student]", "head.out_dim": "256", "out": str(out)}
+    proc = subprocess.Popen(CLI + ["distill", "--preset", "cpu"] + _args(opts), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not [r for r in RunDir(out).records() if "loss" in r]:  # the step-0 probe is done, training runs
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert "interrupted" in stdout and "the last probe below is from epoch 0" in stdout, stdout
+
+
+def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
+    from randteach.rundir import LOCK_FILE, run_lock
+    with run_lock(tmp_path, create=True):
+        with run_lock(tmp_path):  # nested use by the same process passes
+            assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+        probe = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR);"
+                                "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(tmp_path / LOCK_FILE)],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr  # still held after the inner exit
+    with run_lock(tmp_path):
+        pass  # released: taken again
