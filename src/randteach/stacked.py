@@ -23,6 +23,7 @@ bitwise.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -46,7 +47,7 @@ from .evaluate import Prober, exact_fp32, uses_bf16
 from .init import gradient_norm, init_report, parameter_distance
 from .losses import distill_loss
 from .optim import build_optimizer, lr_at, set_lr
-from .rundir import RunDir
+from .rundir import RunDir, check_config_digest, probe_warnings, run_lock
 
 # Config keys whose values may differ inside one stack: none changes a tensor's shape or the step's code.
 PER_RUN_KEYS = frozenset({
@@ -165,7 +166,7 @@ def _owned(state: dict) -> dict:
 
 
 def _check_config(run: RunDir, cfg: Config) -> None:
-    if run.config_path.exists():
+    if run.config_path.exists() and run.started():  # config.yaml alone (a start that failed) binds nothing
         import yaml
         if config_from_dict(yaml.safe_load(run.config_path.read_text())).digest() != cfg.digest():
             raise UserError(f"{run.path} holds a run with a different config; choose another --out")
@@ -184,20 +185,24 @@ def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
             raise UserError(f"{cfg.run_dir()} cannot be stacked: {why}")
     summaries: dict[int, dict] = {}
     by_step: dict[int, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        run = RunDir(cfg.run_dir())
-        _check_config(run, cfg)
-        done = run.summary()
-        if done and done.get("status") in ("completed", "diverged"):
-            summaries[i] = done
-            continue
-        last = run.checkpoints / "last.pt"
-        by_step.setdefault(int(load_checkpoint(last)["step"]) if last.exists() else 0, []).append(i)
-    # A kill between two runs' checkpoints can leave them at different steps: each step resumes as its own stack.
-    for members in by_step.values():
-        with exact_fp32():
-            for i, summary in zip(members, _train_group([cfgs[i] for i in members], progress)):
-                summaries[i] = summary
+    with contextlib.ExitStack() as locks:
+        for i, cfg in enumerate(cfgs):
+            locks.enter_context(run_lock(cfg.run_dir(), create=True))  # one writer per run folder, as distill
+            run = RunDir(cfg.run_dir())
+            run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
+            _check_config(run, cfg)
+            done = run.summary()
+            if done and done.get("status") in ("completed", "diverged"):
+                check_config_digest(done.get("config_digest"), cfg, run.path)
+                summaries[i] = done
+                continue
+            last = run.checkpoints / "last.pt"
+            by_step.setdefault(int(load_checkpoint(last)["step"]) if last.exists() else 0, []).append(i)
+        # A kill between two runs' checkpoints can leave them at different steps: each step resumes as its own stack.
+        for members in by_step.values():
+            with exact_fp32():
+                for i, summary in zip(members, _train_group([cfgs[i] for i in members], progress)):
+                    summaries[i] = summary
     return [summaries[i] for i in range(len(cfgs))]
 
 
@@ -298,7 +303,8 @@ def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
                     save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
                     _finish(r, plan, "interrupted", step, wall(r), device, signal=signal.Signals(stop.signal).name)
         for _, r in active():
-            if prober is not None:
+            # A stop inside the last step may have logged the final probe already (then it is not repeated).
+            if prober is not None and not any(p.get("step") == step for p in r.dir.probes()):
                 _probe(r, prober, step, step / plan.steps_per_epoch)
             save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
             _save_student(r, step, r.dir.checkpoints / "student.pt")
@@ -309,6 +315,7 @@ def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
 def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -> _Run:
     run = RunDir(cfg.run_dir()).create()
     run.config_path.write_text(cfg.to_yaml())
+    run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record, as in a solo run
     teacher, student = build_teacher_and_student(cfg, in_channels, size)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         raise UserError(f"{run.path}: the encoder has batch norm, which cannot be stacked; run it alone")
@@ -414,6 +421,7 @@ def _finish(r: _Run, plan: _Plan, status: str, step: int, wall: float, device, *
     r.status = status
     r.summary = {"status": status, "steps": step, "epochs": step / plan.steps_per_epoch, "wall_time_s": wall,
                  "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
-                 "init": r.init_info, "config_digest": r.cfg.digest(), "device": str(device), "precision": "fp32",
-                 "torch": torch.__version__, "host": platform.node(), **extra}
+                 "probe_epoch": final.get("epoch"), "init": r.init_info, "config_digest": r.cfg.digest(),
+                 "device": str(device), "precision": "fp32", "torch": torch.__version__, "host": platform.node(),
+                 **probe_warnings(probes), **extra}
     r.dir.write_summary(r.summary)
