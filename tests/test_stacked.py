@@ -41,7 +41,8 @@ def assert_same_student(a: Path, b: Path, rtol: float = RTOL) -> None:
     assert err <= rtol, f"relative difference {err:.2e}"
 
 
-@pytest.mark.parametrize("optim", [{"optim__name": "adamw"}, {"optim__name": "sgd", "optim__momentum": 0.9}])
+@pytest.mark.parametrize("optim", [{"optim__name": "adamw"}, {"optim__name": "sgd", "optim__momentum": 0.9},
+                                   {"optim__name": "adamw", "train__teacher_cache": "true"}])
 def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim):
     stacked = [tiny_config(tmp_path / f"stack{i}", **FAST, **optim, **v) for i, v in enumerate(VARIED)]
     summaries = train_stacked(stacked)

@@ -355,7 +355,7 @@ def _teacher_targets(runs: list[_Run], inputs, preprocess, batch: int, device) -
     from . import teacher_cache
     from .data import resolve_root
     folder = resolve_root(runs[0].cfg.data.root) / "teacher-targets"
-    return [teacher_cache.load_or_compute(r.teacher, inputs, preprocess, batch, device, folder)[0].to(device)
+    return [teacher_cache.load_or_compute(r.cfg, r.teacher, inputs, preprocess, batch, device, folder)[0].to(device)
             for r in runs]
 
 
