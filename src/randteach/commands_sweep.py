@@ -41,7 +41,7 @@ def cmd_sweep(args, extra) -> int:
             print(f"  {state:<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
         return 0
     results = run_sweep(configs, launcher=args.launcher, workers=args.workers, progress=not args.quiet,
-                        slurm=slurm)
+                        slurm=slurm, stack=args.stack)
     counts: dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -80,6 +80,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slurm", action="append", metavar="KEY=VALUE",
                    help="submitit/SLURM option, repeatable: partition, time, gpus_per_node, cpus_per_task, "
                         "mem_gb, array_parallelism, account, qos, constraint, cluster (local: no SLURM)")
+    p.add_argument("--stack", type=int, default=1, metavar="K",
+                   help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values "
+                        "in one process, stacked (local launcher); other runs run alone, with the reason")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(func=cmd_sweep)
 

@@ -207,6 +207,34 @@ def _local_worker(cfg_dict: dict, threads: int) -> None:
     run_one(config_from_dict(cfg_dict))
 
 
+def _stacked_worker(cfg_dicts: list[dict], threads: int) -> None:
+    """Entry point of one worker process that trains several runs stacked (randteach.stacked)."""
+    _stop_with_parent()
+    import torch
+    torch.set_num_threads(threads)
+    run_stacked([config_from_dict(d) for d in cfg_dicts])
+
+
+def run_stacked(cfgs: list[Config]) -> list[dict]:
+    """Train `cfgs` stacked; an exception becomes a "failed" summary of every run, never a crash."""
+    from .stacked import train_stacked
+    try:
+        return train_stacked(cfgs)
+    except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
+        return [record_failure(c, f"{type(e).__name__}: {e}", traceback.format_exc()) for c in cfgs]
+
+
+def _jobs(configs: list[Config], todo: list[int], stack: int, log: "_Progress") -> list[list[int]]:
+    """The runs to do as worker jobs: one run each, or (stack > 1) groups of up to `stack` stackable runs."""
+    if stack <= 1:
+        return [[i] for i in todo]
+    from .stacked import stack_groups
+    groups, alone = stack_groups([configs[i] for i in todo], stack)
+    for j, why in alone.items():
+        log.line(f"not stacked: {configs[todo[j]].run_dir()}: {why}")
+    return [[todo[j] for j in g] for g in groups]
+
+
 def _stop_with_parent() -> None:
     """SIGTERM this worker when the sweep process dies (even by SIGKILL), so that the run checkpoints and
     stops instead of living on beside a re-started sweep that would run it a second time."""
@@ -229,7 +257,7 @@ def _worker_context():
     import multiprocessing
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["randteach.sweep", "randteach.distill", "torch._dynamo"])
+        ctx.set_forkserver_preload(["randteach.sweep", "randteach.distill", "randteach.stacked", "torch._dynamo"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -281,36 +309,42 @@ def _split_done(configs: list[Config]) -> tuple[list[dict | None], list[int]]:
     return results, todo
 
 
-def _run_local(configs: list[Config], workers: int, progress: bool) -> list[dict]:
+def _run_local(configs: list[Config], workers: int, progress: bool, stack: int = 1) -> list[dict]:
     from multiprocessing.connection import wait
 
     ctx = _worker_context()
     results, todo = _split_done(configs)
-    workers = max(1, min(workers, len(todo) or 1))
-    threads = max(1, available_cores() // workers)
     log = _Progress(len(todo), progress)
+    jobs = _jobs(configs, todo, stack, log)
+    workers = max(1, min(workers, len(jobs) or 1))
+    threads = max(1, available_cores() // workers)
     log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
+             + (f" as {len(jobs)} stack(s) of up to {stack}" if stack > 1 and todo else "")
              + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else ""))
-    pending = list(reversed(todo))
-    running: dict = {}  # sentinel -> (process, index, summary stamp before the start, start time)
+    pending = list(reversed(jobs))
+    running: dict = {}  # sentinel -> (process, indices, their summary stamps before the start, start time)
     with _stop_workers_on_signal(running) as stop:
         while running or (pending and stop["signal"] is None):
             while pending and stop["signal"] is None and len(running) < workers:
-                i = pending.pop()
-                proc = ctx.Process(target=_local_worker, args=(configs[i].to_dict(), threads),
-                                   name=f"randteach-sweep-{i}")
-                stamp = _summary_stamp(configs[i])
+                job = pending.pop()
+                target, arg = ((_local_worker, configs[job[0]].to_dict()) if len(job) == 1 else
+                               (_stacked_worker, [configs[i].to_dict() for i in job]))
+                proc = ctx.Process(target=target, args=(arg, threads), name=f"randteach-sweep-{job[0]}")
+                stamps = [_summary_stamp(configs[i]) for i in job]
                 proc.start()
-                running[proc.sentinel] = (proc, i, stamp, time.perf_counter())
+                running[proc.sentinel] = (proc, job, stamps, time.perf_counter())
                 if stop["signal"] is not None:  # the signal came while this worker was starting
                     _signal_worker(proc, signal.SIGTERM)
             for sentinel in wait(list(running), timeout=1.0):
-                proc, i, stamp, t0 = running.pop(sentinel)
+                proc, job, stamps, t0 = running.pop(sentinel)
                 proc.join()
-                results[i] = _with_path(_collect_local(configs[i], proc.exitcode, stamp, stop["signal"]), configs[i])
-                log.finished(results[i], time.perf_counter() - t0)
-    for i in pending:
-        results[i] = _with_path({"status": "pending"}, configs[i])
+                for i, stamp in zip(job, stamps):
+                    results[i] = _with_path(_collect_local(configs[i], proc.exitcode, stamp, stop["signal"]),
+                                            configs[i])
+                    log.finished(results[i], time.perf_counter() - t0)
+    for job in pending:
+        for i in job:
+            results[i] = _with_path({"status": "pending"}, configs[i])
     return results  # type: ignore[return-value]
 
 
@@ -430,14 +464,19 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
 
 
 def run_sweep(configs: list[Config], launcher: str = "local", workers: int = 1, progress: bool = True,
-              slurm: dict | None = None) -> list[dict]:
+              slurm: dict | None = None, stack: int = 1) -> list[dict]:
     """Execute every config (skipping finished runs); one summary per config, in order.
 
     Each returned summary carries "run_dir". Status is completed, diverged, interrupted, failed
-    (with "error"), or pending (the sweep was stopped before the run started).
+    (with "error"), or pending (the sweep was stopped before the run started). stack > 1 (local
+    launcher): runs that share an architecture are trained up to `stack` at a time in one process.
     """
+    if stack < 1:
+        raise ConfigError(f"--stack must be at least 1, got {stack}")
     if launcher == "local":
-        return _run_local(configs, workers, progress)
+        return _run_local(configs, workers, progress, stack)
+    if stack > 1:
+        raise ConfigError("--stack works with --launcher local only; drop --stack for SLURM")
     if launcher == "slurm":
         return _run_slurm(configs, dict(slurm or {}), progress)
     raise ConfigError(f"unknown launcher {launcher!r}; use local or slurm")

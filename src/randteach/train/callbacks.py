@@ -195,14 +195,13 @@ class Checkpoint(Hook):
         state.save_student("student.pt")
 
 
-class StopOnSignal(Hook):
-    """SIGTERM/SIGINT set a flag; the run checkpoints and ends as "interrupted" after the current step.
-    Under torchrun the ranks agree at logged steps (an all-reduce), so that all stop at the same step."""
+class StopFlag:
+    """While entered (in the main thread), SIGTERM/SIGINT only set `signal`, for the loop to act on."""
 
-    def __init__(self, metrics: MetricsLog):
-        self.metrics, self.signal, self._old = metrics, None, {}
+    def __init__(self):
+        self.signal, self._old = None, {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -214,6 +213,15 @@ class StopOnSignal(Hook):
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+class StopOnSignal(StopFlag, Hook):
+    """SIGTERM/SIGINT set a flag; the run checkpoints and ends as "interrupted" after the current step.
+    Under torchrun the ranks agree at logged steps (an all-reduce), so that all stop at the same step."""
+
+    def __init__(self, metrics: MetricsLog):
+        super().__init__()
+        self.metrics = metrics
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
         if state.ddp.enabled and not state.plan.logs_at(state.step):

@@ -1,0 +1,177 @@
+"""Stacked runs (`randteach sweep --stack K`): aggregate training steps/s of K runs trained stacked in one
+process against the same K runs trained one at a time, and how far each stacked student ends from its
+solo twin. Writes (or replaces) the "Stacked runs" section of benchmarks/RESULTS.md.
+
+The runs differ in train.seed (so in teacher, student init and data order), as the seeds of a sweep do.
+Step time is read from each run's own metrics.jsonl (its `time` column), after `--warmup` untimed steps,
+so the loop's logging, gradient norms and distances are included and start-up is not. Rounds alternate
+the order (solo, stacked | stacked, solo) so that a load drifting over the run weighs on both alike; the
+load average is noted with every measurement (the development machine is shared).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py            # ~10 min, 2 cores
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py --tiny --out /tmp/R.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bench_machine
+from randteach.checkpoint import load_state_dict
+from randteach.config import build_config
+from randteach.distill import distill
+from randteach.rundir import RunDir
+from randteach.stacked import train_stacked
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## Stacked runs"
+# Small encoders on Fashion-MNIST with a small DINO head: the sweeps where per-operation overhead, not
+# arithmetic, bounds a CPU step. ResNet20 uses model.norm=layer: batch norm in train mode does not stack.
+WORKLOADS = {
+    "convnet": {"model.encoder": "convnet", "model.width": "16"},
+    "resnet20": {"model.encoder": "resnet20", "model.norm": "layer"},
+}
+COMMON = {"data.name": "fashion-mnist", "data.n_samples": "2048", "head.hidden_dims": "[256]",
+          "head.bottleneck_dim": "64", "head.out_dim": "1024", "init.alpha": "0.5", "train.batch_size": "64",
+          "train.epochs": "1000", "train.precision": "fp32", "train.teacher_cache": "false",
+          "train.probe_every": "0", "train.checkpoint_every": "0", "train.log_every": "1", "probe.which": "[]",
+          "train.device": "cpu"}
+TINY = {"data.name": "digits", "data.n_samples": "256", "model.width": "8", "head.hidden_dims": "[64]",
+        "head.bottleneck_dim": "16", "head.out_dim": "64"}
+
+
+def configs(workload: dict, k: int, steps: int, root: Path, tag: str):
+    return [build_config("cpu", None, {**COMMON, **workload, "train.max_steps": str(steps), "train.seed": str(s),
+                                       "out": str(root / f"{tag}-{s}")}) for s in range(k)]
+
+
+def step_seconds(cfg, warmup: int) -> float:
+    """Mean wall seconds per step after `warmup` steps, from the run's own metrics."""
+    t = [r["time"] for r in RunDir(cfg.run_dir()).records() if "time" in r]
+    return (t[-1] - t[warmup - 1]) / (len(t) - warmup)
+
+
+def measure(workload: dict, k: int, steps: int, warmup: int, root: Path, stacked: bool) -> dict:
+    tag = f"{'stack' if stacked else 'solo'}{k}-{time.monotonic_ns()}"
+    cfgs = configs(workload, k, steps, root, tag)
+    load = bench_machine.load_average()[0]
+    if stacked:
+        train_stacked(cfgs)
+        per_step = step_seconds(cfgs[0], warmup)              # one stacked step advances all K runs
+        rate = k / per_step
+    else:
+        for cfg in cfgs:
+            distill(cfg, progress=False)
+        rate = 1 / statistics.mean(step_seconds(c, warmup) for c in cfgs)
+    return {"k": k, "stacked": stacked, "steps_per_s": rate, "load": load, "dirs": [c.run_dir() for c in cfgs]}
+
+
+def relative_difference(a: Path, b: Path) -> float:
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    diff = torch.cat([(sa[n] - sb[n]).flatten() for n in sa]).norm()
+    return float(diff / torch.cat([sa[n].flatten() for n in sa]).norm())
+
+
+def run(args) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name in args.encoders:
+            workload = {**WORKLOADS[name], **(TINY if args.tiny else {})}
+            for k in args.k:
+                # One-at-a-time runs cost the same for any K: time min(K, solo_runs) of them.
+                solo_k = min(k, args.solo_runs)
+                rounds = []
+                for r in range(args.rounds):
+                    order = [False, True] if r % 2 == 0 else [True, False]
+                    got = {s: measure(workload, solo_k if not s else k, args.steps, args.warmup, root, s)
+                           for s in order}
+                    rounds.append(got)
+                solo = statistics.mean(g[False]["steps_per_s"] for g in rounds)
+                stack = statistics.mean(g[True]["steps_per_s"] for g in rounds)
+                diffs = [relative_difference(a, b) for a, b in zip(rounds[0][False]["dirs"], rounds[0][True]["dirs"])]
+                rows.append({"encoder": name, "k": k, "solo": solo, "stacked": stack, "ratio": stack / solo,
+                             "solo_rounds": [g[False]["steps_per_s"] for g in rounds],
+                             "stacked_rounds": [g[True]["steps_per_s"] for g in rounds],
+                             "loads": [g[s]["load"] for g in rounds for s in (False, True)],
+                             "max_rel_diff": max(diffs), "compared": len(diffs)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
+    cmd = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py " + shlex.join(args.argv)
+    w = {**COMMON, **(TINY if args.tiny else {})}
+    lines = [SECTION + (", tiny workload (digits)" if args.tiny else ""), "",
+             f"- command: `{cmd.strip()}`",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
+             f"{(time.time() - started) / 60:.1f} min",
+             f"- machine: {machine['cpu']}, {machine['cores']} cores, torch {torch.__version__} with "
+             f"{torch.get_num_threads()} thread(s), host `{machine['host']}` (shared: load averages below)",
+             f"- workload: {w['data.name']} ({w['data.n_samples']} images), batch {w['train.batch_size']}, DINO head "
+             f"{w['head.hidden_dims']} → {w['head.bottleneck_dim']} → {w['head.out_dim']}, CE, AdamW, alpha 0.5, fp32; "
+             "convnet width " + ("8" if args.tiny else "16") + ", ResNet20 with model.norm=layer; runs differ in "
+             f"train.seed; {args.warmup} warm-up + {args.steps - args.warmup} timed steps per run, {args.rounds} "
+             "rounds in alternating order",
+             "- steps/s: aggregate optimizer steps per wall second over all K runs (K stacked: K / s per "
+             f"stacked step; one at a time: 1 / mean s per step over min(K, {args.solo_runs}) solo runs)",
+             "- max rel. diff: max over the compared runs of ||θ_stacked − θ_solo|| / ||θ_solo|| of the final "
+             "students (the same run trained stacked and alone)", "",
+             "| encoder | K | one at a time, steps/s (rounds) | stacked, steps/s (rounds) | stacked × one at a time "
+             "| max rel. diff (runs) | load avg during (1 min) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['encoder']} | {r['k']} | {r['solo']:.2f} ({', '.join(f'{v:.2f}' for v in r['solo_rounds'])}) "
+                     f"| {r['stacked']:.2f} ({', '.join(f'{v:.2f}' for v in r['stacked_rounds'])}) | **{r['ratio']:.2f}×** "
+                     f"| {r['max_rel_diff']:.1e} ({r['compared']}) | {', '.join(f'{v:.1f}' for v in r['loads'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def upsert_section(path: Path, text: str) -> None:
+    """Replace the section of `path` whose heading is the first line of `text` (up to the next '## '
+    heading), or append it."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    heading = text.splitlines()[0]
+    start = old.find("\n" + heading + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(heading) + 1)
+        new = old[:start + 1] + text + (old[end:] if end >= 0 else "")
+    path.write_text(new)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoders", type=lambda s: s.split(","), default=["convnet", "resnet20"])
+    p.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--steps", type=int, default=6, help="steps per run (the first --warmup are not timed)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--solo-runs", type=int, default=2, help="one-at-a-time runs timed per K (their cost does not "
+                   "depend on K)")
+    p.add_argument("--tiny", action="store_true", help="digits, width 8, a 64-wide head: seconds (a smoke test)")
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    started = time.time()
+    info = bench_machine.describe(onednn=False)
+    machine = {"cpu": info.get("cpu", bench_machine.cpu_model()), "cores": info.get("cores", os.cpu_count()),
+               "host": info.get("host", "")}
+    rows = run(args)
+    upsert_section(Path(args.out), markdown(rows, args, started, machine))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

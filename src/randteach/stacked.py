@@ -1,0 +1,423 @@
+"""Many runs in one process: K runs that share an architecture are trained as one stacked model.
+
+Runs of a sweep that differ only in values that do not change any tensor's shape (seed, alpha or epsilon,
+learning rate and its schedule, weight decay, momentum, betas) are stacked: every parameter becomes one
+(K, ...) tensor (`torch.func.stack_module_state`), the forward and backward passes of all K
+teacher-student pairs run at once under `torch.func.vmap`, and each run then takes its own optimizer
+step. Fewer, larger kernels: on a CPU this amortizes the per-operation overhead of small encoders.
+
+Each run keeps everything a run of `randteach distill` has: its run directory with config.yaml,
+metrics.jsonl, checkpoints (teacher.pt, student_init.pt, student_step<N>.pt, last.pt, student.pt) and
+summary.json, in the same format. Per run, its own data order (`epoch_order` of its seed), learning rate
+and optimizer: each run's student module keeps real parameters, but their storage is that run's slice of
+the stacked tensors, so the run's torch.optim optimizer (built by `build_optimizer`), `gradient_norm`,
+`parameter_distance`, the Prober and `state_dict` act on that run exactly as in a solo run. A stacked
+group can be killed and re-run: each run resumes from its own last.pt (and a solo `randteach distill
+--resume` can finish it too).
+
+Results: the optimizer step is torch.optim's own, so only the forward/backward arithmetic differs from a
+solo run: vmap turns a convolution over K weights into one grouped convolution and a linear layer into a
+batched matrix product, whose sums may round differently in the last bit (measured: gradients within a
+few 1e-6 relative on the CPU). A stacked run therefore matches its solo run to about 1e-6 relative, not
+bitwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict
+from .distill import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
+from .errors import UserError
+from .evaluate import Prober, exact_fp32, uses_bf16
+from .init import gradient_norm, init_report, parameter_distance
+from .losses import distill_loss
+from .optim import build_optimizer, lr_at, set_lr
+from .rundir import RunDir, check_config_digest, probe_warnings, run_lock
+from .train.callbacks import StopFlag
+from .train.state import Plan
+
+# Config keys whose values may differ inside one stack: none changes a tensor's shape or the step's code.
+PER_RUN_KEYS = frozenset({
+    "name", "out", "train.seed",
+    "init.mode", "init.alpha", "init.epsilon", "init.variance_preserving", "init.checkpoint",
+    "init.teacher_checkpoint", "init.teacher_seed", "init.fresh_seed",
+    "optim.lr", "optim.weight_decay", "optim.momentum", "optim.betas", "optim.schedule", "optim.warmup_steps",
+    "optim.min_lr", "optim.lr_end", "optim.grad_clip",
+})
+_BATCH_NORM_DEFAULT = ("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet18", "resnet34", "resnet50",
+                       "resnet20", "resnet56")
+
+
+def structure_key(cfg: Config) -> str:
+    """Runs with equal keys can be stacked: every config value outside PER_RUN_KEYS is equal."""
+    from .sweep import flatten
+    shared = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in PER_RUN_KEYS}
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def why_not_stackable(cfg: Config) -> str | None:
+    """None if `cfg` can be trained in a stack, else the reason (one line) it runs alone."""
+    norm = cfg.model.norm
+    if norm == "batch" or (norm == "default" and cfg.model.encoder in _BATCH_NORM_DEFAULT):
+        return (f"{cfg.model.encoder} with batch norm: its running statistics are not per-run under vmap "
+                "(stack with --model.norm layer, group or none)")
+    if ":" in cfg.model.encoder:
+        return "an imported encoder may hold layers vmap cannot batch"
+    if cfg.teacher.mode != "frozen" or cfg.teacher.train_mode:
+        return f"teacher.mode={cfg.teacher.mode}, train_mode={cfg.teacher.train_mode}: only a frozen teacher in eval mode"
+    if cfg.train.compile:
+        return "train.compile=true"
+    if uses_bf16(cfg.train.precision, resolve_device(cfg.train.device)):
+        return f"train.precision={cfg.train.precision} (bf16 switches on per run)"
+    if cfg.train.micro_batch and cfg.train.micro_batch < (cfg.train.batch_size or math.inf):
+        return "train.micro_batch (gradient accumulation)"
+    if cfg.loss.center:
+        return "loss.center (a running center per run)"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "data-parallel (torchrun) runs"
+    return None
+
+
+def stack_groups(cfgs: list[Config], k: int) -> tuple[list[list[int]], dict[int, str]]:
+    """Indices of `cfgs` in groups of at most `k` stackable runs with one structure (in sweep order),
+    and the reason each unstackable run runs alone (those are groups of one too)."""
+    alone: dict[int, str] = {}
+    by_key: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        why = why_not_stackable(cfg)
+        if why is not None:
+            alone[i] = why
+            by_key[f"alone-{i}"] = [i]
+        else:
+            by_key.setdefault(structure_key(cfg), []).append(i)
+    groups = [members[j:j + k] for members in by_key.values() for j in range(0, len(members), max(1, k))]
+    return sorted(groups), alone
+
+
+@dataclass
+class _Plan:
+    """Steps of a run; equal for every run of a stack (batch size, epochs and data are shared)."""
+    n: int
+    batch: int
+    steps_per_epoch: int
+    total_steps: int
+    probe_steps: dict
+    ckpt_steps: set
+
+    @classmethod
+    def of(cls, cfg: Config, n: int) -> "_Plan":
+        p = Plan.of(cfg, n)  # the solo loop's plan: the same steps, probes and checkpoints
+        return cls(n, p.batch, p.steps_per_epoch, p.total_steps, p.probe_steps, set(p.checkpoint_steps))
+
+
+class _Run:
+    """One run of a stack: its config, directory, modules, optimizer and bookkeeping."""
+
+    def __init__(self, cfg: Config, teacher: nn.Module, student: nn.Module, init_info: dict):
+        self.cfg, self.dir = cfg, RunDir(cfg.run_dir())
+        self.teacher, self.student, self.init_info = teacher, student, init_info
+        self.student_init = copy.deepcopy(student).requires_grad_(False)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.wall_before = 0.0
+        self.teacher_probe: dict | None = None
+        self.rng = _seeded_rng(cfg.train.seed)
+        self.status: str | None = None  # set when the run has finished (completed, diverged, interrupted)
+        self.last_loss = float("nan")
+        self.pending: dict = {}  # the last step's loss, gradient norm and lr, logged every log_every steps
+        self.summary: dict = {}
+        self.data_seed = seeds(cfg)["data"]
+
+    def state(self, step: int, wall: float) -> dict:
+        """last.pt in the format of a solo run: a solo `distill --resume` can continue it."""
+        return {"student": _owned(self.student.state_dict()), "teacher": self.teacher.state_dict(),
+                "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": step, "wall_time_s": wall, "bf16_on": False, "init": self.init_info, "center": None,
+                "rng": self.rng, "teacher_probe": self.teacher_probe or {}}
+
+
+def _seeded_rng(seed: int) -> dict:
+    """The global RNG state a solo run has after `torch.manual_seed(train.seed)` (nothing draws from it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {"torch": torch.get_rng_state()}
+
+
+def _owned(state: dict) -> dict:
+    """Tensors that own their storage: a slice of a stacked tensor would otherwise save all K runs."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _check_config(run: RunDir, cfg: Config) -> None:
+    if run.config_path.exists() and run.started():  # config.yaml alone (a start that failed) binds nothing
+        import yaml
+        if config_from_dict(yaml.safe_load(run.config_path.read_text())).digest() != cfg.digest():
+            raise UserError(f"{run.path} holds a run with a different config; choose another --out")
+
+
+def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
+    """Train (or resume, or skip when finished) the runs `cfgs` stacked; one summary per config, in order.
+
+    The configs must share a structure (`structure_key`) and be stackable (`why_not_stackable`)."""
+    keys = {structure_key(c) for c in cfgs}
+    if len(keys) > 1:
+        raise UserError("train_stacked: the runs differ in more than " + ", ".join(sorted(PER_RUN_KEYS)))
+    for cfg in cfgs:
+        why = why_not_stackable(cfg)
+        if why is not None:
+            raise UserError(f"{cfg.run_dir()} cannot be stacked: {why}")
+    summaries: dict[int, dict] = {}
+    by_step: dict[int, list[int]] = {}
+    with contextlib.ExitStack() as locks:
+        for i, cfg in enumerate(cfgs):
+            locks.enter_context(run_lock(cfg.run_dir(), create=True))  # one writer per run folder, as distill
+            run = RunDir(cfg.run_dir())
+            run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
+            _check_config(run, cfg)
+            done = run.summary()
+            if done and done.get("status") in ("completed", "diverged"):
+                check_config_digest(done.get("config_digest"), cfg, run.path)
+                summaries[i] = done
+                continue
+            last = run.checkpoints / "last.pt"
+            by_step.setdefault(int(load_checkpoint(last)["step"]) if last.exists() else 0, []).append(i)
+        # A kill between two runs' checkpoints can leave them at different steps: each step resumes as its own stack.
+        for members in by_step.values():
+            with exact_fp32():
+                for i, summary in zip(members, _train_group([cfgs[i] for i in members], progress)):
+                    summaries[i] = summary
+    return [summaries[i] for i in range(len(cfgs))]
+
+
+def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
+    cfg0 = cfgs[0]
+    device = resolve_device(cfg0.train.device)
+    inputs, preprocess, data, size = load_training_inputs(cfg0)
+    in_channels = data.images.shape[1]
+    runs = [_start_run(cfg, in_channels, size, device) for cfg in cfgs]
+    step = _resume_or_save_inits(runs, in_channels, size)
+    plan = _Plan.of(cfg0, len(inputs))
+    if cfg0.train.data_on_device:
+        inputs = inputs.to(device)
+    targets = _teacher_targets(runs, inputs, preprocess, plan.batch, device) if cfg0.train.teacher_cache else None
+
+    # Stack, then make each run's student parameters views of its slice: the per-run optimizers,
+    # metrics, probes and checkpoints below work on ordinary modules while the step runs stacked.
+    s_params, s_buffers = stack_module_state([r.student for r in runs])
+    t_params, t_buffers = stack_module_state([r.teacher for r in runs])
+    t_params = {k: v.detach() for k, v in t_params.items()}
+    with torch.no_grad():
+        for k, r in enumerate(runs):
+            for name, p in r.student.named_parameters():
+                p.data = s_params[name][k]
+            for name, b in r.student.named_buffers():
+                b.data = s_buffers[name][k]
+    for r in runs:
+        r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
+        last = r.dir.checkpoints / "last.pt"
+        if last.exists():
+            r.optimizer.load_state_dict(load_checkpoint(last)["optimizer"])
+    losses_of = _stacked_losses(runs[0], cfg0, cached=targets is not None)
+    prober = Prober(cfg0, in_channels, size, device) if cfg0.probe.which else None
+    t_start = time.perf_counter()
+
+    def wall(r: _Run) -> float:
+        return r.wall_before + time.perf_counter() - t_start
+
+    def active() -> list[tuple[int, _Run]]:
+        return [(k, r) for k, r in enumerate(runs) if r.status is None]
+
+    if progress:
+        print(f"stacked: {len(runs)} runs from step {step} of {plan.total_steps}", flush=True)
+    with StopFlag() as stop:
+        if step == 0 and prober is not None and 0 in plan.probe_steps:
+            for _, r in active():
+                _probe(r, prober, 0, 0.0)
+        while step < plan.total_steps and active():
+            epoch, offset = divmod(step, plan.steps_per_epoch)
+            idx = [epoch_order(plan.n, r.data_seed, epoch)[offset * plan.batch:(offset + 1) * plan.batch]
+                   for r in runs]
+            x = torch.stack([_batch(inputs, i, preprocess, device) for i in idx])           # (K, B, C, H, W)
+            teacher_in = torch.stack([targets[k][i.to(device)] for k, i in enumerate(idx)]) if targets is not None else x
+            for p in s_params.values():
+                p.grad = None
+            losses = losses_of(s_params, s_buffers, t_params, t_buffers, x, teacher_in)     # (K,)
+            losses.sum().backward()  # runs are independent: each slice's gradient is its own run's
+            loss_values = losses.tolist()
+            for k, r in active():
+                lr = lr_at(r.cfg.optim, step, plan.total_steps)
+                for name, p in r.student.named_parameters():
+                    p.grad = s_params[name].grad[k]
+                grad_norm = gradient_norm(r.student)
+                if r.cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(r.student.parameters(), r.cfg.optim.grad_clip)
+                if not math.isfinite(loss_values[k]) or not math.isfinite(grad_norm):
+                    r.dir.log({"event": "step", "step": step + 1, "loss": loss_values[k], "grad_norm": grad_norm, "lr": lr})
+                    _finish(r, plan, "diverged", step + 1, wall(r), device,
+                            diverged_step=step + 1, reason="non-finite loss or gradient")
+                    continue
+                # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
+                # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
+                # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
+                # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
+                set_lr(r.optimizer, lr)
+                r.optimizer.step()
+                r.last_loss = loss_values[k]
+                r.pending = {"loss": loss_values[k], "grad_norm": grad_norm, "lr": lr}
+            step += 1
+            for k, r in active():
+                if step % r.cfg.train.log_every == 0 or step == plan.total_steps:
+                    dist_teacher = parameter_distance(r.student, r.teacher)
+                    if not math.isfinite(dist_teacher):
+                        _finish(r, plan, "diverged", step, wall(r), device, diverged_step=step,
+                                reason="non-finite parameters")
+                        continue
+                    r.dir.log({"event": "step", "step": step, "epoch": step / plan.steps_per_epoch, "loss": r.pending["loss"],
+                               "grad_norm": r.pending["grad_norm"], "dist_teacher": dist_teacher,
+                               "dist_init": parameter_distance(r.student, r.student_init), "lr": r.pending["lr"],
+                               "bf16": False, "time": wall(r)})
+                if prober is not None and step in plan.probe_steps and step != plan.total_steps:
+                    _probe(r, prober, step, plan.probe_steps[step])
+                if step in plan.ckpt_steps:
+                    save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
+                    _save_student(r, step, r.dir.checkpoints / f"student_step{step}.pt")
+            if stop.signal is not None:
+                for _, r in active():
+                    save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
+                    _finish(r, plan, "interrupted", step, wall(r), device, signal=signal.Signals(stop.signal).name)
+        for _, r in active():
+            # A stop inside the last step may have logged the final probe already (then it is not repeated).
+            if prober is not None and not any(p.get("step") == step for p in r.dir.probes()):
+                _probe(r, prober, step, step / plan.steps_per_epoch)
+            save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
+            _save_student(r, step, r.dir.checkpoints / "student.pt")
+            _finish(r, plan, "completed", step, wall(r), device, final_loss=r.last_loss)
+    return [r.summary for r in runs]
+
+
+def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -> _Run:
+    run = RunDir(cfg.run_dir()).create()
+    run.config_path.write_text(cfg.to_yaml())
+    run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record, as in a solo run
+    teacher, student = build_teacher_and_student(cfg, in_channels, size)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+        raise UserError(f"{run.path}: the encoder has batch norm, which cannot be stacked; run it alone")
+    r = _Run(cfg, teacher, student, init_report(teacher, student))
+    teacher.to(device).eval().requires_grad_(False)  # the paper's frozen teacher in eval mode
+    student.to(device).train()
+    r.student_init.to(device)
+    return r
+
+
+def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
+    """Load each run's last.pt (all at one step), or write its teacher.pt and student_init.pt; the step."""
+    step = 0
+    for r in runs:
+        last = r.dir.checkpoints / "last.pt"
+        if last.exists():
+            state = load_checkpoint(last)
+            r.student.load_state_dict(state["student"])
+            r.teacher.load_state_dict(state["teacher"])
+            r.student_init.load_state_dict(state["student_init"])
+            r.wall_before, r.init_info, r.rng = float(state["wall_time_s"]), state["init"], state["rng"]
+            r.teacher_probe = state.get("teacher_probe") or None
+            step = int(state["step"])
+            r.dir.truncate_after(step)
+        else:
+            for f in (r.dir.metrics_path, r.dir.summary_path):
+                f.unlink(missing_ok=True)
+            save_checkpoint({"model": r.teacher.state_dict(), "role": "teacher", "in_channels": in_channels,
+                             "image_size": size}, r.dir.checkpoints / "teacher.pt")
+            save_checkpoint({"model": r.student.state_dict(), "role": "student_init"},
+                            r.dir.checkpoints / "student_init.pt")
+    return step
+
+
+def _teacher_targets(runs: list[_Run], inputs, preprocess, batch: int, device) -> list[torch.Tensor]:
+    """Each run's cached teacher bottleneck outputs (the same files a solo run reads or writes)."""
+    from . import teacher_cache
+    from .data import resolve_root
+    folder = resolve_root(runs[0].cfg.data.root) / "teacher-targets"
+    return [teacher_cache.load_or_compute(r.cfg, r.teacher, inputs, preprocess, batch, device, folder)[0].to(device)
+            for r in runs]
+
+
+def _batch(inputs: torch.Tensor, idx: torch.Tensor, preprocess, device) -> torch.Tensor:
+    x = inputs[idx.to(inputs.device)].to(device, non_blocking=True)
+    return preprocess(x) if preprocess is not None else x
+
+
+class _HeadLast(nn.Module):
+    """`head.last` as a forward, so that functional_call can apply it to cached teacher targets."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, z):
+        return self.head.last(z)
+
+
+def _stacked_losses(run: _Run, cfg: Config, cached: bool):
+    """(K stacked student params, buffers, teacher params, buffers, inputs, teacher inputs) -> (K,) losses:
+    one run's step (student and teacher outputs, the loss of `losses.distill_loss`) vmapped over K."""
+    student = copy.deepcopy(run.student).to("meta")  # the code of the step; the weights come stacked
+    teacher = copy.deepcopy(run.teacher).to("meta")
+    last = _HeadLast(teacher.head)
+    c = cfg.loss
+
+    def one(sp, sb, tp, tb, x, t_in):
+        s = functional_call(student, (sp, sb), (x,))
+        with torch.no_grad():
+            if cached:
+                t = functional_call(last, {k: v for k, v in tp.items() if k.startswith("head.")}, (t_in,))
+            else:
+                t = functional_call(teacher, (tp, tb), (t_in,))
+        return distill_loss(c.name, s, t, c.teacher_temp, c.student_temp)
+
+    return vmap(one)
+
+
+def _probe(r: _Run, prober: Prober, step: int, epoch: float) -> None:
+    """A probe record as a solo run writes it (the frozen teacher is probed once per run)."""
+    which = r.cfg.probe.which
+    record = {"event": "probe", "step": step, "epoch": epoch}
+    if "teacher" in which:
+        if r.teacher_probe is None:
+            r.teacher_probe = prober.probe(r.teacher.encoder)
+        record["teacher"] = r.teacher_probe
+    if "student" in which:
+        record["student"] = prober.probe(r.student.encoder)
+    if "input" in which:
+        record["input"] = prober.input()
+    r.dir.log(record)
+
+
+def _save_student(r: _Run, step: int, path: Path) -> None:
+    save_checkpoint({"model": _owned(r.student.state_dict()), "role": "student", "step": step}, path)
+
+
+def _finish(r: _Run, plan: _Plan, status: str, step: int, wall: float, device, **extra) -> None:
+    """summary.json as a solo run writes it."""
+    probes = r.dir.probes()
+    final = probes[-1] if probes else {}
+    r.status = status
+    r.summary = {"status": status, "steps": step, "epochs": step / plan.steps_per_epoch, "wall_time_s": wall,
+                 "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
+                 "probe_epoch": final.get("epoch"), "init": r.init_info, "config_digest": r.cfg.digest(),
+                 "device": str(device), "precision": "fp32", "torch": torch.__version__, "host": platform.node(),
+                 **probe_warnings(probes), **extra}
+    r.dir.write_summary(r.summary)

@@ -1,0 +1,152 @@
+"""Stacked runs (randteach.stacked, `randteach sweep --stack K`): each run of a stack ends where the same
+run trained alone ends, keeps its own run directory, falls back to a solo run when it cannot be stacked,
+and resumes after a SIGKILL."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from randteach.checkpoint import load_checkpoint, load_state_dict
+from randteach.distill import distill
+from randteach.rundir import RunDir
+from randteach.stacked import stack_groups, train_stacked, why_not_stackable
+from randteach.sweep import expand, load_sweep, run_sweep
+
+from tiny import TINY, tiny_config
+
+# 20 steps, k-NN probes of the student on small probe subsets: seconds per run.
+FAST = {"train__max_steps": 20, "train__probe_every": 0, "probe__linear": "none", "probe__which": "[student]",
+        "probe__n_train": 200, "probe__n_test": 100}
+# alpha >= 0.1: at alpha = 1e-10 the escape from the teacher is seeded by last-bit rounding, which a
+# stacked kernel does differently from a solo one (see randteach.stacked), so the runs part ways.
+VARIED = [{"train__seed": 0, "init__alpha": 0.5, "optim__lr": 1e-3},
+          {"train__seed": 1, "init__alpha": 0.1, "optim__lr": 3e-3, "optim__weight_decay": 0.05},
+          {"train__seed": 2, "init__alpha": 1.0, "optim__lr": 5e-4}]
+RTOL = 1e-5
+
+
+def assert_same_student(a: Path, b: Path, rtol: float = RTOL) -> None:
+    """||theta_a - theta_b|| <= rtol ||theta_a|| over all the student's parameters (a zero-initialized bias
+    of 8 entries alone can sit at a few 1e-5 relative after 20 Adam steps)."""
+    sa, sb = load_state_dict(a), load_state_dict(b)
+    assert sa.keys() == sb.keys()
+    diff = torch.cat([(sa[k] - sb[k]).flatten() for k in sa]).norm()
+    err = float(diff / torch.cat([sa[k].flatten() for k in sa]).norm())
+    assert err <= rtol, f"relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("optim", [{"optim__name": "adamw"}, {"optim__name": "sgd", "optim__momentum": 0.9},
+                                   {"optim__name": "adamw", "train__teacher_cache": "true"}])
+def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim):
+    stacked = [tiny_config(tmp_path / f"stack{i}", **FAST, **optim, **v) for i, v in enumerate(VARIED)]
+    summaries = train_stacked(stacked)
+    assert [s["status"] for s in summaries] == ["completed"] * 3
+    for i, (cfg, v) in enumerate(zip(stacked, VARIED)):
+        solo = distill(tiny_config(tmp_path / f"solo{i}", **FAST, **optim, **v), progress=False)
+        run = RunDir(cfg.run_dir())
+        assert_same_student(solo.path, run.path)
+        for name in ("teacher.pt", "student_init.pt", "last.pt", "student.pt"):
+            assert (run.checkpoints / name).is_file()
+        assert load_state_dict(run.path, "teacher").keys() == load_state_dict(solo.path, "teacher").keys()
+        steps = [r for r in run.records() if "loss" in r]
+        solo_steps = [r for r in RunDir(solo.path).records() if "loss" in r]
+        assert [r["step"] for r in steps] == [r["step"] for r in solo_steps] == list(range(1, 21))
+        assert steps[-1]["lr"] == solo_steps[-1]["lr"] == float(v["optim__lr"])
+        assert abs(steps[0]["loss"] - solo_steps[0]["loss"]) <= 1e-5 * abs(solo_steps[0]["loss"])
+        assert len(run.probes()) == 2 and summaries[i]["config_digest"] == cfg.digest()
+        # A checkpoint holds this run's tensors only, not the whole stack.
+        assert load_checkpoint(run.checkpoints / "student.pt")["model"]["head.lin2.weight"].untyped_storage().nbytes() \
+            == 64 * 16 * 4
+
+
+def test_a_solo_resume_continues_a_stacked_checkpoint(tmp_path):
+    # last.pt of a stacked run has the solo format: `distill --resume` finishes a run that a stack began.
+    half = [tiny_config(tmp_path / f"stack{i}", **{**FAST, "train__max_steps": 10}, **v)
+            for i, v in enumerate(VARIED[:2])]
+    train_stacked(half)
+    cfg = tiny_config(tmp_path / "stack0", **FAST, **VARIED[0])
+    (Path(cfg.run_dir()) / "summary.json").unlink()
+    (Path(cfg.run_dir()) / "config.yaml").write_text(cfg.to_yaml())
+    assert distill(cfg, resume=True, progress=False).summary["steps"] == 20
+    solo = distill(tiny_config(tmp_path / "solo", **FAST, **VARIED[0]), progress=False)
+    assert_same_student(solo.path, Path(cfg.run_dir()))
+
+
+def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_apart(tmp_path):
+    cfgs = [tiny_config(tmp_path / "a", **VARIED[0]), tiny_config(tmp_path / "b", **VARIED[1]),
+            tiny_config(tmp_path / "c", model__width=16), tiny_config(tmp_path / "d", **VARIED[2]),
+            tiny_config(tmp_path / "e", teacher__mode="ema"),
+            tiny_config(tmp_path / "f", model__encoder="resnet20"),
+            tiny_config(tmp_path / "g", model__encoder="resnet20", model__norm="layer")]
+    groups, alone = stack_groups(cfgs, 2)
+    assert groups == [[0, 1], [2], [3], [4], [5], [6]]
+    assert set(alone) == {4, 5} and "teacher.mode=ema" in alone[4] and "batch norm" in alone[5]
+    assert why_not_stackable(cfgs[6]) is None
+    with pytest.raises(Exception, match="cannot be stacked"):
+        train_stacked([cfgs[4]])
+
+
+def _write_sweep(tmp_path, base: dict, **spec) -> Path:
+    doc = {"preset": "cpu", "name": "s", "base": base, "out": str(tmp_path / "runs"), **spec}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+SWEEP_BASE = {**TINY, **{k.replace("__", "."): v for k, v in FAST.items()}}
+
+
+def test_sweep_stack_trains_stackable_runs_together_and_the_rest_alone(tmp_path, capsys):
+    path = _write_sweep(tmp_path, SWEEP_BASE, grid={"teacher.mode": ["frozen", "ema"]}, seeds=[0, 1])
+    results = run_sweep(expand(load_sweep(path)), stack=4)
+    err = capsys.readouterr().err
+    assert [r["status"] for r in results] == ["completed"] * 4
+    assert "as 3 stack(s) of up to 4" in err                     # the two frozen runs together, each EMA run alone
+    assert err.count("not stacked:") == 2 and "teacher.mode=ema" in err
+    from randteach.cli import main
+    assert main(["report", str(tmp_path / "runs")]) == 0          # stacked and solo runs read alike
+    assert "| frozen |" in (tmp_path / "runs" / "report.md").read_text()
+
+
+def test_killed_stacked_sweep_resumes_every_run_from_its_own_checkpoint(tmp_path):
+    # SIGKILL of the whole sweep (parent and worker: nothing can checkpoint on the way out) once a
+    # checkpoint exists; the re-run resumes each run from its last.pt and ends where solo runs end.
+    base = {**SWEEP_BASE, "train.max_steps": 20, "train.checkpoint_every": 0.2, "init.alpha": 0.5}
+    path = _write_sweep(tmp_path, base, seeds=[0, 1, 2])
+    root = tmp_path / "runs"
+    log = open(tmp_path / "s.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "randteach.cli", "sweep", str(path), "--stack", "3"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(root.glob("*/checkpoints/last.pt")):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "s.log").read_text()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = {p.parent.parent: int(load_checkpoint(p)["step"]) for p in root.glob("*/checkpoints/last.pt")}
+    assert any(step < 20 for step in killed_at.values())
+
+    results = run_sweep(expand(load_sweep(path)), stack=3)
+    assert [r["status"] for r in results] == ["completed"] * 3
+    for cfg in expand(load_sweep(path)):
+        run = RunDir(cfg.run_dir())
+        assert [r["step"] for r in run.records() if "loss" in r] == list(range(1, 21))   # each step logged once
+        solo = cfg
+        solo.out = str(tmp_path / "solo" / Path(cfg.run_dir()).name)
+        assert_same_student(distill(solo, progress=False).path, run.path)
+
+
+@pytest.mark.parametrize("args, message", [(["--stack", "0"], "--stack must be at least 1"),
+                                           (["--stack", "2", "--launcher", "slurm"], "--launcher local only")])
+def test_bad_stack_option_is_a_clear_error(tmp_path, capsys, args, message):
+    from randteach.cli import main
+    path = _write_sweep(tmp_path, SWEEP_BASE, seeds=[0, 1])
+    assert main(["sweep", str(path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()                      # nothing started
