@@ -197,6 +197,16 @@ def _confine_imports(allowed: set[str], extra: list[str]) -> list[str]:
     return rest
 
 
+def _reader_left() -> int:
+    """The reader of stdout closed the pipe (`randteach data list | head`): stop quietly, as a command
+    killed by SIGPIPE would, with that exit status. Python would otherwise print a traceback, and
+    again at exit when it flushes what is still buffered; stdout is pointed at /dev/null to stop that."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # 128 + SIGPIPE, the shell's status of a command the signal ended
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import confine_imports
     parser = build_parser()
@@ -206,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         extra = _confine_imports(args.allow_import, extra)
-        return args.func(args, extra)
+        rc = args.func(args, extra)
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows up here, not at exit
+        return rc
+    except BrokenPipeError:
+        return _reader_left()
     except UserError as e:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
         return 2
