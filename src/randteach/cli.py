@@ -56,12 +56,12 @@ def cmd_distill(args, extra) -> int:
     else:
         cfg = _config_from_args(args, extra)
     from .distill import distill
-    from .report import probe_table, recorded_command, write_report
+    from .report import probe_table, recorded_command, write_run_report
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
     if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0 if result.summary["status"] == "completed" else 3
     this_command = "randteach " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
+    write_run_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
     print(f"\n{result.summary['status']}: {result.path}")
     if result.summary["status"] != "completed" and result.summary.get("probe_epoch") is not None:
         print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:g})")

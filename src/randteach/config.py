@@ -442,6 +442,19 @@ def _check_number(key: str, value: Any, bounds: dict) -> None:
         raise ConfigError(f"{key}: {value!r} is out of range; valid: a finite number in {_interval(bounds)}")
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves (the
+    inverse of `dotted_to_nested`)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def dotted_to_nested(pairs: dict[str, Any]) -> dict:
     """{'optim.lr': '1e-3'} -> {'optim': {'lr': '1e-3'}}."""
     nested: dict = {}
