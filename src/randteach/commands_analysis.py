@@ -1,4 +1,4 @@
-"""Commands of the landscape and supervised analyses (SPEC E9-E11):
+"""Commands of the landscape and supervised analyses (Sarnthein et al. 2023, Sec. 5-6: Fig. 5, 8, 9):
 
     randteach landscape  loss / probe / embedding-KL landscape on a plane through three parameter vectors
     randteach finetune   supervised training of a run's encoder (or any checkpoint) + a new linear classifier
@@ -184,7 +184,7 @@ def cmd_lmc(args, extra) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "landscape", help="loss / probe / embedding-KL landscape on a plane through three parameter vectors (E9)",
+        "landscape", help="loss / probe / embedding-KL landscape on a plane through three parameter vectors (Fig. 5)",
         description="Evaluate the teacher-student loss, the probe accuracy, the encoder-embedding KL and ||theta|| "
                     "on a grid over the plane through three parameter vectors; writes landscape.npz and contour "
                     "plots. Resumable: run the same command again to continue a stopped grid. --probe.KEY VALUE "
@@ -202,7 +202,7 @@ def add_parser(sub) -> None:
     p.add_argument("--start", default="student", help=START_HELP.split(";")[0] + " (default student)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding: lottery tickets (E10)",
+    p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding: lottery tickets (Fig. 8)",
                        description="Prune 20 % of the remaining encoder conv/linear weights per round by global "
                                    "magnitude, rewind and retrain; writes imp.json and imp.png.")
     _add_recipe_args(p)
@@ -213,7 +213,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prune-classifier", action="store_true", help="rank the new classifier's weights too")
     p.set_defaults(func=cmd_imp)
 
-    p = sub.add_parser("lmc", help="linear mode connectivity of supervised runs from one start (E11)",
+    p = sub.add_parser("lmc", help="linear mode connectivity of supervised runs from one start (Fig. 9)",
                        description="From each start, train several supervised runs with different data orders "
                                    "and measure the test error along the linear path between every pair; "
                                    "writes lmc.json and lmc.png.")

@@ -1,6 +1,6 @@
-"""Commands of the escaping paper's diagnostics: `randteach lr-range` (E12) and `randteach signal` (E14).
+"""Commands of the escaping paper's diagnostics: `randteach lr-range` (Fig. 1a) and `randteach signal` (Sec. 3, Fig. 2-3).
 
-(The step-size and batch-size sweeps, E13/E15, are `randteach experiment escape`, built on
+(The step-size and batch-size sweeps, Fig. 1b-d and App. A, are `randteach experiment escape`, built on
 `randteach.analysis.escape.run_escape`.)
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def cmd_signal(args, extra) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "lr-range", help="LR range test: teacher-student vs supervised loss as the step size grows (E12, Fig. 1a)",
+        "lr-range", help="LR range test: teacher-student vs supervised loss as the step size grows (escaping paper, Fig. 1a)",
         description="Grow the step size exponentially from --lr-start to --lr-end over --steps optimizer steps "
                     "(or --epochs epochs, default 5) and record the teacher-student loss (the distillation loop) "
                     "and the supervised loss (the same encoder + a linear classifier, cross-entropy on labels), "
@@ -103,7 +103,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_lr_range)
 
     p = subparsers.add_parser(
-        "signal", help="per-layer effective rank, dead neurons, condition number, Fisher metrics, probes (E14)",
+        "signal", help="per-layer effective rank, dead neurons, condition number, Fisher metrics, probes (escaping paper, Fig. 2-3)",
         description="For a run's teacher, collapse point (RUN_DIR/collapse.json, if recorded) and final student: "
                     "hook every activation layer of the encoder (and its output), collect representations of a "
                     "class-stratified subset of the probe data, and compute per layer the effective rank, dead "

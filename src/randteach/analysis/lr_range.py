@@ -1,4 +1,4 @@
-"""LR range test (Smith 2017; escaping paper Fig. 1a, SPEC E12): teacher-student vs supervised loss
+"""LR range test (Smith 2017; escaping paper, Fig. 1a): teacher-student vs supervised loss
 while the step size grows exponentially.
 
 Both sides use the same encoder architecture, the same initial encoder weights (the teacher's), the

@@ -1,4 +1,4 @@
-"""Signal propagation per layer (escaping paper Sec. 3, Fig. 2 and 3; SPEC E14).
+"""Signal propagation per layer (escaping paper, Sec. 3, Fig. 2 and 3).
 
 For the teacher theta_T, the collapse point theta_C (if the run recorded one: RUN/collapse.json, written
 by `randteach.analysis.escape`) and the final student theta_S, the representation X^(l) of every layer

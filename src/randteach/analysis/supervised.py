@@ -1,5 +1,5 @@
 """Supervised training from any checkpoint: the recipe of the paper's lottery-ticket and mode-connectivity
-experiments (SPEC E10/E11; Frankle et al. 2019), with every value configurable.
+experiments (Sarnthein et al. 2023, Sec. 6, Fig. 8-9, App. E.5; Frankle et al. 2019), with every value configurable.
 
 A `Classifier` is an encoder (from a run's teacher, student init or student, a checkpoint file, or a
 fresh random init) plus a new linear layer to the classes, initialized from a seed. Training is SGD with
@@ -41,7 +41,7 @@ RUN_ROLES = ("student", "student_init", "teacher")
 
 @dataclass
 class Recipe:
-    """Supervised training; the defaults are the paper's CIFAR-10 ResNet18 recipe (SPEC E10)."""
+    """Supervised training; the defaults are the paper's CIFAR-10 ResNet18 recipe (Sarnthein et al. 2023, App. E.5)."""
     epochs: float = opt(160, "epochs of supervised training")
     batch_size: int = opt(256, "samples per step (one CIFAR-10 epoch = 196 steps)")
     lr: float = opt(0.1, "initial learning rate")
