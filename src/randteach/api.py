@@ -148,8 +148,8 @@ def _run_overrides(overrides: dict, device: str | None) -> dict[str, str]:
 
 def _with_run_overrides(run, overrides: dict):
     """A RunInfo with --probe.* / --data.root overrides, as the commands apply them."""
-    from .commands_analysis import _with_overrides
-    return _with_overrides(run, [f"--{k}={v}" for k, v in _dotted(overrides).items()])
+    from .analysis.supervised import with_overrides
+    return with_overrides(run, {k: str(v) for k, v in _dotted(overrides).items()})
 
 
 def _run_config(run: Path, overrides: dict) -> Config:

@@ -85,19 +85,10 @@ def cmd_landscape(args, extra) -> int:
 
 
 def _with_overrides(run, extra: list[str]):
-    """--probe.* and --data.root overrides on top of the run's saved config."""
-    from .config import config_from_dict, dotted_to_nested, parse_overrides
-    pairs = parse_overrides(extra)
-    bad = [k for k in pairs if not (k.startswith("probe.") or k == "data.root")]
-    if bad:
-        raise UserError(f"unknown option(s) {', '.join('--' + k for k in bad)}; this command takes "
-                        "--probe.KEY VALUE and --data.root DIR besides its own options")
-    if pairs:
-        d = run.cfg.to_dict()
-        for section, values in dotted_to_nested(pairs).items():
-            d[section].update(values)
-        run.cfg = config_from_dict(d)
-    return run
+    """--probe.* and --data.root options on top of the run's saved config."""
+    from .analysis.supervised import with_overrides
+    from .config import parse_overrides
+    return with_overrides(run, parse_overrides(extra))
 
 
 # ------------------------------------------------------------------------------- supervised commands

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, load_state_dict
-from ..config import Config, OptimConfig, config_from_dict, opt
+from ..config import Config, OptimConfig, config_from_dict, dotted_to_nested, opt
 from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..distill import epoch_order
 from ..errors import UserError
@@ -151,6 +151,21 @@ def run_info(run_dir: str | Path, encoder=None) -> RunInfo:
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     teacher = load_checkpoint(path / "checkpoints" / "teacher.pt")
     return RunInfo(path, cfg, int(teacher["in_channels"]), int(teacher["image_size"]), encoder)
+
+
+def with_overrides(run: RunInfo, pairs: dict[str, str]) -> RunInfo:
+    """`run` with probe.* and data.root values ({'probe.n_train': '1000'}) on top of its saved config:
+    the only keys an analysis of a finished run may change (the others describe how it was trained)."""
+    bad = [k for k in pairs if not (k.startswith("probe.") or k == "data.root")]
+    if bad:
+        raise UserError(f"unknown option(s) {', '.join('--' + k for k in bad)}; this command takes "
+                        "--probe.KEY VALUE and --data.root DIR besides its own options")
+    if pairs:
+        d = run.cfg.to_dict()
+        for section, values in dotted_to_nested(pairs).items():
+            d[section].update(values)
+        run.cfg = config_from_dict(d)
+    return run
 
 
 def parse_start(spec: str) -> tuple[str, float]:
