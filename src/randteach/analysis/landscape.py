@@ -52,11 +52,10 @@ from ..losses import distill_loss
 from ..models import build_model
 from ..rundir import write_json
 from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, prefixed
-from .supervised import RunInfo, run_info
+from .supervised import RUN_ROLES, RunInfo, run_info
 
 VIEWS = ("non-local", "shared")
 PROJECTIONS = ("affine", "orthogonal")
-ROLES = ("teacher", "student_init", "student")
 _SNAP = 1e-9
 _EVAL_BATCH = 512
 
@@ -71,7 +70,7 @@ class Anchor:
 def split_spec(spec: str | Path) -> tuple[Path, str | None]:
     """'RUN_DIR:ROLE' -> (RUN_DIR, ROLE); anything else -> (path, None)."""
     head, sep, tail = str(spec).rpartition(":")
-    return (Path(head), tail) if sep and tail in ROLES else (Path(spec), None)
+    return (Path(head), tail) if sep and tail in RUN_ROLES else (Path(spec), None)
 
 
 def resolve_anchor(spec: str | Path, default_role: str = "student", label: str | None = None) -> Anchor:
