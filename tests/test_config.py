@@ -113,3 +113,48 @@ def test_a_changed_image_folder_is_a_new_run(tmp_path):
     before = cfg.run_dir()
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "1.png")
     assert cfg.run_dir() != before and cfg.run_dir().name.startswith(f"cpu-{cfg.digest()}-")
+
+
+def test_add_flags_makes_a_flag_per_field_with_its_type_default_and_choices():
+    import argparse
+    from dataclasses import dataclass
+
+    from randteach.config import add_flags, opt, options_from_args
+
+    @dataclass
+    class Options:
+        n_loss: int = opt(512, "inputs")
+        extent: list[float] = opt([-0.5, 1.5], "range", cli={"nargs": "+"})
+        mode: str = opt("a", "mode", ("a", "b"))
+        no_probe: bool = opt(False, "skip")
+        augment: bool = opt(True, "flip")
+        steps: int | None = opt(None, "steps", cli={"exclusive": "length"})
+        epochs: float | None = opt(None, "epochs", cli={"exclusive": "length"})
+
+    p = argparse.ArgumentParser()
+    add_flags(p, Options)
+    assert options_from_args(p.parse_args([]), Options) == Options()
+    got = options_from_args(p.parse_args(["--n-loss", "7", "--extent", "0", "2", "--mode", "b", "--no-probe",
+                                          "--no-augment", "--epochs", "0.5"]), Options)
+    assert got == Options(n_loss=7, extent=[0.0, 2.0], mode="b", no_probe=True, augment=False, epochs=0.5)
+    assert "(default 512)" in p.format_help() and "(default -0.5 1.5)" in p.format_help()
+    for bad in (["--mode", "c"], ["--n-loss", "x"], ["--steps", "1", "--epochs", "1"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(bad)
+        assert e.value.code == 2
+
+
+def test_analysis_commands_keep_their_flags_and_defaults():
+    from randteach.cli import build_parser
+    p = build_parser()
+    lr = p.parse_args(["lr-range"])
+    assert (lr.lr_start, lr.lr_end, lr.steps, lr.epochs, lr.smoothing, lr.factor, lr.floor, lr.no_supervised) == \
+        (1e-6, 1e6, None, None, 0.9, 4.0, 1e-8, False)
+    sig = p.parse_args(["signal", "RUN", "--spatial", "avgpool", "--center", "--rank-eps", "1e-7"])
+    assert (sig.run_dir, sig.spatial, sig.center, sig.rank_eps, sig.threshold, sig.no_probe) == \
+        ("RUN", "avgpool", True, 1e-7, 0.999, False)
+    land = p.parse_args(["landscape", "A", "B", "--view", "shared", "--grid", "5", "7"])
+    assert (land.runs, land.view, land.grid, land.extent, land.projection, land.n_loss) == \
+        (["A", "B"], "shared", [5, 7], [-0.5, 1.5], "affine", 512)
+    imp = p.parse_args(["imp", "RUN", "--epochs", "0.5", "--no-augment", "--milestones", "1", "2"])
+    assert (imp.epochs, imp.augment, imp.milestones, imp.lr) == (0.5, False, [1.0, 2.0], 0.1)

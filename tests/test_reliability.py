@@ -284,7 +284,7 @@ class _HugeFeatures(nn.Module):
 
 def test_a_run_at_absurd_scale_is_marked_not_reported_as_chance(tmp_path):
     import randteach
-    from randteach.report import write_report
+    from randteach.report import write_run_report
     # The scale comes from the encoder, not from the dynamics of a diverging run (which differ between
     # machines): the run completes, and its k-NN result must not be a number
     cfg = tiny_config(tmp_path, train__max_steps=2, train__probe_every=0, probe__which="[student]")
@@ -292,7 +292,7 @@ def test_a_run_at_absurd_scale_is_marked_not_reported_as_chance(tmp_path):
     assert summary["status"] == "completed" and "knn" not in summary["probe"]["student"]
     assert "distances overflow" in summary["probe"]["student"]["invalid"]
     assert summary["warnings"] and "student" in summary["warnings"][0]
-    assert "Warning: epoch" in write_report(cfg.run_dir()).read_text()
+    assert "Warning: epoch" in write_run_report(cfg.run_dir()).read_text()
 
 
 # ---------------------------------------------------------------------------- 6. read-only folder

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .config import flatten
 from .errors import UserError
+from .report import COLORS, KINDS, ROLES, file_safe, pyplot
 from .rundir import RunDir
-from .sweep import flatten
 
 IGNORED_KEYS = ("train.seed", "out")  # never group by these: seeds are what a group averages over
-ROLES = ("teacher", "student", "input")
-KINDS = ("linear", "knn", "paper_linear", "paper_knn")  # paper_*: the papers' probe protocols (experiments/protocol.py)
 EXTRA_METRICS = ("final_loss", "wall_time_s")
 
 
@@ -165,7 +164,7 @@ def _label(metric: str) -> str:
     return f"{role} {'k-NN' if kind == 'knn' else kind} (%)"
 
 
-def write_csv(table: list[dict], keys: list[str], path: Path) -> None:
+def write_group_csv(table: list[dict], keys: list[str], path: Path) -> None:
     cols = list(table[0]) if table else [*keys, "n"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -207,14 +206,6 @@ def numeric_keys(table: list[dict], keys: list[str]) -> list[str]:
     return out
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-COLORS = {"teacher": "tab:blue", "student": "tab:red", "input": "tab:gray"}
 STYLES = ("-", "--", ":", "-.")
 
 
@@ -235,7 +226,7 @@ def _log_axis(xs: list[float]) -> bool:
 def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Path:
     """Final probe accuracy (mean, error bars = std over seeds) vs one numeric swept key; one line per
     role and per combination of the other group keys."""
-    plt = _plt()
+    plt = pyplot()
     kinds = [k for k in KINDS if any(f"{r}.{k}_mean" in table[0] for r in ROLES)]
     others = [k for k in keys if k != key]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
@@ -292,7 +283,7 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
     kinds = [k for k in KINDS if any(f"{r}.{k}" in c for c in curves.values() for r in ROLES)]
     if not kinds:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, kind in zip(axes[0], kinds):
@@ -315,11 +306,7 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
     return path
 
 
-def _file_safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
-
-
-def write_report(dirs: list[str | Path], out: str | Path | None = None,
+def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
                  group_by: list[str] | None = None) -> Path:
     """Collect, group and write report.csv (one row per group), runs.csv (one row per run), report.md and
     the PNGs into `out` (default: the folder that holds all of `dirs`). Returns report.md's path."""
@@ -334,9 +321,9 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None,
         out = Path(os.path.commonpath(folders))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(table, keys, out / "report.csv")
+    write_group_csv(table, keys, out / "report.csv")
     write_runs_csv(rows, keys, out / "runs.csv")
-    plots = [plot_vs_key(table, keys, k, out / f"probe_vs_{_file_safe(k)}.png") for k in numeric_keys(table, keys)
+    plots = [plot_vs_key(table, keys, k, out / f"probe_vs_{file_safe(k)}.png") for k in numeric_keys(table, keys)
              if any(m.split(".")[0] in ROLES for m in metrics)]
     curve = plot_vs_epoch(rows, keys, out / "probe_vs_epoch.png")
     plots += [curve] if curve else []

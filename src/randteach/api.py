@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, build_config
+from .config import Config, build_config, flatten
 from .data import ImageData, load_dataset, stratified_subset
 from .errors import UserError
 
@@ -92,7 +92,7 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
     config = _build(config, preset, overrides)
     train_data = as_image_data(train) if train is not None and not isinstance(train, str) else None
     if isinstance(train, str):
-        config = build_config(None, None, {**_flatten(config.to_dict()), "data.name": train})
+        config = build_config(None, None, {**flatten(config.to_dict()), "data.name": train})
     probe_splits = None
     if probe_train is not None or probe_test is not None:
         if probe_train is None or probe_test is None:
@@ -118,18 +118,8 @@ def _build(config: Config | None, preset: str | None, overrides: dict) -> Config
     if config is None:
         return build_config(preset, None, dotted)
     if dotted:
-        return build_config(None, None, {**_flatten(config.to_dict()), **dotted})
+        return build_config(None, None, {**flatten(config.to_dict()), **dotted})
     return config
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ------------------------------------------------------------------------------------------- analyses
@@ -158,8 +148,8 @@ def _run_overrides(overrides: dict, device: str | None) -> dict[str, str]:
 
 def _with_run_overrides(run, overrides: dict):
     """A RunInfo with --probe.* / --data.root overrides, as the commands apply them."""
-    from .commands_analysis import _with_overrides
-    return _with_overrides(run, [f"--{k}={v}" for k, v in _dotted(overrides).items()])
+    from .analysis.supervised import with_overrides
+    return with_overrides(run, {k: str(v) for k, v in _dotted(overrides).items()})
 
 
 def _run_config(run: Path, overrides: dict) -> Config:

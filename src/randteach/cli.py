@@ -56,12 +56,12 @@ def cmd_distill(args, extra) -> int:
     else:
         cfg = _config_from_args(args, extra)
     from .distill import distill
-    from .report import probe_table, recorded_command, write_report
+    from .report import probe_table, recorded_command, write_run_report
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
     if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0 if result.summary["status"] == "completed" else 3
     this_command = "randteach " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
+    write_run_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
     print(f"\n{result.summary['status']}: {result.path}")
     if result.summary["status"] != "completed" and result.summary.get("probe_epoch") is not None:
         print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:g})")
@@ -197,6 +197,16 @@ def _confine_imports(allowed: set[str], extra: list[str]) -> list[str]:
     return rest
 
 
+def _reader_left() -> int:
+    """The reader of stdout closed the pipe (`randteach data list | head`): stop quietly, as a command
+    killed by SIGPIPE would, with that exit status. Python would otherwise print a traceback, and
+    again at exit when it flushes what is still buffered; stdout is pointed at /dev/null to stop that."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # 128 + SIGPIPE, the shell's status of a command the signal ended
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import confine_imports
     parser = build_parser()
@@ -206,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         extra = _confine_imports(args.allow_import, extra)
-        return args.func(args, extra)
+        rc = args.func(args, extra)
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows up here, not at exit
+        return rc
+    except BrokenPipeError:
+        return _reader_left()
     except UserError as e:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
         return 2

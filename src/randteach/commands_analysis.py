@@ -1,4 +1,4 @@
-"""Commands of the landscape and supervised analyses (SPEC E9-E11):
+"""Commands of the landscape and supervised analyses (Sarnthein et al. 2023, Sec. 5-6: Fig. 5, 8, 9):
 
     randteach landscape  loss / probe / embedding-KL landscape on a plane through three parameter vectors
     randteach finetune   supervised training of a run's encoder (or any checkpoint) + a new linear classifier
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis.landscape import PROJECTIONS, VIEWS
+from .config import add_flags, opt, options_from_args
 from .errors import UserError
 
 START_HELP = ("start: student | student_init | teacher (the run's checkpoints), random (a fresh init), or a "
@@ -20,20 +22,43 @@ START_HELP = ("start: student | student_init | teacher (the run's checkpoints), 
 
 # ---------------------------------------------------------------------------------------- landscape
 
+@dataclass
+class LandscapeOptions:
+    """`randteach landscape`'s options (besides the run directories of --view and --probe.* overrides)."""
+    view: str | None = opt(None, "named plane: non-local (θ_T, θ_S(1), θ*_S(1)) or shared (θ_T, θ*_S(0), θ*_S(1))",
+                           VIEWS)
+    anchors: list[str] | None = opt(None, "explicit anchors: RUN_DIR[:teacher|student_init|student] or checkpoint "
+                                    "files", cli={"nargs": 3, "metavar": ("ORIGIN", "A1", "A2")})
+    run: str | None = opt(None, "run directory giving the architecture, loss, data, probe and the loss's teacher "
+                          "(default: the first run / the origin's run)")
+    grid: list[int] = opt([21], "points per axis: N, or NX NY", cli={"nargs": "+"})
+    extent: list[float] = opt([-0.5, 1.5], "LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ; "
+                              "orthogonal: in units of max(|v1|, |v2|); a small extent around 0 zooms on the "
+                              "teacher", cli={"nargs": "+"})
+    projection: str = opt("affine", "affine θ_T + λ1 v1 + λ2 v2, or orthogonal (distance- and angle-preserving)",
+                          PROJECTIONS)
+    n_loss: int = opt(512, "distillation inputs on which the losses are measured")
+    no_probe: bool = opt(False, "skip the probe (loss, KL and norm only)")
+    max_points: int | None = opt(None, "evaluate at most this many new points, then stop")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    out: str | None = opt(None, "output folder (default RUN/landscape-VIEW-PROJECTION)")
+
+
 def cmd_landscape(args, extra) -> int:
     from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
     from .analysis.supervised import run_info
     from .checkpoint import load_state_dict
     from .distill import resolve_device
     from .rundir import run_lock
-    if args.anchors and (args.view or args.runs):
+    runs, quiet, o = args.runs, args.quiet, options_from_args(args, LandscapeOptions)
+    if o.anchors and (o.view or runs):
         raise UserError("give either --view with run directories, or --anchors ORIGIN A1 A2, not both")
-    if args.anchors:
-        anchors = [resolve_anchor(a, default_role=r) for a, r in zip(args.anchors, ("teacher", "student", "student"))]
-        ref = args.run or run_of(args.anchors[0])
-    elif args.view:
-        anchors = view_anchors(args.view, args.runs)
-        ref = args.run or args.runs[0]
+    if o.anchors:
+        anchors = [resolve_anchor(a, default_role=r) for a, r in zip(o.anchors, ("teacher", "student", "student"))]
+        ref = o.run or run_of(o.anchors[0])
+    elif o.view:
+        anchors = view_anchors(o.view, runs)
+        ref = o.run or runs[0]
     else:
         raise UserError("which plane? `--view non-local RUN_ALPHA1`, `--view shared RUN_ALPHA0 RUN_ALPHA1`, "
                         "or `--anchors ORIGIN A1 A2`")
@@ -41,16 +66,16 @@ def cmd_landscape(args, extra) -> int:
         raise UserError("the anchors are checkpoint files outside a run directory: name the run that gives the "
                         "architecture, loss and data with --run RUN_DIR")
     run = _with_overrides(run_info(ref), extra)
-    if len(args.grid) not in (1, 2):
+    if len(o.grid) not in (1, 2):
         raise UserError("--grid takes one number (N x N) or two (NX NY)")
-    grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
-    name = args.view or "anchors"
-    out = Path(args.out) if args.out else Path(ref) / f"landscape-{name}-{args.projection}"
+    grid = o.grid[0] if len(o.grid) == 1 else tuple(o.grid)
+    name = o.view or "anchors"
+    out = Path(o.out) if o.out else Path(ref) / f"landscape-{name}-{o.projection}"
     with run_lock(ref):  # one writer per run folder (it writes RUN/landscape-* unless --out)
         result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
-                                   extent=args.extent, projection=args.projection, n_loss=args.n_loss,
-                                   probe=not args.no_probe, limit=args.max_points,
-                                   device=resolve_device(args.device), progress=not args.quiet)
+                                   extent=o.extent, projection=o.projection, n_loss=o.n_loss,
+                                   probe=not o.no_probe, limit=o.max_points,
+                                   device=resolve_device(o.device), progress=not quiet)
     print(f"landscape: {result['done']}/{result['total']} points in {out}" + ("" if result["complete"] else
           " (partial: run the same command again to continue)"))
     if result["complete"]:
@@ -60,19 +85,10 @@ def cmd_landscape(args, extra) -> int:
 
 
 def _with_overrides(run, extra: list[str]):
-    """--probe.* and --data.root overrides on top of the run's saved config."""
-    from .config import config_from_dict, dotted_to_nested, parse_overrides
-    pairs = parse_overrides(extra)
-    bad = [k for k in pairs if not (k.startswith("probe.") or k == "data.root")]
-    if bad:
-        raise UserError(f"unknown option(s) {', '.join('--' + k for k in bad)}; this command takes "
-                        "--probe.KEY VALUE and --data.root DIR besides its own options")
-    if pairs:
-        d = run.cfg.to_dict()
-        for section, values in dotted_to_nested(pairs).items():
-            d[section].update(values)
-        run.cfg = config_from_dict(d)
-    return run
+    """--probe.* and --data.root options on top of the run's saved config."""
+    from .analysis.supervised import with_overrides
+    from .config import parse_overrides
+    return with_overrides(run, parse_overrides(extra))
 
 
 # ------------------------------------------------------------------------------- supervised commands
@@ -80,17 +96,7 @@ def _with_overrides(run, extra: list[str]):
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     from .analysis.supervised import Recipe
     p.add_argument("run", help="run directory: architecture, data set and the checkpoints to start from")
-    g = p.add_argument_group("supervised recipe (defaults: the paper's CIFAR-10 ResNet18 recipe)")
-    for f in fields(Recipe):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(Recipe(), f.name)
-        helptext = f"{f.metadata['help']} (default {default})"
-        if isinstance(default, bool):
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif isinstance(default, list):
-            g.add_argument(flag, dest=f.name, type=float, nargs="*", default=default, help=helptext)
-        else:
-            g.add_argument(flag, dest=f.name, type=type(default), default=default, help=helptext)
+    add_flags(p.add_argument_group("supervised recipe (defaults: the paper's CIFAR-10 ResNet18 recipe)"), Recipe)
     d = p.add_argument_group("data and device")
     d.add_argument("--data", help="supervised data set (default: the run's data.name)")
     d.add_argument("--n-train", type=int, help="train on a class-stratified subset of this many images")
@@ -103,7 +109,7 @@ def _supervised_setup(args, extra):
     from .analysis.supervised import Recipe, load_supervised_data, run_info
     from .distill import resolve_device
     run = _with_overrides(run_info(args.run), extra)
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    recipe = options_from_args(args, Recipe)
     data = load_supervised_data(run.cfg, run.image_size, name=args.data, n_train=args.n_train, n_test=args.n_test)
     return run, recipe, data, resolve_device(args.device)
 
@@ -168,32 +174,15 @@ def cmd_lmc(args, extra) -> int:
 
 
 def add_parser(sub) -> None:
-    from .analysis.landscape import PROJECTIONS, VIEWS
     p = sub.add_parser(
-        "landscape", help="loss / probe / embedding-KL landscape on a plane through three parameter vectors (E9)",
+        "landscape", help="loss / probe / embedding-KL landscape on a plane through three parameter vectors (Fig. 5)",
         description="Evaluate the teacher-student loss, the probe accuracy, the encoder-embedding KL and ||theta|| "
                     "on a grid over the plane through three parameter vectors; writes landscape.npz and contour "
                     "plots. Resumable: run the same command again to continue a stopped grid. --probe.KEY VALUE "
                     "changes the probe (e.g. --probe.n_train 1000).")
     p.add_argument("runs", nargs="*", help="run directories of --view: non-local: the init.alpha=1 run; "
                                            "shared: the alpha~0 run, then the alpha=1 run (same teacher)")
-    p.add_argument("--view", choices=VIEWS, help="named plane: non-local (θ_T, θ_S(1), θ*_S(1)) or "
-                                                 "shared (θ_T, θ*_S(0), θ*_S(1))")
-    p.add_argument("--anchors", nargs=3, metavar=("ORIGIN", "A1", "A2"),
-                   help="explicit anchors: RUN_DIR[:teacher|student_init|student] or checkpoint files")
-    p.add_argument("--run", help="run directory giving the architecture, loss, data, probe and the loss's teacher "
-                                 "(default: the first run / the origin's run)")
-    p.add_argument("--grid", type=int, nargs="+", default=[21], help="points per axis: N, or NX NY (default 21)")
-    p.add_argument("--extent", type=float, nargs="+", default=[-0.5, 1.5],
-                   help="LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ; orthogonal: in units of "
-                        "max(|v1|, |v2|); a small extent around 0 zooms on the teacher (default -0.5 1.5)")
-    p.add_argument("--projection", choices=PROJECTIONS, default="affine",
-                   help="affine θ_T + λ1 v1 + λ2 v2, or orthogonal (distance- and angle-preserving)")
-    p.add_argument("--n-loss", type=int, default=512, help="distillation inputs on which the losses are measured")
-    p.add_argument("--no-probe", action="store_true", help="skip the probe (loss, KL and norm only)")
-    p.add_argument("--max-points", type=int, help="evaluate at most this many new points, then stop")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--out", help="output folder (default RUN/landscape-VIEW-PROJECTION)")
+    add_flags(p, LandscapeOptions)
     p.set_defaults(func=cmd_landscape)
 
     p = sub.add_parser("finetune", help="supervised training of a run's encoder + a new linear classifier",
@@ -204,7 +193,7 @@ def add_parser(sub) -> None:
     p.add_argument("--start", default="student", help=START_HELP.split(";")[0] + " (default student)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding: lottery tickets (E10)",
+    p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding: lottery tickets (Fig. 8)",
                        description="Prune 20 % of the remaining encoder conv/linear weights per round by global "
                                    "magnitude, rewind and retrain; writes imp.json and imp.png.")
     _add_recipe_args(p)
@@ -215,7 +204,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prune-classifier", action="store_true", help="rank the new classifier's weights too")
     p.set_defaults(func=cmd_imp)
 
-    p = sub.add_parser("lmc", help="linear mode connectivity of supervised runs from one start (E11)",
+    p = sub.add_parser("lmc", help="linear mode connectivity of supervised runs from one start (Fig. 9)",
                        description="From each start, train several supervised runs with different data orders "
                                    "and measure the test error along the linear path between every pair; "
                                    "writes lmc.json and lmc.png.")

@@ -1,4 +1,4 @@
-"""`randteach experiment NAME --scale cpu|paper`: one of the papers' experiments, end to end (SPEC §3)."""
+"""`randteach experiment NAME --scale cpu|paper`: one of the papers' experiments, end to end (the map to the papers: docs/PAPERS.md)."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +43,7 @@ def _options(argv: list[str]) -> list[str]:
 def add_parser(subparsers) -> None:
     from .experiments import NAMES, SCALES, __doc__ as overview
     p = subparsers.add_parser(
-        "experiment", help="run one of the papers' experiments (E1-E15) and write its report",
+        "experiment", help="run one of the papers' experiments and write its report",
         description="Run the distillations an experiment needs (finished runs are reused: run directories are "
                     "content-addressed and shared by all experiments of a scale), then aggregate them into "
                     "OUT/NAME/report.md with tables (mean ± std over seeds), CSV and PNG. Extra --section.key "

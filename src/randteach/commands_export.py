@@ -31,10 +31,10 @@ def cmd_embed(args, extra) -> int:
 
 
 def add_parser(sub) -> None:
-    from .export import FORMATS, ROLES
+    from .export import EXPORTABLE, FORMATS
     p = sub.add_parser("export", help="write a run's encoder weights (safetensors or pt) + a JSON to rebuild it")
     p.add_argument("run_dir")
-    p.add_argument("--which", choices=ROLES, default="student")
+    p.add_argument("--which", choices=EXPORTABLE, default="student")
     p.add_argument("--format", choices=FORMATS, default="safetensors")
     p.add_argument("--out", help="folder (default RUN_DIR/export)")
     p.set_defaults(func=cmd_export)

@@ -57,9 +57,9 @@ def cmd_sweep(args, extra) -> int:
 def cmd_report(args, extra) -> int:
     if extra:
         raise UserError(f"unexpected argument(s) {' '.join(extra)}; `randteach report DIR... [--group-by KEYS] [--out DIR]`")
-    from .aggregate import write_report
+    from .aggregate import write_group_report
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by is not None else None
-    path = write_report(args.dirs, out=args.out, group_by=keys)
+    path = write_group_report(args.dirs, out=args.out, group_by=keys)
     print(path.read_text())
     print(f"report: {path}")
     return 0

@@ -29,10 +29,15 @@ class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message says what to do."""
 
 
-def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None, **kw):
+def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None,
+        cli: dict | None = None, **kw):
     """A dataclass field carrying its help text, optional valid choices and an optional valid range
-    (ge/gt/le/lt bound a number, or each element of a list of numbers; None always passes)."""
+    (ge/gt/le/lt bound a number, or each element of a list of numbers; None always passes). `cli`:
+    argparse settings of the field's flag beyond what `add_flags` derives (nargs, metavar, and
+    `exclusive`: the name of a group of flags of which at most one may be given)."""
     meta = {"help": help}
+    if cli:
+        meta["cli"] = dict(cli)
     if choices is not None:
         meta["choices"] = tuple(choices)
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
@@ -441,6 +446,19 @@ def _check_number(key: str, value: Any, bounds: dict) -> None:
         raise ConfigError(f"{key}: {value!r} is out of range; valid: a finite number in {_interval(bounds)}")
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves (the
+    inverse of `dotted_to_nested`)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def dotted_to_nested(pairs: dict[str, Any]) -> dict:
     """{'optim.lr': '1e-3'} -> {'optim': {'lr': '1e-3'}}."""
     nested: dict = {}
@@ -536,6 +554,56 @@ def config_from_dict(d: dict) -> Config:
     cfg = Config()
     _apply(cfg, d, "")
     return cfg.validate()
+
+
+# ---------------------------------------------------------------------- options of a command
+
+def _scalar(tp: Any) -> tuple[Any, bool]:
+    """(element type, is a list) of a field type such as `int`, `float | None` or `list[int] | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _shown(default: Any) -> str:
+    """A default as one would type it: 1e+06, not 1000000.0; a list as its values."""
+    values = default if isinstance(default, list) else [default]
+    return " ".join(format(v, "g") if isinstance(v, float) else str(v) for v in values)
+
+
+def add_flags(parser, cls) -> None:
+    """One flag per field of the dataclass `cls`: `--field-name`, with the field's help text, default,
+    choices and type (a list field takes several values; a bool that defaults to False is a switch, one
+    that defaults to True also gets --no-NAME). How a command's own options (the analyses', the
+    supervised recipe's) become its command line, as the run config's keys become `--section.key`."""
+    import argparse
+    hints = _hints(cls)
+    exclusive: dict[str, Any] = {}
+    for name, f in _fields(cls).items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        cli = dict(f.metadata.get("cli", {}))
+        group = cli.pop("exclusive", None)
+        if group is not None and group not in exclusive:
+            exclusive[group] = parser.add_mutually_exclusive_group()
+        target = parser if group is None else exclusive[group]
+        helptext = f.metadata["help"].replace("%", "%%")
+        tp, many = _scalar(hints[name])
+        kw: dict[str, Any] = {"dest": name, "default": default}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        else:
+            kw["type"] = tp
+            kw.update({"nargs": "*"} if many else {})
+            kw.update({"choices": f.metadata["choices"]} if "choices" in f.metadata else {})
+        helptext += "" if default is None or default is False else f" (default {_shown(default)})"
+        target.add_argument("--" + name.replace("_", "-"), help=helptext, **{**kw, **cli})
+
+
+def options_from_args(args, cls):
+    """The dataclass `cls` filled from the parsed flags that `add_flags(parser, cls)` made."""
+    return cls(**{name: getattr(args, name) for name in _fields(cls)})
 
 
 def help_lines() -> list[str]:

@@ -26,7 +26,7 @@ from .errors import UserError
 
 FORMAT = "randteach-encoder-v1"
 FORMATS = ("safetensors", "pt")
-ROLES = ("student", "teacher")
+EXPORTABLE = ("student", "teacher")  # the networks an encoder file can hold
 
 
 def _run_config(run: Path) -> Config:
@@ -41,8 +41,8 @@ def _run_config(run: Path) -> Config:
 
 
 def _check_role(which: str) -> None:
-    if which not in ROLES:
-        raise UserError(f"--which {which!r}: expected one of {', '.join(ROLES)}")
+    if which not in EXPORTABLE:
+        raise UserError(f"--which {which!r}: expected one of {', '.join(EXPORTABLE)}")
 
 
 def encoder_state(run: Path, which: str) -> dict[str, torch.Tensor]:
@@ -153,7 +153,7 @@ def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, roo
     prober = Prober(cfg, info["in_channels"], info["image_size"], device,
                     bf16=uses_bf16(cfg.train.precision, device))
     arrays = {"train_labels": prober.splits.train.labels.numpy(), "test_labels": prober.splits.test.labels.numpy()}
-    for which in ROLES:
+    for which in EXPORTABLE:
         encoder = _build(info)
         encoder.load_state_dict(encoder_state(run, which))
         train_x, test_x = prober.features(encoder.to(device))

@@ -1,4 +1,4 @@
-"""Teacher and student initialization (SPEC §1).
+"""Teacher and student initialization (Sarnthein et al. 2023, Sec. 4 "Local Initialization"; escaping paper, Sec. 2).
 
 The student starts from the teacher by the *locality* rule of Sarnthein et al. (2023, Sec. 4.2)::
 

@@ -1,4 +1,4 @@
-"""Probe a finished run on any data set: `randteach probe RUN_DIR [--probe.data NAME]` (transfer, SPEC E5)."""
+"""Probe a finished run on any data set: `randteach probe RUN_DIR [--probe.data NAME]` (transfer: Sarnthein et al. 2023, Tab. 2 and 4)."""
 from __future__ import annotations
 
 from pathlib import Path

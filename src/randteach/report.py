@@ -1,4 +1,6 @@
-"""Tables and figures of one run: the probe table, probe accuracy vs epoch, and report.md."""
+"""Reports: the tables and figures of one run (the probe table, probe accuracy vs epoch, report.md),
+and the names and helpers that the reports over many runs (`randteach.aggregate`) and over an
+experiment (`randteach.experiments.tables`) share with it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +8,22 @@ from pathlib import Path
 from .evaluate import accuracies
 from .rundir import RunDir
 
-ROLES = ("teacher", "student", "input")
+ROLES = ("teacher", "student", "input")  # the networks a run probes: the teacher, the student, the raw inputs
+KINDS = ("linear", "knn", "paper_linear", "paper_knn")  # paper_*: the papers' probe protocols (experiments/protocol.py)
 COLORS = {"teacher": "tab:blue", "student": "tab:red", "input": "tab:gray"}
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display is needed or used)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def file_safe(text: str) -> str:
+    """`text` with every character but letters, digits and ._- replaced by _, for file names."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
 def _pct(x) -> str:
@@ -38,10 +54,7 @@ def history_table(run: RunDir) -> str:
 
 def plot_probes(run: RunDir, path: Path | None = None) -> Path:
     """Probe accuracy vs epoch for teacher, student and input (linear solid, k-NN dashed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = run.probes()
     path = path or run.path / "probes.png"
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -74,7 +87,7 @@ def recorded_command(run_dir: str | Path) -> str | None:
     return None
 
 
-def write_report(run_dir: str | Path, title: str | None = None, command: str | None = None) -> Path:
+def write_run_report(run_dir: str | Path, title: str | None = None, command: str | None = None) -> Path:
     """RUN_DIR/report.md with the final probe table, the history and the plot."""
     run = RunDir(run_dir)
     summary = run.summary() or {}
@@ -93,3 +106,6 @@ def write_report(run_dir: str | Path, title: str | None = None, command: str | N
     out = run.path / "report.md"
     out.write_text("\n".join(parts))
     return out
+
+
+write_report = write_run_report  # the old name, still imported by `randteach demo` (cli.cmd_demo); remove with it

@@ -1,4 +1,4 @@
-"""Signal-propagation metrics of a layer's representation (escaping paper, Fig. 2-3; SPEC §3, E14).
+"""Signal-propagation metrics of a layer's representation (escaping paper, Sec. 3, Fig. 2-3).
 
 Every function takes X of shape (n_samples, n_features): one row per sample, one column per neuron (the
 transpose of the paper's X^(l) in R^{d_l x n}; singular values are the same). The spectral metrics and
@@ -217,7 +217,7 @@ def fisher_separability(X, labels, *, rtol: float = PINV_RTOL) -> float:
 
 def signal_metrics(X, labels=None, *, threshold: float = CONDITION_THRESHOLD, atol: float = 0.0,
                    method: str = "auto", rank_eps: float = 0.0) -> dict[str, float]:
-    """All E14 metrics of one layer from a single spectrum: "effective_rank" (with `rank_eps` added to
+    """All metrics of one layer (escaping paper, Fig. 2-3) from a single spectrum: "effective_rank" (with `rank_eps` added to
     each p_k, see `effective_rank`), "condition_number", "dead_neurons", and with labels the
     `fisher_metrics` entries."""
     X = _matrix(X)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, build_config, config_from_dict, load_yaml
+from .config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml
 from .rundir import RunDir
 
 SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
@@ -51,18 +51,6 @@ class SweepSpec:
     out: str | None = None                                  # root folder of the run directories (default runs/)
     name: str = "sweep"                                     # readable prefix of every run directory
     slurm: dict[str, Any] = field(default_factory=dict)     # submitit parameters for --launcher slurm
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

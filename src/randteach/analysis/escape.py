@@ -1,4 +1,4 @@
-"""Escape dynamics (escaping paper Fig. 1b-d and App. A; SPEC E13, E15): how a student that starts on its
+"""Escape dynamics (escaping paper, Fig. 1b-d and App. A): how a student that starts on its
 random teacher leaves it under large step sizes.
 
 `run_escape` runs groups of distillations of one base config (normally the `escape` preset: encoder +
@@ -6,7 +6,7 @@ one linear layer, plain SGD, N-MSE, student at theta_T + 1e-10 theta_fresh), all
 optimizer steps and probed at the same step cadence:
 - step_size  (Fig. 1c): SGD step size eta over `lrs`, batch size of the base config;
 - batch_size (Fig. 1b, 1d): batch size over `batch_sizes` (0 = full batch: gradient descent) at eta = `batch_lr`;
-- stabilize  (App. A, E15): loss MSE / ND-MSE / N-MSE, each with a constant step and with a linear
+- stabilize  (App. A): loss MSE / ND-MSE / N-MSE, each with a constant step and with a linear
   warm-up over `warmup_steps`, at eta = `stabilize_lr`.
 Per step the loss and gradient norm come from each run's metrics.jsonl; the probe accuracy of the
 student (and the teacher) every `probe_every_steps` steps.
@@ -234,7 +234,7 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
                collapse_metric: str = "probe", exact: bool = False, erank_samples: int = 500,
                prune_checkpoints: bool = False, progress: bool = True,
                train_data: ImageData | None = None, group_steps: dict[str, int] | None = None) -> dict:
-    """Run the escape sweeps (E13, E15) of base config `cfg` into OUT and return OUT/escape.json's content.
+    """Run the escape sweeps (escaping paper, Fig. 1b-d and App. A) of base config `cfg` into OUT and return OUT/escape.json's content.
 
     Every run lasts `steps` optimizer steps (or `group_steps[group]` for the groups it names: the paper's
     step-size sweep runs 20k steps, its batch-size sweep 6k) and is probed/checkpointed every

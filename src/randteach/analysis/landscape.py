@@ -1,5 +1,5 @@
 """Loss and probing landscapes on a plane through three parameter vectors (random-teacher paper Sec. 5,
-Fig. 5 and App. C.3, Fig. 13-16; SPEC E9).
+Fig. 5 and App. C.3, Fig. 13-16).
 
 Anchors: theta_0 (origin, the teacher theta_T), theta_1, theta_2 from run directories or checkpoints.
 Views (named presets):
@@ -52,11 +52,10 @@ from ..losses import distill_loss
 from ..models import build_model
 from ..rundir import write_json
 from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, prefixed
-from .supervised import RunInfo, run_info
+from .supervised import RUN_ROLES, RunInfo, run_info
 
 VIEWS = ("non-local", "shared")
 PROJECTIONS = ("affine", "orthogonal")
-ROLES = ("teacher", "student_init", "student")
 _SNAP = 1e-9
 _EVAL_BATCH = 512
 
@@ -71,7 +70,7 @@ class Anchor:
 def split_spec(spec: str | Path) -> tuple[Path, str | None]:
     """'RUN_DIR:ROLE' -> (RUN_DIR, ROLE); anything else -> (path, None)."""
     head, sep, tail = str(spec).rpartition(":")
-    return (Path(head), tail) if sep and tail in ROLES else (Path(spec), None)
+    return (Path(head), tail) if sep and tail in RUN_ROLES else (Path(spec), None)
 
 
 def resolve_anchor(spec: str | Path, default_role: str = "student", label: str | None = None) -> Anchor:
@@ -196,6 +195,110 @@ def _mean_loss(name: str, student: list, teacher: list, t_temp: float, s_temp: f
     return float(sum(float(distill_loss(name, s, t, t_temp, s_temp)) * len(s) for s, t in zip(student, teacher)) / n)
 
 
+@dataclass
+class _Grid:
+    """The plane through the anchors and the grid of points evaluated on it."""
+    space: ParamSpace
+    vecs: list[torch.Tensor]      # the anchors' flat parameter vectors, origin first
+    buffers: list[dict]           # the anchors' buffers (interpolated, not projected)
+    plane: Plane
+    projection: str
+    anchor_xy: list
+    xs: np.ndarray                # grid coordinates, x axis (nx)
+    ys: np.ndarray                # grid coordinates, y axis (ny)
+
+    def point(self, i: int, j: int) -> tuple[float, float, float, float, torch.Tensor]:
+        """(x, y, λ1, λ2, θ) of grid point (row i, column j)."""
+        cx, cy = float(self.xs[j]), float(self.ys[i])
+        if self.projection == "affine":
+            return cx, cy, cx, cy, self.plane.affine_point(cx, cy)
+        l1, l2 = self.plane.to_affine(cx, cy)
+        return cx, cy, l1, l2, self.plane.orthogonal_point(cx, cy)
+
+
+def _checked_shape(anchors: list[Anchor], projection: str, extent, grid) -> tuple[tuple[float, ...], int, int]:
+    """(x_lo, x_hi, y_lo, y_hi), nx, ny of the arguments, or a UserError saying what is wrong."""
+    if len(anchors) != 3:
+        raise UserError(f"a plane needs three anchors (origin, anchor 1, anchor 2), got {len(anchors)}")
+    if projection not in PROJECTIONS:
+        raise UserError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
+    extent = tuple(float(e) for e in extent)
+    if len(extent) == 2:
+        extent = extent * 2
+    if len(extent) != 4:
+        raise UserError(f"extent takes 2 numbers (lo hi) or 4 (x_lo x_hi y_lo y_hi), got {len(extent)}")
+    nx, ny = (grid, grid) if isinstance(grid, int) else grid
+    return extent, nx, ny
+
+
+def _grid_through(template: nn.Module, anchors: list[Anchor], projection: str, extent: tuple[float, ...],
+                  nx: int, ny: int) -> _Grid:
+    space = ParamSpace(template)
+    vecs = [space.flatten(a.state) for a in anchors]
+    try:
+        plane = Plane.through(*vecs)
+    except ValueError as e:
+        raise UserError(f"anchors {', '.join(a.label for a in anchors)}: {e}") from None
+    anchor_xy = plane.anchor_coordinates(projection)
+    unit = 1.0 if projection == "affine" else plane.scale
+    xs = grid_axis(extent[0] * unit, extent[1] * unit, nx, [c[0] for c in anchor_xy])
+    ys = grid_axis(extent[2] * unit, extent[3] * unit, ny, [c[1] for c in anchor_xy])
+    return _Grid(space, vecs, [space.buffers(a.state) for a in anchors], plane, projection, anchor_xy, xs, ys)
+
+
+def _claim_folder(out: Path, spec: dict) -> None:
+    """Write OUT/landscape.json, or refuse if OUT holds a landscape with other settings (a resume must
+    continue the same grid)."""
+    spec_path = out / "landscape.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+        raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data); "
+                        "choose another --out, or delete that folder to start over")
+    write_json(spec_path, spec)
+
+
+def _evaluate(g: _Grid, todo: list[tuple[int, int]], points: "_Points", template: nn.Module, cfg, x: torch.Tensor,
+              teacher_state: dict, prober: Prober | None, device: torch.device, desc: str, progress: bool) -> None:
+    """Loss against the teacher, embedding KL, ||θ|| and (with `prober`) probes at each point of `todo`."""
+    t_emb, t_out = _outputs(template, {k: v.to(device) for k, v in teacher_state.items()}, x)
+    for i, j in tqdm(todo, disable=not progress, desc=desc, unit="point", dynamic_ncols=True):
+        cx, cy, l1, l2, theta = g.point(i, j)
+        tensors = {**g.space.unflatten(theta), **interpolate_buffers(*g.buffers, l1, l2)}
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        emb, outs = _outputs(template, tensors, x)
+        rec = {"i": i, "j": j, "x": cx, "y": cy, "l1": l1, "l2": l2,
+               "loss": _mean_loss(cfg.loss.name, outs, t_out, cfg.loss.teacher_temp, cfg.loss.student_temp),
+               "embed_kl": _mean_loss("kl", emb, t_emb, 1.0, 1.0),
+               "norm": float(theta.to(torch.float32).double().norm())}
+        if prober is not None:
+            enc = AtPoint(template.encoder, prefixed(tensors, "encoder."))
+            rec.update({f"probe_{k}": v for k, v in prober.probe(enc).items()})
+        points.add(rec)
+
+
+def _arrays(g: _Grid, anchors: list[Anchor], done: dict, metrics: list[str]) -> dict:
+    """The npz contents: axes, anchors, (λ1, λ2) of every grid point and one (ny, nx) grid per metric
+    (NaN where a point is not evaluated yet)."""
+    ny, nx = len(g.ys), len(g.xs)
+    result = {"x": g.xs, "y": g.ys, "projection": np.array(g.projection), "scale": np.array(g.plane.scale),
+              "anchors": np.array(g.anchor_xy), "anchor_labels": np.array([a.label for a in anchors]),
+              "anchor_norms": np.array([float(v.norm()) for v in g.vecs]),
+              "anchor_distances": np.array(distances(*g.vecs))}
+    l1 = np.full((ny, nx), np.nan)
+    l2 = np.full((ny, nx), np.nan)
+    for i in range(ny):
+        for j in range(nx):
+            l1[i, j], l2[i, j] = ((g.xs[j], g.ys[i]) if g.projection == "affine"
+                                  else g.plane.to_affine(g.xs[j], g.ys[i]))
+    result.update(l1=l1, l2=l2)
+    for m in metrics:
+        grid = np.full((ny, nx), np.nan)
+        for (i, j), r in done.items():
+            if m in r:
+                grid[i, j] = r[m]
+        result[m] = grid
+    return result
+
+
 def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, teacher: dict | None = None,
                       grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine",
                       n_loss: int = 512, probe: bool = True, limit: int | None = None,
@@ -208,47 +311,23 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
     Python API: `template` (a model with .encoder and .head whose state dicts are the anchors') replaces
     the run's architecture, `data` its distillation data, `probe_splits` (train, test) its probe data.
     Returns the npz contents plus "complete", "done" and "total" (points) and "metrics" (names)."""
-    if len(anchors) != 3:
-        raise UserError(f"a plane needs three anchors (origin, anchor 1, anchor 2), got {len(anchors)}")
-    if projection not in PROJECTIONS:
-        raise UserError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
-    extent = tuple(float(e) for e in extent)
-    if len(extent) == 2:
-        extent = extent * 2
-    if len(extent) != 4:
-        raise UserError(f"extent takes 2 numbers (lo hi) or 4 (x_lo x_hi y_lo y_hi), got {len(extent)}")
-    nx, ny = (grid, grid) if isinstance(grid, int) else grid
+    extent, nx, ny = _checked_shape(anchors, projection, extent, grid)
     device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = run.cfg
-
     if template is None:
         template = build_model(cfg, run.in_channels, run.image_size, seed=0)
     template = template.to(device).eval()
-    space = ParamSpace(template)
-    vecs = [space.flatten(a.state) for a in anchors]
-    try:
-        plane = Plane.through(*vecs)
-    except ValueError as e:
-        raise UserError(f"anchors {', '.join(a.label for a in anchors)}: {e}") from None
-    buffers = [space.buffers(a.state) for a in anchors]
-    anchor_xy = plane.anchor_coordinates(projection)
-    unit = 1.0 if projection == "affine" else plane.scale
-    xs = grid_axis(extent[0] * unit, extent[1] * unit, nx, [c[0] for c in anchor_xy])
-    ys = grid_axis(extent[2] * unit, extent[3] * unit, ny, [c[1] for c in anchor_xy])
+    g = _grid_through(template, anchors, projection, extent, nx, ny)
 
-    spec = {"anchors": [{"label": a.label, "source": a.source, "digest": _digest(v)} for a, v in zip(anchors, vecs)],
+    spec = {"anchors": [{"label": a.label, "source": a.source, "digest": _digest(v)} for a, v in zip(anchors, g.vecs)],
             "projection": projection, "grid": [nx, ny], "extent": list(extent), "n_loss": n_loss, "probe": probe,
             "loss": cfg.loss.name, "config_digest": cfg.digest(),
-            "teacher": _digest(space.flatten(teacher)) if teacher is not None else "origin"}
+            "teacher": _digest(g.space.flatten(teacher)) if teacher is not None else "origin"}
     if data is not None or probe_splits is not None:  # Python-API data: its bytes decide a resume
         spec["data"] = [d.digest() for d in (data, *(probe_splits or ())) if d is not None]
-    spec_path = out / "landscape.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
-        raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data); "
-                        "choose another --out, or delete that folder to start over")
-    write_json(spec_path, spec)
+    _claim_folder(out, spec)
     points = _Points(out / "points.jsonl")
 
     todo = [(i, j) for i in range(ny) for j in range(nx) if (i, j) not in points.done]
@@ -256,46 +335,12 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
         todo = todo[:limit]
     if todo:
         x = loss_inputs(cfg, n_loss, data).to(device)
-        t_state = teacher if teacher is not None else anchors[0].state
-        t_emb, t_out = _outputs(template, {k: v.to(device) for k, v in t_state.items()}, x)
         prober = Prober(cfg, run.in_channels, run.image_size, device, splits=probe_splits) if probe else None
-        for i, j in tqdm(todo, disable=not progress, desc=f"landscape {out.name}", unit="point", dynamic_ncols=True):
-            cx, cy = float(xs[j]), float(ys[i])
-            if projection == "affine":
-                l1, l2 = cx, cy
-                theta = plane.affine_point(l1, l2)
-            else:
-                l1, l2 = plane.to_affine(cx, cy)
-                theta = plane.orthogonal_point(cx, cy)
-            tensors = {**space.unflatten(theta), **interpolate_buffers(*buffers, l1, l2)}
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-            emb, outs = _outputs(template, tensors, x)
-            rec = {"i": i, "j": j, "x": cx, "y": cy, "l1": l1, "l2": l2,
-                   "loss": _mean_loss(cfg.loss.name, outs, t_out, cfg.loss.teacher_temp, cfg.loss.student_temp),
-                   "embed_kl": _mean_loss("kl", emb, t_emb, 1.0, 1.0),
-                   "norm": float(theta.to(torch.float32).double().norm())}
-            if prober is not None:
-                enc = AtPoint(template.encoder, prefixed(tensors, "encoder."))
-                rec.update({f"probe_{k}": v for k, v in prober.probe(enc).items()})
-            points.add(rec)
+        _evaluate(g, todo, points, template, cfg, x, teacher if teacher is not None else anchors[0].state, prober,
+                  device, f"landscape {out.name}", progress)
 
     metrics = sorted({k for r in points.done.values() for k in r} - {"i", "j", "x", "y", "l1", "l2"})
-    result = {"x": xs, "y": ys, "projection": np.array(projection), "scale": np.array(plane.scale),
-              "anchors": np.array(anchor_xy), "anchor_labels": np.array([a.label for a in anchors]),
-              "anchor_norms": np.array([float(v.norm()) for v in vecs]),
-              "anchor_distances": np.array(distances(*vecs))}
-    l1 = np.full((ny, nx), np.nan)
-    l2 = np.full((ny, nx), np.nan)
-    for i in range(ny):
-        for j in range(nx):
-            l1[i, j], l2[i, j] = (xs[j], ys[i]) if projection == "affine" else plane.to_affine(xs[j], ys[i])
-    result.update(l1=l1, l2=l2)
-    for m in metrics:
-        g = np.full((ny, nx), np.nan)
-        for (i, j), r in points.done.items():
-            if m in r:
-                g[i, j] = r[m]
-        result[m] = g
+    result = _arrays(g, anchors, points.done, metrics)
     complete = len(points.done) == nx * ny
     if complete:
         _save_npz(out / "landscape.npz", result)

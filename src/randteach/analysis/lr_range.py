@@ -1,4 +1,4 @@
-"""LR range test (Smith 2017; escaping paper Fig. 1a, SPEC E12): teacher-student vs supervised loss
+"""LR range test (Smith 2017; escaping paper, Fig. 1a): teacher-student vs supervised loss
 while the step size grows exponentially.
 
 Both sides use the same encoder architecture, the same initial encoder weights (the teacher's), the
@@ -40,17 +40,17 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import ImageData, load_configured
-from ..distill import distill, epoch_order, load_training_inputs, resolve_device, seeds
+from ..distill import distill, load_training_inputs, resolve_device, seeds
 from ..errors import UserError
-from ..evaluate import autocast, uses_bf16
+from ..evaluate import uses_bf16
 from ..models import build_model
-from ..optim import build_optimizer, lr_at, set_lr
+from ..optim import build_optimizer, lr_at
 from ..rundir import RunDir, write_json
+from .supervised import batch_indices, supervised_step
 
 RISE_FACTOR = 4.0      # smoothed loss > 4 x its running minimum: the range test's usual divergence criterion
 RISE_FLOOR = 1e-8      # running minima below this count as this: fp32 residue of a student sitting on its teacher
@@ -148,33 +148,26 @@ def supervised_range(cfg: Config, inputs: torch.Tensor, preprocess, data: ImageD
     n = len(inputs)
     batch = min(cfg.train.batch_size or n, n)
     micro = cfg.train.micro_batch or batch
-    steps_per_epoch = math.ceil(n / batch)
     data_seed = seeds(cfg)["data"]
     bf16 = uses_bf16(cfg.train.precision, device)
     curve = {"step": [], "lr": [], "loss": []}
     for step in tqdm(range(total_steps), disable=not progress, desc="supervised range", unit="step"):
-        epoch, offset = divmod(step, steps_per_epoch)
-        idx = epoch_order(n, data_seed, epoch)[offset * batch:(offset + 1) * batch]
         lr = lr_at(cfg.optim, step, total_steps)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for chunk in idx.split(micro):
+
+        def load(chunk):
             x = inputs[chunk].to(device)
-            x = preprocess(x) if preprocess is not None else x
-            with autocast(device, bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels[chunk].to(device))
-            (loss * (len(chunk) / len(idx))).backward()
-            loss_sum += float(loss.detach()) * len(chunk) / len(idx)
+            return (preprocess(x) if preprocess is not None else x), labels[chunk].to(device)
+
+        loss = supervised_step(model, optimizer, batch_indices(n, batch, data_seed, step), load, lr, device,
+                               micro=micro, bf16=bf16)
         grads = [p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.stack(grads).sum().sqrt())
         curve["step"].append(step + 1)
         curve["lr"].append(lr)
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             curve["loss"].append(float("nan"))
             break
-        curve["loss"].append(loss_sum)
+        curve["loss"].append(loss)
         optimizer.step()
     return curve
 

@@ -1,4 +1,4 @@
-"""Signal propagation per layer (escaping paper Sec. 3, Fig. 2 and 3; SPEC E14).
+"""Signal propagation per layer (escaping paper, Sec. 3, Fig. 2 and 3).
 
 For the teacher theta_T, the collapse point theta_C (if the run recorded one: RUN/collapse.json, written
 by `randteach.analysis.escape`) and the final student theta_S, the representation X^(l) of every layer
@@ -62,7 +62,6 @@ from ..rundir import RunDir, write_json
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish)
 SPATIAL = ("avgpool", "flatten")
-ROLES = ("teacher", "collapse", "student")
 MAX_BYTES = 4 * 2 ** 30   # float32 representations kept in memory at once (all layers, one checkpoint)
 OVERRIDABLE = ("probe", "data", "train")
 

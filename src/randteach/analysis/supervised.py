@@ -1,5 +1,5 @@
 """Supervised training from any checkpoint: the recipe of the paper's lottery-ticket and mode-connectivity
-experiments (SPEC E10/E11; Frankle et al. 2019), with every value configurable.
+experiments (Sarnthein et al. 2023, Sec. 6, Fig. 8-9, App. E.5; Frankle et al. 2019), with every value configurable.
 
 A `Classifier` is an encoder (from a run's teacher, student init or student, a checkpoint file, or a
 fresh random init) plus a new linear layer to the classes, initialized from a seed. Training is SGD with
@@ -27,10 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, load_state_dict
-from ..config import Config, OptimConfig, config_from_dict, opt
+from ..config import Config, OptimConfig, config_from_dict, dotted_to_nested, opt
 from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..distill import epoch_order
 from ..errors import UserError
+from ..evaluate import autocast
 from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
 
@@ -40,7 +41,7 @@ RUN_ROLES = ("student", "student_init", "teacher")
 
 @dataclass
 class Recipe:
-    """Supervised training; the defaults are the paper's CIFAR-10 ResNet18 recipe (SPEC E10)."""
+    """Supervised training; the defaults are the paper's CIFAR-10 ResNet18 recipe (Sarnthein et al. 2023, App. E.5)."""
     epochs: float = opt(160, "epochs of supervised training")
     batch_size: int = opt(256, "samples per step (one CIFAR-10 epoch = 196 steps)")
     lr: float = opt(0.1, "initial learning rate")
@@ -150,6 +151,21 @@ def run_info(run_dir: str | Path, encoder=None) -> RunInfo:
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     teacher = load_checkpoint(path / "checkpoints" / "teacher.pt")
     return RunInfo(path, cfg, int(teacher["in_channels"]), int(teacher["image_size"]), encoder)
+
+
+def with_overrides(run: RunInfo, pairs: dict[str, str]) -> RunInfo:
+    """`run` with probe.* and data.root values ({'probe.n_train': '1000'}) on top of its saved config:
+    the only keys an analysis of a finished run may change (the others describe how it was trained)."""
+    bad = [k for k in pairs if not (k.startswith("probe.") or k == "data.root")]
+    if bad:
+        raise UserError(f"unknown option(s) {', '.join('--' + k for k in bad)}; this command takes "
+                        "--probe.KEY VALUE and --data.root DIR besides its own options")
+    if pairs:
+        d = run.cfg.to_dict()
+        for section, values in dotted_to_nested(pairs).items():
+            d[section].update(values)
+        run.cfg = config_from_dict(d)
+    return run
 
 
 def parse_start(spec: str) -> tuple[str, float]:
@@ -263,6 +279,37 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         params[name].mul_(mask)
 
 
+def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """The sample indices of optimizer step `step`: its slice of epoch `step // steps_per_epoch`'s order
+    (the distillation loop's order, so supervised and teacher-student runs see the same batches)."""
+    epoch, offset = divmod(step, math.ceil(n / batch))
+    return epoch_order(n, seed, epoch)[offset * batch:(offset + 1) * batch]
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor, load, lr: float,
+                    device: torch.device, *, micro: int | None = None, bf16: bool = False) -> float:
+    """Gradients of the cross-entropy on the batch `idx` (in micro-batches of `micro` samples, each
+    weighted by its share of the batch; `load(chunk) -> (inputs, labels)` on the device), with the
+    learning rate set to `lr`. Returns the batch's loss; the caller takes the optimizer step (after
+    masking or checking the gradients). The one supervised step of finetune, IMP, LMC and the LR
+    range test."""
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    chunks = idx.split(micro) if micro else (idx,)
+    total = 0.0
+    for chunk in chunks:
+        x, y = load(chunk)
+        with autocast(device, bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if len(chunks) == 1:
+            loss.backward()
+            return float(loss.detach())
+        (loss * (len(chunk) / len(idx))).backward()
+        total += float(loss.detach()) * len(chunk) / len(idx)
+    return total
+
+
 def train_supervised(model: nn.Module, data: SupervisedData, recipe: Recipe, device: torch.device, *,
                      start_step: int = 0, masks: dict[str, torch.Tensor] | None = None,
                      snapshot_steps: tuple[int, ...] = (), progress: bool = False, desc: str = "train") -> dict:
@@ -294,20 +341,18 @@ def train_supervised(model: nn.Module, data: SupervisedData, recipe: Recipe, dev
 
     snap(start_step)
     for step in tqdm(range(start_step, total), disable=not progress, desc=desc, unit="step", dynamic_ncols=True):
-        epoch, offset = divmod(step, spe)
-        idx = epoch_order(n, recipe.seed, epoch)[offset * batch:(offset + 1) * batch]
-        x = data.train.images[idx]
-        if recipe.augment:
-            g = torch.Generator().manual_seed(recipe.seed * _AUG_STRIDE + step)
-            x = augment_batch(x, recipe.pad, g)
-        x = data.preprocess(x.to(device))
-        y = data.train.labels[idx].to(device)
-        set_lr(optimizer, recipe.lr_at(step, n))
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        if not torch.isfinite(loss):
-            raise UserError(f"supervised training diverged at step {step + 1} (loss {float(loss)}); "
+        epoch = step // spe
+        idx = batch_indices(n, batch, recipe.seed, step)
+
+        def load(chunk, step=step):
+            x = data.train.images[chunk]
+            if recipe.augment:
+                x = augment_batch(x, recipe.pad, torch.Generator().manual_seed(recipe.seed * _AUG_STRIDE + step))
+            return data.preprocess(x.to(device)), data.train.labels[chunk].to(device)
+
+        loss = supervised_step(model, optimizer, idx, load, recipe.lr_at(step, n), device)
+        if not math.isfinite(loss):
+            raise UserError(f"supervised training diverged at step {step + 1} (loss {loss}); "
                             "lower --lr")
         for name, mask in masks.items():
             if params[name].grad is not None:
@@ -315,7 +360,7 @@ def train_supervised(model: nn.Module, data: SupervisedData, recipe: Recipe, dev
         optimizer.step()
         apply_masks(model, masks)
         if epoch == (total - 1) // spe:
-            losses.append(float(loss.detach()))
+            losses.append(loss)
         snap(step + 1)
         if step + 1 in eval_steps:
             history.append({"epoch": (step + 1) / spe,

@@ -5,20 +5,21 @@ Each experiment is a small module (its claim, the runs it needs, its report) plu
 experiments of a scale, so nothing is computed twice; every experiment ends in `<out>/<name>/report.md`
 with its table (mean ± std over seeds), CSV files and figures.
 
-    name             SPEC    paper
-    probes           E1, E2  Tab. 1, 3, Fig. 1
-    locality         E3      Fig. 3, App. D
-    data-dependence  E4      Fig. 4
-    transfer         E5      Tab. 2, 4
-    head-ablations   E6      App. B
-    architectures    E7      App. C.2, Tab. 5
-    restart          E8      App. D.1
-    landscape        E9      Fig. 5, 13-16
-    imp              E10     Fig. 8
-    lmc              E11     Fig. 9
-    lr-range         E12     escaping paper Fig. 1a
-    escape           E13,E15 escaping paper Fig. 1b-d, App. A
-    signal           E14     escaping paper Fig. 2-3 (on the escape experiment's runs)
+    name             paper (RT: Random Teachers are Good Teachers, Sarnthein et al. 2023;
+                            ESC: Escaping Random Teacher Initialization, Sarnthein et al.)
+    probes           RT Tab. 1, 3, Fig. 1
+    locality         RT Fig. 3, App. D
+    data-dependence  RT Fig. 4
+    transfer         RT Tab. 2, 4
+    head-ablations   RT App. B
+    architectures    RT App. C.2, Tab. 5
+    restart          RT App. D.1
+    landscape        RT Fig. 5, 13-16
+    imp              RT Fig. 8
+    lmc              RT Fig. 9
+    lr-range         ESC Fig. 1a
+    escape           ESC Fig. 1b-d, App. A
+    signal           ESC Fig. 2-3 (on the escape experiment's runs)
 """
 from __future__ import annotations
 

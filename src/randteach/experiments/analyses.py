@@ -1,12 +1,12 @@
 """Where the student lands and how it escapes, as experiments: thin wrappers that distill the runs an analysis
 needs (through the recipe's arms, shared with the other experiments) and call the analysis modules:
 
-- landscape (E9)  `randteach.analysis.landscape.compute_landscape` on the non-local and shared views
-- imp (E10)       `randteach.analysis.imp.run_imp`: lottery tickets from the distilled student vs rewinding
-- lmc (E11)       `randteach.analysis.lmc.run_lmc`: linear mode connectivity from the student vs a random init
-- lr-range (E12)   `randteach.analysis.lr_range.lr_range`: teacher-student vs supervised loss as eta grows
-- escape (E13, E15) `randteach.analysis.escape.run_escape`: step-size, batch-size and stabilization sweeps
-- signal (E14)    `randteach.analysis.signal_layers.analyze_signal` on runs of the escape experiment (its
+- landscape (RT Fig. 5)  `randteach.analysis.landscape.compute_landscape` on the non-local and shared views
+- imp (RT Fig. 8)        `randteach.analysis.imp.run_imp`: lottery tickets from the distilled student vs rewinding
+- lmc (RT Fig. 9)        `randteach.analysis.lmc.run_lmc`: linear mode connectivity from the student vs a random init
+- lr-range (ESC Fig. 1a)  `randteach.analysis.lr_range.lr_range`: teacher-student vs supervised loss as eta grows
+- escape (ESC Fig. 1b-d, App. A) `randteach.analysis.escape.run_escape`: step-size, batch-size and stabilization sweeps
+- signal (ESC Fig. 2-3)  `randteach.analysis.signal_layers.analyze_signal` on runs of the escape experiment (its
                   teacher, kept collapse checkpoint and final student; the escape experiment runs first if
                   its sweep of the same scale and root has not)
 
@@ -128,7 +128,7 @@ class Landscape(Experiment):
         return lines
 
 
-# --------------------------------------------------------------------------------------- E10, E11 supervised
+# ------------------------------------------------------------------- RT Fig. 8-9: supervised from the student
 
 def _supervised(ctx: Context, cfg: Config):
     from ..analysis.supervised import Recipe, load_supervised_data, run_info
@@ -211,7 +211,7 @@ class Lmc(Experiment):
             _md_table(["start", "pairs", "barrier (pp of test error)", "endpoint test error (%)"], rows) + lines + [""]
 
 
-# ---------------------------------------------------------------------------- E12-E15 escaping paper
+# ------------------------------------------------------------------------------------- the escaping paper
 
 def _known_params(ctx: Context, valid: tuple[str, ...]) -> dict:
     """The recipe's params, every one of them a keyword of the analysis (`device` aside)."""

@@ -66,7 +66,7 @@ class Experiment:
     """Subclasses set the class attributes and override `stages`, `analyze` or `post` where the default
     (every arm of the recipe, one table per arm) is not the paper's protocol."""
     name = ""
-    ids = ""        # SPEC §3 rows, e.g. "E3"
+    ids = ""        # the experiment's row in docs/PAPERS.md, e.g. "E3"
     paper = ""      # where in the paper, e.g. "Fig. 3, App. D"
     claim = ""      # the paper's claim, one sentence
     extras = None   # per-run extra metrics for the tables: row -> {name: value}

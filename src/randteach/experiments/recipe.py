@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, preset
-from ..sweep import SweepSpec, expand, flatten
+from ..config import Config, ConfigError, flatten, preset
+from ..sweep import SweepSpec, expand
 
 SCALES = ("cpu", "paper")
 TINY = "tiny"

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, flatten
 from ..rundir import RunDir
-from ..sweep import flatten
 from .base import Context, Experiment
 from .recipe import Arm
 from .tables import arm_section, optimization_extras, rows_of

@@ -16,10 +16,9 @@ import numpy as np
 
 from ..aggregate import collect, group, numeric_keys, plot_vs_epoch, plot_vs_key, show_value, write_runs_csv
 from ..config import Config
+from ..report import KINDS, ROLES, file_safe
 from ..rundir import RunDir
 
-ROLES = ("teacher", "student", "input")
-KINDS = ("linear", "knn", "paper_linear", "paper_knn")
 KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
               "paper_knn": "k-NN, authors' protocol (L2 majority vote)"}
 Extra = Callable[[dict], dict[str, float]]
@@ -143,7 +142,7 @@ def _reference_cell(ref: dict | None, kind: str) -> str:
     return cell + (f" ({ref['source']})" if ref.get("source") else "")
 
 
-def write_csv(table: list[dict], keys: list[str], path: Path, references: list[dict] | None = None) -> Path:
+def write_experiment_csv(table: list[dict], keys: list[str], path: Path, references: list[dict] | None = None) -> Path:
     """One row per group: the keys, n, counts, every <metric>_mean/_std, and the paper's numbers."""
     cols: list[str] = []
     for e in table:
@@ -159,10 +158,6 @@ def write_csv(table: list[dict], keys: list[str], path: Path, references: list[d
     return path
 
 
-def file_safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
-
-
 def arm_section(title: str, rows: list[dict], keys: list[str], out: Path, stem: str, *,
                 references: list[dict] | None = None, extras: Extra | None = None,
                 curves: bool = True, labels: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
@@ -173,7 +168,7 @@ def arm_section(title: str, rows: list[dict], keys: list[str], out: Path, stem: 
     if not table:
         return lines, table
     stem = file_safe(stem)
-    write_csv(table, keys, out / f"{stem}.csv", references)
+    write_experiment_csv(table, keys, out / f"{stem}.csv", references)
     write_runs_csv(rows, keys, out / f"{stem}-runs.csv")
     lines += [f"Data: [{stem}.csv]({stem}.csv) (per group), [{stem}-runs.csv]({stem}-runs.csv) (per run).", ""]
     figures = []
