@@ -72,6 +72,12 @@ class DataConfig:
     augment: str = opt("none", "augmentation of the distillation batches, on the device (the papers: none): "
                        "CIFAR's pad-4 crop + flip, or DINO's global view (random resized crop, flip, colour jitter, "
                        "grey, blur)", ("none", "flip-crop", "dino"))
+    local_crops: int = opt(0, "DINO's multi-crop with data.augment=dino: this many local crops (5-40 % of the area) "
+                           "per image besides the 2 global views; the teacher sees the global views, the student "
+                           "all of them (DINO: 8; 0 = one view for both)", ge=0)
+    local_crop_size: int | None = opt(None, "side of the local crops in pixels; None = DINO's 96/224 of the image "
+                                      "side (14 px for 32 px images); set it for encoders built for one input size (the ViTs, "
+                                      "flatten, mlp: the image side)", gt=0)
 
 
 @dataclass
@@ -241,6 +247,12 @@ class Config:
             raise ConfigError("init.mode=checkpoint needs init.checkpoint=PATH (a .pt file or a run directory)")
         if self.data.name == "folder" and not self.data.path:
             raise ConfigError("data.name=folder needs data.path=DIR (one sub-folder per class)")
+        if (self.data.local_crops or self.data.local_crop_size) and self.data.augment != "dino":
+            raise ConfigError(f"data.local_crops / data.local_crop_size are DINO's multi-crop and need its views: "
+                              f"add --data.augment dino (got data.augment={self.data.augment})")
+        if self.data.local_crop_size and not self.data.local_crops:
+            raise ConfigError("data.local_crop_size sets the side of the local crops, but data.local_crops is 0: "
+                              "add --data.local_crops N (DINO: 8)")
         if self.data.augment != "none" and self.data.inputs == "noise":
             raise ConfigError("data.augment augments images; with data.inputs=noise leave data.augment=none")
         if self.data.augment != "none" and self.train.teacher_cache:

@@ -10,9 +10,8 @@ place a result between that and DINO's recipe:
   contrast 0.4, saturation 0.2; hue is not implemented), greyscale with p 0.2, Gaussian blur. The second
   global view blurs with p 0.1 and solarizes with p 0.2; local views crop 5-40 % of the area at
   96/224 of the side and blur with p 0.5. Blur radii (DINO: sigma 0.1-2 px at 224 px) scale with the
-  image side. `Augment.views` gives DINO's multi-crop: the teacher sees the 2 global views, the student
-  all of them, scored by `multicrop_loss` (not yet used by the distillation loop, so there is no config
-  key for it).
+  image side. `Augment.views` gives DINO's multi-crop (`data.local_crops N`): the teacher sees the 2
+  global views, the student all of them, scored by `multicrop_loss`.
 
 Every random number is a pure function of (seed, step, sample index, draw): a counter-based hash
 (splitmix64 on int64 tensors, exact on any device), so a batch is augmented the same way on every
@@ -128,10 +127,11 @@ class Augment:
 
     x: normalized float images (B, C, H, W) on any device; index: the samples' indices in the data set."""
 
-    def __init__(self, kind: str, seed: int, mean: Sequence[float], std: Sequence[float], local_crops: int = 0):
+    def __init__(self, kind: str, seed: int, mean: Sequence[float], std: Sequence[float], local_crops: int = 0,
+                 local_size: int | None = None):
         if kind not in KINDS:
             raise ValueError(f"augmentation {kind!r} is not one of {', '.join(KINDS)}")
-        self.kind, self.seed, self.local_crops = kind, seed, local_crops
+        self.kind, self.seed, self.local_crops, self.local_size = kind, seed, local_crops, local_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -144,7 +144,7 @@ class Augment:
 
     def views(self, x: torch.Tensor, step: int, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """DINO multi-crop: (teacher views = the 2 global crops, student views = global + local crops)."""
-        views = [self._pixels(x, lambda p, u, v=v: self._dino(p, u, view=v), step, index)
+        views = [self._pixels(x, lambda p, u, v=v: self._dino(p, u, view=v, local_size=self.local_size), step, index)
                  for v in range(2 + self.local_crops)]
         return views[:2], views
 
@@ -166,11 +166,11 @@ class Augment:
         return resized_crop(p, one, one, 2 * dx / side, 2 * dy / side, u(2) < 0.5, side, mode="nearest")
 
     @staticmethod
-    def _dino(p, u, view: int):
+    def _dino(p, u, view: int, local_size: int | None = None):
         side = p.shape[-1]
         local = view >= 2
         lo, hi = LOCAL_SCALE if local else GLOBAL_SCALE
-        size = max(1, round(side * LOCAL_SIDE)) if local else side
+        size = (local_size or local_side(side)) if local else side
         draw = 16 * view  # each view its own draws
         area = lo + (hi - lo) * u(draw)
         ratio = torch.exp(math.log(RATIO[0]) + (math.log(RATIO[1]) - math.log(RATIO[0])) * u(draw + 1))
@@ -190,10 +190,16 @@ class Augment:
         return p
 
 
-def augmenter(kind: str, preprocess, seed: int, channels: int) -> Augment:
+def local_side(side: int) -> int:
+    """DINO's local-crop side for global views of `side` px: 96/224 of it (Caron et al. 2021, Sec. 3)."""
+    return max(1, round(side * LOCAL_SIDE))
+
+
+def augmenter(kind: str, preprocess, seed: int, channels: int, local_crops: int = 0,
+              local_size: int | None = None) -> Augment:
     """The run's augmentation; float inputs without a Preprocess are taken as pixel units."""
     mean, std = (preprocess.mean, preprocess.std) if preprocess is not None else ((0.0,) * channels, (1.0,) * channels)
-    return Augment(kind, seed, mean, std)
+    return Augment(kind, seed, mean, std, local_crops, local_size)
 
 
 def multicrop_loss(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor], loss) -> torch.Tensor:

@@ -19,8 +19,9 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ..config import Config
-from ..data.augment import Augment, augmenter
+from ..data.augment import Augment, augmenter, local_side
 from ..distributed import Dist
+from ..errors import UserError
 from ..init import init_report, parameter_norm
 from ..losses import Centering
 from ..optim import build_optimizer
@@ -88,6 +89,23 @@ class Plan:
         return step % self.log_every == 0 or step == self.total_steps
 
 
+def check_local_crops(model: nn.Module, cfg: Config, in_channels: int, side: int) -> None:
+    """Refuse, before training, a model that cannot take DINO's local crops of `side` px (a ViT's position
+    embedding or a flattening encoder fix the input size; the convnet, VGG (ceil-mode pools) and ResNets
+    pool adaptively and take any side). The forward runs on a copy on the meta device: shapes only."""
+    shape_only = copy.deepcopy(model).to("meta")
+    x = torch.zeros(2, in_channels, side, side, device="meta", dtype=next(model.parameters()).dtype)
+    try:
+        shape_only.eval().head(shape_only.encoder(x))
+    except NotImplementedError:  # an operation without a meta kernel: the first step will tell
+        return
+    except (RuntimeError, ValueError, AssertionError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"data.local_crops: the encoder {cfg.model.encoder!r} cannot take {side} px local crops "
+                        f"({why}); set --data.local_crop_size to a side it accepts (for the ViTs, flatten and mlp: the "
+                        "image side), or use an encoder with adaptive pooling (convnet, vgg*, resnet*)") from None
+
+
 @dataclass
 class TrainState:
     cfg: Config
@@ -130,6 +148,8 @@ class TrainState:
         in_channels = data.images.shape[1]
         gate = Float64Start(cfg.train.float64_until_distance)
         teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder, gate.init_dtype)
+        if cfg.data.local_crops:
+            check_local_crops(student, cfg, in_channels, cfg.data.local_crop_size or local_side(size))
         init_info = init_report(teacher, student)
         gate.start(teacher, student)
         teacher.to(device)
@@ -153,7 +173,8 @@ class TrainState:
         if cfg.train.data_on_device:
             state.inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
         state.teacher_norm = parameter_norm(teacher)
-        state.augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels)
+        state.augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels,
+                                  cfg.data.local_crops, cfg.data.local_crop_size)
         return state
 
     def _resume(self, saved: dict) -> None:

@@ -1,7 +1,8 @@
 """One optimizer step of distillation, without a host round trip.
 
 `train_step` runs the micro-batches of one global batch (teacher targets, student forward, loss,
-backward), lets DistributedDataParallel all-reduce the gradients once per step, clips, and updates.
+backward; with `data.local_crops`, DINO's multi-crop: the teacher on the 2 global views, the student on
+all of them), lets DistributedDataParallel all-reduce the gradients once per step, clips, and updates.
 What it returns stays on the device (`StepMetrics`): the loop reads it every `train.log_every` steps,
 so a GPU never waits for the host between steps. The one exception is the bf16 gate while it is
 still closed: it needs ||theta_S - theta_T|| on the host before the step (see `bf16_gate`).
@@ -23,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..evaluate import autocast
 from ..init import parameter_distance
+from ..data.augment import multicrop_loss
 from ..losses import distill_loss
 from ..optim import set_lr
 from ..precision import Float64Start
@@ -42,10 +44,28 @@ class StudentForward(nn.Module):
         super().__init__()
         self.model, self.device, self.gate = model, device, gate
 
-    def forward(self, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    def forward(self, views: list[torch.Tensor], bf16: bool) -> list[torch.Tensor]:
+        """The head outputs of each view. Consecutive views of one shape go through the encoder as one
+        batch (the global crops together, the local crops together, as DINO's MultiCropWrapper does); the
+        head takes all their features at once."""
         with autocast(self.device, bf16):  # the encoder only
-            features = self.model.encoder(x)
-        return self.model.head(self.gate.cast(features))  # fp32 (float64 during the float64 start)
+            features = [self.model.encoder(_cat(group)) for group in _same_shape_runs(views)]
+        out = self.model.head(self.gate.cast(_cat(features)))  # fp32 (float64 during the float64 start)
+        return list(out.split([len(v) for v in views]))
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one view: no copy
+
+
+def _same_shape_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    runs: list[list[torch.Tensor]] = []
+    for v in views:
+        if runs and runs[-1][0].shape[1:] == v.shape[1:]:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs
 
 
 @dataclass
@@ -53,7 +73,7 @@ class StepFunctions:
     """What one micro-batch runs, eager or compiled."""
     student: nn.Module                        # StudentForward, DDP-wrapped when distributed
     teacher_out: Callable                     # (x, rows, bf16) -> teacher head outputs, no gradient
-    student_loss: Callable                    # (x, t, bf16) -> batch-mean loss
+    student_loss: Callable                    # (student views, teacher outputs per view, bf16) -> batch-mean loss
     dtype: torch.dtype = torch.float32        # the models' dtype they were built for (float64 start)
     graphs: bool = False                      # CUDA graphs: mark each step's start
 
@@ -81,8 +101,14 @@ def build_step_functions(state: TrainState) -> StepFunctions:
             features = teacher.encoder(x)
         return teacher.head(gate.cast(features))
 
-    def student_loss(x: torch.Tensor, t: torch.Tensor, bf16: bool) -> torch.Tensor:
-        return distill_loss(loss_cfg.name, student(x, bf16), t, loss_cfg.teacher_temp, loss_cfg.student_temp)
+    def loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return distill_loss(loss_cfg.name, s, t, loss_cfg.teacher_temp, loss_cfg.student_temp)
+
+    def student_loss(views: list[torch.Tensor], t: list[torch.Tensor], bf16: bool) -> torch.Tensor:
+        s = student(views, bf16)
+        if len(views) == 1:  # one view (the papers): the student matches the teacher on the same image
+            return loss(s[0], t[0])
+        return multicrop_loss(t, s, loss)
 
     if not cfg.train.compile:
         return StepFunctions(student, teacher_out, student_loss, gate.dtype)
@@ -104,12 +130,21 @@ def bf16_gate(state: TrainState) -> bool:
     return state.bf16_on
 
 
-def _batch(state: TrainState, rows: torch.Tensor) -> torch.Tensor:
+def _views(state: TrainState, rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the teacher's views, the student's views) of the images `rows`: one view that both see, or with
+    data.local_crops DINO's 2 global views for the teacher and those plus the local crops for the student."""
     rows = rows.to(state.inputs.device)
     x = state.inputs[rows].to(state.device, non_blocking=True)
     x = state.preprocess(x) if state.preprocess is not None else x
-    x = state.augment(x, state.step, rows)  # data.augment: a no-op for none
-    x = state.gate.cast(x)                   # float64 during the float64 start
+    if state.augment.local_crops:
+        teacher, student = state.augment.views(x, state.step, rows)
+    else:
+        teacher = student = [state.augment(x, state.step, rows)]  # data.augment: a no-op for none
+    student = [_layout(state, state.gate.cast(v)) for v in student]  # float64 during the float64 start
+    return student[:len(teacher)], student                           # the teacher's views lead the list
+
+
+def _layout(state: TrainState, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if state.conv_like else x
 
 
@@ -133,15 +168,16 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
     chunks = state.ddp.shard(idx).split(state.plan.micro)
     loss = torch.zeros((), dtype=torch.float64, device=state.device)
     for i, rows in enumerate(chunks):
-        x = _batch(state, rows)
-        t = fns.teacher_out(x, rows.to(state.device), bf16)
+        teacher_views, student_views = _views(state, rows)
+        t = fns.teacher_out(_cat(teacher_views), rows.to(state.device), bf16)
         if state.centering is not None:
-            t = state.centering(t)
+            t = state.centering(t)  # DINO: one center update from the teacher outputs of all global views
+        t = list(t.split(len(rows)))
         # DDP averages gradients over ranks: weighting each chunk by its share of the *global* batch times
         # the world size makes the average the gradient of the global-batch mean, for any number of ranks.
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else state.ddp.no_sync(fns.student)
         with sync:
-            chunk_loss = fns.student_loss(x, t, bf16)
+            chunk_loss = fns.student_loss(student_views, t, bf16)
             (chunk_loss * (len(rows) * state.ddp.world / len(idx))).backward()
         loss = loss + chunk_loss.detach().double() * (len(rows) / len(idx))
     grad_norm = total_grad_norm(state.student.parameters())

@@ -1,0 +1,105 @@
+"""DINO's multi-crop in the distillation loop (`data.local_crops`): it changes the run and repeats per seed,
+the teacher sees only the 2 global views, micro-batches give the one-batch gradients, and what cannot work
+is refused with exit status 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import randteach
+from randteach.config import ConfigError, build_config
+from randteach.data.augment import local_side
+
+from tiny import tiny_config
+
+DINO = {"data__augment": "dino", "train__max_steps": 4, "probe__which": "[]", "train__device": "cpu"}
+CALLS: list[tuple[bool, str, int]] = []  # (gradient on, device type, input side) of every RecordingConv forward
+
+
+def records(cfg) -> list[dict]:
+    path = Path(randteach.distill(cfg, progress=False).path) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == "step"]
+
+
+def losses(tmp_path, name, **kw) -> list[float]:
+    return [r["loss"] for r in records(tiny_config(tmp_path / name, **{**DINO, **kw}))]
+
+
+def test_local_crops_change_the_run_and_repeat_with_the_seed(tmp_path):
+    dino = losses(tmp_path, "dino")
+    multi = losses(tmp_path, "multi", data__local_crops=2)
+    assert len(multi) == 4 and all(a != b for a, b in zip(multi, dino))
+    assert losses(tmp_path, "multi-again", data__local_crops=2) == multi
+    assert losses(tmp_path, "multi-seed", data__local_crops=2, train__seed=1) != multi
+
+
+class RecordingConv(nn.Module):
+    """A small conv encoder with adaptive pooling (any input side) that records every call."""
+
+    def __init__(self, in_channels, image_size):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.embed_dim = 8
+
+    def forward(self, x):
+        CALLS.append((torch.is_grad_enabled(), x.device.type, x.shape[-1]))
+        return nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1)
+
+
+def recording_conv(in_channels, image_size):
+    return RecordingConv(in_channels, image_size)
+
+
+def test_teacher_sees_only_the_global_views(tmp_path):
+    CALLS.clear()
+    records(tiny_config(tmp_path, **DINO, data__local_crops=3, model__encoder="test_multicrop:recording_conv"))
+    side = 8  # scikit-learn digits
+    runs = [(grad, size) for grad, device, size in CALLS if device != "meta"]  # meta: the shape check
+    teacher = [size for grad, size in runs if not grad]
+    student = [size for grad, size in runs if grad]
+    # per step: the teacher once on both global views; the student once on them, once on the 3 local crops
+    assert teacher == [side] * 4
+    assert student == [side, local_side(side)] * 4 and local_side(side) == 3
+
+
+def test_micro_batches_give_the_one_batch_gradients(tmp_path):
+    # no batch statistics (norm none): every sample's gradient is its own, so accumulation is exact up to rounding
+    one = records(tiny_config(tmp_path / "one", **DINO, data__local_crops=2, model__norm="none"))
+    micro = records(tiny_config(tmp_path / "micro", **DINO, data__local_crops=2, model__norm="none",
+                                train__micro_batch=24))  # 64 = 24 + 24 + 16
+    for a, b in zip(one, micro, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_config_refuses_what_cannot_work():
+    base = {"train.teacher_cache": "false", "data.local_crops": "2"}
+    with pytest.raises(ConfigError, match="data.augment dino"):
+        build_config("cpu", None, {**base, "data.augment": "flip-crop"})
+    with pytest.raises(ConfigError, match="teacher_cache false"):
+        build_config("cpu", None, {**base, "data.augment": "dino", "train.teacher_cache": "true"})
+    with pytest.raises(ConfigError, match="noise"):
+        build_config("cpu", None, {**base, "data.augment": "dino", "data.inputs": "noise"})
+    with pytest.raises(ConfigError, match="data.local_crops N"):
+        build_config("cpu", None, {**base, "data.augment": "dino", "data.local_crops": "0",
+                                   "data.local_crop_size": "16"})
+    assert build_config("cpu", None, {**base, "data.augment": "dino"}).data.local_crops == 2
+
+
+def distill_cli(tmp_path, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "randteach.cli", "distill", "--preset", "cpu", "--data.name", "digits",
+                           "--out", str(tmp_path / "run"), *flags], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refusals_exit_2(tmp_path):
+    done = distill_cli(tmp_path, "--data.local_crops", "2")
+    assert done.returncode == 2 and "--data.augment dino" in done.stderr and "Traceback" not in done.stderr
+    # a flattening encoder takes only the image side: refused before training, with the way out
+    done = distill_cli(tmp_path, "--data.local_crops", "2", "--data.augment", "dino", "--train.teacher_cache", "false",
+                       "--model.encoder", "flatten")
+    assert done.returncode == 2 and "3 px local crops" in done.stderr and "--data.local_crop_size" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
