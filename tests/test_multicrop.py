@@ -2,6 +2,8 @@
 the teacher sees only the 2 global views, micro-batches give the one-batch gradients, and what cannot work
 is refused with exit status 2."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import randteach
 from randteach.config import ConfigError, build_config
 from randteach.data.augment import local_side
 
-from tiny import tiny_config
+from tiny import TINY, tiny_config
 
 DINO = {"data__augment": "dino", "train__max_steps": 4, "probe__which": "[]", "train__device": "cpu"}
 CALLS: list[tuple[bool, str, int]] = []  # (gradient on, device type, input side) of every RecordingConv forward
@@ -103,3 +105,27 @@ def test_cli_refusals_exit_2(tmp_path):
                        "--model.encoder", "flatten")
     assert done.returncode == 2 and "3 px local crops" in done.stderr and "--data.local_crop_size" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="no torchrun")
+def test_torchrun_two_gloo_processes_match_one(tmp_path):
+    # DistributedDataParallel sees all views in one forward of the student (one gradient hook per parameter)
+    opts = {**TINY, "data.augment": "dino", "data.local_crops": "2", "model.norm": "none", "train.max_steps": "3",
+            "train.batch_size": "128", "probe.which": "[]", "train.probe_every": "0", "optim.name": "sgd",
+            "optim.lr": "0.5"}
+    args = lambda out: [a for k, v in {**opts, "out": str(out)}.items() for a in (f"--{k}", v)]  # noqa: E731
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = ["-m", "randteach.cli", "--quiet", "distill"]
+    subprocess.run([sys.executable, *cli, *args(tmp_path / "one")], check=True, capture_output=True, env=env)
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *cli, *args(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    student = lambda run: torch.load(run / "checkpoints" / "student.pt", weights_only=True)["model"]  # noqa: E731
+    a, b = student(tmp_path / "one"), student(tmp_path / "two")
+    init = torch.load(tmp_path / "one" / "checkpoints" / "student_init.pt", weights_only=True)["model"]
+    assert not all(torch.equal(a[k], init[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
