@@ -134,3 +134,21 @@ def test_multicrop_loss_pairs_every_global_target_with_every_other_view():
     got = multicrop_loss(t, s, lambda a, b: a * b)
     pairs = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # (teacher i, student j), j != i
     assert float(got) == pytest.approx(sum(float(t[i] * s[j]) for i, j in pairs) / 6)
+
+
+def test_hue_shift_matches_colorsys():
+    import colorsys
+    from randteach.data.augment import hue_shift
+    x = torch.rand(3, 3, 4, 4, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.5                        # a grey pixel stays grey
+    turns = torch.tensor([0.1, -0.07, 0.5], dtype=torch.float64)
+    out = hue_shift(x, turns)
+    for i in range(3):
+        for yy in range(4):
+            for xx in range(4):
+                h, s, v = colorsys.rgb_to_hsv(*x[i, :, yy, xx].tolist())
+                want = colorsys.hsv_to_rgb((h + float(turns[i])) % 1.0, s, v)
+                torch.testing.assert_close(out[i, :, yy, xx], torch.tensor(want, dtype=torch.float64))
+    grey_image = torch.rand(2, 1, 3, 3)
+    assert hue_shift(grey_image, torch.tensor([0.1, 0.2])) is grey_image
+    torch.testing.assert_close(hue_shift(x, torch.zeros(3, dtype=torch.float64)), x)

@@ -7,7 +7,7 @@ place a result between that and DINO's recipe:
   horizontally with probability 1/2.
 - `dino`: DINO's global view (Caron et al. 2021, Sec. 3 and App. "Data augmentation", following BYOL):
   random resized crop (area scale 0.4-1, aspect 3/4-4/3), flip, colour jitter with p 0.8 (brightness 0.4,
-  contrast 0.4, saturation 0.2; hue is not implemented), greyscale with p 0.2, Gaussian blur. The second
+  contrast 0.4, saturation 0.2, hue 0.1; in that fixed order, where torchvision draws one), greyscale with p 0.2, Gaussian blur. The second
   global view blurs with p 0.1 and solarizes with p 0.2; local views crop 5-40 % of the area at
   96/224 of the side and blur with p 0.5. Blur radii (DINO: sigma 0.1-2 px at 224 px) scale with the
   image side. `Augment.views` gives DINO's multi-crop (`data.local_crops N`): the teacher sees the 2
@@ -32,7 +32,7 @@ GLOBAL_SCALE = (0.4, 1.0)             # DINO: area fraction of a global crop
 LOCAL_SCALE = (0.05, 0.4)             # DINO: area fraction of a local crop
 LOCAL_SIDE = 96 / 224                 # DINO: local crops are 96 px for 224 px global crops
 RATIO = (3 / 4, 4 / 3)                # aspect ratio range of the random resized crop
-JITTER = dict(p=0.8, brightness=0.4, contrast=0.4, saturation=0.2)
+JITTER = dict(p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 GREY_P = 0.2
 SIGMA = (0.1, 2.0)                    # DINO's blur sigma in pixels at 224 px
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's convert("L")
@@ -89,15 +89,35 @@ def grey(x: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(1, keepdim=True)
 
 
-def jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
-    """Brightness (scale), contrast (blend with the mean luma) and saturation (blend with the luma) by
-    per-sample factors, in that order, clamped to [0, 1] after each, as torchvision's ColorJitter does."""
+def jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+           hue: torch.Tensor | None = None) -> torch.Tensor:
+    """Brightness (scale), contrast (blend with the mean luma), saturation (blend with the luma) by
+    per-sample factors, clamped to [0, 1] after each, as torchvision's ColorJitter does, then a hue shift
+    of `hue` turns (None: none)."""
     f = lambda t: t.view(-1, 1, 1, 1).to(x.dtype)  # noqa: E731
     x = (x * f(brightness)).clamp(0, 1)
     mean = grey(x).mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * f(contrast) + mean).clamp(0, 1)
     g = grey(x)
-    return ((x - g) * f(saturation) + g).clamp(0, 1)
+    x = ((x - g) * f(saturation) + g).clamp(0, 1)
+    return x if hue is None else hue_shift(x, hue)
+
+
+def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample's hue by `turns` (a fraction of the colour circle) at constant HSV saturation and
+    value; one channel: unchanged. RGB -> HSV by the hexcone's definition, back by the closed form
+    c_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6 with n = 5, 3, 1 for R, G, B."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    value, chroma = x.amax(1), x.amax(1) - x.amin(1)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # grey pixels: any hue, chroma 0 keeps them
+    sixths = torch.where(value == r, (g - b) / safe,
+                         torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = (sixths / 6 + turns.to(x.dtype).view(-1, 1, 1)) % 1.0
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = (n + 6 * hue[:, None]) % 6
+    return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -179,8 +199,9 @@ class Augment:
         p = resized_crop(p, w, h, cx, cy, u(draw + 4) < 0.5, size)
         on = u(draw + 5) < JITTER["p"]
         spread = lambda a, d: torch.where(on, 1 - a + 2 * a * u(d), torch.ones_like(area))  # noqa: E731
+        hue = torch.where(on, JITTER["hue"] * (2 * u(draw + 13) - 1), torch.zeros_like(area))
         p = jitter(p, spread(JITTER["brightness"], draw + 6), spread(JITTER["contrast"], draw + 7),
-                   spread(JITTER["saturation"], draw + 8))
+                   spread(JITTER["saturation"], draw + 8), hue)
         p = torch.where((u(draw + 9) < GREY_P).view(-1, 1, 1, 1), grey(p).expand_as(p), p)
         blur_p = (1.0, 0.1)[view] if view < 2 else 0.5
         sigma = (SIGMA[0] + (SIGMA[1] - SIGMA[0]) * u(draw + 10)) * side / 224
