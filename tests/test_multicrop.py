@@ -14,7 +14,9 @@ from torch import nn
 
 import randteach
 from randteach.config import ConfigError, build_config
-from randteach.data.augment import local_side
+from randteach.data.augment import augmenter, local_side
+from randteach.models import build_model
+from randteach.train.setup import epoch_order, load_training_inputs, seeds
 
 from tiny import TINY, tiny_config
 
@@ -37,6 +39,26 @@ def test_local_crops_change_the_run_and_repeat_with_the_seed(tmp_path):
     assert len(multi) == 4 and all(a != b for a, b in zip(multi, dino))
     assert losses(tmp_path, "multi-again", data__local_crops=2) == multi
     assert losses(tmp_path, "multi-seed", data__local_crops=2, train__seed=1) != multi
+
+
+def test_first_step_loss_is_dinos_multicrop_loss_computed_directly(tmp_path):
+    # DINO's Eq. 3: mean over teacher views i (global) and student views j != i of H(P_t(x_i), P_s(x_j))
+    cfg = tiny_config(tmp_path, **{**DINO, "train__max_steps": 1}, data__local_crops=2, model__norm="none",
+                      train__precision="fp32", train__float64_until_distance=0)
+    logged = records(cfg)[0]["loss"]
+    inputs, preprocess, data, size = load_training_inputs(cfg)
+    weights = lambda name: torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)["model"]  # noqa: E731
+    teacher, student = (build_model(cfg, 1, size, seed=0) for _ in range(2))
+    teacher.load_state_dict(weights("teacher.pt"))
+    student.load_state_dict(weights("student_init.pt"))
+    rows = epoch_order(len(inputs), seeds(cfg)["data"], 0)[:cfg.train.batch_size]
+    aug = augmenter("dino", preprocess, seeds(cfg)["data"], 1, local_crops=2)
+    globals_, views = aug.views(preprocess(inputs[rows]), 0, rows)
+    with torch.no_grad():
+        targets = [torch.softmax(teacher.eval()(v), -1) for v in globals_]
+        outputs = [torch.log_softmax(student(v), -1) for v in views]
+    pairs = [-(targets[i] * outputs[j]).sum(-1).mean() for i in range(2) for j in range(4) if j != i]
+    assert len(pairs) == 6 and logged == pytest.approx(float(sum(pairs) / 6), rel=1e-5)
 
 
 class RecordingConv(nn.Module):
