@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data.augment import multicrop_loss
 from ..errors import UserError
 from ..evaluate import autocast
 from ..init import parameter_distance
-from ..data.augment import multicrop_loss
 from ..losses import distill_loss
 from ..optim import set_lr
 from ..precision import Float64Start
@@ -59,6 +59,7 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _same_shape_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The views split where their image shape changes: [g1, g2, l1, l2, l3] -> [[g1, g2], [l1, l2, l3]]."""
     runs: list[list[torch.Tensor]] = []
     for v in views:
         if runs and runs[-1][0].shape[1:] == v.shape[1:]:
