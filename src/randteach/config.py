@@ -64,6 +64,7 @@ class ModelConfig:
     encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
     norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own)", NORMS)
     width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width")
+    width_mult: float = opt(1.0, "channel multiplier of VGG encoders (0.5 = half width, a 256-d embedding; 1 = the paper's)")
 
 
 @dataclass
