@@ -301,8 +301,10 @@ def _distill(cfg: Config, *, resume: bool, progress: bool, train_data: ImageData
         nonlocal teacher_probe
         record = {"event": "probe", "step": step, "epoch": epoch}
         if "teacher" in cfg.probe.which:
-            if teacher_probe is None or cfg.teacher.mode != "frozen":
+            if cfg.teacher.mode != "frozen":
                 teacher_probe = prober.probe(teacher.encoder)
+            elif teacher_probe is None:
+                teacher_probe = prober.frozen(teacher.encoder)
             record["teacher"] = teacher_probe
         if "student" in cfg.probe.which:
             record["student"] = prober.probe(student.encoder)
