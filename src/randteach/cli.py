@@ -83,9 +83,9 @@ def demo_verdict(probe: dict) -> str:
     sentence = f"{verdict} ({gaps('teacher')})"
     if all(k in probe.get("input", {}) for k in kinds):
         above = [probe["student"][k] > probe["input"][k] for k in kinds]
-        pixels = "and raw pixels too" if all(above) else "but not raw pixels" if not any(above) else \
-            "and raw pixels on one probe"
-        sentence += f", {pixels} ({gaps('input')})"
+        where = "above them on both probes" if all(above) else "below them on both probes" if not any(above) \
+            else "above them on one probe"
+        sentence += f"; against raw pixels it is {where} ({gaps('input')})"
     return sentence + "; one seed (the spread over seeds: docs/RESULTS.md, CPU demo recipe search)."
 
 
