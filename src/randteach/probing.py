@@ -50,7 +50,7 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
     prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)
     result = {}
     if "teacher" in cfg.probe.which:
-        result["teacher"] = prober.probe(teacher.encoder)
+        result["teacher"] = prober.frozen(teacher.encoder)  # cached by its weights
     if "student" in cfg.probe.which:
         result["student"] = prober.probe(student.encoder)
     if "input" in cfg.probe.which:
