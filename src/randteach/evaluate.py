@@ -17,7 +17,7 @@ from .config import Config
 from .data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
 from .teacher_cache import digest_tensor
 
-PROBE_CACHE_VERSION = "2"  # bump when the probes' arithmetic changes: old entries are then never read
+PROBE_CACHE_VERSION = "3"  # bump when the probes' arithmetic changes: old entries are then never read
 
 
 def cpu_has_amx() -> bool:
