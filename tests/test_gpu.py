@@ -82,3 +82,14 @@ def test_cuda_conv_student_within_1e_10_leaves_its_teacher_in_fp32(tmp_path):
                         init__epsilon=1e-10, head__kind="linear", head__out_dim=32, loss__name="nmse",
                         optim__name="sgd", optim__lr=1e4, train__max_steps=60)
     assert losses[0] < 1e-10 and max(losses) > 1e-3
+
+
+def test_cuda_linear_probe_matches_the_cpu_one():
+    # The probe's GPU path is the same L-BFGS on the device where the features live.
+    from randteach.probe import linear_probe
+    g = torch.Generator().manual_seed(0)
+    centers = 0.3 * torch.randn(10, 256, generator=g)
+    y = torch.randint(0, 10, (24_000,), generator=g)
+    x = (centers[y] + torch.randn(24_000, 256, generator=g)).relu()
+    args = (x[:20_000], y[:20_000], x[20_000:], y[20_000:])
+    assert linear_probe(*args, device="cuda") == pytest.approx(linear_probe(*args), abs=0.003)

@@ -465,3 +465,18 @@ def test_import_path_errors():
         build_encoder(f"{__name__}:not_a_module")
     with pytest.raises(ConfigError, match="model.norm"):
         build_encoder(f"{__name__}:without_embed_dim", norm="batch")
+
+
+def test_vgg_width_mult_scales_every_conv():
+    quarter = build_encoder("vgg11", 1, 28, width_mult=0.25)
+    convs = [m for m in quarter.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 64, 128, 128, 128, 128]
+    assert quarter.embed_dim == 128 and quarter(torch.randn(2, 1, 28, 28)).shape == (2, 128)
+    half_cfg = [v if v == "M" else v // 2 for v in VGG11]
+    assert count_parameters(build_encoder("vgg11", 3, 32, width_mult=0.5)) == vgg_count(half_cfg)
+    cfg = build_config("cpu", overrides={"model.encoder": "vgg11", "model.width_mult": "0.5"})
+    assert build_model(cfg, 1, 28, 0).encoder.embed_dim == 256  # the config key reaches the encoder
+    with pytest.raises(ConfigError, match="width_mult"):
+        build_encoder("resnet20", width_mult=0.5)  # would be silently ignored
+    with pytest.raises(ConfigError, match="> 0"):
+        build_encoder("vgg11", width_mult=0.0)

@@ -235,3 +235,62 @@ def test_bad_options_raise_user_error():
         knn_probe(x, y, x, y, weighting="l1")
     with pytest.raises(UserError, match="k <= number of train samples"):
         knn_probe(x, y, x, y, k=21)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the on-disk cache of results that cannot change (raw input, frozen teacher)
+
+
+def _prober(tmp_path, **overrides):
+    from randteach.evaluate import Prober
+    from randteach.models import build_encoder
+    from tests.tiny import tiny_config
+    cfg = tiny_config(tmp_path, probe__max_iter=30, **overrides)
+    prober = Prober(cfg, 1, 8, torch.device("cpu"), cache_dir=tmp_path / "probe-cache")
+    torch.manual_seed(0)
+    return prober, build_encoder("convnet", 1, 8, width=4)
+
+
+def test_input_probe_is_computed_once_and_read_back(tmp_path):
+    from randteach.evaluate import score
+    prober, _ = _prober(tmp_path)
+    first = prober.input()
+    assert prober.origin["input"].startswith("computed and saved")
+    splits = prober.splits
+    direct = score(splits.train.images.flatten(1).float(), splits.train.labels, splits.test.images.flatten(1).float(),
+                   splits.test.labels, prober.cfg.probe, prober.num_classes)
+    assert first == pytest.approx(direct, abs=0.02)  # digits are floats: standardized either way
+    again, _ = _prober(tmp_path)  # a new run
+    assert again.input() == first and again.origin["input"].startswith("loaded")
+    other, _ = _prober(tmp_path, probe__knn_k=3)  # the probe config is part of the key
+    other.input()
+    assert other.origin["input"].startswith("computed")
+    assert len(list((tmp_path / "probe-cache").glob("*.json"))) == 2
+
+
+def test_frozen_encoder_probe_is_keyed_by_its_weights(tmp_path):
+    prober, encoder = _prober(tmp_path)
+    first = prober.frozen(encoder)
+    assert first == prober.probe(encoder)
+    assert prober.origin["frozen"].startswith("computed and saved")
+    assert prober.frozen(encoder) == first and prober.origin["frozen"].startswith("loaded")
+    with torch.no_grad():
+        next(encoder.parameters()).mul_(-1.0)  # another teacher: recomputed, not read back
+    changed = prober.frozen(encoder)
+    assert prober.origin["frozen"].startswith("computed")
+    assert changed == prober.probe(encoder)
+
+
+def test_a_corrupt_cache_entry_is_recomputed(tmp_path):
+    prober, _ = _prober(tmp_path)
+    first = prober.input()
+    (entry,) = (tmp_path / "probe-cache").glob("*.json")
+    entry.write_text('{"key": "trunc')
+    again, _ = _prober(tmp_path)
+    assert again.input() == first and again.origin["input"].startswith("computed and saved")
+    assert json_load(entry)["result"] == first
+
+
+def json_load(path):
+    import json
+    return json.loads(path.read_text())

@@ -82,6 +82,30 @@ def cmd_probe(args, extra) -> int:
     return 0
 
 
+def demo_verdict(probe: dict) -> str:
+    """One plain sentence on what a run showed: the student's final probes against its teacher's and the
+    raw pixels', in percentage points (pp), from a summary's "probe" entry."""
+    kinds = [k for k in ("linear", "knn") if k in probe.get("student", {}) and k in probe.get("teacher", {})]
+    if not kinds:
+        return "No student and teacher probes to compare (probe.which leaves one out)."
+    label = {"linear": "linear", "knn": "k-NN"}
+
+    def gaps(other: str) -> str:
+        return " and ".join(f"{100 * (probe['student'][k] - probe[other][k]):+.2f} pp {label[k]}" for k in kinds)
+
+    wins = [probe["student"][k] > probe["teacher"][k] for k in kinds]
+    verdict = ("The student beats its random teacher" if all(wins) else
+               "The student does not beat its random teacher" if not any(wins) else
+               "The student beats its random teacher on one probe only")
+    sentence = f"{verdict} ({gaps('teacher')})"
+    if all(k in probe.get("input", {}) for k in kinds):
+        above = [probe["student"][k] > probe["input"][k] for k in kinds]
+        where = "above them on both probes" if all(above) else "below them on both probes" if not any(above) \
+            else "above them on one probe"
+        sentence += f"; against raw pixels it is {where} ({gaps('input')})"
+    return sentence + "; one seed (the spread over seeds: docs/RESULTS.md, CPU demo recipe search)."
+
+
 def cmd_demo(args, extra) -> int:
     from .config import build_config, parse_overrides
     from .distill import distill
@@ -94,7 +118,10 @@ def cmd_demo(args, extra) -> int:
     result = distill(cfg, progress=not args.quiet)
     report = write_report(result.path, title="randteach demo: random-teacher distillation on "
                           f"{cfg.data.name}", command="randteach demo")
-    print(f"\n{probe_table(result.summary)}\n\nwall time {time.perf_counter() - t0:.0f} s "
+    verdict = demo_verdict(result.summary.get("probe", {}))
+    with open(report, "a") as f:
+        f.write(f"\n{verdict}\n")
+    print(f"\n{probe_table(result.summary)}\n\n{verdict}\n\nwall time {time.perf_counter() - t0:.0f} s "
           f"(run {result.summary['wall_time_s']:.0f} s); report: {report}")
     return 0 if result.summary["status"] == "completed" else 3
 

@@ -88,6 +88,7 @@ class ModelConfig:
                                        "to the callable, for the ViTs patch_size")
     norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own; group = the paper's GroupNorm8, 8 channels per group)", NORMS)
     width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width", gt=0)
+    width_mult: float = opt(1.0, "channel multiplier of VGG encoders (0.5 = half width, a 256-d embedding; 1 = the paper's)", gt=0)
 
 
 @dataclass

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import probe as probes
 from .config import Config
-from .data import ImageData, Preprocess, load_configured, stratified_subset
+from .data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
+from .teacher_cache import digest_tensor
+
+PROBE_CACHE_VERSION = "3"  # bump when the probes' arithmetic changes: old entries are then never read
 
 
 def cpu_has_amx() -> bool:
@@ -111,7 +119,7 @@ def score(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, te
     if cfg.knn_k > 0 and "knn" not in refused:
         result["knn"] = probes.knn_probe(train_x, train_y, test_x, test_y, k=cfg.knn_k,
                                          weighting=cfg.knn_weighting, temperature=cfg.knn_temperature,
-                                         num_classes=num_classes)
+                                         num_classes=num_classes, device=device)
     if refused:
         result[INVALID] = "; ".join(f"{kind} probe not measured: {why}" for kind, why in refused.items())
     return result
@@ -146,10 +154,12 @@ def _fit_preprocess(data: ImageData, size: int | None) -> Preprocess | None:
 
 
 class Prober:
-    """Probes encoders on one data set with one protocol; the raw-input result is computed once."""
+    """Probes encoders on one data set with one protocol. Results that cannot change between runs (the raw
+    input, a frozen teacher) are kept on disk under `cache_dir` (default: <data root>/probe-cache) and read
+    back by any later run with the same data, probe config and weights (see `cache_key`)."""
 
     def __init__(self, cfg: Config, in_channels: int, image_size: int, device: torch.device, bf16: bool = False,
-                 splits: tuple[ImageData, ImageData] | None = None):
+                 splits: tuple[ImageData, ImageData] | None = None, cache_dir: Path | None = None):
         self.cfg = cfg
         self.splits = ProbeSplits(*splits) if splits is not None else load_probe_splits(cfg)
         self.in_channels = in_channels
@@ -157,6 +167,8 @@ class Prober:
         self.bf16 = bf16
         self.preprocess = _fit_preprocess(self.splits.train, image_size)
         self.num_classes = max(self.splits.train.num_classes, self.splits.test.num_classes)
+        self.cache_dir = cache_dir if cache_dir is not None else resolve_root(cfg.data.root) / "probe-cache"
+        self.origin: dict[str, str] = {}  # "input" / "frozen" -> where the last result came from
         self._input: dict | None = None
 
     def features(self, encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,15 +179,62 @@ class Prober:
     def probe(self, encoder: nn.Module) -> dict:
         train_x, test_x = self.features(encoder)
         return score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
-                     self.cfg.probe, self.num_classes)
+                     self.cfg.probe, self.num_classes, self.device)
+
+    def frozen(self, encoder: nn.Module) -> dict:
+        """`probe(encoder)` for an encoder whose weights never change (a frozen teacher), cached on disk."""
+        key = self.cache_key("encoder", encoder)
+        return self._cached("frozen", key, lambda: self.probe(encoder))
 
     def input(self) -> dict:
         """The raw-pixel baseline: standardized flattened images at the resolution the encoders see (as in the
-        random-teacher authors' code: 32 px for CIFAR-trained encoders probed on STL10 or TinyImageNet)."""
+        random-teacher authors' code: 32 px for CIFAR-trained encoders probed on STL10 or TinyImageNet), cached
+        on disk."""
         if self._input is None:
-            pre = self.preprocess
-            train_x = (pre(self.splits.train.images) if pre else self.splits.train.images).flatten(1)
-            test_x = (pre(self.splits.test.images) if pre else self.splits.test.images).flatten(1)
-            self._input = score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
-                                self.cfg.probe, self.num_classes)
+            self._input = self._cached("input", self.cache_key("input"), self._probe_input)
         return self._input
+
+    def _probe_input(self) -> dict:
+        pre = self.preprocess
+        train_x = (pre(self.splits.train.images) if pre else self.splits.train.images).flatten(1)
+        test_x = (pre(self.splits.test.images) if pre else self.splits.test.images).flatten(1)
+        return score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
+                     self.cfg.probe, self.num_classes, self.device)
+
+    def cache_key(self, kind: str, encoder: nn.Module | None = None) -> str:
+        """Hash of everything a probe result depends on: both splits' images and labels, the probe config
+        (all but `which`), and for an encoder its architecture, weights, input conversion and precision."""
+        probe_cfg = {k: v for k, v in dataclasses.asdict(self.cfg.probe).items() if k != "which"}
+        h = hashlib.sha256(f"probe-v{PROBE_CACHE_VERSION}-{kind}-{sorted(probe_cfg.items())}".encode())
+        for data in (self.splits.train, self.splits.test):
+            digest_tensor(h, data.images)
+            digest_tensor(h, data.labels)
+        conversion = sorted(self.preprocess.as_dict().items()) if self.preprocess is not None else None
+        h.update(f"{conversion}".encode())  # the input baseline is probed at the encoders' resolution too
+        if encoder is not None:
+            h.update(repr(encoder).encode())
+            for name, t in encoder.state_dict().items():
+                h.update(name.encode())
+                digest_tensor(h, t)
+            h.update(f"bf16={self.bf16}-channels={self.in_channels}".encode())
+        return h.hexdigest()[:24]
+
+    def _cached(self, what: str, key: str, compute) -> dict:
+        path = self.cache_dir / f"{key}.json"
+        try:
+            payload = json.loads(path.read_text())
+            if payload.get("key") == key:
+                self.origin[what] = f"loaded {path}"
+                return payload["result"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # missing or unreadable: computed and (re)written below
+        result = compute()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "result": result}))
+            tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+            self.origin[what] = f"computed and saved to {path}"
+        except OSError:
+            self.origin[what] = "computed (cache folder not writable)"
+        return result

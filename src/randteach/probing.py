@@ -57,7 +57,7 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     result = {}
     with exact_fp32():  # the same fp32 as the probes inside a run (no TF32 on CUDA)
         if "teacher" in cfg.probe.which:
-            result["teacher"] = prober.probe(teacher.encoder)
+            result["teacher"] = prober.frozen(teacher.encoder)  # cached by its weights
         if "student" in cfg.probe.which:
             result["student"] = prober.probe(student.encoder)
         if "input" in cfg.probe.which:

@@ -42,7 +42,7 @@ def usable(cfg: Config) -> tuple[bool, str]:
     return True, ""
 
 
-def _digest_tensor(h, t: torch.Tensor) -> None:
+def digest_tensor(h, t: torch.Tensor) -> None:
     t = t.detach().cpu()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
     # reshape(-1): a 0-dim tensor (e.g. batch-norm's num_batches_tracked) cannot be viewed as bytes
@@ -62,8 +62,8 @@ def cache_key(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: 
     h.update(repr(sorted(settings.items())).encode())
     for name, t in teacher.state_dict().items():
         h.update(name.encode())
-        _digest_tensor(h, t)
-    _digest_tensor(h, inputs)
+        digest_tensor(h, t)
+    digest_tensor(h, inputs)
     if preprocess is not None:
         h.update(repr(sorted(preprocess.as_dict().items())).encode())
     return h.hexdigest()[:24]

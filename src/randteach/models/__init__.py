@@ -1,6 +1,6 @@
 """Models: an encoder g (the representation that is probed) and a projector head h; f = h o g.
 
-    build_encoder(name, in_channels, image_size, norm, width, **options) -> module with .embed_dim
+    build_encoder(name, in_channels, image_size, norm, width, width_mult, **options) -> module with .embed_dim
     build_head(head_cfg, in_dim)                                         -> module with .out_dim
     build_model(cfg, in_channels, image_size, seed)                      -> DistillModel
 
@@ -32,7 +32,7 @@ __all__ = ["build_encoder", "build_head", "build_model", "count_parameters", "Di
 
 
 def build_encoder(name: str, in_channels: int = 3, image_size: int = 32, norm: str = "default",
-                  width: int = 32, **options) -> nn.Module:
+                  width: int = 32, width_mult: float = 1.0, **options) -> nn.Module:
     """A freshly (He / trunc-normal) initialized encoder mapping (B, C, H, W) floats to (B, embed_dim).
 
     Draws from torch's global RNG like any nn.Module; `build_model` seeds it and leaves it untouched.
@@ -52,11 +52,16 @@ def build_encoder(name: str, in_channels: int = 3, image_size: int = 32, norm: s
     if unknown:
         raise ConfigError(f"encoder {name} takes no option(s) {', '.join(sorted(unknown))}"
                           + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+    if width_mult != 1.0 and not name.startswith("vgg"):
+        raise ConfigError(f"model.width_mult={width_mult:g} applies to VGG encoders only, not {name}; "
+                          "use model.width for convnet/mlp, or leave width_mult at 1")
+    if width_mult <= 0:
+        raise ConfigError(f"model.width_mult must be > 0, got {width_mult:g}")
     if name in ("flatten", "mlp", "convnet"):
         return build_small(name, in_channels, image_size, norm, width)
     if name.startswith("vgg"):
         base, bn = name.removesuffix("_bn"), name.endswith("_bn")
-        return VGG(VGGS[base], in_channels, resolve_norm(norm, "batch" if bn else "none", name))
+        return VGG(VGGS[base], in_channels, resolve_norm(norm, "batch" if bn else "none", name), width_mult)
     if name in RESNETS:
         return build_resnet(name, in_channels, image_size, resolve_norm(norm, "batch", name))
     if name in VITS:
@@ -169,6 +174,6 @@ def build_model(cfg: Config, in_channels: int, image_size: int, seed: int, encod
             encoder = call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)
         else:
             encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width,
-                                    **cfg.model.encoder_args)
+                                    cfg.model.width_mult, **cfg.model.encoder_args)
         head = build_head(cfg.head, encoder.embed_dim)
     return DistillModel(encoder, head)

@@ -156,8 +156,10 @@ class Probe(Hook):
     def probe(self, state: TrainState, epoch: float) -> None:
         record = {"event": "probe", "step": state.step, "epoch": epoch}
         if "teacher" in self.which:
-            if state.teacher_probe is None or state.cfg.teacher.mode != "frozen":
+            if state.cfg.teacher.mode != "frozen":
                 state.teacher_probe = self.prober.probe(state.teacher.encoder)
+            elif state.teacher_probe is None:
+                state.teacher_probe = self.prober.frozen(state.teacher.encoder)  # cached on disk by its weights
             record["teacher"] = state.teacher_probe
         if "student" in self.which:
             record["student"] = self.prober.probe(state.student.encoder)
