@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from randteach.analysis.landscape import Anchor, compute_landscape
-from randteach.analysis.supervised import RunInfo
 from randteach.config import build_config
 from randteach.data import load_dataset
-from randteach.distill import model_image_size
 from randteach.models import build_model
-from randteach.probe import knn_probe, linear_probe
+from randteach.probes.linear_knn import knn_probe, linear_probe
+from randteach.train.setup import model_image_size
+from randteach.train.supervised import RunInfo
 
 
 def probe_features(data: str = "fashion-mnist", dim: int = 512, n_train: int | None = None,

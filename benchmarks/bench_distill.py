@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_machine import sync
-from randteach import teacher_cache
 from randteach.config import build_config
 from randteach.data import Preprocess, load_dataset, stratified_subset
-from randteach.distill import build_teacher_and_student, distill, load_training_inputs, model_image_size
 from randteach.models import build_model
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
+from randteach.train import teacher_cache
+from randteach.train.loop import distill
+from randteach.train.setup import build_teacher_and_student, load_training_inputs, model_image_size
 
 loop_state = importlib.import_module("randteach.train.state")  # its clock (`time`) stamps each record
 

@@ -194,7 +194,7 @@ def markdown(results: dict) -> str:
     if p:
         lines += ["", "## 2. Probes", "",
                   f"Features: {p['source']}, train {p['shape']['train']}, test {p['shape']['test']}; "
-                  "`randteach.probe.linear_probe` (L-BFGS logistic regression, defaults) and `knn_probe` "
+                  "`randteach.probes.linear_knn.linear_probe` (L-BFGS logistic regression, defaults) and `knn_probe` "
                   "(k = 20, cosine), alternating, median of the repetitions, per torch thread count. With one "
                   "thread the CPU seconds are the time on one dedicated core: the verdicts use them.", "",
                   "| probe | threads | wall s (each repetition) | CPU s (each repetition) | median wall | median CPU | "

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 import bench_machine
-from randteach.checkpoint import load_state_dict
 from randteach.config import build_config
-from randteach.distill import distill
-from randteach.rundir import RunDir
-from randteach.stacked import train_stacked
+from randteach.runs.checkpoint import load_state_dict
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
+from randteach.train.stacked import train_stacked
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Stacked runs"

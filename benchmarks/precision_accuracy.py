@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from randteach.config import build_config
-from randteach.distill import distill
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 
 def overrides(precision: str, seed: int, epochs: float, out: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ import torch
 
 from randteach.config import build_config
 from randteach.data import load_configured
-from randteach.probe import fit_logistic_regression, standardize
+from randteach.probes.linear_knn import fit_logistic_regression, standardize
 
 TOLS = [float(t) for t in sys.argv[1:]] or [1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 1e-2]
 

@@ -23,7 +23,7 @@ from torch import nn
 
 import randteach
 from randteach.data import load_dataset, stratified_subset
-from randteach.report import probe_table
+from randteach.reports.run import probe_table
 
 
 def write_image_folder(root: Path, per_class: int) -> Path:

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from randteach.aggregate import collect, group, varying_keys
 from randteach.cli import main
 from randteach.config import build_config
 from randteach.errors import UserError
-from randteach.rundir import RunDir
+from randteach.reports.groups import collect, group, varying_keys
+from randteach.runs.rundir import RunDir
 
 ALPHAS = (1e-10, 0.5, 1.0)
 SEEDS = (0, 1, 2)

@@ -1,6 +1,8 @@
 """The Python API with a user's own encoder and tensors; the import-path encoder through the command line."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 import randteach
 from randteach.data import load_dataset
 from randteach.errors import UserError
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
 
 TINY = {"head.hidden_dims": [32], "head.bottleneck_dim": 8, "head.out_dim": 32, "train.epochs": 1,
         "train.batch_size": 64, "train.device": "cpu", "probe.max_iter": 50}
@@ -80,7 +82,8 @@ def test_import_path_encoder_through_the_cli(tmp_path):
                         *[a for k, v in TINY.items() for a in (f"--{k}", str(v))],
                         "--probe.which", "[student]", "--out", str(tmp_path / "c")],
                        capture_output=True, text=True, cwd=str(tmp_path),
-                       env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert RunDir(tmp_path / "c").summary()["probe"]["student"]["linear"] > 0.5
 

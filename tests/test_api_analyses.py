@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import randteach
-from randteach.analysis.supervised import Classifier
 from randteach.api import as_image_data
+from randteach.config import build_config
 from randteach.data import Preprocess, load_dataset, stratified_subset
 from randteach.errors import UserError
-from randteach.config import build_config
-from randteach.evaluate import score
+from randteach.probes.embedding import score
+from randteach.train.supervised import Classifier
 
 SMALL = {"head.hidden_dims": [32], "head.bottleneck_dim": 8, "head.out_dim": 32, "probe.max_iter": 100,
          "train.device": "cpu"}
@@ -154,7 +154,7 @@ def test_run_directories_take_python_data_and_the_architecture(run, digits):
 
 
 def test_imp_of_a_run_rebuilds_its_python_encoder(run, digits, tmp_path):
-    from randteach.checkpoint import load_state_dict
+    from randteach.runs.checkpoint import load_state_dict
     student = Net()
     student.load_state_dict({k[len("encoder."):]: v for k, v in load_state_dict(run.path, "student").items()
                              if k.startswith("encoder.")})

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from randteach.config import ConfigError, build_config
 from randteach.data.augment import (GREY_WEIGHTS, Augment, blur, grey, jitter, resized_crop, solarize, uniform)
-from randteach.distill import distill
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 

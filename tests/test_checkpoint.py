@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from randteach.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from randteach.errors import CheckpointError
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 
 
 def test_round_trip(tmp_path):

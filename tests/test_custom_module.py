@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from randteach.checkpoint import load_checkpoint
 from randteach.config import build_config
-from randteach.distill import build_teacher_and_student, distill, seeds
 from randteach.models import build_model
-from randteach.rundir import RunDir
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
+from randteach.train.setup import build_teacher_and_student, seeds
 
 from test_folder import write_folder
 

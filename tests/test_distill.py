@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from randteach.checkpoint import load_checkpoint
-from randteach.distill import distill
-from randteach.rundir import RunDir
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 
@@ -109,11 +109,11 @@ def test_teacher_cache_with_batch_norm(tmp_path):
 
 @pytest.mark.parametrize("amx", [False, True])
 def test_auto_precision_is_bf16_only_where_it_is_fast(tmp_path, monkeypatch, amx):
-    import randteach.evaluate as evaluate
-    monkeypatch.setattr(evaluate, "cpu_has_amx", lambda: amx)
+    import randteach.precision as precision
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
     cpu = torch.device("cpu")
-    assert evaluate.uses_bf16("bf16", cpu) and not evaluate.uses_bf16("fp32", cpu)
-    assert evaluate.uses_bf16("auto", cpu) == amx
+    assert precision.uses_bf16("bf16", cpu) and not precision.uses_bf16("fp32", cpu)
+    assert precision.uses_bf16("auto", cpu) == amx
     cfg = tiny_config(tmp_path, train__device="cpu", train__precision="auto", init__mode="independent", train__max_steps=2,
                       train__probe_every=0, probe__which="[]")
     result = distill(cfg, progress=False)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from randteach.config import ConfigError, build_config
-from randteach.distill import build_teacher_and_student
-from randteach.sweep import load_sweep
+from randteach.runs.sweep import load_sweep
+from randteach.train.setup import build_teacher_and_student
 
 BASE = {"model.encoder": "test_encoder_args:widened", "head.kind": "linear", "head.out_dim": "8"}
 

@@ -6,10 +6,10 @@ import torch
 import yaml
 
 from randteach.analysis.escape import escape_variants, find_collapse, keep_collapse_checkpoint, run_escape
-from randteach.checkpoint import load_checkpoint
 from randteach.config import config_from_dict
-from randteach.distill import distill
-from randteach.rundir import RunDir
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 

@@ -1,7 +1,7 @@
 """The evaluation path: the raw-input baseline is probed at the encoders' resolution."""
 import torch
 
-import randteach.evaluate as evaluate
+import randteach.probes.embedding as evaluate
 from randteach.data import ImageData
 
 from tiny import tiny_config
@@ -27,8 +27,8 @@ def test_input_baseline_is_probed_at_the_encoders_resolution(tmp_path, monkeypat
 
 def test_probe_outside_a_run_uses_the_runs_fp32_rules(tmp_path, monkeypatch):
     # `randteach probe` probes with TF32 off (exact_fp32), as the probes inside a run do
-    from randteach.distill import distill
-    from randteach.probing import probe_run
+    from randteach.probes.run import probe_run
+    from randteach.train.loop import distill
     run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]"), progress=False)
     seen = []
     monkeypatch.setattr(evaluate.Prober, "probe", lambda self, enc: seen.append(

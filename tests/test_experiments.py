@@ -11,7 +11,7 @@ from randteach.cli import main
 from randteach.config import ConfigError
 from randteach.experiments import NAMES, get_experiment, load_recipe, make_context, run_experiment
 from randteach.experiments.recipe import recipe_names
-from randteach.experiments.tables import markdown, summarize
+from randteach.reports.experiment import markdown, summarize
 
 PAPER_ENCODERS = ["vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet56", "resnet18", "resnet34", "resnet50",
                   "vit_tiny", "vit_small", "vit_medium", "vit_base"]
@@ -128,13 +128,13 @@ def assert_escaping_setting(c, loss):
 
 
 def test_paper_escaping_experiments_are_e12_to_e15():
-    from randteach.experiments.analyses import _bases
+    from randteach.experiments.base import seed_bases
     lr = make_context("lr-range", "paper")
-    (c,) = _bases(lr)
+    (c,) = seed_bases(lr)
     assert_escaping_setting(c, "mse")  # Fig. 1a: plain MSE
     assert c.data.n_samples is None and (lr.params["lr_start"], lr.params["lr_end"], lr.params["epochs"]) == (1e-6, 1e6, 5)
     esc = make_context("escape", "paper")
-    (c,) = _bases(esc)
+    (c,) = seed_bases(esc)
     assert_escaping_setting(c, "nmse")
     assert c.data.n_samples == 49152 and esc.params["batch_lr"] == esc.params["stabilize_lr"] == 1e4
     assert esc.params["lrs"][0] == 32 and esc.params["lrs"][-1] == 1e5 and 1e4 in esc.params["lrs"]
@@ -312,9 +312,9 @@ def test_tiny_signal_on_the_escape_run(tiny):
 def test_paper_protocol_probes_sit_beside_ours(tmp_path):
     # the reference tables' runs are re-probed with the authors' protocols (AdamW 10-epoch linear probe,
     # unweighted L2 majority k-NN) and shown labelled beside our logistic regression / cosine k-NN
-    from randteach.distill import distill
     from randteach.experiments.protocol import with_paper_protocol
-    from randteach.experiments.tables import markdown, rows_of, summarize
+    from randteach.reports.experiment import markdown, rows_of, summarize
+    from randteach.train.loop import distill
     from tiny import tiny_config
     cfg = tiny_config(tmp_path, train__max_steps=3, train__probe_every=0, probe__n_train=300, probe__n_test=200)
     distill(cfg, progress=False)

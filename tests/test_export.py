@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import randteach
-from randteach.checkpoint import load_state_dict
 from randteach.config import config_from_dict, load_yaml
-from randteach.distill import distill
 from randteach.errors import UserError
-from randteach.evaluate import Prober
-from randteach.export import export_encoder
 from randteach.models import build_model
+from randteach.probes.embedding import Prober
+from randteach.runs.checkpoint import load_state_dict
+from randteach.runs.export import export_encoder
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 

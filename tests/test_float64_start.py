@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from randteach.checkpoint import load_checkpoint, save_checkpoint
-from randteach.distill import distill
 from randteach.init import neighborhood_init, parameter_norm
 from randteach.precision import DEFAULT_FLOAT64_UNTIL, Float64Start
-from randteach.rundir import RunDir
+from randteach.runs.checkpoint import load_checkpoint, save_checkpoint
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 

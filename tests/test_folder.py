@@ -10,9 +10,9 @@ from PIL import Image
 
 from randteach.config import build_config
 from randteach.data import folder, load_dataset
-from randteach.evaluate import load_probe_splits
 from randteach.errors import DataMissingError, UserError
-from randteach.rundir import RunDir
+from randteach.probes.embedding import load_probe_splits
+from randteach.runs.rundir import RunDir
 
 CLASSES = ("a", "b", "c")  # sorted, so class k is label k
 

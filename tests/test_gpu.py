@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from randteach.checkpoint import load_checkpoint
-from randteach.distill import distill
-from randteach.evaluate import uses_bf16
-from randteach.rundir import RunDir
+from randteach.precision import uses_bf16
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 
@@ -86,7 +86,7 @@ def test_cuda_conv_student_within_1e_10_leaves_its_teacher_in_fp32(tmp_path):
 
 def test_cuda_linear_probe_matches_the_cpu_one():
     # The probe's GPU path is the same L-BFGS on the device where the features live.
-    from randteach.probe import linear_probe
+    from randteach.probes.linear_knn import linear_probe
     g = torch.Generator().manual_seed(0)
     centers = 0.3 * torch.randn(10, 256, generator=g)
     y = torch.randint(0, 10, (24_000,), generator=g)

@@ -6,8 +6,8 @@ import torch
 
 from randteach.analysis import imp
 from randteach.analysis.imp import imp_series, kept_after, magnitude_prune, prunable_names
-from randteach.analysis.supervised import build_classifier, load_supervised_data, run_info
 from randteach.cli import main
+from randteach.train.supervised import build_classifier, load_supervised_data, run_info
 
 from test_supervised import TINY_RECIPE, tiny_run
 

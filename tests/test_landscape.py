@@ -8,11 +8,11 @@ import torch
 from randteach.analysis import landscape as ls
 from randteach.analysis.landscape import compute_landscape, grid_axis, loss_inputs, view_anchors
 from randteach.analysis.params import ParamSpace, Plane, interpolate_buffers
-from randteach.analysis.supervised import run_info
-from randteach.checkpoint import load_state_dict
 from randteach.cli import main
 from randteach.losses import distill_loss
 from randteach.models import build_model
+from randteach.runs.checkpoint import load_state_dict
+from randteach.train.supervised import run_info
 
 from test_supervised import tiny_run
 

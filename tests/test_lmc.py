@@ -6,9 +6,9 @@ import torch
 
 from randteach.analysis.lmc import barrier_height, lmc_series
 from randteach.analysis.params import interpolate_states
-from randteach.analysis.supervised import accuracy, build_classifier, load_supervised_data, run_info
-from randteach.checkpoint import load_checkpoint
 from randteach.cli import main
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.train.supervised import accuracy, build_classifier, load_supervised_data, run_info
 
 from test_supervised import TINY_RECIPE, tiny_run
 

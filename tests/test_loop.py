@@ -6,15 +6,16 @@ import math
 import pytest
 import torch
 
-from randteach.checkpoint import load_checkpoint
 from randteach.config import ConfigError
-from randteach.distill import build_teacher_and_student, distill, epoch_order, load_training_inputs, seeds
-from randteach.distributed import Dist
 from randteach.errors import UserError
 from randteach.init import gradient_norm, parameter_distance
 from randteach.losses import distill_loss
 from randteach.optim import build_optimizer
-from randteach.rundir import RunDir
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.rundir import RunDir
+from randteach.train.distributed import Dist
+from randteach.train.loop import distill
+from randteach.train.setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
 
 from tiny import tiny_config
 

@@ -5,7 +5,7 @@ import pytest
 
 from randteach.analysis.lr_range import find_divergences, lr_range, smooth, suggest_lr
 from randteach.cli import main
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
 
 from tiny import TINY, tiny_config
 

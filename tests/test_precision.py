@@ -11,9 +11,10 @@ import functools
 import pytest
 import torch
 
-from randteach.distill import build_teacher_and_student, distill, load_training_inputs
 from randteach.init import parameter_norm
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
+from randteach.train.setup import build_teacher_and_student, load_training_inputs
 
 from tiny import tiny_config
 
@@ -121,7 +122,7 @@ def test_compile_gives_the_same_losses(tmp_path, monkeypatch):
 
 def test_exact_fp32_turns_tf32_off_and_restores_it():
     import torch
-    from randteach.evaluate import exact_fp32
+    from randteach.precision import exact_fp32
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:

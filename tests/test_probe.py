@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from randteach.errors import UserError
-from randteach.probe import (fit_adamw, fit_logistic_regression, knn_predict, knn_probe, linear_probe,
-                             logistic_objective, standardize)
+from randteach.probes.linear_knn import (fit_adamw, fit_logistic_regression, knn_predict, knn_probe, linear_probe,
+                                         logistic_objective, standardize)
 
 
 def _blobs(n_per_class, n_classes, dim, spread, seed):
@@ -242,8 +242,8 @@ def test_bad_options_raise_user_error():
 
 
 def _prober(tmp_path, **overrides):
-    from randteach.evaluate import Prober
     from randteach.models import build_encoder
+    from randteach.probes.embedding import Prober
     from tests.tiny import tiny_config
     cfg = tiny_config(tmp_path, probe__max_iter=30, **overrides)
     prober = Prober(cfg, 1, 8, torch.device("cpu"), cache_dir=tmp_path / "probe-cache")
@@ -252,7 +252,7 @@ def _prober(tmp_path, **overrides):
 
 
 def test_input_probe_is_computed_once_and_read_back(tmp_path):
-    from randteach.evaluate import score
+    from randteach.probes.embedding import score
     prober, _ = _prober(tmp_path)
     first = prober.input()
     assert prober.origin["input"].startswith("computed and saved")

@@ -15,8 +15,8 @@ from torch import nn
 import yaml
 
 from randteach.cli import main
-from randteach.distill import distill
-from randteach.rundir import RunDir
+from randteach.runs.rundir import RunDir
+from randteach.train.loop import distill
 
 from tiny import TINY, tiny_config
 
@@ -258,7 +258,7 @@ def test_a_hand_edited_config_is_not_resumed(tmp_path):
 
 def test_probes_refuse_features_they_cannot_measure():
     from randteach.config import ProbeConfig
-    from randteach.evaluate import score
+    from randteach.probes.embedding import score
     g = torch.Generator().manual_seed(0)
     y = torch.arange(40) % 2
     x = torch.randn(40, 8, generator=g) + 4 * y[:, None].float()  # separable
@@ -284,7 +284,7 @@ class _HugeFeatures(nn.Module):
 
 def test_a_run_at_absurd_scale_is_marked_not_reported_as_chance(tmp_path):
     import randteach
-    from randteach.report import write_run_report
+    from randteach.reports.run import write_run_report
     # The scale comes from the encoder, not from the dynamics of a diverging run (which differ between
     # machines): the run completes, and its k-NN result must not be a number
     cfg = tiny_config(tmp_path, train__max_steps=2, train__probe_every=0, probe__which="[student]")
@@ -370,7 +370,7 @@ def test_after_sigterm_the_table_says_which_epoch_it_shows(tmp_path):
 
 
 def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
-    from randteach.rundir import LOCK_FILE, run_lock
+    from randteach.runs.rundir import LOCK_FILE, run_lock
     with run_lock(tmp_path, create=True):
         with run_lock(tmp_path):  # nested use by the same process passes
             assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from randteach.checkpoint import load_checkpoint
-from randteach.rundir import RunDir
+from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.rundir import RunDir
 
 from tiny import TINY
 

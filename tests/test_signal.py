@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from randteach import signal
+from randteach.analysis import signal_propagation
+from randteach.analysis.signal_propagation import (condition_number, dead_neurons, effective_rank, fisher_metrics,
+                                                   fisher_separability, signal_metrics, singular_values)
 from randteach.errors import UserError
-from randteach.signal import (condition_number, dead_neurons, effective_rank, fisher_metrics,
-                              fisher_separability, signal_metrics, singular_values)
 
 
 def _erank_direct(X):
@@ -97,8 +97,8 @@ def test_gram_path_equals_svd_path(monkeypatch):
         assert effective_rank(X, method="gram") == pytest.approx(effective_rank(X, method="svd"), rel=1e-10)
         assert condition_number(X, method="gram") == pytest.approx(condition_number(X, method="svd"), rel=1e-9)
     # "auto" switches to the Gram matrix for large X, chunked: shrink both limits to exercise them
-    monkeypatch.setattr(signal, "SVD_MAX_ELEMENTS", 100)
-    monkeypatch.setattr(signal, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(signal_propagation, "SVD_MAX_ELEMENTS", 100)
+    monkeypatch.setattr(signal_propagation, "_CHUNK_ELEMENTS", 64)
     X = rng.standard_normal((30, 9)).astype(np.float32)
     np.testing.assert_allclose(singular_values(X), np.linalg.svd(X.astype(np.float64), compute_uv=False),
                                rtol=1e-9)
@@ -126,11 +126,11 @@ def test_fisher_sample_space_path_equals_direct(monkeypatch):
     labels = np.repeat(np.arange(3), 5)
     X = rng.standard_normal((15, 40)) + 3.0 * rng.standard_normal((3, 40))[labels]
     sw, sb, _ = _fisher_direct(X, labels)
-    expected = np.trace(np.linalg.pinv(sw, rcond=signal.PINV_RTOL, hermitian=True) @ sb)
+    expected = np.trace(np.linalg.pinv(sw, rcond=signal_propagation.PINV_RTOL, hermitian=True) @ sb)
     m = fisher_metrics(X, labels)
     assert m["separability"] == pytest.approx(expected, rel=1e-8)
     assert m["trace_within"] == pytest.approx(np.trace(sw), rel=1e-12)
-    monkeypatch.setattr(signal, "_CHUNK_ELEMENTS", 32)  # several column chunks
+    monkeypatch.setattr(signal_propagation, "_CHUNK_ELEMENTS", 32)  # several column chunks
     assert fisher_metrics(X, labels)["separability"] == pytest.approx(expected, rel=1e-8)
     # the feature-space path on the transposed problem size agrees with itself chunked, too
     Y = rng.standard_normal((40, 5))
@@ -199,7 +199,7 @@ def _rankme_direct(X, eps=1e-7):
 
 
 def test_rankme_convention_matches_direct_computation():
-    from randteach.signal import RANKME
+    from randteach.analysis.signal_propagation import RANKME
     rng = np.random.default_rng(3)
     X = 100.0 + rng.normal(size=(40, 6)) @ rng.normal(size=(6, 30))  # rank 6 plus a large common offset
     assert effective_rank(X, **RANKME) == pytest.approx(_rankme_direct(X), rel=1e-10)

@@ -7,11 +7,11 @@ from torch import nn
 from randteach.analysis.escape import keep_collapse_checkpoint
 from randteach.analysis.signal_layers import (LayerRecorder, collect_representations, layer_metrics, layer_signals,
                                               samples_that_fit, transform)
-from randteach.config import build_config
-from randteach.signal import RANKME, effective_rank
+from randteach.analysis.signal_propagation import RANKME, effective_rank
 from randteach.cli import main
-from randteach.distill import distill
+from randteach.config import build_config
 from randteach.models import build_encoder
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 

@@ -1,4 +1,4 @@
-"""Stacked runs (randteach.stacked, `randteach sweep --stack K`): each run of a stack ends where the same
+"""Stacked runs (randteach.train.stacked, `randteach sweep --stack K`): each run of a stack ends where the same
 run trained alone ends, keeps its own run directory, falls back to a solo run when it cannot be stacked,
 and resumes after a SIGKILL."""
 import os
@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from randteach.checkpoint import load_checkpoint, load_state_dict
-from randteach.distill import distill
-from randteach.rundir import RunDir
-from randteach.stacked import stack_groups, train_stacked, why_not_stackable
-from randteach.sweep import expand, load_sweep, run_sweep
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict
+from randteach.runs.rundir import RunDir
+from randteach.runs.sweep import expand, load_sweep, run_sweep
+from randteach.train.loop import distill
+from randteach.train.stacked import stack_groups, train_stacked, why_not_stackable
 
 from tiny import TINY, tiny_config
 
@@ -24,7 +24,7 @@ from tiny import TINY, tiny_config
 FAST = {"train__max_steps": 20, "train__probe_every": 0, "probe__linear": "none", "probe__which": "[student]",
         "probe__n_train": 200, "probe__n_test": 100}
 # alpha >= 0.1: at alpha = 1e-10 the escape from the teacher is seeded by last-bit rounding, which a
-# stacked kernel does differently from a solo one (see randteach.stacked), so the runs part ways.
+# stacked kernel does differently from a solo one (see randteach.train.stacked), so the runs part ways.
 VARIED = [{"train__seed": 0, "init__alpha": 0.5, "optim__lr": 1e-3},
           {"train__seed": 1, "init__alpha": 0.1, "optim__lr": 3e-3, "optim__weight_decay": 0.05},
           {"train__seed": 2, "init__alpha": 1.0, "optim__lr": 5e-4}]

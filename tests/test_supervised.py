@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from randteach.analysis.supervised import (Classifier, Recipe, RunInfo, augment_batch, build_classifier,
-                                           load_supervised_data, parse_start, recompute_bn_stats, run_info,
-                                           train_supervised)
-from randteach.checkpoint import load_checkpoint, load_state_dict
 from randteach.cli import main
 from randteach.config import build_config, config_from_dict
 from randteach.data import ImageData, Preprocess
-from randteach.distill import distill
 from randteach.models import build_model
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict
+from randteach.train.loop import distill
+from randteach.train.supervised import (Classifier, Recipe, RunInfo, augment_batch, build_classifier,
+                                        load_supervised_data, parse_start, recompute_bn_stats, run_info,
+                                        train_supervised)
 
 # A distilled run in a few seconds: digits (8x8), a width-8 conv net with batch norm, a 64-way head.
 TINY_RUN = {"data.name": "digits", "model.encoder": "convnet", "model.width": "8", "model.norm": "batch",
@@ -95,7 +95,7 @@ def test_recomputed_bn_statistics_are_the_plain_average_of_batch_statistics():
     model = nn.Sequential(nn.BatchNorm2d(1))
     model[0].running_mean.fill_(5.0)
     assert recompute_bn_stats(model, data, pre, torch.device("cpu"), batches=3, batch_size=8, seed=0) == 1
-    from randteach.distill import epoch_order
+    from randteach.train.setup import epoch_order
     order = epoch_order(40, 0, 0)
     x = pre(data.images).double()
     means = [x[order[k * 8:(k + 1) * 8]].mean() for k in range(3)]

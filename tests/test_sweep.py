@@ -13,8 +13,8 @@ import yaml
 
 from randteach.cli import main
 from randteach.config import ConfigError, build_config
-from randteach.rundir import RunDir
-from randteach.sweep import SlurmRun, expand, load_sweep, run_sweep
+from randteach.runs.rundir import RunDir
+from randteach.runs.sweep import SlurmRun, expand, load_sweep, run_sweep
 
 from tiny import TINY
 

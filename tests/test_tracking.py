@@ -4,9 +4,9 @@ import time
 import pytest
 
 from randteach.config import build_config
-from randteach.distill import distill
-from randteach.rundir import RunDir
-from randteach.tracking import hyperparameters, scalars
+from randteach.runs.rundir import RunDir
+from randteach.runs.tracking import hyperparameters, scalars
+from randteach.train.loop import distill
 
 from tiny import tiny_config
 
@@ -68,7 +68,7 @@ def test_wandb_offline_writes_its_run_files(tmp_path, monkeypatch):
 def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     import sys
     from randteach.errors import UserError
-    from randteach.tracking import sinks_for
+    from randteach.runs.tracking import sinks_for
     monkeypatch.setitem(sys.modules, "wandb", None)
     cfg = build_config("cpu", None, {"log.wandb": "p"})
     with pytest.raises(UserError, match="pip install wandb"):

@@ -88,7 +88,7 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
 
     `overrides` are dotted keys (pass them as **{"optim.lr": 1e-3}) or double-underscored
     (optim__lr=1e-3). A run with the same config, encoder and data is not redone."""
-    from .distill import distill as run_distillation
+    from .train.loop import distill as run_distillation
     config = _build(config, preset, overrides)
     train_data = as_image_data(train) if train is not None and not isinstance(train, str) else None
     if isinstance(train, str):
@@ -128,7 +128,7 @@ def _build(config: Config | None, preset: str | None, overrides: dict) -> Config
 
 def _run_dir(obj: Any) -> Path | None:
     """The run directory `obj` names (a RunResult, or a path holding config.yaml); else None."""
-    from .distill import RunResult
+    from .train.loop import RunResult
     if isinstance(obj, RunResult):
         return Path(obj.path)
     if isinstance(obj, (str, os.PathLike)):
@@ -148,13 +148,13 @@ def _run_overrides(overrides: dict, device: str | None) -> dict[str, str]:
 
 def _with_run_overrides(run, overrides: dict):
     """A RunInfo with --probe.* / --data.root overrides, as the commands apply them."""
-    from .analysis.supervised import with_overrides
+    from .train.supervised import with_overrides
     return with_overrides(run, {k: str(v) for k, v in _dotted(overrides).items()})
 
 
 def _run_config(run: Path, overrides: dict) -> Config:
     """The run's saved config with the probe.* / data.root overrides (to read named data sets)."""
-    from .analysis.supervised import run_info
+    from .train.supervised import run_info
     return _with_run_overrides(run_info(run), {k: v for k, v in overrides.items()
                                                if not k.replace("__", ".").startswith("train.")}).cfg
 
@@ -210,9 +210,9 @@ def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=Non
     RUN/probes/<data>.json. train / test: data to fit / score on (test None: a class-stratified 80/20
     split of train; a name alone: its train and test splits; a run without data: its probe data).
     overrides: probe.* keys (e.g. probe__knn_k=20), data.root, data.image_size."""
-    from .distill import resolve_device
-    from .evaluate import Prober
-    from .probing import probe_run
+    from .probes.embedding import Prober
+    from .probes.run import probe_run
+    from .train.setup import resolve_device
     run = _run_dir(encoder)
     if run is not None:
         cfg = _run_config(run, overrides)
@@ -242,8 +242,8 @@ def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architec
     class-stratified subset of `n_samples`); test: the per-layer probes' test data (None: data is split
     80/20). Returns the content of signal.json (`randteach.analysis.signal_layers`)."""
     from .analysis.signal_layers import analyze_signal, layer_signals, write_signal
-    from .distill import resolve_device
-    from .evaluate import _fit_preprocess
+    from .probes.embedding import fit_preprocess
+    from .train.setup import resolve_device
     run = _run_dir(encoders)
     if run is not None:
         cfg = _run_config(run, overrides)
@@ -259,7 +259,7 @@ def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architec
     if data is None:
         raise UserError("pass the data the layers are measured on: data= (and test= for the probes)")
     train, test_data = _splits(data, test, cfg) if probe else (_data(data, cfg, "train"), None)
-    preprocess = _fit_preprocess(train, _side(train, cfg))
+    preprocess = fit_preprocess(train, _side(train, cfg))
     num_classes = max(train.num_classes, test_data.num_classes if test_data is not None else 0)
     picked = [d.subset(stratified_subset(d.labels, n, seed=cfg.data.subset_seed)) if n and n < len(d) else d
               for d, n in ((train, n_samples), (test_data, n_test)) if d is not None]
@@ -314,9 +314,10 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
     out: default RUN/landscape-<view>-<projection>; required without a run. Returns compute_landscape's
     result (axes and metric grids; "complete" False after max_points: call again to continue)."""
     from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
-    from .analysis.supervised import RunInfo, run_info
-    from .checkpoint import load_state_dict
-    from .distill import RunResult, resolve_device
+    from .runs.checkpoint import load_state_dict
+    from .train.loop import RunResult
+    from .train.setup import resolve_device
+    from .train.supervised import RunInfo, run_info
     paths = [str(a.path) if isinstance(a, RunResult) else a for a in (anchors or ())]
     runs = [str(r.path) if isinstance(r, RunResult) else str(r) for r in runs]
     if view is not None:
@@ -385,8 +386,8 @@ def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_te
     """(RunInfo, Recipe, SupervisedData, device, out folder, default starts) for imp / lmc. `kwargs`:
     Recipe fields (epochs=, lr=, ...) and dotted / double-underscored config overrides."""
     from dataclasses import fields
-    from .analysis.supervised import Recipe, RunInfo, load_supervised_data, run_info
-    from .distill import resolve_device
+    from .train.setup import resolve_device
+    from .train.supervised import Recipe, RunInfo, load_supervised_data, run_info
     names = {f.name for f in fields(Recipe)}
     recipe_kw = {k: v for k, v in kwargs.items() if k in names}
     overrides = {k: v for k, v in kwargs.items() if k not in names}

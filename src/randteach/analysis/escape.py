@@ -47,12 +47,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, config_from_dict, dotted_to_nested
 from ..data import ImageData, load_configured
-from ..distill import distill
 from ..errors import UserError
-from ..rundir import RunDir, write_json
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.rundir import RunDir, write_json
+from ..train.loop import distill
 
 DEFAULT_LRS = (32.0, 100.0, 316.0, 1000.0, 3162.0, 1e4, 31623.0, 1e5)   # Fig. 1c
 DEFAULT_BATCH_SIZES = (256, 1024, 4096, 16384, 0)                      # Fig. 1d; 0 = full batch
@@ -148,8 +148,8 @@ def saved_steps(run: RunDir) -> dict[int, Path]:
 def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
     """Effective rank of the student's embedding at init and at every saved checkpoint, on a stratified
     subset of the probe's training split: [{step, erank}]. Cached in RUN/erank.json."""
-    from ..signal import effective_rank
     from .signal_layers import RunModels
+    from .signal_propagation import effective_rank
 
     cache = Path(run_path) / "erank.json"
     if cache.exists():

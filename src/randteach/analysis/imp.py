@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import UserError
-from ..rundir import write_json
-from .supervised import (Recipe, RunInfo, SupervisedData, build_classifier, label_of, parse_start,
-                         provenance, rewind_step, state_of, train_supervised)
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.rundir import write_json
+from ..train.supervised import (Recipe, RunInfo, SupervisedData, build_classifier, label_of, parse_start, provenance,
+                                rewind_step, state_of, train_supervised)
 
 
 def prunable_names(model: nn.Module, prune_classifier: bool = False) -> list[str]:

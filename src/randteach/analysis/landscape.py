@@ -17,7 +17,7 @@ At every grid point theta (all metrics in fp32, every network in eval mode):
 - loss:      the run's teacher-student loss (loss.name and temperatures, no centering) between the
              teacher checkpoint and theta, mean over `n_loss` distillation inputs (a stratified subset);
 - embed_kl:  KL(softmax(g_T(x)) || softmax(g_theta(x))) of the encoder embeddings (Fig. 15/16);
-- probe_*:   the project's probe (`randteach.evaluate.Prober`, the run's probe config) of theta's encoder;
+- probe_*:   the project's probe (`randteach.probes.embedding.Prober`, the run's probe config) of theta's encoder;
 - norm:      ||theta||_2 over all parameters (encoder and head).
 Batch-norm buffers are interpolated like the parameters, with the affine coordinates of the point:
 b = b_0 + l1 (b_1 - b_0) + l2 (b_2 - b_0) (running variances clamped at 0; integer counters from the
@@ -43,16 +43,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_state_dict, resolve_model_checkpoint
 from ..data import ImageData, stratified_subset
-from ..distill import load_training_inputs
 from ..errors import UserError
-from ..evaluate import Prober
 from ..losses import distill_loss
 from ..models import build_model
-from ..rundir import write_json
+from ..probes.embedding import Prober
+from ..runs.checkpoint import load_state_dict, resolve_model_checkpoint
+from ..runs.rundir import write_json
+from ..train.setup import load_training_inputs
+from ..train.supervised import RUN_ROLES, RunInfo, run_info
 from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, prefixed
-from .supervised import RUN_ROLES, RunInfo, run_info
 
 VIEWS = ("non-local", "shared")
 PROJECTIONS = ("affine", "orthogonal")

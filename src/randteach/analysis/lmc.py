@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import UserError
-from ..rundir import write_json
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.rundir import write_json
+from ..train.supervised import (Classifier, Recipe, RunInfo, SupervisedData, accuracy, build_classifier, label_of,
+                                parse_start, provenance, recompute_bn_stats, rewind_step, state_of, train_supervised)
 from .params import interpolate_states
-from .supervised import (Classifier, Recipe, RunInfo, SupervisedData, accuracy, build_classifier, label_of,
-                         parse_start, provenance, recompute_bn_stats, rewind_step, state_of, train_supervised)
 
 BARRIER = "max_gamma err(gamma) - (gamma err(1) + (1 - gamma) err(0)); err = test error; gamma = 1 is run i"
 

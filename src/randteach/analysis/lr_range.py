@@ -4,7 +4,7 @@ while the step size grows exponentially.
 Both sides use the same encoder architecture, the same initial encoder weights (the teacher's), the
 same data order and the same schedule, `lr_k = lr_start * (lr_end / lr_start) ** (k / (T - 1))`
 for the T optimizer steps k = 0 .. T-1 (`randteach.optim.lr_at`, schedule=exponential):
-- teacher-student: `randteach.distill.distill` with optim.schedule=exponential (the one loop);
+- teacher-student: `randteach.train.loop.distill` with optim.schedule=exponential (the one loop);
 - supervised: the encoder plus a linear classifier head (He init, `head.kind=linear`) trained with
   cross-entropy on the labels, by the small loop below (the distillation loop has no labels).
 
@@ -44,13 +44,14 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import ImageData, load_configured
-from ..distill import distill, load_training_inputs, resolve_device, seeds
 from ..errors import UserError
-from ..evaluate import uses_bf16
 from ..models import build_model
 from ..optim import build_optimizer, lr_at
-from ..rundir import RunDir, write_json
-from .supervised import batch_indices, supervised_step
+from ..precision import uses_bf16
+from ..runs.rundir import RunDir, write_json
+from ..train.loop import distill
+from ..train.setup import load_training_inputs, resolve_device, seeds
+from ..train.supervised import batch_indices, supervised_step
 
 RISE_FACTOR = 4.0      # smoothed loss > 4 x its running minimum: the range test's usual divergence criterion
 RISE_FLOOR = 1e-8      # running minima below this count as this: fp32 residue of a student sitting on its teacher

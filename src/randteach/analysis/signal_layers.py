@@ -3,10 +3,10 @@
 For the teacher theta_T, the collapse point theta_C (if the run recorded one: RUN/collapse.json, written
 by `randteach.analysis.escape`) and the final student theta_S, the representation X^(l) of every layer
 of the encoder over a data subset is collected with forward hooks, and per layer we compute (formulas
-in `randteach.signal`) the effective rank, the dead neurons, the condition number, the Fisher
+in `randteach.analysis.signal_propagation`) the effective rank, the dead neurons, the condition number, the Fisher
 discriminant metrics (traces of Sigma_w, Sigma_b, Sigma_t and tr(Sigma_w^+ Sigma_b), also relative to
 the teacher's value at that layer) and the accuracy of a linear (and k-NN) probe on that layer
-(`randteach.evaluate.score`, the project's one probe).
+(`randteach.probes.embedding.score`, the project's one probe).
 
 What counts as a layer: the output of every activation module of the encoder (ReLU, GELU, ...), i.e.
 the post-activation output of each conv / linear layer (after its normalization, if any), in forward
@@ -21,14 +21,14 @@ and counts as dead when it is 0 at every position of every sample, which for ReL
 pooling"). Token sequences (B, T, D) are flattened (or averaged over tokens). The paper computes X over
 the data set D; `n_samples=None` (the default) takes the whole split where memory allows, else the
 largest class-stratified subset whose representations (all layers, float32) and widest Gram matrix
-(min(n, d)^2 float64, the way `randteach.signal` handles wide layers) each fit in `max_bytes` (4 GiB);
-the number used is recorded as "n_samples". The forward passes run in float32 (never bf16: ranks and
-exact zeros need it) in eval mode, as the probes do.
+(min(n, d)^2 float64, the way `randteach.analysis.signal_propagation` handles wide layers) each fit in
+`max_bytes` (4 GiB); the number used is recorded as "n_samples". The forward passes run in float32
+(never bf16: ranks and exact zeros need it) in eval mode, as the probes do.
 
 Metrics are computed on X exactly as collected unless `center` (subtract each neuron's mean over the
 samples) or `standardize` (center and divide by the std; constant neurons stay 0) is asked for;
 `rank_eps` adds eps to the normalized spectrum of the effective rank (`center=True, rank_eps=1e-7` is
-the RankMe convention, see `randteach.signal.effective_rank`); dead
+the RankMe convention, see `randteach.analysis.signal_propagation.effective_rank`); dead
 neurons are always counted on the collected post-activation X (centering would turn constant neurons
 into zero rows).
 
@@ -50,14 +50,14 @@ import torch
 import yaml
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from ..config import config_from_dict, dotted_to_nested
 from ..data import ImageData, Preprocess, load_configured, stratified_subset
-from ..distill import resolve_device
 from ..errors import UserError
-from ..evaluate import adapt_channels, embed, probe_data_name, score
 from ..models import build_model
-from ..rundir import RunDir, write_json
+from ..probes.embedding import adapt_channels, embed, probe_data_name, score
+from ..runs.checkpoint import load_checkpoint
+from ..runs.rundir import RunDir, write_json
+from ..train.setup import resolve_device
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish)
@@ -197,7 +197,7 @@ def transform(x: torch.Tensor, center: bool = False, standardize: bool = False) 
 def layer_metrics(x: torch.Tensor, labels: torch.Tensor, *, center: bool = False, standardize: bool = False,
                   threshold: float = 0.999, rank_eps: float = 0.0) -> dict:
     """Effective rank, dead neurons, condition number and Fisher metrics of one layer's X (n, d)."""
-    from ..signal import dead_neurons, signal_metrics
+    from .signal_propagation import dead_neurons, signal_metrics
 
     m = signal_metrics(transform(x, center, standardize), labels, threshold=threshold, rank_eps=rank_eps)
     dead = dead_neurons(x)  # on the post-activation X as collected, whatever the transform

@@ -31,8 +31,8 @@ from .recipe import SCALES, Recipe, load_recipe
 
 MODULES = {"probes": "probes", "locality": "locality", "data-dependence": "data_dependence",
            "transfer": "transfer", "head-ablations": "head_ablations", "architectures": "architectures",
-           "restart": "restart", "landscape": "analyses", "imp": "analyses", "lmc": "analyses",
-           "lr-range": "analyses", "escape": "analyses", "signal": "analyses"}
+           "restart": "restart", "landscape": "landscape", "imp": "imp", "lmc": "lmc",
+           "lr-range": "lr_range", "escape": "escape", "signal": "signal_propagation"}
 NAMES = tuple(MODULES)
 
 

@@ -1,7 +1,7 @@
 """The experiment runner: recipe -> runs (content-addressed, reused) -> analysis -> report.md.
 
 An `Experiment` names the paper's claim, lists its runs as stages of {arm: [Config]} (a later stage may
-depend on an earlier one's run directories, e.g. restarting), runs them with `randteach.sweep.run_sweep`
+depend on an earlier one's run directories, e.g. restarting), runs them with `randteach.runs.sweep.run_sweep`
 (local worker processes or SLURM; finished runs are skipped, interrupted ones resumed) and turns them
 into `<out>/<experiment>/report.md` with CSV and PNG files. All runs of a scale live in `<out>/runs`.
 """
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from ..aggregate import flat_config, show_value
 from ..config import Config
-from ..rundir import RunDir
-from ..sweep import finished_summary, run_one, run_sweep
-from .recipe import Recipe
+from ..errors import UserError
+from ..reports.experiment import arm_section, rows_of
+from ..reports.groups import flat_config, show_value
+from ..runs.rundir import RunDir
+from ..runs.sweep import finished_summary, run_one, run_sweep
 from .protocol import with_paper_protocol
-from .tables import arm_section, rows_of
+from .recipe import Arm, Recipe
 
 DEFAULT_ROOT = "runs/experiments"
 
@@ -200,3 +201,56 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     path = ctx.out / "report.md"
     path.write_text("\n".join(header + body) + "\n")
     return Outcome(path, counts)
+
+
+# ----------------------------------------------------------------- helpers of the analysis experiments
+
+def analysis_device(ctx: Context):
+    """The device an analysis runs on in this process: train.device, else params.device, else auto."""
+    from ..train.setup import resolve_device
+    return resolve_device(str(ctx.overrides.get("train.device", ctx.params.get("device", "auto"))))
+
+
+def completed(configs: list[Config]) -> list[Config]:
+    """The configs whose runs completed (an analysis covers those)."""
+    from ..runs.sweep import finished_summary
+    return [c for c in configs if (finished_summary(c) or {}).get("status") == "completed"]
+
+
+def missing_note(arms: dict, names: list[str]) -> list[str]:
+    """A report note on the distillation runs of `names` that are not completed; [] if none."""
+    total = sum(len(arms.get(a, [])) for a in names)
+    done = sum(len(completed(arms.get(a, []))) for a in names)
+    return [] if done == total else [f"_{total - done} of {total} distillation runs are not completed; "
+                                     "the analysis covers the completed ones (run the command again to finish)._", ""]
+
+
+def markdown_rows(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table of `head` and `rows` (cells already formatted), then a blank line."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def supervised_inputs(ctx: Context, cfg: Config):
+    """The finished run of `cfg`, its supervised data and recipe (`params`), for IMP and LMC."""
+    from ..train.supervised import Recipe, load_supervised_data, run_info
+    p = ctx.params
+    info = run_info(cfg.run_dir())
+    data = load_supervised_data(info.cfg, info.image_size, name=p.get("data"), n_train=p.get("n_train"),
+                                n_test=p.get("n_test"))
+    return info, data, Recipe(**(p.get("recipe") or {}))
+
+
+def known_params(ctx: Context, valid: tuple[str, ...]) -> dict:
+    """The recipe's params, every one of them a keyword of the analysis (`device` aside)."""
+    unknown = sorted(set(ctx.params) - set(valid) - {"device"})
+    if unknown:
+        raise UserError(f"recipe {ctx.recipe.source}: unknown {ctx.recipe.experiment} params {', '.join(unknown)}; "
+                        f"valid: {', '.join(valid)}")
+    return {k: v for k, v in ctx.params.items() if k in valid}
+
+
+def seed_bases(ctx: Context) -> list[Config]:
+    """One base config per seed: the recipe's base (and its one arm, if any); the analysis derives its runs."""
+    arm = ctx.recipe.arms[0] if ctx.recipe.arms else Arm("base")
+    return ctx.recipe.configs(arm, ctx.out / "base", ctx.overrides)

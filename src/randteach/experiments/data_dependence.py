@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 from ..config import Config
+from ..reports.experiment import arm_section, rows_of
 from .base import Context, Experiment
-from .tables import arm_section, rows_of
 
 KEYS = ["data.inputs", "data.n_samples"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..reports.experiment import arm_section, optimization_extras, rows_of
 from .base import Context, Experiment
-from .tables import arm_section, optimization_extras, rows_of
 
 KEY = "init.alpha"
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..rundir import write_json
+from ..runs.rundir import write_json
 
 PAPER_KINDS = {"linear": "paper_linear", "knn": "paper_knn"}
 
@@ -20,7 +20,7 @@ PAPER_KINDS = {"linear": "paper_linear", "knn": "paper_knn"}
 def cached_probe(run_dir: str | Path, overrides: dict, stem: str, progress: bool = False) -> dict:
     """Teacher/student/input probes of a finished run under `overrides`, cached in
     RUN_DIR/probes/<stem>-<hash of the overrides>.json (a re-run probes only what is missing)."""
-    from ..probing import probe_run
+    from ..probes.run import probe_run
     key = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
     cache = Path(run_dir) / "probes" / f"{stem}-{key}.json"
     if cache.exists():

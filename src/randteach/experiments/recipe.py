@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, flatten, preset
-from ..sweep import SweepSpec, expand
+from ..runs.sweep import SweepSpec, expand
 
 SCALES = ("cpu", "paper")
 TINY = "tiny"

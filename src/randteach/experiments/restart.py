@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, flatten
-from ..rundir import RunDir
+from ..reports.experiment import arm_section, optimization_extras, rows_of
+from ..runs.rundir import RunDir
 from .base import Context, Experiment
 from .recipe import Arm
-from .tables import arm_section, optimization_extras, rows_of
 
 ROUND1, ROUND2 = "round1", "round2"
 

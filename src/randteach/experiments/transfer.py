@@ -1,14 +1,14 @@
 """E5 (Tab. 2, Tab. 4): transfer. Distill on a source data set (one arm per source), then probe teacher,
-student and raw input on every target data set of `params.targets` with `randteach.probing.probe_run`.
+student and raw input on every target data set of `params.targets` with `randteach.probes.run.probe_run`.
 A target's probe result is cached in the run directory (probes/transfer-<target>-<hash>.json), so a
 re-run probes only what is missing. The source itself as a target is the run's own final probe."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..reports.experiment import arm_section, rows_of
 from .base import Context, Experiment
 from .protocol import cached_probe, paper_metrics
-from .tables import arm_section, rows_of
 
 TARGET_KEY = "probe.data"
 

@@ -1,3 +1,6 @@
-"""The distillation loop's parts: `setup` (data, seeds, teacher and student), `state` (the plan and the
-resumable state), `step` (one optimizer step), `callbacks` (metrics, probes, checkpoints, signals, moving
-teachers). The loop itself, which reads top to bottom, is `randteach.distill`."""
+"""Training. `loop` is the distillation loop, top to bottom (`distill(cfg)`); its parts are `setup`
+(device, seeds, data order, teacher and student), `state` (the plan and the resumable state), `step` (one
+optimizer step) and `callbacks` (metrics, probes, checkpoints, signals, moving teachers). Beside it:
+`teacher_cache` (the frozen teacher's outputs, computed once), `distributed` (torchrun), `stacked` (K runs
+of a sweep as one vmapped model) and `supervised` (the supervised loop of finetune, IMP, LMC and the LR
+range test)."""

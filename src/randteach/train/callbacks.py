@@ -13,8 +13,7 @@ import threading
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluate import Prober, accuracies
-from ..init import parameter_distance
+from ..probes.embedding import Prober, accuracies
 from .state import TrainState
 from .step import StepMetrics
 

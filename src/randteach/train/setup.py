@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import load_state_dict, load_weights
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
 from ..errors import UserError
 from ..init import exact_copy, locality_init, neighborhood_init
 from ..models import build_model
+from ..runs.checkpoint import load_state_dict, load_weights
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
 NEEDS_32PX = ("vgg", "resnet", "vit")

@@ -17,17 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ..config import Config
 from ..data.augment import Augment, augmenter, local_side
-from ..distributed import Dist
 from ..errors import UserError
 from ..init import init_report, parameter_norm
 from ..losses import Centering
 from ..optim import build_optimizer
-from ..precision import Float64Start, fp32_state
-from ..rundir import RunDir, check_config_digest
-from ..evaluate import uses_bf16
+from ..precision import Float64Start, fp32_state, uses_bf16
+from ..runs.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..runs.rundir import RunDir, check_config_digest
+from .distributed import Dist
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
 
 

@@ -23,11 +23,10 @@ from torch import nn
 
 from ..data.augment import multicrop_loss
 from ..errors import UserError
-from ..evaluate import autocast
 from ..init import parameter_distance
 from ..losses import distill_loss
 from ..optim import set_lr
-from ..precision import Float64Start
+from ..precision import Float64Start, autocast
 from .state import TrainState
 
 

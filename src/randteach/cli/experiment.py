@@ -9,8 +9,8 @@ EXIT_UNFINISHED = 3
 
 
 def cmd_experiment(args, extra) -> int:
-    from .config import parse_overrides
-    from .experiments import run_experiment
+    from ..config import parse_overrides
+    from ..experiments import run_experiment
     kw = dict(out=args.out, seeds=args.seeds, overrides=parse_overrides(extra), recipe=args.recipe,
               launcher=args.launcher, workers=args.workers, progress=not args.quiet,
               command=" ".join(["randteach", "experiment", args.name, "--scale", args.scale]
@@ -41,7 +41,7 @@ def _options(argv: list[str]) -> list[str]:
 
 
 def add_parser(subparsers) -> None:
-    from .experiments import NAMES, SCALES, __doc__ as overview
+    from ..experiments import NAMES, SCALES, __doc__ as overview
     p = subparsers.add_parser(
         "experiment", help="run one of the papers' experiments and write its report",
         description="Run the distillations an experiment needs (finished runs are reused: run directories are "

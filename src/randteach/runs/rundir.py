@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
+PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
 _held: set[str] = set()  # run folders this process has locked (a nested run_lock of one of them passes)
 
 

@@ -1,7 +1,7 @@
 """Tables and figures of an experiment: mean ± std over seeds per group of runs, the paired gain of the
 student over its teacher, per-run extra metrics, the paper's reference numbers, CSV and PNG.
 
-Statistics follow `randteach.aggregate` (only completed runs; sample std, n - 1; undefined for n = 1).
+Statistics follow `randteach.reports.groups` (only completed runs; sample std, n - 1; undefined for n = 1).
 Rows are `aggregate.collect` rows ({"run_dir", "status", "config", "summary", "metrics"}); any list of
 dicts of that shape works (e.g. transfer probes), so one table format serves every experiment.
 """
@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..aggregate import collect, group, numeric_keys, plot_vs_epoch, plot_vs_key, show_value, write_runs_csv
 from ..config import Config
-from ..report import KINDS, ROLES, file_safe
-from ..rundir import RunDir
+from ..runs.rundir import RunDir
+from .groups import collect, group, numeric_keys, plot_vs_epoch, plot_vs_key, show_value, write_runs_csv
+from .run import KINDS, ROLES, file_safe
 
 KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
               "paper_knn": "k-NN, authors' protocol (L2 majority vote)"}

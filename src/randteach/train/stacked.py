@@ -38,17 +38,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict
-from .distill import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
-from .errors import UserError
-from .evaluate import Prober, exact_fp32, uses_bf16
-from .init import gradient_norm, init_report, parameter_distance
-from .losses import distill_loss
-from .optim import build_optimizer, lr_at, set_lr
-from .rundir import RunDir, check_config_digest, probe_warnings, run_lock
-from .train.callbacks import StopFlag
-from .train.state import Plan
+from ..config import Config, config_from_dict
+from ..errors import UserError
+from ..init import gradient_norm, init_report, parameter_distance
+from ..losses import distill_loss
+from ..optim import build_optimizer, lr_at, set_lr
+from ..precision import exact_fp32, uses_bf16
+from ..probes.embedding import Prober
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.rundir import RunDir, check_config_digest, probe_warnings, run_lock
+from .callbacks import StopFlag
+from .setup import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
+from .state import Plan
 
 # Config keys whose values may differ inside one stack: none changes a tensor's shape or the step's code.
 PER_RUN_KEYS = frozenset({
@@ -64,7 +65,7 @@ _BATCH_NORM_DEFAULT = ("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet18
 
 def structure_key(cfg: Config) -> str:
     """Runs with equal keys can be stacked: every config value outside PER_RUN_KEYS is equal."""
-    from .sweep import flatten
+    from ..runs.sweep import flatten
     shared = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in PER_RUN_KEYS}
     return json.dumps(shared, sort_keys=True, default=str)
 
@@ -349,7 +350,7 @@ def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
 def _teacher_targets(runs: list[_Run], inputs, preprocess, batch: int, device) -> list[torch.Tensor]:
     """Each run's cached teacher bottleneck outputs (the same files a solo run reads or writes)."""
     from . import teacher_cache
-    from .data import resolve_root
+    from ..data import resolve_root
     folder = resolve_root(runs[0].cfg.data.root) / "teacher-targets"
     return [teacher_cache.load_or_compute(r.cfg, r.teacher, inputs, preprocess, batch, device, folder)[0].to(device)
             for r in runs]

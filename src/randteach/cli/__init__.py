@@ -13,18 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DEMO_PRESET = "cpu"
 
-# Modules that add their own subcommands: each exposes add_parser(subparsers), whose parser sets
-# `func(args, extra) -> int` as its default.
-COMMAND_MODULES: list[str] = ["commands_escape", "commands_sweep", "commands_analysis", "commands_experiment",
-                             "commands_export"]
-
 
 def _config_from_args(args, extra: list[str], default_preset: str | None = None):
-    from .config import build_config, parse_overrides
+    from ..config import build_config, parse_overrides
     return build_config(args.preset or default_preset, args.config, parse_overrides(extra))
 
 
@@ -34,12 +29,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_distill(args, extra) -> int:
-    from .config import config_from_dict, load_yaml, parse_overrides
+    from ..config import config_from_dict, load_yaml, parse_overrides
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: no config.yaml there; is it a randteach run directory?")
-        from .distill import PYTHON_OBJECTS
+        from ..runs.rundir import PYTHON_OBJECTS
         if (run_dir / PYTHON_OBJECTS).exists():
             raise UserError(f"--resume {run_dir}: this run was started from Python with an encoder or data object "
                             "that the command line cannot rebuild; resume it from Python with the same objects: "
@@ -55,8 +50,8 @@ def cmd_distill(args, extra) -> int:
         cfg = config_from_dict({**saved, "out": str(run_dir)})
     else:
         cfg = _config_from_args(args, extra)
-    from .distill import distill
-    from .report import probe_table, recorded_command, write_run_report
+    from ..reports.run import probe_table, recorded_command, write_run_report
+    from ..train.loop import distill
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
     if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0 if result.summary["status"] == "completed" else 3
@@ -70,9 +65,9 @@ def cmd_distill(args, extra) -> int:
 
 
 def cmd_probe(args, extra) -> int:
-    from .probing import probe_run
-    from .report import probe_table
-    from .rundir import ResultsNotSaved
+    from ..probes.run import probe_run
+    from ..reports.run import probe_table
+    from ..runs.rundir import ResultsNotSaved
     try:
         result = probe_run(args.run_dir, extra, checkpoint=args.checkpoint, progress=not args.quiet)
     except ResultsNotSaved as e:
@@ -107,9 +102,9 @@ def demo_verdict(probe: dict) -> str:
 
 
 def cmd_demo(args, extra) -> int:
-    from .config import build_config, parse_overrides
-    from .distill import distill
-    from .report import probe_table, write_report
+    from ..config import build_config, parse_overrides
+    from ..reports.run import probe_table, write_report
+    from ..train.loop import distill
     overrides = {"out": args.out, **parse_overrides(extra)}
     cfg = build_config(DEMO_PRESET, None, overrides)
     print(f"randteach demo: distilling a {cfg.model.encoder} student into its random teacher on {cfg.data.name} "
@@ -127,8 +122,8 @@ def cmd_demo(args, extra) -> int:
 
 
 def cmd_data(args, extra) -> int:
-    from .config import parse_overrides
-    from .data import fetch, resolve_root
+    from ..config import parse_overrides
+    from ..data import fetch, resolve_root
     opts = parse_overrides(extra)
     unknown = set(opts) - {"data.root"}
     if unknown:
@@ -140,7 +135,7 @@ def cmd_data(args, extra) -> int:
         path = fetch(args.name, root, base_url=args.base_url)
         print(f"{args.name}: ready in {path}")
     else:
-        from .data.registry import DATASETS
+        from ..data.registry import DATASETS
         print(f"data root: {resolve_root(root)}")
         for name in DATASETS:
             print(f"  {name}")
@@ -148,7 +143,7 @@ def cmd_data(args, extra) -> int:
 
 
 def cmd_config(args, extra) -> int:
-    from .config import help_lines, preset_names
+    from ..config import help_lines, preset_names
     if args.list_presets:
         print("\n".join(preset_names()))
     elif args.keys:
@@ -195,16 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true", help="every key with its default and help")
     p.set_defaults(func=cmd_config)
 
-    import importlib
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"randteach.{name}").add_parser(sub)
+    # The commands with modules of their own: each module's add_parser(subparsers) adds them, with
+    # `func(args, extra) -> int` as the parser's default.
+    from . import analysis, escape, experiment, export, sweep
+    for module in (escape, sweep, analysis, experiment, export):
+        module.add_parser(sub)
     return parser
 
 
 def _confine_imports(allowed: set[str], extra: list[str]) -> list[str]:
     """Take `--allow-import MODULE` (repeatable) out of `extra`; from now on only those modules (and those in
     `allowed`) and the module of a `--model.encoder pkg.mod:fn` given on this command line may be imported."""
-    from .config import confine_imports
+    from ..config import confine_imports
     allowed, rest, i = set(allowed), [], 0
     while i < len(extra):
         arg = extra[i]
@@ -235,7 +232,7 @@ def _reader_left() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import confine_imports
+    from ..config import confine_imports
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
@@ -264,10 +261,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         confine_imports(None)  # the confinement is this invocation's; a Python caller of main() gets its own back
 
-
-if __name__ == "__main__":
-    # `python -m randteach.cli` puts the current folder first on sys.path, which would make any folder
-    # there (a downloaded run, say) importable; randteach never imports from it unless asked.
-    if sys.path and sys.path[0] in ("", os.getcwd()):
-        del sys.path[0]
-    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 EXIT_FAILED = 3  # as `randteach distill` for a run that did not complete
 
@@ -20,9 +20,9 @@ def _parse_slurm(items: list[str]) -> dict:
 
 
 def cmd_sweep(args, extra) -> int:
-    from .config import parse_overrides
-    from .rundir import RunDir
-    from .sweep import expand, finished_summary, load_sweep, run_sweep, submitit_parameters
+    from ..config import parse_overrides
+    from ..runs.rundir import RunDir
+    from ..runs.sweep import expand, finished_summary, load_sweep, run_sweep, submitit_parameters
     spec = load_sweep(args.sweep_file)
     if args.out:
         spec.out = args.out
@@ -32,7 +32,7 @@ def cmd_sweep(args, extra) -> int:
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
     configs = expand(spec)
     if args.dry_run:
-        from .aggregate import flat_config, show_value, varying_keys
+        from ..reports.groups import flat_config, show_value, varying_keys
         rows = [{"config": flat_config(c.to_dict())} for c in configs]
         keys = varying_keys(rows) + ["train.seed"]
         print(f"{len(configs)} runs ({spec.name}):")
@@ -57,7 +57,7 @@ def cmd_sweep(args, extra) -> int:
 def cmd_report(args, extra) -> int:
     if extra:
         raise UserError(f"unexpected argument(s) {' '.join(extra)}; `randteach report DIR... [--group-by KEYS] [--out DIR]`")
-    from .aggregate import write_group_report
+    from ..reports.groups import write_group_report
     keys = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by is not None else None
     path = write_group_report(args.dirs, out=args.out, group_by=keys)
     print(path.read_text())

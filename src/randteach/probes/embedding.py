@@ -1,7 +1,6 @@
 """Embed a data set with a frozen encoder and probe it: the one evaluation path of the project."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -12,53 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import probe as probes
-from .config import Config
-from .data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
-from .teacher_cache import digest_tensor
+from . import linear_knn
+from ..config import Config
+from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
+from ..precision import autocast
+from ..train.teacher_cache import digest_tensor
 
 PROBE_CACHE_VERSION = "3"  # bump when the probes' arithmetic changes: old entries are then never read
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Linux /proc/cpuinfo flag amx_bf16). Without them bf16 matrix
-    work falls back to AVX-512 or emulation and runs slower than fp32 (measured 0.52x on an AVX-512 CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """`train.precision` resolved for `device`: "auto" means bf16 where it is fast (a CUDA device with
-    bf16 support, or a CPU with AMX) and fp32 elsewhere."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_amx()
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """fp32 that is fp32 on CUDA. cuDNN runs fp32 convolutions in TF32 by default (10 mantissa bits), which
-    truncates the 1e-10 perturbations of a locality or neighborhood init out of every product, so that a
-    student can only leave its teacher through the other layers. Speed comes from bf16, which keeps fp32
-    until the student has left. Restores the previous settings on exit."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (AMX) or CUDA; a no-op when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -112,12 +71,12 @@ def score(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, te
           cfg, num_classes: int, device: torch.device | None = None) -> dict:
     """Linear and k-NN test accuracy of features, as configured by a ProbeConfig."""
     result = {}
-    refused = probes.unmeasurable(train_x, test_x)  # never a silent chance-level number
+    refused = linear_knn.unmeasurable(train_x, test_x)  # never a silent chance-level number
     if cfg.linear != "none" and "linear" not in refused:
-        result["linear"] = probes.linear_probe(train_x, train_y, test_x, test_y, method=cfg.linear, l2=cfg.l2,
+        result["linear"] = linear_knn.linear_probe(train_x, train_y, test_x, test_y, method=cfg.linear, l2=cfg.l2,
                                                max_iter=cfg.max_iter, num_classes=num_classes, device=device)
     if cfg.knn_k > 0 and "knn" not in refused:
-        result["knn"] = probes.knn_probe(train_x, train_y, test_x, test_y, k=cfg.knn_k,
+        result["knn"] = linear_knn.knn_probe(train_x, train_y, test_x, test_y, k=cfg.knn_k,
                                          weighting=cfg.knn_weighting, temperature=cfg.knn_temperature,
                                          num_classes=num_classes, device=device)
     if refused:
@@ -148,7 +107,7 @@ def load_probe_splits(cfg: Config) -> ProbeSplits:
     return ProbeSplits(train, test)
 
 
-def _fit_preprocess(data: ImageData, size: int | None) -> Preprocess | None:
+def fit_preprocess(data: ImageData, size: int | None) -> Preprocess | None:
     """uint8 images are normalized with the train split's statistics; float images are used as given."""
     return None if data.images.is_floating_point() else Preprocess.fit(data, size=size)
 
@@ -165,7 +124,7 @@ class Prober:
         self.in_channels = in_channels
         self.device = device
         self.bf16 = bf16
-        self.preprocess = _fit_preprocess(self.splits.train, image_size)
+        self.preprocess = fit_preprocess(self.splits.train, image_size)
         self.num_classes = max(self.splits.train.num_classes, self.splits.test.num_classes)
         self.cache_dir = cache_dir if cache_dir is not None else resolve_root(cfg.data.root) / "probe-cache"
         self.origin: dict[str, str] = {}  # "input" / "frozen" -> where the last result came from

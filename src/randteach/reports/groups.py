@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import flatten
-from .errors import UserError
-from .report import COLORS, KINDS, ROLES, file_safe, pyplot
-from .rundir import RunDir
+from ..config import flatten
+from ..errors import UserError
+from ..runs.rundir import RunDir
+from .run import COLORS, KINDS, ROLES, file_safe, pyplot
 
 IGNORED_KEYS = ("train.seed", "out")  # never group by these: seeds are what a group averages over
 EXTRA_METRICS = ("final_loss", "wall_time_s")

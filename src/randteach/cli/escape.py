@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .analysis.lr_range import RISE_FACTOR, RISE_FLOOR, SMOOTHING
-from .config import add_flags, opt, options_from_args
+from ..analysis.lr_range import RISE_FACTOR, RISE_FLOOR, SMOOTHING
+from ..config import add_flags, opt, options_from_args
 
 LR_RANGE_PRESET = "escape"
 
@@ -48,8 +48,8 @@ class SignalOptions:
 
 
 def cmd_lr_range(args, extra) -> int:
-    from .analysis.lr_range import lr_range
-    from .config import build_config, parse_overrides
+    from ..analysis.lr_range import lr_range
+    from ..config import build_config, parse_overrides
     quiet, o = args.quiet, options_from_args(args, LrRangeOptions)
     overrides = parse_overrides(extra)
     preset = o.preset or (None if o.config else LR_RANGE_PRESET)
@@ -75,9 +75,9 @@ def cmd_lr_range(args, extra) -> int:
 
 
 def cmd_signal(args, extra) -> int:
-    from .analysis.signal_layers import analyze_signal
-    from .config import parse_overrides
-    from .rundir import run_lock
+    from ..analysis.signal_layers import analyze_signal
+    from ..config import parse_overrides
+    from ..runs.rundir import run_lock
     run_dir, quiet, o = args.run_dir, args.quiet, options_from_args(args, SignalOptions)
     with run_lock(run_dir):  # it writes RUN_DIR/signal unless --out says elsewhere
         result = analyze_signal(run_dir, n_samples=o.n_samples, n_test=o.n_test, spatial=o.spatial,

@@ -14,8 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from .config import Config
-from .errors import UserError
+from ..config import Config
+from ..errors import UserError
 
 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:

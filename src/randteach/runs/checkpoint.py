@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .rundir import temporary_beside
 
 FORMAT = "randteach-checkpoint-v1"

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import Config, config_from_dict, load_yaml
+from ..errors import UserError
 from .checkpoint import load_checkpoint, load_state_dict
-from .config import Config, config_from_dict, load_yaml
-from .errors import UserError
 
 FORMAT = "randteach-encoder-v1"
 FORMATS = ("safetensors", "pt")
@@ -32,7 +32,7 @@ EXPORTABLE = ("student", "teacher")  # the networks an encoder file can hold
 def _run_config(run: Path) -> Config:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a randteach run directory (no config.yaml)")
-    from .distill import PYTHON_OBJECTS
+    from .rundir import PYTHON_OBJECTS
     marker = run / PYTHON_OBJECTS
     if marker.is_file() and json.loads(marker.read_text()).get("encoder"):
         raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name; rebuild "
@@ -54,7 +54,7 @@ def encoder_state(run: Path, which: str) -> dict[str, torch.Tensor]:
 
 def recipe(run: Path, which: str) -> dict:
     """Plain values that say how to rebuild `which`'s encoder of the run at `run` and feed it."""
-    from .distill import load_training_inputs
+    from ..train.setup import load_training_inputs
     cfg = _run_config(run)
     teacher = load_checkpoint(run / "checkpoints" / "teacher.pt")
     _, preprocess, _, _ = load_training_inputs(cfg)
@@ -104,7 +104,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _build(info: dict) -> nn.Module:
-    from .models import build_encoder
+    from ..models import build_encoder
     return build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["norm"], info["width"],
                          **info.get("encoder_args", {}))
 
@@ -139,8 +139,9 @@ def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, roo
               progress: bool = True) -> Path:
     """Features of the teacher and the student encoders on the train and test splits of `data` (default:
     the run's probe data), computed as the run's probes compute them; written to `out` (.npz)."""
-    from .distill import resolve_device
-    from .evaluate import Prober, uses_bf16
+    from ..precision import uses_bf16
+    from ..probes.embedding import Prober
+    from ..train.setup import resolve_device
     run = Path(run_dir)
     cfg = _run_config(run)
     if data:

@@ -5,7 +5,7 @@ A `Classifier` is an encoder (from a run's teacher, student init or student, a c
 fresh random init) plus a new linear layer to the classes, initialized from a seed. Training is SGD with
 momentum and weight decay (on every parameter), a multi-step learning-rate schedule, cross-entropy, and
 random horizontal flips + zero-padded random crops applied to the uint8 batch with torch ops. The
-data order of epoch e is `randteach.distill.epoch_order(n, seed, e)` and the augmentation of step s is
+data order of epoch e is `randteach.train.setup.epoch_order(n, seed, e)` and the augmentation of step s is
 drawn from a generator seeded by (seed, s): a pure function of the recipe, so training is repeatable
 and can start at any step (rewinding) with the schedule of that step.
 
@@ -26,14 +26,14 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, load_state_dict
 from ..config import Config, OptimConfig, config_from_dict, dotted_to_nested, opt
 from ..data import ImageData, Preprocess, load_configured, stratified_subset
-from ..distill import epoch_order
 from ..errors import UserError
-from ..evaluate import autocast
 from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
+from ..precision import autocast
+from ..runs.checkpoint import load_checkpoint, load_state_dict
+from .setup import epoch_order
 
 _AUG_STRIDE = 1_000_003  # separates the augmentation streams of different seeds
 RUN_ROLES = ("student", "student_init", "teacher")

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config
-from .errors import CheckpointError
+from ..config import Config
+from ..errors import CheckpointError
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
 
 VERSION = "2"
 

@@ -12,9 +12,9 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis.landscape import PROJECTIONS, VIEWS
-from .config import add_flags, opt, options_from_args
-from .errors import UserError
+from ..analysis.landscape import PROJECTIONS, VIEWS
+from ..config import add_flags, opt, options_from_args
+from ..errors import UserError
 
 START_HELP = ("start: student | student_init | teacher (the run's checkpoints), random (a fresh init), or a "
               "checkpoint file; '@L' rewinds to L epochs of supervised training from there (e.g. random@1)")
@@ -45,11 +45,11 @@ class LandscapeOptions:
 
 
 def cmd_landscape(args, extra) -> int:
-    from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
-    from .analysis.supervised import run_info
-    from .checkpoint import load_state_dict
-    from .distill import resolve_device
-    from .rundir import run_lock
+    from ..analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
+    from ..runs.checkpoint import load_state_dict
+    from ..runs.rundir import run_lock
+    from ..train.setup import resolve_device
+    from ..train.supervised import run_info
     runs, quiet, o = args.runs, args.quiet, options_from_args(args, LandscapeOptions)
     if o.anchors and (o.view or runs):
         raise UserError("give either --view with run directories, or --anchors ORIGIN A1 A2, not both")
@@ -86,15 +86,15 @@ def cmd_landscape(args, extra) -> int:
 
 def _with_overrides(run, extra: list[str]):
     """--probe.* and --data.root options on top of the run's saved config."""
-    from .analysis.supervised import with_overrides
-    from .config import parse_overrides
+    from ..config import parse_overrides
+    from ..train.supervised import with_overrides
     return with_overrides(run, parse_overrides(extra))
 
 
 # ------------------------------------------------------------------------------- supervised commands
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    from .analysis.supervised import Recipe
+    from ..train.supervised import Recipe
     p.add_argument("run", help="run directory: architecture, data set and the checkpoints to start from")
     add_flags(p.add_argument_group("supervised recipe (defaults: the paper's CIFAR-10 ResNet18 recipe)"), Recipe)
     d = p.add_argument_group("data and device")
@@ -106,8 +106,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _supervised_setup(args, extra):
-    from .analysis.supervised import Recipe, load_supervised_data, run_info
-    from .distill import resolve_device
+    from ..train.setup import resolve_device
+    from ..train.supervised import Recipe, load_supervised_data, run_info
     run = _with_overrides(run_info(args.run), extra)
     recipe = options_from_args(args, Recipe)
     data = load_supervised_data(run.cfg, run.image_size, name=args.data, n_train=args.n_train, n_test=args.n_test)
@@ -118,7 +118,7 @@ def _holding_run_lock(cmd):
     """The command holds the lock of RUN (args.run): it writes into the run folder unless --out says elsewhere."""
     @functools.wraps(cmd)
     def locked(args, extra) -> int:
-        from .rundir import run_lock
+        from ..runs.rundir import run_lock
         with run_lock(args.run):
             return cmd(args, extra)
     return locked
@@ -126,9 +126,9 @@ def _holding_run_lock(cmd):
 
 @_holding_run_lock
 def cmd_finetune(args, extra) -> int:
-    from .analysis.supervised import build_classifier, label_of, parse_start, provenance, state_of, train_supervised
-    from .checkpoint import save_checkpoint
-    from .rundir import write_json
+    from ..runs.checkpoint import save_checkpoint
+    from ..runs.rundir import write_json
+    from ..train.supervised import build_classifier, label_of, parse_start, provenance, state_of, train_supervised
     run, recipe, data, device = _supervised_setup(args, extra)
     source, l_epochs = parse_start(args.start)
     if l_epochs:
@@ -147,7 +147,7 @@ def cmd_finetune(args, extra) -> int:
 
 @_holding_run_lock
 def cmd_imp(args, extra) -> int:
-    from .analysis.imp import run_imp
+    from ..analysis.imp import run_imp
     run, recipe, data, device = _supervised_setup(args, extra)
     out = Path(args.out) if args.out else run.path / "imp"
     result = run_imp(run, args.start, data, recipe, device, rounds=args.rounds, out=out, fraction=args.fraction,
@@ -161,7 +161,7 @@ def cmd_imp(args, extra) -> int:
 
 @_holding_run_lock
 def cmd_lmc(args, extra) -> int:
-    from .analysis.lmc import run_lmc
+    from ..analysis.lmc import run_lmc
     run, recipe, data, device = _supervised_setup(args, extra)
     out = Path(args.out) if args.out else run.path / "lmc"
     result = run_lmc(run, args.start, data, recipe, device, out=out, runs=args.runs, resolution=args.resolution,

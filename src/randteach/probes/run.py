@@ -5,14 +5,15 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import load_checkpoint, load_state_dict, load_weights
-from .config import dotted_to_nested, parse_overrides, config_from_dict
-from .data import ImageData
-from .distill import resolve_device
-from .errors import UserError
-from .evaluate import Prober, exact_fp32, uses_bf16
-from .models import build_model
-from .rundir import ResultsNotSaved, RunDir, run_lock, write_json
+from ..config import dotted_to_nested, parse_overrides, config_from_dict
+from ..data import ImageData
+from ..errors import UserError
+from ..models import build_model
+from ..precision import exact_fp32, uses_bf16
+from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights
+from ..runs.rundir import ResultsNotSaved, RunDir, run_lock, write_json
+from ..train.setup import resolve_device
+from .embedding import Prober
 
 PROBE_SECTIONS = ("probe", "data")
 

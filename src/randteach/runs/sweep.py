@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml
+from ..config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml
 from .rundir import RunDir
 
 SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
@@ -165,7 +165,7 @@ def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
 
 def run_one(cfg: Config, progress: bool = False) -> dict:
     """Run (resume, or skip) one config; an exception becomes a "failed" summary, never a crash."""
-    from .distill import distill
+    from ..train.loop import distill
     try:
         return distill(cfg, resume=True, progress=progress).summary
     except Exception as e:  # noqa: BLE001 - one broken run must not stop a sweep
@@ -196,7 +196,7 @@ def _local_worker(cfg_dict: dict, threads: int) -> None:
 
 
 def _stacked_worker(cfg_dicts: list[dict], threads: int) -> None:
-    """Entry point of one worker process that trains several runs stacked (randteach.stacked)."""
+    """Entry point of one worker process that trains several runs stacked (randteach.train.stacked)."""
     _stop_with_parent()
     import torch
     torch.set_num_threads(threads)
@@ -205,7 +205,7 @@ def _stacked_worker(cfg_dicts: list[dict], threads: int) -> None:
 
 def run_stacked(cfgs: list[Config]) -> list[dict]:
     """Train `cfgs` stacked; an exception becomes a "failed" summary of every run, never a crash."""
-    from .stacked import train_stacked
+    from ..train.stacked import train_stacked
     try:
         return train_stacked(cfgs)
     except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
@@ -216,7 +216,7 @@ def _jobs(configs: list[Config], todo: list[int], stack: int, log: "_Progress") 
     """The runs to do as worker jobs: one run each, or (stack > 1) groups of up to `stack` stackable runs."""
     if stack <= 1:
         return [[i] for i in todo]
-    from .stacked import stack_groups
+    from ..train.stacked import stack_groups
     groups, alone = stack_groups([configs[i] for i in todo], stack)
     for j, why in alone.items():
         log.line(f"not stacked: {configs[todo[j]].run_dir()}: {why}")
@@ -245,7 +245,8 @@ def _worker_context():
     import multiprocessing
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["randteach.sweep", "randteach.distill", "randteach.stacked", "torch._dynamo"])
+        ctx.set_forkserver_preload(["randteach.runs.sweep", "randteach.train.loop", "randteach.train.stacked",
+                                    "torch._dynamo"])
         return ctx
     return multiprocessing.get_context("spawn")
 

@@ -1,11 +1,11 @@
 """`randteach export` and `randteach embed`: the trained encoder and its features, outside the run."""
 from __future__ import annotations
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def cmd_export(args, extra) -> int:
-    from .export import export_encoder
+    from ..runs.export import export_encoder
     if extra:
         raise UserError(f"unexpected argument(s) {' '.join(extra)}; `randteach export` takes RUN_DIR "
                         "[--which student|teacher] [--format safetensors|pt] [--out DIR]")
@@ -16,8 +16,8 @@ def cmd_export(args, extra) -> int:
 
 
 def cmd_embed(args, extra) -> int:
-    from .config import parse_overrides
-    from .export import embed_run
+    from ..config import parse_overrides
+    from ..runs.export import embed_run
     opts = parse_overrides(extra)
     unknown = set(opts) - {"data.name", "data.root"}
     if unknown:
@@ -31,7 +31,7 @@ def cmd_embed(args, extra) -> int:
 
 
 def add_parser(sub) -> None:
-    from .export import EXPORTABLE, FORMATS
+    from ..runs.export import EXPORTABLE, FORMATS
     p = sub.add_parser("export", help="write a run's encoder weights (safetensors or pt) + a JSON to rebuild it")
     p.add_argument("run_dir")
     p.add_argument("--which", choices=EXPORTABLE, default="student")

@@ -1,12 +1,12 @@
 """Reports: the tables and figures of one run (the probe table, probe accuracy vs epoch, report.md),
-and the names and helpers that the reports over many runs (`randteach.aggregate`) and over an
-experiment (`randteach.experiments.tables`) share with it."""
+and the names and helpers that the reports over many runs (`randteach.reports.groups`) and over an
+experiment (`randteach.reports.experiment`) share with it."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .evaluate import accuracies
-from .rundir import RunDir
+from ..probes.embedding import accuracies
+from ..runs.rundir import RunDir
 
 ROLES = ("teacher", "student", "input")  # the networks a run probes: the teacher, the student, the raw inputs
 KINDS = ("linear", "knn", "paper_linear", "paper_knn")  # paper_*: the papers' probe protocols (experiments/protocol.py)

@@ -17,21 +17,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, config_from_dict
-from .data import ImageData
-from .distributed import Dist, from_environment
 from . import teacher_cache
-from .errors import UserError
-from .evaluate import exact_fp32
-from .optim import lr_at
-from .rundir import RunDir, check_config_digest, probe_warnings, run_lock, write_json
-from .train.callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
-from .train.setup import (NEEDS_32PX, build_teacher_and_student, epoch_order, load_training_inputs,  # noqa: F401
-                          model_image_size, resolve_device, seeds)
-from .train.state import TrainState
-from .train.step import build_step_functions, train_step
-
-PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
+from ..config import Config, config_from_dict
+from ..data import ImageData
+from ..errors import UserError
+from ..optim import lr_at
+from ..precision import exact_fp32
+from ..runs.rundir import PYTHON_OBJECTS, RunDir, check_config_digest, probe_warnings, run_lock, write_json
+from .callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
+from .distributed import Dist, from_environment
+from .setup import resolve_device
+from .state import TrainState
+from .step import build_step_functions, train_step
 
 
 @dataclass
@@ -119,7 +116,7 @@ def _open_run(cfg: Config, run: RunDir, ddp: Dist, python_objects: dict) -> None
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
-        run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record (tracking.py)
+        run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record (runs/tracking.py)
         if any(python_objects.values()):
             # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
             write_json(run.path / PYTHON_OBJECTS, python_objects)
@@ -134,7 +131,7 @@ def _attach_teacher_cache(state: TrainState, progress: bool) -> None:
     ok, why = teacher_cache.usable(cfg)
     if not ok:
         raise UserError(f"train.teacher_cache=true cannot be used: {why}; set --train.teacher_cache false")
-    from .data import resolve_root
+    from ..data import resolve_root
     targets, origin = teacher_cache.load_or_compute(cfg, state.teacher, state.inputs, state.preprocess, state.plan.batch,
                                                     state.device, resolve_root(cfg.data.root) / "teacher-targets",
                                                     state.conv_like)

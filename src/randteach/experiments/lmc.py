@@ -1,0 +1,43 @@
+"""Linear mode connectivity from the student vs a random init (Sarnthein et al. 2023, Fig. 9): the runs,
+then `randteach.analysis.lmc.run_lmc` (in this process, on `params.device`)."""
+from __future__ import annotations
+
+from ..reports.experiment import fmt, mean_std
+from .base import Context, Experiment, analysis_device, completed, markdown_rows, missing_note, supervised_inputs
+
+
+class Lmc(Experiment):
+    name = "lmc"
+    ids = "E11"
+    paper = "Fig. 9"
+    claim = ("supervised runs started from the distilled student with different data orders land in one linear "
+             "basin (small barrier), while runs from the random initialization face a significantly larger barrier.")
+
+    def post(self, ctx: Context) -> list[str]:
+        p = ctx.params
+        return [f"LMC: {p['runs']} supervised runs from each of {', '.join(p['starts'])} for every completed run"]
+
+    def analyze(self, ctx: Context, arms) -> list[str]:
+        from ..analysis.lmc import run_lmc
+        p = ctx.params
+        lines = missing_note(arms, ["student"])
+        barriers: dict[str, list[float]] = {}
+        errors: dict[str, list[float]] = {}
+        for cfg in completed(arms["student"]):
+            info, data, recipe = supervised_inputs(ctx, cfg)
+            out = ctx.out / f"seed{cfg.train.seed}"
+            result = run_lmc(info, list(p["starts"]), data, recipe, analysis_device(ctx), out=out, runs=int(p["runs"]),
+                             resolution=int(p.get("resolution", 11)), bn_batches=int(p.get("bn_batches", 8)),
+                             progress=ctx.progress)
+            lines += [f"![LMC seed {cfg.train.seed}]({out.relative_to(ctx.out)}/lmc.png)"]
+            for s in result["series"]:
+                barriers.setdefault(s["start"], []).extend(pair["barrier"] for pair in s["pairs"])
+                errors.setdefault(s["start"], []).extend(e for pair in s["pairs"]
+                                                         for e in (pair["test_error"][0], pair["test_error"][-1]))
+        rows = [[s, str(len(barriers[s])), fmt(*mean_std(barriers[s])), fmt(*mean_std(errors[s]))] for s in barriers]
+        return ["## barrier heights (test error, mean ± std over all pairs of all distilled checkpoints)", ""] + \
+            markdown_rows(["start", "pairs", "barrier (pp of test error)", "endpoint test error (%)"], rows) + \
+            lines + [""]
+
+
+EXPERIMENT = Lmc()
