@@ -19,7 +19,7 @@ def test_input_baseline_is_probed_at_the_encoders_resolution(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(evaluate, "score", lambda train_x, *a, **k: seen.append(train_x.shape) or {})
     prober = evaluate.Prober(tiny_config(tmp_path), 3, 8, torch.device("cpu"),
-                             splits=(_images(20, 16, 0), _images(10, 16, 1)))
+                             splits=(_images(20, 16, 0), _images(10, 16, 1)), cache_dir=tmp_path / "probe-cache")
     prober.input()
     assert seen == [(20, 3 * 8 * 8)]
     assert prober.features(torch.nn.Flatten())[0].shape == (20, 3 * 8 * 8)  # what an encoder is given
@@ -30,6 +30,7 @@ def test_probe_outside_a_run_uses_the_runs_fp32_rules(tmp_path, monkeypatch):
     from randteach.probes.run import probe_run
     from randteach.train.loop import distill
     run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]"), progress=False)
+    monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "data"))  # an empty probe cache: both probes are computed
     seen = []
     monkeypatch.setattr(evaluate.Prober, "probe", lambda self, enc: seen.append(
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or {})
