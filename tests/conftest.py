@@ -1,8 +1,19 @@
 """Shared fixtures."""
+import os
 import pickle
 
 import numpy as np
 import pytest
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_data_root(tmp_path_factory):
+    """One data root for the whole session, not the user's cache: the caches the tests fill there (teacher
+    targets, probe results) never come from an earlier session, so no test passes or fails by what ran
+    before it. Fashion-MNIST is still found at the Debian package's path; subprocesses inherit the root."""
+    if "RANDTEACH_DATA" not in os.environ:
+        os.environ["RANDTEACH_DATA"] = str(tmp_path_factory.mktemp("data-root"))
+    yield
+
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
