@@ -31,7 +31,6 @@ import os
 import platform
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,22 +106,6 @@ def stack_groups(cfgs: list[Config], k: int) -> tuple[list[list[int]], dict[int,
             by_key.setdefault(structure_key(cfg), []).append(i)
     groups = [members[j:j + k] for members in by_key.values() for j in range(0, len(members), max(1, k))]
     return sorted(groups), alone
-
-
-@dataclass
-class _Plan:
-    """Steps of a run; equal for every run of a stack (batch size, epochs and data are shared)."""
-    n: int
-    batch: int
-    steps_per_epoch: int
-    total_steps: int
-    probe_steps: dict
-    ckpt_steps: set
-
-    @classmethod
-    def of(cls, cfg: Config, n: int) -> "_Plan":
-        p = Plan.of(cfg, n)  # the solo loop's plan: the same steps, probes and checkpoints
-        return cls(n, p.batch, p.steps_per_epoch, p.total_steps, p.probe_steps, set(p.checkpoint_steps))
 
 
 class _Run:
@@ -203,20 +186,65 @@ def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
     return [summaries[i] for i in range(len(cfgs))]
 
 
-def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
-    cfg0 = cfgs[0]
-    device = resolve_device(cfg0.train.device)
-    inputs, preprocess, data, size = load_training_inputs(cfg0)
-    in_channels = data.images.shape[1]
-    runs = [_start_run(cfg, in_channels, size, device) for cfg in cfgs]
-    step = _resume_or_save_inits(runs, in_channels, size)
-    plan = _Plan.of(cfg0, len(inputs))
-    if cfg0.train.data_on_device:
-        inputs = inputs.to(device)
-    targets = _teacher_targets(runs, inputs, preprocess, plan.batch, device) if cfg0.train.teacher_cache else None
+class _Group:
+    """A stack being trained: its runs, their stacked tensors and step function, the data, the step count."""
 
-    # Stack, then make each run's student parameters views of its slice: the per-run optimizers,
-    # metrics, probes and checkpoints below work on ordinary modules while the step runs stacked.
+    def __init__(self, cfgs: list[Config]):
+        cfg0 = cfgs[0]
+        self.device = resolve_device(cfg0.train.device)
+        self.inputs, self.preprocess, data, size = load_training_inputs(cfg0)
+        in_channels = data.images.shape[1]
+        self.runs = [_start_run(cfg, in_channels, size, self.device) for cfg in cfgs]
+        self.step = _resume_or_save_inits(self.runs, in_channels, size)
+        self.plan = Plan.of(cfg0, len(self.inputs))  # the solo loop's plan: the same steps, probes and checkpoints
+        if cfg0.train.data_on_device:
+            self.inputs = self.inputs.to(self.device)
+        self.targets = (_teacher_targets(self.runs, self.inputs, self.preprocess, self.plan.batch, self.device)
+                        if cfg0.train.teacher_cache else None)
+        self.s_params, self.s_buffers, self.t_params, self.t_buffers = _stack(self.runs)
+        for r in self.runs:
+            r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
+            last = r.dir.checkpoints / "last.pt"
+            if last.exists():
+                r.optimizer.load_state_dict(load_checkpoint(last)["optimizer"])
+        self.losses_of = _stacked_losses(self.runs[0], cfg0, cached=self.targets is not None)
+        self.prober = Prober(cfg0, in_channels, size, self.device) if cfg0.probe.which else None
+        self.t_start = time.perf_counter()
+
+    def wall(self, r: _Run) -> float:
+        return r.wall_before + time.perf_counter() - self.t_start
+
+    def active(self) -> list[tuple[int, _Run]]:
+        return [(k, r) for k, r in enumerate(self.runs) if r.status is None]
+
+    def finish(self, r: _Run, status: str, step: int, **extra) -> None:
+        _finish(r, self.plan, status, step, self.wall(r), self.device, **extra)
+
+
+def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
+    """The group's loop, as the solo loop: the first probe, then steps with what follows each, then the end."""
+    g = _Group(cfgs)
+    if progress:
+        print(f"stacked: {len(g.runs)} runs from step {g.step} of {g.plan.total_steps}", flush=True)
+    with StopFlag() as stop:
+        if g.step == 0 and g.prober is not None and 0 in g.plan.probe_steps:
+            for _, r in g.active():
+                _probe(r, g.prober, 0, 0.0)
+        while g.step < g.plan.total_steps and g.active():
+            _group_step(g)
+            g.step += 1
+            for _, r in g.active():
+                _after_step(g, r)
+            if stop.signal is not None:
+                _interrupt(g, stop.signal)
+        for _, r in g.active():
+            _complete(g, r)
+    return [r.summary for r in g.runs]
+
+
+def _stack(runs: list[_Run]) -> tuple[dict, dict, dict, dict]:
+    """Stack, then make each run's student parameters views of its slice: the per-run optimizers,
+    metrics, probes and checkpoints work on ordinary modules while the step runs stacked."""
     s_params, s_buffers = stack_module_state([r.student for r in runs])
     t_params, t_buffers = stack_module_state([r.teacher for r in runs])
     t_params = {k: v.detach() for k, v in t_params.items()}
@@ -226,87 +254,88 @@ def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
                 p.data = s_params[name][k]
             for name, b in r.student.named_buffers():
                 b.data = s_buffers[name][k]
-    for r in runs:
-        r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
-        last = r.dir.checkpoints / "last.pt"
-        if last.exists():
-            r.optimizer.load_state_dict(load_checkpoint(last)["optimizer"])
-    losses_of = _stacked_losses(runs[0], cfg0, cached=targets is not None)
-    prober = Prober(cfg0, in_channels, size, device) if cfg0.probe.which else None
-    t_start = time.perf_counter()
+    return s_params, s_buffers, t_params, t_buffers
 
-    def wall(r: _Run) -> float:
-        return r.wall_before + time.perf_counter() - t_start
 
-    def active() -> list[tuple[int, _Run]]:
-        return [(k, r) for k, r in enumerate(runs) if r.status is None]
+def _group_step(g: _Group) -> None:
+    """One step of every run: each run's own batch, one stacked forward/backward, each run's optimizer step."""
+    plan, step = g.plan, g.step
+    epoch, offset = divmod(step, plan.steps_per_epoch)
+    idx = [epoch_order(plan.n, r.data_seed, epoch)[offset * plan.batch:(offset + 1) * plan.batch] for r in g.runs]
+    x = torch.stack([_batch(g.inputs, i, g.preprocess, g.device) for i in idx])           # (K, B, C, H, W)
+    teacher_in = (torch.stack([g.targets[k][i.to(g.device)] for k, i in enumerate(idx)])
+                  if g.targets is not None else x)
+    for p in g.s_params.values():
+        p.grad = None
+    losses = g.losses_of(g.s_params, g.s_buffers, g.t_params, g.t_buffers, x, teacher_in)     # (K,)
+    losses.sum().backward()  # runs are independent: each slice's gradient is its own run's
+    loss_values = losses.tolist()
+    for k, r in g.active():
+        _run_update(g, k, r, loss_values[k])
 
-    if progress:
-        print(f"stacked: {len(runs)} runs from step {step} of {plan.total_steps}", flush=True)
-    with StopFlag() as stop:
-        if step == 0 and prober is not None and 0 in plan.probe_steps:
-            for _, r in active():
-                _probe(r, prober, 0, 0.0)
-        while step < plan.total_steps and active():
-            epoch, offset = divmod(step, plan.steps_per_epoch)
-            idx = [epoch_order(plan.n, r.data_seed, epoch)[offset * plan.batch:(offset + 1) * plan.batch]
-                   for r in runs]
-            x = torch.stack([_batch(inputs, i, preprocess, device) for i in idx])           # (K, B, C, H, W)
-            teacher_in = torch.stack([targets[k][i.to(device)] for k, i in enumerate(idx)]) if targets is not None else x
-            for p in s_params.values():
-                p.grad = None
-            losses = losses_of(s_params, s_buffers, t_params, t_buffers, x, teacher_in)     # (K,)
-            losses.sum().backward()  # runs are independent: each slice's gradient is its own run's
-            loss_values = losses.tolist()
-            for k, r in active():
-                lr = lr_at(r.cfg.optim, step, plan.total_steps)
-                for name, p in r.student.named_parameters():
-                    p.grad = s_params[name].grad[k]
-                grad_norm = gradient_norm(r.student)
-                if r.cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(r.student.parameters(), r.cfg.optim.grad_clip)
-                if not math.isfinite(loss_values[k]) or not math.isfinite(grad_norm):
-                    r.dir.log({"event": "step", "step": step + 1, "loss": loss_values[k], "grad_norm": grad_norm, "lr": lr})
-                    _finish(r, plan, "diverged", step + 1, wall(r), device,
-                            diverged_step=step + 1, reason="non-finite loss or gradient")
-                    continue
-                # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
-                # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
-                # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
-                # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
-                set_lr(r.optimizer, lr)
-                r.optimizer.step()
-                r.last_loss = loss_values[k]
-                r.pending = {"loss": loss_values[k], "grad_norm": grad_norm, "lr": lr}
-            step += 1
-            for k, r in active():
-                if step % r.cfg.train.log_every == 0 or step == plan.total_steps:
-                    dist_teacher = parameter_distance(r.student, r.teacher)
-                    if not math.isfinite(dist_teacher):
-                        _finish(r, plan, "diverged", step, wall(r), device, diverged_step=step,
-                                reason="non-finite parameters")
-                        continue
-                    r.dir.log({"event": "step", "step": step, "epoch": step / plan.steps_per_epoch, "loss": r.pending["loss"],
-                               "grad_norm": r.pending["grad_norm"], "dist_teacher": dist_teacher,
-                               "dist_init": parameter_distance(r.student, r.student_init), "lr": r.pending["lr"],
-                               "bf16": False, "time": wall(r)})
-                if prober is not None and step in plan.probe_steps and step != plan.total_steps:
-                    _probe(r, prober, step, plan.probe_steps[step])
-                if step in plan.ckpt_steps:
-                    save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
-                    _save_student(r, step, r.dir.checkpoints / f"student_step{step}.pt")
-            if stop.signal is not None:
-                for _, r in active():
-                    save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
-                    _finish(r, plan, "interrupted", step, wall(r), device, signal=signal.Signals(stop.signal).name)
-        for _, r in active():
-            # A stop inside the last step may have logged the final probe already (then it is not repeated).
-            if prober is not None and not any(p.get("step") == step for p in r.dir.probes()):
-                _probe(r, prober, step, step / plan.steps_per_epoch)
-            save_checkpoint(r.state(step, wall(r)), r.dir.checkpoints / "last.pt")
-            _save_student(r, step, r.dir.checkpoints / "student.pt")
-            _finish(r, plan, "completed", step, wall(r), device, final_loss=r.last_loss)
-    return [r.summary for r in runs]
+
+def _run_update(g: _Group, k: int, r: _Run, loss: float) -> None:
+    """Run k's part of the step: its gradient slice, clipping, the divergence check and its optimizer step."""
+    lr = lr_at(r.cfg.optim, g.step, g.plan.total_steps)
+    for name, p in r.student.named_parameters():
+        p.grad = g.s_params[name].grad[k]
+    grad_norm = gradient_norm(r.student)
+    if r.cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(r.student.parameters(), r.cfg.optim.grad_clip)
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        r.dir.log({"event": "step", "step": g.step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr})
+        g.finish(r, "diverged", g.step + 1, diverged_step=g.step + 1, reason="non-finite loss or gradient")
+        return
+    # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
+    # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
+    # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
+    # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
+    set_lr(r.optimizer, lr)
+    r.optimizer.step()
+    r.last_loss = loss
+    r.pending = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+
+def _after_step(g: _Group, r: _Run) -> None:
+    """What follows a step for one run, as the solo loop's hooks: the log record, a probe, a checkpoint."""
+    step, plan = g.step, g.plan
+    if plan.logs_at(step) and not _log_step(g, r):
+        return
+    if g.prober is not None and step in plan.probe_steps and step != plan.total_steps:
+        _probe(r, g.prober, step, plan.probe_steps[step])
+    if step in plan.checkpoint_steps:
+        save_checkpoint(r.state(step, g.wall(r)), r.dir.checkpoints / "last.pt")
+        _save_student(r, step, r.dir.checkpoints / f"student_step{step}.pt")
+
+
+def _log_step(g: _Group, r: _Run) -> bool:
+    """The step's metrics record; False (and the run ends as diverged) if a parameter is non-finite."""
+    dist_teacher = parameter_distance(r.student, r.teacher)
+    if not math.isfinite(dist_teacher):
+        g.finish(r, "diverged", g.step, diverged_step=g.step, reason="non-finite parameters")
+        return False
+    r.dir.log({"event": "step", "step": g.step, "epoch": g.step / g.plan.steps_per_epoch, "loss": r.pending["loss"],
+               "grad_norm": r.pending["grad_norm"], "dist_teacher": dist_teacher,
+               "dist_init": parameter_distance(r.student, r.student_init), "lr": r.pending["lr"],
+               "bf16": False, "time": g.wall(r)})
+    return True
+
+
+def _interrupt(g: _Group, signum: int) -> None:
+    """SIGTERM/SIGINT: every active run writes its resumable state and ends as "interrupted"."""
+    for _, r in g.active():
+        save_checkpoint(r.state(g.step, g.wall(r)), r.dir.checkpoints / "last.pt")
+        g.finish(r, "interrupted", g.step, signal=signal.Signals(signum).name)
+
+
+def _complete(g: _Group, r: _Run) -> None:
+    """The end of a run that trained all its steps: the final probe, last.pt, student.pt and summary.json."""
+    # A stop inside the last step may have logged the final probe already (then it is not repeated).
+    if g.prober is not None and not any(p.get("step") == g.step for p in r.dir.probes()):
+        _probe(r, g.prober, g.step, g.step / g.plan.steps_per_epoch)
+    save_checkpoint(r.state(g.step, g.wall(r)), r.dir.checkpoints / "last.pt")
+    _save_student(r, g.step, r.dir.checkpoints / "student.pt")
+    g.finish(r, "completed", g.step, final_loss=r.last_loss)
 
 
 def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -> _Run:
@@ -411,7 +440,7 @@ def _save_student(r: _Run, step: int, path: Path) -> None:
     save_checkpoint({"model": _owned(r.student.state_dict()), "role": "student", "step": step}, path)
 
 
-def _finish(r: _Run, plan: _Plan, status: str, step: int, wall: float, device, **extra) -> None:
+def _finish(r: _Run, plan: Plan, status: str, step: int, wall: float, device, **extra) -> None:
     """summary.json as a solo run writes it."""
     probes = r.dir.probes()
     final = probes[-1] if probes else {}
