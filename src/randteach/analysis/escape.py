@@ -19,24 +19,18 @@ collapse point is the saved step nearest that minimum (`exact=False`, the defaul
 It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json, where
 `randteach signal RUN` finds it.
 
-Measured on 2 shared CPU cores (the `escape` preset with model.encoder=convnet: 4 conv layers + linear
-512, SGD, N-MSE, fp32; Fashion-MNIST; linear logreg probe on 5,000 / 2,000 images; teacher 77.6 %; measured
-when the MSE family summed over the outputs and before the float64 start, so every eta acted 512x larger):
-- step size (10,240 images, batch 256, 400 steps): the loss spikes to ~1 within 3 steps, then sits on
-  a plateau (~0.03); every eta collapses below the teacher and recovers slowly, if at all:
-  eta 1e2 69.2 % (step 50) -> 71.5 %; 1e3 47.9 % -> 46.8 %; 1e4 73.2 % -> 65.9 % (step 350) -> 67.1 %;
-  1e5 52.4 % -> 54.5 %. 31 min for the four runs.
-- batch size (2,048 images, eta 1e4, 100 steps): 256: 69.4 % (step 25) -> 69.8 %; 1024: 69.5 % ->
-  71.9 %; full batch: 66.3 % -> 66.9 %. Mini-batch gradient norms leave the plateau at step ~28 (256)
-  and ~55 (1024); full-batch gradient descent has not within 100 steps (Fig. 1b's slower GD escape).
-- stabilize (10,240 images, eta 1e4, 100 steps, warm-up 50 steps): MSE is non-finite at step 4 with
-  or without warm-up; ND-MSE 59.7 %, N-MSE 72.3 %, N-MSE + warm-up 54.5 %; ND-MSE + warm-up ends at
-  10.0 % (every unit of the embedding dead). A 50-step warm-up is far shorter than the paper's.
-- longer (1,024 images, eta 1e4, 3,000 steps, 3 seeds; docs/RESULTS.md E13): the step-3 loss spike throws
-  the weights to a distance of 5e3-1e4 from the teacher; N-MSE is scale-invariant, so its gradient then
-  shrinks with the weight norm and eta = 1e4 moves the weights by ~1e-5 of their norm per step (a plateau at
-  loss ~0.03). Student - teacher: -9.9 +- 2.0 pp at the collapse, -6.7 +- 1.2 pp at step 3,000; in one seed
-  the gradient norm grew 20x after step ~1,600 and the probe climbed 9.5 pp (to 2.7 pp below its teacher).
+Measured (2026-11-30, 2 shared CPU cores, one thread; `randteach experiment escape --scale cpu`, recipe
+escape.cpu.yaml: the `escape` preset with model.encoder=convnet, 4 conv layers + linear 512, SGD, N-MSE as a
+mean over the outputs, fp32 after the float64 start; 1,024 Fashion-MNIST images, 1,200 steps, linear logreg
+probe on 2,000 / 1,000 images, teacher 70.5 %; docs/RESULTS.md E13, E15):
+- step size: eta 1e4 leaves the teacher within 5 steps (float64 phase to step 3, loss spike to ~2e-3 at
+  steps 4-5, distance 12-17 from the teacher), probes lowest at step 100 and recovers above the teacher:
+  over 3 seeds student - teacher -3.3 +- 1.4 pp at the collapse, +2.2 +- 1.7 pp at step 1,200. eta 100
+  drifts ~2 % of the weight norm away without a collapse (70.5 -> 71.6 %).
+- batch size: full batch (gradient descent) at eta 1e4 escapes like SGD: 68.1 % at step 100, 74.0 % at 1,200.
+- stabilize: plain MSE at eta 1e4 is non-finite at step 5, with a 300-step warm-up at step 9 (eta 300);
+  ND-MSE with or without the warm-up kills every unit of the embedding (probe at chance, 10 %).
+6.5-7 min per 1,200-step run of batch 256, 15 min for the full-batch run.
 """
 from __future__ import annotations
 

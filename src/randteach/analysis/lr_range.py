@@ -25,12 +25,11 @@ student starting on its teacher sits at the floor until it escapes) has no steep
 tenth of the step size at its first divergence (non-finite, else rise), the range test's "an order of
 magnitude below divergence" rule. Which rule gave the value is recorded with it.
 
-Measured (2 shared CPU cores, `randteach lr-range --data.name fashion-mnist --model.encoder convnet
---data.n_samples 10240 --train.device cpu --epochs 5`: 200 steps, SGD, plain MSE, batch 256): the
-teacher-student loss sits at ~1e-15 up to lr ~1e-2, rises at lr 0.067 and becomes non-finite at
-lr 0.134; the supervised loss rises at lr 3.7 and becomes non-finite at lr 5.7. (Measured when our MSE
-summed over the 512 output features; it is now their mean, as in the paper, which moves the
-teacher-student points up by up to that factor. Not re-measured yet.)
+Measured (2026-11-30, 2 shared CPU cores, `randteach experiment lr-range --scale cpu`: conv net, 10,240
+Fashion-MNIST images, 200 steps, SGD, plain MSE (mean over the 512 outputs), batch 256, 3 seeds; docs/RESULTS.md
+E12): the teacher-student loss sits at ~1e-22 (the float64 residue), falls 2-3x up to lr ~3, rises at
+lr 8.6-13 and becomes non-finite at lr 23-46, in two of the three seeds after a plateau at loss ~0.02-0.1;
+the supervised loss rises at lr 1.4-8.6 and becomes non-finite at lr 2.5-13.
 """
 from __future__ import annotations
 

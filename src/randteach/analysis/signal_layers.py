@@ -32,12 +32,13 @@ the RankMe convention, see `randteach.analysis.signal_propagation.effective_rank
 neurons are always counted on the collected post-activation X (centering would turn constant neurons
 into zero rows).
 
-Measured (`randteach signal RUN --spatial avgpool --n-samples 1000 --n-test 1000 --probe.knn_k 0` on the eta = 1e5 run of
-the CPU escape sweep in `escape.py`: collapse at step 50, student at step 400; 37 s on 2 shared cores):
-from the teacher to the collapse point, conv layers 2-4 go from effective rank 5.0 / 10.4 / 15.0 to
-1.1 / 1.0 / 1.0, from 0 / 2 / 0 to 29 / 56 / 66 dead channels (of 64 / 128 / 128), to a Fisher
-separability 0.13 / 0.08 / 0.08 of the teacher's, and per-layer probes from 71.3 / 71.9 / 70.9 % to
-58.4 / 58.1 / 52.3 %: the paper's representational collapse. After 400 steps the student is still there.
+Measured (2026-11-30, `randteach experiment signal --scale cpu`, 22 s on 2 shared cores: the cpu escape
+recipe's eta = 1e4 run, seed 0, theta_C = step 100, theta_S = step 1200; flattened maps, 1,000 / 1,000 images;
+docs/RESULTS.md E14): from the teacher to the collapse point the effective rank of conv layers 1-4 falls
+from 503 / 441 / 382 / 240 to 251 / 84 / 33 / 5.0 and the dead neurons rise from 91 / 313 / 102 / 107 to
+149 / 1683 / 1309 / 403 (of 12544 / 6272 / 3136 / 1024): the paper's representational collapse. The final
+student regains part of the rank (318 / 111 / 86 / 21) and its embedding probes 71.9 % against the
+teacher's 67.1 %.
 """
 from __future__ import annotations
 
