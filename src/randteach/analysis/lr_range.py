@@ -20,8 +20,8 @@ paper's two divergences (the second at eta ~ 500 on CIFAR10/VGG11).
 Suggested step size (`suggest_lr`, printed and marked with a star): where the smoothed loss falls
 fastest against log(lr), searched before the first divergence (Smith 2017 places the step size where
 the loss decreases most steeply; fastai's "steep" suggestion is this rule). A curve that never falls
-by 1 % of its starting value (a
-student starting on its teacher sits at the floor until it escapes) has no steepest descent: it gets a
+by 1 % of its starting value, or starts at the floor (a student starting on its teacher sits there, at
+the float64 residue, until it escapes: its dips there are rounding) has no steepest descent: it gets a
 tenth of the step size at its first divergence (non-finite, else rise), the range test's "an order of
 magnitude below divergence" rule. Which rule gave the value is recorded with it.
 
@@ -110,14 +110,17 @@ def find_divergences(steps: list[int], lrs: list[float], losses: list[float], *,
     return {"rise": rise, "nonfinite": nonfinite}
 
 
-def suggest_lr(lrs: list[float], losses: list[float], divergences: dict, *, beta: float = SMOOTHING) -> dict | None:
+def suggest_lr(lrs: list[float], losses: list[float], divergences: dict, *, beta: float = SMOOTHING,
+               floor: float = RISE_FLOOR) -> dict | None:
     """{'lr', 'rule'}: the step size of steepest descent of the smoothed loss in log(lr) before the first
     divergence, else a tenth of the step size at the first divergence (see the module docstring)."""
     sm = smooth(losses, beta)
     ends = [d["step"] for d in (divergences["rise"], divergences["nonfinite"]) if d]
     stop = min([len(sm)] + [step - 1 for step in ends])  # index of the first diverged step (steps are 1-based)
     best, at = 0.0, None
-    falls = stop > 2 and min(sm[:stop]) < (1 - FALL) * sm[0]  # rounding of a flat curve is no descent
+    # A curve that starts at the floor (a student on its teacher: the float64 residue, ~1e-22) has nothing to
+    # descend: its falls there are rounding, and so is a flat curve's.
+    falls = stop > 2 and sm[0] > floor and min(sm[:stop]) < (1 - FALL) * sm[0]
     for i in range(1, stop - 1 if falls else 0):  # central difference: slope of the smoothed loss per unit log(lr)
         slope = (sm[i + 1] - sm[i - 1]) / (math.log(lrs[i + 1]) - math.log(lrs[i - 1]))
         if slope < best:
@@ -230,7 +233,7 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
         curve["smoothed"] = smooth(curve["loss"], smoothing)
         side = {**curve, **find_divergences(curve["step"], curve["lr"], curve["loss"], beta=smoothing,
                                             factor=factor, floor=floor)}
-        side["suggested"] = suggest_lr(curve["lr"], curve["loss"], side, beta=smoothing)
+        side["suggested"] = suggest_lr(curve["lr"], curve["loss"], side, beta=smoothing, floor=floor)
         result["sides"][name] = side
     result["png"] = str(plot_lr_range(result, out / "lr_range.png"))
     write_json(json_path, result)
