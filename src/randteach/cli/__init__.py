@@ -107,8 +107,8 @@ def cmd_demo(args, extra) -> int:
     from ..train.loop import distill
     overrides = {"out": args.out, **parse_overrides(extra)}
     cfg = build_config(DEMO_PRESET, None, overrides)
-    from .train.state import _probe_epochs
-    marks = ", ".join(f"{e:g}" for e in _probe_epochs(cfg, cfg.train.epochs))
+    from ..train.state import probe_epochs
+    marks = ", ".join(f"{e:g}" for e in probe_epochs(cfg, cfg.train.epochs))
     print(f"randteach demo: distilling a {cfg.model.encoder} student into its random teacher on {cfg.data.name} "
           f"for {cfg.train.epochs:g} epochs ({cfg.train.precision}), probing at epochs {marks}.")
     t0 = time.perf_counter()

@@ -30,7 +30,9 @@ from .distributed import Dist
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
 
 
-def _probe_epochs(cfg: Config, total_epochs: float) -> list[float]:
+def probe_epochs(cfg: Config, total_epochs: float) -> list[float]:
+    """The epochs at which a run of `total_epochs` probes: the start, the end, every train.probe_every, and
+    train.probe_at."""
     marks = {0.0, float(total_epochs)}
     if cfg.train.probe_every > 0:
         e = cfg.train.probe_every
@@ -67,7 +69,7 @@ class Plan:
         total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
         if cfg.train.max_steps:
             total = min(total, cfg.train.max_steps)
-        probes = {round(e * steps_per_epoch): e for e in _probe_epochs(cfg, total / steps_per_epoch)}
+        probes = {round(e * steps_per_epoch): e for e in probe_epochs(cfg, total / steps_per_epoch)}
         every = cfg.train.checkpoint_every
         stride = max(1, round(every * steps_per_epoch)) if every > 0 else 0
         ckpts = frozenset(range(stride, total, stride)) if stride else frozenset()
