@@ -13,7 +13,7 @@ TINY = {
     "model.encoder": "convnet", "model.width": "8",
     "head.hidden_dims": "[64]", "head.bottleneck_dim": "16", "head.out_dim": "64",
     "train.epochs": "2", "train.batch_size": "64", "train.probe_every": "1", "train.device": DEVICE,
-    "probe.max_iter": "100", "train.teacher_cache": "false",
+    "probe.max_iter": "100", "train.teacher_cache": "false", "train.probe_at": "[]",
     "train.log_every": "1",  # the tests read every step's record
 }
 
