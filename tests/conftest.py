@@ -15,6 +15,17 @@ def _session_data_root(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of many small ops: on 2 shared cores, two OpenMP threads wait on each other
+    far longer than the work takes (measured: 1.1 s vs 0.01 s per tiny step). No result depends on it."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
 

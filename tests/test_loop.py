@@ -23,12 +23,7 @@ SHORT = dict(init__mode="independent", train__max_steps=6, data__n_samples=200, 
              train__probe_every=0, train__checkpoint_every=0, train__batch_size=64, optim__name="sgd", optim__lr=0.5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(tmp_path, name, **overrides):

@@ -14,13 +14,7 @@ from randteach.config import ENCODERS, ConfigError, HeadConfig, build_config
 from randteach.models import (DINOHead, DistillModel, LinearHead, build_encoder, build_head, build_model,
                               count_parameters)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests are many small ops: on 2 shared cores, threads cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 HEAVY = {"vgg13", "vgg16", "vgg19", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet34", "resnet50",

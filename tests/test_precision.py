@@ -30,14 +30,7 @@ PLAIN = dict(init__mode="independent", train__max_steps=4, data__n_samples=256, 
              train__probe_every=0, train__checkpoint_every=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: two OpenMP threads wait on each other ~100x longer than
-    # the work takes (measured: 1.1 s vs 0.01 s per step). The results do not depend on it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _steps(tmp_path, name, **overrides):
