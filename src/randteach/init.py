@@ -92,8 +92,19 @@ def parameter_norm(m: nn.Module) -> float:
 
 
 @torch.no_grad()
+def total_grad_norm(params) -> torch.Tensor:
+    """||grad||_2 over all parameters, on the device, accumulated in float64: non-finite exactly when a
+    gradient is (an fp32 norm would overflow for huge finite gradients, elements above ~1e19, and call a
+    step diverged that can still be taken)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum().sqrt()
+
+
 def gradient_norm(m: nn.Module) -> float:
-    return _total_norm([p.grad.detach() for p in m.parameters() if p.grad is not None])
+    """`total_grad_norm` of a module's parameters, read to the host."""
+    return float(total_grad_norm(m.parameters()))
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data.augment import multicrop_loss
 from ..errors import UserError
-from ..init import parameter_distance
+from ..init import parameter_distance, total_grad_norm
 from ..losses import distill_loss
 from ..optim import set_lr
 from ..precision import Float64Start, autocast
@@ -146,16 +146,6 @@ def _views(state: TrainState, rows: torch.Tensor) -> tuple[list[torch.Tensor], l
 
 def _layout(state: TrainState, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if state.conv_like else x
-
-
-def total_grad_norm(params) -> torch.Tensor:
-    """||grad||_2 over all parameters, on the device, accumulated in float64: non-finite exactly when a
-    gradient is (an fp32 norm would overflow for huge finite gradients, elements above ~1e19, and call a
-    step diverged that can still be taken; `randteach.init.gradient_norm` falls back to float64 there)."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum().sqrt()
 
 
 def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: float) -> StepMetrics:
