@@ -16,10 +16,13 @@ import fcntl
 import json
 import math
 import os
+import platform
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 from ..errors import UserError
 
@@ -180,6 +183,19 @@ def probe_warnings(probes: list[dict]) -> dict:
     notes = [f"epoch {r.get('epoch', 0):g} {role}: {r[role]['invalid']}" for r in probes
              for role in ("teacher", "student", "input") if "invalid" in r.get(role, {})]
     return {"warnings": notes} if notes else {}
+
+
+def run_summary(run: RunDir, *, status: str, steps: int, epochs: float, wall: float, init: dict, digest: str,
+                device, precision: str, **extra) -> dict:
+    """summary.json of a distillation run: its status and its last probe (the same shape for every status,
+    for a run trained alone or in a stack)."""
+    probes = run.probes()
+    final = probes[-1] if probes else {}
+    return {"status": status, "steps": steps, "epochs": epochs, "wall_time_s": wall,
+            "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
+            "probe_epoch": final.get("epoch"),  # after a stop, the last probe may be epoch 0
+            "init": init, "config_digest": digest, "device": str(device), "precision": precision,
+            "torch": torch.__version__, "host": platform.node(), **probe_warnings(probes), **extra}
 
 
 def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:

@@ -10,7 +10,6 @@ optimizer step), `train.callbacks` (what happens around steps), `train.setup` (d
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ..data import ImageData
 from ..errors import UserError
 from ..optim import lr_at
 from ..precision import exact_fp32
-from ..runs.rundir import PYTHON_OBJECTS, RunDir, check_config_digest, probe_warnings, run_lock, write_json
+from ..runs.rundir import PYTHON_OBJECTS, RunDir, check_config_digest, run_lock, run_summary, write_json
 from .callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
 from .distributed import Dist, from_environment
 from .setup import resolve_device
@@ -146,13 +145,8 @@ def _finish(state: TrainState, status: str, steps: int, extra: dict) -> RunResul
     run = state.run
     if not state.ddp.is_main:
         return RunResult(run.path, {"status": status, "steps": steps, "rank": state.ddp.rank})
-    probes = run.probes()
-    final = probes[-1] if probes else {}
-    summary = {"status": status, "steps": steps, "epochs": steps / state.plan.steps_per_epoch,
-               "wall_time_s": state.wall(), "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
-               "probe_epoch": final.get("epoch"),  # after a stop, the last probe may be epoch 0
-               "init": state.init_info, "config_digest": state.cfg.digest(), "device": str(state.device),
-               "precision": "bf16" if state.bf16_requested else "fp32", "torch": torch.__version__,
-               "host": platform.node(), **probe_warnings(probes), **extra}
+    summary = run_summary(run, status=status, steps=steps, epochs=steps / state.plan.steps_per_epoch,
+                          wall=state.wall(), init=state.init_info, digest=state.cfg.digest(), device=state.device,
+                          precision="bf16" if state.bf16_requested else "fp32", **extra)
     run.write_summary(summary)
     return RunResult(run.path, summary)

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import os
-import platform
 import signal
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from ..optim import build_optimizer, lr_at, set_lr
 from ..precision import exact_fp32, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
-from ..runs.rundir import RunDir, check_config_digest, probe_warnings, run_lock
+from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
 from .callbacks import StopFlag
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
 from .state import Plan
@@ -442,12 +441,7 @@ def _save_student(r: _Run, step: int, path: Path) -> None:
 
 def _finish(r: _Run, plan: Plan, status: str, step: int, wall: float, device, **extra) -> None:
     """summary.json as a solo run writes it."""
-    probes = r.dir.probes()
-    final = probes[-1] if probes else {}
     r.status = status
-    r.summary = {"status": status, "steps": step, "epochs": step / plan.steps_per_epoch, "wall_time_s": wall,
-                 "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
-                 "probe_epoch": final.get("epoch"), "init": r.init_info, "config_digest": r.cfg.digest(),
-                 "device": str(device), "precision": "fp32", "torch": torch.__version__, "host": platform.node(),
-                 **probe_warnings(probes), **extra}
+    r.summary = run_summary(r.dir, status=status, steps=step, epochs=step / plan.steps_per_epoch, wall=wall,
+                            init=r.init_info, digest=r.cfg.digest(), device=device, precision="fp32", **extra)
     r.dir.write_summary(r.summary)
