@@ -63,7 +63,7 @@ BASELINES = (PLAIN[0], "tuned")  # measured by their own loops, not by `distill`
 
 @dataclass
 class Workload:
-    """What one training step is: model, data, batch. The default is the issue's VGG11 setting."""
+    """What one training step is: model, data, batch. The default is the papers' VGG11 setting."""
     encoder: str = "vgg11"
     width: int = 32                      # only read by the small encoders
     data: str = "fashion-mnist"          # 28 px, 1 channel, zero-padded to 32 px for VGG11

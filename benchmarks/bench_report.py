@@ -5,7 +5,7 @@ import statistics
 
 from bench_distill import PLAIN, VARIANTS
 
-# Issue 7's targets (ratios on this CPU kind, VGG11 at 32 px, batch 256).
+# The performance targets (ratios on this CPU kind, VGG11 at 32 px, batch 256).
 TARGET_ALL_ON = 2.5          # distillation with everything on, x the plain fp32 loop
 TARGET_CACHE = 1.25          # the teacher cache alone, x the plain fp32 loop
 TARGET_LINEAR_S = 15.0       # linear probe, 60,000 x 512
@@ -172,7 +172,7 @@ def markdown(results: dict) -> str:
              f"- load average (1/5/15 min): start {_load(results['load_start'])}, end {_load(results['load_end'])}"
              f" (the machine is shared; {m['cores']} cores)",
              f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
-             "## Targets (issue 7)", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+             "## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
     for t in s["targets"]:
         lines.append(f"| {t['name']} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
     pk = s["peak"]

@@ -7,7 +7,7 @@ carry are ratios taken in one run. Distillation measurements run in rounds, ever
 order (plain, v1 ... vn | vn ... v1, plain), so a load that drifts linearly over the run weighs on every
 variant alike once the rounds are averaged.
 
-    .venv/bin/python benchmarks/run.py                      # the issue's setting, about 10-15 min on 2 cores
+    .venv/bin/python benchmarks/run.py                      # the papers' VGG11 setting, about 10-15 min on 2 cores
     .venv/bin/python benchmarks/run.py --rounds 4 --steps 3 # tighter numbers, longer
     .venv/bin/python benchmarks/run.py --tiny --out /tmp/R.md  # tiny model on digits, seconds (smoke test)
 """

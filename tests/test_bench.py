@@ -25,7 +25,7 @@ def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
     out = tmp_path / "RESULTS.md"
     results = bench.main(["--tiny", "--rounds", "1", "--variants", "off,bf16,cache", "--out", str(out)])
     text = out.read_text()
-    for section in ("## Targets (issue 7)", "## 1. Distillation step", "## 2. Probes", "## 3. Landscape",
+    for section in ("## Targets", "## 1. Distillation step", "## 2. Probes", "## 3. Landscape",
                     "## 4. GPU", "## Raw measurements", "load average"):
         assert section in text
     for label in ("plain fp32 loop", "ours, all off (fp32)", "bf16 autocast", "teacher cache"):

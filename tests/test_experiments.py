@@ -1,4 +1,4 @@
-"""Experiments: the paper-scale recipes resolve to SPEC's configs; every experiment runs end to end at the
+"""Experiments: the paper-scale recipes resolve to the papers' configs; every experiment runs end to end at the
 tests' tiny scale (digits, a tiny conv net, 3 steps) and writes its report; runs are shared and reused."""
 import csv
 import math
@@ -27,10 +27,10 @@ def configs(name, arm=None, scale="paper"):
     return [c for stage in st for a, cs in stage.items() if arm in (None, a) for c in cs]
 
 
-# ------------------------------------------------------------------------------------ paper scale = SPEC
+# ------------------------------------------------------------------------- paper scale = the papers' recipes
 
 def assert_paper_recipe(c, *, out_dim=65536, alpha=1e-10):
-    """SPEC §1: DINO head 2048-2048-bottleneck(256)-2^16, CE at T = 1 without centering, AdamW 1e-3 wd 0,
+    """RT paper App. E: DINO head 2048-2048-bottleneck(256)-2^16, CE at T = 1 without centering, AdamW 1e-3 wd 0,
     batch 256, alpha = 1e-10, frozen teacher in eval mode, fp32, no augmentation (there is none)."""
     assert (c.head.kind, c.head.hidden_dims, c.head.bottleneck_dim, c.head.out_dim) == ("dino", [2048, 2048], 256, out_dim)
     assert (c.loss.name, c.loss.teacher_temp, c.loss.student_temp, c.loss.center) == ("ce", 1.0, 1.0, False)
@@ -120,7 +120,7 @@ def test_paper_restart_uses_round_one_students_as_teachers():
 
 
 def assert_escaping_setting(c, loss):
-    """SPEC §1, escaping-paper variant: VGG11 + one linear layer to 512, plain SGD, batch 256, theta_T + 1e-10 theta~."""
+    """The escaping paper's simplified setup (its Empirical Setup): VGG11 + one linear layer to 512, plain SGD, batch 256, theta_T + 1e-10 theta~."""
     assert (c.model.encoder, c.head.kind, c.head.out_dim, c.data.name) == ("vgg11", "linear", 512, "cifar10")
     assert (c.optim.name, c.optim.momentum, c.optim.weight_decay) == ("sgd", 0.0, 0.0)
     assert (c.init.mode, c.init.epsilon, c.loss.name) == ("neighborhood", 1e-10, loss)

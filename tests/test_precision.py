@@ -1,4 +1,4 @@
-"""The fast paths do not change the science (issue 7).
+"""The fast paths do not change the science (bf16, channels-last, the teacher cache, compile).
 
 tests/test_escape.py and tests/test_float64_start.py already show that the escape at eps = 1e-10 happens
 under fp32 and under the bf16 fast path, and that bf16 waits for the float64 start to end. Here: the bf16 switch

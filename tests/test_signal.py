@@ -1,4 +1,4 @@
-"""Signal-propagation metrics (SPEC E14) against direct numpy computations."""
+"""Signal-propagation metrics (escaping paper Fig. 2-3) against direct numpy computations."""
 import numpy as np
 import pytest
 import torch

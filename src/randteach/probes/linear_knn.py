@@ -1,4 +1,5 @@
-"""Linear and k-NN probes: how much label information a frozen representation carries (SPEC §2).
+"""Linear and k-NN probes: how much label information a frozen representation carries (RT paper
+Tab. 1 linear probing, App. C.1 K-NN probing).
 
 This is the one probe implementation of the project; training, landscapes and sweeps all call it.
 
