@@ -144,13 +144,21 @@ def test_paper_escaping_experiments_are_e12_to_e15():
     assert load_recipe("signal", "paper").params["runs"] == ["step_size/lr10000"]  # E14 analyses E13's eta = 1e4 run
 
 
-def test_paper_reference_numbers_are_spec_section_4():
+def test_paper_reference_numbers_are_the_papers_tables():
+    """Spot checks against the RT paper's Tab. 1 (linear), Tab. 3 (k-NN) and, from TinyImageNet, Tab. 2 / 4."""
     refs = {tuple(sorted(r["match"].items())): r for r in load_recipe("probes", "paper").reference}
+    assert len(refs) == 8 and all("teacher.knn" in r and "student.knn" in r for r in refs.values())
     r18 = refs[(("data.name", "cifar10"), ("model.encoder", "resnet18"))]
     assert (r18["teacher.linear"], r18["student.linear"], r18["input.linear"]) == (35.50, 46.02, 39.02)
     assert (r18["teacher.knn"], r18["student.knn"]) == (37.65, 44.67)
     tin = refs[(("data.name", "tinyimagenet"), ("model.encoder", "vgg11"))]
-    assert (tin["teacher.linear"], tin["student.linear"]) == (5.25, 12.88)
+    assert (tin["teacher.linear"], tin["student.linear"], tin["teacher.knn"], tin["student.knn"]) == (5.25, 12.88, 5.98, 9.23)
+    stl = refs[(("data.name", "stl10"), ("model.encoder", "resnet18"))]
+    assert (stl["input.linear"], stl["input.knn"]) == (31.51, 28.94)
+    moved = {(r["match"]["probe.data"], r["match"]["model.encoder"]): r for r in load_recipe("transfer", "paper").reference}
+    assert len(moved) == 6
+    assert (moved["cifar100", "vgg11"]["student.linear"], moved["cifar100", "vgg11"]["student.knn"]) == (27.49, 23.95)
+    assert (moved["stl10", "resnet18"]["student.linear"], moved["stl10", "resnet18"]["student.knn"]) == (41.42, 38.86)
 
 
 def test_every_experiment_has_cpu_and_paper_recipes_that_resolve(tmp_path):
