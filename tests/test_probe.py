@@ -5,7 +5,7 @@ import torch
 
 from randteach.errors import UserError
 from randteach.probes.linear_knn import (fit_adamw, fit_logistic_regression, knn_predict, knn_probe, linear_probe,
-                                         logistic_objective, standardize)
+                                         logistic_objective, logistic_objective_and_grad, standardize)
 
 
 def _blobs(n_per_class, n_classes, dim, spread, seed):
@@ -130,6 +130,25 @@ def test_logreg_matches_sklearn(digits):
     acc = linear_probe(train_x, train_y, test_x, test_y, l2=l2)  # the public path, float64, default tol
     assert acc == pytest.approx(sk.score(test_z.numpy(), test_y), abs=0.01)
     assert acc > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [7, 4096])  # several blocks with a short last one, and one block
+def test_fused_objective_and_gradient_equal_autograd(dtype, block, monkeypatch):
+    import randteach.probes.linear_knn as lk
+    monkeypatch.setattr(lk, "_LOGREG_BLOCK_ROWS", block)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 6, generator=g, dtype=dtype), torch.randint(0, 4, (50,), generator=g)
+    weight = torch.randn(4, 6, generator=g, dtype=dtype).requires_grad_()
+    bias = torch.randn(4, generator=g, dtype=dtype).requires_grad_()
+    want = logistic_objective(weight, bias, x, y, 0.3)
+    want.backward()
+    loss, grad_w, grad_b = logistic_objective_and_grad(weight.detach(), bias.detach(), x, y, 0.3)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert loss.dtype == torch.float64 and float(loss) == pytest.approx(float(want), rel=tol)
+    assert grad_w.dtype == dtype and grad_b.dtype == dtype
+    torch.testing.assert_close(grad_w, weight.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_b, bias.grad, rtol=tol, atol=tol)
 
 
 def test_logreg_gradient_vanishes_at_the_solution(digits):

@@ -183,6 +183,41 @@ def logistic_objective(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor
     return F.cross_entropy(logits, y) + 0.5 * l2 * weight.double().pow(2).sum()
 
 
+# Rows per block of the fused objective-and-gradient pass: a block of 512-d float32 features (8 MiB) is read
+# once for its logits and, while still in cache, for its gradient. Measured 2026-11-30 on the 2-core Xeon
+# (60,000 x 512 features, one thread, the other core busy; five evaluations per setting, three rounds): one
+# evaluation 90-95 ms against 112-124 ms for autograd on the same objective (1.25-1.35x); blocks of 2,048 to
+# 8,192 rows within noise of each other, one block of all rows 1.1-1.25x. A GPU gets one block (no Python loop).
+_LOGREG_BLOCK_ROWS = 4096
+
+
+def logistic_objective_and_grad(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                l2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`logistic_objective` and its gradient in one pass over the features, without autograd.
+
+    d/dz CE(softmax(z), y) = softmax(z) - onehot(y) for the logits z = W x + b, so (with G the stacked
+    row gradients) dL/dW = G^T X / N + l2 W and dL/db = sum_i G_i / N. Loss and gradient accumulate in
+    float64 (see `logistic_objective`); the gradients return in the parameters' dtype.
+    """
+    n = len(x)
+    block = n if x.device.type != "cpu" else _LOGREG_BLOCK_ROWS
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float64, device=x.device)
+    grad_b = torch.zeros(bias.shape, dtype=torch.float64, device=x.device)
+    for i in range(0, n, block):
+        xb, yb = x[i:i + block], y[i:i + block]
+        logits = torch.addmm(bias, xb, weight.T).double()
+        log_z = logits.logsumexp(1)
+        loss += (log_z - logits.gather(1, yb[:, None])[:, 0]).sum()
+        g = logits.sub_(log_z[:, None]).exp_()                      # softmax, in place of the logits
+        g[torch.arange(len(yb), device=x.device), yb] -= 1.0
+        grad_b += g.sum(0)
+        grad_w += (g.T.to(x.dtype) @ xb).double()
+    w64 = weight.double()
+    loss = loss / n + 0.5 * l2 * w64.pow(2).sum()
+    return loss, (grad_w / n + l2 * w64).to(weight.dtype), (grad_b / n).to(bias.dtype)
+
+
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float = 1e-4,
                             max_iter: int = 500, tol: float = 1e-4) -> LogisticFit:
     """Minimize `logistic_objective` from W = 0, b = 0 with full-batch L-BFGS (strong-Wolfe line search).
@@ -198,10 +233,9 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
                                   tolerance_change=torch.finfo(torch.float64).eps, history_size=100,
                                   line_search_fn="strong_wolfe")
 
+    @torch.no_grad()
     def closure():
-        optimizer.zero_grad()
-        loss = logistic_objective(weight, bias, x, y, l2)
-        loss.backward()
+        loss, weight.grad, bias.grad = logistic_objective_and_grad(weight, bias, x, y, l2)
         return loss
 
     optimizer.step(closure)
