@@ -23,8 +23,7 @@ from tiny import TINY, tiny_config
 # 20 steps, k-NN probes of the student on small probe subsets: seconds per run.
 FAST = {"train__max_steps": 20, "train__probe_every": 0, "probe__linear": "none", "probe__which": "[student]",
         "probe__n_train": 200, "probe__n_test": 100}
-# alpha >= 0.1: at alpha = 1e-10 the escape from the teacher is seeded by last-bit rounding, which a
-# stacked kernel does differently from a solo one (see randteach.train.stacked), so the runs part ways.
+# alpha >= 0.1: a run at alpha = 1e-10 starts in float64 and therefore trains alone (tested below).
 VARIED = [{"train__seed": 0, "init__alpha": 0.5, "optim__lr": 1e-3},
           {"train__seed": 1, "init__alpha": 0.1, "optim__lr": 3e-3, "optim__weight_decay": 0.05},
           {"train__seed": 2, "init__alpha": 1.0, "optim__lr": 5e-4}]
@@ -79,17 +78,44 @@ def test_a_solo_resume_continues_a_stacked_checkpoint(tmp_path):
 
 
 def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_apart(tmp_path):
+    far = {"init__alpha": 0.5}
     cfgs = [tiny_config(tmp_path / "a", **VARIED[0]), tiny_config(tmp_path / "b", **VARIED[1]),
-            tiny_config(tmp_path / "c", model__width=16), tiny_config(tmp_path / "d", **VARIED[2]),
-            tiny_config(tmp_path / "e", teacher__mode="ema"),
-            tiny_config(tmp_path / "f", model__encoder="resnet20"),
-            tiny_config(tmp_path / "g", model__encoder="resnet20", model__norm="layer")]
+            tiny_config(tmp_path / "c", model__width=16, **far), tiny_config(tmp_path / "d", **VARIED[2]),
+            tiny_config(tmp_path / "e", teacher__mode="ema", **far),
+            tiny_config(tmp_path / "f", model__encoder="resnet20", **far),
+            tiny_config(tmp_path / "g", model__encoder="resnet20", model__norm="layer", **far),
+            tiny_config(tmp_path / "h", **{**VARIED[0], "init__alpha": 1e-10})]
     groups, alone = stack_groups(cfgs, 2)
-    assert groups == [[0, 1], [2], [3], [4], [5], [6]]
-    assert set(alone) == {4, 5} and "teacher.mode=ema" in alone[4] and "batch norm" in alone[5]
+    assert groups == [[0, 1], [2], [3], [4], [5], [6], [7]]
+    assert set(alone) == {4, 5, 7} and "teacher.mode=ema" in alone[4] and "batch norm" in alone[5]
     assert why_not_stackable(cfgs[6]) is None
     with pytest.raises(Exception, match="cannot be stacked"):
         train_stacked([cfgs[4]])
+
+
+@pytest.mark.parametrize("init, stackable", [
+    ({"init__alpha": 1e-10}, False), ({"init__alpha": 1e-4}, False), ({"init__alpha": 0.01}, True),
+    ({"init__mode": "neighborhood", "init__epsilon": 1e-10}, False),
+    ({"init__mode": "neighborhood", "init__epsilon": 0.1}, True),
+    ({"init__alpha": 1e-10, "train__float64_until_distance": 0}, True),   # fp32 start asked for: stacks
+    ({"init__mode": "independent"}, True)])
+def test_a_run_that_starts_in_float64_trains_alone(tmp_path, init, stackable):
+    # A stack holds one dtype, so a student within float64 reach of its teacher would lose its 1e-10
+    # residue to fp32 rounding in a stack, and with it the escape its solo run makes.
+    why = why_not_stackable(tiny_config(tmp_path / "r", **init))
+    assert (why is None) == stackable
+    if not stackable:
+        assert "float64" in why
+
+
+def test_a_run_that_starts_in_float64_and_its_solo_twin_agree_in_a_stacked_sweep(tmp_path):
+    # The alpha = 1e-10 run of a stacked sweep is trained alone, so it is the solo run exactly.
+    path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0])
+    assert [r["status"] for r in run_sweep(expand(load_sweep(path)), stack=2)] == ["completed"] * 2
+    near = next(c for c in expand(load_sweep(path)) if c.init.alpha == 1e-10)
+    solo = distill(tiny_config(tmp_path / "solo", **FAST, init__alpha=1e-10), progress=False)
+    assert_same_student(solo.path, Path(near.run_dir()), rtol=0.0)
+    assert any(r.get("event") == "precision" for r in RunDir(near.run_dir()).records())
 
 
 def _write_sweep(tmp_path, base: dict, **spec) -> Path:
@@ -99,7 +125,8 @@ def _write_sweep(tmp_path, base: dict, **spec) -> Path:
     return path
 
 
-SWEEP_BASE = {**TINY, **{k.replace("__", "."): v for k, v in FAST.items()}}
+# alpha = 0.5: stackable (a run at alpha = 1e-10 starts in float64 and trains alone)
+SWEEP_BASE = {**TINY, **{k.replace("__", "."): v for k, v in FAST.items()}, "init.alpha": 0.5}
 
 
 def test_sweep_stack_trains_stackable_runs_together_and_the_rest_alone(tmp_path, capsys):

@@ -90,6 +90,18 @@ def _cast_optimizer_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype) 
                 state[k] = v.to(dtype)
 
 
+def may_start_in_float64(cfg) -> bool:
+    """Whether a run of this config can enter the float64 start, decided from the config alone (the run
+    itself decides from the built models). A locality student sits ~alpha * sqrt(2) of its teacher's norm
+    away (alpha for the variance-preserving form), a neighborhood student ~epsilon; a scale ten times the
+    threshold is therefore surely outside the phase, and anything closer is counted as inside."""
+    until = cfg.train.float64_until_distance
+    if until <= 0 or cfg.init.mode not in ("locality", "neighborhood"):
+        return False
+    scale = cfg.init.alpha if cfg.init.mode == "locality" else cfg.init.epsilon
+    return scale < 10 * until
+
+
 class Float64Start:
     """Holds the models in float64 while the student sits within fp32 resolution of its teacher.
 

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..init import gradient_norm, init_report, parameter_distance
 from ..losses import distill_loss
 from ..optim import build_optimizer, lr_at, set_lr
-from ..precision import exact_fp32, uses_bf16
+from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
@@ -80,6 +80,10 @@ def why_not_stackable(cfg: Config) -> str | None:
         return f"teacher.mode={cfg.teacher.mode}, train_mode={cfg.teacher.train_mode}: only a frozen teacher in eval mode"
     if cfg.train.compile:
         return "train.compile=true"
+    if may_start_in_float64(cfg):
+        # a stack holds one dtype for all its runs, and each run leaves float64 at its own step
+        return (f"init.{'alpha' if cfg.init.mode == 'locality' else 'epsilon'} this close to the teacher starts "
+                "in float64 (train.float64_until_distance); a stack runs in fp32 only")
     if uses_bf16(cfg.train.precision, resolve_device(cfg.train.device)):
         return f"train.precision={cfg.train.precision} (bf16 switches on per run)"
     if cfg.train.micro_batch and cfg.train.micro_batch < (cfg.train.batch_size or math.inf):
