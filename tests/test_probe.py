@@ -313,3 +313,15 @@ def test_a_corrupt_cache_entry_is_recomputed(tmp_path):
 def json_load(path):
     import json
     return json.loads(path.read_text())
+
+
+def test_an_encoder_in_the_float64_start_probes_as_its_fp32_copy(tmp_path):
+    # During the float64 start (precision.py) teacher and student are float64; their probes read fp32
+    # copies: the same numbers and cache entry as the fp32 teacher, without float64 convolutions.
+    import copy
+    prober, encoder = _prober(tmp_path)
+    first = prober.frozen(encoder)
+    wide = copy.deepcopy(encoder).double()
+    assert prober.frozen(wide) == first and prober.origin["frozen"].startswith("loaded")
+    assert prober.probe(wide) == prober.probe(encoder)
+    assert next(wide.parameters()).dtype == torch.float64  # the run's own model is left as it is

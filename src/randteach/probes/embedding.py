@@ -14,7 +14,7 @@ from torch import nn
 from . import linear_knn
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
-from ..precision import autocast
+from ..precision import autocast, fp32_module
 from ..train.teacher_cache import digest_tensor
 
 PROBE_CACHE_VERSION = "3"  # bump when the probes' arithmetic changes: old entries are then never read
@@ -136,12 +136,13 @@ class Prober:
                 embed(encoder, self.splits.test.images, self.preprocess, **kw))
 
     def probe(self, encoder: nn.Module) -> dict:
-        train_x, test_x = self.features(encoder)
+        train_x, test_x = self.features(fp32_module(encoder))
         return score(train_x, self.splits.train.labels, test_x, self.splits.test.labels,
                      self.cfg.probe, self.num_classes, self.device)
 
     def frozen(self, encoder: nn.Module) -> dict:
         """`probe(encoder)` for an encoder whose weights never change (a frozen teacher), cached on disk."""
+        encoder = fp32_module(encoder)  # a teacher in the float64 start probes as the same fp32 teacher
         key = self.cache_key("encoder", encoder)
         return self._cached("frozen", key, lambda: self.probe(encoder))
 

@@ -19,7 +19,6 @@ the teacher live while the float64 phase lasts and uses these fp32 targets after
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import CheckpointError
+from ..precision import fp32_module
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 
 VERSION = "2"
@@ -83,17 +83,10 @@ def compute_targets(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_
     return torch.cat(out)
 
 
-def _fp32(teacher: nn.Module) -> nn.Module:
-    """The teacher itself, or its fp32 copy when it is held in float64."""
-    if any(p.dtype == torch.float64 for p in teacher.parameters()):
-        return copy.deepcopy(teacher).float()
-    return teacher
-
-
 def load_or_compute(cfg: Config, teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int,
                     device: torch.device, folder: Path | None, channels_last: bool = False) -> tuple[torch.Tensor, str]:
     """The cached targets (from `folder` when present and valid) and where they came from."""
-    teacher = _fp32(teacher)
+    teacher = fp32_module(teacher)
     key = cache_key(teacher, inputs, preprocess, batch_size, target_settings(cfg, device, channels_last))
     path = folder / f"{key}.pt" if folder is not None else None
     if path is not None and path.exists():
