@@ -187,6 +187,20 @@ def test_failed_and_diverged_runs_are_results_not_crashes(tmp_path):
     assert results[1]["diverged_step"] >= 1
 
 
+def test_a_run_completed_by_another_sweep_after_planning_stays_completed(tmp_path):
+    # Two sweeps that share a run: the second planned it before the first finished it, so its worker
+    # found it done and wrote nothing. That is the run's result, not a failure — and the completed
+    # summary on disk must not be overwritten with "failed".
+    from randteach.runs.sweep import _collect_local, _summary_stamp, record_failure
+    cfg = expand(load_sweep(write_sweep(tmp_path, seeds=[0], base={**FAST, "probe.which": "[]"})))[0]
+    done = run_sweep([cfg], workers=0, progress=False)[0]
+    assert done["status"] == "completed"
+    stamp = _summary_stamp(cfg)  # the summary was there when the late worker started
+    assert _collect_local(cfg, 0, stamp, None)["status"] == "completed"
+    assert record_failure(cfg, "some later failure")["status"] == "failed"
+    assert RunDir(cfg.run_dir()).summary()["status"] == "completed"
+
+
 def test_submitit_local_executor_runs_a_two_run_sweep(tmp_path):
     configs = expand(load_sweep(write_sweep(tmp_path, grid={"init.alpha": [1e-10, 1.0]}, seeds=[0],
                                             base={**FAST, "probe.which": "[]"})))

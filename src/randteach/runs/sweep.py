@@ -147,14 +147,14 @@ def finished_summary(cfg: Config) -> dict | None:
 
 def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
     """Write a "failed" summary into the run directory, so reports list the run and a re-run retries it
-    (unless the directory holds another config's run: that is left alone)."""
+    (unless the directory holds another config's run, or this run completed: those are left alone)."""
     summary = {"status": "failed", "error": error, "traceback": detail, "config_digest": cfg.digest()}
     run = RunDir(cfg.run_dir())
     try:
         existing = run.summary()
     except ValueError:  # unreadable JSON: replace it
         existing = None
-    if existing and existing.get("config_digest") not in (None, cfg.digest()):
+    if existing and (existing.get("config_digest") not in (None, cfg.digest()) or _completed(existing, cfg)):
         return summary
     run.path.mkdir(parents=True, exist_ok=True)
     if not run.config_path.exists():
@@ -338,16 +338,23 @@ def _run_local(configs: list[Config], workers: int, progress: bool, stack: int =
 
 
 def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | None) -> dict:
-    """The result a worker left in its run directory; a worker that died without one is a failure,
-    unless the sweep itself was being stopped."""
-    summary = RunDir(cfg.run_dir()).summary() if _summary_stamp(cfg) != stamp else None
-    if summary is not None:
+    """The result a worker left in its run directory — or a completed run's summary that another process
+    wrote after this sweep was planned (two sweeps sharing runs; the worker then had nothing to do); a
+    worker that died without either is a failure, unless the sweep itself was being stopped."""
+    summary = RunDir(cfg.run_dir()).summary()
+    if summary is not None and (_summary_stamp(cfg) != stamp or _completed(summary, cfg)):
         return summary
     if stopping is not None:
         return {"status": "interrupted", "signal": signal.Signals(stopping).name}
-    how = (f"killed by {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
-           else f"exited with code {exitcode}")
-    return record_failure(cfg, f"worker process {how} before writing a summary (out of memory?)")
+    if exitcode is not None and exitcode < 0:
+        how = f"was killed by {signal.Signals(-exitcode).name} before writing a summary (out of memory?)"
+    else:
+        how = f"exited with code {exitcode} without writing a summary"
+    return record_failure(cfg, f"worker process {how}")
+
+
+def _completed(summary: dict, cfg: Config) -> bool:
+    return summary.get("status") == "completed" and summary.get("config_digest") in (None, cfg.digest())
 
 
 class _Progress:
