@@ -109,12 +109,13 @@ def test_a_run_that_starts_in_float64_trains_alone(tmp_path, init, stackable):
 
 
 def test_a_run_that_starts_in_float64_and_its_solo_twin_agree_in_a_stacked_sweep(tmp_path):
-    # The alpha = 1e-10 run of a stacked sweep is trained alone, so it is the solo run exactly.
+    # The alpha = 1e-10 run of a stacked sweep is trained alone, in float64 at first, so it is the solo run
+    # (up to the thread count's summation order: the sweep's worker may use more threads than this test).
     path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0])
     assert [r["status"] for r in run_sweep(expand(load_sweep(path)), stack=2)] == ["completed"] * 2
     near = next(c for c in expand(load_sweep(path)) if c.init.alpha == 1e-10)
     solo = distill(tiny_config(tmp_path / "solo", **FAST, init__alpha=1e-10), progress=False)
-    assert_same_student(solo.path, Path(near.run_dir()), rtol=0.0)
+    assert_same_student(solo.path, Path(near.run_dir()))
     assert any(r.get("event") == "precision" for r in RunDir(near.run_dir()).records())
 
 

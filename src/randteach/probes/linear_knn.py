@@ -7,8 +7,9 @@ This is the one probe implementation of the project; training, landscapes and sw
   L-BFGS with a strong-Wolfe line search. Protocol-stable: the number depends on the data, not on a
   learning rate or an epoch budget. 60,000 x 512 float32 features, 10 classes (Fashion-MNIST through a
   random ReLU layer, `benchmarks/bench_analysis.py`): 155-170 iterations at the probe's tolerance
-  `PROBE_TOL` (1e-4), 12.5 s on one core. Each iteration reads the features twice (logits and
-  gradient), so the time is memory-bound and grows 5-10x when other jobs share the cores.
+  `PROBE_TOL` (1e-4), 9.5-9.9 s on one core (11.4-11.6 s with autograd in the same measurement,
+  `benchmarks/probe_solver.py`). Objective and gradient are one pass over row blocks (`logistic_objective_and_grad`);
+  the time is memory-bound and grows several times when other jobs share the cores.
 - `linear_probe(method="adamw")`: the authors' protocol, an `nn.Linear` trained with AdamW (torch
   defaults) for 10 epochs, batch 256.
 - `knn_probe`: k = 20 (the paper), DINO's cosine-weighted vote (default) or the authors' unweighted
@@ -184,10 +185,9 @@ def logistic_objective(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor
 
 
 # Rows per block of the fused objective-and-gradient pass: a block of 512-d float32 features (8 MiB) is read
-# once for its logits and, while still in cache, for its gradient. Measured 2026-11-30 on the 2-core Xeon
-# (60,000 x 512 features, one thread, the other core busy; five evaluations per setting, three rounds): one
-# evaluation 90-95 ms against 112-124 ms for autograd on the same objective (1.25-1.35x); blocks of 2,048 to
-# 8,192 rows within noise of each other, one block of all rows 1.1-1.25x. A GPU gets one block (no Python loop).
+# once for its logits and, while still in cache, for its gradient, instead of twice from memory (autograd's
+# forward and backward). End to end, `benchmarks/probe_solver.py` measures the fused solver at 1.16-1.19x the
+# autograd one on one core (docs/PERFORMANCE.md). A GPU gets one block (no Python loop).
 _LOGREG_BLOCK_ROWS = 4096
 
 
