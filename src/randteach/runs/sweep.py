@@ -147,14 +147,14 @@ def finished_summary(cfg: Config) -> dict | None:
 
 def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
     """Write a "failed" summary into the run directory, so reports list the run and a re-run retries it
-    (unless the directory holds another config's run, or this run completed: those are left alone)."""
+    (unless the directory holds another config's run, or this run is finished: those are left alone)."""
     summary = {"status": "failed", "error": error, "traceback": detail, "config_digest": cfg.digest()}
     run = RunDir(cfg.run_dir())
     try:
         existing = run.summary()
     except ValueError:  # unreadable JSON: replace it
         existing = None
-    if existing and (existing.get("config_digest") not in (None, cfg.digest()) or _completed(existing, cfg)):
+    if existing and (existing.get("config_digest") not in (None, cfg.digest()) or finished_summary(cfg)):
         return summary
     run.path.mkdir(parents=True, exist_ok=True)
     if not run.config_path.exists():
@@ -341,8 +341,8 @@ def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | Non
     """The result a worker left in its run directory — or a completed run's summary that another process
     wrote after this sweep was planned (two sweeps sharing runs; the worker then had nothing to do); a
     worker that died without either is a failure, unless the sweep itself was being stopped."""
-    summary = RunDir(cfg.run_dir()).summary()
-    if summary is not None and (_summary_stamp(cfg) != stamp or _completed(summary, cfg)):
+    summary = RunDir(cfg.run_dir()).summary() if _summary_stamp(cfg) != stamp else finished_summary(cfg)
+    if summary is not None:
         return summary
     if stopping is not None:
         return {"status": "interrupted", "signal": signal.Signals(stopping).name}
@@ -352,9 +352,6 @@ def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | Non
         how = f"exited with code {exitcode} without writing a summary"
     return record_failure(cfg, f"worker process {how}")
 
-
-def _completed(summary: dict, cfg: Config) -> bool:
-    return summary.get("status") == "completed" and summary.get("config_digest") in (None, cfg.digest())
 
 
 class _Progress:
