@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from randteach.config import ENCODERS, ConfigError, HeadConfig, build_config
 from randteach.models import (DINOHead, DistillModel, LinearHead, build_encoder, build_head, build_model,
-                              count_parameters)
+                              count_parameters, unit_row_linear)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -292,6 +293,19 @@ def test_wn2_gradient_flows_through_the_normalization():
     g, w = head.lin2.weight.grad, head.lin2.weight.detach()
     # the gradient of a function of w/||w|| is orthogonal to w, row by row
     assert torch.allclose((g * w).sum(1), torch.zeros(7, dtype=torch.float64), atol=1e-12)
+
+
+def test_unit_row_linear_is_linear_with_unit_rows_in_value_and_gradient():
+    torch.manual_seed(3)
+    w0, b = torch.randn(7, 5, dtype=torch.float64) * 3, torch.randn(7, dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (lambda w: unit_row_linear(x, w, b), lambda w: F.linear(x, w / w.norm(dim=1, keepdim=True), b)):
+        w = w0.clone().requires_grad_()
+        y = fn(w)
+        (y * torch.arange(28, dtype=torch.float64).view(4, 7)).sum().backward()
+        outs.append(y.detach()), grads.append(w.grad)
+    assert torch.allclose(outs[0], outs[1], atol=1e-12) and torch.allclose(grads[0], grads[1], atol=1e-12)
 
 
 def scale_rows_(linear, factors):

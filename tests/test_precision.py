@@ -82,12 +82,35 @@ def _losses(steps):
     return [s["loss"] for s in steps]
 
 
+def _student_layout(tmp_path, **overrides) -> bool:
+    """Whether a run's student starts in channels-last memory format (its last conv weight: the first one,
+    with one input channel, is both layouts at once)."""
+    from randteach.train.distributed import Dist
+    from randteach.train.state import TrainState
+    cfg = tiny_config(tmp_path, out=str(tmp_path / "layout"), **{**PLAIN, **overrides})
+    run = RunDir(cfg.run_dir()).create()
+    state = TrainState.create_or_resume(cfg, run, Dist(), torch.device("cpu"))
+    conv = [m for m in state.student.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert state.conv_like == conv.weight.is_contiguous(memory_format=torch.channels_last)
+    return state.conv_like
+
+
+def test_channels_last_in_fp32_on_the_cpu_for_the_narrow_encoders_only(tmp_path):
+    assert _student_layout(tmp_path, train__precision="fp32")                                # convnet
+    assert not _student_layout(tmp_path, train__precision="fp32", train__channels_last=False)
+    assert not _student_layout(tmp_path, train__precision="fp32", model__encoder="vgg11", data__n_samples=8)
+    assert _student_layout(tmp_path, train__precision="bf16", model__encoder="vgg11", data__n_samples=8)
+
+
 def test_channels_last_gives_the_same_losses(tmp_path):
-    # channels-last applies under bf16 (train.channels_last is "for conv encoders under bf16")
     _, nhwc = _steps(tmp_path, "nhwc", **PLAIN, train__precision="bf16", train__channels_last=True)
     _, nchw = _steps(tmp_path, "nchw", **PLAIN, train__precision="bf16", train__channels_last=False)
     assert all(s["bf16"] for s in nhwc + nchw)
     assert _losses(nhwc) == pytest.approx(_losses(nchw), rel=1e-2)
+    # and in fp32 on the CPU (the convnet): the same losses to fp32 rounding
+    _, nhwc = _steps(tmp_path, "nhwc32", **PLAIN, train__channels_last=True)
+    _, nchw = _steps(tmp_path, "nchw32", **PLAIN, train__channels_last=False)
+    assert _losses(nhwc) == pytest.approx(_losses(nchw), rel=1e-5)
 
 
 def test_bf16_losses_follow_fp32(tmp_path):

@@ -159,7 +159,7 @@ class TrainConfig:
                          "bf16 on a CUDA device or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this", ge=0)
     float64_until_distance: float = opt(2.0 ** -23 * 1e3, "hold teacher and student in float64 from a locality / neighborhood init until ||theta_S - theta_T|| / ||theta_T|| exceeds this, then continue in fp32 (default 2^-23 * 1e3: fp32 resolution with 3 digits to spare; 0 = start in fp32, where a 1e-10 residue rounds away)", ge=0)
-    channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16")
+    channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16, and in fp32 on a CPU for the narrow ones where it is faster (convnet, resnet20, resnet56)")
     compile: bool = opt(False, "torch.compile the training step: the student's forward, head, loss and their backward as one graph, the teacher's forward as another")
     cuda_graphs: bool = opt(False, "with train.compile on a CUDA device: also record the compiled step as CUDA graphs (torch.compile mode reduce-overhead)")
     sync_bn: bool = opt(False, "under torchrun on CUDA: synchronize the student's batch-norm statistics across ranks (SyncBatchNorm)")

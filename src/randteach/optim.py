@@ -16,14 +16,35 @@ from .config import OptimConfig
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    """torch.optim's AdamW (Loshchilov & Hutter 2019, Alg. 2), Adam or SGD with momentum, in its fused
+    implementation where every parameter lives on a CPU or CUDA device: the same update, one kernel per
+    parameter instead of one per operation (AdamW on a 1.5M-parameter student, one CPU core: 1.1 ms per
+    step instead of 4.0 ms; benchmarks/RESULTS.md). Elsewhere (e.g. MPS) torch's default implementation."""
     params = [p for p in params if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                 fused=fused or None)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                fused=fused or None)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fused or None)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, with every moment buffer laid out in memory as its parameter is.
+
+    A checkpoint may come from a run whose student had another memory format (a stacked run resumed alone,
+    channels-last on one device and not on another), and torch's fused kernels walk parameter, gradient and
+    moments as flat memory: a buffer in another layout would pair the wrong elements without an error."""
+    optimizer.load_state_dict(state)
+    for param, buffers in optimizer.state.items():
+        for name, value in buffers.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                buffers[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:

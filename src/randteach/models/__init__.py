@@ -21,14 +21,14 @@ from torch import nn
 
 from ..config import ENCODERS, Config, ConfigError, check_encoder
 from .common import count_parameters, norm2d, resolve_norm
-from .heads import DINOHead, IdentityHead, LinearHead, build_head, unit_rows
+from .heads import DINOHead, IdentityHead, LinearHead, build_head, unit_row_linear
 from .resnet import SPECS as RESNETS, build_resnet
 from .small import build_small
 from .vgg import CONFIGS as VGGS, VGG
 from .vit import SIZES as VITS, build_vit
 
 __all__ = ["build_encoder", "build_head", "build_model", "count_parameters", "DistillModel",
-           "DINOHead", "LinearHead", "IdentityHead", "unit_rows", "norm2d"]
+           "DINOHead", "LinearHead", "IdentityHead", "unit_row_linear", "norm2d"]
 
 
 def build_encoder(name: str, in_channels: int = 3, image_size: int = 32, norm: str = "default",

@@ -12,10 +12,18 @@ from torch import nn
 from ..config import ConfigError, HeadConfig
 
 
-def unit_rows(weight):
-    """Weight normalization with the gain fixed at 1: every output unit's weight vector (a row of
-    torch's (out, in) weight, a column of the paper's V~) scaled to unit L2 norm."""
-    return F.normalize(weight, dim=1)
+def unit_row_linear(x, weight, bias=None):
+    """F.linear with weight normalization at gain 1 (every output unit's weight vector, a row of torch's
+    (out, in) weight and a column of the paper's V~, scaled to unit L2 norm), computed as
+    F.linear(x, weight) / ||row||: scaling a row of the weight scales that output unit, so no normalized
+    copy of the largest matrix of the model (2^16 x 256 in the paper) and its backward pass are needed.
+    The norm is clamped at F.normalize's eps."""
+    norms = weight.norm(dim=1).clamp_min(_NORMALIZE_EPS)
+    y = F.linear(x, weight) / norms
+    return y + bias if bias is not None else y
+
+
+_NORMALIZE_EPS = 1e-12  # F.normalize's default
 
 
 class DINOHead(nn.Module):
@@ -58,15 +66,14 @@ class DINOHead(nn.Module):
         """(B, in_dim) -> (B, bottleneck_dim): MLP, lin1, fn1."""
         z = self.mlp(x)
         if self.lin1 is not None:
-            w = unit_rows(self.lin1.weight) if self.wn1 else self.lin1.weight
-            z = F.linear(z, w, self.lin1.bias)
+            linear = unit_row_linear if self.wn1 else F.linear
+            z = linear(z, self.lin1.weight, self.lin1.bias)
         return F.normalize(z, dim=-1) if self.fn1 else z
 
     def last(self, z):
         """(B, bottleneck_dim) -> (B, out_dim): lin2, fn2."""
         if self.lin2 is not None:
-            w = unit_rows(self.lin2.weight) if self.wn2 else self.lin2.weight
-            z = F.linear(z, w)
+            z = unit_row_linear(z, self.lin2.weight) if self.wn2 else F.linear(z, self.lin2.weight)
         return F.normalize(z, dim=-1) if self.fn2 else z
 
     def forward(self, x):

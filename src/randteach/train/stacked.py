@@ -40,7 +40,7 @@ from ..config import Config, config_from_dict
 from ..errors import UserError
 from ..init import gradient_norm, init_report, parameter_distance
 from ..losses import distill_loss
-from ..optim import build_optimizer, lr_at, set_lr
+from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
@@ -209,7 +209,7 @@ class _Group:
             r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
             last = r.dir.checkpoints / "last.pt"
             if last.exists():
-                r.optimizer.load_state_dict(load_checkpoint(last)["optimizer"])
+                load_optimizer_state(r.optimizer, load_checkpoint(last)["optimizer"])
         self.losses_of = _stacked_losses(self.runs[0], cfg0, cached=self.targets is not None)
         self.prober = Prober(cfg0, in_channels, size, self.device) if cfg0.probe.which else None
         self.t_start = time.perf_counter()

@@ -22,7 +22,7 @@ from ..data.augment import Augment, augmenter, local_side
 from ..errors import UserError
 from ..init import init_report, parameter_norm
 from ..losses import Centering
-from ..optim import build_optimizer
+from ..optim import build_optimizer, load_optimizer_state
 from ..precision import Float64Start, fp32_state, uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ..runs.rundir import RunDir, check_config_digest
@@ -159,7 +159,8 @@ class TrainState:
         teacher.requires_grad_(False)
         student.train()
         bf16 = uses_bf16(cfg.train.precision, device)
-        conv_like = inputs.dim() == 4 and cfg.train.channels_last and bf16
+        conv_like = inputs.dim() == 4 and cfg.train.channels_last and (
+            bf16 or (device.type == "cpu" and getattr(student.encoder, "fp32_cpu_channels_last", False)))
         if conv_like:
             teacher.to(memory_format=torch.channels_last)
             student.to(memory_format=torch.channels_last)
@@ -185,7 +186,7 @@ class TrainState:
         load_weights(self.student, saved["student"], self.last_path)  # another architecture's checkpoint
         self.teacher.load_state_dict(saved["teacher"])
         self.student_init.load_state_dict(saved["student_init"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])
         self.step = int(saved["step"])
         self.wall_before = float(saved["wall_time_s"])
         self.bf16_on = bool(saved["bf16_on"])
