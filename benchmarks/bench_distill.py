@@ -41,8 +41,9 @@ from randteach.train.setup import build_teacher_and_student, load_training_input
 
 loop_state = importlib.import_module("randteach.train.state")  # its clock (`time`) stamps each record
 
-# Each optimization alone, and all together. channels-last applies only under bf16 (train.channels_last
-# is documented as "for conv encoders under bf16"), so it is measured on top of bf16.
+# Each optimization alone, and all together. For the wide encoders (VGG, ImageNet ResNets) channels-last
+# applies only under bf16, so it is measured on top of bf16; the narrow ones (convnet, CIFAR ResNets) use it
+# in fp32 on a CPU too (the `cpu` variant).
 VARIANTS = {  # key: (label, config overrides on top of everything off)
     "off": ("ours, all off (fp32)", {}),
     "bf16": ("bf16 autocast", {"train.precision": "bf16"}),
@@ -56,9 +57,13 @@ VARIANTS = {  # key: (label, config overrides on top of everything off)
                        "train.compile": "true"}),
     # not ours: the hand-tuned baseline a GPU user would write (`tuned_steps`); no overrides apply to it
     "tuned": ("tuned hand-written loop: bf16 + precomputed teacher + compiled step", {}),
+    # ours as the CPU demo runs: fp32, the teacher cache, channels-last (on by default for the narrow encoders)
+    "cpu": ("ours, CPU path: fp32 + teacher cache (+ channels-last for narrow encoders)",
+            {"train.teacher_cache": "true", "train.channels_last": "true"}),
+    "tuned-cpu": ("tuned hand-written CPU loop: fp32 + precomputed teacher + channels-last + fused AdamW", {}),
 }
 PLAIN = ("plain", "plain fp32 loop")
-BASELINES = (PLAIN[0], "tuned")  # measured by their own loops, not by `distill`
+BASELINES = (PLAIN[0], "tuned", "tuned-cpu")  # measured by their own loops, not by `distill`
 
 
 @dataclass
@@ -151,16 +156,27 @@ def _plain_setup_on_device(w: Workload, root: Path):
     return x_all.to(w.device), teacher.to(w.device), student.to(w.device)
 
 
-def plain_steps(w: Workload, root: Path) -> dict:
-    """The baseline: a minimal hand-written fp32 distillation loop over the same model and batch."""
-    x_all, teacher, student = _plain_setup_on_device(w, root)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
-    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0)).to(w.device)
+def _timed_steps(w: Workload, n_images: int, step) -> dict:
+    """Wall and CPU seconds of `w.warmup + w.steps` calls of step(rows), each on the next batch of a fixed
+    random order of the images (a hand-written loop's data order)."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(0)).to(w.device)
     times, cpu = [], []
     for i in range(w.warmup + w.steps):
         sync(w.device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        idx = order[(i * w.batch) % len(x_all):][:w.batch]
+        step(order[(i * w.batch) % n_images:][:w.batch])
+        sync(w.device)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"step_s": times, "cpu_s": cpu}
+
+
+def plain_steps(w: Workload, root: Path) -> dict:
+    """The baseline: a minimal hand-written fp32 distillation loop over the same model and batch."""
+    x_all, teacher, student = _plain_setup_on_device(w, root)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step(idx):
         x = x_all[idx]
         with torch.no_grad():
             t = teacher(x)
@@ -168,10 +184,7 @@ def plain_steps(w: Workload, root: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sync(w.device)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return {"step_s": times, "cpu_s": cpu}
+    return _timed_steps(w, len(x_all), step)
 
 
 def our_steps(w: Workload, root: Path, extra: dict) -> dict:
@@ -196,16 +209,19 @@ def our_steps(w: Workload, root: Path, extra: dict) -> dict:
             "bf16": [r["bf16"] for r in steps]}
 
 
+def _precomputed_targets(w: Workload, x_all, teacher) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([teacher(x_all[i:i + w.batch]) for i in range(0, len(x_all), w.batch)])
+
+
 def tuned_steps(w: Workload, root: Path) -> dict:
     """The tuned baseline: the plain loop with the teacher's outputs precomputed once, bf16 autocast on the
     student's forward and the forward + loss compiled as one graph (its backward compiled by AOTAutograd),
     fused AdamW on CUDA. What an engineer paying for GPU hours writes by hand."""
     x_all, teacher, student = _plain_setup_on_device(w, root)
-    with torch.no_grad():
-        targets = torch.cat([teacher(x_all[i:i + w.batch]) for i in range(0, len(x_all), w.batch)])
+    targets = _precomputed_targets(w, x_all, teacher)
     fused = {"fused": True} if w.device.startswith("cuda") else {}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0, **fused)
-    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0)).to(w.device)
     device_type = torch.device(w.device).type
 
     @torch.compile(dynamic=False)
@@ -214,18 +230,28 @@ def tuned_steps(w: Workload, root: Path) -> dict:
             s = student(x)
         return _ce(s.float(), t)
 
-    times, cpu = [], []
-    for i in range(w.warmup + w.steps):
-        sync(w.device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        idx = order[(i * w.batch) % len(x_all):][:w.batch]
+    def step(idx):
         optimizer.zero_grad(set_to_none=True)
         loss_of(x_all[idx], targets[idx]).backward()
         optimizer.step()
-        sync(w.device)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return {"step_s": times, "cpu_s": cpu}
+    return _timed_steps(w, len(x_all), step)
+
+
+def tuned_cpu_steps(w: Workload, root: Path) -> dict:
+    """The tuned CPU baseline: the plain fp32 loop with the teacher's outputs precomputed once, model and
+    images in channels-last memory format and fused AdamW, eager (on this CPU torch.compile and bf16
+    without AMX are slower: docs/PERFORMANCE.md). What an engineer tuning the step for a CPU writes by hand."""
+    x_all, teacher, student = _plain_setup_on_device(w, root)
+    targets = _precomputed_targets(w, x_all, teacher)
+    x_all = x_all.contiguous(memory_format=torch.channels_last)
+    student = student.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+
+    def step(idx):
+        optimizer.zero_grad(set_to_none=True)
+        _ce(student(x_all[idx]), targets[idx]).backward()
+        optimizer.step()
+    return _timed_steps(w, len(x_all), step)
 
 
 def build_teacher_cache(w: Workload, root: Path) -> dict:
@@ -260,12 +286,15 @@ def count_flops(w: Workload, root: Path) -> dict:
 
 
 def measure(kind: str, w: Workload, root: Path, extra: dict | None = None) -> dict:
-    """One measurement in this process: 'plain', 'tuned', 'ours' (with overrides `extra`), 'cache' or 'flops'."""
+    """One measurement in this process: 'plain', 'tuned', 'tuned-cpu', 'ours' (with overrides `extra`), 'cache'
+    or 'flops'."""
     load = os.getloadavg()[0]
     if kind == "plain":
         out = plain_steps(w, root)
     elif kind == "tuned":
         out = tuned_steps(w, root)
+    elif kind == "tuned-cpu":
+        out = tuned_cpu_steps(w, root)
     elif kind == "ours":
         out = our_steps(w, root, extra or {})
     elif kind == "cache":

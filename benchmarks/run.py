@@ -33,6 +33,9 @@ from bench_distill import BASELINES, PLAIN, VARIANTS, Workload
 HERE = Path(__file__).resolve().parent
 TINY = Workload(encoder="convnet", width=8, data="digits", n_samples=256, batch=64, hidden_dims=[64],
                 bottleneck_dim=16, out_dim=64, warmup=1, steps=1)
+# `make demo`'s step (the cpu preset): convnet width 16, head 512-512 -> 256 -> 4096, batch 64, Fashion-MNIST
+DEMO = Workload(encoder="convnet", width=16, batch=64, hidden_dims=[512, 512], bottleneck_dim=256, out_dim=4096,
+                warmup=10, steps=20)
 
 
 def parse_args(argv):
@@ -52,6 +55,10 @@ def parse_args(argv):
                    "(e.g. vgg11,resnet18): one distillation table per encoder, all in this one run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement (default 1 on the "
                    "CPU, 3 on a GPU, where compilation and cuDNN autotuning take the first steps)")
+    p.add_argument("--workload", choices=("paper", "demo"), default="paper",
+                   help="paper: VGG11 with the paper's head at batch 256 (--encoder picks others); demo: the step "
+                        "of `make demo` (convnet width 16, batch 64), where the CPU path's choices show")
+    p.add_argument("--distill-only", action="store_true", help="skip the probe and landscape sections")
     p.add_argument("--tiny", action="store_true", help="tiny model and data, one thread, in-process, no "
                    "compile: checks the harness in seconds (the numbers mean nothing)")
     return p.parse_args(argv)
@@ -103,6 +110,8 @@ def main(argv=None) -> dict:
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     encoders = [e.strip() for e in args.encoder.split(",") if e.strip()]
     w = Workload(steps=args.steps, device=args.device, encoder=encoders[0], warmup=warmup)
+    if args.workload == "demo":
+        w = Workload(**{**asdict(DEMO), "device": args.device})
     if args.tiny:
         w, args.threads = Workload(**{**asdict(TINY), "steps": 1}), 1
         variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true" and v != "tuned"]
@@ -122,14 +131,10 @@ def main(argv=None) -> dict:
         results.update(distill_tables(w, variants, args.rounds, root, measure, isolate=not args.tiny))
         results["more_encoders"] = [distill_tables(Workload(**{**asdict(w), "encoder": e}), variants, args.rounds,
                                                    root, measure, isolate=not args.tiny) for e in encoders[1:]]
-        print("probes", file=sys.stderr, flush=True)
-        feature_kw = {"data": "digits", "dim": 32} if args.tiny else {}
-        threads = (args.threads,) if args.tiny or on_gpu else tuple(sorted({args.threads, os.cpu_count() or 1}))
-        results["probes"] = bench_analysis.probe_times(reps=1 if args.tiny else args.probe_reps, threads=threads,
-                                                       device=args.device, **feature_kw)
-        print("landscape", file=sys.stderr, flush=True)
-        results["landscape"] = bench_analysis.landscape_rate(w.overrides(root / "unused", root),
-                                                             n_loss=64 if args.tiny else 256)
+        if args.distill_only:
+            results["probes"] = results["landscape"] = None
+        else:
+            _analysis_sections(results, args, on_gpu, w, root)
     results["matmul_end"] = bench_machine.matmul_flops(n_matmul, device=args.device)
     results["load_end"] = bench_machine.load_average()
     results["wall_s"] = time.perf_counter() - started
@@ -139,6 +144,18 @@ def main(argv=None) -> dict:
         print(f"{t['verdict']:>12}  {t['name']}: {bench_report._shown(t)} (goal {t['goal']})")
     print(f"wrote {args.out} in {results['wall_s'] / 60:.1f} min")
     return results
+
+
+def _analysis_sections(results: dict, args, on_gpu: bool, w: Workload, root: Path) -> None:
+    """The probe timings and the landscape rate."""
+    print("probes", file=sys.stderr, flush=True)
+    feature_kw = {"data": "digits", "dim": 32} if args.tiny else {}
+    threads = (args.threads,) if args.tiny or on_gpu else tuple(sorted({args.threads, os.cpu_count() or 1}))
+    results["probes"] = bench_analysis.probe_times(reps=1 if args.tiny else args.probe_reps, threads=threads,
+                                                   device=args.device, **feature_kw)
+    print("landscape", file=sys.stderr, flush=True)
+    results["landscape"] = bench_analysis.landscape_rate(w.overrides(root / "unused", root),
+                                                         n_loss=64 if args.tiny else 256)
 
 
 if __name__ == "__main__":
