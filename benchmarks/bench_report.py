@@ -99,6 +99,11 @@ def _shown(t: dict) -> str:
     return t["shown"] if t["value"] is not None else "-"
 
 
+def _secs(x: float) -> str:
+    """Seconds with three significant digits: 9.83, 0.0274 (a 27 ms CPU step keeps its digits)."""
+    return f"{x:.3g}"
+
+
 def _gib(b: float) -> str:
     return f"{b / 2 ** 30:.2f} GiB"
 
@@ -124,15 +129,15 @@ def _distill_section(results: dict, title: str) -> list[str]:
               "Python, torch, data, both models, optimizer state).", "",
               "| variant | wall s/step (per round) | images/s | × plain, wall | CPU s/step (per round) | "
               "× plain, CPU | × ours-off, CPU | FLOP/step | % bf16 matmul, CPU | % fp32 matmul, CPU | peak RSS | "
-              "warm-up step(s) s |",
+              "warm-up s, per round |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in s["variants"].items():
         wl, cp = v["wall"], v["cpu"]
-        warm = ", ".join(f"{x:.1f}" for run in v["warmup_s"] for x in run)
+        warm = ", ".join(_secs(sum(run)) for run in v["warmup_s"])  # per round: all its warm-up steps
         xo = f"{cp['x_off']:.2f}" if cp["x_off"] else "-"
-        lines.append(f"| {v['label']} | {wl['s_per_step']:.2f} ({', '.join(f'{x:.2f}' for x in wl['per_round'])}) | "
-                     f"{wl['images_per_s']:.1f} | {wl['x_plain']:.2f} | {cp['s_per_step']:.2f} "
-                     f"({', '.join(f'{x:.2f}' for x in cp['per_round'])}) | **{cp['x_plain']:.2f}** | {xo} | "
+        lines.append(f"| {v['label']} | {_secs(wl['s_per_step'])} ({', '.join(_secs(x) for x in wl['per_round'])}) | "
+                     f"{wl['images_per_s']:.1f} | {wl['x_plain']:.2f} | {_secs(cp['s_per_step'])} "
+                     f"({', '.join(_secs(x) for x in cp['per_round'])}) | **{cp['x_plain']:.2f}** | {xo} | "
                      f"{v['step_flops'] / 1e9:.4g} G | {100 * cp['frac_bf16']:.0f} % | {100 * cp['frac_fp32']:.0f} % | "
                      f"{_gib(v['peak_rss'])} | {warm} |")
     f = results["flops"]
@@ -222,6 +227,6 @@ def markdown(results: dict) -> str:
         for key in r["order"]:
             res = r["results"][key]
             lines.append(f"| {i + 1} | {r['order'].index(key) + 1} | {_label(key)} | "
-                         f"{', '.join(f'{x:.2f}' for x in res['step_s'])} | {', '.join(f'{x:.2f}' for x in res['cpu_s'])} | "
+                         f"{', '.join(_secs(x) for x in res['step_s'])} | {', '.join(_secs(x) for x in res['cpu_s'])} | "
                          f"{res['load'][0]:.1f} → {res['load'][1]:.1f} |")
     return "\n".join(lines) + "\n"
