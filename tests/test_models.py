@@ -308,6 +308,26 @@ def test_unit_row_linear_is_linear_with_unit_rows_in_value_and_gradient():
     assert torch.allclose(outs[0], outs[1], atol=1e-12) and torch.allclose(grads[0], grads[1], atol=1e-12)
 
 
+def test_unit_row_linear_gradient_passes_gradcheck_batched_vmapped_and_at_a_zero_row():
+    torch.manual_seed(4)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    for x in (torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)):
+        assert torch.autograd.gradcheck(unit_row_linear, (x.requires_grad_(), w))
+    # stacked runs vmap the head: per-run gradients equal the runs' own
+    ws, xs = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
+    loss = lambda w, x: unit_row_linear(x, w).pow(2).sum()
+    direct = lambda w, x: F.linear(x, w / w.norm(dim=1, keepdim=True)).pow(2).sum()
+    expected = torch.stack([torch.func.grad(direct)(ws[k], xs[k]) for k in range(3)])
+    assert torch.allclose(torch.func.vmap(torch.func.grad(loss))(ws, xs), expected, atol=1e-12)
+    # an all-zero row: F.normalize's clamp, output 0, and a finite gradient (its norm's gradient is cut)
+    w0 = w.detach().clone()
+    w0[2] = 0
+    w0.requires_grad_()
+    y = unit_row_linear(xs[0], w0)
+    y.sum().backward()
+    assert torch.equal(y[:, 2].detach(), torch.zeros(5, dtype=torch.float64)) and torch.isfinite(w0.grad).all()
+
+
 def scale_rows_(linear, factors):
     with torch.no_grad():
         linear.weight.mul_(factors[:, None])

@@ -6,6 +6,7 @@ Every head exposes `bottleneck(x)` (the features a cache may store) and `last(z)
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -14,16 +15,51 @@ from ..config import ConfigError, HeadConfig
 
 def unit_row_linear(x, weight, bias=None):
     """F.linear with weight normalization at gain 1 (every output unit's weight vector, a row of torch's
-    (out, in) weight and a column of the paper's V~, scaled to unit L2 norm), computed as
-    F.linear(x, weight) / ||row||: scaling a row of the weight scales that output unit, so no normalized
-    copy of the largest matrix of the model (2^16 x 256 in the paper) and its backward pass are needed.
-    The norm is clamped at F.normalize's eps."""
-    norms = weight.norm(dim=1).clamp_min(_NORMALIZE_EPS)
-    y = F.linear(x, weight) / norms
+    (out, in) weight and a column of the paper's V~, scaled to unit L2 norm):
+        y = x W~^T + b,  W~_j = W_j / ||W_j||,
+    computed as y_j = (x W^T)_j / ||W_j|| (scaling a row of the weight scales that output unit), so no
+    normalized copy of the largest matrix of the model (2^16 x 256 in the paper) is made. Its gradient is
+    written out (`_UnitRowLinear.backward`): autograd's route through the norm takes five passes over the
+    weight, this one."""
+    y = _UnitRowLinear.apply(x, weight)
     return y + bias if bias is not None else y
 
 
-_NORMALIZE_EPS = 1e-12  # F.normalize's default
+_NORMALIZE_EPS = 1e-12  # F.normalize's default: the norm is clamped there
+
+
+class _UnitRowLinear(torch.autograd.Function):
+    """y = (x W^T) / n with n_j = max(||W_j||, eps). With y_bj = z_bj / n_j, z = x W^T and dn_j/dW_j = W_j / n_j
+    (zero where the clamp holds):
+        dL/dx = (g / n) W
+        dL/dW = (g / n)^T x - c_j W_j,  c_j = sum_b g_bj y_bj / n_j^2   (c = 0 where the clamp holds)."""
+
+    generate_vmap_rule = True  # stacked runs vmap the head (train/stacked.py)
+
+    @staticmethod
+    def forward(x, weight):
+        norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(_NORMALIZE_EPS)
+        return F.linear(x, weight) / norms
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight = inputs
+        ctx.save_for_backward(x, weight, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        raw = torch.linalg.vector_norm(weight, dim=1)
+        norms = raw.clamp_min(_NORMALIZE_EPS)
+        scaled = grad / norms                                                       # g / n, (..., out)
+        grad_x = scaled @ weight if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            rows = (grad * y).reshape(-1, y.shape[-1]).sum(0)                        # sum_b g_bj y_bj
+            c = torch.where(raw > _NORMALIZE_EPS, rows / norms.square(), 0.0)
+            grad_w = torch.addmm(weight * -c.unsqueeze(1), scaled.reshape(-1, y.shape[-1]).t(),
+                                 x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_w
 
 
 class DINOHead(nn.Module):

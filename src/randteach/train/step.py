@@ -7,10 +7,12 @@ What it returns stays on the device (`StepMetrics`): the loop reads it every `tr
 so a GPU never waits for the host between steps. The one exception is the bf16 gate while it is
 still closed: it needs ||theta_S - theta_T|| on the host before the step (see `bf16_gate`).
 
-`train.compile` compiles the student's forward, its head, the loss and (through AOTAutograd) their
-backward as one graph, and the teacher's forward as another; `train.cuda_graphs` also records both as
-CUDA graphs. Shapes are static (`dynamic=False`): the last partial batch of an epoch and the fp32 -> bf16
-switch each compile one more graph, once per run, which is cheaper than dynamic-shape kernels on every step.
+`train.compile` on a GPU compiles the student's forward, its head, the loss and (through AOTAutograd)
+their backward as one graph, and the teacher's forward as another; `train.cuda_graphs` also records both
+as CUDA graphs. On a CPU it compiles the heads and the loss and leaves the encoders eager (see
+`_cpu_compiled`). Shapes are static (`dynamic=False`): the last partial batch of an epoch and the
+fp32 -> bf16 switch each compile one more graph, once per run, which is cheaper than dynamic-shape
+kernels on every step.
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ class StudentForward(nn.Module):
     teacher-student difference (VGG11 on an H100, Fashion-MNIST, 5 epochs: student linear probe 53 %
     under a bf16 head, 83 % in fp32)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, gate: Float64Start):
+    def __init__(self, model: nn.Module, device: torch.device, gate: Float64Start, head: Callable | None = None):
         super().__init__()
         self.model, self.device, self.gate = model, device, gate
+        self.head = head or model.head  # a function (e.g. the compiled head), not a submodule
 
     def forward(self, views: list[torch.Tensor], bf16: bool) -> list[torch.Tensor]:
         """The head outputs of each view. Consecutive views of one shape go through the encoder as one
@@ -49,7 +52,7 @@ class StudentForward(nn.Module):
         head takes all their features at once."""
         with autocast(self.device, bf16):  # the encoder only
             features = [self.model.encoder(_cat(group)) for group in _same_shape_runs(views)]
-        out = self.model.head(self.gate.cast(_cat(features)))  # fp32 (float64 during the float64 start)
+        out = self.head(self.gate.cast(_cat(features)))  # fp32 (float64 during the float64 start)
         return list(out.split([len(v) for v in views]))
 
 
@@ -89,20 +92,63 @@ class StepMetrics:
 
 def build_step_functions(state: TrainState) -> StepFunctions:
     cfg, device = state.cfg, state.device
-    gate = state.gate
-    student = state.ddp.wrap(StudentForward(state.student, device, gate), sync_bn=cfg.train.sync_bn)
+    if cfg.train.cuda_graphs and cfg.train.compile and device.type != "cuda":
+        raise UserError(f"train.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
+                        "set --train.cuda_graphs false")
+    if cfg.train.compile and device.type == "cpu":
+        return _cpu_compiled(state)
+    fns = _step_functions(state, student_head=None, teacher_head=state.teacher.head, loss_wrap=lambda f: f)
+    if not cfg.train.compile:
+        return fns
+    compiled = _compiler(cfg)
+    return StepFunctions(fns.student, compiled(fns.teacher_out), compiled(fns.student_loss), fns.dtype,
+                         cfg.train.cuda_graphs)
+
+
+def _compiler(cfg) -> Callable:
+    mode = "reduce-overhead" if cfg.train.cuda_graphs else None
+    return lambda fn: torch.compile(fn, dynamic=False, mode=mode)
+
+
+def _cpu_compiled(state: TrainState) -> StepFunctions:
+    """train.compile on a CPU: the student's head, the loss (with their backward) and the teacher's head
+    compiled, the encoders eager. Inductor's CPU code for a conv encoder (max-pooling, ReLU and layout changes
+    around oneDNN's convolutions) is slower than eager's kernels, while the heads and the loss gain: convnet
+    width 16, head 512-512-256-4096, batch 64, one core of the development Xeon: 24 ms per step eager, 39 ms
+    with the whole step compiled, 20 ms with this scope (docs/PERFORMANCE.md)."""
+    compiled = _compiler(state.cfg)
+    head = state.teacher.head
+    teacher_head = _TeacherHead(compiled(lambda z: head(z)), compiled(lambda z: head.last(z)))
+    student_head = state.student.head
+    return _step_functions(state, student_head=compiled(lambda z: student_head(z)), teacher_head=teacher_head,
+                           loss_wrap=compiled)
+
+
+class _TeacherHead:
+    """The teacher head's two entry points (the whole head, and `last` for cached bottleneck outputs)."""
+
+    def __init__(self, whole: Callable, last: Callable):
+        self.whole, self.last = whole, last
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.whole(z)
+
+
+def _step_functions(state: TrainState, student_head, teacher_head, loss_wrap: Callable) -> StepFunctions:
+    """The eager step's functions, with the student's head, the teacher's head and the loss given."""
+    cfg, device, gate = state.cfg, state.device, state.gate
+    student = state.ddp.wrap(StudentForward(state.student, device, gate, student_head), sync_bn=cfg.train.sync_bn)
     teacher, targets, loss_cfg = state.teacher, state.targets, cfg.loss
 
     @torch.no_grad()
     def teacher_out(x: torch.Tensor, rows: torch.Tensor, bf16: bool) -> torch.Tensor:
         if targets is not None and not gate.active:  # the cache: only the head's last layer runs per step
-            return teacher.head.last(targets[rows])
+            return teacher_head.last(targets[rows])
         with autocast(device, bf16):  # the float64 start runs the live teacher in float64
             features = teacher.encoder(x)
-        return teacher.head(gate.cast(features))
+        return teacher_head(gate.cast(features))
 
-    def loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return distill_loss(loss_cfg.name, s, t, loss_cfg.teacher_temp, loss_cfg.student_temp)
+    loss = loss_wrap(lambda s, t: distill_loss(loss_cfg.name, s, t, loss_cfg.teacher_temp, loss_cfg.student_temp))
 
     def student_loss(views: list[torch.Tensor], t: list[torch.Tensor], bf16: bool) -> torch.Tensor:
         s = student(views, bf16)
@@ -110,14 +156,7 @@ def build_step_functions(state: TrainState) -> StepFunctions:
             return loss(s[0], t[0])
         return multicrop_loss(t, s, loss)
 
-    if not cfg.train.compile:
-        return StepFunctions(student, teacher_out, student_loss, gate.dtype)
-    if cfg.train.cuda_graphs and device.type != "cuda":
-        raise UserError(f"train.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
-                        "set --train.cuda_graphs false")
-    mode = "reduce-overhead" if cfg.train.cuda_graphs else None
-    compiled = lambda fn: torch.compile(fn, dynamic=False, mode=mode)
-    return StepFunctions(student, compiled(teacher_out), compiled(student_loss), gate.dtype, cfg.train.cuda_graphs)
+    return StepFunctions(student, teacher_out, student_loss, gate.dtype)
 
 
 def bf16_gate(state: TrainState) -> bool:
