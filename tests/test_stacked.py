@@ -64,6 +64,35 @@ def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim)
             == 64 * 16 * 4
 
 
+def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_runs(tmp_path):
+    # One run clips its gradients, one diverges (lr 1e30: the parameters overflow within a few steps), records
+    # are written every 5 steps: each run's records, status and diverged step are those of its solo twin.
+    varied = [{"train__seed": 0, "init__alpha": 0.5, "optim__grad_clip": 1e-3},
+              {"train__seed": 1, "init__alpha": 0.5, "optim__lr": 1e30},
+              {"train__seed": 2, "init__alpha": 0.5}]
+    common = {**FAST, "train__log_every": 5}
+    summaries = train_stacked([tiny_config(tmp_path / f"stack{i}", **common, **v) for i, v in enumerate(varied)])
+    for i, v in enumerate(varied):
+        solo = distill(tiny_config(tmp_path / f"solo{i}", **common, **v), progress=False)
+        stacked_run = RunDir(tiny_config(tmp_path / f"stack{i}", **common, **v).run_dir())
+        for key in ("status", "steps", "diverged_step", "reason"):
+            assert summaries[i].get(key) == solo.summary.get(key), key
+        mine, theirs = ([r for r in RunDir(p).records() if r.get("event") == "step"] for p in (stacked_run.path, solo.path))
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs]
+        for a, b in zip(mine, theirs):
+            for key in ("loss", "grad_norm", "loss_mean"):
+                x, y = a.get(key), b.get(key)
+                if isinstance(y, float):  # non-finite values are logged as strings ("nan", "inf")
+                    assert x == pytest.approx(y, rel=1e-4), (i, a["step"], key)
+                else:
+                    assert x == y, (i, a["step"], key)
+        if summaries[i]["status"] == "completed":
+            assert_same_student(solo.path, stacked_run.path)
+    assert [s["status"] for s in summaries] == ["completed", "diverged", "completed"]
+    clipped = [r["grad_norm"] for r in RunDir(tiny_config(tmp_path / "stack0", **common, **varied[0]).run_dir()).steps()]
+    assert min(clipped) > 1e-3  # the norms logged are before clipping, and clipping was active on every step
+
+
 def test_a_solo_resume_continues_a_stacked_checkpoint(tmp_path):
     # last.pt of a stacked run has the solo format: `distill --resume` finishes a run that a stack began.
     half = [tiny_config(tmp_path / f"stack{i}", **{**FAST, "train__max_steps": 10}, **v)

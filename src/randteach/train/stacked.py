@@ -10,8 +10,10 @@ Each run keeps everything a run of `randteach distill` has: its run directory wi
 metrics.jsonl, checkpoints (teacher.pt, student_init.pt, student_step<N>.pt, last.pt, student.pt) and
 summary.json, in the same format. Per run, its own data order (`epoch_order` of its seed), learning rate
 and optimizer: each run's student module keeps real parameters, but their storage is that run's slice of
-the stacked tensors, so the run's torch.optim optimizer (built by `build_optimizer`), `gradient_norm`,
-`parameter_distance`, the Prober and `state_dict` act on that run exactly as in a solo run. A stacked
+the stacked tensors, so the run's torch.optim optimizer (built by `build_optimizer`), the loop's MetricsLog
+(distances, the divergence check, the records), the Prober and `state_dict` act on that run exactly as in a
+solo run. Gradient norms and clipping are computed for all K runs at once on the stacked gradients, and no
+value is read to the host between logged steps. A stacked
 group can be killed and re-run: each run resumes from its own last.pt (and a solo `randteach distill
 --resume` can finish it too).
 
@@ -34,20 +36,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import Config, config_from_dict
 from ..errors import UserError
-from ..init import gradient_norm, init_report, parameter_distance
+from ..init import init_report
 from ..losses import distill_loss
 from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
-from .callbacks import StopFlag
+from .callbacks import MetricsLog, StopFlag, StopRun
+from .distributed import Dist
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
 from .state import Plan
+from .step import StepMetrics
 
 # Config keys whose values may differ inside one stack: none changes a tensor's shape or the step's code.
 PER_RUN_KEYS = frozenset({
@@ -112,28 +117,38 @@ def stack_groups(cfgs: list[Config], k: int) -> tuple[list[list[int]], dict[int,
 
 
 class _Run:
-    """One run of a stack: its config, directory, modules, optimizer and bookkeeping."""
+    """One run of a stack: its config, directory, modules, optimizer and bookkeeping. It carries the
+    attributes of a solo run's TrainState that the loop's MetricsLog reads (run, ddp, plan, step, wall,
+    last_loss), so that each run's metrics are read, logged and checked for divergence by the solo code."""
 
     def __init__(self, cfg: Config, teacher: nn.Module, student: nn.Module, init_info: dict):
-        self.cfg, self.dir = cfg, RunDir(cfg.run_dir())
+        self.cfg, self.run = cfg, RunDir(cfg.run_dir())
         self.teacher, self.student, self.init_info = teacher, student, init_info
         self.student_init = copy.deepcopy(student).requires_grad_(False)
         self.optimizer: torch.optim.Optimizer | None = None
-        self.wall_before = 0.0
+        self.ddp = Dist()
+        self.plan: Plan | None = None
+        self.step = 0
+        self.wall_before, self.t_start = 0.0, 0.0
         self.teacher_probe: dict | None = None
         self.rng = _seeded_rng(cfg.train.seed)
         self.status: str | None = None  # set when the run has finished (completed, diverged, interrupted)
         self.last_loss = float("nan")
-        self.pending: dict = {}  # the last step's loss, gradient norm and lr, logged every log_every steps
+        self.metrics = MetricsLog(tqdm(disable=True))  # the step values, on the device until read
+        self.pending: StepMetrics | None = None        # the last step's values, for self.metrics
         self.summary: dict = {}
         self.data_seed = seeds(cfg)["data"]
 
-    def state(self, step: int, wall: float) -> dict:
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
+
+    def state(self) -> dict:
         """last.pt in the format of a solo run: a solo `distill --resume` can continue it."""
         return {"student": _owned(self.student.state_dict()), "teacher": self.teacher.state_dict(),
                 "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": step, "wall_time_s": wall, "bf16_on": False, "init": self.init_info, "center": None,
-                "rng": self.rng, "teacher_probe": self.teacher_probe or {}}
+                "step": self.step, "wall_time_s": self.wall(), "bf16_on": False, "init": self.init_info,
+                "center": None, "rng": self.rng, "teacher_probe": self.teacher_probe or {},
+                "last_loss": self.last_loss}
 
 
 def _seeded_rng(seed: int) -> dict:
@@ -207,21 +222,20 @@ class _Group:
         self.s_params, self.s_buffers, self.t_params, self.t_buffers = _stack(self.runs)
         for r in self.runs:
             r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
-            last = r.dir.checkpoints / "last.pt"
+            last = r.run.checkpoints / "last.pt"
             if last.exists():
                 load_optimizer_state(r.optimizer, load_checkpoint(last)["optimizer"])
         self.losses_of = _stacked_losses(self.runs[0], cfg0, cached=self.targets is not None)
         self.prober = Prober(cfg0, in_channels, size, self.device) if cfg0.probe.which else None
-        self.t_start = time.perf_counter()
-
-    def wall(self, r: _Run) -> float:
-        return r.wall_before + time.perf_counter() - self.t_start
+        t_start = time.perf_counter()
+        for r in self.runs:
+            r.plan, r.step, r.t_start = self.plan, self.step, t_start
 
     def active(self) -> list[tuple[int, _Run]]:
         return [(k, r) for k, r in enumerate(self.runs) if r.status is None]
 
     def finish(self, r: _Run, status: str, step: int, **extra) -> None:
-        _finish(r, self.plan, status, step, self.wall(r), self.device, **extra)
+        _finish(r, self.plan, status, step, self.device, **extra)
 
 
 def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
@@ -261,7 +275,9 @@ def _stack(runs: list[_Run]) -> tuple[dict, dict, dict, dict]:
 
 
 def _group_step(g: _Group) -> None:
-    """One step of every run: each run's own batch, one stacked forward/backward, each run's optimizer step."""
+    """One step of every run: each run's own batch, one stacked forward/backward, per-run gradient norms and
+    clipping computed on the stacked gradients, then each run's optimizer step. Nothing is read to the host:
+    each run's loss and gradient norm stay on the device until its MetricsLog reads them."""
     plan, step = g.plan, g.step
     epoch, offset = divmod(step, plan.steps_per_epoch)
     idx = [epoch_order(plan.n, r.data_seed, epoch)[offset * plan.batch:(offset + 1) * plan.batch] for r in g.runs]
@@ -272,72 +288,89 @@ def _group_step(g: _Group) -> None:
         p.grad = None
     losses = g.losses_of(g.s_params, g.s_buffers, g.t_params, g.t_buffers, x, teacher_in)     # (K,)
     losses.sum().backward()  # runs are independent: each slice's gradient is its own run's
-    loss_values = losses.tolist()
+    norms = _grad_norms(g.s_params)
+    _clip(g, norms)
+    losses = losses.detach().double()
     for k, r in g.active():
-        _run_update(g, k, r, loss_values[k])
+        lr = lr_at(r.cfg.optim, step, plan.total_steps)
+        for name, p in r.student.named_parameters():
+            p.grad = g.s_params[name].grad[k]
+        # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
+        # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
+        # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
+        # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
+        set_lr(r.optimizer, lr)
+        r.optimizer.step()
+        r.pending = StepMetrics(losses[k], norms[k], lr, False)
 
 
-def _run_update(g: _Group, k: int, r: _Run, loss: float) -> None:
-    """Run k's part of the step: its gradient slice, clipping, the divergence check and its optimizer step."""
-    lr = lr_at(r.cfg.optim, g.step, g.plan.total_steps)
-    for name, p in r.student.named_parameters():
-        p.grad = g.s_params[name].grad[k]
-    grad_norm = gradient_norm(r.student)
-    if r.cfg.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(r.student.parameters(), r.cfg.optim.grad_clip)
-    if not math.isfinite(loss) or not math.isfinite(grad_norm):
-        r.dir.log({"event": "step", "step": g.step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr})
-        g.finish(r, "diverged", g.step + 1, diverged_step=g.step + 1, reason="non-finite loss or gradient")
+@torch.no_grad()
+def _grad_norms(stacked: dict) -> torch.Tensor:
+    """(K,) gradient norms, one per run, from the stacked gradients: one reduction per parameter for all K
+    runs, accumulated in float64 as `init.total_grad_norm` is for a solo run (non-finite exactly when a
+    run's gradient is)."""
+    per_param = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float64)
+                 for p in stacked.values() if p.grad is not None]
+    return torch.stack(per_param).pow(2).sum(0).sqrt()
+
+
+@torch.no_grad()
+def _clip(g: _Group, norms: torch.Tensor) -> None:
+    """Each run's optim.grad_clip, on the stacked gradients: torch.nn.utils.clip_grad_norm_'s rule
+    g <- g * min(1, max_norm / (||g|| + 1e-6)), with max_norm = inf for a run without clipping."""
+    limits = [r.cfg.optim.grad_clip or math.inf for r in g.runs]
+    if all(math.isinf(v) for v in limits):
         return
-    # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
-    # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
-    # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
-    # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
-    set_lr(r.optimizer, lr)
-    r.optimizer.step()
-    r.last_loss = loss
-    r.pending = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+    coef = (torch.tensor(limits, dtype=torch.float64, device=norms.device) / (norms + 1e-6)).clamp(max=1.0)
+    for p in g.s_params.values():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype).view(-1, *[1] * (p.grad.dim() - 1)))
 
 
 def _after_step(g: _Group, r: _Run) -> None:
-    """What follows a step for one run, as the solo loop's hooks: the log record, a probe, a checkpoint."""
-    step, plan = g.step, g.plan
-    if plan.logs_at(step) and not _log_step(g, r):
+    """What follows a step for one run, as the solo loop's hooks: its metrics (read every log_every steps and
+    before a probe or a checkpoint, where a non-finite step ends the run as diverged), a probe, a checkpoint."""
+    r.step = g.step
+    try:
+        r.metrics.after_step(r, r.pending)
+    except StopRun as stop:
+        g.finish(r, stop.status, stop.steps, **stop.extra)
         return
+    step, plan = g.step, g.plan
     if g.prober is not None and step in plan.probe_steps and step != plan.total_steps:
         _probe(r, g.prober, step, plan.probe_steps[step])
     if step in plan.checkpoint_steps:
-        save_checkpoint(r.state(step, g.wall(r)), r.dir.checkpoints / "last.pt")
-        _save_student(r, step, r.dir.checkpoints / f"student_step{step}.pt")
+        save_checkpoint(r.state(), r.run.checkpoints / "last.pt")
+        _save_student(r, step, r.run.checkpoints / f"student_step{step}.pt")
 
 
-def _log_step(g: _Group, r: _Run) -> bool:
-    """The step's metrics record; False (and the run ends as diverged) if a parameter is non-finite."""
-    dist_teacher = parameter_distance(r.student, r.teacher)
-    if not math.isfinite(dist_teacher):
-        g.finish(r, "diverged", g.step, diverged_step=g.step, reason="non-finite parameters")
+def _flushed(g: _Group, r: _Run) -> bool:
+    """Read the run's last steps; False (and the run ends as diverged) if one of them was non-finite."""
+    try:
+        r.metrics.flush(r)
+        return True
+    except StopRun as stop:
+        g.finish(r, stop.status, stop.steps, **stop.extra)
         return False
-    r.dir.log({"event": "step", "step": g.step, "epoch": g.step / g.plan.steps_per_epoch, "loss": r.pending["loss"],
-               "grad_norm": r.pending["grad_norm"], "dist_teacher": dist_teacher,
-               "dist_init": parameter_distance(r.student, r.student_init), "lr": r.pending["lr"],
-               "bf16": False, "time": g.wall(r)})
-    return True
 
 
 def _interrupt(g: _Group, signum: int) -> None:
     """SIGTERM/SIGINT: every active run writes its resumable state and ends as "interrupted"."""
     for _, r in g.active():
-        save_checkpoint(r.state(g.step, g.wall(r)), r.dir.checkpoints / "last.pt")
-        g.finish(r, "interrupted", g.step, signal=signal.Signals(signum).name)
+        if _flushed(g, r):
+            save_checkpoint(r.state(), r.run.checkpoints / "last.pt")
+            g.finish(r, "interrupted", g.step, signal=signal.Signals(signum).name)
 
 
 def _complete(g: _Group, r: _Run) -> None:
     """The end of a run that trained all its steps: the final probe, last.pt, student.pt and summary.json."""
+    if not _flushed(g, r):
+        return
     # A stop inside the last step may have logged the final probe already (then it is not repeated).
-    if g.prober is not None and not any(p.get("step") == g.step for p in r.dir.probes()):
+    if g.prober is not None and not any(p.get("step") == g.step for p in r.run.probes()):
         _probe(r, g.prober, g.step, g.step / g.plan.steps_per_epoch)
-    save_checkpoint(r.state(g.step, g.wall(r)), r.dir.checkpoints / "last.pt")
-    _save_student(r, g.step, r.dir.checkpoints / "student.pt")
+    save_checkpoint(r.state(), r.run.checkpoints / "last.pt")
+    _save_student(r, g.step, r.run.checkpoints / "student.pt")
     g.finish(r, "completed", g.step, final_loss=r.last_loss)
 
 
@@ -359,7 +392,7 @@ def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
     """Load each run's last.pt (all at one step), or write its teacher.pt and student_init.pt; the step."""
     step = 0
     for r in runs:
-        last = r.dir.checkpoints / "last.pt"
+        last = r.run.checkpoints / "last.pt"
         if last.exists():
             state = load_checkpoint(last)
             r.student.load_state_dict(state["student"])
@@ -368,14 +401,14 @@ def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
             r.wall_before, r.init_info, r.rng = float(state["wall_time_s"]), state["init"], state["rng"]
             r.teacher_probe = state.get("teacher_probe") or None
             step = int(state["step"])
-            r.dir.truncate_after(step)
+            r.run.truncate_after(step)
         else:
-            for f in (r.dir.metrics_path, r.dir.summary_path):
+            for f in (r.run.metrics_path, r.run.summary_path):
                 f.unlink(missing_ok=True)
             save_checkpoint({"model": r.teacher.state_dict(), "role": "teacher", "in_channels": in_channels,
-                             "image_size": size}, r.dir.checkpoints / "teacher.pt")
+                             "image_size": size}, r.run.checkpoints / "teacher.pt")
             save_checkpoint({"model": r.student.state_dict(), "role": "student_init"},
-                            r.dir.checkpoints / "student_init.pt")
+                            r.run.checkpoints / "student_init.pt")
     return step
 
 
@@ -436,16 +469,16 @@ def _probe(r: _Run, prober: Prober, step: int, epoch: float) -> None:
         record["student"] = prober.probe(r.student.encoder)
     if "input" in which:
         record["input"] = prober.input()
-    r.dir.log(record)
+    r.run.log(record)
 
 
 def _save_student(r: _Run, step: int, path: Path) -> None:
     save_checkpoint({"model": _owned(r.student.state_dict()), "role": "student", "step": step}, path)
 
 
-def _finish(r: _Run, plan: Plan, status: str, step: int, wall: float, device, **extra) -> None:
+def _finish(r: _Run, plan: Plan, status: str, step: int, device, **extra) -> None:
     """summary.json as a solo run writes it."""
     r.status = status
-    r.summary = run_summary(r.dir, status=status, steps=step, epochs=step / plan.steps_per_epoch, wall=wall,
+    r.summary = run_summary(r.run, status=status, steps=step, epochs=step / plan.steps_per_epoch, wall=r.wall(),
                             init=r.init_info, digest=r.cfg.digest(), device=device, precision="fp32", **extra)
-    r.dir.write_summary(r.summary)
+    r.run.write_summary(r.summary)
