@@ -1,0 +1,175 @@
+"""The CPU step, part by part: what each choice of the CPU path is worth, each against its alternative in
+the same run (one thread, median of repeated timings, alternating order). Writes (or replaces) the section
+"## CPU step, part by part" of benchmarks/RESULTS-demo.md.
+
+- optimizer: one torch.optim AdamW step over the demo student's parameters, default (for-loop) vs fused;
+- layout: one fp32 training step (student forward, loss, backward, fused AdamW) per encoder, NCHW vs
+  channels-last (the rule in `fp32_cpu_channels_last` of each encoder class);
+- weight-normalized layer: forward + backward of the head's last layer (64 x 256 -> 4096), F.normalize
+  of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
+- compile scope: the demo's step eager, with the whole step compiled, and with only the head and the loss
+  compiled (what `train.compile` does on a CPU).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_parts.py          # ~4 min on 2 cores
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_parts.py --quick  # seconds, no compile
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bench_machine
+from bench_stacked import upsert_section
+from randteach.config import build_config
+from randteach.losses import distill_loss
+from randteach.models.heads import unit_row_linear
+from randteach.train.setup import build_teacher_and_student
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## CPU step, part by part"
+DEMO_HEAD = {"head.hidden_dims": "[512, 512]", "head.bottleneck_dim": "256", "head.out_dim": "4096"}
+# encoder, its overrides, image side, batch: the demo's convnet, a wider one, a CIFAR ResNet, the papers' VGG11
+ENCODERS = [("convnet w16", {"model.encoder": "convnet", "model.width": "16"}, 28, 64),
+            ("convnet w32", {"model.encoder": "convnet", "model.width": "32"}, 28, 64),
+            ("resnet20 (layer norm)", {"model.encoder": "resnet20", "model.norm": "layer"}, 32, 64),
+            ("vgg11", {"model.encoder": "vgg11"}, 32, 32)]
+
+
+def median_ms(fn, reps: int, inner: int) -> list[float]:
+    """`reps` timings of `inner` calls each, in ms per call, after two untimed calls."""
+    fn(), fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - start) / inner * 1e3)
+    return out
+
+
+def alternating(cases: dict, reps: int, inner: int) -> dict:
+    """Each case timed `reps` times, the cases alternating, so that a drifting load weighs on all alike."""
+    times = {name: [] for name in cases}
+    for r in range(reps):
+        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            times[name] += median_ms(cases[name], 1, inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def student(overrides: dict, side: int, layout, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = build_config("cpu", None, {**DEMO_HEAD, **overrides, "init.mode": "independent"})
+    _, model = build_teacher_and_student(cfg, 1, side)
+    return model.train().to(memory_format=layout)
+
+
+def step_fn(model, side: int, batch: int, layout, loss_of=None):
+    """One training step of `model` on a fixed batch against fixed targets (the teacher cache's situation)."""
+    x = torch.empty(batch, 1, side, side, memory_format=layout).normal_()
+    target = torch.randn(batch, model.head.out_dim)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    loss_of = loss_of or (lambda x, t: distill_loss("ce", model(x), t))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(x, target).backward()
+        optimizer.step()
+    return step
+
+
+def optimizer_rows(reps: int) -> list[tuple]:
+    params = [p for p in student(ENCODERS[0][1], 28, torch.contiguous_format).parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    cases = {kind: torch.optim.AdamW(params, lr=1e-3, fused=(kind == "fused")).step for kind in ("for-loop", "fused")}
+    t = alternating(cases, reps, 20)
+    return [("AdamW step, demo student", f"{n / 1e6:.2f} M parameters", "for-loop (torch's CPU default)",
+             t["for-loop"], "fused", t["fused"])]
+
+
+def layout_rows(reps: int) -> list[tuple]:
+    rows = []
+    for name, overrides, side, batch in ENCODERS:
+        cases = {fmt: step_fn(student(overrides, side, layout), side, batch, layout)
+                 for fmt, layout in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last))}
+        inner = 2 if name == "vgg11" else 10
+        t = alternating(cases, reps, inner)
+        rule = student(overrides, side, torch.contiguous_format).encoder.fp32_cpu_channels_last
+        rows.append((f"fp32 step, {name}", f"batch {batch}, {side} px; channels-last used: {'yes' if rule else 'no'}",
+                     "NCHW", t["NCHW"], "channels-last", t["NHWC"]))
+    return rows
+
+
+def head_rows(reps: int) -> list[tuple]:
+    torch.manual_seed(0)
+    w = (torch.randn(4096, 256) * 0.02).requires_grad_()
+    z = F.normalize(torch.randn(64, 256), dim=-1).requires_grad_()
+    g = torch.randn(64, 4096)
+
+    def normalized():
+        F.linear(z, F.normalize(w, dim=1)).backward(g)
+
+    def ours():
+        unit_row_linear(z, w).backward(g)
+    t = alternating({"normalize": normalized, "ours": ours}, reps, 20)
+    return [("weight-normalized last layer, forward + backward", "64 x 256 -> 4096", "F.normalize(W) then F.linear",
+             t["normalize"], "unit_row_linear", t["ours"])]
+
+
+def compile_rows(reps: int) -> list[tuple]:
+    name, overrides, side, batch = ENCODERS[0]
+    layout = torch.channels_last
+    models = {k: student(overrides, side, layout) for k in ("eager", "whole", "heads")}
+    whole_model, heads_model = models["whole"], models["heads"]
+    head = torch.compile(lambda f: heads_model.head(f), dynamic=False)
+    loss = torch.compile(lambda s, t: distill_loss("ce", s, t), dynamic=False)
+    cases = {"eager": step_fn(models["eager"], side, batch, layout),
+             "whole": step_fn(whole_model, side, batch, layout,
+                              torch.compile(lambda x, t: distill_loss("ce", whole_model(x), t), dynamic=False)),
+             "heads": step_fn(heads_model, side, batch, layout, lambda x, t: loss(head(heads_model.encoder(x)), t))}
+    t = alternating(cases, reps, 10)
+    return [("demo step, whole step compiled", f"{name}, batch {batch}", "eager", t["eager"], "torch.compile", t["whole"]),
+            ("demo step, head and loss compiled (train.compile on a CPU)", f"{name}, batch {batch}", "eager", t["eager"],
+             "torch.compile", t["heads"])]
+
+
+def markdown(rows: list[tuple], argv: list[str], started: float) -> str:
+    cmd = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_parts.py " + " ".join(argv)
+    lines = [SECTION, "",
+             f"- command: `{cmd.strip()}`",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
+             f"{(time.time() - started) / 60:.1f} min",
+             f"- machine: {bench_machine.cpu_model()}, torch {torch.__version__} with {torch.get_num_threads()} "
+             f"thread(s); load average at the end {bench_machine.load_average()[0]:.2f}",
+             "- each case timed in alternation with its alternative, median of the repetitions, ms per call", "",
+             "| what | setting | alternative | ms | ours | ms | ours × alternative |", "|---|---|---|---|---|---|---|"]
+    for what, setting, alt, t_alt, ours, t_ours in rows:
+        lines.append(f"| {what} | {setting} | {alt} | {t_alt:.2f} | {ours} | {t_ours:.2f} | **{t_alt / t_ours:.2f}×** |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5, help="timings per case (alternating)")
+    p.add_argument("--quick", action="store_true", help="two repetitions, no VGG11, no compile (a smoke test)")
+    p.add_argument("--out", default=str(HERE / "RESULTS-demo.md"))
+    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    reps = 2 if args.quick else args.reps
+    if args.quick:
+        ENCODERS[:] = ENCODERS[:1]
+    rows = optimizer_rows(reps) + layout_rows(reps) + head_rows(reps) + ([] if args.quick else compile_rows(reps))
+    upsert_section(Path(args.out), markdown(rows, argv, started))
+    print(markdown(rows, argv, started))
+
+
+if __name__ == "__main__":
+    main()
