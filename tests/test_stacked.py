@@ -166,6 +166,7 @@ def test_sweep_stack_trains_stackable_runs_together_and_the_rest_alone(tmp_path,
     assert [r["status"] for r in results] == ["completed"] * 4
     assert "as 3 stack(s) of up to 4" in err                     # the two frozen runs together, each EMA run alone
     assert err.count("not stacked:") == 2 and "teacher.mode=ema" in err
+    assert "note: on a CPU a stack pays only" in err               # the measured advice, once
     from randteach.cli import main
     assert main(["report", str(tmp_path / "runs")]) == 0          # stacked and solo runs read alike
     assert "| frozen |" in (tmp_path / "runs" / "report.md").read_text()

@@ -18,8 +18,8 @@ from .config import OptimConfig
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     """torch.optim's AdamW (Loshchilov & Hutter 2019, Alg. 2), Adam or SGD with momentum, in its fused
     implementation where every parameter lives on a CPU or CUDA device: the same update, one kernel per
-    parameter instead of one per operation (AdamW on a 1.5M-parameter student, one CPU core: 1.1 ms per
-    step instead of 4.0 ms; benchmarks/RESULTS.md). Elsewhere (e.g. MPS) torch's default implementation."""
+    parameter instead of one per operation (AdamW on the demo's 1.5M-parameter student, one CPU core: about
+    1.0 ms per step instead of 5.5; benchmarks/cpu_step_parts.py). Elsewhere (e.g. MPS) torch's default."""
     params = [p for p in params if p.requires_grad]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     if cfg.name == "adamw":

@@ -86,8 +86,8 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.embed_dim = c
-        # channels-last in fp32 on a CPU (train.channels_last) pays for the narrow CIFAR ResNets (ResNet20 step:
-        # 220 -> 192 ms), not for the ImageNet widths (ResNet18: equal within noise); docs/PERFORMANCE.md
+        # channels-last in fp32 on a CPU (train.channels_last) pays for the narrow CIFAR ResNets (ResNet20 step
+        # 1.16-1.24x, benchmarks/cpu_step_parts.py), not for the ImageNet widths (ResNet18: equal within noise)
         self.fp32_cpu_channels_last = widths == CIFAR_WIDTHS
         he_init_(self)
 

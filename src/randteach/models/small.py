@@ -50,8 +50,8 @@ class ConvNet(nn.Module):
     2x2 max-pool after the first three, global average pool -> 4w features (128 at w = 32)."""
 
     # Faster in channels-last memory format in fp32 on a CPU too (train.channels_last): the NCHW max-pool
-    # kernel is several times slower than the NHWC one. One training step, Fashion-MNIST, batch 64, one core
-    # of the Xeon development VM: 45 -> 31 ms at width 16, 58 -> 46 ms at width 32 (docs/PERFORMANCE.md).
+    # kernel is several times slower than the NHWC one. One training step at batch 64 on one core of the Xeon
+    # development VM, widths 16 and 32: 1.1-1.4x (benchmarks/cpu_step_parts.py, docs/PERFORMANCE.md).
     fp32_cpu_channels_last = True
 
     def __init__(self, in_channels: int, width: int = 32, norm: str = "none"):

@@ -216,10 +216,16 @@ def _jobs(configs: list[Config], todo: list[int], stack: int, log: "_Progress") 
     """The runs to do as worker jobs: one run each, or (stack > 1) groups of up to `stack` stackable runs."""
     if stack <= 1:
         return [[i] for i in todo]
+    from ..train.setup import resolve_device
     from ..train.stacked import stack_groups
     groups, alone = stack_groups([configs[i] for i in todo], stack)
     for j, why in alone.items():
         log.line(f"not stacked: {configs[todo[j]].run_dir()}: {why}")
+    stacked = [g for g in groups if len(g) > 1]
+    if stacked and resolve_device(configs[todo[stacked[0][0]]].train.device).type == "cpu":
+        log.line("note: on a CPU a stack pays only where per-operation overhead bounds the step (tiny models and "
+                 "batches); a conv encoder at batch 64 trains 2x faster one run at a time, with --workers for the "
+                 "cores (docs/PERFORMANCE.md, Stacked runs)")
     return [[todo[j] for j in g] for g in groups]
 
 

@@ -113,9 +113,9 @@ def _compiler(cfg) -> Callable:
 def _cpu_compiled(state: TrainState) -> StepFunctions:
     """train.compile on a CPU: the student's head, the loss (with their backward) and the teacher's head
     compiled, the encoders eager. Inductor's CPU code for a conv encoder (max-pooling, ReLU and layout changes
-    around oneDNN's convolutions) is slower than eager's kernels, while the heads and the loss gain: convnet
-    width 16, head 512-512-256-4096, batch 64, one core of the development Xeon: 24 ms per step eager, 39 ms
-    with the whole step compiled, 20 ms with this scope (docs/PERFORMANCE.md)."""
+    around oneDNN's convolutions) is slower than eager's kernels, while the heads and the loss gain: the demo's
+    step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs 0.54-0.57x
+    eager with the whole step compiled and 1.04-1.06x with this scope (benchmarks/cpu_step_parts.py)."""
     compiled = _compiler(state.cfg)
     head = state.teacher.head
     teacher_head = _TeacherHead(compiled(lambda z: head(z)), compiled(lambda z: head.last(z)))
