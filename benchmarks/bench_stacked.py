@@ -86,7 +86,7 @@ def run(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in args.encoders:
-            workload = {**WORKLOADS[name], **(TINY if args.tiny else {})}
+            workload = {**WORKLOADS[name], **(TINY if args.tiny else {}), "train.device": args.device}
             for k in args.k:
                 # One-at-a-time runs cost the same for any K: time min(K, solo_runs) of them.
                 solo_k = min(k, args.solo_runs)
@@ -111,12 +111,14 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
     cmd = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py " + shlex.join(args.argv)
     w = {**COMMON, **(TINY if args.tiny else {})}
-    lines = [SECTION + (", tiny workload (digits)" if args.tiny else ""), "",
+    where = "" if args.device == "cpu" else f", {args.device}"
+    lines = [SECTION + (", tiny workload (digits)" if args.tiny else "") + where, "",
              f"- command: `{cmd.strip()}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
              f"{(time.time() - started) / 60:.1f} min",
              f"- machine: {machine['cpu']}, {machine['cores']} cores, torch {torch.__version__} with "
-             f"{torch.get_num_threads()} thread(s), host `{machine['host']}` (shared: load averages below)",
+             f"{torch.get_num_threads()} thread(s), host `{machine['host']}` (shared: load averages below)"
+             + (f"; device {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
              f"- workload: {w['data.name']} ({w['data.n_samples']} images), batch {w['train.batch_size']}, DINO head "
              f"{w['head.hidden_dims']} → {w['head.bottleneck_dim']} → {w['head.out_dim']}, CE, AdamW, alpha 0.5, fp32; "
              "convnet width " + ("8" if args.tiny else "16") + ", ResNet20 with model.norm=layer; runs differ in "
@@ -160,6 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--solo-runs", type=int, default=2, help="one-at-a-time runs timed per K (their cost does not "
                    "depend on K)")
     p.add_argument("--tiny", action="store_true", help="digits, width 8, a 64-wide head: seconds (a smoke test)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each step's time is read after the loop's "
+                   "per-step host read, so it includes the device's work)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

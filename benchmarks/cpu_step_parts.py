@@ -3,8 +3,8 @@ the same run (one thread, median of repeated timings, alternating order). Writes
 "## CPU step, part by part" of benchmarks/RESULTS-demo.md.
 
 - optimizer: one torch.optim AdamW step over the demo student's parameters, default (for-loop) vs fused;
-- layout: one fp32 training step (student forward, loss, backward, fused AdamW) per encoder, NCHW vs
-  channels-last (the rule in `fp32_cpu_channels_last` of each encoder class);
+- layout: one fp32 training step (student forward, loss, backward, fused AdamW) per encoder, in the memory
+  format the encoder's `fp32_cpu_channels_last` picks ("ours") vs the other one;
 - weight-normalized layer: forward + backward of the head's last layer (64 x 256 -> 4096), F.normalize
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
 - compile scope: the demo's step eager, with the whole step compiled, and with only the head and the loss
@@ -101,9 +101,10 @@ def layout_rows(reps: int) -> list[tuple]:
                  for fmt, layout in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last))}
         inner = 2 if name == "vgg11" else 10
         t = alternating(cases, reps, inner)
-        rule = student(overrides, side, torch.contiguous_format).encoder.fp32_cpu_channels_last
-        rows.append((f"fp32 step, {name}", f"batch {batch}, {side} px; channels-last used: {'yes' if rule else 'no'}",
-                     "NCHW", t["NCHW"], "channels-last", t["NHWC"]))
+        rule = getattr(student(overrides, side, torch.contiguous_format).encoder, "fp32_cpu_channels_last", False)
+        ours, alt = ("NHWC", "NCHW") if rule else ("NCHW", "NHWC")
+        label = {"NHWC": "channels-last", "NCHW": "NCHW"}
+        rows.append((f"fp32 step, {name}", f"batch {batch}, {side} px", label[alt], t[alt], label[ours], t[ours]))
     return rows
 
 

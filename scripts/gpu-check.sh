@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # What we run when a GPU machine is at hand (none in CI): the CUDA tests, the whole suite with its tiny runs
-# on the GPU, `make bench` on the GPU for VGG11 and ResNet18, and a short run of the paper recipe on
-# Fashion-MNIST (the machine may have no internet, so no CIFAR). Logs and results go to OUT_DIR.
+# on the GPU, `make bench` on the GPU for VGG11 and ResNet18, stacked runs against one at a time on the GPU,
+# and a short run of the paper recipe on Fashion-MNIST (the machine may have no internet, so no CIFAR).
+# Logs and results go to OUT_DIR.
 #
-#   scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench]      # default: all three
+#   scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench] [stacked]      # default: all four
 #   PYTHON=python3 EPOCHS=20 scripts/gpu-check.sh /tmp/gpu paper
 #
 # Runs from a source checkout without installing (PYTHONPATH=src); needs torch with CUDA, numpy, pyyaml,
 # tqdm, matplotlib, scikit-learn, pillow, pytest (and pytest-xdist for a parallel suite).
 set -uo pipefail
-out=${1:?usage: scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench]}
+out=${1:?usage: scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench] [stacked]}
 shift
-parts=${*:-tests paper bench}
+parts=${*:-tests paper bench stacked}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # Installed (editable) where pip can, since tests start `python -m randteach.cli` with their own PYTHONPATH.
@@ -53,7 +54,11 @@ for part in $parts; do
           --rounds "${ROUNDS:-2}" \
           --out "$out/bench-gpu-$enc.md" 2>&1 | tail -8
       done ;;
-    *) echo "unknown part $part (tests, paper, bench)"; exit 2 ;;
+    stacked)
+      stamp "stacked runs on the GPU (K = ${STACK_K:-1,4,16})"
+      timeout "${BENCH_TIMEOUT:-600}" "$py" benchmarks/bench_stacked.py --device cuda --k "${STACK_K:-1,4,16}" \
+        --steps "${STACK_STEPS:-12}" --warmup 4 --out "$out/bench-gpu-stacked.md" 2>&1 | tail -8 ;;
+    *) echo "unknown part $part (tests, paper, bench, stacked)"; exit 2 ;;
   esac
 done
 stamp done
