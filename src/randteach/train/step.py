@@ -10,9 +10,8 @@ still closed: it needs ||theta_S - theta_T|| on the host before the step (see `b
 `train.compile` on a GPU compiles the student's forward, its head, the loss and (through AOTAutograd)
 their backward as one graph, and the teacher's forward as another; `train.cuda_graphs` also records both
 as CUDA graphs. On a CPU it compiles the heads and the loss and leaves the encoders eager (see
-`_cpu_compiled`). Shapes are static (`dynamic=False`): the last partial batch of an epoch and the
-fp32 -> bf16 switch each compile one more graph, once per run, which is cheaper than dynamic-shape
-kernels on every step.
+`_cpu_compiled_parts`). Shapes are static (`dynamic=False`), and the compiled forms run only at the shapes
+of a full batch and in the run's final precision (`StepFunctions.for_chunk`): one graph per run each.
 """
 from __future__ import annotations
 
@@ -41,18 +40,17 @@ class StudentForward(nn.Module):
     teacher-student difference (VGG11 on an H100, Fashion-MNIST, 5 epochs: student linear probe 53 %
     under a bf16 head, 83 % in fp32)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, gate: Float64Start, head: Callable | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, gate: Float64Start):
         super().__init__()
         self.model, self.device, self.gate = model, device, gate
-        self.head = head or model.head  # a function (e.g. the compiled head), not a submodule
 
-    def forward(self, views: list[torch.Tensor], bf16: bool) -> list[torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], bf16: bool, head: Callable | None = None) -> list[torch.Tensor]:
         """The head outputs of each view. Consecutive views of one shape go through the encoder as one
         batch (the global crops together, the local crops together, as DINO's MultiCropWrapper does); the
-        head takes all their features at once."""
+        head (the model's, or `head`: its compiled form) takes all their features at once."""
         with autocast(self.device, bf16):  # the encoder only
             features = [self.model.encoder(_cat(group)) for group in _same_shape_runs(views)]
-        out = self.head(self.gate.cast(_cat(features)))  # fp32 (float64 during the float64 start)
+        out = (head or self.model.head)(self.gate.cast(_cat(features)))  # fp32 (float64 in the float64 start)
         return list(out.split([len(v) for v in views]))
 
 
@@ -73,12 +71,25 @@ def _same_shape_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 @dataclass
 class StepFunctions:
-    """What one micro-batch runs, eager or compiled."""
+    """What one micro-batch runs: the eager functions, and with train.compile their compiled forms, used for
+    the batches of the run's final shapes and precision (`for_chunk`)."""
     student: nn.Module                        # StudentForward, DDP-wrapped when distributed
     teacher_out: Callable                     # (x, rows, bf16) -> teacher head outputs, no gradient
     student_loss: Callable                    # (student views, teacher outputs per view, bf16) -> batch-mean loss
     dtype: torch.dtype = torch.float32        # the models' dtype they were built for (float64 start)
     graphs: bool = False                      # CUDA graphs: mark each step's start
+    compiled: tuple[Callable, Callable] | None = None   # (teacher_out, student_loss) compiled
+    static_rows: frozenset[int] = frozenset()            # the micro-batch sizes of a full global batch
+
+    def for_chunk(self, rows: int, final_precision: bool) -> tuple[Callable, Callable]:
+        """(teacher_out, student_loss) for a micro-batch of `rows` rows. The compiled forms run only at the
+        shapes of a full batch and in the run's final precision: the epoch's last, partial batch and the
+        phases before it (the float64 start, fp32 until the bf16 gate opens) run eager, so each compiled
+        function compiles one graph per run instead of one per shape and precision (a GPU compile takes
+        about a minute, a CPU one tens of seconds)."""
+        if self.compiled is not None and final_precision and rows in self.static_rows:
+            return self.compiled
+        return self.teacher_out, self.student_loss
 
 
 @dataclass
@@ -95,14 +106,19 @@ def build_step_functions(state: TrainState) -> StepFunctions:
     if cfg.train.cuda_graphs and cfg.train.compile and device.type != "cuda":
         raise UserError(f"train.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
                         "set --train.cuda_graphs false")
-    if cfg.train.compile and device.type == "cpu":
-        return _cpu_compiled(state)
-    fns = _step_functions(state, student_head=None, teacher_head=state.teacher.head, loss_wrap=lambda f: f)
+    student = state.ddp.wrap(StudentForward(state.student, device, state.gate), sync_bn=cfg.train.sync_bn)
+    eager = _Parts(None, state.teacher.head, _loss_function(cfg))
+    fns = StepFunctions(student, *_functions(state, student, eager), state.gate.dtype)
     if not cfg.train.compile:
         return fns
     compiled = _compiler(cfg)
-    return StepFunctions(fns.student, compiled(fns.teacher_out), compiled(fns.student_loss), fns.dtype,
-                         cfg.train.cuda_graphs)
+    if device.type == "cpu":
+        fns.compiled = _functions(state, student, _cpu_compiled_parts(state, compiled))
+    else:
+        fns.compiled = (compiled(fns.teacher_out), compiled(fns.student_loss))
+        fns.graphs = cfg.train.cuda_graphs
+    fns.static_rows = frozenset(len(c) for c in state.ddp.shard(torch.arange(state.plan.batch)).split(state.plan.micro))
+    return fns
 
 
 def _compiler(cfg) -> Callable:
@@ -110,18 +126,30 @@ def _compiler(cfg) -> Callable:
     return lambda fn: torch.compile(fn, dynamic=False, mode=mode)
 
 
-def _cpu_compiled(state: TrainState) -> StepFunctions:
+@dataclass
+class _Parts:
+    """The pieces of the step a compile scope may replace: the student's head (None: the model's own), the
+    teacher's head (called whole, and `.last` on cached bottleneck outputs) and the loss."""
+    student_head: Callable | None
+    teacher_head: object
+    loss: Callable
+
+
+def _loss_function(cfg) -> Callable:
+    c = cfg.loss
+    return lambda s, t: distill_loss(c.name, s, t, c.teacher_temp, c.student_temp)
+
+
+def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
     """train.compile on a CPU: the student's head, the loss (with their backward) and the teacher's head
     compiled, the encoders eager. Inductor's CPU code for a conv encoder (max-pooling, ReLU and layout changes
     around oneDNN's convolutions) is slower than eager's kernels, while the heads and the loss gain: the demo's
     step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs 0.54-0.57x
     eager with the whole step compiled and 1.04-1.06x with this scope (benchmarks/cpu_step_parts.py)."""
-    compiled = _compiler(state.cfg)
-    head = state.teacher.head
-    teacher_head = _TeacherHead(compiled(lambda z: head(z)), compiled(lambda z: head.last(z)))
-    student_head = state.student.head
-    return _step_functions(state, student_head=compiled(lambda z: student_head(z)), teacher_head=teacher_head,
-                           loss_wrap=compiled)
+    teacher, student = state.teacher.head, state.student.head
+    return _Parts(compiled(lambda z: student(z)),
+                  _TeacherHead(compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z))),
+                  compiled(_loss_function(state.cfg)))
 
 
 class _TeacherHead:
@@ -134,29 +162,25 @@ class _TeacherHead:
         return self.whole(z)
 
 
-def _step_functions(state: TrainState, student_head, teacher_head, loss_wrap: Callable) -> StepFunctions:
-    """The eager step's functions, with the student's head, the teacher's head and the loss given."""
-    cfg, device, gate = state.cfg, state.device, state.gate
-    student = state.ddp.wrap(StudentForward(state.student, device, gate, student_head), sync_bn=cfg.train.sync_bn)
-    teacher, targets, loss_cfg = state.teacher, state.targets, cfg.loss
+def _functions(state: TrainState, student: nn.Module, parts: _Parts) -> tuple[Callable, Callable]:
+    """(teacher_out, student_loss) of one micro-batch, built from `parts`."""
+    device, gate, teacher, targets = state.device, state.gate, state.teacher, state.targets
 
     @torch.no_grad()
     def teacher_out(x: torch.Tensor, rows: torch.Tensor, bf16: bool) -> torch.Tensor:
         if targets is not None and not gate.active:  # the cache: only the head's last layer runs per step
-            return teacher_head.last(targets[rows])
+            return parts.teacher_head.last(targets[rows])
         with autocast(device, bf16):  # the float64 start runs the live teacher in float64
             features = teacher.encoder(x)
-        return teacher_head(gate.cast(features))
-
-    loss = loss_wrap(lambda s, t: distill_loss(loss_cfg.name, s, t, loss_cfg.teacher_temp, loss_cfg.student_temp))
+        return parts.teacher_head(gate.cast(features))
 
     def student_loss(views: list[torch.Tensor], t: list[torch.Tensor], bf16: bool) -> torch.Tensor:
-        s = student(views, bf16)
+        s = student(views, bf16, parts.student_head)
         if len(views) == 1:  # one view (the papers): the student matches the teacher on the same image
-            return loss(s[0], t[0])
-        return multicrop_loss(t, s, loss)
+            return parts.loss(s[0], t[0])
+        return multicrop_loss(t, s, parts.loss)
 
-    return StepFunctions(student, teacher_out, student_loss, gate.dtype)
+    return teacher_out, student_loss
 
 
 def bf16_gate(state: TrainState) -> bool:
@@ -195,10 +219,12 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
     if fns.graphs:
         torch.compiler.cudagraph_mark_step_begin()
     chunks = state.ddp.shard(idx).split(state.plan.micro)
+    final_precision = not state.gate.active and bf16 == state.bf16_requested
     loss = torch.zeros((), dtype=torch.float64, device=state.device)
     for i, rows in enumerate(chunks):
+        teacher_out, student_loss = fns.for_chunk(len(rows), final_precision)
         teacher_views, student_views = _views(state, rows)
-        t = fns.teacher_out(_cat(teacher_views), rows.to(state.device), bf16)
+        t = teacher_out(_cat(teacher_views), rows.to(state.device), bf16)
         if state.centering is not None:
             t = state.centering(t)  # DINO: one center update from the teacher outputs of all global views
         t = list(t.split(len(rows)))
@@ -206,7 +232,7 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
         # the world size makes the average the gradient of the global-batch mean, for any number of ranks.
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else state.ddp.no_sync(fns.student)
         with sync:
-            chunk_loss = fns.student_loss(student_views, t, bf16)
+            chunk_loss = student_loss(student_views, t, bf16)
             (chunk_loss * (len(rows) * state.ddp.world / len(idx))).backward()
         loss = loss + chunk_loss.detach().double() * (len(rows) / len(idx))
     grad_norm = total_grad_norm(state.student.parameters())
