@@ -230,3 +230,19 @@ def markdown(results: dict) -> str:
                          f"{', '.join(_secs(x) for x in res['step_s'])} | {', '.join(_secs(x) for x in res['cpu_s'])} | "
                          f"{res['load'][0]:.1f} → {res['load'][1]:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+# Sections other scripts write into the same file (bench_stacked.py, cpu_step_parts.py): kept when run.py
+# rewrites it.
+OTHER_SCRIPTS_SECTIONS = ("## Stacked runs", "## CPU step, part by part")
+
+
+def keep_other_sections(new: str, old: str) -> str:
+    """`new` followed by the sections of `old` that other scripts wrote (each from its heading to the next
+    '## ' heading), so that re-running run.py does not erase their measurements."""
+    kept = []
+    for part in ("\n" + old).split("\n## ")[1:]:
+        section = "## " + part
+        if section.startswith(OTHER_SCRIPTS_SECTIONS):
+            kept.append(section.rstrip("\n"))
+    return new.rstrip("\n") + "".join("\n\n" + k for k in kept) + "\n"

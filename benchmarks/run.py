@@ -138,8 +138,9 @@ def main(argv=None) -> dict:
     results["matmul_end"] = bench_machine.matmul_flops(n_matmul, device=args.device)
     results["load_end"] = bench_machine.load_average()
     results["wall_s"] = time.perf_counter() - started
-    text = bench_report.markdown(results)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    out.write_text(bench_report.keep_other_sections(bench_report.markdown(results),
+                                                    out.read_text() if out.exists() else ""))
     for t in bench_report.summarize(results)["targets"]:
         print(f"{t['verdict']:>12}  {t['name']}: {bench_report._shown(t)} (goal {t['goal']})")
     print(f"wrote {args.out} in {results['wall_s'] / 60:.1f} min")
