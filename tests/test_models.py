@@ -328,6 +328,24 @@ def test_unit_row_linear_gradient_passes_gradcheck_batched_vmapped_and_at_a_zero
     assert torch.equal(y[:, 2].detach(), torch.zeros(5, dtype=torch.float64)) and torch.isfinite(w0.grad).all()
 
 
+def test_unit_row_linear_under_bf16_autocast_follows_fp32_eager_and_compiled():
+    # The head may run under autocast (a user's loop, or the tuned benchmark baseline): the forward's matmul is
+    # bf16 there, the gradient comes back in each input's dtype, close to the fp32 one.
+    torch.manual_seed(5)
+    w0, x = torch.randn(64, 16) * 0.02, torch.randn(8, 16)
+    grads = {}
+    for mode in ("fp32", "bf16", "bf16-compiled"):
+        w = w0.clone().requires_grad_()
+        fn = torch.compile(unit_row_linear, backend="aot_eager") if mode == "bf16-compiled" else unit_row_linear
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            y = fn(x if mode == "fp32" else x.bfloat16(), w)  # under autocast the layer before gives bf16
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        assert w.grad.dtype == torch.float32
+        grads[mode] = w.grad
+    for mode in ("bf16", "bf16-compiled"):
+        assert torch.allclose(grads[mode], grads["fp32"], rtol=0.05, atol=0.05 * grads["fp32"].abs().max())
+
+
 def scale_rows_(linear, factors):
     with torch.no_grad():
         linear.weight.mul_(factors[:, None])

@@ -6,6 +6,8 @@ Every head exposes `bottleneck(x)` (the features a cache may store) and `last(z)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,10 @@ class _UnitRowLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, y = ctx.saved_tensors
+        # Under autocast the forward's matmul ran in bf16 and its inputs may be bf16: the gradient is computed
+        # in the widest of the dtypes involved (autograd casts each result to its input's dtype).
+        dtype = functools.reduce(torch.promote_types, (grad.dtype, weight.dtype, x.dtype, y.dtype))
+        x, weight, y, grad = (t.to(dtype) for t in (x, weight, y, grad))
         raw = torch.linalg.vector_norm(weight, dim=1)
         norms = raw.clamp_min(_NORMALIZE_EPS)
         scaled = grad / norms                                                       # g / n, (..., out)

@@ -117,7 +117,8 @@ def build_step_functions(state: TrainState) -> StepFunctions:
     else:
         fns.compiled = (compiled(fns.teacher_out), compiled(fns.student_loss))
         fns.graphs = cfg.train.cuda_graphs
-    fns.static_rows = frozenset(len(c) for c in state.ddp.shard(torch.arange(state.plan.batch)).split(state.plan.micro))
+    full_batch = state.ddp.shard(torch.arange(state.plan.batch))
+    fns.static_rows = frozenset(len(chunk) for chunk in full_batch.split(state.plan.micro))
     return fns
 
 
