@@ -7,6 +7,8 @@ the same run (one thread, median of repeated timings, alternating order). Writes
   format the encoder's `fp32_cpu_channels_last` picks ("ours") vs the other one;
 - weight-normalized layer: forward + backward of the head's last layer (64 x 256 -> 4096), F.normalize
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
+- probe embedding: the 10,000 Fashion-MNIST test images through the demo's convnet (`probes.embedding.embed`),
+  the encoder in NCHW (as a checkpoint loads) vs the channels-last copy `embed` makes;
 - compile scope: the demo's step eager, with the whole step compiled, and with only the head and the loss
   compiled (what `train.compile` does on a CPU).
 
@@ -124,6 +126,21 @@ def head_rows(reps: int) -> list[tuple]:
              t["normalize"], "unit_row_linear", t["ours"])]
 
 
+def embed_rows(reps: int) -> list[tuple]:
+    from randteach.data import Preprocess, load_dataset
+    from randteach.probes.embedding import embed
+    test = load_dataset("fashion-mnist", "test")
+    preprocess = Preprocess.fit(test, size=28)
+    encoder = student(ENCODERS[0][1], 28, torch.contiguous_format).encoder.eval()
+    cpu = torch.device("cpu")
+    cases = {"NCHW": lambda: encoder(preprocess(test.images)),   # the forward embed would run without the copy
+             "ours": lambda: embed(encoder, test.images, preprocess, device=cpu, batch_size=len(test.images))}
+    with torch.inference_mode():
+        t = alternating(cases, reps, 1)
+    return [("probe embedding, 10,000 test images", "convnet w16, one batch", "NCHW forward", t["NCHW"],
+             "embed (channels-last copy)", t["ours"])]
+
+
 def compile_rows(reps: int) -> list[tuple]:
     name, overrides, side, batch = ENCODERS[0]
     layout = torch.channels_last
@@ -167,7 +184,8 @@ def main(argv=None) -> None:
     reps = 2 if args.quick else args.reps
     if args.quick:
         ENCODERS[:] = ENCODERS[:1]
-    rows = optimizer_rows(reps) + layout_rows(reps) + head_rows(reps) + ([] if args.quick else compile_rows(reps))
+    rows = optimizer_rows(reps) + layout_rows(reps) + head_rows(reps) + embed_rows(reps)
+    rows += [] if args.quick else compile_rows(reps)
     upsert_section(Path(args.out), markdown(rows, argv, started))
     print(markdown(rows, argv, started))
 

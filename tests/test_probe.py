@@ -325,3 +325,23 @@ def test_an_encoder_in_the_float64_start_probes_as_its_fp32_copy(tmp_path):
     assert prober.frozen(wide) == first and prober.origin["frozen"].startswith("loaded")
     assert prober.probe(wide) == prober.probe(encoder)
     assert next(wide.parameters()).dtype == torch.float64  # the run's own model is left as it is
+
+
+def test_narrow_conv_encoders_embed_in_channels_last_on_a_copy(tmp_path):
+    # As in training: a convnet embeds in channels-last on a CPU; the caller's module keeps its layout, the
+    # features equal the NCHW ones to rounding, a VGG (faster in NCHW) is left as it is.
+    from randteach.models import build_encoder
+    from randteach.probes.embedding import _cpu_layout, embed
+    prober, encoder = _prober(tmp_path)
+    cpu = torch.device("cpu")
+    conv = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    moved = _cpu_layout(encoder, cpu)
+    moved_conv = [m for m in moved.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert moved is not encoder and moved_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert _cpu_layout(moved, cpu) is moved
+    vgg = build_encoder("vgg11", 1, 32)
+    assert _cpu_layout(vgg, cpu) is vgg
+    images = prober.splits.test.images[:64]
+    nchw = encoder(prober.preprocess(images) if prober.preprocess else images.float()).detach()
+    assert torch.allclose(embed(encoder, images, prober.preprocess, device=cpu, channels=1), nchw, atol=1e-5)
