@@ -145,7 +145,7 @@ def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
     """train.compile on a CPU: the student's head, the loss (with their backward) and the teacher's head
     compiled, the encoders eager. Inductor's CPU code for a conv encoder (max-pooling, ReLU and layout changes
     around oneDNN's convolutions) is slower than eager's kernels, while the heads and the loss gain: the demo's
-    step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs 0.54-0.57x
+    step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs 0.54-0.58x
     eager with the whole step compiled and 1.04-1.06x with this scope (benchmarks/cpu_step_parts.py)."""
     teacher, student = state.teacher.head, state.student.head
     return _Parts(compiled(lambda z: student(z)),
