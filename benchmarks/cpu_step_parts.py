@@ -4,7 +4,7 @@ the same run (one thread, median of repeated timings, alternating order). Writes
 
 - optimizer: one torch.optim AdamW step over the demo student's parameters, default (for-loop) vs fused;
 - layout: one fp32 training step (student forward, loss, backward, fused AdamW) per encoder, in the memory
-  format the encoder's `fp32_cpu_channels_last` picks ("ours") vs the other one;
+  format `randteach.models.common.fp32_channels_last` picks for the encoder ("ours") vs the other one;
 - weight-normalized layer: forward + backward of the head's last layer (64 x 256 -> 4096), F.normalize
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
 - probe embedding: the 10,000 Fashion-MNIST test images through the demo's convnet (`probes.embedding.embed`),
@@ -30,6 +30,7 @@ import bench_machine
 from bench_stacked import upsert_section
 from randteach.config import build_config
 from randteach.losses import distill_loss
+from randteach.models.common import fp32_channels_last
 from randteach.models.heads import unit_row_linear
 from randteach.train.setup import build_teacher_and_student
 
@@ -103,7 +104,7 @@ def layout_rows(reps: int) -> list[tuple]:
                  for fmt, layout in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last))}
         inner = 2 if name == "vgg11" else 10
         t = alternating(cases, reps, inner)
-        rule = getattr(student(overrides, side, torch.contiguous_format).encoder, "fp32_cpu_channels_last", False)
+        rule = fp32_channels_last(student(overrides, side, torch.contiguous_format).encoder, torch.device("cpu"))
         ours, alt = ("NHWC", "NCHW") if rule else ("NCHW", "NHWC")
         label = {"NHWC": "channels-last", "NCHW": "NCHW"}
         rows.append((f"fp32 step, {name}", f"batch {batch}, {side} px", label[alt], t[alt], label[ours], t[ours]))

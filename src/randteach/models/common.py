@@ -66,3 +66,10 @@ def he_init_(module: nn.Module) -> nn.Module:
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
     return module
+
+
+def fp32_channels_last(encoder: nn.Module, device: torch.device) -> bool:
+    """Whether `encoder` runs faster in channels-last memory format in fp32 on `device`: on a CPU, for the
+    encoders that say so (`fp32_cpu_channels_last`: the narrow conv nets, where torch's NCHW max-pool and
+    narrow convolutions are slow); never elsewhere (user encoders, GPUs: not measured)."""
+    return device.type == "cpu" and getattr(encoder, "fp32_cpu_channels_last", False)

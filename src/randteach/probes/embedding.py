@@ -15,6 +15,7 @@ from torch import nn
 from . import linear_knn
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
+from ..models.common import fp32_channels_last
 from ..precision import autocast, fp32_module
 from ..train.teacher_cache import digest_tensor
 
@@ -66,7 +67,7 @@ def _cpu_layout(encoder: nn.Module, device: torch.device) -> nn.Module:
     encoder on a CPU: `fp32_cpu_channels_last`; the 10 000 Fashion-MNIST test images through the demo's
     convnet about 1.8x faster, benchmarks/cpu_step_parts.py): a copy, so the caller's module keeps its
     layout; unchanged if it is channels-last already or another encoder."""
-    if device.type != "cpu" or not getattr(encoder, "fp32_cpu_channels_last", False):
+    if not fp32_channels_last(encoder, device):
         return encoder
     if all(p.dim() != 4 or p.is_contiguous(memory_format=torch.channels_last) for p in encoder.parameters()):
         return encoder

@@ -22,6 +22,7 @@ from ..data.augment import Augment, augmenter, local_side
 from ..errors import UserError
 from ..init import init_report, parameter_norm
 from ..losses import Centering
+from ..models.common import fp32_channels_last
 from ..optim import build_optimizer, load_optimizer_state
 from ..precision import Float64Start, fp32_state, uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -160,7 +161,7 @@ class TrainState:
         student.train()
         bf16 = uses_bf16(cfg.train.precision, device)
         conv_like = inputs.dim() == 4 and cfg.train.channels_last and (
-            bf16 or (device.type == "cpu" and getattr(student.encoder, "fp32_cpu_channels_last", False)))
+            bf16 or fp32_channels_last(student.encoder, device))
         if conv_like:
             teacher.to(memory_format=torch.channels_last)
             student.to(memory_format=torch.channels_last)
