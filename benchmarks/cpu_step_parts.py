@@ -44,24 +44,23 @@ ENCODERS = [("convnet w16", {"model.encoder": "convnet", "model.width": "16"}, 2
             ("vgg11", {"model.encoder": "vgg11"}, 32, 32)]
 
 
-def median_ms(fn, reps: int, inner: int) -> list[float]:
-    """`reps` timings of `inner` calls each, in ms per call, after two untimed calls."""
-    fn(), fn()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        out.append((time.perf_counter() - start) / inner * 1e3)
-    return out
+def ms_per_call(fn, inner: int) -> float:
+    """Wall milliseconds per call of `inner` calls of fn."""
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner * 1e3
 
 
 def alternating(cases: dict, reps: int, inner: int) -> dict:
-    """Each case timed `reps` times, the cases alternating, so that a drifting load weighs on all alike."""
+    """Each case warmed up with two untimed calls, then timed `reps` times, the cases alternating so that a
+    drifting load weighs on all alike; the median per case."""
+    for fn in cases.values():
+        fn(), fn()
     times = {name: [] for name in cases}
     for r in range(reps):
         for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-            times[name] += median_ms(cases[name], 1, inner)
+            times[name].append(ms_per_call(cases[name], inner))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -359,7 +359,6 @@ def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | Non
     return record_failure(cfg, f"worker process {how}")
 
 
-
 class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.done = total, enabled, 0
