@@ -107,7 +107,7 @@ def build_step_functions(state: TrainState) -> StepFunctions:
         raise UserError(f"train.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
                         "set --train.cuda_graphs false")
     student = state.ddp.wrap(StudentForward(state.student, device, state.gate), sync_bn=cfg.train.sync_bn)
-    eager = _Parts(None, state.teacher.head, _loss_function(cfg))
+    eager = _Parts(None, state.teacher.head, state.teacher.head.last, _loss_function(cfg))
     fns = StepFunctions(student, *_functions(state, student, eager), state.gate.dtype)
     if not cfg.train.compile:
         return fns
@@ -130,9 +130,10 @@ def _compiler(cfg) -> Callable:
 @dataclass
 class _Parts:
     """The pieces of the step a compile scope may replace: the student's head (None: the model's own), the
-    teacher's head (called whole, and `.last` on cached bottleneck outputs) and the loss."""
+    teacher's head, its last layer (applied to cached bottleneck outputs) and the loss."""
     student_head: Callable | None
-    teacher_head: object
+    teacher_head: Callable
+    teacher_last: Callable
     loss: Callable
 
 
@@ -148,19 +149,8 @@ def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
     step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs 0.54-0.58x
     eager with the whole step compiled and 1.04-1.06x with this scope (benchmarks/cpu_step_parts.py)."""
     teacher, student = state.teacher.head, state.student.head
-    return _Parts(compiled(lambda z: student(z)),
-                  _TeacherHead(compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z))),
+    return _Parts(compiled(lambda z: student(z)), compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z)),
                   compiled(_loss_function(state.cfg)))
-
-
-class _TeacherHead:
-    """The teacher head's two entry points (the whole head, and `last` for cached bottleneck outputs)."""
-
-    def __init__(self, whole: Callable, last: Callable):
-        self.whole, self.last = whole, last
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self.whole(z)
 
 
 def _functions(state: TrainState, student: nn.Module, parts: _Parts) -> tuple[Callable, Callable]:
@@ -170,7 +160,7 @@ def _functions(state: TrainState, student: nn.Module, parts: _Parts) -> tuple[Ca
     @torch.no_grad()
     def teacher_out(x: torch.Tensor, rows: torch.Tensor, bf16: bool) -> torch.Tensor:
         if targets is not None and not gate.active:  # the cache: only the head's last layer runs per step
-            return parts.teacher_head.last(targets[rows])
+            return parts.teacher_last(targets[rows])
         with autocast(device, bf16):  # the float64 start runs the live teacher in float64
             features = teacher.encoder(x)
         return parts.teacher_head(gate.cast(features))
