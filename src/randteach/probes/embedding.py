@@ -147,6 +147,7 @@ class Prober:
 
     def features(self, encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         kw = dict(device=self.device, batch_size=self.cfg.probe.batch_size, bf16=self.bf16, channels=self.in_channels)
+        encoder = _cpu_layout(encoder, self.device)  # once for both splits (embed then finds it channels-last)
         return (embed(encoder, self.splits.train.images, self.preprocess, **kw),
                 embed(encoder, self.splits.test.images, self.preprocess, **kw))
 
