@@ -4,7 +4,9 @@ Runs of a sweep that differ only in values that do not change any tensor's shape
 learning rate and its schedule, weight decay, momentum, betas) are stacked: every parameter becomes one
 (K, ...) tensor (`torch.func.stack_module_state`), the forward and backward passes of all K
 teacher-student pairs run at once under `torch.func.vmap`, and each run then takes its own optimizer
-step. Fewer, larger kernels: on a CPU this amortizes the per-operation overhead of small encoders.
+step. Fewer, larger kernels: this amortizes the per-operation overhead of small encoders. The K runs' images
+and feature maps sit side by side in the channel dimension throughout, as one grouped convolution wants them
+(`stack_layers`: pools and group norms that work in that arrangement, instead of copying at every layer).
 
 Each run keeps everything a run of `randteach distill` has: its run directory with config.yaml,
 metrics.jsonl, checkpoints (teacher.pt, student_init.pt, student_step<N>.pt, last.pt, student.pt) and
@@ -18,8 +20,8 @@ group can be killed and re-run: each run resumes from its own last.pt (and a sol
 --resume` can finish it too).
 
 Results: the optimizer step is torch.optim's own, so only the forward/backward arithmetic differs from a
-solo run: vmap turns a convolution over K weights into one grouped convolution and a linear layer into a
-batched matrix product, whose sums may round differently in the last bit (measured: gradients within a
+solo run: a convolution over K weights runs as one grouped convolution and a linear layer as a batched
+matrix product, whose sums may round differently in the last bit (measured: gradients within a
 few 1e-6 relative on the CPU). A stacked run therefore matches its solo run to about 1e-6 relative, not
 bitwise.
 """
@@ -43,6 +45,7 @@ from ..config import Config, config_from_dict
 from ..errors import UserError
 from ..init import init_report
 from ..losses import distill_loss
+from ..models.common import fp32_channels_last
 from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
@@ -51,6 +54,7 @@ from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
 from .callbacks import MetricsLog, StopFlag, StopRun
 from .distributed import Dist
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
+from .stack_layers import fold_runs_into_channels
 from .state import Plan
 from .step import StepMetrics
 
@@ -220,12 +224,14 @@ class _Group:
         self.targets = (_teacher_targets(self.runs, self.inputs, self.preprocess, self.plan.batch, self.device)
                         if cfg0.train.teacher_cache else None)
         self.s_params, self.s_buffers, self.t_params, self.t_buffers = _stack(self.runs)
+        self.channels_last = (self.inputs.dim() == 4 and cfg0.train.channels_last
+                              and fp32_channels_last(self.runs[0].student.encoder, self.device))
         for r in self.runs:
             r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
             last = r.run.checkpoints / "last.pt"
             if last.exists():
                 load_optimizer_state(r.optimizer, load_checkpoint(last)["optimizer"])
-        self.losses_of = _stacked_losses(self.runs[0], cfg0, cached=self.targets is not None)
+        self.losses_of = _stacked_losses(self.runs[0], cfg0, self.targets is not None, self.channels_last)
         self.prober = Prober(cfg0, in_channels, size, self.device) if cfg0.probe.which else None
         t_start = time.perf_counter()
         for r in self.runs:
@@ -281,7 +287,7 @@ def _group_step(g: _Group) -> None:
     plan, step = g.plan, g.step
     epoch, offset = divmod(step, plan.steps_per_epoch)
     idx = [epoch_order(plan.n, r.data_seed, epoch)[offset * plan.batch:(offset + 1) * plan.batch] for r in g.runs]
-    x = torch.stack([_batch(g.inputs, i, g.preprocess, g.device) for i in idx])           # (K, B, C, H, W)
+    x = _side_by_side([_batch(g.inputs, i, g.preprocess, g.device) for i in idx], g.channels_last)  # (K, B, ...)
     teacher_in = (torch.stack([g.targets[k][i.to(g.device)] for k, i in enumerate(idx)])
                   if g.targets is not None else x)
     for p in g.s_params.values():
@@ -421,6 +427,15 @@ def _teacher_targets(runs: list[_Run], inputs, preprocess, batch: int, device) -
             for r in runs]
 
 
+def _side_by_side(batches: list[torch.Tensor], channels_last: bool) -> torch.Tensor:
+    """The K runs' batches as one (K, B, ...) tensor. Images in channels-last are laid out in memory as
+    (B, H, W, K, C): the (B, K*C, H, W) input that vmap gives the first grouped convolution is then a
+    channels-last view, and every layer after it keeps that layout (see stack_layers)."""
+    if not channels_last:
+        return torch.stack(batches)
+    return torch.stack([b.permute(0, 2, 3, 1) for b in batches], dim=3).permute(3, 0, 4, 1, 2)
+
+
 def _batch(inputs: torch.Tensor, idx: torch.Tensor, preprocess, device) -> torch.Tensor:
     x = inputs[idx.to(inputs.device)].to(device, non_blocking=True)
     return preprocess(x) if preprocess is not None else x
@@ -437,11 +452,12 @@ class _HeadLast(nn.Module):
         return self.head.last(z)
 
 
-def _stacked_losses(run: _Run, cfg: Config, cached: bool):
+def _stacked_losses(run: _Run, cfg: Config, cached: bool, channels_last: bool):
     """(K stacked student params, buffers, teacher params, buffers, inputs, teacher inputs) -> (K,) losses:
     one run's step (student and teacher outputs, the loss of `losses.distill_loss`) vmapped over K."""
-    student = copy.deepcopy(run.student).to("meta")  # the code of the step; the weights come stacked
-    teacher = copy.deepcopy(run.teacher).to("meta")
+    # the code of the step (the weights come stacked), with pools and group norms that keep the runs in the channels
+    student = fold_runs_into_channels(copy.deepcopy(run.student).to("meta"), channels_last)
+    teacher = fold_runs_into_channels(copy.deepcopy(run.teacher).to("meta"), channels_last)
     last = _HeadLast(teacher.head)
     c = cfg.loss
 

@@ -1,0 +1,151 @@
+"""Convolutions, pooling and group norm for a stack of K runs under vmap, on the runs side by side in the channels.
+
+Under `torch.func.vmap` over K runs, a convolution with K weight sets runs as one grouped convolution on a
+(B, K*C, H, W) tensor, and its output keeps that arrangement (the K runs side by side in the channel
+dimension; in channels-last memory, (B, H, W, K, C)). PyTorch's vmap rules for pooling and group norm
+reshape to (K*B, C, H, W) instead, the runs in front of the batch: a copy of the activations at every such
+layer, into NCHW order, where a CPU's max-pool is several times slower than in channels-last. The layers
+here apply the op they replace, per channel or per group of channels, to the (B, K*C, ...) arrangement
+itself: each run's values follow the replaced layer's formula, only the copies go. Outside vmap they are
+the layer they replace.
+
+`fold_runs_into_channels(module)` swaps them in for nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d and
+nn.GroupNorm, and for nn.Conv2d (whose bias vmap's rule adds in a separate pass), and makes its ReLUs out of
+place.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ChannelOp(torch.autograd.Function):
+    """op(x, *params) for an op that treats channels, or groups of channels, independently and whose
+    parameters are indexed by output channel in their first dimension. Under vmap over K runs: op.folded(K)
+    once on x as (B, K*C, ...), with each parameter's K run slices concatenated along that dimension."""
+
+    @staticmethod
+    def forward(op, x, *params):
+        return op(x, *params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Outside vmap only: under vmap autograd records the folded op's own operations instead.
+        inputs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            out = ctx.op(*inputs)
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (None, *[next(grads) if t is not None and t.requires_grad else None for t in inputs])
+
+    @staticmethod
+    def vmap(info, in_dims, op, x, *params):
+        k = info.batch_size
+        x_dim, param_dims = in_dims[1], in_dims[2:]
+        x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(x.shape[0], k, *x.shape[1:])
+        folded = [None if p is None else (p.movedim(d, 0) if d is not None else p.expand(k, *p.shape)).flatten(0, 1)
+                  for p, d in zip(params, param_dims)]
+        y = op.folded(k)(x.flatten(1, 2), *folded)
+        return y.unflatten(1, (k, -1)), 1
+
+
+class _Pool:
+    """A pooling function with its arguments: every channel pooled alone, so K runs fold as they are."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self, x):
+        return self.fn(x, *self.args)
+
+    def folded(self, k: int) -> _Pool:
+        return self
+
+
+class _GroupNorm:
+    """F.group_norm with `groups` groups (Wu & He 2018): K runs side by side are K * groups groups."""
+
+    def __init__(self, groups: int, eps: float):
+        self.groups, self.eps = groups, eps
+
+    def __call__(self, x, weight=None, bias=None):
+        return F.group_norm(x, self.groups, weight, bias, self.eps)
+
+    def folded(self, k: int) -> _GroupNorm:
+        return _GroupNorm(k * self.groups, self.eps)
+
+
+class _Conv:
+    """F.conv2d with `groups` groups: K runs side by side are K * groups groups, each with its run's filters
+    (and the bias added inside the convolution, where vmap's own rule adds it in a pass of its own)."""
+
+    def __init__(self, stride, padding, dilation, groups: int, channels_last: bool):
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.channels_last = channels_last
+
+    def __call__(self, x, weight, bias=None):
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        # An input of one channel (one run) is both NCHW and channels-last; oneDNN then returns NCHW.
+        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+
+    def folded(self, k: int) -> _Conv:
+        return _Conv(self.stride, self.padding, self.dilation, k * self.groups, self.channels_last)
+
+
+class FoldedConv2d(nn.Conv2d):
+    channels_last = False  # set by fold_runs_into_channels
+
+    def forward(self, x):
+        op = _Conv(self.stride, self.padding, self.dilation, self.groups, self.channels_last)
+        return _ChannelOp.apply(op, x, self.weight, self.bias)
+
+
+class FoldedMaxPool2d(nn.MaxPool2d):
+    def forward(self, x):
+        return _ChannelOp.apply(_Pool(F.max_pool2d, self.kernel_size, self.stride, self.padding, self.dilation,
+                                      self.ceil_mode), x)
+
+
+class FoldedAvgPool2d(nn.AvgPool2d):
+    def forward(self, x):
+        return _ChannelOp.apply(_Pool(F.avg_pool2d, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                      self.count_include_pad, self.divisor_override), x)
+
+
+class FoldedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    def forward(self, x):
+        return _ChannelOp.apply(_Pool(F.adaptive_avg_pool2d, self.output_size), x)
+
+
+class FoldedGroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        return _ChannelOp.apply(_GroupNorm(self.num_groups, self.eps), x, self.weight, self.bias)
+
+
+_FOLDED = {nn.Conv2d: FoldedConv2d, nn.MaxPool2d: FoldedMaxPool2d, nn.AvgPool2d: FoldedAvgPool2d,
+           nn.AdaptiveAvgPool2d: FoldedAdaptiveAvgPool2d, nn.GroupNorm: FoldedGroupNorm}
+
+
+def fold_runs_into_channels(module: nn.Module, channels_last: bool = False) -> nn.Module:
+    """`module`, with each of its convolutions, pools and group norms made, in place, the folded subclass
+    above: the same attributes, parameters and parameter names, so a stacked state dict applies to it
+    unchanged. `channels_last`: the convolutions return channels-last outputs (the inputs are channels-last)."""
+    for m in module.modules():
+        folded = _FOLDED.get(type(m))
+        if folded is not None and not getattr(m, "return_indices", False) and \
+                getattr(m, "padding_mode", "zeros") == "zeros":
+            m.__class__ = folded
+            if folded is FoldedConv2d:
+                m.channels_last = channels_last
+        if isinstance(m, nn.ReLU):
+            # In place, a ReLU writes into a view of the (B, K*C, ...) tensor, and autograd then differentiates
+            # it by cloning the whole tensor's gradient (CopySlices): measured slower than a new tensor.
+            m.inplace = False
+    return module

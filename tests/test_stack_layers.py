@@ -1,0 +1,111 @@
+"""The layers that keep a stack's runs side by side in the channels (randteach.train.stack_layers): the replaced
+layer's values and gradients outside vmap, each run's own values under vmap, and no copy of the activations."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.profiler import profile
+
+from randteach.models.small import ConvNet
+from randteach.train.stack_layers import fold_runs_into_channels
+from randteach.train.stacked import _side_by_side
+
+LAYERS = [lambda: nn.MaxPool2d(2, ceil_mode=True), lambda: nn.MaxPool2d(3, stride=2, padding=1),
+          lambda: nn.AvgPool2d(2), lambda: nn.AdaptiveAvgPool2d(1), lambda: nn.AdaptiveAvgPool2d((2, 3)),
+          lambda: nn.GroupNorm(2, 6), lambda: nn.GroupNorm(1, 6), lambda: nn.GroupNorm(3, 6, affine=False),
+          lambda: nn.Conv2d(6, 4, 3, padding=1), lambda: nn.Conv2d(6, 6, 3, stride=2, groups=2, bias=False)]
+
+
+def randomized(layer: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_a_folded_layer_outside_vmap_is_the_layer_it_replaces(make):
+    layer = randomized(make().double(), 0)
+    folded = fold_runs_into_channels(copy.deepcopy(layer))
+    assert type(folded) is not type(layer) and isinstance(folded, type(layer))
+    x = torch.randn(3, 6, 7, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(folded(x), layer(x))
+    params = tuple(folded.parameters())
+    assert torch.autograd.gradcheck(lambda x, *p: functional_call(folded, dict(zip(["weight", "bias"], p)), (x,)),
+                                    (x, *[p.detach().requires_grad_() for p in params]))
+
+
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("layout", ["contiguous", "runs in the channels"])
+def test_under_vmap_each_run_gets_its_own_layer_of_its_own_input(make, layout):
+    torch.manual_seed(0)
+    k = 4
+    layers = [randomized(make(), seed) for seed in range(k)]
+    params, buffers = stack_module_state(layers)
+    folded = fold_runs_into_channels(copy.deepcopy(layers[0]).to("meta"))
+    batches = [torch.randn(5, 6, 8, 8, requires_grad=True) for _ in range(k)]
+    x = _side_by_side(batches, channels_last=layout != "contiguous")
+    out = vmap(lambda p, b, x: functional_call(folded, (p, b), (x,)))(params, buffers, x)
+    expected = torch.stack([layer(b) for layer, b in zip(layers, batches)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    cotangent = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [*batches, *params.values()], cotangent)
+    want = torch.autograd.grad(expected, [*batches, *[p for m in layers for p in m.parameters()]], cotangent)
+    n_params = len(params)
+    torch.testing.assert_close(grads[:k], want[:k], rtol=1e-5, atol=1e-5)
+    for i, g in enumerate(grads[k:]):  # the stacked parameter i holds run r's parameter i at [r]
+        torch.testing.assert_close(g, torch.stack(want[k + i::n_params]), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unbatched_input_is_shared_by_every_run():
+    layers = [randomized(nn.GroupNorm(2, 6), seed) for seed in range(3)]
+    params, buffers = stack_module_state(layers)
+    folded = fold_runs_into_channels(copy.deepcopy(layers[0]).to("meta"))
+    x = torch.randn(5, 6, 4, 4)
+    out = vmap(lambda p, b: functional_call(folded, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(out, torch.stack([layer(x) for layer in layers]), rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_side_by_side_are_the_stacked_batches_and_feed_a_grouped_convolution_without_a_copy():
+    batches = [torch.randn(5, 3, 8, 8) for _ in range(4)]
+    x = _side_by_side(batches, channels_last=True)
+    assert torch.equal(x, torch.stack(batches))
+    grouped = x.movedim(0, 1).flatten(1, 2)  # what vmap hands a convolution over 4 weight sets
+    assert grouped._base is not None and grouped.is_contiguous(memory_format=torch.channels_last)
+
+
+def stacked_convnet_copies(fold: bool) -> int:
+    """Copies of feature maps (tensors of 4 or more dimensions, one of them the batch's 5) in one vmapped forward
+    and backward of 4 stacked convnets on channels-last inputs: not the weights' copies into the grouped
+    layout, nor the (5, 4 * 32) pooled features."""
+    nets = [ConvNet(1, 8) for _ in range(4)]
+    params, buffers = stack_module_state(nets)
+    model = copy.deepcopy(nets[0]).to("meta")
+    if fold:
+        fold_runs_into_channels(model)
+    x = _side_by_side([torch.randn(5, 1, 12, 12) for _ in range(4)], channels_last=True)
+    with profile(record_shapes=True) as prof:
+        vmap(lambda p, b, x: functional_call(model, (p, b), (x,)))(params, buffers, x).sum().backward()
+    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+               if e.key == "aten::copy_" and len(e.input_shapes[0]) >= 4 and 5 in e.input_shapes[0])
+
+
+def test_folded_layers_keep_a_stacked_convnet_free_of_activation_copies():
+    # Without folding, vmap's pooling rule copies the activations at each of the three max-pools.
+    assert stacked_convnet_copies(fold=True) == 0 < stacked_convnet_copies(fold=False)
+
+
+def test_relus_of_a_folded_module_run_out_of_place():
+    net = fold_runs_into_channels(ConvNet(1, 8))
+    relus = [m for m in net.modules() if isinstance(m, nn.ReLU)]
+    assert relus and not any(m.inplace for m in relus)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_convolutions_return_channels_last_outputs_when_asked_even_from_one_channel(channels_last):
+    conv = fold_runs_into_channels(nn.Conv2d(1, 4, 3, padding=1), channels_last=channels_last)
+    y = conv(torch.randn(2, 1, 6, 6).contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
