@@ -60,7 +60,7 @@ VARIANTS = {  # key: (label, config overrides on top of everything off)
     # ours as the CPU demo runs: fp32, the teacher cache, channels-last (on by default for the narrow encoders)
     "cpu": ("ours, CPU path: fp32 + teacher cache (+ channels-last for narrow encoders)",
             {"train.teacher_cache": "true", "train.channels_last": "true"}),
-    "cpu-compile": ("ours, CPU path + train.compile (heads and loss compiled on a CPU)",
+    "cpu-compile": ("ours, CPU path + train.compile (the loss and the teacher's head compiled on a CPU)",
                     {"train.teacher_cache": "true", "train.channels_last": "true", "train.compile": "true"}),
     "tuned-cpu": ("tuned hand-written CPU loop: fp32 + precomputed teacher + channels-last + fused AdamW", {}),
 }

@@ -9,8 +9,8 @@ the same run (one thread, median of repeated timings, alternating order). Writes
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
 - probe embedding: the 10,000 Fashion-MNIST test images through the demo's convnet (`probes.embedding.embed`),
   the encoder in NCHW (as a checkpoint loads) vs the channels-last copy `embed` makes;
-- compile scope: the demo's step eager, with the whole step compiled, and with only the head and the loss
-  compiled (what `train.compile` does on a CPU).
+- compile scope: the demo's step eager, with the whole step compiled, with the student's head and the loss
+  compiled, and with the loss compiled (what `train.compile` does to the student's side on a CPU).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_parts.py          # ~4 min on 2 cores
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/cpu_step_parts.py --quick  # seconds, no compile
@@ -144,18 +144,22 @@ def embed_rows(reps: int) -> list[tuple]:
 def compile_rows(reps: int) -> list[tuple]:
     name, overrides, side, batch = ENCODERS[0]
     layout = torch.channels_last
-    models = {k: student(overrides, side, layout) for k in ("eager", "whole", "heads")}
-    whole_model, heads_model = models["whole"], models["heads"]
-    head = torch.compile(lambda f: heads_model.head(f), dynamic=False)
+    models = {k: student(overrides, side, layout) for k in ("eager", "whole", "head", "loss")}
+    whole, with_head, with_loss = models["whole"], models["head"], models["loss"]
+    head = torch.compile(lambda f: with_head.head(f), dynamic=False)
+    head_loss = torch.compile(lambda s, t: distill_loss("ce", s, t), dynamic=False)
     loss = torch.compile(lambda s, t: distill_loss("ce", s, t), dynamic=False)
     cases = {"eager": step_fn(models["eager"], side, batch, layout),
-             "whole": step_fn(whole_model, side, batch, layout,
-                              torch.compile(lambda x, t: distill_loss("ce", whole_model(x), t), dynamic=False)),
-             "heads": step_fn(heads_model, side, batch, layout, lambda x, t: loss(head(heads_model.encoder(x)), t))}
+             "whole": step_fn(whole, side, batch, layout,
+                              torch.compile(lambda x, t: distill_loss("ce", whole(x), t), dynamic=False)),
+             "head": step_fn(with_head, side, batch, layout, lambda x, t: head_loss(head(with_head.encoder(x)), t)),
+             "loss": step_fn(with_loss, side, batch, layout, lambda x, t: loss(with_loss(x), t))}
     t = alternating(cases, reps, 10)
-    return [("demo step, whole step compiled", f"{name}, batch {batch}", "eager", t["eager"], "torch.compile", t["whole"]),
-            ("demo step, head and loss compiled (train.compile on a CPU)", f"{name}, batch {batch}", "eager", t["eager"],
-             "torch.compile", t["heads"])]
+    where = f"{name}, batch {batch}"
+    return [("demo step, whole step compiled", where, "eager", t["eager"], "torch.compile", t["whole"]),
+            ("demo step, student head and loss compiled", where, "eager", t["eager"], "torch.compile", t["head"]),
+            ("demo step, loss compiled (train.compile on a CPU)", where, "eager", t["eager"], "torch.compile",
+             t["loss"])]
 
 
 def markdown(rows: list[tuple], argv: list[str], started: float) -> str:

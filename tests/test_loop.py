@@ -127,7 +127,7 @@ def _recording_compile(monkeypatch) -> list:
 
 
 def test_compile_makes_one_graph_per_function_whatever_the_epochs(tmp_path, monkeypatch):
-    # On a CPU train.compile compiles the student's head, the loss and the teacher's head. Their compiled forms
+    # On a CPU train.compile compiles the loss and the teacher's head. Their compiled forms
     # run at the full batch's shapes only (200 images in batches of 64: three full batches and one of 8 per
     # epoch, the latter eager), so one graph each for any number of epochs; no graph holds a convolution (the
     # encoders stay eager there); losses equal eager's.
@@ -139,7 +139,7 @@ def test_compile_makes_one_graph_per_function_whatever_the_epochs(tmp_path, monk
         counts[epochs] = len(graphs)
     torch._dynamo.reset()
     _, _, eager = _run(tmp_path, "eager", train__log_every=1, train__max_steps=1000, train__epochs=3)
-    assert counts[1] == counts[3] == 3   # student head (forward and backward in one graph), loss, teacher head
+    assert counts[1] == counts[3] == 2   # the loss (forward and backward in one graph), the teacher's head
     assert not any("conv" in str(n.target) for gm in graphs for n in gm.graph.nodes)
     assert [s["loss"] for s in compiled] == pytest.approx([s["loss"] for s in eager], rel=1e-4)
 
@@ -153,6 +153,6 @@ def test_compile_waits_for_the_final_precision(tmp_path, monkeypatch):
                              train__max_steps=12, data__n_samples=256)
     assert summary.summary["status"] == "completed"
     assert not steps[0]["bf16"] and steps[-1]["bf16"]   # all three phases happened
-    assert len(graphs) == 3                              # student head, loss, teacher head: once each
+    assert len(graphs) == 2                              # the loss and the teacher's head: once each
 
 

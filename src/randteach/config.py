@@ -160,7 +160,7 @@ class TrainConfig:
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this", ge=0)
     float64_until_distance: float = opt(2.0 ** -23 * 1e3, "hold teacher and student in float64 from a locality / neighborhood init until ||theta_S - theta_T|| / ||theta_T|| exceeds this, then continue in fp32 (default 2^-23 * 1e3: fp32 resolution with 3 digits to spare; 0 = start in fp32, where a 1e-10 residue rounds away)", ge=0)
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16, and in fp32 on a CPU for the narrow ones where it is faster (convnet, resnet20, resnet56)")
-    compile: bool = opt(False, "torch.compile the training step at a full batch's shapes and the run's final precision: on a GPU the student's forward, head, loss and their backward as one graph and the teacher's forward as another; on a CPU the heads and the loss only (the conv encoders run faster eager there)")
+    compile: bool = opt(False, "torch.compile the training step at a full batch's shapes and the run's final precision: on a GPU the student's forward, head, loss and their backward as one graph and the teacher's forward as another; on a CPU the loss and the teacher's head only (the conv encoders and the student's head run faster eager there)")
     cuda_graphs: bool = opt(False, "with train.compile on a CUDA device: also record the compiled step as CUDA graphs (torch.compile mode reduce-overhead)")
     sync_bn: bool = opt(False, "under torchrun on CUDA: synchronize the student's batch-norm statistics across ranks (SyncBatchNorm)")
     data_on_device: bool = opt(True, "hold the whole (uint8) training set on the device and slice batches there")

@@ -9,8 +9,8 @@ still closed: it needs ||theta_S - theta_T|| on the host before the step (see `b
 
 `train.compile` on a GPU compiles the student's forward, its head, the loss and (through AOTAutograd)
 their backward as one graph, and the teacher's forward as another; `train.cuda_graphs` also records both
-as CUDA graphs. On a CPU it compiles the heads and the loss and leaves the encoders eager (see
-`_cpu_compiled_parts`). Shapes are static (`dynamic=False`), and the compiled forms run only at the shapes
+as CUDA graphs. On a CPU it compiles the loss and the teacher's head and leaves the encoders and the
+student's head eager (see `_cpu_compiled_parts`). Shapes are static (`dynamic=False`), and the compiled forms run only at the shapes
 of a full batch and in the run's final precision (`StepFunctions.for_chunk`): one graph per run each.
 """
 from __future__ import annotations
@@ -143,13 +143,15 @@ def _loss_function(cfg) -> Callable:
 
 
 def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
-    """train.compile on a CPU: the student's head, the loss (with their backward) and the teacher's head
-    compiled, the encoders eager. Inductor's CPU code for a conv encoder (max-pooling, ReLU and layout changes
-    around oneDNN's convolutions) is slower than eager's kernels, while the heads and the loss gain: the demo's
-    step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs 0.54-0.58x
-    eager with the whole step compiled and 1.04-1.06x with this scope (benchmarks/cpu_step_parts.py)."""
-    teacher, student = state.teacher.head, state.student.head
-    return _Parts(compiled(lambda z: student(z)), compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z)),
+    """train.compile on a CPU: the loss (with its backward) and the teacher's head (a forward without
+    gradient) compiled; the encoders and the student's head eager. Inductor's CPU code for a conv encoder
+    (max-pooling, ReLU and layout changes around oneDNN's convolutions) is slower than eager's kernels: the
+    demo's step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs
+    0.54-0.58x eager with the whole step compiled (benchmarks/cpu_step_parts.py). A compiled student head
+    (forward and backward) gained the demo 4-6 % but cost VGG11's step under bf16 (batch 256, head
+    2048-2048-256-4096) 2-8 %; without it neither is slower than eager (docs/PERFORMANCE.md)."""
+    teacher = state.teacher.head
+    return _Parts(None, compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z)),
                   compiled(_loss_function(state.cfg)))
 
 
