@@ -97,6 +97,26 @@ def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_run
     assert min(clipped) > 1e-3  # the norms logged are before clipping, and clipping was active on every step
 
 
+def test_runs_with_equal_optimizer_settings_share_one_step_with_each_runs_own_arithmetic(tmp_path):
+    from randteach.optim import build_optimizer
+    from randteach.train.stacked import _Group, _group_step
+    cfgs = [tiny_config(tmp_path / f"r{i}", **FAST, train__seed=i, init__alpha=0.5, optim__lr=lr)
+            for i, lr in enumerate([1e-3, 1e-3, 3e-3, 1e-3])]
+    g = _Group(cfgs)
+    assert [[r.cfg.train.seed for r in members] for _, members in g.optimizers] == [[0, 1, 3], [2]]
+    g.runs[3].status = "diverged"  # a finished run: the shared step must leave its parameters alone
+    before = [{n: p.detach().clone() for n, p in r.student.named_parameters()} for r in g.runs]
+    _group_step(g)
+    for k, r in enumerate(g.runs[:3]):  # each run's own optimizer, stepped alone on a copy: bitwise the same
+        twin = {n: p.clone().requires_grad_() for n, p in before[k].items()}
+        for n, p in twin.items():
+            p.grad = r.student.get_parameter(n).grad.clone()
+        build_optimizer(r.cfg.optim, twin.values()).step()
+        assert all(torch.equal(p, twin[n]) for n, p in r.student.named_parameters())
+        assert r.optimizer.state_dict()["state"].keys() == set(range(len(twin)))  # its own entries only
+    assert all(torch.equal(p, before[3][n]) for n, p in g.runs[3].student.named_parameters())
+
+
 def test_a_solo_resume_continues_a_stacked_checkpoint(tmp_path):
     # last.pt of a stacked run has the solo format: `distill --resume` finishes a run that a stack began.
     half = [tiny_config(tmp_path / f"stack{i}", **{**FAST, "train__max_steps": 10}, **v)

@@ -4,9 +4,10 @@ Runs of a sweep that differ only in values that do not change any tensor's shape
 learning rate and its schedule, weight decay, momentum, betas) are stacked: every parameter becomes one
 (K, ...) tensor (`torch.func.stack_module_state`), the forward and backward passes of all K
 teacher-student pairs run at once under `torch.func.vmap`, and each run then takes its own optimizer
-step. Fewer, larger kernels: this amortizes the per-operation overhead of small encoders. The K runs' images
-and feature maps sit side by side in the channel dimension throughout, as one grouped convolution wants them
-(`stack_layers`: pools and group norms that work in that arrangement, instead of copying at every layer).
+step (one fused torch.optim step for all runs with equal optimizer settings). Fewer, larger kernels: this
+amortizes the per-operation overhead of small encoders. The K runs' images and feature maps sit side by
+side in the channel dimension throughout, as one grouped convolution wants them (`stack_layers`: pools and
+group norms that work in that arrangement, instead of copying at every layer).
 
 Each run keeps everything a run of `randteach distill` has: its run directory with config.yaml,
 metrics.jsonl, checkpoints (teacher.pt, student_init.pt, student_step<N>.pt, last.pt, student.pt) and
@@ -15,8 +16,7 @@ and optimizer: each run's student module keeps real parameters, but their storag
 the stacked tensors, so the run's torch.optim optimizer (built by `build_optimizer`), the loop's MetricsLog
 (distances, the divergence check, the records), the Prober and `state_dict` act on that run exactly as in a
 solo run. Gradient norms and clipping are computed for all K runs at once on the stacked gradients, and no
-value is read to the host between logged steps. A stacked
-group can be killed and re-run: each run resumes from its own last.pt (and a solo `randteach distill
+value is read to the host between logged steps. A stacked group can be killed and re-run: each run resumes from its own last.pt (and a solo `randteach distill
 --resume` can finish it too).
 
 Results: the optimizer step is torch.optim's own, so only the forward/backward arithmetic differs from a
@@ -28,6 +28,7 @@ bitwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import json
 import math
@@ -231,6 +232,7 @@ class _Group:
             last = r.run.checkpoints / "last.pt"
             if last.exists():
                 load_optimizer_state(r.optimizer, load_checkpoint(last)["optimizer"])
+        self.optimizers = _shared_optimizers(self.runs)
         self.losses_of = _stacked_losses(self.runs[0], cfg0, self.targets is not None, self.channels_last)
         self.prober = Prober(cfg0, in_channels, size, self.device) if cfg0.probe.which else None
         t_start = time.perf_counter()
@@ -297,17 +299,40 @@ def _group_step(g: _Group) -> None:
     norms = _grad_norms(g.s_params)
     _clip(g, norms)
     losses = losses.detach().double()
-    for k, r in g.active():
-        lr = lr_at(r.cfg.optim, step, plan.total_steps)
+    for k, r in enumerate(g.runs):  # a finished run's parameters get no gradient: the optimizers skip them
         for name, p in r.student.named_parameters():
-            p.grad = g.s_params[name].grad[k]
-        # The run's own torch.optim step on its slice, so per-run lr, weight decay, momentum and betas
-        # follow torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
-        # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
-        # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
-        set_lr(r.optimizer, lr)
-        r.optimizer.step()
-        r.pending = StepMetrics(losses[k], norms[k], lr, False)
+            p.grad = g.s_params[name].grad[k] if r.status is None else None
+    # torch.optim's own step on each run's slice, so per-run lr, weight decay, momentum and betas follow
+    # torch.optim's formulas exactly: AdamW (Loshchilov & Hutter 2019, Alg. 2)
+    # theta <- theta - lr*wd*theta - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
+    # v_hat = v / (1 - b2^t); SGD v <- mu*v + (g + wd*theta), theta <- theta - lr*v.
+    for optimizer, members in g.optimizers:
+        lr = lr_at(members[0].cfg.optim, step, plan.total_steps)
+        set_lr(optimizer, lr)
+        optimizer.step()
+        for r in members:
+            set_lr(r.optimizer, lr)  # what the run's checkpoint records
+    for k, r in g.active():
+        r.pending = StepMetrics(losses[k], norms[k], r.optimizer.param_groups[0]["lr"], False)
+
+
+def _shared_optimizers(runs: list[_Run]) -> list[tuple[torch.optim.Optimizer, list[_Run]]]:
+    """One torch.optim optimizer over the parameters of all runs with equal optimizer settings: one fused
+    step (one multi-tensor kernel) for them per step instead of one per run, with the same arithmetic per
+    element. Each of a run's parameters has one state entry, held by both optimizers (torch.optim fills an
+    entry in place), so the run's own optimizer's state_dict, and with it the run's checkpoint, is what a
+    solo run's would be."""
+    by_settings: dict[str, list[_Run]] = {}
+    for r in runs:
+        by_settings.setdefault(json.dumps(dataclasses.asdict(r.cfg.optim), sort_keys=True), []).append(r)
+    shared = []
+    for members in by_settings.values():
+        optimizer = build_optimizer(members[0].cfg.optim, [p for r in members for p in r.student.parameters()])
+        for r in members:
+            for p in r.student.parameters():  # the entry loaded from the run's last.pt, or a new one
+                optimizer.state[p] = r.optimizer.state[p]
+        shared.append((optimizer, members))
+    return shared
 
 
 @torch.no_grad()
