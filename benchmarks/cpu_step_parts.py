@@ -9,6 +9,8 @@ the same run (one thread, median of repeated timings, alternating order). Writes
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
 - probe embedding: the 10,000 Fashion-MNIST test images through the demo's convnet (`probes.embedding.embed`),
   the encoder in NCHW (as a checkpoint loads) vs the channels-last copy `embed` makes;
+- stacked convolution: forward + backward of one grouped convolution over K runs (what a stack of K runs
+  computes, `randteach.train.stack_layers`) vs K separate convolutions, K = 4 and 16;
 - compile scope: the demo's step eager, with the whole step compiled, with the student's head and the loss
   compiled, and with the loss compiled (what `train.compile` does to the student's side on a CPU).
 
@@ -141,6 +143,25 @@ def embed_rows(reps: int) -> list[tuple]:
              "embed (channels-last copy)", t["ours"])]
 
 
+def grouped_conv_rows(reps: int) -> list[tuple]:
+    """A stack's convolution (`sweep --stack K`, stack_layers): one grouped convolution over K runs' channels
+    against K separate ones, forward + backward, the convnet's second layer (16 -> 32 channels, 14 px)."""
+    rows = []
+    for k in (4, 16):
+        x = torch.randn(64, k * 16, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(k * 32, 16, 3, 3, requires_grad=True)
+        xs = [x.detach()[:, 16 * i:16 * (i + 1)].contiguous(memory_format=torch.channels_last).requires_grad_()
+              for i in range(k)]
+        ws = [w.detach()[32 * i:32 * (i + 1)].contiguous(memory_format=torch.channels_last).requires_grad_()
+              for i in range(k)]
+        cases = {"separate": lambda: [F.conv2d(a, b, padding=1).sum().backward() for a, b in zip(xs, ws)],
+                 "grouped": lambda: F.conv2d(x, w, padding=1, groups=k).sum().backward()}
+        t = alternating(cases, reps, 2)
+        rows.append((f"stacked convolution, forward + backward, K = {k}", "batch 64, 16 -> 32 channels, 14 px",
+                     f"{k} separate convolutions", t["separate"], "one grouped convolution", t["grouped"]))
+    return rows
+
+
 def compile_rows(reps: int) -> list[tuple]:
     name, overrides, side, batch = ENCODERS[0]
     layout = torch.channels_last
@@ -188,7 +209,7 @@ def main(argv=None) -> None:
     reps = 2 if args.quick else args.reps
     if args.quick:
         ENCODERS[:] = ENCODERS[:1]
-    rows = optimizer_rows(reps) + layout_rows(reps) + head_rows(reps) + embed_rows(reps)
+    rows = optimizer_rows(reps) + layout_rows(reps) + head_rows(reps) + embed_rows(reps) + grouped_conv_rows(reps)
     rows += [] if args.quick else compile_rows(reps)
     upsert_section(Path(args.out), markdown(rows, argv, started))
     print(markdown(rows, argv, started))
