@@ -68,6 +68,18 @@ def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim)
             == 64 * 16 * 4
 
 
+@pytest.mark.parametrize("encoder", [{"model__encoder": "mlp"}, {"model__encoder": "vgg11"},
+                                     {"model__encoder": "vit_tiny"}])  # ResNets: the test above
+def test_every_encoder_family_stacks_to_its_solo_run_under_sgd(tmp_path, encoder):
+    # SGD passes rounding differences on as they are (Adam's per-weight normalization lifts them in the first
+    # steps of a deep net), so the stacked layers themselves must match to float precision.
+    common = {**FAST, "train__max_steps": 5, "probe__which": "[]", "optim__name": "sgd", "optim__momentum": 0.9,
+              "init__alpha": 0.5, **encoder}
+    train_stacked([tiny_config(tmp_path / f"stack{i}", **common, train__seed=i) for i in range(2)])
+    solo = distill(tiny_config(tmp_path / "solo", **common, train__seed=1), progress=False)
+    assert_same_student(solo.path, Path(tiny_config(tmp_path / "stack1", **common, train__seed=1).run_dir()), 1e-6)
+
+
 def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_runs(tmp_path):
     # One run clips its gradients, one diverges (lr 1e30: the parameters overflow within a few steps), records
     # are written every 5 steps: each run's records, status and diverged step are those of its solo twin.
