@@ -69,6 +69,15 @@ def test_an_unbatched_input_is_shared_by_every_run():
     torch.testing.assert_close(out, torch.stack([layer(x) for layer in layers]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [lambda: nn.GroupNorm(2, 6), lambda: nn.Conv2d(6, 4, 3, padding=1)])
+def test_unbatched_parameters_are_shared_by_every_run(make):
+    torch.manual_seed(0)
+    layer = randomized(make(), 0)
+    folded = fold_runs_into_channels(copy.deepcopy(layer))
+    x = torch.randn(3, 5, 6, 4, 4)  # 3 runs' inputs, one layer for all
+    torch.testing.assert_close(vmap(folded)(x), torch.stack([layer(b) for b in x]), rtol=1e-5, atol=1e-5)
+
+
 def test_inputs_side_by_side_are_the_stacked_batches_and_feed_a_grouped_convolution_without_a_copy():
     batches = [torch.randn(5, 3, 8, 8) for _ in range(4)]
     x = _side_by_side(batches, channels_last=True)

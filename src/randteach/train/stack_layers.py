@@ -48,12 +48,17 @@ class _ChannelOp(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, op, x, *params):
         k = info.batch_size
-        x_dim, param_dims = in_dims[1], in_dims[2:]
-        x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(x.shape[0], k, *x.shape[1:])
-        folded = [None if p is None else (p.movedim(d, 0) if d is not None else p.expand(k, *p.shape)).flatten(0, 1)
-                  for p, d in zip(params, param_dims)]
-        y = op.folded(k)(x.flatten(1, 2), *folded)
+        x = _runs_at(x, in_dims[1], k, 1)                                   # (B, K, C, ...)
+        params = [None if p is None else _runs_at(p, d, k, 0).flatten(0, 1) for p, d in zip(params, in_dims[2:])]
+        y = op.folded(k)(x.flatten(1, 2), *params)
         return y.unflatten(1, (k, -1)), 1
+
+
+def _runs_at(t: torch.Tensor, run_dim: int | None, k: int, at: int) -> torch.Tensor:
+    """`t` with its K runs in dimension `at` (a tensor without a run dimension is shared by all K runs)."""
+    if run_dim is None:
+        return t.unsqueeze(at).expand(*t.shape[:at], k, *t.shape[at:])
+    return t.movedim(run_dim, at)
 
 
 class _Pool:
