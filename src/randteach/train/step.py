@@ -44,13 +44,13 @@ class StudentForward(nn.Module):
         super().__init__()
         self.model, self.device, self.gate = model, device, gate
 
-    def forward(self, views: list[torch.Tensor], bf16: bool, head: Callable | None = None) -> list[torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], bf16: bool) -> list[torch.Tensor]:
         """The head outputs of each view. Consecutive views of one shape go through the encoder as one
         batch (the global crops together, the local crops together, as DINO's MultiCropWrapper does); the
-        head (the model's, or `head`: its compiled form) takes all their features at once."""
+        head takes all their features at once."""
         with autocast(self.device, bf16):  # the encoder only
             features = [self.model.encoder(_cat(group)) for group in _same_shape_runs(views)]
-        out = (head or self.model.head)(self.gate.cast(_cat(features)))  # fp32 (float64 in the float64 start)
+        out = self.model.head(self.gate.cast(_cat(features)))  # fp32 (float64 in the float64 start)
         return list(out.split([len(v) for v in views]))
 
 
@@ -107,7 +107,7 @@ def build_step_functions(state: TrainState) -> StepFunctions:
         raise UserError(f"train.cuda_graphs=true needs a CUDA device, but the run is on {device}; "
                         "set --train.cuda_graphs false")
     student = state.ddp.wrap(StudentForward(state.student, device, state.gate), sync_bn=cfg.train.sync_bn)
-    eager = _Parts(None, state.teacher.head, state.teacher.head.last, _loss_function(cfg))
+    eager = _Parts(state.teacher.head, state.teacher.head.last, _loss_function(cfg))
     fns = StepFunctions(student, *_functions(state, student, eager), state.gate.dtype)
     if not cfg.train.compile:
         return fns
@@ -129,9 +129,8 @@ def _compiler(cfg) -> Callable:
 
 @dataclass
 class _Parts:
-    """The pieces of the step a compile scope may replace: the student's head (None: the model's own), the
-    teacher's head, its last layer (applied to cached bottleneck outputs) and the loss."""
-    student_head: Callable | None
+    """The pieces of the step a compile scope may replace: the teacher's head, its last layer (applied to
+    cached bottleneck outputs) and the loss."""
     teacher_head: Callable
     teacher_last: Callable
     loss: Callable
@@ -148,10 +147,10 @@ def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
     (max-pooling, ReLU and layout changes around oneDNN's convolutions) is slower than eager's kernels: the
     demo's step (convnet width 16, head 512-512-256-4096, batch 64) on one core of the development Xeon runs
     0.54-0.58x eager with the whole step compiled (benchmarks/cpu_step_parts.py). A compiled student head
-    (forward and backward) gained the demo 4-6 % but cost VGG11's step under bf16 (batch 256, head
-    2048-2048-256-4096) 2-8 %; without it neither is slower than eager (docs/PERFORMANCE.md)."""
+    (forward and backward) gained the demo 3-6 % but cost VGG11's step under bf16 (batch 256, head
+    2048-2048-256-4096) about 10 %; without it neither is slower than eager (docs/PERFORMANCE.md)."""
     teacher = state.teacher.head
-    return _Parts(None, compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z)),
+    return _Parts(compiled(lambda z: teacher(z)), compiled(lambda z: teacher.last(z)),
                   compiled(_loss_function(state.cfg)))
 
 
@@ -168,7 +167,7 @@ def _functions(state: TrainState, student: nn.Module, parts: _Parts) -> tuple[Ca
         return parts.teacher_head(gate.cast(features))
 
     def student_loss(views: list[torch.Tensor], t: list[torch.Tensor], bf16: bool) -> torch.Tensor:
-        s = student(views, bf16, parts.student_head)
+        s = student(views, bf16)
         if len(views) == 1:  # one view (the papers): the student matches the teacher on the same image
             return parts.loss(s[0], t[0])
         return multicrop_loss(t, s, parts.loss)
