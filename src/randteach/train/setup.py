@@ -12,6 +12,7 @@ from ..data import ImageData, Preprocess, load_configured, noise_like, stratifie
 from ..errors import UserError
 from ..init import exact_copy, locality_init, neighborhood_init
 from ..models import build_model
+from ..models.common import fp32_channels_last
 from ..runs.checkpoint import load_state_dict, load_weights
 
 _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order streams of one train.seed
@@ -73,6 +74,13 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     if mode == "neighborhood":
         return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon, dtype)
     return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving, dtype)
+
+
+def trains_channels_last(cfg: Config, inputs: torch.Tensor, encoder: torch.nn.Module, device: torch.device,
+                         bf16: bool) -> bool:
+    """Whether training lays the images and the models out in channels-last memory format: image inputs with
+    train.channels_last on, under bf16, or in fp32 where the encoder runs faster so (`fp32_channels_last`)."""
+    return inputs.dim() == 4 and cfg.train.channels_last and (bf16 or fp32_channels_last(encoder, device))
 
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):

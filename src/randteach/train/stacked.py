@@ -16,8 +16,8 @@ and optimizer: each run's student module keeps real parameters, but their storag
 the stacked tensors, so the run's torch.optim optimizer (built by `build_optimizer`), the loop's MetricsLog
 (distances, the divergence check, the records), the Prober and `state_dict` act on that run exactly as in a
 solo run. Gradient norms and clipping are computed for all K runs at once on the stacked gradients, and no
-value is read to the host between logged steps. A stacked group can be killed and re-run: each run resumes from its own last.pt (and a solo `randteach distill
---resume` can finish it too).
+value is read to the host between logged steps. A stacked group can be killed and re-run: each run resumes
+from its own last.pt (and a solo `randteach distill --resume` can finish it too).
 
 Results: the optimizer step is torch.optim's own, so only the forward/backward arithmetic differs from a
 solo run: a convolution over K weights runs as one grouped convolution and a linear layer as a batched
@@ -28,8 +28,8 @@ bitwise.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +46,6 @@ from ..config import Config, config_from_dict
 from ..errors import UserError
 from ..init import init_report
 from ..losses import distill_loss
-from ..models.common import fp32_channels_last
 from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
@@ -54,7 +53,8 @@ from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
 from .callbacks import MetricsLog, StopFlag, StopRun
 from .distributed import Dist
-from .setup import build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds
+from .setup import (build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds,
+                    trains_channels_last)
 from .stack_layers import fold_runs_into_channels
 from .state import Plan
 from .step import StepMetrics
@@ -225,8 +225,8 @@ class _Group:
         self.targets = (_teacher_targets(self.runs, self.inputs, self.preprocess, self.plan.batch, self.device)
                         if cfg0.train.teacher_cache else None)
         self.s_params, self.s_buffers, self.t_params, self.t_buffers = _stack(self.runs)
-        self.channels_last = (self.inputs.dim() == 4 and cfg0.train.channels_last
-                              and fp32_channels_last(self.runs[0].student.encoder, self.device))
+        self.channels_last = trains_channels_last(cfg0, self.inputs, self.runs[0].student.encoder, self.device,
+                                                  bf16=False)  # a stack runs in fp32
         for r in self.runs:
             r.optimizer = build_optimizer(r.cfg.optim, r.student.parameters())
             last = r.run.checkpoints / "last.pt"
@@ -480,7 +480,7 @@ class _HeadLast(nn.Module):
 def _stacked_losses(run: _Run, cfg: Config, cached: bool, channels_last: bool):
     """(K stacked student params, buffers, teacher params, buffers, inputs, teacher inputs) -> (K,) losses:
     one run's step (student and teacher outputs, the loss of `losses.distill_loss`) vmapped over K."""
-    # the code of the step (the weights come stacked), with pools and group norms that keep the runs in the channels
+    # the code of the step (the weights come stacked), with layers that keep the runs side by side in the channels
     student = fold_runs_into_channels(copy.deepcopy(run.student).to("meta"), channels_last)
     teacher = fold_runs_into_channels(copy.deepcopy(run.teacher).to("meta"), channels_last)
     last = _HeadLast(teacher.head)

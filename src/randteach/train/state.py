@@ -22,13 +22,12 @@ from ..data.augment import Augment, augmenter, local_side
 from ..errors import UserError
 from ..init import init_report, parameter_norm
 from ..losses import Centering
-from ..models.common import fp32_channels_last
 from ..optim import build_optimizer, load_optimizer_state
 from ..precision import Float64Start, fp32_state, uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ..runs.rundir import RunDir, check_config_digest
 from .distributed import Dist
-from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
+from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds, trains_channels_last
 
 
 def probe_epochs(cfg: Config, total_epochs: float) -> list[float]:
@@ -160,8 +159,7 @@ class TrainState:
         teacher.requires_grad_(False)
         student.train()
         bf16 = uses_bf16(cfg.train.precision, device)
-        conv_like = inputs.dim() == 4 and cfg.train.channels_last and (
-            bf16 or fp32_channels_last(student.encoder, device))
+        conv_like = trains_channels_last(cfg, inputs, student.encoder, device, bf16)
         if conv_like:
             teacher.to(memory_format=torch.channels_last)
             student.to(memory_format=torch.channels_last)

@@ -10,8 +10,9 @@ still closed: it needs ||theta_S - theta_T|| on the host before the step (see `b
 `train.compile` on a GPU compiles the student's forward, its head, the loss and (through AOTAutograd)
 their backward as one graph, and the teacher's forward as another; `train.cuda_graphs` also records both
 as CUDA graphs. On a CPU it compiles the loss and the teacher's head and leaves the encoders and the
-student's head eager (see `_cpu_compiled_parts`). Shapes are static (`dynamic=False`), and the compiled forms run only at the shapes
-of a full batch and in the run's final precision (`StepFunctions.for_chunk`): one graph per run each.
+student's head eager (see `_cpu_compiled_parts`). Shapes are static (`dynamic=False`), and the compiled
+forms run only at the shapes of a full batch and in the run's final precision (`StepFunctions.for_chunk`):
+one graph per run each.
 """
 from __future__ import annotations
 
