@@ -168,12 +168,11 @@ def compile_rows(reps: int) -> list[tuple]:
     models = {k: student(overrides, side, layout) for k in ("eager", "whole", "head", "loss")}
     whole, with_head, with_loss = models["whole"], models["head"], models["loss"]
     head = torch.compile(lambda f: with_head.head(f), dynamic=False)
-    head_loss = torch.compile(lambda s, t: distill_loss("ce", s, t), dynamic=False)
-    loss = torch.compile(lambda s, t: distill_loss("ce", s, t), dynamic=False)
+    loss = torch.compile(lambda s, t: distill_loss("ce", s, t), dynamic=False)  # one graph for both cases
     cases = {"eager": step_fn(models["eager"], side, batch, layout),
              "whole": step_fn(whole, side, batch, layout,
                               torch.compile(lambda x, t: distill_loss("ce", whole(x), t), dynamic=False)),
-             "head": step_fn(with_head, side, batch, layout, lambda x, t: head_loss(head(with_head.encoder(x)), t)),
+             "head": step_fn(with_head, side, batch, layout, lambda x, t: loss(head(with_head.encoder(x)), t)),
              "loss": step_fn(with_loss, side, batch, layout, lambda x, t: loss(with_loss(x), t))}
     t = alternating(cases, reps, 10)
     where = f"{name}, batch {batch}"
