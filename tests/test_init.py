@@ -73,3 +73,44 @@ def test_norms_do_not_overflow_for_finite_values():
         m.bias.zero_()
     assert math.isfinite(parameter_norm(m))
     assert parameter_norm(m) == pytest.approx(1e20 * math.sqrt(1000), rel=1e-6)
+
+
+def test_l2_norms_are_float64_accurate_at_every_magnitude_and_non_finite_exactly_where_a_tensor_is():
+    from randteach.init import l2_norms, l2_total
+    g = torch.Generator().manual_seed(0)
+    finite = [torch.randn(300, 7, generator=g),
+              1e20 * torch.randn(500, generator=g),   # fp32 squares overflow
+              1e-25 * torch.randn(500, generator=g),  # fp32 squares underflow to zero
+              torch.zeros(4), torch.randn(9, dtype=torch.float64, generator=g)]
+    bad = [torch.tensor([1.0, math.inf]), torch.tensor([math.nan, 1.0])]
+    norms = l2_norms(finite + bad)
+    assert norms.dtype == torch.float64
+    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in finite])
+    assert torch.allclose(norms[:5], expected, rtol=1e-6, atol=0)
+    assert norms[1] > 1e21 and norms[2] > 0
+    assert math.isinf(norms[5]) and math.isnan(norms[6])
+    assert float(l2_total(finite)) == pytest.approx(float(expected.square().sum().sqrt()), rel=1e-6)
+    assert float(l2_total([])) == 0.0
+
+
+def test_l2_norms_of_ordinary_fp32_tensors_take_no_float64_norm():
+    # On a CPU a float64 norm copies its whole input to float64 first; ordinary magnitudes need no such copy.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from randteach.init import l2_norms
+
+    class Float64Norms(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "norm" in func.__name__ and (kwargs.get("dtype") == torch.float64 or torch.float64 in args[1:]):
+                Float64Norms.seen += 1
+            return func(*args, **kwargs)
+
+    tensors = [torch.randn(64, 32), torch.randn(1000)]
+    with Float64Norms():
+        l2_norms(tensors)
+    assert Float64Norms.seen == 0
+    with Float64Norms():
+        l2_norms([1e-25 * t for t in tensors])  # these do need float64
+    assert Float64Norms.seen == 2

@@ -13,6 +13,7 @@ import threading
 import torch
 from tqdm.auto import tqdm
 
+from ..init import l2_total
 from ..probes.embedding import Prober, accuracies
 from .state import TrainState
 from .step import StepMetrics
@@ -116,10 +117,9 @@ class MetricsLog(Hook):
 
 @torch.no_grad()
 def _distance(a, b) -> torch.Tensor:
-    """||theta_a - theta_b||_2 on the device (as `randteach.init.parameter_distance`, without the read),
-    accumulated in float64: non-finite exactly when a parameter is, not when huge finite ones overflow fp32."""
-    diff = torch._foreach_sub([p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()])
-    return torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float64)).pow(2).sum().sqrt()
+    """||theta_a - theta_b||_2 on the device (as `randteach.init.parameter_distance`, without the read), in
+    float64: non-finite exactly when a parameter is, not when huge finite ones overflow fp32 (`l2_total`)."""
+    return l2_total(torch._foreach_sub([p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()]))
 
 
 def _log(state: TrainState, record: dict) -> None:

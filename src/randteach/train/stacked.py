@@ -44,7 +44,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ..config import Config, config_from_dict
 from ..errors import UserError
-from ..init import init_report
+from ..init import init_report, l2_norms
 from ..losses import distill_loss
 from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
@@ -337,12 +337,12 @@ def _shared_optimizers(runs: list[_Run]) -> list[tuple[torch.optim.Optimizer, li
 
 @torch.no_grad()
 def _grad_norms(stacked: dict) -> torch.Tensor:
-    """(K,) gradient norms, one per run, from the stacked gradients: one reduction per parameter for all K
-    runs, accumulated in float64 as `init.total_grad_norm` is for a solo run (non-finite exactly when a
-    run's gradient is)."""
-    per_param = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float64)
-                 for p in stacked.values() if p.grad is not None]
-    return torch.stack(per_param).pow(2).sum(0).sqrt()
+    """(K,) gradient norms, one per run, from the stacked gradients, by the rule of a solo run's
+    `init.total_grad_norm` (float64, non-finite exactly when a run's gradient is): the norms of every
+    parameter's K run slices, then per run the root of their sum of squares."""
+    grads = [p.grad for p in stacked.values() if p.grad is not None]
+    k = grads[0].shape[0]
+    return l2_norms([g[i] for g in grads for i in range(k)]).view(len(grads), k).pow(2).sum(0).sqrt()
 
 
 @torch.no_grad()
