@@ -5,6 +5,9 @@ the same run (one thread, median of repeated timings, alternating order). Writes
 - optimizer: one torch.optim AdamW step over the demo student's parameters, default (for-loop) vs fused;
 - layout: one fp32 training step (student forward, loss, backward, fused AdamW) per encoder, in the memory
   format `randteach.models.common.fp32_channels_last` picks for the encoder ("ours") vs the other one;
+- gradient norm: the demo's fp32 step (channels-last) followed by the norm of all gradients, as torch's
+  float64 foreach norm (a float64 copy of every gradient on a CPU) vs `init.l2_total` (fp32 norms, float64
+  only where fp32 could get them wrong), which the loop takes every step;
 - weight-normalized layer: forward + backward of the head's last layer (64 x 256 -> 4096), F.normalize
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
 - probe embedding: the 10,000 Fashion-MNIST test images through the demo's convnet (`probes.embedding.embed`),
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 import bench_machine
 from bench_stacked import upsert_section
 from randteach.config import build_config
+from randteach.init import l2_total
 from randteach.losses import distill_loss
 from randteach.models.common import fp32_channels_last
 from randteach.models.heads import unit_row_linear
@@ -110,6 +114,24 @@ def layout_rows(reps: int) -> list[tuple]:
         label = {"NHWC": "channels-last", "NCHW": "NCHW"}
         rows.append((f"fp32 step, {name}", f"batch {batch}, {side} px", label[alt], t[alt], label[ours], t[ours]))
     return rows
+
+
+def norm_rows(reps: int) -> list[tuple]:
+    name, overrides, side, batch = ENCODERS[0]
+    model = student(overrides, side, torch.channels_last)
+    step = step_fn(model, side, batch, torch.channels_last)
+    params = list(model.parameters())
+
+    def float64_foreach():
+        step()
+        torch.stack(torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float64)).pow(2).sum().sqrt()
+
+    def ours():
+        step()
+        l2_total([p.grad for p in params])
+    t = alternating({"float64": float64_foreach, "ours": ours}, reps, 10)
+    return [(f"fp32 step + gradient norm, {name}", f"batch {batch}, {side} px", "float64 foreach norm", t["float64"],
+             "l2_total", t["ours"])]
 
 
 def head_rows(reps: int) -> list[tuple]:
@@ -208,7 +230,7 @@ def main(argv=None) -> None:
     reps = 2 if args.quick else args.reps
     if args.quick:
         ENCODERS[:] = ENCODERS[:1]
-    rows = optimizer_rows(reps) + layout_rows(reps) + head_rows(reps) + embed_rows(reps) + grouped_conv_rows(reps)
+    rows = optimizer_rows(reps) + layout_rows(reps) + norm_rows(reps) + head_rows(reps) + embed_rows(reps) + grouped_conv_rows(reps)
     rows += [] if args.quick else compile_rows(reps)
     upsert_section(Path(args.out), markdown(rows, argv, started))
     print(markdown(rows, argv, started))
