@@ -175,6 +175,38 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_reports_each_once(tmp_pat
     assert [(g["init.alpha"], g["n"]) for g in groups] == [("1e-10", "2"), ("1.0", "2")]
 
 
+def test_workers_take_the_least_used_gpu_one_per_gpu_before_a_second():
+    from randteach.runs.sweep import _least_used
+    gpus = ["3", "GPU-5f1e", "1"]                          # as CUDA_VISIBLE_DEVICES names them, in its order
+    running = {}
+    for n in range(5):
+        running[n] = (None, [n], [], 0.0, _least_used(gpus, running))
+    assert [entry[4] for entry in running.values()] == ["3", "GPU-5f1e", "1", "3", "GPU-5f1e"]
+    del running[2]                                          # the worker on GPU 1 ends: GPU 1 is the freest
+    assert _least_used(gpus, running) == "1"
+    running[5] = running[6] = (None, [5], [], 0.0, "1")     # two on each: the first GPU again
+    assert _least_used(gpus, running) == "3"
+
+
+def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tmp_path):
+    # Real worker processes; the GPUs are named by CUDA_VISIBLE_DEVICES (none exists here, so the runs fall
+    # back to the CPU, and on a GPU machine the names hide its real GPUs the same way). Each worker prints
+    # the CUDA_VISIBLE_DEVICES it runs under. A run pinned to the CPU gets no GPU.
+    base = {**FAST, "train.device": "auto", "probe.which": "[]"}
+    path = write_sweep(tmp_path, seeds=[0, 1, 2], base=base)
+    pinned = write_sweep(tmp_path, name="cpu", seeds=[0], base={**base, "train.device": "cpu"})
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,7"}
+    out = [subprocess.run([sys.executable, "-m", "randteach.cli", "sweep", str(p)], env=env, capture_output=True,
+                          text=True, timeout=300) for p in (path, pinned)]
+    assert [r.returncode for r in out] == [0, 0], out[0].stderr + out[1].stderr
+    assert "on 2 worker process(es)" in out[0].stderr and "each on one of the GPUs 5, 7" in out[0].stderr
+    gpus = {line.rsplit(": GPU ", 1)[0].strip(): line.rsplit(": GPU ", 1)[1]
+            for line in out[0].stderr.splitlines() if ": GPU " in line}
+    assert sorted(gpus) == sorted(str(c.run_dir()) for c in expand(load_sweep(path)))
+    assert set(gpus.values()) == {"5", "7"}                  # the first two runs start at once, one per GPU
+    assert "on 1 worker process(es)" in out[1].stderr and ": GPU " not in out[1].stderr
+
+
 def test_failed_and_diverged_runs_are_results_not_crashes(tmp_path):
     failing = expand(load_sweep(write_sweep(tmp_path, name="bad", base={**FAST, "data.n_samples": 5000})))
     diverging = expand(load_sweep(write_sweep(tmp_path, name="div", base={

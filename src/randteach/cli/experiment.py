@@ -58,8 +58,10 @@ def add_parser(subparsers) -> None:
                                  "(default runs/experiments/SCALE)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local worker processes, or SLURM jobs via submitit (options: the recipe's slurm:)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (torch threads = cores / workers); 0: run in this process, one "
-                        "after another (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local worker processes, each pinned to one GPU where there are GPUs (torch threads = "
+                        "cores / workers); 0: run in this process, one after another (default: one per visible "
+                        "GPU when the runs use GPUs, else 1)")
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
     p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and their state) and what follows; run nothing")

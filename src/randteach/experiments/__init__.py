@@ -47,7 +47,7 @@ def get_experiment(name: str) -> Experiment:
 
 def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds: int | None = None,
                  overrides: dict | None = None, recipe: str | Path | None = None, launcher: str = "local",
-                 workers: int = 1, progress: bool = True, command: str = "") -> Context:
+                 workers: int | None = None, progress: bool = True, command: str = "") -> Context:
     r: Recipe = load_recipe(name, scale, recipe)
     if seeds is not None:
         if seeds < 1:

@@ -34,7 +34,7 @@ class Context:
     root: Path                                              # <root>/runs: run dirs; <root>/<experiment>: report
     overrides: dict = field(default_factory=dict)           # command-line config overrides for every run
     launcher: str = "local"
-    workers: int = 1
+    workers: int | None = None                              # None: one per visible GPU, else 1 (run_sweep)
     progress: bool = True
     command: str = ""
 

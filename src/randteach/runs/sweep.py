@@ -12,7 +12,8 @@ A sweep file names a preset, base overrides, a grid and seeds:
 Every run lives in `<out>/<name>-<digest>` (the digest hashes the resolved config), so running
 the same sweep again does no finished work twice: completed and diverged runs are skipped,
 interrupted ones resumed from their last checkpoint, new ones started. Runs execute in local
-worker processes (one fresh process per run) or as SLURM jobs through submitit.
+worker processes (one fresh process per run; on a machine with GPUs each worker is pinned to one of them)
+or as SLURM jobs through submitit.
 """
 from __future__ import annotations
 
@@ -187,20 +188,37 @@ def _with_path(summary: dict, cfg: Config) -> dict:
 
 # ------------------------------------------------------------------ local launcher
 
-def _local_worker(cfg_dict: dict, threads: int) -> None:
+@dataclass(frozen=True)
+class _Slot:
+    """What a worker process gets besides its runs: torch threads, and the GPU it may use (None: all that
+    CUDA_VISIBLE_DEVICES shows it, or none); `say`: print the GPU it took."""
+    threads: int
+    gpu: str | None = None
+    say: bool = False
+
+    def enter(self, run_dir: str) -> None:
+        """Set up this worker process, first thing: CUDA reads CUDA_VISIBLE_DEVICES once, when it starts."""
+        _stop_with_parent()
+        if self.gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.gpu
+            if self.say:
+                print(f"  {run_dir}: GPU {os.environ['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
+        import torch
+        torch.set_num_threads(self.threads)
+
+
+def _local_worker(cfg_dict: dict, slot: _Slot) -> None:
     """Entry point of one worker process: one run, result in the run directory."""
-    _stop_with_parent()
-    import torch
-    torch.set_num_threads(threads)
-    run_one(config_from_dict(cfg_dict))
+    cfg = config_from_dict(cfg_dict)
+    slot.enter(str(cfg.run_dir()))
+    run_one(cfg)
 
 
-def _stacked_worker(cfg_dicts: list[dict], threads: int) -> None:
+def _stacked_worker(cfg_dicts: list[dict], slot: _Slot) -> None:
     """Entry point of one worker process that trains several runs stacked (randteach.train.stacked)."""
-    _stop_with_parent()
-    import torch
-    torch.set_num_threads(threads)
-    run_stacked([config_from_dict(d) for d in cfg_dicts])
+    cfgs = [config_from_dict(d) for d in cfg_dicts]
+    slot.enter(", ".join(str(c.run_dir()) for c in cfgs))
+    run_stacked(cfgs)
 
 
 def run_stacked(cfgs: list[Config]) -> list[dict]:
@@ -257,6 +275,26 @@ def _worker_context():
     return multiprocessing.get_context("spawn")
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices, UUIDs or MIG ids), or
+    their indices when the variable is not set; [] without CUDA."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _wants_gpu(cfg: Config) -> bool:
+    """A run that takes whichever GPU it sees ("auto", "cuda"); one pinned to "cpu" or "cuda:N" is left as is."""
+    return cfg.train.device in ("auto", "cuda")
+
+
+def _least_used(gpus: list[str], running: dict) -> str:
+    """The GPU with the fewest running workers (the first of those): one worker per GPU before a second."""
+    in_use = [entry[4] for entry in running.values()]
+    return min(gpus, key=lambda g: (in_use.count(g), gpus.index(g)))
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -304,34 +342,40 @@ def _split_done(configs: list[Config]) -> tuple[list[dict | None], list[int]]:
     return results, todo
 
 
-def _run_local(configs: list[Config], workers: int, progress: bool, stack: int = 1) -> list[dict]:
+def _run_local(configs: list[Config], workers: int | None, progress: bool, stack: int = 1) -> list[dict]:
+    """Run the jobs in worker processes, `workers` at a time (None: one per visible GPU when the runs use
+    GPUs, else one); on GPUs each worker is pinned to the least used GPU when it starts."""
     from multiprocessing.connection import wait
 
     ctx = _worker_context()
     results, todo = _split_done(configs)
     log = _Progress(len(todo), progress)
     jobs = _jobs(configs, todo, stack, log)
-    workers = max(1, min(workers, len(jobs) or 1))
+    gpus = visible_gpus() if any(_wants_gpu(configs[i]) for i in todo) else []
+    workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
     threads = max(1, available_cores() // workers)
     log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
              + (f" as {len(jobs)} stack(s) of up to {stack}" if stack > 1 and todo else "")
-             + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else ""))
+             + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
+             + (f", each on one of the GPUs {', '.join(gpus)}" if gpus and todo else ""))
     pending = list(reversed(jobs))
-    running: dict = {}  # sentinel -> (process, indices, their summary stamps before the start, start time)
+    running: dict = {}  # sentinel -> (process, indices, their summary stamps before the start, start time, GPU)
     with _stop_workers_on_signal(running) as stop:
         while running or (pending and stop["signal"] is None):
             while pending and stop["signal"] is None and len(running) < workers:
                 job = pending.pop()
+                gpu = _least_used(gpus, running) if gpus and _wants_gpu(configs[job[0]]) else None
+                slot = _Slot(threads, gpu, progress)
                 target, arg = ((_local_worker, configs[job[0]].to_dict()) if len(job) == 1 else
                                (_stacked_worker, [configs[i].to_dict() for i in job]))
-                proc = ctx.Process(target=target, args=(arg, threads), name=f"randteach-sweep-{job[0]}")
+                proc = ctx.Process(target=target, args=(arg, slot), name=f"randteach-sweep-{job[0]}")
                 stamps = [_summary_stamp(configs[i]) for i in job]
                 proc.start()
-                running[proc.sentinel] = (proc, job, stamps, time.perf_counter())
+                running[proc.sentinel] = (proc, job, stamps, time.perf_counter(), gpu)
                 if stop["signal"] is not None:  # the signal came while this worker was starting
                     _signal_worker(proc, signal.SIGTERM)
             for sentinel in wait(list(running), timeout=1.0):
-                proc, job, stamps, t0 = running.pop(sentinel)
+                proc, job, stamps, t0, _ = running.pop(sentinel)
                 proc.join()
                 for i, stamp in zip(job, stamps):
                     results[i] = _with_path(_collect_local(configs[i], proc.exitcode, stamp, stop["signal"]),
@@ -461,13 +505,15 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
     return results  # type: ignore[return-value]
 
 
-def run_sweep(configs: list[Config], launcher: str = "local", workers: int = 1, progress: bool = True,
+def run_sweep(configs: list[Config], launcher: str = "local", workers: int | None = None, progress: bool = True,
               slurm: dict | None = None, stack: int = 1) -> list[dict]:
     """Execute every config (skipping finished runs); one summary per config, in order.
 
     Each returned summary carries "run_dir". Status is completed, diverged, interrupted, failed
-    (with "error"), or pending (the sweep was stopped before the run started). stack > 1 (local
-    launcher): runs that share an architecture are trained up to `stack` at a time in one process.
+    (with "error"), or pending (the sweep was stopped before the run started). Local launcher: `workers`
+    processes at a time (None: one per visible GPU when the runs use GPUs, else one), each pinned to one
+    GPU where there are GPUs; stack > 1: runs that share an architecture are trained up to `stack` at a time
+    in one process.
     """
     if stack < 1:
         raise ConfigError(f"--stack must be at least 1, got {stack}")
