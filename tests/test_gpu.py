@@ -27,6 +27,8 @@ def test_cuda_run_follows_the_cpu_run(tmp_path):
     _, cpu = _losses(tmp_path, "cpu", train__device="cpu")
     result, gpu = _losses(tmp_path, "gpu", train__device="cuda")
     assert result.summary["device"].startswith("cuda")
+    assert result.summary["gpu"]["name"] == torch.cuda.get_device_name() and result.summary["gpu"]["visible_devices"]
+    assert "gpu" not in _losses(tmp_path, "cpu2", train__device="cpu")[0].summary
     assert gpu == pytest.approx(cpu, rel=1e-2)
 
 

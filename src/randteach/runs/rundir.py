@@ -194,8 +194,18 @@ def run_summary(run: RunDir, *, status: str, steps: int, epochs: float, wall: fl
     return {"status": status, "steps": steps, "epochs": epochs, "wall_time_s": wall,
             "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
             "probe_epoch": final.get("epoch"),  # after a stop, the last probe may be epoch 0
-            "init": init, "config_digest": digest, "device": str(device), "precision": precision,
+            "init": init, "config_digest": digest, "device": str(device), **_gpu(device), "precision": precision,
             "torch": torch.__version__, "host": platform.node(), **probe_warnings(probes), **extra}
+
+
+def _gpu(device) -> dict:
+    """Which GPU a CUDA run used: its model, and the physical GPU(s) CUDA_VISIBLE_DEVICES gave the process (a
+    sweep worker sees only its own); nothing for a run on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    return {"gpu": {"name": torch.cuda.get_device_name(device),
+                    "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all")}}
 
 
 def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
