@@ -300,6 +300,49 @@ def test_frozen_encoder_probe_is_keyed_by_its_weights(tmp_path):
     assert changed == prober.probe(encoder)
 
 
+ENCODER_V1 = """
+import torch
+from torch import nn
+
+class Enc(nn.Module):
+    out_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)).relu()
+"""
+
+
+def test_cached_results_belong_to_the_code_that_computed_them(tmp_path, monkeypatch):
+    # The same encoder (class name, repr, weights) before and after an edit of its forward, in a real module
+    # file: the probe cache and the teacher-target cache compute anew instead of serving the old code's result.
+    import importlib
+    from randteach.train.teacher_cache import cache_key as targets_key
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "edited_encoder.py"
+    module.write_text(ENCODER_V1)
+    import edited_encoder
+    prober, _ = _prober(tmp_path)
+    torch.manual_seed(0)
+    encoder = edited_encoder.Enc()
+    x = torch.randn(20, 1, 8, 8)
+    keys = (prober.cache_key("encoder", encoder), targets_key(encoder, x, None, 4, {}))
+    first = prober.frozen(encoder)
+    assert prober.frozen(encoder) == first and prober.origin["frozen"].startswith("loaded")
+    assert keys == (prober.cache_key("encoder", encoder), targets_key(encoder, x, None, 4, {}))  # stable
+
+    module.write_text(ENCODER_V1.replace(".relu()", ".tanh()"))
+    importlib.reload(edited_encoder)
+    edited = edited_encoder.Enc()
+    edited.load_state_dict(encoder.state_dict())
+    assert repr(edited) == repr(encoder)
+    assert prober.cache_key("encoder", edited) != keys[0] and targets_key(edited, x, None, 4, {}) != keys[1]
+    assert prober.frozen(edited) == prober.probe(edited) and prober.origin["frozen"].startswith("computed")
+
+
 def test_a_corrupt_cache_entry_is_recomputed(tmp_path):
     prober, _ = _prober(tmp_path)
     first = prober.input()

@@ -17,9 +17,11 @@ from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
 from ..models.common import fp32_channels_last
 from ..precision import autocast, fp32_module
-from ..train.teacher_cache import digest_tensor
+from ..train.teacher_cache import code_modules, digest_code, digest_tensor
 
-PROBE_CACHE_VERSION = "3"  # bump when the probes' arithmetic changes: old entries are then never read
+PROBE_CACHE_VERSION = "3"  # the cache entries' format; the code that computes them is keyed by `digest_code`
+# the code every cached probe result depends on, besides an encoder's own
+_PROBE_CODE = frozenset({__name__, linear_knn.__name__, Preprocess.__module__})
 
 
 def adapt_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -179,9 +181,11 @@ class Prober:
 
     def cache_key(self, kind: str, encoder: nn.Module | None = None) -> str:
         """Hash of everything a probe result depends on: both splits' images and labels, the probe config
-        (all but `which`), and for an encoder its architecture, weights, input conversion and precision."""
+        (all but `which`), the probes' code, and for an encoder its architecture, code, weights, input
+        conversion and precision."""
         probe_cfg = {k: v for k, v in dataclasses.asdict(self.cfg.probe).items() if k != "which"}
         h = hashlib.sha256(f"probe-v{PROBE_CACHE_VERSION}-{kind}-{sorted(probe_cfg.items())}".encode())
+        digest_code(h, _PROBE_CODE | (code_modules(encoder) if encoder is not None else set()))
         for data in (self.splits.train, self.splits.test):
             digest_tensor(h, data.images)
             digest_tensor(h, data.labels)

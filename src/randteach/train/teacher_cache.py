@@ -4,8 +4,9 @@ The teacher's head is split as f_T(x) = last(bottleneck(encoder(x))). The compac
 bottleneck(encoder(x)) — 256 numbers per image for the paper's head — is computed once for the whole
 training set, in fp32, in batches of train.batch_size, and stored on disk keyed by everything that changes
 them: the teacher's weights and buffers, the exact inputs and their preprocessing, the head's switches and
-the encoder's settings (`head.*`, `model.*`), the memory format, the device type and whether TF32 is
-allowed. Every step then applies only `last` (a matrix product) to the cached rows.
+the encoder's settings (`head.*`, `model.*`), the memory format, the device type, whether TF32 is allowed,
+and the code that computes them (`digest_code`: after an upgrade or an edit of that code the targets are
+computed anew rather than read back from the old code's arithmetic). Every step then applies only `last` (a matrix product) to the cached rows.
 This removes the teacher's encoder pass from every step and is reused by every run with the same teacher
 and data (e.g. the seeds of a sweep that share train.seed-independent teacher seeds, or a re-run).
 
@@ -20,6 +21,8 @@ the teacher live while the float64 phase lasts and uses these fp32 targets after
 from __future__ import annotations
 
 import hashlib
+import sys
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from ..errors import CheckpointError
 from ..precision import fp32_module
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 
-VERSION = "2"
+VERSION = "2"  # the cache file's format; the code that computes the targets is keyed by `digest_code`
 
 
 def usable(cfg: Config) -> tuple[bool, str]:
@@ -49,6 +52,23 @@ def digest_tensor(h, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
+def code_modules(*roots: nn.Module) -> set[str]:
+    """The modules defining the classes of `roots` and all their submodules, except torch's own (whose
+    arithmetic `digest_code` keys by torch's version)."""
+    names = {type(m).__module__ for root in roots for m in root.modules()}
+    return {n for n in names if n != "torch" and not n.startswith("torch.")}
+
+
+def digest_code(h, modules: Iterable[str]) -> None:
+    """Fold into `h` the source files of `modules` and torch's version: a cached result then belongs to the
+    code that computed it, and an edited or upgraded encoder, head or probe is never served an old result."""
+    h.update(f"torch {torch.__version__}".encode())
+    for name in sorted(set(modules)):
+        path = getattr(sys.modules.get(name), "__file__", None)
+        h.update(name.encode())
+        h.update(Path(path).read_bytes() if path else b"")
+
+
 def target_settings(cfg: Config, device: torch.device, channels_last: bool) -> dict:
     """The settings besides weights and inputs that change the cached targets."""
     return {"head": asdict(cfg.head), "model": asdict(cfg.model), "channels_last": channels_last,
@@ -57,9 +77,10 @@ def target_settings(cfg: Config, device: torch.device, channels_last: bool) -> d
 
 def cache_key(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int, settings: dict) -> str:
     """Hash of everything the targets depend on: teacher weights and buffers, inputs, their conversion,
-    and `settings` (see `target_settings`)."""
+    `settings` (see `target_settings`) and the code of the teacher, the conversion and this module."""
     h = hashlib.sha256(f"teacher-targets-v{VERSION}-b{batch_size}".encode())
     h.update(repr(sorted(settings.items())).encode())
+    digest_code(h, code_modules(teacher) | {__name__, type(preprocess).__module__})
     for name, t in teacher.state_dict().items():
         h.update(name.encode())
         digest_tensor(h, t)
