@@ -178,14 +178,14 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_reports_each_once(tmp_pat
 def test_workers_take_the_least_used_gpu_one_per_gpu_before_a_second():
     from randteach.runs.sweep import _least_used
     gpus = ["3", "GPU-5f1e", "1"]                          # as CUDA_VISIBLE_DEVICES names them, in its order
-    running = {}
-    for n in range(5):
-        running[n] = (None, [n], [], 0.0, _least_used(gpus, running))
-    assert [entry[4] for entry in running.values()] == ["3", "GPU-5f1e", "1", "3", "GPU-5f1e"]
-    del running[2]                                          # the worker on GPU 1 ends: GPU 1 is the freest
-    assert _least_used(gpus, running) == "1"
-    running[5] = running[6] = (None, [5], [], 0.0, "1")     # two on each: the first GPU again
-    assert _least_used(gpus, running) == "3"
+    in_use = []
+    for _ in range(5):
+        in_use.append(_least_used(gpus, in_use))
+    assert in_use == ["3", "GPU-5f1e", "1", "3", "GPU-5f1e"]
+    in_use.remove("1")                                      # the worker on GPU 1 ends: GPU 1 is the freest
+    assert _least_used(gpus, in_use) == "1"
+    assert _least_used(gpus, in_use + ["1", "1"]) == "3"    # two on each: the first GPU again
+    assert _least_used(gpus, [None, "1"]) == "3"            # a worker without a GPU (a CPU run) counts nowhere
 
 
 def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tmp_path):

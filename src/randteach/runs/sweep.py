@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml
 from .rundir import RunDir
@@ -201,8 +201,9 @@ class _Slot:
         _stop_with_parent()
         if self.gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = self.gpu
-            if self.say:
-                print(f"  {run_dir}: GPU {os.environ['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
+            if self.say:  # one write of the whole line: workers share the sweep's stderr
+                sys.stderr.write(f"  {run_dir}: GPU {os.environ['CUDA_VISIBLE_DEVICES']}\n")
+                sys.stderr.flush()
         import torch
         torch.set_num_threads(self.threads)
 
@@ -289,10 +290,28 @@ def _wants_gpu(cfg: Config) -> bool:
     return cfg.train.device in ("auto", "cuda")
 
 
-def _least_used(gpus: list[str], running: dict) -> str:
-    """The GPU with the fewest running workers (the first of those): one worker per GPU before a second."""
-    in_use = [entry[4] for entry in running.values()]
+def _least_used(gpus: list[str], in_use: list[str | None]) -> str:
+    """The GPU with the fewest running workers (`in_use`: each worker's GPU), the first of those: one worker
+    per GPU before a second."""
     return min(gpus, key=lambda g: (in_use.count(g), gpus.index(g)))
+
+
+class _Worker(NamedTuple):
+    """A running worker process: its jobs' indices, their summary stamps before the start, its GPU."""
+    proc: Any
+    job: list[int]
+    stamps: list
+    started: float
+    gpu: str | None
+
+
+def _start_worker(ctx, configs: list[Config], job: list[int], slot: _Slot) -> _Worker:
+    target, arg = ((_local_worker, configs[job[0]].to_dict()) if len(job) == 1 else
+                   (_stacked_worker, [configs[i].to_dict() for i in job]))
+    proc = ctx.Process(target=target, args=(arg, slot), name=f"randteach-sweep-{job[0]}")
+    stamps = [_summary_stamp(configs[i]) for i in job]
+    proc.start()
+    return _Worker(proc, job, stamps, time.perf_counter(), slot.gpu)
 
 
 def available_cores() -> int:
@@ -316,8 +335,8 @@ def _stop_workers_on_signal(workers: dict):
     def handle(signum, frame):
         state["signal"] = state["signal"] or signum
         state["count"] += 1
-        for proc, *_ in workers.values():
-            _signal_worker(proc, signal.SIGTERM if state["count"] == 1 else signal.SIGKILL)
+        for w in workers.values():
+            _signal_worker(w.proc, signal.SIGTERM if state["count"] == 1 else signal.SIGKILL)
 
     old = {}
     if threading.current_thread() is threading.main_thread():
@@ -359,28 +378,24 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
              + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
              + (f", each on one of the GPUs {', '.join(gpus)}" if gpus and todo else ""))
     pending = list(reversed(jobs))
-    running: dict = {}  # sentinel -> (process, indices, their summary stamps before the start, start time, GPU)
+    running: dict[Any, _Worker] = {}  # by the process's sentinel
     with _stop_workers_on_signal(running) as stop:
         while running or (pending and stop["signal"] is None):
             while pending and stop["signal"] is None and len(running) < workers:
                 job = pending.pop()
-                gpu = _least_used(gpus, running) if gpus and _wants_gpu(configs[job[0]]) else None
-                slot = _Slot(threads, gpu, progress)
-                target, arg = ((_local_worker, configs[job[0]].to_dict()) if len(job) == 1 else
-                               (_stacked_worker, [configs[i].to_dict() for i in job]))
-                proc = ctx.Process(target=target, args=(arg, slot), name=f"randteach-sweep-{job[0]}")
-                stamps = [_summary_stamp(configs[i]) for i in job]
-                proc.start()
-                running[proc.sentinel] = (proc, job, stamps, time.perf_counter(), gpu)
+                in_use = [w.gpu for w in running.values()]
+                gpu = _least_used(gpus, in_use) if gpus and _wants_gpu(configs[job[0]]) else None
+                worker = _start_worker(ctx, configs, job, _Slot(threads, gpu, progress))
+                running[worker.proc.sentinel] = worker
                 if stop["signal"] is not None:  # the signal came while this worker was starting
-                    _signal_worker(proc, signal.SIGTERM)
+                    _signal_worker(worker.proc, signal.SIGTERM)
             for sentinel in wait(list(running), timeout=1.0):
-                proc, job, stamps, t0, _ = running.pop(sentinel)
-                proc.join()
-                for i, stamp in zip(job, stamps):
-                    results[i] = _with_path(_collect_local(configs[i], proc.exitcode, stamp, stop["signal"]),
+                w = running.pop(sentinel)
+                w.proc.join()
+                for i, stamp in zip(w.job, w.stamps):
+                    results[i] = _with_path(_collect_local(configs[i], w.proc.exitcode, stamp, stop["signal"]),
                                             configs[i])
-                    log.finished(results[i], time.perf_counter() - t0)
+                    log.finished(results[i], time.perf_counter() - w.started)
     for job in pending:
         for i in job:
             results[i] = _with_path({"status": "pending"}, configs[i])
