@@ -6,7 +6,8 @@ training set, in fp32, in batches of train.batch_size, and stored on disk keyed 
 them: the teacher's weights and buffers, the exact inputs and their preprocessing, the head's switches and
 the encoder's settings (`head.*`, `model.*`), the memory format, the device type, whether TF32 is allowed,
 and the code that computes them (`digest_code`: after an upgrade or an edit of that code the targets are
-computed anew rather than read back from the old code's arithmetic). Every step then applies only `last` (a matrix product) to the cached rows.
+computed anew rather than read back from the old code's arithmetic). Every step then applies only `last`
+(a matrix product) to the cached rows.
 This removes the teacher's encoder pass from every step and is reused by every run with the same teacher
 and data (e.g. the seeds of a sweep that share train.seed-independent teacher seeds, or a re-run).
 
