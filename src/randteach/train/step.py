@@ -116,7 +116,7 @@ def build_step_functions(state: TrainState) -> StepFunctions:
     if device.type == "cpu":
         fns.compiled = _functions(state, student, _cpu_compiled_parts(state, compiled))
     else:
-        fns.compiled = (compiled(fns.teacher_out), compiled(fns.student_loss))
+        fns.compiled = _whole_step_compiled(fns, compiled)
         fns.graphs = cfg.train.cuda_graphs
     full_batch = state.ddp.shard(torch.arange(state.plan.batch))
     fns.static_rows = frozenset(len(chunk) for chunk in full_batch.split(state.plan.micro))
@@ -140,6 +140,13 @@ class _Parts:
 def _loss_function(cfg) -> Callable:
     c = cfg.loss
     return lambda s, t: distill_loss(c.name, s, t, c.teacher_temp, c.student_temp)
+
+
+def _whole_step_compiled(fns: StepFunctions, compiled: Callable) -> tuple[Callable, Callable]:
+    """train.compile on a GPU: the teacher's outputs and the student's loss (encoder, heads, loss; AOTAutograd
+    compiles its backward), each compiled whole. Both trace as one graph each, without a break, in fp32 and
+    bf16, with the teacher cache and with multi-crop views (tested on the CPU with fullgraph=True)."""
+    return compiled(fns.teacher_out), compiled(fns.student_loss)
 
 
 def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
