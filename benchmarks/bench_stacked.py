@@ -35,10 +35,10 @@ from randteach.train.stacked import train_stacked
 HERE = Path(__file__).resolve().parent
 SECTION = "## Stacked runs"
 # Small encoders on Fashion-MNIST with a small DINO head: the sweeps where per-operation overhead, not
-# arithmetic, bounds a CPU step. ResNet20 uses model.norm=layer: batch norm in train mode does not stack.
+# arithmetic, bounds a CPU step. ResNet20 with its batch norm (the papers' ResNet20).
 WORKLOADS = {
     "convnet": {"model.encoder": "convnet", "model.width": "16"},
-    "resnet20": {"model.encoder": "resnet20", "model.norm": "layer"},
+    "resnet20": {"model.encoder": "resnet20"},
 }
 COMMON = {"data.name": "fashion-mnist", "data.n_samples": "2048", "head.hidden_dims": "[256]",
           "head.bottleneck_dim": "64", "head.out_dim": "1024", "init.alpha": "0.5", "train.batch_size": "64",
@@ -81,6 +81,20 @@ def relative_difference(a: Path, b: Path) -> float:
     return float(diff / torch.cat([sa[n].flatten() for n in sa]).norm())
 
 
+def thread_spread(workload: dict, steps: int, root: Path, solo_dir: Path) -> float:
+    """Relative difference between a solo run (train.seed 0) and the same run with one more torch thread:
+    how far the arithmetic alone moves this run's student, the scale against which to read a stacked
+    run's difference from its solo twin."""
+    threads = torch.get_num_threads()
+    cfg = configs(workload, 1, steps, root, f"threads-{time.monotonic_ns()}")[0]
+    torch.set_num_threads(threads + 1)
+    try:
+        distill(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return relative_difference(solo_dir, Path(cfg.run_dir()))
+
+
 def run(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +119,11 @@ def run(args) -> list[dict]:
                              "loads": [g[s]["load"] for g in rounds for s in (False, True)],
                              "max_rel_diff": max(diffs), "compared": len(diffs)})
                 print(json.dumps(rows[-1]), flush=True)
+            spread = (thread_spread(workload, args.steps, root, rounds[0][False]["dirs"][0])
+                      if args.device == "cpu" else None)  # a GPU's arithmetic does not follow the thread count
+            for r in rows:
+                if r["encoder"] == name:
+                    r["thread_spread"] = spread
     return rows
 
 
@@ -121,21 +140,27 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
              + (f"; device {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
              f"- workload: {w['data.name']} ({w['data.n_samples']} images), batch {w['train.batch_size']}, DINO head "
              f"{w['head.hidden_dims']} → {w['head.bottleneck_dim']} → {w['head.out_dim']}, CE, AdamW, alpha 0.5, fp32; "
-             "convnet width " + ("8" if args.tiny else "16") + ", ResNet20 with model.norm=layer; runs differ in "
+             "convnet width " + ("8" if args.tiny else "16") + ", ResNet20 (batch norm); runs differ in "
              f"train.seed; {args.warmup} warm-up + {args.steps - args.warmup} timed steps per run, {args.rounds} "
              "rounds in alternating order",
              "- steps/s: aggregate optimizer steps per wall second over all K runs (K stacked: K / s per "
              f"stacked step; one at a time: 1 / mean s per step over min(K, {args.solo_runs}) solo runs)",
              "- max rel. diff: max over the compared runs of ||θ_stacked − θ_solo|| / ||θ_solo|| of the final "
-             "students (the same run trained stacked and alone)", "",
+             "students (the same run trained stacked and alone); one run, one more thread: the same between "
+             "the seed-0 run alone and that run with one torch thread more (how far the arithmetic alone moves it)", "",
              "| encoder | K | one at a time, steps/s (rounds) | stacked, steps/s (rounds) | stacked × one at a time "
-             "| max rel. diff (runs) | load avg during (1 min) |",
-             "|---|---|---|---|---|---|---|"]
+             "| max rel. diff (runs) | one run, one more thread | load avg during (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['encoder']} | {r['k']} | {r['solo']:.2f} ({', '.join(f'{v:.2f}' for v in r['solo_rounds'])}) "
                      f"| {r['stacked']:.2f} ({', '.join(f'{v:.2f}' for v in r['stacked_rounds'])}) | **{r['ratio']:.2f}×** "
-                     f"| {r['max_rel_diff']:.1e} ({r['compared']}) | {', '.join(f'{v:.1f}' for v in r['loads'])} |")
+                     f"| {r['max_rel_diff']:.1e} ({r['compared']}) | {_spread(r)} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['loads'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(row: dict) -> str:
+    return "-" if row.get("thread_spread") is None else f"{row['thread_spread']:.1e}"
 
 
 def upsert_section(path: Path, text: str) -> None:

@@ -45,7 +45,9 @@ def assert_same_student(a: Path, b: Path, rtol: float = RTOL) -> None:
                                    # group norms (folded into the channels in a stack); SGD, since Adam's
                                    # per-weight normalization lifts the rounding of a deeper net to ~5e-5 in 20 steps
                                    {"optim__name": "sgd", "optim__momentum": 0.9, "model__encoder": "resnet20",
-                                    "model__norm": "group"}])
+                                    "model__norm": "group"},
+                                   # batch norm: each run's batch statistics and running averages (compared too)
+                                   {"optim__name": "sgd", "optim__momentum": 0.9, "model__encoder": "resnet20"}])
 def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim):
     stacked = [tiny_config(tmp_path / f"stack{i}", **FAST, **optim, **v) for i, v in enumerate(VARIED)]
     summaries = train_stacked(stacked)
@@ -54,6 +56,12 @@ def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim)
         solo = distill(tiny_config(tmp_path / f"solo{i}", **FAST, **optim, **v), progress=False)
         run = RunDir(cfg.run_dir())
         assert_same_student(solo.path, run.path)
+        solo_state, stacked_state = load_state_dict(solo.path), load_state_dict(run.path)
+        # batch norm's running averages, buffer by buffer (each run's own: another run's differ at O(1));
+        # normalizing by batch statistics lifts the stack's last-bit differences, measured up to 2e-5
+        for name in [k for k in solo_state if "running_" in k or "num_batches" in k]:
+            a, b = stacked_state[name].double(), solo_state[name].double()
+            assert (a - b).norm() <= 1e-4 * b.norm(), name
         for name in ("teacher.pt", "student_init.pt", "last.pt", "student.pt"):
             assert (run.checkpoints / name).is_file()
         assert load_state_dict(run.path, "teacher").keys() == load_state_dict(solo.path, "teacher").keys()
@@ -152,8 +160,8 @@ def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_a
             tiny_config(tmp_path / "h", **{**VARIED[0], "init__alpha": 1e-10})]
     groups, alone = stack_groups(cfgs, 2)
     assert groups == [[0, 1], [2], [3], [4], [5], [6], [7]]
-    assert set(alone) == {4, 5, 7} and "teacher.mode=ema" in alone[4] and "batch norm" in alone[5]
-    assert why_not_stackable(cfgs[6]) is None
+    assert set(alone) == {4, 7} and "teacher.mode=ema" in alone[4]
+    assert why_not_stackable(cfgs[5]) is None and why_not_stackable(cfgs[6]) is None  # batch norm, layer norm
     with pytest.raises(Exception, match="cannot be stacked"):
         train_stacked([cfgs[4]])
 

@@ -67,8 +67,6 @@ PER_RUN_KEYS = frozenset({
     "optim.lr", "optim.weight_decay", "optim.momentum", "optim.betas", "optim.schedule", "optim.warmup_steps",
     "optim.min_lr", "optim.lr_end", "optim.grad_clip",
 })
-_BATCH_NORM_DEFAULT = ("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "resnet18", "resnet34", "resnet50",
-                       "resnet20", "resnet56")
 
 
 def structure_key(cfg: Config) -> str:
@@ -80,10 +78,6 @@ def structure_key(cfg: Config) -> str:
 
 def why_not_stackable(cfg: Config) -> str | None:
     """None if `cfg` can be trained in a stack, else the reason (one line) it runs alone."""
-    norm = cfg.model.norm
-    if norm == "batch" or (norm == "default" and cfg.model.encoder in _BATCH_NORM_DEFAULT):
-        return (f"{cfg.model.encoder} with batch norm: its running statistics are not per-run under vmap "
-                "(stack with --model.norm layer, group or none)")
     if ":" in cfg.model.encoder:
         return "an imported encoder may hold layers vmap cannot batch"
     if cfg.teacher.mode != "frozen" or cfg.teacher.train_mode:
@@ -410,8 +404,6 @@ def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -
     run.config_path.write_text(cfg.to_yaml())
     run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record, as in a solo run
     teacher, student = build_teacher_and_student(cfg, in_channels, size)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
-        raise UserError(f"{run.path}: the encoder has batch norm, which cannot be stacked; run it alone")
     r = _Run(cfg, teacher, student, init_report(teacher, student))
     teacher.to(device).eval().requires_grad_(False)  # the paper's frozen teacher in eval mode
     student.to(device).train()
