@@ -9,6 +9,7 @@ import yaml
 
 from randteach.cli import main
 from randteach.config import ConfigError
+from randteach.errors import UserError
 from randteach.experiments import NAMES, get_experiment, load_recipe, make_context, run_experiment
 from randteach.experiments.recipe import recipe_names
 from randteach.reports.experiment import markdown, summarize
@@ -337,3 +338,19 @@ def test_paper_protocol_probes_sit_beside_ours(tmp_path):
     text = markdown(summarize(rows, ["model.encoder"]), ["model.encoder"])
     assert "student linear, authors' protocol (AdamW 10 epochs) (%)" in text and "student linear (%)" in text
     assert with_paper_protocol(rows_of([cfg]), None) == rows_of([cfg])
+
+
+def test_tiny_locality_stacked_matches_the_runs_trained_alone(tmp_path, capsys):
+    # --stack: the alpha arms of a seed share a structure and train as stacks; alpha = 1e-10 starts in float64
+    # and trains alone. The same tables as run alone (the students within the stack's rounding).
+    alone, _ = run_tiny("locality", tmp_path / "alone")
+    stacked = run_experiment("locality", "tiny", out=tmp_path / "stacked", workers=1, stack=4)
+    err = capsys.readouterr().err
+    assert stacked.finished and "stack(s) of up to 4" in err and "not stacked:" in err and "float64" in err
+    rows = {p: list(csv.DictReader(open(o.report.parent / "alpha-runs.csv"))) for p, o in (("a", alone), ("s", stacked))}
+    assert len(rows["a"]) == len(rows["s"]) > 2
+    for a, s in zip(rows["a"], rows["s"]):
+        assert (a["init.alpha"], a["train.seed"]) == (s["init.alpha"], s["train.seed"])
+        assert float(s["student.linear"]) == pytest.approx(float(a["student.linear"]), abs=0.02)
+    with pytest.raises(UserError, match="--workers 0"):
+        run_experiment("locality", "tiny", out=tmp_path / "x", workers=0, stack=2, progress=False)

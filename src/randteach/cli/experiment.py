@@ -12,7 +12,7 @@ def cmd_experiment(args, extra) -> int:
     from ..config import parse_overrides
     from ..experiments import run_experiment
     kw = dict(out=args.out, seeds=args.seeds, overrides=parse_overrides(extra), recipe=args.recipe,
-              launcher=args.launcher, workers=args.workers, progress=not args.quiet,
+              launcher=args.launcher, workers=args.workers, progress=not args.quiet, stack=args.stack,
               command=" ".join(["randteach", "experiment", args.name, "--scale", args.scale]
                                + [shlex.quote(a) for a in _options(sys.argv)]))
     if args.dry_run:
@@ -62,6 +62,9 @@ def add_parser(subparsers) -> None:
                    help="local worker processes, each pinned to one GPU where there are GPUs (torch threads = "
                         "cores / workers); 0: run in this process, one after another (default: one per visible "
                         "GPU when the runs use GPUs, else 1)")
+    p.add_argument("--stack", type=int, default=1, metavar="K",
+                   help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values in one "
+                        "worker process, stacked (local launcher; docs/PERFORMANCE.md, Stacked runs)")
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
     p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and their state) and what follows; run nothing")

@@ -47,7 +47,7 @@ def get_experiment(name: str) -> Experiment:
 
 def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds: int | None = None,
                  overrides: dict | None = None, recipe: str | Path | None = None, launcher: str = "local",
-                 workers: int | None = None, progress: bool = True, command: str = "") -> Context:
+                 workers: int | None = None, progress: bool = True, command: str = "", stack: int = 1) -> Context:
     r: Recipe = load_recipe(name, scale, recipe)
     if seeds is not None:
         if seeds < 1:
@@ -55,13 +55,13 @@ def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds:
             raise UserError(f"--seeds must be at least 1, got {seeds}")
         r.seeds = list(range(seeds))
     root = Path(out) if out else Path(DEFAULT_ROOT) / scale
-    return Context(r, root, dict(overrides or {}), launcher, workers, progress, command)
+    return Context(r, root, dict(overrides or {}), launcher, workers, progress, command, stack)
 
 
 def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) -> Outcome | str:
     """Run (or, with dry=True, list) experiment `name`; returns the Outcome (report path, run statuses) or
     the listing.
-    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command (see `make_context`)."""
+    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack (see `make_context`)."""
     exp = get_experiment(name)
     ctx = make_context(name, scale, **kw)
     return dry_run(exp, ctx) if dry else execute(exp, ctx)

@@ -37,6 +37,7 @@ class Context:
     workers: int | None = None                              # None: one per visible GPU, else 1 (run_sweep)
     progress: bool = True
     command: str = ""
+    stack: int = 1                                          # > 1: stackable runs trained that many at a time
 
     @property
     def pool(self) -> Path:
@@ -56,11 +57,13 @@ class Context:
     def run(self, configs: list[Config]) -> list[dict]:
         """Every config's summary (with "run_dir"); workers = 0 runs them one by one in this process."""
         if self.launcher == "local" and self.workers == 0:
+            if self.stack > 1:
+                raise UserError("--stack trains its stacks in worker processes; drop --workers 0 (or --stack)")
             return [{**run_one(c, progress=self.progress), "run_dir": str(c.run_dir())} for c in configs]
         if not configs:
             return []
         return run_sweep(configs, launcher=self.launcher, workers=self.workers, progress=self.progress,
-                         slurm=self.recipe.slurm)
+                         slurm=self.recipe.slurm, stack=self.stack)
 
 
 class Experiment:
