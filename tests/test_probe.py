@@ -343,6 +343,28 @@ def test_cached_results_belong_to_the_code_that_computed_them(tmp_path, monkeypa
     assert prober.frozen(edited) == prober.probe(edited) and prober.origin["frozen"].startswith("computed")
 
 
+def test_a_code_digest_follows_the_modules_source_and_the_libraries_versions(tmp_path, monkeypatch):
+    # What every cache key folds in (probes, teacher targets, decoded folders): a real module file, edited.
+    import hashlib
+    import importlib
+    from randteach.digests import digest_code
+
+    def digest(modules, libraries=("torch",)):
+        h = hashlib.sha256()
+        digest_code(h, modules, libraries)
+        return h.hexdigest()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "decoder_v.py").write_text("SCALE = 1\n")
+    import decoder_v
+    before = digest({"decoder_v"})
+    assert digest({"decoder_v"}) == before
+    assert digest({"decoder_v"}, ("torch", "pillow")) != before                 # the decoder's library too
+    assert digest({"decoder_v"}, ("torch", "no-such-distribution")) != before   # named, version unknown
+    (tmp_path / "decoder_v.py").write_text("SCALE = 2\n")
+    importlib.reload(decoder_v)
+    assert digest({"decoder_v"}) != before
+
+
 def test_a_corrupt_cache_entry_is_recomputed(tmp_path):
     prober, _ = _prober(tmp_path)
     first = prober.input()

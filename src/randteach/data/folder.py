@@ -14,8 +14,9 @@ every other data set. Files Pillow cannot decode are skipped and reported.
 Decoded images are cached in `<data root>/folder-cache/<hash of DIR>/<key>.npz` (the data root of
 `data.root`, else $RANDTEACH_DATA, else the per-user cache), or, when the data root is not writable,
 in `DIR/.randteach-cache/<key>.npz`. The key hashes the class names, the relative path,
-byte size and mtime of every image file, and the decode settings, so adding, removing or changing a
-file decodes the folder again (and deletes the stale cache file). Each load prints one line saying
+byte size and mtime of every image file, the decode settings, and the decoding code with the versions of
+Pillow and numpy, so adding, removing or changing a file, or upgrading the decoder, decodes the folder
+again (and deletes the stale cache file). Each load prints one line saying
 how many images and classes it found, where they came from, and which files it skipped.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..digests import digest_code
 from ..errors import DataMissingError, UserError
 from .decode import read_headers, read_images
 from .images import ImageData, from_numpy, stratified_subset
@@ -46,7 +48,7 @@ HELD_OUT_SEED = 0     # the held-out split is a pure function of the folder's co
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 CACHE_DIR = ".randteach-cache"
-CACHE_VERSION = 1     # bump when the decoding changes
+CACHE_VERSION = 1     # the cache file's format; the decoding code and Pillow are keyed by `digest_code`
 SHOWN_SKIPPED = 10    # unreadable files named in the report line
 TRAIN, TEST, FLAT = 0, 1, 2
 
@@ -67,6 +69,7 @@ class Listing:
 
     def key(self) -> str:
         h = hashlib.sha1(f"v{CACHE_VERSION} mixed={MIXED_SIZE}\n{chr(0).join(self.classes)}\n".encode())
+        digest_code(h, {__name__, read_images.__module__}, libraries=("pillow", "numpy"))  # decoder and its code
         for f, (size, mtime), split in zip(self.files, self.stats, self.splits):
             h.update(f"{f.as_posix()}\t{size}\t{mtime}\t{split}\n".encode())
         return h.hexdigest()[:16]

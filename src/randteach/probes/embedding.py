@@ -15,9 +15,9 @@ from torch import nn
 from . import linear_knn
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
+from ..digests import code_modules, digest_code, digest_tensor
 from ..models.common import fp32_channels_last
 from ..precision import autocast, fp32_module
-from ..train.teacher_cache import code_modules, digest_code, digest_tensor
 
 PROBE_CACHE_VERSION = "3"  # the cache entries' format; the code that computes them is keyed by `digest_code`
 # the code every cached probe result depends on, besides an encoder's own

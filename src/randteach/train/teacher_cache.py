@@ -22,8 +22,6 @@ the teacher live while the float64 phase lasts and uses these fp32 targets after
 from __future__ import annotations
 
 import hashlib
-import sys
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..digests import code_modules, digest_code, digest_tensor
 from ..errors import CheckpointError
 from ..precision import fp32_module
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
@@ -44,30 +43,6 @@ def usable(cfg: Config) -> tuple[bool, str]:
     if cfg.teacher.train_mode:
         return False, "a teacher in train mode depends on the batch (batch-norm batch statistics)"
     return True, ""
-
-
-def digest_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu()
-    h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    # reshape(-1): a 0-dim tensor (e.g. batch-norm's num_batches_tracked) cannot be viewed as bytes
-    h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def code_modules(*roots: nn.Module) -> set[str]:
-    """The modules defining the classes of `roots` and all their submodules, except torch's own (whose
-    arithmetic `digest_code` keys by torch's version)."""
-    names = {type(m).__module__ for root in roots for m in root.modules()}
-    return {n for n in names if n != "torch" and not n.startswith("torch.")}
-
-
-def digest_code(h, modules: Iterable[str]) -> None:
-    """Fold into `h` the source files of `modules` and torch's version: a cached result then belongs to the
-    code that computed it, and an edited or upgraded encoder, head or probe is never served an old result."""
-    h.update(f"torch {torch.__version__}".encode())
-    for name in sorted(set(modules)):
-        path = getattr(sys.modules.get(name), "__file__", None)
-        h.update(name.encode())
-        h.update(Path(path).read_bytes() if path else b"")
 
 
 def target_settings(cfg: Config, device: torch.device, channels_last: bool) -> dict:
