@@ -55,6 +55,9 @@ VARIANTS = {  # key: (label, config overrides on top of everything off)
                                                                    "train.teacher_cache": "true"}),
     "all": ("all on", {"train.precision": "bf16", "train.channels_last": "true", "train.teacher_cache": "true",
                        "train.compile": "true"}),
+    "graphs": ("all on + CUDA graphs (GPU only)", {"train.precision": "bf16", "train.channels_last": "true",
+                                                   "train.teacher_cache": "true", "train.compile": "true",
+                                                   "train.cuda_graphs": "true"}),
     # not ours: the hand-tuned baseline a GPU user would write (`tuned_steps`); no overrides apply to it
     "tuned": ("tuned hand-written loop: bf16 + precomputed teacher + compiled step", {}),
     # ours as the CPU demo runs: fp32, the teacher cache, channels-last (on by default for the narrow encoders)

@@ -42,7 +42,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2, help="palindromic rounds of the distillation measurements")
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up step)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", help=f"comma list of {', '.join(VARIANTS)} (default: all that run on the device; "
+                   "graphs needs a GPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared, oversubscribed machine two OpenMP threads "
                         "spend ~1.5x the CPU seconds of one on the same step, and vary 5x more; use the "
@@ -102,11 +103,15 @@ def distill_tables(w: Workload, variants: list[str], rounds: int, root: Path, me
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    on_gpu = args.device.startswith("cuda")
+    gpu_only = {v for v, (_, overrides) in VARIANTS.items() if overrides.get("train.cuda_graphs")}
+    variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else
+                [v for v in VARIANTS if on_gpu or v not in gpu_only])
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    on_gpu = args.device.startswith("cuda")
+    if not on_gpu and gpu_only & set(variants):
+        sys.exit("variant graphs records CUDA graphs: it needs --device cuda (drop it from --variants on a CPU)")
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     encoders = [e.strip() for e in args.encoder.split(",") if e.strip()]
     w = Workload(steps=args.steps, device=args.device, encoder=encoders[0], warmup=warmup)

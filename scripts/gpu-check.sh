@@ -6,7 +6,7 @@
 #
 #   scripts/gpu-check.sh OUT_DIR [tests] [paper] [bench] [stacked]      # default: all four
 #   PYTHON=python3 EPOCHS=20 scripts/gpu-check.sh /tmp/gpu paper
-#   VARIANTS=off,cache,fast,all,tuned STACK_K=1,4,16,64 scripts/gpu-check.sh /tmp/gpu bench stacked
+#   VARIANTS=off,cache,fast,all,graphs,tuned STACK_K=1,4,16,64 scripts/gpu-check.sh /tmp/gpu bench stacked
 #
 # Runs from a source checkout without installing (PYTHONPATH=src); needs torch with CUDA, numpy, pyyaml,
 # tqdm, matplotlib, scikit-learn, pillow, pytest (and pytest-xdist for a parallel suite).
@@ -52,7 +52,7 @@ for part in $parts; do
       for enc in ${ENCODERS:-vgg11 resnet18}; do
         stamp "benchmark on the GPU, $enc"
         timeout "${BENCH_TIMEOUT:-600}" "$py" benchmarks/run.py --device cuda --encoder "$enc" --steps "${STEPS:-20}" \
-          --rounds "${ROUNDS:-2}" --variants "${VARIANTS:-off,fast,all,tuned}" \
+          --rounds "${ROUNDS:-2}" --variants "${VARIANTS:-off,fast,all,graphs,tuned}" \
           --out "$out/bench-gpu-$enc.md" 2>&1 | tail -8
       done ;;
     stacked)
