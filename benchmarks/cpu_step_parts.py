@@ -230,7 +230,8 @@ def main(argv=None) -> None:
     reps = 2 if args.quick else args.reps
     if args.quick:
         ENCODERS[:] = ENCODERS[:1]
-    rows = optimizer_rows(reps) + layout_rows(reps) + norm_rows(reps) + head_rows(reps) + embed_rows(reps) + grouped_conv_rows(reps)
+    rows = (optimizer_rows(reps) + layout_rows(reps) + norm_rows(reps) + head_rows(reps) + embed_rows(reps)
+            + grouped_conv_rows(reps))
     rows += [] if args.quick else compile_rows(reps)
     upsert_section(Path(args.out), markdown(rows, argv, started))
     print(markdown(rows, argv, started))

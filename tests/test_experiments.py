@@ -347,9 +347,9 @@ def test_tiny_locality_stacked_matches_the_runs_trained_alone(tmp_path, capsys):
     stacked = run_experiment("locality", "tiny", out=tmp_path / "stacked", workers=1, stack=4)
     err = capsys.readouterr().err
     assert stacked.finished and "stack(s) of up to 4" in err and "not stacked:" in err and "float64" in err
-    rows = {p: list(csv.DictReader(open(o.report.parent / "alpha-runs.csv"))) for p, o in (("a", alone), ("s", stacked))}
-    assert len(rows["a"]) == len(rows["s"]) > 2
-    for a, s in zip(rows["a"], rows["s"]):
+    alone_rows, stacked_rows = (list(csv.DictReader(open(o.report.parent / "alpha-runs.csv"))) for o in (alone, stacked))
+    assert len(alone_rows) == len(stacked_rows) > 2
+    for a, s in zip(alone_rows, stacked_rows):
         assert (a["init.alpha"], a["train.seed"]) == (s["init.alpha"], s["train.seed"])
         assert float(s["student.linear"]) == pytest.approx(float(a["student.linear"]), abs=0.02)
     with pytest.raises(UserError, match="--workers 0"):
