@@ -93,14 +93,19 @@ def l2_total(tensors: list[torch.Tensor]) -> torch.Tensor:
     return l2_norms(tensors).pow(2).sum().sqrt()
 
 
-def parameter_distance(a: nn.Module, b: nn.Module) -> float:
-    """||theta_a - theta_b||_2 over all parameters (non-finite if either holds a non-finite value).
+@torch.no_grad()
+def distance(a: nn.Module, b: nn.Module) -> torch.Tensor:
+    """||theta_a - theta_b||_2 over all parameters, float64 on the device (non-finite if either holds a
+    non-finite value; `l2_norms`).
 
     The difference of two fp32 weights is exact when they are close (Sterbenz), so even the 1e-10-scale
     residue of a locality init is measured without loss."""
-    pa = [p.detach() for p in a.parameters()]
-    pb = [p.detach() for p in b.parameters()]
-    return float(l2_total(torch._foreach_sub(pa, pb)))
+    return l2_total(torch._foreach_sub([p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()]))
+
+
+def parameter_distance(a: nn.Module, b: nn.Module) -> float:
+    """`distance`, read to the host."""
+    return float(distance(a, b))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import threading
 import torch
 from tqdm.auto import tqdm
 
-from ..init import l2_total
+from ..init import distance
 from ..probes.embedding import Prober, accuracies
 from .state import TrainState
 from .step import StepMetrics
@@ -92,7 +92,7 @@ class MetricsLog(Hook):
             return
         window, self.window = self.window, []
         losses = state.ddp.sum_(torch.stack([m.loss for _, m in window]))
-        distances = torch.stack([_distance(state.student, state.teacher), _distance(state.student, state.student_init)])
+        distances = torch.stack([distance(state.student, state.teacher), distance(state.student, state.student_init)])
         values = torch.cat([losses, torch.stack([m.grad_norm for _, m in window]).to(losses.device),
                             distances.to(losses.device)]).tolist()
         n = len(window)
@@ -113,13 +113,6 @@ class MetricsLog(Hook):
             _log(state, record)
         state.last_loss = losses[-1]
         self.bar.set_postfix(loss=f"{state.last_loss:.3g}", refresh=False)
-
-
-@torch.no_grad()
-def _distance(a, b) -> torch.Tensor:
-    """||theta_a - theta_b||_2 on the device (as `randteach.init.parameter_distance`, without the read), in
-    float64: non-finite exactly when a parameter is, not when huge finite ones overflow fp32 (`l2_total`)."""
-    return l2_total(torch._foreach_sub([p.detach() for p in a.parameters()], [p.detach() for p in b.parameters()]))
 
 
 def _log(state: TrainState, record: dict) -> None:
