@@ -243,7 +243,7 @@ def _jobs(configs: list[Config], todo: list[int], stack: int, log: "_Progress") 
     stacked = [g for g in groups if len(g) > 1]
     if stacked and resolve_device(configs[todo[stacked[0][0]]].train.device).type == "cpu":
         log.line("note: on a CPU a stack pays only where per-operation overhead bounds the step (tiny models and "
-                 "batches); a conv encoder at batch 64 trains 1.2-2x faster one run at a time, with --workers for "
+                 "batches); a conv encoder at batch 64 trains 1.2-2.5x faster one run at a time, with --workers for "
                  "the cores (docs/PERFORMANCE.md, Stacked runs)")
     return [[todo[j] for j in g] for g in groups]
 
