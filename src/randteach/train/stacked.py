@@ -89,7 +89,8 @@ def why_not_stackable(cfg: Config) -> str | None:
         return (f"init.{'alpha' if cfg.init.mode == 'locality' else 'epsilon'} this close to the teacher starts "
                 "in float64 (train.float64_until_distance); a stack runs in fp32 only")
     if uses_bf16(cfg.train.precision, resolve_device(cfg.train.device)):
-        return f"train.precision={cfg.train.precision} (bf16 switches on per run)"
+        return (f"train.precision={cfg.train.precision} is bf16 here, and a stack runs in fp32 (autocast does not "
+                "reach operations under vmap on a CPU, so a bf16 stack is untested); stack with --train.precision fp32")
     if cfg.train.micro_batch and cfg.train.micro_batch < (cfg.train.batch_size or math.inf):
         return "train.micro_batch (gradient accumulation)"
     if cfg.loss.center:
