@@ -7,6 +7,7 @@ import torch
 from randteach.analysis.lmc import barrier_height, lmc_series
 from randteach.analysis.params import interpolate_states
 from randteach.cli import main
+from randteach.experiments.lmc import pool_series
 from randteach.runs.checkpoint import load_checkpoint
 from randteach.train.supervised import accuracy, build_classifier, load_supervised_data, run_info
 
@@ -40,10 +41,11 @@ def test_path_ends_reproduce_the_endpoint_accuracies(setup, tmp_path):
     """Batch-norm network: statistics recomputed at every point, endpoints included."""
     info, data = setup
     recipe = TINY_RECIPE.replace(epochs=1, eval_every=0)
-    s = lmc_series(info, "student", data, recipe, torch.device("cpu"), runs=2, resolution=3, bn_batches=2,
+    s = lmc_series(info, "student", data, recipe, torch.device("cpu"), runs=3, resolution=3, bn_batches=2,
                    out=tmp_path)
-    (pair,) = s["pairs"]
-    assert (pair["i"], pair["j"]) == (0, 1)
+    pair = s["pairs"][0]
+    assert [(p["i"], p["j"]) for p in s["pairs"]] == [(0, 1), (0, 2), (1, 2)]
+    assert s["barrier_std"] == pytest.approx(np.std([p["barrier"] for p in s["pairs"]], ddof=1))  # sample std
     for k, end in ((0, -1), (1, 0)):  # gamma = 1 is run i, gamma = 0 is run j
         model = build_classifier(info, "random", data.num_classes)
         model.load_state_dict(load_checkpoint(tmp_path / f"run{k}.pt")["model"])
@@ -69,3 +71,12 @@ def test_lmc_command(setup, tmp_path):
         assert s["pairs"][0]["test_error"][-1] == run0["test_error"] == run0["test_error_before_bn_recompute"]
     assert (out / "lmc.png").stat().st_size > 0
     assert main(args) == 0  # finished runs are loaded, not retrained
+
+
+def test_pooled_endpoint_errors_count_each_run_once():
+    runs = [{"test_error": e} for e in (0.1, 0.2, 0.6)]
+    pairs = [{"barrier": b, "test_error": [runs[j]["test_error"], 0.5, runs[i]["test_error"]]}
+             for b, (i, j) in zip((0.01, 0.02, 0.03), ((0, 1), (0, 2), (1, 2)))]
+    barriers, errors = {}, {}
+    pool_series([{"start": "student", "pairs": pairs, "runs": runs}], barriers, errors)
+    assert barriers == {"student": [0.01, 0.02, 0.03]} and errors == {"student": [0.1, 0.2, 0.6]}

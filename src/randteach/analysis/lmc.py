@@ -8,7 +8,8 @@ so gamma = 1 is run i and gamma = 0 is run j.
 
 Barrier height of a pair: max over gamma of  err(gamma) - [gamma err(1) + (1 - gamma) err(0)],
 the largest rise of the test error above the straight line between the endpoint errors (>= 0, since
-the endpoints themselves are on the grid); mean +- std over pairs per start.
+the endpoints themselves are on the grid); mean +- sample std over pairs per start. (Frankle et al. 2020
+subtract the mean of the two endpoint errors instead; the two agree when the endpoint errors do.)
 
 Batch norm: an interpolated network's running statistics are not those of its own activations, so
 at every point on the path (endpoints included, right after each run finishes) they are recomputed
@@ -106,7 +107,7 @@ def lmc_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
     barriers = [p["barrier"] for p in pairs]
     return {"start": start, "source": source, "rewind_epochs": l_epochs, "gammas": gammas, "runs": endpoints,
             "pairs": pairs, "barrier_mean": float(np.mean(barriers)) if barriers else float("nan"),
-            "barrier_std": float(np.std(barriers)) if barriers else float("nan"),
+            "barrier_std": float(np.std(barriers, ddof=1)) if len(barriers) > 1 else float("nan"),
             "barrier_max": float(np.max(barriers)) if barriers else float("nan")}
 
 

@@ -18,7 +18,7 @@ class Lmc(Experiment):
         return [f"LMC: {p['runs']} supervised runs from each of {', '.join(p['starts'])} for every completed run"]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
-        from ..analysis.lmc import run_lmc
+        from ..analysis.lmc import BARRIER, run_lmc
         p = ctx.params
         lines = missing_note(arms, ["student"])
         barriers: dict[str, list[float]] = {}
@@ -30,14 +30,20 @@ class Lmc(Experiment):
                              resolution=int(p.get("resolution", 11)), bn_batches=int(p.get("bn_batches", 8)),
                              progress=ctx.progress)
             lines += [f"![LMC seed {cfg.train.seed}]({out.relative_to(ctx.out)}/lmc.png)"]
-            for s in result["series"]:
-                barriers.setdefault(s["start"], []).extend(pair["barrier"] for pair in s["pairs"])
-                errors.setdefault(s["start"], []).extend(e for pair in s["pairs"]
-                                                         for e in (pair["test_error"][0], pair["test_error"][-1]))
+            pool_series(result["series"], barriers, errors)
         rows = [[s, str(len(barriers[s])), fmt(*mean_std(barriers[s])), fmt(*mean_std(errors[s]))] for s in barriers]
-        return ["## barrier heights (test error, mean ± std over all pairs of all distilled checkpoints)", ""] + \
+        return ["## barrier heights (test error, mean ± std over all pairs of all distilled checkpoints)", "",
+                f"barrier of a pair: {BARRIER}; endpoint test error: mean ± std over the runs.", ""] + \
             markdown_rows(["start", "pairs", "barrier (pp of test error)", "endpoint test error (%)"], rows) + \
             lines + [""]
+
+
+def pool_series(series: list[dict], barriers: dict[str, list[float]], errors: dict[str, list[float]]) -> None:
+    """Adds each start's pair barriers and its runs' endpoint test errors (each run once, not once per pair
+    it ends) to the pools of all distilled checkpoints."""
+    for s in series:
+        barriers.setdefault(s["start"], []).extend(pair["barrier"] for pair in s["pairs"])
+        errors.setdefault(s["start"], []).extend(r["test_error"] for r in s["runs"])
 
 
 EXPERIMENT = Lmc()
