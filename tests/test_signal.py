@@ -126,7 +126,7 @@ def test_fisher_sample_space_path_equals_direct(monkeypatch):
     labels = np.repeat(np.arange(3), 5)
     X = rng.standard_normal((15, 40)) + 3.0 * rng.standard_normal((3, 40))[labels]
     sw, sb, _ = _fisher_direct(X, labels)
-    expected = np.trace(np.linalg.pinv(sw, rcond=signal_propagation.PINV_RTOL, hermitian=True) @ sb)
+    expected = np.trace(np.linalg.pinv(sw, hermitian=True) @ sb)
     m = fisher_metrics(X, labels)
     assert m["separability"] == pytest.approx(expected, rel=1e-8)
     assert m["trace_within"] == pytest.approx(np.trace(sw), rel=1e-12)
@@ -148,6 +148,20 @@ def test_fisher_cutoff_is_used():
     sep_kept = fisher_separability(X, labels, rtol=1e-12)
     sep_dropped = fisher_separability(X, labels, rtol=1e-6)
     assert sep_kept > 100 * sep_dropped
+    assert fisher_separability(X, labels) == pytest.approx(sep_kept, rel=1e-9)  # the default: a float64 pinv's
+
+
+def test_fisher_default_cutoff_keeps_weak_real_directions_of_float32_activations():
+    # a ReLU layer with a spectrum over many decades, as float32: the default (float64-level) cutoff gives
+    # what exact float64 activations give; a 1e-6 cutoff drops real directions and reads far lower
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 5, size=600)
+    W = rng.standard_normal((20, 40)) * np.logspace(0, -4, 40)
+    X64 = np.maximum((rng.standard_normal((600, 20)) + 2.0 * rng.standard_normal((5, 20))[labels]) @ W, 0)
+    X32 = X64.astype(np.float32)
+    exact = fisher_separability(X64, labels)
+    assert fisher_separability(X32, labels) == pytest.approx(exact, rel=1e-3)
+    assert fisher_separability(X32, labels, rtol=1e-6) < 0.9 * exact
 
 
 def test_well_separated_classes_beat_shuffled_labels():

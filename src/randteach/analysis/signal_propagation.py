@@ -17,7 +17,6 @@ import torch
 from randteach.errors import UserError
 
 CONDITION_THRESHOLD = 0.999  # cumulative singular-value mass that defines sigma'_min (escaping paper)
-PINV_RTOL = 1e-6  # Sigma_w eigenvalues <= PINV_RTOL * largest are treated as 0 in the pseudo-inverse
 SVD_MAX_ELEMENTS = 1 << 22  # "auto": direct SVD up to 4M entries (32 MiB in float64), else the Gram path
 _CHUNK_ELEMENTS = 1 << 23  # entries of X converted to float64 at a time (64 MiB)
 
@@ -154,7 +153,7 @@ def dead_neurons(X, atol: float = 0.0) -> int:
     return int((np.abs(X) <= atol).all(axis=0).sum())
 
 
-def fisher_metrics(X, labels, *, rtol: float = PINV_RTOL) -> dict[str, float]:
+def fisher_metrics(X, labels, *, rtol: float | None = None) -> dict[str, float]:
     """Fisher discriminant metrics of X (n, d) with integer class labels (n,).
 
     Convention (population, 1/n, centered on the class means mu_c and the overall mean mu):
@@ -162,10 +161,13 @@ def fisher_metrics(X, labels, *, rtol: float = PINV_RTOL) -> dict[str, float]:
         Sigma_b = (1/n) sum_c n_c (mu_c - mu)(mu_c - mu)^T
         Sigma_t = (1/n) sum_i (x_i - mu)(x_i - mu)^T = Sigma_w + Sigma_b   (exactly)
     Returns the traces "trace_within", "trace_between", "trace_total" and
-    "separability" = tr(pinv(Sigma_w) Sigma_b), where pinv drops eigenvalues of Sigma_w at or below
-    rtol * the largest (1e-6: activations arrive in float32, whose rounding puts noise at about 1e-7 of
-    the largest eigenvalue; inverting that noise would dominate the trace). Sigma_w = 0 gives
-    separability 0. With Sigma_w = V diag(lambda) V^T the separability is sum_k v_k^T Sigma_b v_k / lambda_k
+    "separability" = tr(pinv(Sigma_w) Sigma_b), the escaping paper's Moore-Penrose pseudo-inverse (Sec. 3):
+    eigenvalues of Sigma_w at or below rtol * the largest count as 0, with rtol by default that of a float64
+    pinv (torch.linalg.pinv's: the matrix size times float64's epsilon). The covariance is accumulated in
+    float64 from the activations as given, so only its exact null space (dead or class-constant features,
+    the class-centering rank loss) is dropped; a larger cutoff would also drop the weak but real directions
+    of a badly conditioned layer (the teacher's, the collapse's) and bias their separability low. Sigma_w = 0
+    gives separability 0. With Sigma_w = V diag(lambda) V^T the separability is sum_k v_k^T Sigma_b v_k / lambda_k
     over the kept k; when d > n the v_k come from the n x n Gram matrix of the class-centered rows
     (same result, n^2 memory instead of d^2).
     """
@@ -204,13 +206,14 @@ def fisher_metrics(X, labels, *, rtol: float = PINV_RTOL) -> dict[str, float]:
         lam, U = np.linalg.eigh(AAt)
         with np.errstate(divide="ignore", invalid="ignore"):
             proj = np.square(BAt @ U).sum(0) / lam  # ||B v_k||^2, finite wherever lam is kept below
+    rtol = lam.size * np.finfo(np.float64).eps if rtol is None else rtol
     keep = lam > rtol * lam.max() if lam.max() > 0 else np.zeros(lam.shape, bool)
     separability = float((proj[keep] / lam[keep]).sum())  # (||B v_k||^2 / n) / (lam_k / n)
     return {"trace_within": float(trace_within), "trace_between": float(np.square(B).sum() / n),
             "trace_total": float(trace_total), "separability": separability}
 
 
-def fisher_separability(X, labels, *, rtol: float = PINV_RTOL) -> float:
+def fisher_separability(X, labels, *, rtol: float | None = None) -> float:
     """tr(pinv(Sigma_w) Sigma_b); see `fisher_metrics` for the convention and the cutoff."""
     return fisher_metrics(X, labels, rtol=rtol)["separability"]
 
