@@ -50,7 +50,7 @@ def test_paper_preset_is_the_spec():
     cfg = build_config("paper")
     assert (cfg.model.encoder, cfg.head.kind, cfg.head.hidden_dims, cfg.head.bottleneck_dim, cfg.head.out_dim) == \
         ("resnet18", "dino", [2048, 2048], 256, 2 ** 16)
-    assert (cfg.loss.name, cfg.loss.teacher_temp, cfg.loss.student_temp, cfg.loss.center) == ("ce", 1.0, 1.0, False)
+    assert (cfg.loss.name, cfg.loss.teacher_temp, cfg.loss.student_temp, cfg.loss.center) == ("kl", 1.0, 1.0, False)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == ("adamw", 1e-3, 0.0, None)
     assert cfg.train.batch_size == 256 and cfg.init.alpha == 1e-10 and cfg.init.mode == "locality"
     assert cfg.teacher.mode == "frozen" and cfg.teacher.train_mode is False

@@ -31,10 +31,10 @@ def configs(name, arm=None, scale="paper"):
 # ------------------------------------------------------------------------- paper scale = the papers' recipes
 
 def assert_paper_recipe(c, *, out_dim=65536, alpha=1e-10):
-    """RT paper App. E: DINO head 2048-2048-bottleneck(256)-2^16, CE at T = 1 without centering, AdamW 1e-3 wd 0,
-    batch 256, alpha = 1e-10, frozen teacher in eval mode, fp32, no augmentation (there is none)."""
+    """RT paper App. E: DINO head 2048-2048-bottleneck(256)-2^16, CE at T = 1 (as KL) without centering, AdamW
+    1e-3 wd 0, batch 256, alpha = 1e-10, frozen teacher in eval mode, fp32, no augmentation (there is none)."""
     assert (c.head.kind, c.head.hidden_dims, c.head.bottleneck_dim, c.head.out_dim) == ("dino", [2048, 2048], 256, out_dim)
-    assert (c.loss.name, c.loss.teacher_temp, c.loss.student_temp, c.loss.center) == ("ce", 1.0, 1.0, False)
+    assert (c.loss.name, c.loss.teacher_temp, c.loss.student_temp, c.loss.center) == ("kl", 1.0, 1.0, False)
     assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.optim.schedule, c.optim.grad_clip) == \
         ("adamw", 1e-3, 0.0, "constant", None)
     assert c.train.batch_size == 256 and c.train.precision == "fp32"

@@ -2,6 +2,7 @@
 every train.log_every steps carries that step's values, divergence is found at its exact step, and the
 fast-path options refuse what they cannot do."""
 import math
+import sys
 
 import pytest
 import torch
@@ -72,7 +73,44 @@ def test_a_record_every_log_every_steps_carries_that_steps_values(tmp_path):
             assert s[k] == by_step[s["step"]][k], k                # same computation, read later
     assert sparse[0]["loss_mean"] == pytest.approx(sum(by_step[i]["loss"] for i in range(1, 5)) / 4, rel=1e-12)
     assert sparse[1]["loss_mean"] == pytest.approx((by_step[5]["loss"] + by_step[6]["loss"]) / 2, rel=1e-12)
-    assert result.summary["final_loss"] == by_step[6]["loss"]
+    # final_loss: the mean of the last epoch (4 steps per epoch: steps 5 and 6), not one batch's loss
+    assert result.summary["final_loss"] == pytest.approx((by_step[5]["loss"] + by_step[6]["loss"]) / 2, rel=1e-12)
+
+
+def test_loss_mean_keeps_the_steps_read_between_records(tmp_path):
+    """A checkpoint every half epoch (2 steps) reads the window between the records at steps 4 and 6: every
+    step still counts in the next record's loss_mean."""
+    _, _, every = _run(tmp_path, "every", train__log_every=1)
+    by_step = {s["step"]: s["loss"] for s in every}
+    _, _, sparse = _run(tmp_path, "sparse", train__log_every=4, train__checkpoint_every=0.5)
+    assert [s["step"] for s in sparse] == [4, 6]
+    assert sparse[0]["loss_mean"] == pytest.approx(sum(by_step[i] for i in range(1, 5)) / 4, rel=1e-12)
+    assert sparse[1]["loss_mean"] == pytest.approx((by_step[5] + by_step[6]) / 2, rel=1e-12)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_killed_mid_epoch_resumes_its_loss_sums(tmp_path, monkeypatch):
+    """Killed right after the checkpoint of step 5 (the first of epoch 1): the resumed run's final loss is
+    still the mean of steps 5 and 6, and its last record's loss_mean still counts step 5."""
+    _, ref, ref_steps = _run(tmp_path, "ref", train__log_every=3, train__checkpoint_every=0.25)
+    state_module = sys.modules["randteach.train.state"]
+    real_save = state_module.save_checkpoint
+
+    def save_then_die_at_step_5(payload, path):
+        real_save(payload, path)
+        if payload.get("step") == 5:
+            raise _Killed
+
+    monkeypatch.setattr(state_module, "save_checkpoint", save_then_die_at_step_5)
+    with pytest.raises(_Killed):
+        _run(tmp_path, "cut", train__log_every=3, train__checkpoint_every=0.25)
+    monkeypatch.undo()
+    cfg, resumed, steps = _run(tmp_path, "cut", train__log_every=3, train__checkpoint_every=0.25)
+    assert resumed.summary["final_loss"] == ref.summary["final_loss"]
+    assert [(s["step"], s["loss_mean"]) for s in steps] == [(s["step"], s["loss_mean"]) for s in ref_steps]
 
 
 @pytest.mark.parametrize("log_every", [1, 7])

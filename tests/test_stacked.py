@@ -69,7 +69,8 @@ def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim)
         solo_steps = [r for r in RunDir(solo.path).records() if "loss" in r]
         assert [r["step"] for r in steps] == [r["step"] for r in solo_steps] == list(range(1, 21))
         assert steps[-1]["lr"] == solo_steps[-1]["lr"] == float(v["optim__lr"])
-        assert abs(steps[0]["loss"] - solo_steps[0]["loss"]) <= 1e-5 * abs(solo_steps[0]["loss"])
+        # the KL (the default loss) is a difference of fp32 sums near ln(m): absolute rounding about 1e-7
+        assert steps[0]["loss"] == pytest.approx(solo_steps[0]["loss"], rel=1e-5, abs=1e-6)
         assert len(run.probes()) == 2 and summaries[i]["config_digest"] == cfg.digest()
         # A checkpoint holds this run's tensors only, not the whole stack.
         assert load_checkpoint(run.checkpoints / "student.pt")["model"]["head.lin2.weight"].untyped_storage().nbytes() \
@@ -183,13 +184,14 @@ def test_a_run_that_starts_in_float64_trains_alone(tmp_path, init, stackable):
 
 
 def test_a_run_that_starts_in_float64_and_its_solo_twin_agree_in_a_stacked_sweep(tmp_path):
-    # The alpha = 1e-10 run of a stacked sweep is trained alone, in float64 at first, so it is the solo run
-    # (up to the thread count's summation order: the sweep's worker may use more threads than this test).
+    # The alpha = 1e-10 run of a stacked sweep is trained alone, in float64 at first, so it is the solo run.
+    # The solo twin runs in a sweep worker too: a student this close to its teacher amplifies any rounding
+    # difference, and a worker's thread count (the cores per worker) may differ from this process's.
     path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0])
     assert [r["status"] for r in run_sweep(expand(load_sweep(path)), stack=2)] == ["completed"] * 2
     near = next(c for c in expand(load_sweep(path)) if c.init.alpha == 1e-10)
-    solo = distill(tiny_config(tmp_path / "solo", **FAST, init__alpha=1e-10), progress=False)
-    assert_same_student(solo.path, Path(near.run_dir()))
+    (solo,) = run_sweep([tiny_config(tmp_path / "solo", **FAST, init__alpha=1e-10)])
+    assert_same_student(Path(solo["run_dir"]), Path(near.run_dir()))
     assert any(r.get("event") == "precision" for r in RunDir(near.run_dir()).records())
 
 

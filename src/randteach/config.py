@@ -126,7 +126,9 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    name: str = opt("ce", "teacher-student loss on the head outputs", ("ce", "kl", "mse", "nmse", "ndmse"))
+    name: str = opt("kl", "teacher-student loss on the head outputs (kl: the papers' cross-entropy ce less the "
+                    "teacher's entropy, the same gradient; its value is the KL the papers plot, 0 at the teacher)",
+                    ("ce", "kl", "mse", "nmse", "ndmse"))
     teacher_temp: float = opt(1.0, "softmax temperature of the teacher (ce, kl)", gt=0)
     student_temp: float = opt(1.0, "softmax temperature of the student (ce, kl)", gt=0)
     center: bool = opt(False, "subtract a running mean from the teacher outputs (DINO centering)")

@@ -57,7 +57,7 @@ def fmt(mean: float, std: float, percent: bool = True) -> str:
     if percent:
         text = f"{100 * mean:.2f}"
         return text + (f" ± {100 * std:.2f}" if not math.isnan(std) else "")
-    text = f"{mean:.6g}"  # losses near ln(m) differ in the 5th digit
+    text = f"{mean:.6g}"  # losses (a KL near 0, or a cross-entropy near ln m) and distances
     return text + (f" ± {std:.2g}" if not math.isnan(std) else "")
 
 

@@ -67,7 +67,7 @@ class MetricsLog(Hook):
     """Keeps each step's metrics on the device and reads them every `train.log_every` steps (one host sync).
 
     A record is written for every logged step: that step's loss, gradient norm, distances and learning rate,
-    and (log_every > 1) `loss_mean`, the mean loss since the previous read. `flush` also finds the exact
+    and (log_every > 1) `loss_mean`, the mean loss since the previous record (`state.losses`). `flush` also finds the exact
     first step whose loss or gradient was non-finite, and ends the run there as "diverged"."""
 
     def __init__(self, progress_bar: tqdm):
@@ -104,12 +104,15 @@ class MetricsLog(Hook):
         step, m = window[-1]
         if not math.isfinite(dist_teacher):  # a non-finite parameter makes the distance non-finite
             raise StopRun("diverged", step, diverged_step=step, reason="non-finite parameters")
+        for (s, _), loss in zip(window, losses):
+            state.losses.add(s, loss, state.plan.steps_per_epoch)
         if state.plan.logs_at(step):
             record = {"event": "step", "step": step, "epoch": step / state.plan.steps_per_epoch, "loss": losses[-1],
                       "grad_norm": norms[-1], "dist_teacher": dist_teacher, "dist_init": dist_init, "lr": m.lr,
                       "bf16": m.bf16, "time": state.wall()}
+            window_mean = state.losses.take_window()
             if state.plan.log_every > 1:
-                record["loss_mean"] = sum(losses) / n  # the steps since the previous read
+                record["loss_mean"] = window_mean  # the steps since the previous record
             _log(state, record)
         state.last_loss = losses[-1]
         self.bar.set_postfix(loss=f"{state.last_loss:.3g}", refresh=False)

@@ -71,7 +71,7 @@ def _distill(cfg: Config, progress: bool, train_data, encoder, probe_splits) -> 
             hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), stop]
             status, steps, extra = _train(state, hooks, bar)
         if status == "completed":
-            extra["final_loss"] = state.last_loss
+            extra["final_loss"] = state.losses.epoch_mean()  # the last epoch's mean loss
         return _finish(state, status, steps, extra)
 
 

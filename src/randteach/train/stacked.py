@@ -56,7 +56,7 @@ from .distributed import Dist
 from .setup import (build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds,
                     trains_channels_last)
 from .stack_layers import fold_runs_into_channels
-from .state import Plan
+from .state import LossMeans, Plan
 from .step import StepMetrics
 
 # Config keys whose values may differ inside one stack: none changes a tensor's shape or the step's code.
@@ -119,7 +119,7 @@ def stack_groups(cfgs: list[Config], k: int) -> tuple[list[list[int]], dict[int,
 class _Run:
     """One run of a stack: its config, directory, modules, optimizer and bookkeeping. It carries the
     attributes of a solo run's TrainState that the loop's MetricsLog reads (run, ddp, plan, step, wall,
-    last_loss), so that each run's metrics are read, logged and checked for divergence by the solo code."""
+    last_loss, losses), so that each run's metrics are read, logged and checked for divergence by the solo code."""
 
     def __init__(self, cfg: Config, teacher: nn.Module, student: nn.Module, init_info: dict):
         self.cfg, self.run = cfg, RunDir(cfg.run_dir())
@@ -134,6 +134,7 @@ class _Run:
         self.rng = _seeded_rng(cfg.train.seed)
         self.status: str | None = None  # set when the run has finished (completed, diverged, interrupted)
         self.last_loss = float("nan")
+        self.losses = LossMeans()
         self.metrics = MetricsLog(tqdm(disable=True))  # the step values, on the device until read
         self.pending: StepMetrics | None = None        # the last step's values, for self.metrics
         self.summary: dict = {}
@@ -148,7 +149,7 @@ class _Run:
                 "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "wall_time_s": self.wall(), "bf16_on": False, "init": self.init_info,
                 "center": None, "rng": self.rng, "teacher_probe": self.teacher_probe or {},
-                "last_loss": self.last_loss}
+                "last_loss": self.last_loss, "loss_means": dataclasses.asdict(self.losses)}
 
 
 def _seeded_rng(seed: int) -> dict:
@@ -397,7 +398,7 @@ def _complete(g: _Group, r: _Run) -> None:
         _probe(r, g.prober, g.step, g.step / g.plan.steps_per_epoch)
     save_checkpoint(r.state(), r.run.checkpoints / "last.pt")
     _save_student(r, g.step, r.run.checkpoints / "student.pt")
-    g.finish(r, "completed", g.step, final_loss=r.last_loss)
+    g.finish(r, "completed", g.step, final_loss=r.losses.epoch_mean())
 
 
 def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -> _Run:
@@ -424,6 +425,8 @@ def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
             r.student_init.load_state_dict(state["student_init"])
             r.wall_before, r.init_info, r.rng = float(state["wall_time_s"]), state["init"], state["rng"]
             r.teacher_probe = state.get("teacher_probe") or None
+            r.last_loss = float(state.get("last_loss", float("nan")))
+            r.losses = LossMeans.from_dict(state.get("loss_means"))
             step = int(state["step"])
             r.run.truncate_after(step)
         else:

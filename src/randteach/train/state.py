@@ -11,7 +11,7 @@ import copy
 import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -108,6 +108,42 @@ def check_local_crops(model: nn.Module, cfg: Config, in_channels: int, side: int
 
 
 @dataclass
+class LossMeans:
+    """Host sums of the per-step losses that MetricsLog reads from the device: since the last metrics record
+    (that record's `loss_mean`: a read between records, before a probe or a checkpoint, loses no step) and
+    over the current epoch (a run's `final_loss` is its last epoch's mean: one batch's loss varies more than
+    the differences between runs that RT App. D, Fig. 17, plots). Saved with the checkpoint."""
+    window_sum: float = 0.0
+    window_n: int = 0
+    epoch: int = -1
+    epoch_sum: float = 0.0
+    epoch_n: int = 0
+
+    def add(self, step: int, loss: float, steps_per_epoch: int) -> None:
+        """The loss of `step` (the count of steps done: step 1 is the first of epoch 0)."""
+        epoch = (step - 1) // steps_per_epoch
+        if epoch != self.epoch:
+            self.epoch, self.epoch_sum, self.epoch_n = epoch, 0.0, 0
+        self.epoch_sum += loss
+        self.epoch_n += 1
+        self.window_sum += loss
+        self.window_n += 1
+
+    def take_window(self) -> float:
+        """The mean since the last call, and a new window."""
+        mean = self.window_sum / self.window_n if self.window_n else float("nan")
+        self.window_sum, self.window_n = 0.0, 0
+        return mean
+
+    def epoch_mean(self) -> float:
+        return self.epoch_sum / self.epoch_n if self.epoch_n else float("nan")
+
+    @classmethod
+    def from_dict(cls, saved: dict | None) -> "LossMeans":
+        return cls(**saved) if saved else cls()  # checkpoints written before the sums were kept
+
+
+@dataclass
 class TrainState:
     cfg: Config
     run: RunDir
@@ -135,6 +171,7 @@ class TrainState:
     augment: Augment | None = None           # data.augment, applied to each batch on the device
     teacher_norm: float = 0.0
     last_loss: float = float("nan")          # the loss of the last step read from the device
+    losses: LossMeans = field(default_factory=LossMeans)
     t_start: float = 0.0                     # set by start_clock() as the first step begins
 
     @property
@@ -195,6 +232,7 @@ class TrainState:
         torch.set_rng_state(saved["rng"]["torch"])
         self.teacher_probe = saved.get("teacher_probe") or None
         self.last_loss = float(saved.get("last_loss", float("nan")))  # a kill after the final checkpoint
+        self.losses = LossMeans.from_dict(saved.get("loss_means"))
         if self.ddp.is_main:
             self.run.truncate_after(self.step)
 
@@ -219,7 +257,8 @@ class TrainState:
                 "step": self.step, "wall_time_s": self.wall(), "bf16_on": self.bf16_on, "init": self.init_info,
                 "center": self.centering.center if self.centering is not None else None,
                 "rng": {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {},
-                "precision": self.gate.state_dict(), "config_digest": self.cfg.digest(), "last_loss": self.last_loss}
+                "precision": self.gate.state_dict(), "config_digest": self.cfg.digest(), "last_loss": self.last_loss,
+                "loss_means": asdict(self.losses)}
 
     def save(self) -> None:
         """The resumable state, atomically, to checkpoints/last.pt (rank 0 writes)."""
