@@ -4,6 +4,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -87,6 +88,8 @@ def test_paper_head_ablations_cover_app_b():
     assert sorted({c.head.out_dim for c in cs}) == [2 ** k for k in range(0, 17)]
     for c in cs:
         assert_paper_recipe(c, out_dim=c.head.out_dim)
+    # the epoch axes of Fig. 10-12 end at 100
+    assert {c.train.epochs for arm in ("norm", "bottleneck", "out_dim") for c in configs("head-ablations", arm)} == {100}
     assert {c.model.norm for c in configs("head-ablations", "norm")} == {"batch", "layer", "group", "instance", "none"}
     parts = {(c.head.wn1, c.head.lin1, c.head.fn1, c.head.wn2, c.head.lin2, c.head.fn2)
              for c in configs("head-ablations", "bottleneck")}
@@ -288,6 +291,11 @@ def test_tiny_landscape(tiny):
     out, text = run_tiny("landscape", tiny)
     assert "## non-local view" in text and "## shared view" in text and "| θ_T | (0, 0) |" in text
     assert (out.report.parent / "seed0" / "shared-affine" / "landscape.npz").exists()
+    # the zoom on the teacher: orthogonal, in units of |θ*_S(0) - θ_T|, so θ*_S(0) sits at x = that distance
+    assert "## shared view, zoom on the teacher (orthogonal, Fig. 14/16)" in text
+    zoom = np.load(out.report.parent / "seed0" / "shared-zoom" / "landscape.npz")
+    d = float(zoom["anchors"][1][0])
+    np.testing.assert_allclose(zoom["x"], [-0.5 * d, 0.5 * d, 1.5 * d], rtol=1e-9)
 
 
 def test_tiny_imp_and_lmc(tiny):

@@ -9,13 +9,18 @@ Views (named presets):
              with alpha = 1 that share the teacher (same train.seed or init.teacher_seed).
 Parameterizations (`randteach.analysis.params.Plane`): affine theta_0 + l1 v1 + l2 v2 (grid extent in
 units of l), or orthogonal theta_0 + x e1 + y e2 (Gram-Schmidt; coordinates are distances, the extent
-is in units of max(|v1|, |v2|)). A small extent around (0, 0) is the zoom on the teacher (Fig. 14/16).
+is in units of max(|v1|, |v2|), or with unit="first" of |v1|). The zoom on the teacher (Fig. 14/16) is the
+orthogonal projection with unit="first": an extent such as (-0.5, 1.5) then frames theta_T and anchor 1 (the
+alpha ~ 0 student of the shared view), whatever the distance to anchor 2.
 Grid coordinates within 1e-9 of the extent's span of an anchor coordinate are snapped onto it, so
 the anchors on the grid are evaluated at exactly their own parameters.
 
-At every grid point theta (all metrics in fp32, every network in eval mode):
-- loss:      the run's teacher-student loss (loss.name and temperatures, no centering) between the
-             teacher checkpoint and theta, mean over `n_loss` distillation inputs (a stratified subset);
+At every grid point theta (networks in fp32 and in eval mode; losses in float64 from their fp32 outputs):
+- loss:      the run's teacher-student loss (temperatures, no centering) between the teacher checkpoint
+             and theta, mean over `n_loss` distillation inputs (a stratified subset); for ce and kl runs
+             the KL divergence, which the paper's Fig. 5 and 13-14 colour on a log scale from 1e-7 to 1e-3:
+             a cross-entropy carries the teacher's entropy (ln m for the paper's head) and fp32 rounding of
+             it (1e-6 at ln 2^16) would hide the valley around the teacher;
 - embed_kl:  KL(softmax(g_T(x)) || softmax(g_theta(x))) of the encoder embeddings (Fig. 15/16);
 - probe_*:   the project's probe (`randteach.probes.embedding.Prober`, the run's probe config) of theta's encoder;
 - norm:      ||theta||_2 over all parameters (encoder and head).
@@ -56,6 +61,7 @@ from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, 
 
 VIEWS = ("non-local", "shared")
 PROJECTIONS = ("affine", "orthogonal")
+UNITS = ("longer", "first")  # the orthogonal extent's unit: max(|v1|, |v2|) or |v1|
 _SNAP = 1e-9
 _EVAL_BATCH = 512
 
@@ -189,10 +195,16 @@ def _outputs(template, tensors: dict, x: torch.Tensor) -> tuple[list, list]:
     return embs, outs
 
 
+def landscape_loss(cfg) -> str:
+    """The loss the landscape maps: the run's, with ce mapped as kl (the same up to the teacher's entropy)."""
+    return "kl" if cfg.loss.name == "ce" else cfg.loss.name
+
+
 def _mean_loss(name: str, student: list, teacher: list, t_temp: float, s_temp: float) -> float:
-    """Batch-size-weighted mean of the per-batch mean losses = the mean over all samples."""
+    """The mean over all samples (batch-size-weighted mean of the per-batch means), in float64."""
     n = sum(len(s) for s in student)
-    return float(sum(float(distill_loss(name, s, t, t_temp, s_temp)) * len(s) for s, t in zip(student, teacher)) / n)
+    return float(sum(float(distill_loss(name, s.double(), t.double(), t_temp, s_temp)) * len(s)
+                     for s, t in zip(student, teacher)) / n)
 
 
 @dataclass
@@ -216,12 +228,15 @@ class _Grid:
         return cx, cy, l1, l2, self.plane.orthogonal_point(cx, cy)
 
 
-def _checked_shape(anchors: list[Anchor], projection: str, extent, grid) -> tuple[tuple[float, ...], int, int]:
+def _checked_shape(anchors: list[Anchor], projection: str, extent, grid,
+                   unit: str = "longer") -> tuple[tuple[float, ...], int, int]:
     """(x_lo, x_hi, y_lo, y_hi), nx, ny of the arguments, or a UserError saying what is wrong."""
     if len(anchors) != 3:
         raise UserError(f"a plane needs three anchors (origin, anchor 1, anchor 2), got {len(anchors)}")
     if projection not in PROJECTIONS:
         raise UserError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
+    if unit not in UNITS:
+        raise UserError(f"unknown extent unit {unit!r}; valid: {', '.join(UNITS)}")
     extent = tuple(float(e) for e in extent)
     if len(extent) == 2:
         extent = extent * 2
@@ -232,7 +247,7 @@ def _checked_shape(anchors: list[Anchor], projection: str, extent, grid) -> tupl
 
 
 def _grid_through(template: nn.Module, anchors: list[Anchor], projection: str, extent: tuple[float, ...],
-                  nx: int, ny: int) -> _Grid:
+                  nx: int, ny: int, unit: str) -> _Grid:
     space = ParamSpace(template)
     vecs = [space.flatten(a.state) for a in anchors]
     try:
@@ -240,9 +255,9 @@ def _grid_through(template: nn.Module, anchors: list[Anchor], projection: str, e
     except ValueError as e:
         raise UserError(f"anchors {', '.join(a.label for a in anchors)}: {e}") from None
     anchor_xy = plane.anchor_coordinates(projection)
-    unit = 1.0 if projection == "affine" else plane.scale
-    xs = grid_axis(extent[0] * unit, extent[1] * unit, nx, [c[0] for c in anchor_xy])
-    ys = grid_axis(extent[2] * unit, extent[3] * unit, ny, [c[1] for c in anchor_xy])
+    length = 1.0 if projection == "affine" else plane.scale if unit == "longer" else plane.norm_v1
+    xs = grid_axis(extent[0] * length, extent[1] * length, nx, [c[0] for c in anchor_xy])
+    ys = grid_axis(extent[2] * length, extent[3] * length, ny, [c[1] for c in anchor_xy])
     return _Grid(space, vecs, [space.buffers(a.state) for a in anchors], plane, projection, anchor_xy, xs, ys)
 
 
@@ -266,7 +281,7 @@ def _evaluate(g: _Grid, todo: list[tuple[int, int]], points: "_Points", template
         tensors = {k: v.to(device) for k, v in tensors.items()}
         emb, outs = _outputs(template, tensors, x)
         rec = {"i": i, "j": j, "x": cx, "y": cy, "l1": l1, "l2": l2,
-               "loss": _mean_loss(cfg.loss.name, outs, t_out, cfg.loss.teacher_temp, cfg.loss.student_temp),
+               "loss": _mean_loss(landscape_loss(cfg), outs, t_out, cfg.loss.teacher_temp, cfg.loss.student_temp),
                "embed_kl": _mean_loss("kl", emb, t_emb, 1.0, 1.0),
                "norm": float(theta.to(torch.float32).double().norm())}
         if prober is not None:
@@ -301,17 +316,18 @@ def _arrays(g: _Grid, anchors: list[Anchor], done: dict, metrics: list[str]) -> 
 
 def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, teacher: dict | None = None,
                       grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine",
-                      n_loss: int = 512, probe: bool = True, limit: int | None = None,
+                      unit: str = "longer", n_loss: int = 512, probe: bool = True, limit: int | None = None,
                       device: torch.device | str = "cpu", progress: bool = False, template: nn.Module | None = None,
                       data: ImageData | None = None, probe_splits: tuple[ImageData, ImageData] | None = None) -> dict:
     """Evaluate the landscape on the plane through `anchors` (origin first) and write OUT (see the module
     docstring). `run` gives the architecture, loss, data and probe config; `teacher` (default: the
-    origin's state) is the teacher of the loss. `extent`: (lo, hi) for both axes or (x_lo, x_hi, y_lo, y_hi).
+    origin's state) is the teacher of the loss. `extent`: (lo, hi) for both axes or (x_lo, x_hi, y_lo, y_hi);
+    orthogonal extents in units of max(|v1|, |v2|) (`unit` "longer") or |v1| ("first").
     `limit`: evaluate at most this many new points and return (the rest on a later call).
     Python API: `template` (a model with .encoder and .head whose state dicts are the anchors') replaces
     the run's architecture, `data` its distillation data, `probe_splits` (train, test) its probe data.
     Returns the npz contents plus "complete", "done" and "total" (points) and "metrics" (names)."""
-    extent, nx, ny = _checked_shape(anchors, projection, extent, grid)
+    extent, nx, ny = _checked_shape(anchors, projection, extent, grid, unit)
     device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,11 +335,12 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
     if template is None:
         template = build_model(cfg, run.in_channels, run.image_size, seed=0)
     template = template.to(device).eval()
-    g = _grid_through(template, anchors, projection, extent, nx, ny)
+    g = _grid_through(template, anchors, projection, extent, nx, ny, unit)
 
     spec = {"anchors": [{"label": a.label, "source": a.source, "digest": _digest(v)} for a, v in zip(anchors, g.vecs)],
-            "projection": projection, "grid": [nx, ny], "extent": list(extent), "n_loss": n_loss, "probe": probe,
-            "loss": cfg.loss.name, "config_digest": cfg.digest(),
+            "projection": projection, "unit": unit, "grid": [nx, ny], "extent": list(extent), "n_loss": n_loss,
+            "probe": probe,
+            "loss": landscape_loss(cfg), "loss_dtype": "float64", "config_digest": cfg.digest(),
             "teacher": _digest(g.space.flatten(teacher)) if teacher is not None else "origin"}
     if data is not None or probe_splits is not None:  # Python-API data: its bytes decide a resume
         spec["data"] = [d.digest() for d in (data, *(probe_splits or ())) if d is not None]
@@ -355,8 +372,8 @@ def _save_npz(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-TITLES = {"loss": "teacher-student loss", "embed_kl": "encoder-embedding KL", "probe_linear": "linear probe accuracy",
-          "probe_knn": "k-NN probe accuracy", "norm": "‖θ‖₂"}
+TITLES = {"loss": "teacher-student loss (KL for ce and kl)", "embed_kl": "encoder-embedding KL",
+          "probe_linear": "linear probe accuracy", "probe_knn": "k-NN probe accuracy", "norm": "‖θ‖₂"}
 
 
 def _math(label: str) -> str:
@@ -381,12 +398,11 @@ def plot_landscape(result: dict, out: Path, metrics: list[str] | None = None) ->
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
         label = TITLES[m]
         if m in ("loss", "embed_kl"):
-            # log10 of the rise above the grid's minimum (the teacher's CE is its entropy, not 0); the
-            # minimum itself is drawn at the smallest positive rise
-            rise = z - np.nanmin(z)
-            pos = rise[np.isfinite(rise) & (rise > 0)]
-            z = np.log10(np.clip(rise, pos.min() if pos.size else 1e-12, None))
-            label = f"log10({label} - min)"
+            # every loss mapped is 0 at the teacher: log10 of it, the teacher's 0 drawn at the smallest
+            # positive value (Fig. 5's colour scale)
+            pos = z[np.isfinite(z) & (z > 0)]
+            z = np.log10(np.clip(z, pos.min() if pos.size else 1e-300, None))
+            label = f"log10({label})"
         cs = ax.contourf(X, Y, z, levels=30, cmap="viridis")
         fig.colorbar(cs, ax=ax, label=label)
         if "norm" in result:

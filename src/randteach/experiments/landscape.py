@@ -34,9 +34,8 @@ class Landscape(Experiment):
              "minimum; the basin of the local solution coincides with higher probe accuracy.")
 
     def post(self, ctx: Context) -> list[str]:
-        p = ctx.params
-        return [f"landscape {v} view, {proj} projection, grid {p['grid']}, extent {p['extent']}"
-                for v in p["views"] for proj in p["projections"]]
+        return [f"landscape {view} view, {plan['title']}, grid {plan['grid']}, extent {plan['extent']}"
+                for view in ctx.params["views"] for plan in _plans(ctx.params, view)]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
         from ..analysis.landscape import compute_landscape, view_anchors
@@ -56,37 +55,49 @@ class Landscape(Experiment):
                 if p.get("probe_overrides"):  # e.g. smaller probe subsets: one probe per grid point
                     info.cfg = config_from_dict(deep_merge(info.cfg.to_dict(),
                                                            dotted_to_nested(p["probe_overrides"])))
-                for projection in p["projections"]:
-                    out = ctx.out / f"seed{a1.train.seed}" / f"{view}-{projection}"
-                    result = compute_landscape(anchors, info, out,
-                                               teacher=load_state_dict(runs[0], "teacher"), grid=p["grid"],
-                                               extent=p["extent"], projection=projection, n_loss=p["n_loss"],
-                                               probe=p.get("probe", True), device=analysis_device(ctx),
+                for plan in _plans(p, view):
+                    out = ctx.out / f"seed{a1.train.seed}" / f"{view}-{plan['name']}"
+                    result = compute_landscape(anchors, info, out, teacher=load_state_dict(runs[0], "teacher"),
+                                               grid=plan["grid"], extent=plan["extent"],
+                                               projection=plan["projection"], unit=plan["unit"],
+                                               n_loss=p["n_loss"], probe=plan["probe"], device=analysis_device(ctx),
                                                progress=ctx.progress)
-                    rel = out.relative_to(ctx.out)
-                    lines += [f"## {view} view, {projection} projection (seed {a1.train.seed})", ""]
-                    if not result["complete"]:
-                        lines += [f"_partial: {result['done']} of {result['total']} points; run again to finish._", ""]
-                        continue
-                    metrics = result["metrics"]
-                    values = anchor_values(result)
-                    origin = values[0].get("loss", math.nan) if values[0]["on_grid"] else math.nan
-                    rows = [[v["label"], f"({v['x']:.3g}, {v['y']:.3g})"]
-                            + [("–" if not v["on_grid"] else f"{100 * v[m]:.2f}" if m.startswith("probe_")
-                                else f"{v[m]:.6g}") for m in metrics]
-                            + ([f"{v['loss'] - origin:.3g}" if v["on_grid"] else "–"] if "loss" in metrics else [])
-                            for v in values]
-                    lines += markdown_rows(["anchor", "coordinates"] + [m + (" (%)" if m.startswith("probe_") else "")
-                                                                    for m in metrics]
-                                       + (["loss − loss at θ_T (= KL to the teacher for CE)"]
-                                          if "loss" in metrics else []), rows)
-                    finite = {m: np.asarray(result[m], float) for m in ("loss",) if m in result}
-                    if "loss" in finite:
-                        lines += [f"Loss over the grid: min {np.nanmin(finite['loss']):.6g}, "
-                                  f"max {np.nanmax(finite['loss']):.6g}.", ""]
-                    lines += [f"![{m}]({rel}/{m}.png)" for m in ("loss", "probe_linear", "embed_kl")
-                              if (out / f"{m}.png").exists()] + [""]
+                    lines += [f"## {view} view, {plan['title']} (seed {a1.train.seed})", ""]
+                    lines += _section(result, out.relative_to(ctx.out), out)
         return lines
+
+
+def _plans(p: dict, view: str) -> list[dict]:
+    """The landscapes of one view: each projection over params.extent, and for the shared view with
+    params.zoom the zoom on the teacher (Fig. 14/16): orthogonal, its extent in units of |θ*_S(0) - θ_T|,
+    without probes (the figures show the losses)."""
+    plans = [{"name": proj, "title": f"{proj} projection", "projection": proj, "unit": "longer",
+              "extent": p["extent"], "grid": p["grid"], "probe": p.get("probe", True)} for proj in p["projections"]]
+    if view == "shared" and p.get("zoom"):
+        z = p["zoom"]
+        plans.append({"name": "zoom", "title": "zoom on the teacher (orthogonal, Fig. 14/16)",
+                      "projection": "orthogonal", "unit": "first", "extent": z["extent"], "grid": z["grid"],
+                      "probe": False})
+    return plans
+
+
+def _section(result: dict, rel, out) -> list[str]:
+    """One landscape's report lines: its anchors' values, the loss range, its figures."""
+    if not result["complete"]:
+        return [f"_partial: {result['done']} of {result['total']} points; run again to finish._", ""]
+    metrics = result["metrics"]
+    rows = [[v["label"], f"({v['x']:.3g}, {v['y']:.3g})"]
+            + [("–" if not v["on_grid"] else f"{100 * v[m]:.2f}" if m.startswith("probe_") else f"{v[m]:.4g}")
+               for m in metrics]
+            for v in anchor_values(result)]
+    # the loss is the KL to the teacher for ce and kl runs (analysis.landscape): 0 at θ_T
+    lines = markdown_rows(["anchor", "coordinates"] + [m + (" (%)" if m.startswith("probe_") else "")
+                                                       for m in metrics], rows)
+    if "loss" in result:
+        loss = np.asarray(result["loss"], float)
+        lines += [f"Loss over the grid: min {np.nanmin(loss):.4g}, max {np.nanmax(loss):.4g}.", ""]
+    return lines + [f"![{m}]({rel}/{m}.png)" for m in ("loss", "probe_linear", "embed_kl")
+                    if (out / f"{m}.png").exists()] + [""]
 
 
 EXPERIMENT = Landscape()
