@@ -9,14 +9,15 @@ import torch
 
 from randteach.config import ConfigError
 from randteach.errors import UserError
-from randteach.init import gradient_norm, parameter_distance
+from randteach.init import gradient_norm, parameter_distance, parameter_norm
 from randteach.losses import distill_loss
 from randteach.optim import build_optimizer
-from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict
 from randteach.runs.rundir import RunDir
 from randteach.train.distributed import Dist
 from randteach.train.loop import distill
 from randteach.train.setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
+from randteach.train.state import Plan, TrainState, check_every_rank_has_rows
 
 from tiny import tiny_config
 
@@ -230,3 +231,53 @@ def test_compile_waits_for_the_final_precision(tmp_path, monkeypatch):
     assert len(graphs) == 2                              # the loss and the teacher's head: once each
 
 
+
+
+def test_centering_is_one_update_per_step_whatever_the_micro_batches(tmp_path):
+    """DINO's center: every micro-batch centered by the step's center, one update from the whole batch, so
+    train.micro_batch changes nothing but rounding (it moved the student 5e-2 when each chunk updated it)."""
+    opts = dict(loss__center="true", train__log_every=1)
+    students = []
+    for name, micro in (("whole", None), ("micro", 16)):
+        cfg, result, _ = _run(tmp_path, name, train__micro_batch=micro, **opts)
+        students.append(load_state_dict(result.path))
+    a, b = students
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    assert float(diff) <= 1e-6 * float(torch.cat([a[k].flatten() for k in a]).norm())
+    center = torch.load(result.path / "checkpoints" / "last.pt", weights_only=False)["center"]
+    assert center is not None and float(center.abs().max()) > 0
+
+
+def test_a_data_parallel_run_refuses_a_batch_with_fewer_images_than_processes(tmp_path):
+    """129 images in batches of 64 leave a last batch of 1: under 2 processes one would get no rows (its
+    loss was NaN and the run was called diverged). Refused before training, with a size that works."""
+    plan = Plan.of(tiny_config(tmp_path, train__batch_size=64), 129)
+    with pytest.raises(UserError, match=r"holds 1 images, fewer than the 2 processes.*--data.n_samples 128"):
+        check_every_rank_has_rows(plan, 2)
+    check_every_rank_has_rows(plan, 1)
+    check_every_rank_has_rows(Plan.of(tiny_config(tmp_path, train__batch_size=64), 130), 2)
+    with pytest.raises(UserError, match=r"--train.batch_size 4"):
+        check_every_rank_has_rows(Plan.of(tiny_config(tmp_path, train__batch_size=3), 129), 4)
+
+
+def test_a_resumed_run_keeps_the_starting_teacher_norm_of_its_bf16_gate(tmp_path, monkeypatch):
+    """An EMA teacher moves: the gate's scale ||theta_T|| is the start's, also after a resume."""
+    opts = dict(teacher__mode="ema", teacher__ema_momentum=0.5, train__checkpoint_every=0.25)
+    state_module = sys.modules["randteach.train.state"]
+    real_save = state_module.save_checkpoint
+
+    def save_then_die_at_step_3(payload, path):
+        real_save(payload, path)
+        if payload.get("step") == 3:
+            raise _Killed
+
+    monkeypatch.setattr(state_module, "save_checkpoint", save_then_die_at_step_3)
+    with pytest.raises(_Killed):
+        _run(tmp_path, "ema", **opts)
+    monkeypatch.undo()
+    cfg = tiny_config(tmp_path, out=str(tmp_path / "ema"), **{**SHORT, **opts})
+    state = TrainState.create_or_resume(cfg, RunDir(cfg.run_dir()), Dist(), torch.device("cpu"))
+    start = load_checkpoint(RunDir(cfg.run_dir()).checkpoints / "teacher.pt")["model"]
+    start_norm = float(torch.cat([start[n].flatten().double() for n, _ in state.teacher.named_parameters()]).norm())
+    assert state.step == 3 and state.teacher_norm == pytest.approx(start_norm, rel=1e-6)
+    assert abs(parameter_norm(state.teacher) - start_norm) > 1e-4 * start_norm  # the teacher itself has moved

@@ -118,7 +118,8 @@ def test_bf16_losses_follow_fp32(tmp_path):
     _, bf16 = _steps(tmp_path, "bf16", **PLAIN, train__precision="bf16")
     _, fp32 = _steps(tmp_path, "fp32", **PLAIN, train__precision="fp32")
     assert all(s["bf16"] for s in bf16) and not any(s["bf16"] for s in fp32)
-    assert _losses(bf16) == pytest.approx(_losses(fp32), rel=1e-3)  # measured: 1e-5
+    # the KL (the default loss) is small: bf16 rounding moves it 1e-3 of itself (measured), 4e-5 absolute
+    assert _losses(bf16) == pytest.approx(_losses(fp32), rel=1e-2)
     assert _losses(bf16) != _losses(fp32)  # bf16 really was used
 
 

@@ -21,18 +21,22 @@ _EPS = 1e-12  # guards the norm of an all-zero output
 
 
 class Centering:
-    """DINO's running center of the teacher outputs: t <- t - c; c <- m c + (1-m) mean_batch(t)."""
+    """DINO's running center of the teacher outputs: t <- t - c, and once per optimizer step
+    c <- m c + (1-m) mean(t) over the whole global batch (every micro-batch and every process: DINO
+    all-reduces the batch sum), so that micro-batching and data parallelism leave the run unchanged."""
 
     def __init__(self, momentum: float):
         self.momentum = momentum
         self.center: torch.Tensor | None = None
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
         if self.center is None:
             self.center = torch.zeros(t.shape[1:], dtype=torch.float32, device=t.device)
-        out = t - self.center
-        self.center = self.momentum * self.center + (1 - self.momentum) * t.detach().float().mean(0)
-        return out
+        return t - self.center
+
+    def update(self, batch_sum: torch.Tensor, rows: int) -> None:
+        """The step's update from the sum of its teacher outputs over `rows` rows (all of the global batch)."""
+        self.center = self.momentum * self.center + (1 - self.momentum) * (batch_sum / rows)
 
 
 def distill_loss(name: str, student: torch.Tensor, teacher: torch.Tensor,

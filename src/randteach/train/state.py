@@ -90,6 +90,18 @@ class Plan:
         return step % self.log_every == 0 or step == self.total_steps
 
 
+def check_every_rank_has_rows(plan: Plan, world: int) -> None:
+    """Refuse a data-parallel run whose smallest global batch (the epoch's last, when the batch does not
+    divide n) has fewer images than processes: a process without rows has no loss to take part with."""
+    smallest = plan.n % plan.batch or plan.batch
+    if smallest < world:
+        fix = f"--data.n_samples {plan.n - plan.n % plan.batch}" if plan.n % plan.batch else \
+            f"--train.batch_size {world * math.ceil(plan.batch / world)}"
+        raise UserError(f"the epoch's {'last ' if plan.n % plan.batch else ''}batch holds {smallest} images, fewer "
+                        f"than the {world} processes: one would get none. Choose train.batch_size and "
+                        f"data.n_samples so that every batch has at least {world} images (e.g. {fix}).")
+
+
 def check_local_crops(model: nn.Module, cfg: Config, in_channels: int, side: int) -> None:
     """Refuse, before training, a model that cannot take DINO's local crops of `side` px (a ViT's position
     embedding or a flattening encoder fix the input size; the convnet, VGG (ceil-mode pools) and ResNets
@@ -169,7 +181,7 @@ class TrainState:
     teacher_probe: dict | None = None
     targets: torch.Tensor | None = None      # the teacher cache's bottleneck outputs, one row per image
     augment: Augment | None = None           # data.augment, applied to each batch on the device
-    teacher_norm: float = 0.0
+    teacher_norm: float = 0.0                # ||theta_T|| at the start: the bf16 gate's scale
     last_loss: float = float("nan")          # the loss of the last step read from the device
     losses: LossMeans = field(default_factory=LossMeans)
     t_start: float = 0.0                     # set by start_clock() as the first step begins
@@ -200,7 +212,9 @@ class TrainState:
         if conv_like:
             teacher.to(memory_format=torch.channels_last)
             student.to(memory_format=torch.channels_last)
-        state = cls(cfg, run, ddp, device, Plan.of(cfg, len(inputs)), teacher, student,
+        plan = Plan.of(cfg, len(inputs))
+        check_every_rank_has_rows(plan, ddp.world)
+        state = cls(cfg, run, ddp, device, plan, teacher, student,
                     copy.deepcopy(student).requires_grad_(False), build_optimizer(cfg.optim, student.parameters()),
                     Centering(cfg.loss.center_momentum) if cfg.loss.center else None, inputs, preprocess,
                     in_channels, size, bf16, conv_like, init_info, gate)
@@ -210,7 +224,8 @@ class TrainState:
             state._start_fresh()
         if cfg.train.data_on_device:
             state.inputs = inputs.to(device)  # one tensor on the device; batches are slices of it
-        state.teacher_norm = parameter_norm(teacher)
+        if not state.teacher_norm:  # a resume keeps the start's: a moving teacher's norm changes
+            state.teacher_norm = parameter_norm(teacher)
         state.augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels,
                                   cfg.data.local_crops, cfg.data.local_crop_size)
         return state
@@ -233,6 +248,7 @@ class TrainState:
         self.teacher_probe = saved.get("teacher_probe") or None
         self.last_loss = float(saved.get("last_loss", float("nan")))  # a kill after the final checkpoint
         self.losses = LossMeans.from_dict(saved.get("loss_means"))
+        self.teacher_norm = float(saved.get("teacher_norm", 0.0))
         if self.ddp.is_main:
             self.run.truncate_after(self.step)
 
@@ -258,7 +274,7 @@ class TrainState:
                 "center": self.centering.center if self.centering is not None else None,
                 "rng": {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {},
                 "precision": self.gate.state_dict(), "config_digest": self.cfg.digest(), "last_loss": self.last_loss,
-                "loss_means": asdict(self.losses)}
+                "loss_means": asdict(self.losses), "teacher_norm": self.teacher_norm}
 
     def save(self) -> None:
         """The resumable state, atomically, to checkpoints/last.pt (rank 0 writes)."""

@@ -221,12 +221,14 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
     chunks = state.ddp.shard(idx).split(state.plan.micro)
     final_precision = not state.gate.active and bf16 == state.bf16_requested
     loss = torch.zeros((), dtype=torch.float64, device=state.device)
+    center_sum = 0.0
     for i, rows in enumerate(chunks):
         teacher_out, student_loss = fns.for_chunk(len(rows), final_precision)
         teacher_views, student_views = _views(state, rows)
         t = teacher_out(_cat(teacher_views), rows.to(state.device), bf16)
-        if state.centering is not None:
-            t = state.centering(t)  # DINO: one center update from the teacher outputs of all global views
+        if state.centering is not None:  # DINO: every chunk centered by the step's center, updated after it
+            center_sum = center_sum + t.detach().float().sum(0)
+            t = state.centering.apply(t)
         t = list(t.split(len(rows)))
         # DDP averages gradients over ranks: weighting each chunk by its share of the *global* batch times
         # the world size makes the average the gradient of the global-batch mean, for any number of ranks.
@@ -235,6 +237,8 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
             chunk_loss = student_loss(student_views, t, bf16)
             (chunk_loss * (len(rows) * state.ddp.world / len(idx))).backward()
         loss = loss + chunk_loss.detach().double() * (len(rows) / len(idx))
+    if state.centering is not None:  # the teacher's views of the whole global batch, over all processes
+        state.centering.update(state.ddp.sum_(center_sum), len(idx) * len(teacher_views))
     grad_norm = total_grad_norm(state.student.parameters())
     if state.cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(state.student.parameters(), state.cfg.optim.grad_clip)
