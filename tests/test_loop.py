@@ -93,22 +93,28 @@ class _Killed(Exception):
     pass
 
 
+def _killed_after_checkpoint(monkeypatch, step: int, start) -> None:
+    """Runs `start()` until the checkpoint of `step` is written, then ends it as a kill would."""
+    state_module = sys.modules["randteach.train.state"]  # where the loop writes its checkpoints
+    real_save = state_module.save_checkpoint
+
+    def save_then_die(payload, path):
+        real_save(payload, path)
+        if payload.get("step") == step:
+            raise _Killed
+
+    monkeypatch.setattr(state_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        start()
+    monkeypatch.undo()
+
+
 def test_a_run_killed_mid_epoch_resumes_its_loss_sums(tmp_path, monkeypatch):
     """Killed right after the checkpoint of step 5 (the first of epoch 1): the resumed run's final loss is
     still the mean of steps 5 and 6, and its last record's loss_mean still counts step 5."""
     _, ref, ref_steps = _run(tmp_path, "ref", train__log_every=3, train__checkpoint_every=0.25)
-    state_module = sys.modules["randteach.train.state"]
-    real_save = state_module.save_checkpoint
-
-    def save_then_die_at_step_5(payload, path):
-        real_save(payload, path)
-        if payload.get("step") == 5:
-            raise _Killed
-
-    monkeypatch.setattr(state_module, "save_checkpoint", save_then_die_at_step_5)
-    with pytest.raises(_Killed):
-        _run(tmp_path, "cut", train__log_every=3, train__checkpoint_every=0.25)
-    monkeypatch.undo()
+    _killed_after_checkpoint(monkeypatch, 5, lambda: _run(tmp_path, "cut", train__log_every=3,
+                                                          train__checkpoint_every=0.25))
     cfg, resumed, steps = _run(tmp_path, "cut", train__log_every=3, train__checkpoint_every=0.25)
     assert resumed.summary["final_loss"] == ref.summary["final_loss"]
     assert [(s["step"], s["loss_mean"]) for s in steps] == [(s["step"], s["loss_mean"]) for s in ref_steps]
@@ -263,18 +269,7 @@ def test_a_data_parallel_run_refuses_a_batch_with_fewer_images_than_processes(tm
 def test_a_resumed_run_keeps_the_starting_teacher_norm_of_its_bf16_gate(tmp_path, monkeypatch):
     """An EMA teacher moves: the gate's scale ||theta_T|| is the start's, also after a resume."""
     opts = dict(teacher__mode="ema", teacher__ema_momentum=0.5, train__checkpoint_every=0.25)
-    state_module = sys.modules["randteach.train.state"]
-    real_save = state_module.save_checkpoint
-
-    def save_then_die_at_step_3(payload, path):
-        real_save(payload, path)
-        if payload.get("step") == 3:
-            raise _Killed
-
-    monkeypatch.setattr(state_module, "save_checkpoint", save_then_die_at_step_3)
-    with pytest.raises(_Killed):
-        _run(tmp_path, "ema", **opts)
-    monkeypatch.undo()
+    _killed_after_checkpoint(monkeypatch, 3, lambda: _run(tmp_path, "ema", **opts))
     cfg = tiny_config(tmp_path, out=str(tmp_path / "ema"), **{**SHORT, **opts})
     state = TrainState.create_or_resume(cfg, RunDir(cfg.run_dir()), Dist(), torch.device("cpu"))
     start = load_checkpoint(RunDir(cfg.run_dir()).checkpoints / "teacher.pt")["model"]
