@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from randteach.data import ImageData, Preprocess, noise_like, resolve_root, stratified_subset
+from randteach.data.preprocess import Widen
 
 
 def make_data(n=40, channels=3, side=6, seed=0, num_classes=4):
@@ -59,11 +60,15 @@ def test_stratified_subset_remainders():
 def test_noise_like():
     data = make_data(n=200, side=8)
     x = noise_like(data, std=2.0, seed=5)
-    assert x.dtype == torch.float32 and x.shape == data.images.shape
-    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 2.0) < 0.05
+    # stored in bf16 (half of fp32's memory): the fp32 Gaussian draws of the seed, rounded
+    assert x.dtype == torch.bfloat16 and x.shape == data.images.shape
+    fp32 = torch.randn(x.numel(), generator=torch.Generator().manual_seed(5)).mul_(2.0)
+    assert torch.equal(x.flatten(), fp32.to(torch.bfloat16))
+    assert abs(x.float().mean().item()) < 0.05 and abs(x.float().std().item() - 2.0) < 0.05
     assert torch.equal(x, noise_like(data, std=2.0, seed=5))
     assert not torch.equal(x, noise_like(data, std=2.0, seed=6))
     assert noise_like(data, size=32).shape == (200, 3, 32, 32)
+    assert Widen()(x).dtype == torch.float32 and torch.equal(Widen()(x), x.float())
 
 
 # ------------------------------------------------------------------ Preprocess

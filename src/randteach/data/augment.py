@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .preprocess import Preprocess
+
 KINDS = ("none", "flip-crop", "dino")
 PAD = 4                               # flip-crop: pixels of zero padding
 GLOBAL_SCALE = (0.4, 1.0)             # DINO: area fraction of a global crop
@@ -218,8 +220,10 @@ def local_side(side: int) -> int:
 
 def augmenter(kind: str, preprocess, seed: int, channels: int, local_crops: int = 0,
               local_size: int | None = None) -> Augment:
-    """The run's augmentation; float inputs without a Preprocess are taken as pixel units."""
-    mean, std = (preprocess.mean, preprocess.std) if preprocess is not None else ((0.0,) * channels, (1.0,) * channels)
+    """The run's augmentation; float inputs without a Preprocess (the API's images, noise) are taken as pixel
+    units."""
+    normalized = isinstance(preprocess, Preprocess)
+    mean, std = (preprocess.mean, preprocess.std) if normalized else ((0.0,) * channels, (1.0,) * channels)
     return Augment(kind, seed, mean, std, local_crops, local_size)
 
 

@@ -99,3 +99,13 @@ class Preprocess:
         if size is not None and (y.shape[-2] > size or y.shape[-1] > size):
             y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return y[0] if single else y
+
+
+class Widen:
+    """Inputs stored compactly as floats (Gaussian noise in bfloat16, `noise_like`) -> float32 network inputs."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def as_dict(self) -> dict:
+        return {"widen": "float32"}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import Config, config_from_dict, load_yaml
+from ..data.preprocess import Preprocess
 from ..errors import UserError
 from .checkpoint import load_checkpoint, load_state_dict
 
@@ -62,7 +63,7 @@ def recipe(run: Path, which: str) -> dict:
             "encoder": cfg.model.encoder, "encoder_args": cfg.model.encoder_args, "norm": cfg.model.norm,
             "width": cfg.model.width, "in_channels": int(teacher["in_channels"]),
             "image_size": int(teacher["image_size"]),
-            "preprocess": preprocess.as_dict() if preprocess is not None else None}
+            "preprocess": preprocess.as_dict() if isinstance(preprocess, Preprocess) else None}  # noise: none
 
 
 def _safetensors():

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..data import ImageData, Preprocess, load_configured, noise_like, stratified_subset
+from ..data import ImageData, Preprocess, load_configured, stratified_subset
+from ..data.images import gaussian
+from ..data.preprocess import Widen
 from ..errors import UserError
 from ..init import exact_copy, locality_init, neighborhood_init
 from ..models import build_model
@@ -84,7 +86,8 @@ def trains_channels_last(cfg: Config, inputs: torch.Tensor, encoder: torch.nn.Mo
 
 
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
-    """(inputs, preprocess, data): uint8 images + their preprocess, or float noise (preprocess None)."""
+    """(inputs, preprocess, data, size): uint8 images + their preprocess, bf16 noise + its widening, or the
+    Python API's float images as given (preprocess None)."""
     data = train_data or load_configured(cfg.data, "train")
     if cfg.data.n_samples:
         if cfg.data.n_samples > len(data):
@@ -95,9 +98,7 @@ def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
         return data.images, None, data, native
     size = model_image_size(cfg, native)
     preprocess = Preprocess.fit(data, size=size)
-    if cfg.data.inputs == "noise":
-        # Gaussian inputs of the same shape as the (padded) images, in normalized units.
-        shaped = ImageData(torch.zeros((len(data), data.images.shape[1], size, size), dtype=torch.uint8),
-                           data.labels, data.num_classes, data.name)
-        return noise_like(shaped, std=cfg.data.noise_std, seed=cfg.data.subset_seed), None, data, size
+    if cfg.data.inputs == "noise":  # Gaussian inputs of the (padded) images' shape, in normalized units
+        shape = (len(data), data.images.shape[1], size, size)
+        return gaussian(shape, cfg.data.noise_std, cfg.data.subset_seed), Widen(), data, size
     return data.images, preprocess, data, size
