@@ -1,3 +1,5 @@
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -6,6 +8,8 @@ import yaml
 
 from randteach.config import (Config, ConfigError, build_config, config_from_dict, help_lines, parse_overrides,
                               preset, preset_names)
+from randteach.errors import UserError
+from randteach.runs.rundir import check_config_digest
 
 
 def test_overrides_are_typed():
@@ -158,3 +162,18 @@ def test_analysis_commands_keep_their_flags_and_defaults():
         (["A", "B"], "shared", [5, 7], [-0.5, 1.5], "affine", 512)
     imp = p.parse_args(["imp", "RUN", "--epochs", "0.5", "--no-augment", "--milestones", "1", "2"])
     assert (imp.epochs, imp.augment, imp.milestones, imp.lr) == (0.5, False, [1.0, 2.0], 0.1)
+
+
+def test_a_run_recorded_under_older_defaults_still_matches_and_a_changed_default_is_a_new_address(tmp_path):
+    """loss.name's default became kl (defaults version 2). A run written under version 1 with the then-default
+    ce recorded the digest of its non-default values without the loss; its config.yaml, read today, says ce
+    explicitly. It must still match its record, and today's default config (kl) must not."""
+    old, new = Config(), Config()
+    old.loss.name = "ce"
+    sha = lambda d: hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    assert old.digest(1) == sha({}) and new.digest() == sha({"defaults_version": 2})  # computed directly
+    assert old.matches(old.digest(1)) and not new.matches(old.digest(1))
+    assert new.digest() != old.digest(1)  # the default config's address moved: it names a kl run now
+    check_config_digest(old.digest(1), old, tmp_path)
+    with pytest.raises(UserError, match="changed after the run started"):
+        check_config_digest(old.digest(1), new, tmp_path)

@@ -222,17 +222,27 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def digest(self) -> str:
-        """Hash of the values that differ from the defaults, less where and how a run is logged (out, log.*).
+    def digest(self, version: int | None = None) -> str:
+        """Hash of the values that differ from the defaults of `version` (default: DEFAULTS_VERSION), less
+        where and how a run is logged (out, log.*).
 
         Only non-default values enter, so adding a new key (with a default) keeps every existing run's
-        address; the price is that changing a default changes what an address means."""
-        d = _non_default(self.to_dict(), Config().to_dict())
+        address; a changed default bumps DEFAULTS_VERSION, which enters the hash, so that an address made
+        before the change never names a run of the new default."""
+        version = DEFAULTS_VERSION if version is None else version
+        d = _non_default(self.to_dict(), _defaults_at(version))
         d.pop("out", None)
         d.pop("log", None)
         for key in RUNTIME_ONLY:
             d.get("train", {}).pop(key, None)
+        if version > 1:
+            d["defaults_version"] = version
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    def matches(self, recorded: str | None) -> bool:
+        """Whether a run that recorded the digest `recorded` (by any version of randteach) is a run of this
+        config: the digest under the defaults of some version."""
+        return recorded in {self.digest(v) for v in range(1, DEFAULTS_VERSION + 1)}
 
     def run_dir(self) -> Path:
         if self.out:
@@ -314,6 +324,24 @@ def check_encoder(encoder: str) -> None:
 
 # Keys that change how a run is executed or logged but not its result.
 RUNTIME_ONLY = ("log_every", "data_on_device")
+
+# Run addresses hash the values that differ from the defaults. When a default changes, DEFAULTS_VERSION goes
+# up and the old default is listed under the last version that had it, so the digest a run recorded under
+# an older version can still be recomputed from its config.yaml (`Config.matches`).
+DEFAULTS_VERSION = 2
+_REPLACED_DEFAULTS = {1: {"loss": {"name": "ce"}}}  # version 1 (up to 2026-11-30): cross-entropy
+
+
+def _defaults_at(version: int) -> dict:
+    """The defaults of `version`: today's, with each later-replaced default put back (oldest last, so it wins)."""
+    if not 1 <= version <= DEFAULTS_VERSION:
+        raise ValueError(f"defaults version must lie in [1, {DEFAULTS_VERSION}], got {version}")
+    d = Config().to_dict()
+    for v in sorted(_REPLACED_DEFAULTS, reverse=True):
+        if v >= version:
+            for section, values in _REPLACED_DEFAULTS[v].items():
+                d[section].update(values)
+    return d
 
 
 def _non_default(d: dict, default: dict) -> dict:

@@ -210,7 +210,7 @@ def _gpu(device) -> dict:
 
 def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
     """Refuse to continue a run whose config.yaml no longer matches the config it was started with."""
-    if recorded and recorded != cfg.digest():
+    if recorded and not cfg.matches(recorded):
         raise UserError(f"{run_path}/config.yaml was changed after the run started (digest {cfg.digest()}, the run "
                         f"has {recorded}); a run continues only as it was configured. Restore the file, or start "
                         "the changed config as a new run with --out elsewhere")

@@ -141,7 +141,7 @@ def expand(spec: SweepSpec) -> list[Config]:
 def finished_summary(cfg: Config) -> dict | None:
     """The summary of a run of exactly this config that needs no more work, else None."""
     summary = RunDir(cfg.run_dir()).summary()
-    if summary and summary.get("status") in DONE and summary.get("config_digest") == cfg.digest():
+    if summary and summary.get("status") in DONE and cfg.matches(summary.get("config_digest")):
         return summary
     return None
 
@@ -155,7 +155,8 @@ def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
         existing = run.summary()
     except ValueError:  # unreadable JSON: replace it
         existing = None
-    if existing and (existing.get("config_digest") not in (None, cfg.digest()) or finished_summary(cfg)):
+    recorded = existing.get("config_digest") if existing else None
+    if existing and ((recorded is not None and not cfg.matches(recorded)) or finished_summary(cfg)):
         return summary
     run.path.mkdir(parents=True, exist_ok=True)
     if not run.config_path.exists():
