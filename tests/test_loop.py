@@ -276,3 +276,21 @@ def test_a_resumed_run_keeps_the_starting_teacher_norm_of_its_bf16_gate(tmp_path
     start_norm = float(torch.cat([start[n].flatten().double() for n, _ in state.teacher.named_parameters()]).norm())
     assert state.step == 3 and state.teacher_norm == pytest.approx(start_norm, rel=1e-6)
     assert abs(parameter_norm(state.teacher) - start_norm) > 1e-4 * start_norm  # the teacher itself has moved
+
+
+def test_a_resume_without_last_pt_is_refused_and_loses_nothing(tmp_path):
+    """Resuming cannot continue without checkpoints/last.pt: it used to start over silently and replace the
+    run's log; a resume of a folder that does not exist used to train a new run."""
+    cfg = tiny_config(tmp_path, out=str(tmp_path / "cut"), **{**SHORT, "train__checkpoint_every": 0.5})
+    run = RunDir(cfg.run_dir())
+    distill(cfg, progress=False)
+    run.summary_path.unlink()  # as if killed after step 6, before its summary
+    (run.checkpoints / "last.pt").unlink()
+    log = run.metrics_path.read_bytes()
+    with pytest.raises(UserError, match=r"no checkpoints/last.pt.*student_init.pt.*without --resume"):
+        distill(cfg, resume=True, progress=False)
+    assert run.metrics_path.read_bytes() == log and run.summary() is None
+    missing = tiny_config(tmp_path, out=str(tmp_path / "typo"), **SHORT)
+    with pytest.raises(UserError, match="cannot resume"):
+        distill(missing, resume=True, progress=False)
+    assert not (tmp_path / "typo").exists()

@@ -87,7 +87,8 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
     """Distill a student into a random teacher; returns RunResult(path, summary).
 
     `overrides` are dotted keys (pass them as **{"optim.lr": 1e-3}) or double-underscored
-    (optim__lr=1e-3). A run with the same config, encoder and data is not redone."""
+    (optim__lr=1e-3). A run with the same config, encoder and data is not redone; an unfinished one continues
+    from its last checkpoint (resume=True: must continue, a run without one is refused)."""
     from .train.loop import distill as run_distillation
     config = _build(config, preset, overrides)
     train_data = as_image_data(train) if train is not None and not isinstance(train, str) else None

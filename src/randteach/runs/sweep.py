@@ -169,7 +169,7 @@ def run_one(cfg: Config, progress: bool = False) -> dict:
     """Run (resume, or skip) one config; an exception becomes a "failed" summary, never a crash."""
     from ..train.loop import distill
     try:
-        return distill(cfg, resume=True, progress=progress).summary
+        return distill(cfg, progress=progress).summary  # continues from last.pt where there is one
     except Exception as e:  # noqa: BLE001 - one broken run must not stop a sweep
         return record_failure(cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
 

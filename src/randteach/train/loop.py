@@ -38,15 +38,16 @@ class RunResult:
 
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_data: ImageData | None = None,
             encoder=None, probe_splits: tuple[ImageData, ImageData] | None = None) -> RunResult:
-    """Run (or resume, or skip if already completed) the distillation described by `cfg`.
+    """Run (or continue from its last checkpoint, or skip if already completed) the distillation described by
+    `cfg`. resume=True insists on continuing: a run without checkpoints/last.pt is refused, not started over.
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
-    with run_lock(cfg.run_dir(), create=True):  # one writer per run folder
-        return _distill(cfg, progress, train_data, encoder, probe_splits)
+    with run_lock(cfg.run_dir(), create=not resume):  # one writer per run folder
+        return _distill(cfg, resume, progress, train_data, encoder, probe_splits)
 
 
-def _distill(cfg: Config, progress: bool, train_data, encoder, probe_splits) -> RunResult:
+def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, probe_splits) -> RunResult:
     run = RunDir(cfg.run_dir())
     run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
     _check_same_config(cfg, run)
@@ -54,6 +55,8 @@ def _distill(cfg: Config, progress: bool, train_data, encoder, probe_splits) -> 
     if existing and existing.get("status") in ("completed", "diverged"):
         check_config_digest(existing.get("config_digest"), cfg, run.path)  # a hand-edited config.yaml
         return RunResult(run.path, existing)
+    if resume:
+        _check_resumable(run)
     device = resolve_device(cfg.train.device)
     ddp = from_environment(device)
     if ddp.enabled and device.type == "cuda":
@@ -98,6 +101,17 @@ def _train(state: TrainState, hooks: list, bar: tqdm) -> tuple[str, int, dict]:
         return stop.status, stop.steps, stop.extra
     finally:
         bar.close()
+
+
+def _check_resumable(run: RunDir) -> None:
+    """A resume continues from checkpoints/last.pt; without it, it would start over and replace the run's log."""
+    if not (run.checkpoints / "last.pt").is_file():
+        saved = sorted(p.name for p in run.checkpoints.glob("student*.pt")) if run.checkpoints.is_dir() else []
+        raise UserError(f"cannot resume {run.path}: it has no checkpoints/last.pt (the run stopped before its first "
+                        "checkpoint, or the file was removed), so there is nothing to continue from"
+                        + (f"; its student checkpoints: {', '.join(saved)}" if saved else "")
+                        + ". To train it from the start, run it again without --resume (its metrics.jsonl and "
+                        "summary.json are then replaced).")
 
 
 def _check_same_config(cfg: Config, run: RunDir) -> None:
