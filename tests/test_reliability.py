@@ -15,6 +15,7 @@ from torch import nn
 import yaml
 
 from randteach.cli import main
+from randteach.reports.groups import collect
 from randteach.runs.rundir import RunDir
 from randteach.train.loop import distill
 
@@ -124,7 +125,8 @@ def test_a_failed_start_does_not_block_its_fix(tmp_path):
     assert result.summary["status"] == "completed"
 
 
-@pytest.mark.parametrize("case", ["binary-config", "resume-with-preset", "corrupt-summary", "other-architecture"])
+@pytest.mark.parametrize("case", ["binary-config", "resume-with-preset", "corrupt-summary", "summary-not-an-object",
+                                  "other-architecture"])
 def test_bad_files_and_combinations(tmp_path, capsys, finished_run, case):
     run = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(finished_run), str(run)], check=True)
@@ -136,6 +138,9 @@ def test_bad_files_and_combinations(tmp_path, capsys, finished_run, case):
     elif case == "corrupt-summary":
         (run / "summary.json").write_text('{"status": "compl')
         argv, words = ["distill", "--resume", str(run)], "summary.json is corrupt"
+    elif case == "summary-not-an-object":
+        (run / "summary.json").write_text("[1, 2]")
+        argv, words = ["distill", "--resume", str(run)], "summary.json is corrupt (a JSON list where an object"
     else:
         other = tiny_config(tmp_path / "o", model__width=4, train__max_steps=1, probe__which="[]")
         distill(other, progress=False)
@@ -147,6 +152,23 @@ def test_bad_files_and_combinations(tmp_path, capsys, finished_run, case):
     assert words in err and err.count("\n") == 1, err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == \
         {p: b for p, b in before.items() if p.name != ".lock"}
+
+
+def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, capsys, finished_run):
+    """Bytes that are not UTF-8 and lines that are not objects in metrics.jsonl spoil only themselves; a
+    report lists a run with an unreadable config.yaml as "unreadable" instead of stopping."""
+    run = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(finished_run), str(run)], check=True)
+    good = list(RunDir(run).records())
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\n[1]\n\"text\"\n")
+    assert list(RunDir(run).records()) == good
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(finished_run), str(broken)], check=True)
+    (broken / "config.yaml").write_text("model: [unclosed\n")
+    assert main(["--quiet", "report", str(run), str(broken), "--out", str(tmp_path / "rep")]) == 0
+    rows = {r["run_dir"]: r["status"] for r in collect([run, broken])}
+    assert rows == {str(run.resolve()): "completed", str(broken.resolve()): "unreadable"}
 
 
 # ------------------------------------------------------------------------------- 3. one writer

@@ -8,7 +8,6 @@ Statistics: only completed runs enter a group's mean and std; std is the sample 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 
 from ..config import flatten
 from ..errors import UserError
-from ..runs.rundir import RunDir
+from ..runs.rundir import CorruptSummary, RunDir
 from .run import COLORS, KINDS, ROLES, file_safe, pyplot
 
 IGNORED_KEYS = ("train.seed", "out")  # never group by these: seeds are what a group averages over
@@ -86,12 +85,25 @@ def collect(dirs: list[str | Path]) -> list[dict]:
         try:
             summary = run.summary() or {}
             status = summary.get("status", "unknown")
-        except json.JSONDecodeError:
+        except CorruptSummary:
             summary, status = {}, "unreadable"
-        config = flat_config(yaml.safe_load(run.config_path.read_text()) or {}) if run.config_path.exists() else {}
+        config = _config_of(run)
+        if config is None:
+            config, status = {}, "unreadable"
         rows.append({"run_dir": str(run.path), "status": status, "config": config, "summary": summary,
                      "metrics": _metrics(summary)})
     return rows
+
+
+def _config_of(run: RunDir) -> dict | None:
+    """The run's config.yaml, flattened ({} if there is none, None if it cannot be read)."""
+    if not run.config_path.exists():
+        return {}
+    try:
+        config = yaml.safe_load(run.config_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return flat_config(config) if isinstance(config, dict) else None
 
 
 def varying_keys(rows: list[dict]) -> list[str]:

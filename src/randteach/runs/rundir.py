@@ -120,14 +120,16 @@ class RunDir:
     def records(self) -> Iterator[dict]:
         if not self.metrics_path.exists():
             return
-        with open(self.metrics_path) as f:
+        with open(self.metrics_path, errors="replace") as f:  # damaged bytes spoil their line only
             for line in f:
                 line = line.strip()
                 if line:
                     try:
-                        yield json.loads(line)
+                        record = json.loads(line)
                     except json.JSONDecodeError:  # a line cut short by a kill
                         continue
+                    if isinstance(record, dict):  # every record is an object: anything else is damage
+                        yield record
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after `step` (a resumed run re-logs them)."""
@@ -158,8 +160,11 @@ class RunDir:
         if not self.summary_path.exists():
             return None
         try:
-            return json.loads(self.summary_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            summary = json.loads(self.summary_path.read_text())
+            if not isinstance(summary, dict):
+                raise ValueError(f"a JSON {type(summary).__name__} where an object belongs")
+            return summary
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise CorruptSummary(f"{self.summary_path} is corrupt ({e}); nothing was changed. If the run has a "
                                  f"checkpoints/last.pt, delete summary.json and resume: `randteach distill --resume "
                                  f"{self.path}`; otherwise start it again with --out elsewhere") from None
