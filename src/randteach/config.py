@@ -647,8 +647,13 @@ def add_flags(parser, cls) -> None:
 
 
 def options_from_args(args, cls):
-    """The dataclass `cls` filled from the parsed flags that `add_flags(parser, cls)` made."""
-    return cls(**{name: getattr(args, name) for name in _fields(cls)})
+    """The dataclass `cls` filled from the parsed flags that `add_flags(parser, cls)` made, each number
+    checked against its field's range (a ConfigError names the flag and the valid interval)."""
+    values = {name: getattr(args, name) for name in _fields(cls)}
+    for name, f in _fields(cls).items():
+        for v in values[name] if isinstance(values[name], list) else [values[name]]:
+            _check_number("--" + name.replace("_", "-"), v, f.metadata.get("range", {}))
+    return cls(**values)
 
 
 def help_lines() -> list[str]:

@@ -31,17 +31,41 @@ class LandscapeOptions:
                                     "files", cli={"nargs": 3, "metavar": ("ORIGIN", "A1", "A2")})
     run: str | None = opt(None, "run directory giving the architecture, loss, data, probe and the loss's teacher "
                           "(default: the first run / the origin's run)")
-    grid: list[int] = opt([21], "points per axis: N, or NX NY", cli={"nargs": "+"})
+    grid: list[int] = opt([21], "points per axis: N, or NX NY", ge=2, cli={"nargs": "+"})
     extent: list[float] = opt([-0.5, 1.5], "LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ; "
                               "orthogonal: in units of max(|v1|, |v2|); a small extent around 0 zooms on the "
                               "teacher", cli={"nargs": "+"})
     projection: str = opt("affine", "affine θ_T + λ1 v1 + λ2 v2, or orthogonal (distance- and angle-preserving)",
                           PROJECTIONS)
-    n_loss: int = opt(512, "distillation inputs on which the losses are measured")
+    n_loss: int = opt(512, "distillation inputs on which the losses are measured", gt=0)
     no_probe: bool = opt(False, "skip the probe (loss, KL and norm only)")
-    max_points: int | None = opt(None, "evaluate at most this many new points, then stop")
+    max_points: int | None = opt(None, "evaluate at most this many new points, then stop", gt=0)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
     out: str | None = opt(None, "output folder (default RUN/landscape-VIEW-PROJECTION)")
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
+    return value
 
 
 def cmd_landscape(args, extra) -> int:
@@ -99,8 +123,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     add_flags(p.add_argument_group("supervised recipe (defaults: the paper's CIFAR-10 ResNet18 recipe)"), Recipe)
     d = p.add_argument_group("data and device")
     d.add_argument("--data", help="supervised data set (default: the run's data.name)")
-    d.add_argument("--n-train", type=int, help="train on a class-stratified subset of this many images")
-    d.add_argument("--n-test", type=int, help="test on a class-stratified subset of this many images")
+    d.add_argument("--n-train", type=at_least(1), help="train on a class-stratified subset of this many images")
+    d.add_argument("--n-test", type=at_least(1), help="test on a class-stratified subset of this many images")
     d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     d.add_argument("--out", help="output folder")
 
@@ -199,8 +223,9 @@ def add_parser(sub) -> None:
     _add_recipe_args(p)
     p.add_argument("--start", nargs="+", default=["student@0", "random@0"],
                    help=START_HELP + " (default student@0 random@0)")
-    p.add_argument("--rounds", type=int, default=10, help="pruning rounds after the dense round 0 (default 10)")
-    p.add_argument("--fraction", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
+    p.add_argument("--rounds", type=at_least(1), default=10, help="pruning rounds after the dense round 0 (default 10)")
+    p.add_argument("--fraction", type=fraction, default=0.2,
+                   help="fraction of the remaining weights pruned per round, in (0, 1) (default 0.2)")
     p.add_argument("--prune-classifier", action="store_true", help="rank the new classifier's weights too")
     p.set_defaults(func=cmd_imp)
 
@@ -211,8 +236,9 @@ def add_parser(sub) -> None:
     _add_recipe_args(p)
     p.add_argument("--start", nargs="+", default=["teacher", "student"],
                    help=START_HELP + " (default teacher student: a random init and the distilled student)")
-    p.add_argument("--runs", type=int, default=5, help="supervised runs (data orders) per start (default 5)")
-    p.add_argument("--resolution", type=int, default=11, help="points on each path, ends included (default 11)")
-    p.add_argument("--bn-batches", type=int, default=8,
+    p.add_argument("--runs", type=at_least(2), default=5,
+                   help="supervised runs (data orders) per start, at least 2: a pair (default 5)")
+    p.add_argument("--resolution", type=at_least(2), default=11, help="points on each path, ends included (default 11)")
+    p.add_argument("--bn-batches", type=at_least(0), default=8,
                    help="training batches for recomputing batch-norm statistics at each point (0: interpolate them)")
     p.set_defaults(func=cmd_lmc)

@@ -18,10 +18,10 @@ class LrRangeOptions:
     """`randteach lr-range`'s own options (the run config comes from --preset/--config/--section.key)."""
     preset: str | None = opt(None, "preset (default: escape, with loss.name=mse)")
     config: str | None = opt(None, "a YAML file of config sections")
-    lr_start: float = opt(1e-6, "step size of the first step")
-    lr_end: float = opt(1e6, "step size of the last step")
-    steps: int | None = opt(None, "number of optimizer steps", cli={"exclusive": "length"})
-    epochs: float | None = opt(None, "number of epochs (default 5)", cli={"exclusive": "length"})
+    lr_start: float = opt(1e-6, "step size of the first step", gt=0)
+    lr_end: float = opt(1e6, "step size of the last step", gt=0)
+    steps: int | None = opt(None, "number of optimizer steps", gt=0, cli={"exclusive": "length"})
+    epochs: float | None = opt(None, "number of epochs (default 5)", gt=0, cli={"exclusive": "length"})
     smoothing: float = opt(SMOOTHING, "EMA factor beta of the smoothed loss")
     factor: float = opt(RISE_FACTOR, "rise: smoothed loss > factor x running minimum")
     floor: float = opt(RISE_FLOOR, "running minima below this count as this")
@@ -33,15 +33,15 @@ class LrRangeOptions:
 class SignalOptions:
     """`randteach signal`'s options (besides RUN_DIR and the --probe.*, --data.root, --train.device overrides)."""
     n_samples: int | None = opt(None, "training images the metrics are computed on (default: the whole split, or "
-                                "the largest stratified subset that fits in 4 GiB)")
-    n_test: int | None = opt(None, "test images the per-layer probes are scored on (default: as --n-samples)")
+                                "the largest stratified subset that fits in 4 GiB)", gt=0)
+    n_test: int | None = opt(None, "test images the per-layer probes are scored on (default: as --n-samples)", gt=0)
     spatial: str = opt("flatten", "conv maps: every (channel, position) is a neuron (flatten, the authors' C*H*W) "
                        "or average over positions (avgpool: a channel is a neuron)", ("flatten", "avgpool"))
     rank_eps: float = opt(0.0, "eps added to the effective rank's normalized spectrum (0 is the escaping paper's; "
-                          "--center --rank-eps 1e-7 is RankMe's convention)")
+                          "--center --rank-eps 1e-7 is RankMe's convention)", ge=0)
     center: bool = opt(False, "center each neuron before the metrics")
     standardize: bool = opt(False, "center and scale each neuron before the metrics")
-    threshold: float = opt(0.999, "spectral mass defining sigma'_min")
+    threshold: float = opt(0.999, "spectral mass defining sigma'_min", gt=0, le=1)
     no_probe: bool = opt(False, "skip the per-layer probes")
     collapse: str | None = opt(None, "checkpoint to use as the collapse point (default: RUN_DIR/collapse.json's)")
     out: str | None = opt(None, "output folder (default RUN_DIR/signal)")

@@ -42,17 +42,17 @@ RUN_ROLES = ("student", "student_init", "teacher")
 @dataclass
 class Recipe:
     """Supervised training; the defaults are the paper's CIFAR-10 ResNet18 recipe (Sarnthein et al. 2023, App. E.5)."""
-    epochs: float = opt(160, "epochs of supervised training")
-    batch_size: int = opt(256, "samples per step (one CIFAR-10 epoch = 196 steps)")
-    lr: float = opt(0.1, "initial learning rate")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(1e-4, "weight decay (every parameter)")
-    milestones: list[float] = opt([80, 120], "epochs at which the learning rate is multiplied by gamma")
-    gamma: float = opt(0.1, "learning-rate factor at each milestone")
+    epochs: float = opt(160, "epochs of supervised training", gt=0)
+    batch_size: int = opt(256, "samples per step (one CIFAR-10 epoch = 196 steps)", gt=0)
+    lr: float = opt(0.1, "initial learning rate", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = opt(1e-4, "weight decay (every parameter)", ge=0)
+    milestones: list[float] = opt([80, 120], "epochs at which the learning rate is multiplied by gamma", ge=0)
+    gamma: float = opt(0.1, "learning-rate factor at each milestone", gt=0)
     augment: bool = opt(True, "random horizontal flip + zero-padded random crop")
-    pad: int = opt(4, "padding of the random crop, in pixels")
+    pad: int = opt(4, "padding of the random crop, in pixels", ge=0)
     seed: int = opt(0, "seed of the data order, the augmentation and the new classifier")
-    eval_every: float = opt(0, "test accuracy every this many epochs (0 = only at the end)")
+    eval_every: float = opt(0, "test accuracy every this many epochs (0 = only at the end)", ge=0)
 
     def steps_per_epoch(self, n: int) -> int:
         return math.ceil(n / min(self.batch_size, n))
