@@ -131,6 +131,19 @@ def test_every_bad_analysis_option_is_one_message_and_nothing_written(finished_r
     assert sorted(p.relative_to(finished_run) for p in finished_run.rglob("*")) == before
 
 
+def test_an_out_that_is_a_file_is_one_message(finished_run, tmp_path, capsys):
+    assert main(["--quiet", "report", str(finished_run), "--out", str(finished_run / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use" in err and "config.yaml as a folder" in err and "choose another --out" in err, err
+
+
+def test_quiet_after_the_command_is_the_switch(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "cpu", "--out", str(out), *_args({**TINY, "train.max_steps": "1",
+                                                                          "probe.which": "[]"}), "--quiet"]) == 0
+    assert RunDir(out).summary()["status"] == "completed" and "distill" not in capsys.readouterr().err
+
+
 def test_bad_value_in_a_real_process_and_the_corrected_command_runs(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(CLI + ["distill", "--preset", "cpu", "--out", str(out), "--optim.lr", "-1"],

@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if "--quiet" in extra:  # also after the command (`randteach distill ... --quiet`), where habit puts it
+        extra = [a for a in extra if a != "--quiet"]
+        args.quiet = True
     try:
         extra = _confine_imports(args.allow_import, extra)
         rc = args.func(args, extra)
@@ -251,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"randteach {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):  # e.g. --out naming a file
+            print(f"randteach {args.command}: error: cannot use {e.filename or 'a path'} as a folder: "
+                  f"{e.strerror} (a file stands where a folder is needed); choose another --out", file=sys.stderr)
+            return 2
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         print(f"randteach {args.command}: error: cannot write {e.filename or 'a file'}: {e.strerror} (full disk, "
