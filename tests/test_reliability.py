@@ -95,7 +95,7 @@ BAD = [
     ("train.max_steps", "0"), ("data.n_samples", "0"), ("train.epochs", "0"), ("train.epochs", "-1"),
     ("optim.grad_clip", "-1"), ("model.encoder", "not.a.module:"), ("model.encoder", "pkg..mod:fn"),
     ("head.hidden_dims", "[64,0]"), ("optim.betas", "[0.9]"), ("train.max_steps", "inf"), ("train.seed", "1e20"),
-    ("train.seed", "-1"), ("data.test_fraction", "1"), ("probe.knn_temperature", "0"),
+    ("train.seed", "-1"), ("data.test_fraction", "1"), ("probe.knn_temperature", "0"), ("train.device", "gpu"),
 ]
 
 
@@ -118,6 +118,7 @@ BAD_ANALYSIS = [
     (["lmc", "RUN", "--runs", "1"], "argument --runs: expected an integer >= 2, got 1"),
     (["landscape", "--view", "non-local", "RUN", "--n-loss", "0"], "--n-loss: 0 is out of range"),
     (["signal", "RUN", "--n-samples", "0"], "--n-samples: 0 is out of range"),
+    (["finetune", "RUN", "--device", "gpu"], "--device gpu: not a device; valid: auto, cpu, cuda, cuda:N"),
 ]
 
 

@@ -99,7 +99,7 @@ def cmd_landscape(args, extra) -> int:
         result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
                                    extent=o.extent, projection=o.projection, n_loss=o.n_loss,
                                    probe=not o.no_probe, limit=o.max_points,
-                                   device=resolve_device(o.device), progress=not quiet)
+                                   device=resolve_device(o.device, "--device"), progress=not quiet)
     print(f"landscape: {result['done']}/{result['total']} points in {out}" + ("" if result["complete"] else
           " (partial: run the same command again to continue)"))
     if result["complete"]:
@@ -135,7 +135,7 @@ def _supervised_setup(args, extra):
     run = _with_overrides(run_info(args.run), extra)
     recipe = options_from_args(args, Recipe)
     data = load_supervised_data(run.cfg, run.image_size, name=args.data, n_train=args.n_train, n_test=args.n_test)
-    return run, recipe, data, resolve_device(args.device)
+    return run, recipe, data, resolve_device(args.device, "--device")
 
 
 def _holding_run_lock(cmd):

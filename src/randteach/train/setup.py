@@ -21,12 +21,17 @@ _SEED_STRIDE = 1_000_003  # separates the teacher, fresh-init and data-order str
 NEEDS_32PX = ("vgg", "resnet", "vit")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
+    """auto, cpu, cuda or cuda:N as a torch device; `flag` is the option that named it, for the messages."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available; use --train.device cpu (or auto)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{flag} {name}: not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name} but no CUDA device is available; use {flag} cpu (or auto)")
+    return device
 
 
 def model_image_size(cfg: Config, native: int) -> int:
