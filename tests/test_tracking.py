@@ -73,3 +73,19 @@ def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     cfg = build_config("cpu", None, {"log.wandb": "p"})
     with pytest.raises(UserError, match="pip install wandb"):
         sinks_for(cfg, tmp_path)
+
+
+def test_wandb_without_a_login_is_a_clear_error(tmp_path):
+    """No API key (a fresh machine, no tty): W&B's UsageError becomes one message with the two ways out."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("wandb", reason="the track extra (wandb) is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "randteach.cli", "--quiet", "distill", "--preset", "cpu",
+                        "--train.max_steps", "1", "--data.n_samples", "256", "--probe.which", "[]",
+                        "--out", str(tmp_path / "run"), "--log.wandb", "p"],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "W&B could not start a run in project 'p'" in r.stderr and "--log.wandb_mode offline" in r.stderr

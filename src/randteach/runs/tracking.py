@@ -92,8 +92,13 @@ class WandbSink:
             raise UserError("log.wandb needs the wandb package: `pip install wandb` "
                             "(or `pip install 'randteach[track]'`), or leave --log.wandb unset") from None
         mode = None if cfg.log.wandb_mode == "default" else cfg.log.wandb_mode
-        self.run = wandb.init(project=cfg.log.wandb, dir=str(run_path), name=run_path.name, mode=mode,
-                              config=hyperparameters(cfg), reinit="create_new")
+        try:
+            self.run = wandb.init(project=cfg.log.wandb, dir=str(run_path), name=run_path.name, mode=mode,
+                                  config=hyperparameters(cfg), reinit="create_new")
+        except (wandb.errors.UsageError, wandb.errors.CommError) as e:  # no login, no server
+            raise UserError(f"W&B could not start a run in project {cfg.log.wandb!r} ({str(e).strip()}); log in "
+                            "with `wandb login`, or log locally with --log.wandb_mode offline and upload later "
+                            "with `wandb sync`") from None
         self._last_step = -1
 
     def write(self, record: dict) -> None:
