@@ -16,16 +16,13 @@ def cmd_export(args, extra) -> int:
 
 
 def cmd_embed(args, extra) -> int:
-    from ..config import parse_overrides
     from ..runs.export import embed_run
-    opts = parse_overrides(extra)
-    unknown = set(opts) - {"data.name", "data.root"}
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join('--' + k for k in sorted(unknown))}; "
-                        "`randteach embed` takes --data.name NAME and --data.root DIR")
+    if extra:
+        raise UserError(f"unknown option(s) {' '.join(extra)}; `randteach embed` takes --out FILE.npz, "
+                        "--data.name NAME and --data.root DIR")
     if not args.out.endswith(".npz"):
         raise UserError(f"--out {args.out!r}: expected a file name ending in .npz")
-    out = embed_run(args.run_dir, args.out, opts.get("data.name"), opts.get("data.root"), progress=not args.quiet)
+    out = embed_run(args.run_dir, args.out, args.data_name, args.data_root, progress=not args.quiet)
     print(f"features: {out}")
     return 0
 
@@ -39,7 +36,11 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="folder (default RUN_DIR/export)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("embed", help="teacher and student features of the train and test splits, as .npz")
+    p = sub.add_parser("embed", help="teacher and student features of the train and test splits, as .npz",
+                       description="Teacher and student encoder features of the train and test splits of the "
+                                   "run's data set (or --data.name NAME, read from --data.root DIR), as .npz.")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="FILE.npz")
+    p.add_argument("--data.name", dest="data_name", metavar="NAME", help="another data set to embed")
+    p.add_argument("--data.root", dest="data_root", metavar="DIR", help="where that data set is read from")
     p.set_defaults(func=cmd_embed)
