@@ -253,3 +253,22 @@ def test_a_member_with_dotdot_inside_the_folder_is_refused(tmp_path):
     with pytest.raises(FetchError, match="contains '..'"):
         extract_archive(archive, target)
     assert (target / "victim.txt").read_text() == "mine"
+
+
+def test_data_on_disk_outside_the_root_is_listed_and_not_fetched_again(tmp_path, monkeypatch, capsys):
+    """A complete copy in a system folder (the Debian package's): `data list` shows it, `data fetch` names it
+    without going to the network (there is none here: a download attempt would fail the test)."""
+    from randteach.cli import main
+    from randteach.data import registry
+    system = tmp_path / "system"
+    system.mkdir()
+    info = registry.DATASETS["fashion-mnist"]
+    for f in info.contents:
+        (system / f).write_bytes(b"x")
+    monkeypatch.setitem(registry.DATASETS, "fashion-mnist", dataclasses.replace(info, system_dirs=(str(system),)))
+    monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "root"))
+    assert main(["data", "list"]) == 0
+    assert f"fashion-mnist  {system}" in capsys.readouterr().out
+    assert main(["data", "fetch", "fashion-mnist"]) == 0
+    assert f"ready in {system} (already on disk; nothing fetched)" in capsys.readouterr().out
+    assert not (tmp_path / "root").exists()

@@ -123,6 +123,9 @@ def cmd_demo(args, extra) -> int:
     return 0 if result.summary["status"] == "completed" else 3
 
 
+BUILT_IN = {"digits": "built in (scikit-learn)", "folder": "your image folder (--data.path)"}
+
+
 def cmd_data(args, extra) -> int:
     from ..config import parse_overrides
     from ..data import fetch, resolve_root
@@ -131,16 +134,21 @@ def cmd_data(args, extra) -> int:
     if unknown:
         raise UserError(f"unknown option(s) {', '.join('--' + k for k in unknown)}; `randteach data` takes --data.root")
     root = opts.get("data.root")
+    from ..data.registry import DATASETS, located
     if args.action == "fetch":
         if not args.name:
             raise UserError("which data set? e.g. `randteach data fetch fashion-mnist`")
-        path = fetch(args.name, root, base_url=args.base_url)
-        print(f"{args.name}: ready in {path}")
+        found = located(args.name, root) if root is None and args.name in DATASETS else None
+        if found is not None and found.is_relative_to(resolve_root(root)):
+            found = None  # under the data root: fetch checks its checksums itself
+        path = found or fetch(args.name, root, base_url=args.base_url)
+        print(f"{args.name}: ready in {path}" + (" (already on disk; nothing fetched)" if found else ""))
     else:
-        from ..data.registry import DATASETS
         print(f"data root: {resolve_root(root)}")
         for name in DATASETS:
-            print(f"  {name}")
+            where = located(name, root)
+            hint = f"not found (`randteach data fetch {name}` gets it or says how)"
+            print(f"  {name:<14} {where or BUILT_IN.get(name, hint)}")
     return 0
 
 

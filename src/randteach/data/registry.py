@@ -151,6 +151,19 @@ def load_configured(data_cfg, split: str = "train", name: str | None = None) -> 
     return load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
 
 
+def search_dirs(info: DatasetInfo, base: Path) -> list[Path]:
+    """Where a data set's files are looked for, in order: the data root, torchvision's layout, system folders."""
+    torchvision = [base / info.torchvision] if info.torchvision else []
+    return [base / info.folder, *torchvision, *map(Path, info.system_dirs)] if info.folder else []
+
+
+def located(name: str, root: str | None = None) -> Path | None:
+    """The first folder that holds every file of a complete copy of `name` (no reading), or None."""
+    info = dataset_info(name)
+    return next((d for d in search_dirs(info, resolve_root(root))
+                 if info.contents and all((d / f).is_file() for f in info.contents)), None)
+
+
 def load_dataset(name: str, split: str = "train", root: str | None = None, path: str | None = None,
                  test_fraction: float = folder.HELD_OUT) -> ImageData:
     """Read split `split` of data set `name` from `root` (see `resolve_root`), or `path` for name=folder
@@ -166,8 +179,7 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, path:
         return folder.load(path, split, name=name, root=root, test_fraction=test_fraction)
     base = resolve_root(root)
     looked = []
-    torchvision = [base / info.torchvision] if info.torchvision else []
-    for directory in [base / info.folder, *torchvision, *map(Path, info.system_dirs)]:
+    for directory in search_dirs(info, base):
         if not directory.is_dir():
             looked.append(f"  {directory}  (no such folder)")
             continue
