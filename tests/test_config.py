@@ -177,3 +177,13 @@ def test_a_run_recorded_under_older_defaults_still_matches_and_a_changed_default
     check_config_digest(old.digest(1), old, tmp_path)
     with pytest.raises(UserError, match="changed after the run started"):
         check_config_digest(old.digest(1), new, tmp_path)
+
+
+def test_a_config_file_may_write_dotted_keys_as_sweep_files_do(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim.lr: 0.01\ntrain:\n  max_steps: 3\noptim.name: sgd\n")
+    c = build_config("cpu", f)
+    assert (c.optim.lr, c.optim.name, c.train.max_steps) == (0.01, "sgd", 3)
+    f.write_text("optim.nope: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.nope'"):
+        build_config("cpu", f)

@@ -8,6 +8,7 @@ next to the run's results.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -504,6 +505,23 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def deep_merge(a: dict, b: dict) -> dict:
+    """`b` on top of `a`; nested mappings merge, everything else (lists included) is replaced."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def undotted(doc: dict) -> dict:
+    """A config document whose top-level keys may be dotted (`optim.lr: 0.1`, as sweep files write them),
+    as nested sections."""
+    out: dict = {}
+    for k, v in doc.items():
+        out = deep_merge(out, dotted_to_nested({k: v}) if isinstance(k, str) and "." in k else {k: v})
+    return out
+
+
 def dotted_to_nested(pairs: dict[str, Any]) -> dict:
     """{'optim.lr': '1e-3'} -> {'optim': {'lr': '1e-3'}}."""
     nested: dict = {}
@@ -586,7 +604,7 @@ def build_config(preset_name: str | None = None, file: str | Path | None = None,
     if preset_name:
         _apply(cfg, preset(preset_name), "")
     if file:
-        _apply(cfg, load_yaml(file), "")
+        _apply(cfg, undotted(load_yaml(file)), "")
     if overrides:
         _apply(cfg, dotted_to_nested(overrides), "")
     if nested:

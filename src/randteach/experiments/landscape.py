@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 
-from ..config import config_from_dict, dotted_to_nested
+from ..config import config_from_dict, deep_merge, dotted_to_nested
 from .base import Context, Experiment, analysis_device, completed, markdown_rows, missing_note
-from .recipe import deep_merge
 
 
 def anchor_values(result: dict) -> list[dict]:

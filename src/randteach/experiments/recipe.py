@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, flatten, preset
+from ..config import Config, ConfigError, deep_merge, flatten, preset
 from ..runs.sweep import SweepSpec, expand
 
 SCALES = ("cpu", "paper")
@@ -121,14 +121,6 @@ def recipe_names() -> list[str]:
     """Every `<experiment>.<scale>` recipe shipped with randteach."""
     return sorted(p.name[:-5] for p in resources.files(PACKAGE).iterdir()
                   if p.name.endswith(".yaml") and not p.name.startswith("common."))
-
-
-def deep_merge(a: dict, b: dict) -> dict:
-    """`b` on top of `a`; nested mappings merge, everything else (lists included) is replaced."""
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _first_two(doc: dict) -> dict:
