@@ -95,3 +95,38 @@ def test_cli_refuses_to_resume_a_python_object_run(tmp_path, digits):
     r = subprocess.run([sys.executable, "-m", "randteach.cli", "distill", "--resume", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "resume=True" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_dataset_of_pil_images_and_float64_tensors_are_taken_as_images():
+    """torchvision's data sets yield PIL images without a transform; numpy users pass float64."""
+    from PIL import Image
+    from randteach.api import as_image_data
+
+    class Pictures(torch.utils.data.Dataset):
+        def __init__(self, mode):
+            g = torch.Generator().manual_seed(0)
+            shape = (6, 5, 3) if mode == "RGB" else (6, 5)
+            self.pixels = [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) for _ in range(4)]
+            self.mode = mode
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return Image.fromarray(self.pixels[i].numpy(), self.mode), i % 2
+
+    rgb = as_image_data(Pictures("RGB"))
+    assert rgb.images.shape == (4, 3, 6, 5) and rgb.images.dtype == torch.uint8
+    assert torch.equal(rgb.images[1], Pictures("RGB").pixels[1].permute(2, 0, 1))
+    grey = as_image_data(Pictures("L"))
+    assert grey.images.shape == (4, 1, 6, 5) and grey.num_classes == 2
+    floats = as_image_data((torch.rand(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 0])))
+    assert floats.images.dtype == torch.float32
+
+
+def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
+    conv_rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(UserError, match=r"cannot take these images, a batch of shape \(\d+, 1, 8, 8\).*3 channels"):
+        randteach.probe(conv_rgb, digits, digits)
+    with pytest.raises(UserError, match="no encoders to measure"):
+        randteach.signal_report({}, digits)

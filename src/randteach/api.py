@@ -43,12 +43,14 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
         pairs = [data[i] for i in range(len(data))]
         if not pairs or not isinstance(pairs[0], (tuple, list)) or len(pairs[0]) != 2:
             raise UserError("a Dataset passed to randteach must yield (image, label) pairs")
-        images = torch.stack([torch.as_tensor(x) for x, _ in pairs])
+        images = torch.stack([_image_tensor(x) for x, _ in pairs])
         labels = torch.as_tensor([int(y) for _, y in pairs])
     else:
         raise UserError(f"cannot use a {type(data).__name__} as data: pass a data set name, an ImageData, "
                         "a pair of tensors (images, labels) or a torch Dataset of (image, label)")
     images = torch.as_tensor(images)
+    if images.is_floating_point() and images.dtype != torch.float32:
+        images = images.float()  # float images are used as given, in the networks' dtype
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4:
@@ -58,6 +60,16 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
         raise UserError(f"{len(images)} images but {len(labels)} labels")
     num_classes = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
     return ImageData(images.contiguous(), labels, num_classes, name)
+
+
+def _image_tensor(x: Any) -> torch.Tensor:
+    """One image of a Dataset as a tensor: tensors and arrays as they are ((C, H, W) or (H, W)), a PIL image
+    (what torchvision's data sets yield without a transform) as its uint8 pixels, (C, H, W)."""
+    if hasattr(x, "getbands"):
+        import numpy as np
+        pixels = torch.from_numpy(np.array(x))
+        return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels
+    return torch.as_tensor(x)
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -335,6 +335,8 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
     The encoders must share one architecture; `*_rel_teacher` columns are relative to "teacher" if
     there is one, else to the first encoder. Samples beyond what memory allows are left out by
     `samples_that_fit` (a class-stratified subset; the counts used are returned)."""
+    if not encoders:
+        raise UserError("no encoders to measure: pass a run directory, a module, or {name: module}")
     first = next(iter(encoders.values()))
     fit = dict(device=device, spatial=spatial, channels=channels, max_bytes=max_bytes, seed=seed)
     train_images, train_labels = train = samples_that_fit(first, *train, preprocess, **fit)

@@ -16,6 +16,7 @@ from . import linear_knn
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
 from ..digests import code_modules, digest_code, digest_tensor
+from ..errors import UserError
 from ..models.common import fp32_channels_last
 from ..precision import autocast, fp32_module
 
@@ -58,10 +59,24 @@ def embed(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | Non
             if channels is not None:
                 x = adapt_channels(x, channels)
             with autocast(device, bf16):
-                out.append(encoder(x).float().cpu())
+                out.append(_first_batch_checked(encoder, x) if i == 0 else encoder(x).float().cpu())
     finally:
         encoder.train(was_training)
     return torch.cat(out).flatten(1)
+
+
+def _first_batch_checked(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The first batch's features; an encoder that cannot take the images at all (wrong channels or size)
+    is a UserError naming both, not a traceback from inside its first layer."""
+    try:
+        return encoder(x).float().cpu()
+    except RuntimeError as e:
+        if "shape" not in str(e) and "size" not in str(e) and "channels" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"the encoder ({type(encoder).__name__}) cannot take these images, a batch of shape "
+                        f"{tuple(x.shape)} (N, C, H, W): {first}. Pass data with the channels and size it was "
+                        "built for.") from None
 
 
 def _cpu_layout(encoder: nn.Module, device: torch.device) -> nn.Module:
