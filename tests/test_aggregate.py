@@ -93,3 +93,11 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_a_plot_with_many_lines_names_each_role_once():
+    from randteach.reports.groups import LEGEND_COMBOS, _line_label
+    few = [_line_label("student", ["optim.lr"], (1e-3,), i, LEGEND_COMBOS) for i in range(2)]
+    assert few == ["student optim.lr=0.001"] * 2
+    many = [_line_label("student", ["optim.lr"], (1e-3,), i, LEGEND_COMBOS + 1) for i in range(3)]
+    assert many == ["student", "_nolegend_", "_nolegend_"]

@@ -235,6 +235,16 @@ def _log_axis(xs: list[float]) -> bool:
     return unevenness(np.diff(np.log(xs))) < unevenness(np.diff(xs))
 
 
+LEGEND_COMBOS = 6  # beyond this many combinations of the other keys a legend is unreadable (and slow to draw)
+
+
+def _line_label(role: str, others: list[str], combo: tuple, index: int, combos: int) -> str:
+    """A line's legend entry: the role and the other keys' values, or with many combinations the role once."""
+    if combos > LEGEND_COMBOS:
+        return role if index == 0 else "_nolegend_"
+    return role + ("" if not others else " " + ", ".join(f"{k}={show_value(v)}" for k, v in zip(others, combo)))
+
+
 def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Path:
     """Final probe accuracy (mean, error bars = std over seeds) vs one numeric swept key; one line per
     role and per combination of the other group keys."""
@@ -256,7 +266,7 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
                 if not pts:
                     continue
                 x, y, s = zip(*pts)
-                label = role + ("" if not others else " " + ", ".join(f"{k}={show_value(v)}" for k, v in zip(others, combo)))
+                label = _line_label(role, others, combo, ci, len(combos))
                 ax.errorbar(x, [100 * v for v in y], yerr=[0 if math.isnan(v) else 100 * v for v in s],
                             fmt=STYLES[ci % len(STYLES)], marker="o", ms=3, capsize=3, color=COLORS[role], label=label)
         if _log_axis(xs_all):
@@ -265,7 +275,9 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
         ax.set_ylabel(f"final {'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"final probes vs {key} (mean ± std over seeds)")
+    many = len({tuple(e[k] for k in others) for e in table}) > LEGEND_COMBOS
+    fig.suptitle(f"final probes vs {key} (mean ± std over seeds)"
+                 + (f"; one line per role and each of the other keys' {', '.join(others)} values" if many else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
