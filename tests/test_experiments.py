@@ -287,6 +287,22 @@ def test_tiny_restart(tiny):
     assert "| copy |" in text and "| locality |" in text and (out.report.parent / "rounds.png").exists()
 
 
+def test_restart_curves_are_the_logged_kl_distance_and_probe(tmp_path):
+    """Fig. 18's rows from a run's log: each record's window mean of the loss, its distance from init, and
+    the student's linear probe, against the epoch."""
+    from randteach.config import build_config
+    from randteach.experiments.restart import _curves
+    from randteach.runs.rundir import RunDir
+    cfg = build_config("cpu", None, {"out": str(tmp_path / "run")})
+    run = RunDir(cfg.run_dir()).create()
+    run.log({"event": "step", "step": 10, "epoch": 0.5, "loss": 3e-5, "loss_mean": 4e-5, "dist_init": 1.5})
+    run.log({"event": "probe", "step": 10, "epoch": 0.5, "student": {"linear": 0.75}, "teacher": {"linear": 0.7}})
+    run.log({"event": "step", "step": 20, "epoch": 1.0, "loss": 2e-5, "dist_init": 2.5})
+    curves = _curves(cfg)
+    assert curves["kl"] == ([0.5, 1.0], [4e-5, 2e-5]) and curves["dist_init"] == ([0.5, 1.0], [1.5, 2.5])
+    assert curves["linear"] == ([0.5], [75.0])
+
+
 def test_tiny_landscape(tiny):
     out, text = run_tiny("landscape", tiny)
     assert "## non-local view" in text and "## shared view" in text and "| θ_T | (0, 0) |" in text

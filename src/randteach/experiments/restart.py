@@ -27,45 +27,48 @@ def second_round(ctx: Context, first: list[Config]) -> list[Config]:
     return out
 
 
+ROWS = (("kl", "loss (KL to the teacher)"), ("dist_init", "distance from init"), ("linear", "linear probe (%)"))
+
+
+def _curves(cfg: Config) -> dict[str, tuple[list, list]]:
+    """A run's curves vs epoch: its logged loss (each record's window mean where there is one), its
+    distance from init, and its student's linear probe."""
+    run = RunDir(cfg.run_dir())
+    steps = run.steps()
+    probes = [r for r in run.probes() if "linear" in r.get("student", {})]
+    return {"kl": ([r["epoch"] for r in steps], [r.get("loss_mean", r["loss"]) for r in steps]),
+            "dist_init": ([r["epoch"] for r in steps], [r["dist_init"] for r in steps]),
+            "linear": ([r["epoch"] for r in probes], [100 * r["student"]["linear"] for r in probes])}
+
+
 def plot_rounds(first: list[Config], second: list[Config], path: Path) -> Path:
-    """Student (and teacher) linear probe vs epoch: round 1, then round 2 from where round 1 ended; one
-    line per run, colour by round-2 init mode."""
+    """RT Fig. 18: the loss (the KL for kl and ce runs), the distance from init and the student's linear probe
+    vs epoch, round 1 on the left, round 2 on the right (its own epochs; colour by round-2 init mode); one
+    line per run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def curve(cfg: Config, role: str):
-        pts = [(r["epoch"], r[role]["linear"]) for r in RunDir(cfg.run_dir()).probes() if "linear" in r.get(role, {})]
-        return list(zip(*pts)) if pts else ([], [])
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ends = {}
-    for cfg in first:
-        x, y = curve(cfg, "student")
-        if x:
-            ends[str(cfg.run_dir())] = x[-1]
-            ax.plot(x, [100 * v for v in y], "-", color="tab:red", alpha=0.7,
-                    label="round 1 student" if len(ends) == 1 else None)
-            tx, ty = curve(cfg, "teacher")
-            ax.plot(tx, [100 * v for v in ty], "--", color="tab:blue", alpha=0.5,
-                    label="round 1 teacher" if len(ends) == 1 else None)
-    colors, labelled = {}, set()
-    for cfg in second:
-        start = ends.get(str(cfg.init.teacher_checkpoint))
-        x, y = curve(cfg, "student")
-        if start is None or not x:
-            continue
-        mode = cfg.init.mode
-        colors.setdefault(mode, ["tab:green", "tab:purple", "tab:orange"][len(colors) % 3])
-        ax.plot([start + e for e in x], [100 * v for v in y], "-", color=colors[mode], alpha=0.8,
-                label=f"round 2 student (init {mode})" if mode not in labelled else None)
-        labelled.add(mode)
-    if ends:
-        ax.axvline(max(ends.values()), color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("epoch (round 2 continues where round 1 ended)")
-    ax.set_ylabel("linear probe accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(ROWS), 2, figsize=(10, 8), sharex="col", squeeze=False)
+    colors: dict[str, str] = {}
+    for col, runs in enumerate((first, second)):
+        labelled = set()
+        for cfg in runs:
+            label = "round 1" if col == 0 else f"round 2, init {cfg.init.mode}"
+            color = "tab:red" if col == 0 else colors.setdefault(
+                cfg.init.mode, ["tab:green", "tab:purple", "tab:orange"][len(colors) % 3])
+            curves = _curves(cfg)
+            for (row, _), ax in zip(ROWS, axes[:, col]):
+                ax.plot(*curves[row], "-", color=color, alpha=0.8, label=None if label in labelled else label)
+            labelled.add(label)
+        axes[-1, col].set_xlabel(f"epoch of round {col + 1}")
+    for (row, title), ax_row in zip(ROWS, axes):
+        ax_row[0].set_ylabel(title)
+        for ax in ax_row:
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 1].legend(fontsize=7)
+    fig.suptitle("restarting: the round-1 student is the teacher of round 2 (RT Fig. 18)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
