@@ -44,7 +44,7 @@ def test_local_crops_change_the_run_and_repeat_with_the_seed(tmp_path):
 def test_first_step_loss_is_dinos_multicrop_loss_computed_directly(tmp_path):
     # DINO's Eq. 3: mean over teacher views i (global) and student views j != i of H(P_t(x_i), P_s(x_j))
     cfg = tiny_config(tmp_path, **{**DINO, "train__max_steps": 1}, data__local_crops=2, model__norm="none",
-                      train__precision="fp32", train__float64_until_distance=0)
+                      train__precision="fp32", train__float64_until_distance=0, loss__name="ce")  # DINO's H
     logged = records(cfg)[0]["loss"]
     inputs, preprocess, data, size = load_training_inputs(cfg)
     weights = lambda name: torch.load(tmp_path / "run" / "checkpoints" / name, weights_only=True)["model"]  # noqa: E731
