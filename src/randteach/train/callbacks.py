@@ -67,8 +67,8 @@ class MetricsLog(Hook):
     """Keeps each step's metrics on the device and reads them every `train.log_every` steps (one host sync).
 
     A record is written for every logged step: that step's loss, gradient norm, distances and learning rate,
-    and (log_every > 1) `loss_mean`, the mean loss since the previous record (`state.losses`). `flush` also finds the exact
-    first step whose loss or gradient was non-finite, and ends the run there as "diverged"."""
+    and (log_every > 1) `loss_mean`, the mean loss since the previous record (`state.losses`). `flush` also
+    finds the exact first step whose loss or gradient was non-finite, and ends the run there as "diverged"."""
 
     def __init__(self, progress_bar: tqdm):
         self.window: list[tuple[int, StepMetrics]] = []
