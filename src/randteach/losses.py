@@ -21,9 +21,9 @@ _EPS = 1e-12  # guards the norm of an all-zero output
 
 
 class Centering:
-    """DINO's running center of the teacher outputs: t <- t - c, and once per optimizer step
-    c <- m c + (1-m) mean(t) over the whole global batch (every micro-batch and every process: DINO
-    all-reduces the batch sum), so that micro-batching and data parallelism leave the run unchanged."""
+    """DINO's running center of the teacher outputs (Caron et al. 2021, Eq. 4): t <- t - c, and once per
+    optimizer step c <- m c + (1-m) mean(t) over the whole global batch (every micro-batch and every process:
+    DINO all-reduces the batch sum), so that micro-batching and data parallelism leave the run unchanged."""
 
     def __init__(self, momentum: float):
         self.momentum = momentum
