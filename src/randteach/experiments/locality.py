@@ -19,7 +19,7 @@ def plot_optimization(table: list[dict], others: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, (metric, label) in zip(axes, (("final_loss", "final teacher-student loss"),
+    for ax, (metric, label) in zip(axes, (("final_loss", "final loss: KL to the teacher, last epoch"),
                                           ("dist_init", "distance from init ‖θ*_S − θ_S‖₂"))):
         combos: dict[tuple, list[dict]] = {}
         for e in table:

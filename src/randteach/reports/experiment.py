@@ -94,7 +94,7 @@ def summarize(rows: list[dict], keys: list[str], extras: Extra | None = None) ->
     return table
 
 
-EXTRA_LABELS = {"final_loss": "final loss", "dist_init": "distance from init", "dist_teacher": "distance from teacher"}
+EXTRA_LABELS = {"final_loss": "final loss (last epoch)", "dist_init": "distance from init", "dist_teacher": "distance from teacher"}
 
 
 def markdown(table: list[dict], keys: list[str], references: list[dict] | None = None,

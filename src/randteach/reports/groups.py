@@ -171,7 +171,7 @@ def _fmt(mean: float, std: float, metric: str) -> str:
 
 def _label(metric: str) -> str:
     if metric in EXTRA_METRICS:
-        return {"final_loss": "final loss", "wall_time_s": "wall time (s)"}[metric]
+        return {"final_loss": "final loss (last epoch)", "wall_time_s": "wall time (s)"}[metric]
     role, kind = metric.split(".")
     return f"{role} {'k-NN' if kind == 'knn' else kind} (%)"
 
