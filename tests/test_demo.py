@@ -37,3 +37,24 @@ def test_demo_command_ends_with_the_table_and_the_sentence(tmp_path):
     report = (out / "report.md").read_text()
     assert report.rstrip().splitlines()[-1].startswith("The student")
     assert (out / "probes.png").exists()
+
+
+def test_a_demo_folder_of_another_config_is_kept_aside_not_refused(tmp_path, capsys):
+    """An earlier version's demo (the cross-entropy default) in runs/demo: `make demo` must run, and keep it."""
+    import json
+    from randteach.cli import set_aside_another_run
+    from randteach.config import build_config
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "config.yaml").write_text(build_config("cpu", None, {"loss.name": "ce", "out": str(out)}).to_yaml())
+    (out / "summary.json").write_text(json.dumps({"status": "completed"}))
+    cfg = build_config("cpu", None, {"out": str(out)})
+    set_aside_another_run(out, cfg)
+    assert not out.exists() and json.loads((tmp_path / "demo-previous-1" / "summary.json").read_text())
+    assert "kept it as" in capsys.readouterr().out
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "config.yaml").write_text(cfg.to_yaml())
+    (same / "summary.json").write_text(json.dumps({"status": "completed"}))
+    set_aside_another_run(same, build_config("cpu", None, {"out": str(same)}))
+    assert same.exists() and not (tmp_path / "same-previous-1").exists()

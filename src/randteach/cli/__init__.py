@@ -101,12 +101,36 @@ def demo_verdict(probe: dict) -> str:
     return sentence + "; one seed (the spread over seeds: docs/RESULTS.md, CPU demo recipe search)."
 
 
+def set_aside_another_run(out: Path, cfg) -> None:
+    """The demo writes to one folder: a run of another config there (an earlier randteach's demo, or other
+    options) is renamed beside it, not refused (the demo must run) and not overwritten (it is kept)."""
+    import yaml
+    from ..config import config_from_dict
+    from ..runs.rundir import RunDir, run_lock
+    run = RunDir(out)
+    if not (run.config_path.is_file() and run.started()):
+        return
+    saved = yaml.safe_load(run.config_path.read_text())
+    try:
+        same = config_from_dict(saved).digest() == cfg.digest()
+    except (UserError, TypeError, AttributeError):  # written by another version: not this config either
+        same = False
+    if same:
+        return
+    aside = next(p for p in (out.with_name(f"{out.name}-previous-{i}") for i in range(1, 10 ** 6)) if not p.exists())
+    with run_lock(out):  # not while another process writes there
+        out.rename(aside)
+    print(f"randteach demo: {out} held a run of another config (an earlier version's or other options); "
+          f"kept it as {aside}")
+
+
 def cmd_demo(args, extra) -> int:
     from ..config import build_config, parse_overrides
     from ..reports.run import probe_table, write_report
     from ..train.loop import distill
     overrides = {"out": args.out, **parse_overrides(extra)}
     cfg = build_config(DEMO_PRESET, None, overrides)
+    set_aside_another_run(Path(args.out), cfg)
     from ..train.state import probe_epochs
     marks = ", ".join(f"{e:g}" for e in probe_epochs(cfg, cfg.train.epochs))
     print(f"randteach demo: distilling a {cfg.model.encoder} student into its random teacher on {cfg.data.name} "
