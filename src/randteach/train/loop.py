@@ -121,8 +121,9 @@ def _check_same_config(cfg: Config, run: RunDir) -> None:
         import yaml
         saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
         if saved.digest() != cfg.digest():
-            raise UserError(f"{run.path} holds a run with a different config; choose another --out, "
-                            f"or resume it with `randteach distill --resume {run.path}`")
+            raise UserError(f"{run.path} holds a run with a different config (other options, or an earlier "
+                            f"randteach's defaults); choose another --out, or continue that run as it was "
+                            f"configured with `randteach distill --resume {run.path}`")
 
 
 def _open_run(cfg: Config, run: RunDir, ddp: Dist, python_objects: dict) -> None:
