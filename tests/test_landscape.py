@@ -175,3 +175,11 @@ def test_ce_runs_are_mapped_as_their_kl_and_other_losses_as_they_are():
     assert landscape_loss(build_config("cpu", None, {"loss.name": "ce"})) == "kl"
     assert landscape_loss(build_config("cpu", None, {"loss.name": "kl"})) == "kl"
     assert landscape_loss(build_config("cpu", None, {"loss.name": "nmse"})) == "nmse"
+
+
+def test_the_log_colour_scale_starts_below_the_second_smallest_loss():
+    """The teacher's own point is 0 up to fp32 output rounding (~1e-16): the scale starts a decade below the
+    next-smallest value instead, as Fig. 5's starts at 1e-7."""
+    z = np.array([[6e-16, 2e-7], [3e-5, np.nan]])
+    assert ls.log_floor(z) == pytest.approx(2e-8)
+    assert ls.log_floor(np.array([0.0, 5e-3])) == 5e-3 and ls.log_floor(np.array([0.0])) == 1e-300

@@ -372,7 +372,7 @@ def _save_npz(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-TITLES = {"loss": "teacher-student loss (KL for ce and kl)", "embed_kl": "encoder-embedding KL",
+TITLES = {"loss": "teacher-student loss", "embed_kl": "encoder-embedding KL",
           "probe_linear": "linear probe accuracy", "probe_knn": "k-NN probe accuracy", "norm": "‖θ‖₂"}
 
 
@@ -381,6 +381,14 @@ def _math(label: str) -> str:
     if not label.startswith("θ"):
         return label
     return "$" + label.replace("θ*", r"\theta^*").replace("θ", r"\theta") + "$"
+
+
+def log_floor(z: np.ndarray) -> float:
+    """Where a loss map's log colour scale starts (Fig. 5's runs from 1e-7): a tenth of its second-smallest
+    positive value. The smallest is the teacher's own point, 0 up to the rounding of fp32 outputs (~1e-16),
+    which would otherwise take most of the scale."""
+    pos = np.sort(z[np.isfinite(z) & (z > 0)])
+    return float(pos[1] / 10) if pos.size > 1 else float(pos[0]) if pos.size else 1e-300
 
 
 def plot_landscape(result: dict, out: Path, metrics: list[str] | None = None) -> list[Path]:
@@ -398,17 +406,15 @@ def plot_landscape(result: dict, out: Path, metrics: list[str] | None = None) ->
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
         label = TITLES[m]
         if m in ("loss", "embed_kl"):
-            # every loss mapped is 0 at the teacher: log10 of it, the teacher's 0 drawn at the smallest
-            # positive value (Fig. 5's colour scale)
-            pos = z[np.isfinite(z) & (z > 0)]
-            z = np.log10(np.clip(z, pos.min() if pos.size else 1e-300, None))
-            label = f"log10({label})"
+            z, label = np.log10(np.clip(z, log_floor(z), None)), f"log10 of the {label}"
         cs = ax.contourf(X, Y, z, levels=30, cmap="viridis")
         fig.colorbar(cs, ax=ax, label=label)
         if "norm" in result:
             cl = ax.contour(X, Y, result["norm"], levels=8, colors="white", linewidths=0.6, alpha=0.8)
             ax.clabel(cl, fontsize=6, fmt="%.3g")
         for k, ((ax_x, ax_y), label) in enumerate(zip(result["anchors"], result["anchor_labels"])):
+            if not (min(xs) <= ax_x <= max(xs) and min(ys) <= ax_y <= max(ys)):
+                continue  # off this grid (a zoom): marking it would stretch the axes past the data
             ax.plot(ax_x, ax_y, "o", color="red", ms=5, mec="white")
             ax.annotate(_math(str(label)), (ax_x, ax_y), textcoords="offset points", color="red", fontsize=10,
                         xytext=(-5, -12) if k == 0 else (5, 4), ha="right" if k == 0 else "left")
