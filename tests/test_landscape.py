@@ -183,3 +183,16 @@ def test_the_log_colour_scale_starts_below_the_second_smallest_loss():
     z = np.array([[6e-16, 2e-7], [3e-5, np.nan]])
     assert ls.log_floor(z) == pytest.approx(2e-8)
     assert ls.log_floor(np.array([0.0, 5e-3])) == 5e-3 and ls.log_floor(np.array([0.0])) == 1e-300
+
+
+def test_landscape_command_zoom_on_the_teacher(runs, tmp_path):
+    """--unit first: the orthogonal extent in units of |θ*_S(0) - θ_T|, so [-0.5, 1.5] frames θ_T and θ*_S(0)."""
+    a0, a1 = runs
+    out = tmp_path / "zoom"
+    assert main(["--quiet", "landscape", "--view", "shared", str(a0), str(a1), "--projection", "orthogonal",
+                 "--unit", "first", "--grid", "3", "--extent", "-0.5", "1.5", "--n-loss", "32", "--no-probe",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    res = np.load(out / "landscape.npz")
+    d = float(res["anchors"][1][0])  # θ*_S(0) lies on e1 at its distance from θ_T
+    np.testing.assert_allclose(res["x"], [-0.5 * d, 0.5 * d, 1.5 * d], rtol=1e-9)
+    assert json.loads((out / "landscape.json").read_text())["unit"] == "first"

@@ -311,8 +311,9 @@ def _state(obj: Any, template: nn.Module | None, in_channels: int, image_size: i
 
 def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), run: Any = None, architecture=None,
               data: Any = None, probe_train: Any = None, probe_test: Any = None, teacher: Any = None,
-              grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine", n_loss: int = 512,
-              probe: bool = True, max_points: int | None = None, out: str | os.PathLike | None = None,
+              grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine", unit: str = "longer",
+              n_loss: int = 512, probe: bool = True, max_points: int | None = None,
+              out: str | os.PathLike | None = None,
               config: Config | None = None, preset: str | None = None, device: str | None = None,
               progress: bool = False, **overrides: Any) -> dict:
     """Loss / probe / embedding-KL landscape on the plane through three parameter vectors (`randteach landscape`).
@@ -324,6 +325,8 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
     `config` / `preset` / overrides and the architecture from the module anchors (or `architecture`).
     data: the distillation inputs of the loss; probe_train / probe_test: the probe's data (both None with
     data given: data split 80/20). teacher: the loss's teacher (default: the run's, else the origin).
+    unit: orthogonal extents in units of max(|v1|, |v2|) ("longer") or |v1| ("first": with view="shared",
+    extent=(-0.5, 1.5, -1, 1) is the zoom on the teacher of Fig. 14/16).
     out: default RUN/landscape-<view>-<projection>; required without a run. Returns compute_landscape's
     result (axes and metric grids; "complete" False after max_points: call again to continue)."""
     from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
@@ -390,7 +393,8 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
             raise UserError("pass out=DIR: the landscape writes its grid there (and resumes from it)")
         out = ref / f"landscape-{view or 'anchors'}-{projection}"
     return compute_landscape(found, info, out, teacher=teacher_state, grid=grid, extent=extent,
-                             projection=projection, n_loss=n_loss, probe=probe, limit=max_points, device=dev,
+                             projection=projection, unit=unit, n_loss=n_loss, probe=probe, limit=max_points,
+                             device=dev,
                              progress=progress, template=template, data=train, probe_splits=splits)
 
 

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..analysis.landscape import PROJECTIONS, VIEWS
+from ..analysis.landscape import PROJECTIONS, UNITS, VIEWS
 from ..config import add_flags, opt, options_from_args
 from ..errors import UserError
 
@@ -33,10 +33,11 @@ class LandscapeOptions:
                           "(default: the first run / the origin's run)")
     grid: list[int] = opt([21], "points per axis: N, or NX NY", ge=2, cli={"nargs": "+"})
     extent: list[float] = opt([-0.5, 1.5], "LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ; "
-                              "orthogonal: in units of max(|v1|, |v2|); a small extent around 0 zooms on the "
-                              "teacher", cli={"nargs": "+"})
+                              "orthogonal: in the units of --unit", cli={"nargs": "+"})
     projection: str = opt("affine", "affine θ_T + λ1 v1 + λ2 v2, or orthogonal (distance- and angle-preserving)",
                           PROJECTIONS)
+    unit: str = opt("longer", "orthogonal extents in units of max(|v1|, |v2|) (longer) or |v1| (first: with "
+                    "--view shared and --extent -0.5 1.5 -1 1, the zoom on the teacher of Fig. 14/16)", UNITS)
     n_loss: int = opt(512, "distillation inputs on which the losses are measured", gt=0)
     no_probe: bool = opt(False, "skip the probe (loss, KL and norm only)")
     max_points: int | None = opt(None, "evaluate at most this many new points, then stop", gt=0)
@@ -97,7 +98,7 @@ def cmd_landscape(args, extra) -> int:
     out = Path(o.out) if o.out else Path(ref) / f"landscape-{name}-{o.projection}"
     with run_lock(ref):  # one writer per run folder (it writes RUN/landscape-* unless --out)
         result = compute_landscape(anchors, run, out, teacher=load_state_dict(ref, "teacher"), grid=grid,
-                                   extent=o.extent, projection=o.projection, n_loss=o.n_loss,
+                                   extent=o.extent, projection=o.projection, unit=o.unit, n_loss=o.n_loss,
                                    probe=not o.no_probe, limit=o.max_points,
                                    device=resolve_device(o.device, "--device"), progress=not quiet)
     print(f"landscape: {result['done']}/{result['total']} points in {out}" + ("" if result["complete"] else
