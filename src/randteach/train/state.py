@@ -167,7 +167,7 @@ class TrainState:
     student_init: nn.Module
     optimizer: torch.optim.Optimizer
     centering: Centering | None
-    inputs: torch.Tensor                     # uint8 images (or float noise / API floats), sliced per batch
+    inputs: torch.Tensor                     # uint8 images (or bf16 noise / API floats), sliced per batch
     preprocess: object | None
     in_channels: int
     image_size: int
