@@ -104,18 +104,12 @@ def demo_verdict(probe: dict) -> str:
 def set_aside_another_run(out: Path, cfg) -> None:
     """The demo writes to one folder: a run of another config there (an earlier randteach's demo, or other
     options) is renamed beside it, not refused (the demo must run) and not overwritten (it is kept)."""
-    import yaml
-    from ..config import config_from_dict
     from ..runs.rundir import RunDir, run_lock
-    run = RunDir(out)
-    if not (run.config_path.is_file() and run.started()):
-        return
-    saved = yaml.safe_load(run.config_path.read_text())
     try:
-        same = config_from_dict(saved).digest() == cfg.digest()
-    except (UserError, TypeError, AttributeError):  # written by another version: not this config either
-        same = False
-    if same:
+        other = RunDir(out).holds_another_config(cfg)
+    except (UserError, TypeError, AttributeError):  # a config.yaml of another version: not this config either
+        other = True
+    if not other:
         return
     aside = next(p for p in (out.with_name(f"{out.name}-previous-{i}") for i in range(1, 10 ** 6)) if not p.exists())
     with run_lock(out):  # not while another process writes there

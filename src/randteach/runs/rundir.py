@@ -174,6 +174,14 @@ class RunDir:
         start that failed before training: it does not bind the folder to that config."""
         return (self.checkpoints / "last.pt").exists() or self.summary_path.exists()
 
+    def holds_another_config(self, cfg) -> bool:
+        """Whether the folder holds a run that has begun (`started`) of a config other than `cfg`."""
+        if not (self.config_path.exists() and self.started()):
+            return False
+        import yaml
+        from ..config import config_from_dict
+        return config_from_dict(yaml.safe_load(self.config_path.read_text())).digest() != cfg.digest()
+
     def remove_stale_temporaries(self) -> None:
         """Temporary files of writes cut short by a kill (the lock guarantees no writer is running)."""
         if not _writes():

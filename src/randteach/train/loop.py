@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import teacher_cache
-from ..config import Config, config_from_dict
+from ..config import Config
 from ..data import ImageData
 from ..errors import UserError
 from ..optim import lr_at
@@ -117,13 +117,10 @@ def _check_resumable(run: RunDir) -> None:
 def _check_same_config(cfg: Config, run: RunDir) -> None:
     """A run directory of another config is not this run's (checked before a finished run is returned; a start
     that failed before training, config.yaml alone, binds nothing)."""
-    if run.config_path.exists() and run.started():
-        import yaml
-        saved = config_from_dict(yaml.safe_load(run.config_path.read_text()))
-        if saved.digest() != cfg.digest():
-            raise UserError(f"{run.path} holds a run with a different config (other options, or an earlier "
-                            f"randteach's defaults); choose another --out, or continue that run as it was "
-                            f"configured with `randteach distill --resume {run.path}`")
+    if run.holds_another_config(cfg):
+        raise UserError(f"{run.path} holds a run with a different config (other options, or an earlier "
+                        f"randteach's defaults); choose another --out, or continue that run as it was "
+                        f"configured with `randteach distill --resume {run.path}`")
 
 
 def _open_run(cfg: Config, run: RunDir, ddp: Dist, python_objects: dict) -> None:

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..config import Config, config_from_dict
+from ..config import Config
 from ..errors import UserError
 from ..init import init_report, l2_norms
 from ..losses import distill_loss
@@ -165,10 +165,8 @@ def _owned(state: dict) -> dict:
 
 
 def _check_config(run: RunDir, cfg: Config) -> None:
-    if run.config_path.exists() and run.started():  # config.yaml alone (a start that failed) binds nothing
-        import yaml
-        if config_from_dict(yaml.safe_load(run.config_path.read_text())).digest() != cfg.digest():
-            raise UserError(f"{run.path} holds a run with a different config; choose another --out")
+    if run.holds_another_config(cfg):
+        raise UserError(f"{run.path} holds a run with a different config; choose another --out")
 
 
 def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
