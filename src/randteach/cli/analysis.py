@@ -45,30 +45,6 @@ class LandscapeOptions:
     out: str | None = opt(None, "output folder (default RUN/landscape-VIEW-PROJECTION)")
 
 
-def at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
-    return value
-
-
 def cmd_landscape(args, extra) -> int:
     from ..analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
     from ..runs.checkpoint import load_state_dict
@@ -118,25 +94,55 @@ def _with_overrides(run, extra: list[str]):
 
 # ------------------------------------------------------------------------------- supervised commands
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+@dataclass
+class DataOptions:
+    """The supervised commands' data and device options."""
+    data: str | None = opt(None, "supervised data set (default: the run's data.name)")
+    n_train: int | None = opt(None, "train on a class-stratified subset of this many images", ge=1)
+    n_test: int | None = opt(None, "test on a class-stratified subset of this many images", ge=1)
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")
+    out: str | None = opt(None, "output folder")
+
+
+@dataclass
+class FinetuneOptions:
+    start: str = opt("student", START_HELP.split(";")[0])
+
+
+@dataclass
+class ImpOptions:
+    start: list[str] = opt(["student@0", "random@0"], START_HELP, cli={"nargs": "+"})
+    rounds: int = opt(10, "pruning rounds after the dense round 0", ge=1)
+    fraction: float = opt(0.2, "fraction of the remaining weights pruned per round", gt=0, lt=1)
+    prune_classifier: bool = opt(False, "rank the new classifier's weights too")
+
+
+@dataclass
+class LmcOptions:
+    start: list[str] = opt(["teacher", "student"], START_HELP + " (teacher student: a random init and the "
+                           "distilled student)", cli={"nargs": "+"})
+    runs: int = opt(5, "supervised runs (data orders) per start, at least 2: a pair", ge=2)
+    resolution: int = opt(11, "points on each path, ends included", ge=2)
+    bn_batches: int = opt(8, "training batches for recomputing batch-norm statistics at each point (0: "
+                          "interpolate them)", ge=0)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, options) -> None:
     from ..train.supervised import Recipe
     p.add_argument("run", help="run directory: architecture, data set and the checkpoints to start from")
     add_flags(p.add_argument_group("supervised recipe (defaults: the paper's CIFAR-10 ResNet18 recipe)"), Recipe)
-    d = p.add_argument_group("data and device")
-    d.add_argument("--data", help="supervised data set (default: the run's data.name)")
-    d.add_argument("--n-train", type=at_least(1), help="train on a class-stratified subset of this many images")
-    d.add_argument("--n-test", type=at_least(1), help="test on a class-stratified subset of this many images")
-    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    d.add_argument("--out", help="output folder")
+    add_flags(p.add_argument_group("data and device"), DataOptions)
+    add_flags(p, options)
 
 
 def _supervised_setup(args, extra):
+    """(run, recipe, data, device, output folder or None) from a supervised command's flags."""
     from ..train.setup import resolve_device
     from ..train.supervised import Recipe, load_supervised_data, run_info
+    recipe, d = options_from_args(args, Recipe), options_from_args(args, DataOptions)
     run = _with_overrides(run_info(args.run), extra)
-    recipe = options_from_args(args, Recipe)
-    data = load_supervised_data(run.cfg, run.image_size, name=args.data, n_train=args.n_train, n_test=args.n_test)
-    return run, recipe, data, resolve_device(args.device, "--device")
+    data = load_supervised_data(run.cfg, run.image_size, name=d.data, n_train=d.n_train, n_test=d.n_test)
+    return run, recipe, data, resolve_device(d.device, "--device"), d.out and Path(d.out)
 
 
 def _holding_run_lock(cmd):
@@ -154,18 +160,19 @@ def cmd_finetune(args, extra) -> int:
     from ..runs.checkpoint import save_checkpoint
     from ..runs.rundir import write_json
     from ..train.supervised import build_classifier, label_of, parse_start, provenance, state_of, train_supervised
-    run, recipe, data, device = _supervised_setup(args, extra)
-    source, l_epochs = parse_start(args.start)
+    start = options_from_args(args, FinetuneOptions).start
+    run, recipe, data, device, out = _supervised_setup(args, extra)
+    source, l_epochs = parse_start(start)
     if l_epochs:
         raise UserError("finetune trains from a start as it is; '@L' rewinding points belong to `randteach imp/lmc`")
-    out = Path(args.out) if args.out else run.path / f"finetune-{label_of(args.start)}"
+    out = out or run.path / f"finetune-{label_of(start)}"
     model = build_classifier(run, source, data.num_classes, recipe.seed)
-    result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {args.start}")
-    save_checkpoint({"model": state_of(model), "role": "supervised", "start": args.start}, out / "model.pt")
-    summary = {**provenance(run, data, recipe), "start": args.start,
+    result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {start}")
+    save_checkpoint({"model": state_of(model), "role": "supervised", "start": start}, out / "model.pt")
+    summary = {**provenance(run, data, recipe), "start": start,
                **{k: v for k, v in result.items() if k != "snapshots"}}
     write_json(out / "finetune.json", summary)
-    print(f"finetune {args.start}: test accuracy {100 * result['test_accuracy']:.2f}% after "
+    print(f"finetune {start}: test accuracy {100 * result['test_accuracy']:.2f}% after "
           f"{recipe.epochs:g} epochs; {out}")
     return 0
 
@@ -173,10 +180,11 @@ def cmd_finetune(args, extra) -> int:
 @_holding_run_lock
 def cmd_imp(args, extra) -> int:
     from ..analysis.imp import run_imp
-    run, recipe, data, device = _supervised_setup(args, extra)
-    out = Path(args.out) if args.out else run.path / "imp"
-    result = run_imp(run, args.start, data, recipe, device, rounds=args.rounds, out=out, fraction=args.fraction,
-                     prune_classifier=args.prune_classifier, progress=not args.quiet)
+    o = options_from_args(args, ImpOptions)
+    run, recipe, data, device, out = _supervised_setup(args, extra)
+    out = out or run.path / "imp"
+    result = run_imp(run, o.start, data, recipe, device, rounds=o.rounds, out=out, fraction=o.fraction,
+                     prune_classifier=o.prune_classifier, progress=not args.quiet)
     print(f"IMP on {result['data']}: test accuracy per round ({out / 'imp.json'})")
     for s in result["series"]:
         cells = " ".join(f"{100 * (1 - r['sparsity']):.3g}%:{100 * r['test_accuracy']:.1f}" for r in s["rounds"])
@@ -187,10 +195,11 @@ def cmd_imp(args, extra) -> int:
 @_holding_run_lock
 def cmd_lmc(args, extra) -> int:
     from ..analysis.lmc import run_lmc
-    run, recipe, data, device = _supervised_setup(args, extra)
-    out = Path(args.out) if args.out else run.path / "lmc"
-    result = run_lmc(run, args.start, data, recipe, device, out=out, runs=args.runs, resolution=args.resolution,
-                     bn_batches=args.bn_batches, progress=not args.quiet)
+    o = options_from_args(args, LmcOptions)
+    run, recipe, data, device, out = _supervised_setup(args, extra)
+    out = out or run.path / "lmc"
+    result = run_lmc(run, o.start, data, recipe, device, out=out, runs=o.runs, resolution=o.resolution,
+                     bn_batches=o.bn_batches, progress=not args.quiet)
     print(f"linear mode connectivity on {result['data']} ({out / 'lmc.json'}):")
     for s in result["series"]:
         print(f"  from {s['start']}: barrier {s['barrier_mean']:.4f} ± {s['barrier_std']:.4f} "
@@ -214,32 +223,18 @@ def add_parser(sub) -> None:
                        description="Train an encoder (a run's student, teacher, student init, a random init or a "
                                    "checkpoint) with a new linear classifier, supervised; writes finetune.json "
                                    "and model.pt.")
-    _add_recipe_args(p)
-    p.add_argument("--start", default="student", help=START_HELP.split(";")[0] + " (default student)")
+    _add_recipe_args(p, FinetuneOptions)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("imp", help="iterative magnitude pruning with rewinding: lottery tickets (Fig. 8)",
                        description="Prune 20 % of the remaining encoder conv/linear weights per round by global "
                                    "magnitude, rewind and retrain; writes imp.json and imp.png.")
-    _add_recipe_args(p)
-    p.add_argument("--start", nargs="+", default=["student@0", "random@0"],
-                   help=START_HELP + " (default student@0 random@0)")
-    p.add_argument("--rounds", type=at_least(1), default=10, help="pruning rounds after the dense round 0 (default 10)")
-    p.add_argument("--fraction", type=fraction, default=0.2,
-                   help="fraction of the remaining weights pruned per round, in (0, 1) (default 0.2)")
-    p.add_argument("--prune-classifier", action="store_true", help="rank the new classifier's weights too")
+    _add_recipe_args(p, ImpOptions)
     p.set_defaults(func=cmd_imp)
 
     p = sub.add_parser("lmc", help="linear mode connectivity of supervised runs from one start (Fig. 9)",
                        description="From each start, train several supervised runs with different data orders "
                                    "and measure the test error along the linear path between every pair; "
                                    "writes lmc.json and lmc.png.")
-    _add_recipe_args(p)
-    p.add_argument("--start", nargs="+", default=["teacher", "student"],
-                   help=START_HELP + " (default teacher student: a random init and the distilled student)")
-    p.add_argument("--runs", type=at_least(2), default=5,
-                   help="supervised runs (data orders) per start, at least 2: a pair (default 5)")
-    p.add_argument("--resolution", type=at_least(2), default=11, help="points on each path, ends included (default 11)")
-    p.add_argument("--bn-batches", type=at_least(0), default=8,
-                   help="training batches for recomputing batch-norm statistics at each point (0: interpolate them)")
+    _add_recipe_args(p, LmcOptions)
     p.set_defaults(func=cmd_lmc)
