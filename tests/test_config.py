@@ -187,3 +187,60 @@ def test_a_config_file_may_write_dotted_keys_as_sweep_files_do(tmp_path):
     f.write_text("optim.nope: 1\n")
     with pytest.raises(ConfigError, match="unknown key 'optim.nope'"):
         build_config("cpu", f)
+
+
+# key: (a changed value, overrides under which nothing reads it, overrides under which it acts)
+IGNORABLE = {
+    "model.width": ("8", {"model.encoder": "vgg11"}, {"model.encoder": "mlp"}),
+    "init.alpha": ("0.5", {"init.mode": "independent"}, {"init.mode": "locality"}),
+    "init.variance_preserving": ("false", {"init.mode": "neighborhood"}, {}),
+    "init.epsilon": ("1e-3", {}, {"init.mode": "neighborhood"}),
+    "init.fresh_seed": ("7", {"init.mode": "copy"}, {"init.mode": "independent"}),
+    "teacher.ema_momentum": ("0.9", {}, {"teacher.mode": "ema"}),
+    "loss.teacher_temp": ("0.04", {"loss.name": "mse"}, {"loss.name": "ce"}),
+    "loss.student_temp": ("0.1", {"loss.name": "nmse"}, {}),
+    "loss.center_momentum": ("0.5", {}, {"loss.center": "true"}),
+    "optim.momentum": ("0.9", {"optim.name": "adamw"}, {"optim.name": "sgd"}),
+    "optim.betas": ("[0.8, 0.9]", {"optim.name": "sgd"}, {"optim.name": "adam"}),
+    "optim.warmup_steps": ("10", {"optim.schedule": "constant"}, {"optim.schedule": "cosine"}),
+    "optim.min_lr": ("1e-5", {"optim.schedule": "warmup"}, {"optim.schedule": "cosine"}),
+    "optim.lr_end": ("10", {}, {"optim.schedule": "exponential"}),
+    "data.noise_std": ("2", {}, {"data.inputs": "noise"}),
+    "data.test_fraction": ("0.5", {}, None),  # data.name=folder needs a folder: its acting side is not built here
+    "train.bf16_after_distance": ("1e-2", {"train.precision": "fp32"}, {"train.precision": "bf16"}),
+    "probe.knn_temperature": ("0.1", {"probe.knn_weighting": "majority"}, {}),
+    "probe.l2": ("1e-3", {"probe.linear": "adamw"}, {}),
+    "probe.max_iter": ("100", {"probe.linear": "none"}, {"probe.linear": "logreg"}),
+}
+
+
+def test_every_conditional_key_is_in_the_table():
+    from randteach.config import _ACTS_ONLY
+    assert {k for k, _, _ in _ACTS_ONLY} == set(IGNORABLE) | {"data.path"}
+
+
+@pytest.mark.parametrize("key", sorted(IGNORABLE))
+def test_a_setting_the_run_never_reads_is_named(key):
+    value, off, on = IGNORABLE[key]
+    lines = build_config("cpu", None, {**off, key: value}).ignored_settings()
+    assert len(lines) == 1 and lines[0].startswith(f"{key}=") and "has no effect" in lines[0], lines
+    if on is not None:
+        assert build_config("cpu", None, {**on, key: value}).ignored_settings() == []
+
+
+def test_presets_set_nothing_they_never_read():
+    for name in ("cpu", "paper", "escape"):
+        assert build_config(name).ignored_settings() == [], name
+
+
+def test_distill_and_sweep_print_the_note(tmp_path, capsys):
+    from randteach.cli import main
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"preset": "cpu", "name": "n", "grid": {"optim.name": ["adamw", "sgd"]},
+                                     "base": {"optim.momentum": 0.9}}))
+    assert main(["sweep", str(sweep), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
+    assert "note: optim.momentum=0.9 has no effect: it acts only with optim.name sgd (1 of 2 runs)" in \
+        capsys.readouterr().err
+    assert main(["--quiet", "distill", "--preset", "cpu", "--out", str(tmp_path / "run"), "--optim.lr_end", "5",
+                 "--train.max_steps", "1", "--data.name", "digits", "--probe.which", "[]"]) == 0
+    assert "note: optim.lr_end=5 has no effect" in capsys.readouterr().err

@@ -288,6 +288,60 @@ class Config:
                 raise ConfigError(f"probe.which: {w!r} is not one of teacher, student, input")
         return self
 
+    def ignored_settings(self) -> list[str]:
+        """One line per value changed from its default that this configuration never reads (optim.momentum
+        under AdamW, ...): such a run trains exactly as it would without the value, though under another
+        run address, so a sweep over it repeats identical runs."""
+        defaults = Config()
+        lines = []
+        for key, acts, when in _ACTS_ONLY:
+            value = _get_dotted(self, key)
+            if value != _get_dotted(defaults, key) and not acts(self):
+                lines.append(f"{key}={_shown(value)} has no effect: it acts only {when}")
+        return lines
+
+
+# Keys read only under some values of other keys: (key, whether this config reads it, when it acts).
+_ACTS_ONLY = (
+    ("model.width", lambda c: c.model.encoder in ("mlp", "convnet"), "for model.encoder mlp or convnet"),
+    ("init.alpha", lambda c: c.init.mode == "locality", "with init.mode locality"),
+    ("init.variance_preserving", lambda c: c.init.mode == "locality", "with init.mode locality"),
+    ("init.epsilon", lambda c: c.init.mode == "neighborhood", "with init.mode neighborhood"),
+    ("init.fresh_seed", lambda c: c.init.mode in ("locality", "neighborhood", "independent"),
+     "with init.mode locality, neighborhood or independent"),
+    ("teacher.ema_momentum", lambda c: c.teacher.mode == "ema", "with teacher.mode ema"),
+    ("loss.teacher_temp", lambda c: c.loss.name in ("ce", "kl"), "with loss.name ce or kl"),
+    ("loss.student_temp", lambda c: c.loss.name in ("ce", "kl"), "with loss.name ce or kl"),
+    ("loss.center_momentum", lambda c: c.loss.center, "with loss.center true"),
+    ("optim.momentum", lambda c: c.optim.name == "sgd", "with optim.name sgd"),
+    ("optim.betas", lambda c: c.optim.name in ("adam", "adamw"), "with optim.name adam or adamw"),
+    ("optim.warmup_steps", lambda c: c.optim.schedule in ("warmup", "cosine"), "with optim.schedule warmup or cosine"),
+    ("optim.min_lr", lambda c: c.optim.schedule == "cosine", "with optim.schedule cosine"),
+    ("optim.lr_end", lambda c: c.optim.schedule == "exponential", "with optim.schedule exponential"),
+    ("data.noise_std", lambda c: c.data.inputs == "noise", "with data.inputs noise"),
+    ("data.path", lambda c: c.data.name == "folder", "with data.name folder"),
+    ("data.test_fraction", lambda c: c.data.name == "folder", "with data.name folder"),
+    ("train.bf16_after_distance", lambda c: c.train.precision != "fp32", "with train.precision bf16 or auto"),
+    ("probe.knn_temperature", lambda c: c.probe.knn_weighting == "cosine", "with probe.knn_weighting cosine"),
+    ("probe.l2", lambda c: c.probe.linear == "logreg", "with probe.linear logreg"),
+    ("probe.max_iter", lambda c: c.probe.linear == "logreg", "with probe.linear logreg"),
+)
+
+
+def ignored_notes(configs: list[Config]) -> list[str]:
+    """`Config.ignored_settings` of several runs, each line once, with the number of runs it concerns."""
+    counts: dict[str, int] = {}
+    for cfg in configs:
+        for line in cfg.ignored_settings():
+            counts[line] = counts.get(line, 0) + 1
+    many = len(configs) > 1
+    return [f"note: {line}" + (f" ({n} of {len(configs)} runs)" if many else "") for line, n in counts.items()]
+
+
+def _get_dotted(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
 
 # ---------------------------------------------------------------------- import-path encoders
 # An encoder 'package.module:callable' runs code when it is built. A config file (a run's config.yaml, a
