@@ -204,6 +204,11 @@ def test_recipe_mistakes_are_user_errors(tmp_path):
                  "--dry-run"]) == 2
 
 
+def test_a_seed_on_the_command_line_is_refused_not_overruled(tmp_path, capsys):
+    assert main(["experiment", "probes", "--out", str(tmp_path), "--dry-run", "--train.seed", "5"]) == 2
+    assert "choose how many with --seeds N" in capsys.readouterr().err
+
+
 def test_table_pairs_gains_and_shows_reference():
     def row(seed, t, s, alpha=0.5):
         return {"run_dir": f"r{seed}", "status": "completed", "summary": {},

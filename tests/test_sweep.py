@@ -270,3 +270,40 @@ def test_slurm_job_checkpoints_before_submitit_requeues_it(tmp_path):
         assert second["status"] == "completed" and second["steps"] == 230 and len(requeued) == 1
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-12", 2160),
+                                           ("1-12:00", 2160), ("1-12:00:30", 2161), (45, 45)])
+def test_slurm_times_follow_slurms_grammar(text, minutes):
+    from randteach.runs.sweep import _minutes
+    assert _minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["1-2:3:4:5", "an hour", "1:2:3:4"])
+def test_a_slurm_time_slurm_would_refuse_is_an_error(text):
+    from randteach.runs.sweep import _minutes
+    with pytest.raises(ConfigError, match="D-H:M:S"):
+        _minutes(text)
+
+
+def test_a_grid_key_or_seed_on_the_command_line_is_refused(tmp_path, capsys):
+    path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 3e-4]}, seeds=[0, 1])
+    for flag, value in (("--optim.lr", "0.1"), ("--train.seed", "5")):
+        assert main(["sweep", str(path), "--dry-run", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: {path} varies it (grid or seeds)" in err and "change the grid or seeds" in err, err
+    assert main(["sweep", str(path), "--dry-run", "--optim.weight_decay", "0.1"]) == 0
+
+
+def test_a_sweep_over_an_image_folder_is_new_when_the_folder_changes(tmp_path):
+    import numpy as np
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / c / "0.png")
+    spec = load_sweep(write_sweep(tmp_path, base={"data.name": "folder", "data.path": str(tmp_path / "imgs")}))
+    before = expand(spec)[0]
+    assert Path(before.out).name == before.run_dir().name == Path(build_config(
+        "cpu", overrides={"name": "s", "data.name": "folder", "data.path": str(tmp_path / "imgs")}).run_dir()).name
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "1.png")
+    assert expand(spec)[0].out != before.out

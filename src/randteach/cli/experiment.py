@@ -10,8 +10,13 @@ EXIT_UNFINISHED = 3
 
 def cmd_experiment(args, extra) -> int:
     from ..config import parse_overrides
+    from ..errors import UserError
     from ..experiments import run_experiment
-    kw = dict(out=args.out, seeds=args.seeds, overrides=parse_overrides(extra), recipe=args.recipe,
+    overrides = parse_overrides(extra)
+    if "train.seed" in overrides:  # every arm lists its seeds, which would overrule it without a word
+        raise UserError("--train.seed: an experiment runs its recipe's seeds; choose how many with --seeds N "
+                        "(seeds 0..N-1)")
+    kw = dict(out=args.out, seeds=args.seeds, overrides=overrides, recipe=args.recipe,
               launcher=args.launcher, workers=args.workers, progress=not args.quiet, stack=args.stack,
               command=" ".join(["randteach", "experiment", args.name, "--scale", args.scale]
                                + [shlex.quote(a) for a in _options(sys.argv)]))

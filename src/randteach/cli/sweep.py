@@ -20,6 +20,16 @@ def _parse_slurm(items: list[str]) -> dict:
     return out
 
 
+def _check_not_varied(overrides: dict, spec, where: str) -> None:
+    """An override of a key the sweep varies would be overruled by the grid (or the seeds) without a word."""
+    varied = set(spec.grid) | ({"train.seed"} if spec.seeds else set())
+    clash = sorted(varied & set(overrides))
+    if clash:
+        raise UserError(f"{', '.join('--' + k for k in clash)}: {where} varies {'it' if len(clash) == 1 else 'them'} "
+                        "(grid or seeds), so an option on the command line cannot set "
+                        f"{'it' if len(clash) == 1 else 'them'}; change the grid or seeds in the file instead")
+
+
 def cmd_sweep(args, extra) -> int:
     from ..config import ignored_notes, parse_overrides
     from ..runs.rundir import RunDir
@@ -27,7 +37,9 @@ def cmd_sweep(args, extra) -> int:
     spec = load_sweep(args.sweep_file)
     if args.out:
         spec.out = args.out
-    spec.base.update(parse_overrides(extra))  # e.g. --train.device cuda for every run
+    overrides = parse_overrides(extra)  # e.g. --train.device cuda for every run
+    _check_not_varied(overrides, spec, args.sweep_file)
+    spec.base.update(overrides)
     slurm = {**spec.slurm, **_parse_slurm(args.slurm or [])}
     if args.launcher == "slurm":
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
@@ -74,7 +86,8 @@ def add_parser(subparsers) -> None:
         description="Expand SWEEP.yaml (preset, name, base, grid, seeds, out, slurm) into runs named "
                     "<out>/<name>-<config hash> and execute them. Finished runs are skipped and interrupted "
                     "ones resumed, so re-running a stopped sweep only does the missing work. Extra "
-                    "--section.key VALUE options apply to every run.",
+                    "--section.key VALUE options apply to every run (not to a key the grid or seeds vary: "
+                    "edit the file).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("sweep_file", metavar="SWEEP.yaml")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")

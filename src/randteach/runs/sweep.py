@@ -111,12 +111,13 @@ def _check_slurm(slurm: dict, where: str) -> None:
 def expand(spec: SweepSpec) -> list[Config]:
     """The grid's cartesian product x seeds (seeds vary fastest), validated, duplicates removed.
 
-    Each config's `out` is `<spec.out>/<name>-<digest>`; the order follows the grid as written.
+    Each config's `out` is `<spec.out>/<name>-<digest>` (and, for an image folder, a key of its contents, as
+    `Config.run_dir`); the order follows the grid as written.
     """
     root = Path(spec.out) if spec.out else Path("runs")
     keys = list(spec.grid)
     configs: list[Config] = []
-    seen: set[str] = set()
+    seen: set[Path] = set()
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         for seed in spec.seeds or [None]:
             overrides = {**spec.base, **dict(zip(keys, combo)), "name": spec.name}
@@ -127,11 +128,11 @@ def expand(spec: SweepSpec) -> list[Config]:
             except ConfigError as e:
                 shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k in keys or k == "train.seed")
                 raise ConfigError(f"sweep {spec.name!r}, run {shown}: {e}") from None
-            digest = cfg.digest()
-            if digest in seen:
+            where = root / cfg.run_dir().name  # <name>-<digest>, and an image folder's contents key
+            if where in seen:
                 continue
-            seen.add(digest)
-            cfg.out = str(root / f"{cfg.name}-{digest}")
+            seen.add(where)
+            cfg.out = str(where)
             configs.append(cfg)
     return configs
 
@@ -469,19 +470,21 @@ class SlurmRun:
 
 
 def _minutes(value) -> int:
-    """SLURM time ('D-HH:MM:SS', 'HH:MM:SS', 'MM') or minutes -> minutes."""
+    """SLURM --time or minutes -> whole minutes (rounded up). SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
     if isinstance(value, (int, float)):
         return int(value)
-    text = str(value)
-    days, _, text = text.rpartition("-") if "-" in text else ("0", "", text)
-    parts = [int(p) for p in text.split(":")]
-    if len(parts) == 1:
-        h, m, s = 0, parts[0], 0
-    elif len(parts) == 2:
-        h, m, s = 0, *parts
-    else:
-        h, m, s = parts[-3:]
-    return int(days) * 1440 + h * 60 + m + (1 if s else 0)
+    text = str(value).strip()
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        if len(parts) > 3 or (days and int(days) < 0):
+            raise ValueError
+        # after a day count the fields are H[:M[:S]]; without one, M, M:S or H:M:S
+        h, m, sec = (parts + [0, 0])[:3] if days else (parts if len(parts) == 3 else [0, *parts, 0][:3])
+    except ValueError:
+        raise ConfigError(f"slurm time {value!r}: expected minutes or SLURM's M:S, H:M:S, D-H, D-H:M or "
+                          "D-H:M:S (e.g. 1-12:00 for a day and a half)") from None
+    return int(days or 0) * 1440 + h * 60 + m + (1 if sec else 0)
 
 
 def submitit_parameters(slurm: dict, name: str) -> dict:
