@@ -16,6 +16,7 @@ import pytest
 from randteach.data import DATASETS, FetchError, extract_archive, fetch, load_dataset
 from randteach.data.fetch import checksum_ok, download
 from randteach.data.registry import DEBIAN_FASHION_MNIST, Remote
+from randteach.files import FILE_MODE
 
 SERVER_LIFETIME_S = 60  # the server stops itself after this, whatever happens to the test
 
@@ -71,6 +72,8 @@ def test_fetch_fashion_mnist_from_local_mirror(server, tmp_path):
     assert all_files(folder) == sorted(r.filename for r in DATASETS["fashion-mnist"].remote)
     # Debian re-compressed the files: the archive md5 differs, the content md5 matches
     assert all(checksum_ok(folder / r.filename, r) for r in DATASETS["fashion-mnist"].remote)
+    # readable as a plain new file would be (a shared data root), not mkstemp's owner-only 0600
+    assert {(folder / r.filename).stat().st_mode & 0o777 for r in DATASETS["fashion-mnist"].remote} == {FILE_MODE}
     shutil.rmtree(served)  # a second fetch finds the files in place and downloads nothing
     assert fetch("fashion-mnist", str(root), base_url=url, progress=False) == folder
     assert len(load_dataset("fashion-mnist", "test", root=str(root))) == 10000
@@ -272,3 +275,31 @@ def test_data_on_disk_outside_the_root_is_listed_and_not_fetched_again(tmp_path,
     assert main(["data", "fetch", "fashion-mnist"]) == 0
     assert f"ready in {system} (already on disk; nothing fetched)" in capsys.readouterr().out
     assert not (tmp_path / "root").exists()
+
+
+def test_uncompressed_idx_files_in_the_root_are_the_copy_listed(tmp_path, monkeypatch, capsys):
+    """The IDX reader takes `name` before `name.gz`: `data list` names the folder that loading reads."""
+    import gzip
+
+    from randteach.cli import main
+    root = tmp_path / "root"
+    (root / "fashion-mnist").mkdir(parents=True)
+    for f in DATASETS["fashion-mnist"].contents:
+        (root / "fashion-mnist" / f.removesuffix(".gz")).write_bytes(gzip.open(Path(DEBIAN_FASHION_MNIST) / f).read())
+    monkeypatch.setenv("RANDTEACH_DATA", str(root))
+    assert main(["data", "list"]) == 0
+    assert f"fashion-mnist  {root / 'fashion-mnist'}" in capsys.readouterr().out
+    assert len(load_dataset("fashion-mnist", "test")) == 10000
+
+
+def test_quiet_fetch_draws_no_progress_bar(server, tmp_path, capfd):
+    from randteach.cli import main
+    url, served = server
+    for remote in DATASETS["fashion-mnist"].remote:
+        os.symlink(Path(DEBIAN_FASHION_MNIST) / remote.filename, served / remote.filename)
+    args = ["data", "fetch", "fashion-mnist", "--base-url", url, "--data.root"]
+    assert main(["--quiet", *args, str(tmp_path / "a")]) == 0
+    quiet = capfd.readouterr()
+    assert "ready in" in quiet.out and "idx3-ubyte" not in quiet.err, quiet.err
+    assert main([*args, str(tmp_path / "b")]) == 0
+    assert "train-images-idx3-ubyte.gz" in capfd.readouterr().err  # the bars name the files

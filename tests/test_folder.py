@@ -180,3 +180,24 @@ def test_cli_distills_and_probes_an_image_folder(tmp_path):
     summary = RunDir(out).summary()
     assert summary["status"] == "completed"
     assert summary["probe"]["student"]["linear"] > 0.9 and summary["probe"]["input"]["linear"] > 0.9  # 3 separable classes
+
+
+def test_sixteen_bit_and_float_greyscale_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG's 0...65535 become 0...255 (Pillow's convert("L") made every value above 255 white)."""
+    from randteach.data.decode import read_images
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16)[:256].reshape(16, 16)           # 0, 257, ..., 65535
+    Image.fromarray(ramp).save(tmp_path / "deep.png")                                # mode I;16
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "float.tif")   # mode F
+    Image.fromarray((ramp / 65535 * 2).astype(np.float32)).save(tmp_path / "bright.tif")
+    images, ok, failed = read_images([tmp_path / "deep.png", tmp_path / "float.tif", tmp_path / "bright.tif"],
+                                     "L", (16, 16))
+    want = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    assert ok == [0, 1] and np.array_equal(images[0], want) and np.abs(images[1].astype(int) - want).max() <= 1
+    assert len(failed) == 1 and "outside [0, 1]" in failed[0][1]
+
+
+def test_a_labelled_val_folder_is_not_hidden_by_an_unlabelled_test_folder(tmp_path):
+    base = write_folder(tmp_path / "kaggle", counts=(("train", 3), ("val", 2)))
+    write_png(base / "test" / "0.png", 0)  # a competition's test images: no class folders
+    test = load_dataset("folder", "test", path=str(base))
+    assert len(test) == 2 * len(CLASSES) and test.num_classes == len(CLASSES)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from tqdm.auto import tqdm
 
 from ..data import ImageData, stratified_subset
 from ..errors import UserError
+from ..files import temporary_beside
 from ..losses import distill_loss
 from ..models import build_model
 from ..probes.embedding import Prober
@@ -169,7 +169,7 @@ class _Points:
                 except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
                     continue
             # rewrite without a cut line, so new lines do not append to a fragment
-            fd, tmp = tempfile.mkstemp(prefix=".points.", dir=path.parent)
+            fd, tmp = temporary_beside(path)
             with os.fdopen(fd, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.done.values())
             os.replace(tmp, path)
@@ -366,7 +366,7 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".landscape.", suffix=".npz", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, path)

@@ -167,7 +167,7 @@ def cmd_data(args, extra) -> int:
         found = located(args.name, root) if root is None and args.name in DATASETS else None
         if found is not None and found.is_relative_to(resolve_root(root)):
             found = None  # under the data root: fetch checks its checksums itself
-        path = found or fetch(args.name, root, base_url=args.base_url)
+        path = found or fetch(args.name, root, base_url=args.base_url, progress=not args.quiet)
         print(f"{args.name}: ready in {path}" + (" (already on disk; nothing fetched)" if found else ""))
     else:
         print(f"data root: {resolve_root(root)}")

@@ -28,10 +28,24 @@ def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.resize((w, h), Image.BILINEAR)
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit ("I;16*", and "I" as Pillow opens 16-bit PNGs) and float ("F", values in [0, 1]) greyscale
+    scaled to 8 bits: Pillow's convert("L") would clip every value above 255 to white instead."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr, top, kind = np.asarray(img, np.float64) / 257, 65535, "16-bit"  # 65535 -> 255
+    elif img.mode == "F":
+        arr, top, kind = np.asarray(img, np.float64) * 255, 1, "floating-point"
+    else:
+        return img
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"{kind} pixel values outside [0, {top}]; save the image with 8 or 16 bits per channel")
+    return Image.fromarray(np.rint(arr).astype(np.uint8), "L")
+
+
 def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray | str:
     try:
         with Image.open(path) as img:
-            arr = np.asarray(_fit(img.convert(mode), size))
+            arr = np.asarray(_fit(_eight_bit(img).convert(mode), size))
     except Exception as e:  # Pillow raises many types for broken files; report, do not crash
         return f"{type(e).__name__}: {e}"
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..files import temporary_beside
 from .registry import DatasetInfo, Remote, dataset_info
 from .roots import resolve_root
 
@@ -159,7 +160,7 @@ def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, p
 
 def _download(url: str, dest: Path, remote: Remote, progress: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = temporary_beside(dest, ".part")
     try:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -37,6 +36,7 @@ import torch
 
 from ..digests import digest_code
 from ..errors import DataMissingError, UserError
+from ..files import temporary_beside
 from .decode import read_headers, read_images
 from .images import ImageData, from_numpy, stratified_subset
 from .roots import resolve_root
@@ -46,7 +46,7 @@ MIXED_SIZE = 64
 HELD_OUT = 0.2        # default test fraction of a folder without split folders (data.test_fraction)
 HELD_OUT_SEED = 0     # the held-out split is a pure function of the folder's contents and the fraction
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 CACHE_DIR = ".randteach-cache"
 CACHE_VERSION = 1     # the cache file's format; the decoding code and Pillow are keyed by `digest_code`
 SHOWN_SKIPPED = 10    # unreadable files named in the report line
@@ -93,8 +93,15 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
+def _split_dir(base: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` in `base` that holds class folders (a Kaggle-style test/ of unlabelled images
+    does not hide a labelled val/), else the first that exists."""
+    found = [base / d for d in names if (base / d).is_dir()]
+    return next((d for d in found if _subdirs(d)), found[0] if found else None)
+
+
 def _scan(base: Path) -> Listing:
-    split_dirs = {s: next((base / d for d in dirs if (base / d).is_dir()), None) for s, dirs in SPLIT_DIRS.items()}
+    split_dirs = {s: _split_dir(base, dirs) for s, dirs in SPLIT_DIRS.items()}
     if not any(split_dirs.values()):
         parts = [(FLAT, base)]
         classes = [d.name for d in _subdirs(base)]
@@ -146,7 +153,7 @@ def _write_cache(base: Path, key: str, d: Decoded, root: str | Path | None) -> s
     for folder in _cache_dirs(base, root):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+            fd, tmp = temporary_beside(folder / f"{key}.npz")
             try:
                 with os.fdopen(fd, "wb") as f:
                     np.savez(f, **arrays)

@@ -161,7 +161,12 @@ def located(name: str, root: str | None = None) -> Path | None:
     """The first folder that holds every file of a complete copy of `name` (no reading), or None."""
     info = dataset_info(name)
     return next((d for d in search_dirs(info, resolve_root(root))
-                 if info.contents and all((d / f).is_file() for f in info.contents)), None)
+                 if info.contents and all(_present(d, f) for f in info.contents)), None)
+
+
+def _present(folder: Path, name: str) -> bool:
+    """`name` in `folder`; a gzipped IDX file also as its uncompressed copy, which the IDX reader takes first."""
+    return (folder / name).is_file() or (name.endswith(".gz") and (folder / name[:-3]).is_file())
 
 
 def load_dataset(name: str, split: str = "train", root: str | None = None, path: str | None = None,

@@ -14,11 +14,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import temporary_beside
 from .decode import read_images
 from .images import FormatError, ImageData, from_numpy
 
@@ -59,7 +59,7 @@ def _val_files(directory: Path, wnids: list[str]) -> list[tuple[str, int]]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .rundir import temporary_beside
+from ..files import temporary_beside
 
 FORMAT = "randteach-checkpoint-v1"
 

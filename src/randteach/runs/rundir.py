@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import UserError
+from ..files import temporary_beside
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
 PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
@@ -40,23 +40,6 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
-
-
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()  # what open() would give a new file; mkstemp's 0600 would survive the rename
-
-
-def temporary_beside(path: Path) -> tuple[int, str]:
-    """A temporary file next to `path` for an atomic write, named `.<name>.*.tmp` (removed at a run's start
-    if a kill left it) and with the permissions a plain new file would get under the user's umask."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)
-    return fd, tmp
 
 
 def write_json(path: Path, data: Any) -> None:
