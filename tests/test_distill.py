@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from randteach.runs.checkpoint import load_checkpoint
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict
 from randteach.runs.rundir import RunDir
 from randteach.train.loop import distill
 
@@ -78,6 +78,10 @@ def test_ema_and_previous_epoch_teachers_move(tmp_path):
         t0 = load_checkpoint(run.path / "checkpoints" / "teacher.pt")["model"]
         t1 = load_checkpoint(run.path / "checkpoints" / "last.pt")["teacher"]
         assert any(not torch.equal(t0[k], t1[k]) for k in t0), mode
+        # export, embed, probe and load_encoder read the run's teacher: the one its last probe measured
+        final = load_state_dict(run.path, "teacher")
+        assert all(torch.equal(final[k], t1[k]) for k in t1), mode
+        assert load_checkpoint(run.path / "checkpoints" / "teacher_final.pt")["step"] == run.summary["steps"]
 
 
 def test_teacher_cache_matches_the_teacher_and_is_reused(tmp_path, capsys):

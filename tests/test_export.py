@@ -63,6 +63,7 @@ def test_load_from_run_dir_and_roles_differ(run):
     assert not torch.equal(student_x, teacher_x)  # one epoch moved the student
     assert torch.equal(prober.features(randteach.load_encoder(run, "teacher"))[0], teacher_x)
     assert torch.equal(prober.features(randteach.load_encoder(run))[0], student_x)
+    assert not (run / "checkpoints" / "teacher_final.pt").exists()  # a frozen teacher is its teacher.pt
 
 
 def test_embed_writes_both_roles_and_splits(run, tmp_path):

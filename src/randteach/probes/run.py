@@ -10,7 +10,7 @@ from ..data import ImageData
 from ..errors import UserError
 from ..models import build_model
 from ..precision import exact_fp32, uses_bf16
-from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights
+from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights, resolve_model_checkpoint
 from ..runs.rundir import ResultsNotSaved, RunDir, run_lock, write_json
 from ..train.setup import resolve_device
 from .embedding import Prober
@@ -44,13 +44,14 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
         saved.setdefault(section, {}).update(values)
     cfg = config_from_dict(saved)
     device = resolve_device(cfg.train.device)
-    teacher_ckpt = load_checkpoint(run.checkpoints / "teacher.pt")
+    teacher_file = resolve_model_checkpoint(run.path, "teacher")
+    teacher_ckpt = load_checkpoint(teacher_file)
     teacher_sd = teacher_ckpt["model"]
     student_sd = load_state_dict(checkpoint or run.path, "student")
     in_channels, size = int(teacher_ckpt["in_channels"]), int(teacher_ckpt["image_size"])
     teacher = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
     student = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
-    load_weights(teacher, teacher_sd, run.checkpoints / "teacher.pt")
+    load_weights(teacher, teacher_sd, teacher_file)
     load_weights(student, student_sd, checkpoint or run.checkpoints / "student.pt")
     teacher.to(device)
     student.to(device)

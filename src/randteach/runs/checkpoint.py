@@ -70,11 +70,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+FINAL_TEACHER = "teacher_final.pt"  # a moving teacher (teacher.mode ema, previous-epoch) at the run's end
+
+
 def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
-    """A .pt file, or a run directory -> its checkpoints/<role>.pt."""
+    """A .pt file, or a run directory -> its checkpoints/<role>.pt; the teacher is the run's final teacher
+    (teacher.pt unless the teacher moved: then teacher_final.pt, the one the run's last probe measured)."""
     p = Path(path)
     if p.is_dir():
-        candidate = p / "checkpoints" / f"{role}.pt"
+        final = p / "checkpoints" / FINAL_TEACHER
+        candidate = final if role == "teacher" and final.is_file() else p / "checkpoints" / f"{role}.pt"
         if not candidate.is_file():
             raise CheckpointError(f"run directory {str(p)!r} has no {candidate.relative_to(p)}; "
                                   "is the run finished? (`randteach distill --resume DIR` finishes it)")

@@ -5,6 +5,7 @@
                             ({"event": "step", "step", "loss", ...}, every train.log_every steps) and
                             probes ({"event": "probe", "epoch", "teacher": {...}, ...})
     RUN_DIR/checkpoints/    teacher.pt, student_init.pt, student_step<N>.pt, student.pt, last.pt (resume state)
+                            (+ teacher_final.pt where teacher.mode moves the teacher: the end's teacher)
     RUN_DIR/summary.json    status, final probes, steps, wall time
     RUN_DIR/tensorboard/, RUN_DIR/wandb/   with log.tensorboard / log.wandb: live mirrors of metrics.jsonl
     RUN_DIR/.lock           advisory lock of the one process writing into the run (its PID)

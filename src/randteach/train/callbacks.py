@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..init import distance
 from ..probes.embedding import Prober, accuracies
+from ..runs.checkpoint import FINAL_TEACHER
 from .state import TrainState
 from .step import StepMetrics
 
@@ -190,6 +191,8 @@ class Checkpoint(Hook):
     def at_end(self, state: TrainState) -> None:
         state.save()
         state.save_student("student.pt")
+        if state.cfg.teacher.mode != "frozen":
+            state.save_teacher(FINAL_TEACHER)
 
 
 class StopFlag:

@@ -255,8 +255,7 @@ class TrainState:
     def _start_fresh(self) -> None:
         for f in (self.run.metrics_path, self.run.summary_path):
             f.unlink(missing_ok=True)
-        save_checkpoint({"model": fp32_state(self.teacher), "role": "teacher", "in_channels": self.in_channels,
-                         "image_size": self.image_size}, self.run.checkpoints / "teacher.pt")
+        self.save_teacher("teacher.pt")
         save_checkpoint({"model": fp32_state(self.student), "role": "student_init"},
                         self.run.checkpoints / "student_init.pt")
 
@@ -280,6 +279,13 @@ class TrainState:
         """The resumable state, atomically, to checkpoints/last.pt (rank 0 writes)."""
         if self.ddp.is_main:
             save_checkpoint(self.payload(), self.last_path)
+
+    def save_teacher(self, name: str) -> None:
+        """The teacher as it is now: teacher.pt at the start; at the end teacher_final.pt too where the teacher
+        moves (teacher.mode ema or previous-epoch), which the run's last probe measured."""
+        if self.ddp.is_main:
+            save_checkpoint({"model": fp32_state(self.teacher), "role": "teacher", "in_channels": self.in_channels,
+                             "image_size": self.image_size, "step": self.step}, self.run.checkpoints / name)
 
     def save_student(self, name: str) -> None:
         if self.ddp.is_main:
