@@ -94,3 +94,29 @@ def test_bad_inputs_exit_2(run, tmp_path):
     assert bad.returncode == 2 and ".npz" in bad.stderr
     with pytest.raises(UserError, match="exported encoder"):
         randteach.load_encoder(tmp_path / "nothing.safetensors")
+
+
+def test_export_records_the_normalization_training_used_not_the_data_now(tmp_path):
+    """An image folder that grew after training: the exported recipe keeps the training images' mean and std
+    (recorded in teacher.pt), which it used to refit on whatever the folder held at export time."""
+    from PIL import Image
+
+    from randteach.data.preprocess import Preprocess
+    from randteach.train.setup import load_training_inputs
+
+    def add_images(n, level):
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), level + 60 * (c == "b") + i, np.uint8)).save(
+                    tmp_path / "imgs" / c / f"{level}-{i}.png")
+
+    add_images(4, 20)
+    cfg = tiny_config(tmp_path, data__name="folder", data__path=str(tmp_path / "imgs"), data__n_samples=None,
+                      train__max_steps=1, probe__which="[]", train__teacher_cache=False)
+    trained = load_training_inputs(cfg)[1].as_dict()
+    run = distill(cfg, progress=False).path
+    add_images(4, 150)
+    assert load_training_inputs(cfg)[1].as_dict()["mean"] != trained["mean"]  # the folder now says otherwise
+    info = json.loads(export_encoder(run, "student", fmt="pt").read_text())
+    assert info["preprocess"] == trained and isinstance(Preprocess(**info["preprocess"]), Preprocess)

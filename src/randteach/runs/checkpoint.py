@@ -73,6 +73,16 @@ def load_checkpoint(path: str | Path) -> dict:
 FINAL_TEACHER = "teacher_final.pt"  # a moving teacher (teacher.mode ema, previous-epoch) at the run's end
 
 
+def save_teacher(path: Path, model: dict, in_channels: int, image_size: int, preprocess, step: int = 0) -> None:
+    """A teacher file: its weights and what a reader needs to rebuild and feed the encoders without the data
+    set: input channels, image side and the input normalization fitted on the training images
+    (`preprocess.as_dict()`; None for noise inputs or the Python API's float images)."""
+    from ..data.preprocess import Preprocess
+    save_checkpoint({"model": model, "role": "teacher", "in_channels": in_channels, "image_size": image_size,
+                     "step": step, "preprocess": preprocess.as_dict() if isinstance(preprocess, Preprocess) else None},
+                    path)
+
+
 def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
     """A .pt file, or a run directory -> its checkpoints/<role>.pt; the teacher is the run's final teacher
     (teacher.pt unless the teacher moved: then teacher_final.pt, the one the run's last probe measured)."""

@@ -55,15 +55,22 @@ def encoder_state(run: Path, which: str) -> dict[str, torch.Tensor]:
 
 def recipe(run: Path, which: str) -> dict:
     """Plain values that say how to rebuild `which`'s encoder of the run at `run` and feed it."""
-    from ..train.setup import load_training_inputs
     cfg = _run_config(run)
     teacher = load_checkpoint(run / "checkpoints" / "teacher.pt")
-    _, preprocess, _, _ = load_training_inputs(cfg)
     return {"format": FORMAT, "role": which, "run": str(run.resolve()), "data": cfg.data.name,
             "encoder": cfg.model.encoder, "encoder_args": cfg.model.encoder_args, "norm": cfg.model.norm,
             "width": cfg.model.width, "in_channels": int(teacher["in_channels"]),
-            "image_size": int(teacher["image_size"]),
-            "preprocess": preprocess.as_dict() if isinstance(preprocess, Preprocess) else None}  # noise: none
+            "image_size": int(teacher["image_size"]), "preprocess": _normalization(cfg, teacher)}
+
+
+def _normalization(cfg, teacher: dict) -> dict | None:
+    """The training inputs' normalization as the run recorded it in teacher.pt; refitted on the data set for
+    a run recorded before teacher.pt held it (None: noise inputs or the Python API's float images)."""
+    if "preprocess" in teacher:
+        return teacher["preprocess"]
+    from ..train.setup import load_training_inputs
+    _, preprocess, _, _ = load_training_inputs(cfg)
+    return preprocess.as_dict() if isinstance(preprocess, Preprocess) else None
 
 
 def _safetensors():

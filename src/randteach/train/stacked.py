@@ -49,7 +49,7 @@ from ..losses import distill_loss
 from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
-from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.checkpoint import load_checkpoint, save_checkpoint, save_teacher
 from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
 from .callbacks import MetricsLog, StopFlag, StopRun
 from .distributed import Dist
@@ -212,7 +212,7 @@ class _Group:
         self.inputs, self.preprocess, data, size = load_training_inputs(cfg0)
         in_channels = data.images.shape[1]
         self.runs = [_start_run(cfg, in_channels, size, self.device) for cfg in cfgs]
-        self.step = _resume_or_save_inits(self.runs, in_channels, size)
+        self.step = _resume_or_save_inits(self.runs, in_channels, size, self.preprocess)
         self.plan = Plan.of(cfg0, len(self.inputs))  # the solo loop's plan: the same steps, probes and checkpoints
         if cfg0.train.data_on_device:
             self.inputs = self.inputs.to(self.device)
@@ -411,7 +411,7 @@ def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -
     return r
 
 
-def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
+def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int, preprocess) -> int:
     """Load each run's last.pt (all at one step), or write its teacher.pt and student_init.pt; the step."""
     step = 0
     for r in runs:
@@ -430,8 +430,7 @@ def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int) -> int:
         else:
             for f in (r.run.metrics_path, r.run.summary_path):
                 f.unlink(missing_ok=True)
-            save_checkpoint({"model": r.teacher.state_dict(), "role": "teacher", "in_channels": in_channels,
-                             "image_size": size}, r.run.checkpoints / "teacher.pt")
+            save_teacher(r.run.checkpoints / "teacher.pt", r.teacher.state_dict(), in_channels, size, preprocess)
             save_checkpoint({"model": r.student.state_dict(), "role": "student_init"},
                             r.run.checkpoints / "student_init.pt")
     return step

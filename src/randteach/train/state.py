@@ -24,7 +24,7 @@ from ..init import init_report, parameter_norm
 from ..losses import Centering
 from ..optim import build_optimizer, load_optimizer_state
 from ..precision import Float64Start, fp32_state, uses_bf16
-from ..runs.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..runs.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_teacher
 from ..runs.rundir import RunDir, check_config_digest
 from .distributed import Dist
 from .setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds, trains_channels_last
@@ -284,8 +284,8 @@ class TrainState:
         """The teacher as it is now: teacher.pt at the start; at the end teacher_final.pt too where the teacher
         moves (teacher.mode ema or previous-epoch), which the run's last probe measured."""
         if self.ddp.is_main:
-            save_checkpoint({"model": fp32_state(self.teacher), "role": "teacher", "in_channels": self.in_channels,
-                             "image_size": self.image_size, "step": self.step}, self.run.checkpoints / name)
+            save_teacher(self.run.checkpoints / name, fp32_state(self.teacher), self.in_channels, self.image_size,
+                         self.preprocess, self.step)
 
     def save_student(self, name: str) -> None:
         if self.ddp.is_main:
