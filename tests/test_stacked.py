@@ -255,3 +255,23 @@ def test_bad_stack_option_is_a_clear_error(tmp_path, capsys, args, message):
     assert main(["sweep", str(path), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()                      # nothing started
+
+
+def test_a_run_another_process_holds_leaves_the_rest_of_its_stack_training(tmp_path):
+    """A real second process holds one run's lock: that run is reported and left untouched (nothing written
+    into its folder), the other runs of the stack train."""
+    from randteach.runs.sweep import record_failure
+    cfgs = [tiny_config(tmp_path / f"r{i}", **FAST, **v) for i, v in enumerate(VARIED[:2])]
+    busy = Path(cfgs[1].run_dir())
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from randteach.runs.rundir import run_lock\n"
+                               f"with run_lock({str(busy)!r}, create=True):\n    print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        free, taken = train_stacked(cfgs)
+        assert free["status"] == "completed"
+        assert taken["status"] == "failed" and "in use by another randteach process" in taken["error"]
+        record_failure(cfgs[1], taken["error"])  # as a sweep records a failed run
+        assert sorted(p.name for p in busy.iterdir()) == [".lock"]
+    finally:
+        holder.communicate("", timeout=30)

@@ -218,6 +218,10 @@ def _writes() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class RunInUse(UserError):
+    """Another process holds the run folder's lock."""
+
+
 @contextmanager
 def run_lock(path: str | Path, create: bool = False):
     """Hold the run folder's advisory lock: one writer per run. A second process is refused with the holder's
@@ -244,7 +248,7 @@ def run_lock(path: str | Path, create: bool = False):
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise UserError(f"{path} is in use by another randteach process (PID {holder}); one process writes into "
+        raise RunInUse(f"{path} is in use by another randteach process (PID {holder}); one process writes into "
                         "a run at a time: wait for it to finish, or use --out elsewhere") from None
     try:
         os.ftruncate(fd, 0)

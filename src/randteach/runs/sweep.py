@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml
-from .rundir import RunDir
+from .rundir import RunDir, RunInUse, run_lock
 
 SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
 DONE = ("completed", "diverged")  # a diverged run is a result, not something to retry
@@ -149,21 +149,29 @@ def finished_summary(cfg: Config) -> dict | None:
 
 def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
     """Write a "failed" summary into the run directory, so reports list the run and a re-run retries it
-    (unless the directory holds another config's run, or this run is finished: those are left alone)."""
+    (unless the directory holds another config's run, or this run is finished, or another process holds
+    its lock: those are left alone)."""
     summary = {"status": "failed", "error": error, "traceback": detail, "config_digest": cfg.digest()}
     run = RunDir(cfg.run_dir())
+    try:
+        with run_lock(run.path, create=True):
+            _write_failure(run, cfg, summary)
+    except RunInUse:  # another process is writing the run (e.g. it failed to start here because of that)
+        pass
+    return summary
+
+
+def _write_failure(run: RunDir, cfg: Config, summary: dict) -> None:
     try:
         existing = run.summary()
     except ValueError:  # unreadable JSON: replace it
         existing = None
     recorded = existing.get("config_digest") if existing else None
     if existing and ((recorded is not None and not cfg.matches(recorded)) or finished_summary(cfg)):
-        return summary
-    run.path.mkdir(parents=True, exist_ok=True)
+        return
     if not run.config_path.exists():
         run.config_path.write_text(cfg.to_yaml())
     run.write_summary(summary)
-    return summary
 
 
 def run_one(cfg: Config, progress: bool = False) -> dict:

@@ -50,7 +50,7 @@ from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint, save_teacher
-from ..runs.rundir import RunDir, check_config_digest, run_lock, run_summary
+from ..runs.rundir import RunDir, RunInUse, check_config_digest, run_lock, run_summary
 from .callbacks import MetricsLog, StopFlag, StopRun
 from .distributed import Dist
 from .setup import (build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds,
@@ -170,7 +170,8 @@ def _check_config(run: RunDir, cfg: Config) -> None:
 
 
 def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
-    """Train (or resume, or skip when finished) the runs `cfgs` stacked; one summary per config, in order.
+    """Train (or resume, or skip when finished) the runs `cfgs` stacked; one summary per config, in order (a
+    run whose folder another process holds is not touched: its summary, "failed", says so).
 
     The configs must share a structure (`structure_key`) and be stackable (`why_not_stackable`)."""
     keys = {structure_key(c) for c in cfgs}
@@ -184,7 +185,11 @@ def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
     by_step: dict[int, list[int]] = {}
     with contextlib.ExitStack() as locks:
         for i, cfg in enumerate(cfgs):
-            locks.enter_context(run_lock(cfg.run_dir(), create=True))  # one writer per run folder, as distill
+            try:
+                locks.enter_context(run_lock(cfg.run_dir(), create=True))  # one writer per run folder, as distill
+            except RunInUse as e:  # that run is another process's; the others train
+                summaries[i] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                continue
             run = RunDir(cfg.run_dir())
             run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
             _check_config(run, cfg)
