@@ -94,6 +94,8 @@ def test_paper_head_ablations_cover_app_b():
     parts = {(c.head.wn1, c.head.lin1, c.head.fn1, c.head.wn2, c.head.lin2, c.head.fn2)
              for c in configs("head-ablations", "bottleneck")}
     assert (False, True, True, True, True, False) in parts and len(parts) == 7
+    one_layer = [c for c in configs("head-ablations", "bottleneck") if not c.head.lin2]
+    assert one_layer and all(c.head.bottleneck_dim == c.head.out_dim == 2 ** 16 for c in one_layer)
 
 
 def test_paper_imp_prunes_to_half_a_percent():
