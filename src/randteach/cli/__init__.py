@@ -23,7 +23,7 @@ def _config_from_args(args, extra: list[str], default_preset: str | None = None)
     return build_config(args.preset or default_preset, args.config, parse_overrides(extra))
 
 
-def _print_notes(configs) -> None:
+def print_notes(configs) -> None:
     """Settings the runs never read (e.g. optim.momentum under AdamW), on stderr before they start."""
     from ..config import ignored_notes
     for line in ignored_notes(configs):
@@ -57,7 +57,7 @@ def cmd_distill(args, extra) -> int:
         cfg = config_from_dict({**saved, "out": str(run_dir)})
     else:
         cfg = _config_from_args(args, extra)
-        _print_notes([cfg])
+        print_notes([cfg])
     from ..reports.run import probe_table, recorded_command, write_run_report
     from ..train.loop import distill
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -31,7 +30,8 @@ def _check_not_varied(overrides: dict, spec, where: str) -> None:
 
 
 def cmd_sweep(args, extra) -> int:
-    from ..config import ignored_notes, parse_overrides
+    from ..config import parse_overrides
+    from . import print_notes
     from ..runs.rundir import RunDir
     from ..runs.sweep import expand, finished_summary, load_sweep, run_sweep, submitit_parameters
     spec = load_sweep(args.sweep_file)
@@ -44,8 +44,7 @@ def cmd_sweep(args, extra) -> int:
     if args.launcher == "slurm":
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
     configs = expand(spec)
-    for line in ignored_notes(configs):
-        print(line, file=sys.stderr)
+    print_notes(configs)
     if args.dry_run:
         from ..reports.groups import flat_config, show_value, varying_keys
         rows = [{"config": flat_config(c.to_dict())} for c in configs]
