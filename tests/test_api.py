@@ -130,3 +130,65 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
         randteach.probe(conv_rgb, digits, digits)
     with pytest.raises(UserError, match="no encoders to measure"):
         randteach.signal_report({}, digits)
+
+
+def test_distill_leaves_the_callers_config_as_it_was(tmp_path, digits, monkeypatch):
+    """The same Config for two encoders: two runs (distill once set the Config's out, so the second call
+    returned the first run)."""
+    from randteach.config import build_config
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config("cpu", None, {**TINY, "probe.which": [], "train.max_steps": 1})
+    a = randteach.distill(cfg, encoder=make_encoder, train=digits, progress=False)
+    b = randteach.distill(cfg, encoder=lambda in_channels, image_size: TinyEncoder(in_channels, image_size),
+                          train=digits, progress=False)
+    assert cfg.out is None and a.path != b.path
+
+
+def _wide(width):
+    return lambda in_channels, image_size: nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2,
+                                                                                  width))
+
+
+def test_encoders_are_told_apart_by_their_closures_and_their_code():
+    """A lambda over a loop variable is another encoder for every value; a class defined where there is no
+    source file (a notebook cell, python -c, stdin) is keyed by its compiled code."""
+    import types
+
+    from randteach.digests import object_key
+    assert object_key(_wide(4)) == object_key(_wide(4)) != object_key(_wide(32))
+    keys = []
+    for pooling in ("mean", "amax"):
+        cell = types.ModuleType("notebook_cell")
+        cell.__file__ = "<stdin>"  # what a script read from stdin has: no file to read
+        sys.modules["notebook_cell"] = cell
+        exec("import torch\nclass Enc(torch.nn.Module):\n"
+             f"    def forward(self, x):\n        return x.flatten(2).{pooling}(2)\n", cell.__dict__)
+        keys.append(object_key(cell.Enc))
+    del sys.modules["notebook_cell"]
+    assert keys[0] != keys[1]
+
+
+def test_a_run_on_python_data_is_probed_on_data_given_again(tmp_path, digits):
+    out = tmp_path / "py"
+    randteach.distill(encoder=make_encoder, train=digits, progress=False, out=str(out),
+                      **{**TINY, "probe.which": [], "train.max_steps": 1})
+    with pytest.raises(UserError, match="architecture=YourEncoder"):
+        randteach.probe(out)
+    with pytest.raises(UserError, match="trained on data given from Python"):
+        randteach.probe(out, architecture=make_encoder)  # the preset's fashion-mnist was never its data
+    result = randteach.probe(out, digits, architecture=make_encoder, probe__which=["student"])
+    assert 0.5 < result["student"]["linear"] <= 1
+
+
+def test_a_run_continues_only_on_the_objects_it_began_with(tmp_path, digits):
+    images, labels = digits
+    opts = {**TINY, "probe.which": [], "train.checkpoint_every": 0.5}
+    out = str(tmp_path / "run")
+    first = randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out,
+                              **{**opts, "train.max_steps": 3})
+    (Path(first.path) / "summary.json").unlink()  # as a kill leaves it: last.pt, no summary
+    with pytest.raises(UserError, match="began with another train"):
+        randteach.distill(encoder=make_encoder, train=(255 - images, labels), progress=False, out=out,
+                          resume=True, **{**opts, "train.max_steps": 3})
+    assert randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out, resume=True,
+                             **{**opts, "train.max_steps": 3}).summary["status"] == "completed"

@@ -20,7 +20,6 @@ as their commands do, or nn.Modules used as they are (their weights are what is 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 
 from .config import Config, build_config, flatten
 from .data import ImageData, load_dataset, stratified_subset
+from .digests import object_key
 from .errors import UserError
 
 
@@ -72,18 +72,6 @@ def _image_tensor(x: Any) -> torch.Tensor:
     return torch.as_tensor(x)
 
 
-def _fingerprint(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, ImageData):
-            h.update(p.digest().encode())
-        elif isinstance(p, nn.Module):
-            h.update(repr(p).encode())
-        elif callable(p):
-            h.update(f"{getattr(p, '__module__', '')}:{getattr(p, '__qualname__', repr(p))}".encode())
-    return h.hexdigest()[:8]
-
-
 def _split_for_probing(data: ImageData, seed: int) -> tuple[ImageData, ImageData]:
     if data.num_classes < 2 or bool((data.labels < 0).any()):
         raise UserError("the training data has no labels to probe with; pass probe_train= and probe_test=")
@@ -115,7 +103,7 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
         probe_splits = _split_for_probing(train_data, config.data.subset_seed)
     if encoder is not None or train_data is not None or probe_splits is not None:
         if not config.out:
-            extra = _fingerprint(encoder, train_data, *(probe_splits or ()))
+            extra = object_key(encoder, train_data, *(probe_splits or ()))
             config.out = str(Path("runs") / f"{config.name}-{config.digest()}-{extra}")
     return run_distillation(config, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
                             probe_splits=probe_splits)
@@ -132,7 +120,7 @@ def _build(config: Config | None, preset: str | None, overrides: dict) -> Config
         return build_config(preset, None, dotted)
     if dotted:
         return build_config(None, None, {**flatten(config.to_dict()), **dotted})
-    return config
+    return copy.deepcopy(config)  # the run's own: distill sets its `out`, the caller's stays as it was
 
 
 # ------------------------------------------------------------------------------------------- analyses

@@ -3,7 +3,11 @@ and of the code that computes a cached result, so that a cache entry is read bac
 wrote it."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
+import inspect
+import marshal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,9 +38,57 @@ def digest_code(h, modules: Iterable[str], libraries: Iterable[str] = ("torch",)
     for lib in libraries:
         h.update(f"{lib} {_version(lib)}".encode())
     for name in sorted(set(modules)):
-        path = getattr(sys.modules.get(name), "__file__", None)
         h.update(name.encode())
-        h.update(Path(path).read_bytes() if path else b"")
+        h.update(module_code(name))
+
+
+def module_code(name: str) -> bytes:
+    """The source file of module `name`; for a module without one (a notebook's or `python -c`'s __main__,
+    a script read from stdin) the compiled code of the functions and classes defined in it, so that an
+    edited cell is new code there too."""
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if path and Path(path).is_file():
+        return Path(path).read_bytes()
+    own = [v for _, v in sorted(vars(module).items()) if getattr(v, "__module__", None) == name] if module else []
+    return b"".join(_compiled(v) for v in own)
+
+
+def _compiled(obj) -> bytes:
+    """The bytecode of a function, or of every method of a class."""
+    if inspect.isclass(obj):
+        return b"".join(_compiled(getattr(v, "__func__", v)) for _, v in sorted(vars(obj).items()))
+    code = getattr(obj, "__code__", None)
+    return marshal.dumps(code) if code is not None else b""
+
+
+def object_key(*parts) -> str:
+    """A short content key of Python objects given to a run: data (anything with `.digest()`, i.e. ImageData)
+    by its pixels and labels, an encoder (factory or module) by `digest_callable`; None parts are skipped."""
+    h = hashlib.sha256()
+    for p in parts:
+        if hasattr(p, "digest"):
+            h.update(p.digest().encode())
+        elif p is not None:
+            digest_callable(h, p)
+    return h.hexdigest()[:8]
+
+
+def digest_callable(h, obj) -> None:
+    """Fold into `h` what makes an encoder given from Python what it is: its class or function and that
+    code (`module_code`), an instance's structure, and a function's closure values, defaults and bound
+    arguments (a lambda over a loop variable is another encoder for every value)."""
+    if isinstance(obj, functools.partial):
+        h.update(repr((obj.args, sorted(obj.keywords.items()))).encode())
+        return digest_callable(h, obj.func)
+    if isinstance(obj, nn.Module):
+        h.update(repr(obj).encode())
+        obj = type(obj)
+    h.update(f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', repr(obj))}".encode())
+    h.update(module_code(getattr(obj, "__module__", "") or ""))
+    cells = getattr(obj, "__closure__", None) or ()
+    h.update(repr([getattr(obj, "__defaults__", None), getattr(obj, "__kwdefaults__", None),
+                   [c.cell_contents for c in cells]]).encode())
 
 
 def _version(distribution: str) -> str:

@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..precision import exact_fp32, uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights, resolve_model_checkpoint
-from ..runs.rundir import ResultsNotSaved, RunDir, run_lock, write_json
+from ..runs.rundir import ResultsNotSaved, RunDir, python_objects, run_lock, write_json
 from ..train.setup import resolve_device
 from .embedding import Prober
 
@@ -29,6 +29,18 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
         return _probe_run(RunDir(run_dir), overrides, checkpoint, splits, architecture)
 
 
+def _check_python_objects(run: RunDir, splits, architecture, overrides: dict) -> None:
+    """A run trained on a Python encoder or data: config.yaml names neither, so they must come again."""
+    given = python_objects(run.path)
+    if given.get("encoder") and architecture is None:
+        raise UserError(f"{run.path}: its encoder came from a Python object, which config.yaml cannot name; pass "
+                        "it again: randteach.probe(run, architecture=YourEncoder)")
+    if given.get("train") and splits is None and "probe.data" not in overrides:
+        raise UserError(f"{run.path} was trained on data given from Python, which config.yaml cannot name; pass "
+                        "the data to probe on (randteach.probe(run, train=..., test=...)) or name a data set "
+                        "(--probe.data NAME)")
+
+
 def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict:
     if not run.config_path.exists():
         raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
@@ -43,6 +55,7 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     for section, values in nested.items():
         saved.setdefault(section, {}).update(values)
     cfg = config_from_dict(saved)
+    _check_python_objects(run, splits, architecture, pairs)
     device = resolve_device(cfg.train.device)
     teacher_file = resolve_model_checkpoint(run.path, "teacher")
     teacher_ckpt = load_checkpoint(teacher_file)

@@ -33,9 +33,8 @@ EXPORTABLE = ("student", "teacher")  # the networks an encoder file can hold
 def _run_config(run: Path) -> Config:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a randteach run directory (no config.yaml)")
-    from .rundir import PYTHON_OBJECTS
-    marker = run / PYTHON_OBJECTS
-    if marker.is_file() and json.loads(marker.read_text()).get("encoder"):
+    from .rundir import python_objects
+    if python_objects(run).get("encoder"):
         raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name; rebuild "
                         "it in Python and load checkpoints/student.pt into it (randteach.probe(..., architecture=))")
     return config_from_dict(load_yaml(run / "config.yaml"))

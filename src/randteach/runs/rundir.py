@@ -43,6 +43,13 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def python_objects(run: str | Path) -> dict:
+    """What of a run came from Python objects that config.yaml cannot name ({"encoder": bool, "train": bool,
+    ...}; empty for a run made from its config alone)."""
+    marker = Path(run) / PYTHON_OBJECTS
+    return json.loads(marker.read_text()) if marker.is_file() else {}
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically write JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

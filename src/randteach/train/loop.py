@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 from . import teacher_cache
 from ..config import Config
 from ..data import ImageData
+from ..digests import object_key
 from ..errors import UserError
 from ..optim import lr_at
 from ..precision import exact_fp32
-from ..runs.rundir import PYTHON_OBJECTS, RunDir, check_config_digest, run_lock, run_summary, write_json
+from ..runs.rundir import (PYTHON_OBJECTS, RunDir, check_config_digest, python_objects, run_lock, run_summary,
+                            write_json)
 from .callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
 from .distributed import Dist, from_environment
 from .setup import resolve_device
@@ -61,8 +63,9 @@ def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, pro
     ddp = from_environment(device)
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
-    _open_run(cfg, run, ddp, python_objects={"encoder": encoder is not None, "train": train_data is not None,
-                                             "probe": probe_splits is not None})
+    given = _python_objects(encoder, train_data, probe_splits)
+    _check_same_objects(run, given)
+    _open_run(cfg, run, ddp, python_objects=given)
     with exact_fp32():
         state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
         _attach_teacher_cache(state, progress)
@@ -101,6 +104,28 @@ def _train(state: TrainState, hooks: list, bar: tqdm) -> tuple[str, int, dict]:
         return stop.status, stop.steps, stop.extra
     finally:
         bar.close()
+
+
+def _python_objects(encoder, train_data, probe_splits) -> dict:
+    """Which of the run's parts came from Python, and a content key of each (`digests.object_key`)."""
+    parts = {"encoder": encoder, "train": train_data, "probe": probe_splits}
+    given = {name: obj is not None for name, obj in parts.items()}
+    return {**given, "keys": {name: object_key(*(obj if name == "probe" else [obj]))
+                              for name, obj in parts.items() if obj is not None}}
+
+
+def _check_same_objects(run: RunDir, given: dict) -> None:
+    """A run continues on the Python objects it began with: config.yaml cannot name them, so their keys are
+    compared (a run recorded before the keys were is not checked)."""
+    recorded = python_objects(run.path)
+    if not (run.checkpoints / "last.pt").is_file() or (recorded and "keys" not in recorded):
+        return
+    changed = sorted(set(recorded.get("keys", {}).items()) ^ set(given["keys"].items()))
+    if changed:
+        names = sorted({name for name, _ in changed})
+        raise UserError(f"{run.path} began with another {', '.join(names)} than the one given now (the code or the "
+                        "data differ); continue it with the objects it began with, or give another out= for a "
+                        "new run")
 
 
 def _check_resumable(run: RunDir) -> None:
