@@ -130,6 +130,30 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
         randteach.probe(conv_rgb, digits, digits)
     with pytest.raises(UserError, match="no encoders to measure"):
         randteach.signal_report({}, digits)
+    images, labels = digits
+    rgb = images.repeat(1, 3, 1, 1).permute(0, 2, 3, 1)  # (N, 8, 8, 3): a numpy / torchvision layout
+    with pytest.raises(UserError, match=r"look channels-last.*permute\(0, 3, 1, 2\)"):
+        randteach.distill(encoder=make_encoder, train=(rgb, labels), progress=False)
+
+
+def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits):
+    """Inside torch.no_grad() it still trains; the caller's torch RNG continues where it was."""
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        r = randteach.distill(encoder=make_encoder, train=digits, progress=False, out=str(tmp_path / "r"),
+                              **{**TINY, "probe.which": [], "train.max_steps": 2})
+    assert r.summary["status"] == "completed" and torch.equal(torch.rand(3), want)
+
+
+def test_probe_subsets_apply_to_probe_data_given_to_distill(tmp_path, digits):
+    images, labels = digits
+    r = randteach.distill(encoder=make_encoder, train=digits, probe_train=(images[:600], labels[:600]),
+                          probe_test=(images[600:], labels[600:]), progress=False, out=str(tmp_path / "p"),
+                          **{**TINY, "probe.which": ["student"], "probe.n_test": 7, "train.max_steps": 2})
+    # scored on 7 images: a multiple of 1/7 (of the 837 given, only 0 or 1 would be)
+    assert all(abs(7 * acc - round(7 * acc)) < 1e-9 for acc in r.summary["probe"]["student"].values())
 
 
 def test_distill_leaves_the_callers_config_as_it_was(tmp_path, digits, monkeypatch):
@@ -192,3 +216,15 @@ def test_a_run_continues_only_on_the_objects_it_began_with(tmp_path, digits):
                           resume=True, **{**opts, "train.max_steps": 3})
     assert randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out, resume=True,
                              **{**opts, "train.max_steps": 3}).summary["status"] == "completed"
+
+
+def test_an_encoder_from_python_gets_the_images_at_their_size(tmp_path, digits):
+    """The paper preset names resnet18, which needs 32 px; a Python encoder is not it: 8 px stay 8 px."""
+    from randteach.runs.checkpoint import load_checkpoint
+    r = randteach.distill(encoder=make_encoder, train=digits, preset="paper", progress=False, out=str(tmp_path / "p"),
+                          **{**TINY, "probe.which": [], "train.max_steps": 1, "train.teacher_cache": False})
+    assert load_checkpoint(Path(r.path) / "checkpoints" / "teacher.pt")["image_size"] == 8
+    images, labels = digits
+    with pytest.raises(UserError, match="float images .* are used as given"):
+        randteach.distill(encoder=make_encoder, train=(images / 255.0, labels), progress=False,
+                          out=str(tmp_path / "f"), **{**TINY, "data.image_size": 16})

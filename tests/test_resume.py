@@ -124,3 +124,22 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
     assert float(diff) <= 1e-6 * float(torch.cat([a[k].flatten() for k in a]).norm())
     assert not all(torch.equal(a[k], load_checkpoint(one / "checkpoints" / "student_init.pt")["model"][k]) for k in a)
     assert len([x for x in RunDir(two).records() if "loss" in x]) == 4   # rank 0 alone wrote the log
+
+
+def test_every_torchrun_rank_gets_the_runs_summary_from_the_python_api(tmp_path):
+    script = tmp_path / "job.py"
+    options = {**TINY, "train.max_steps": 2, "probe.which": ["student"], "probe.linear": "none"}
+    script.write_text("import json, os\nimport randteach\n"
+                      f"r = randteach.distill(preset='cpu', out={str(tmp_path / 'run')!r}, progress=False, "
+                      f"**{options!r})\n"
+                      "print(json.dumps({'rank': os.environ['RANK'], 'summary': r.summary}))\n")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                                              os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    results = {d["rank"]: d["summary"] for d in map(json.loads, filter(None, r.stdout.splitlines()))}
+    assert set(results) == {"0", "1"}
+    assert results["1"]["probe"] == results["0"]["probe"] and results["1"]["rank"] == 1

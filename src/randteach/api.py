@@ -55,6 +55,9 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
         images = images[:, None]
     if images.ndim != 4:
         raise UserError(f"images must have shape (N, C, H, W) or (N, H, W), got {tuple(images.shape)}")
+    if images.shape[1] > 4 and images.shape[-1] in (1, 3, 4):
+        raise UserError(f"images of shape {tuple(images.shape)} look channels-last (N, H, W, C), as numpy arrays "
+                        "and torchvision's .data hold them; pass images.permute(0, 3, 1, 2) (N, C, H, W)")
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     if len(labels) != len(images):
         raise UserError(f"{len(images)} images but {len(labels)} labels")
@@ -98,9 +101,9 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
     if probe_train is not None or probe_test is not None:
         if probe_train is None or probe_test is None:
             raise UserError("pass both probe_train= and probe_test=, or neither")
-        probe_splits = (as_image_data(probe_train), as_image_data(probe_test))
+        probe_splits = _subsampled((as_image_data(probe_train), as_image_data(probe_test)), config)
     elif train_data is not None and config.probe.which:
-        probe_splits = _split_for_probing(train_data, config.data.subset_seed)
+        probe_splits = _subsampled(_split_for_probing(train_data, config.data.subset_seed), config)
     if encoder is not None or train_data is not None or probe_splits is not None:
         if not config.out:
             extra = object_key(encoder, train_data, *(probe_splits or ()))
@@ -179,6 +182,12 @@ def _splits(train: Any, test: Any, cfg: Config) -> tuple[ImageData, ImageData] |
         splits = _split_for_probing(as_image_data(train), cfg.data.subset_seed)
     else:
         splits = (_data(train, cfg, "train"), _data(train if test is None else test, cfg, "test"))
+    return _subsampled(splits, cfg)
+
+
+def _subsampled(splits: tuple[ImageData, ImageData], cfg: Config) -> tuple[ImageData, ImageData]:
+    """The probe splits cut to class-stratified subsets of probe.n_train / probe.n_test images, as the
+    command line's probes are."""
     return tuple(d.subset(stratified_subset(d.labels, n, seed=cfg.data.subset_seed)) if n and n < len(d) else d
                  for d, n in zip(splits, (cfg.probe.n_train, cfg.probe.n_test)))
 

@@ -45,7 +45,10 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
-    with run_lock(cfg.run_dir(), create=not resume):  # one writer per run folder
+    # The caller's random streams are left as they were (a notebook's later draws do not restart at the
+    # run's seed), and training takes gradients even when called under torch.no_grad().
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with run_lock(cfg.run_dir(), create=not resume), torch.random.fork_rng(devices=cuda), torch.enable_grad():
         return _distill(cfg, resume, progress, train_data, encoder, probe_splits)
 
 
@@ -177,13 +180,14 @@ def _attach_teacher_cache(state: TrainState, progress: bool) -> None:
 
 
 def _finish(state: TrainState, status: str, steps: int, extra: dict) -> RunResult:
-    """The run's one exit: summary.json (rank 0), the same result shape for every status."""
+    """The run's one exit: summary.json, written by rank 0 and returned by every rank (the others' marked
+    with their rank), the same result shape for every status."""
     state.ddp.barrier()
     run = state.run
-    if not state.ddp.is_main:
-        return RunResult(run.path, {"status": status, "steps": steps, "rank": state.ddp.rank})
-    summary = run_summary(run, status=status, steps=steps, epochs=steps / state.plan.steps_per_epoch,
-                          wall=state.wall(), init=state.init_info, digest=state.cfg.digest(), device=state.device,
-                          precision="bf16" if state.bf16_requested else "fp32", **extra)
-    run.write_summary(summary)
-    return RunResult(run.path, summary)
+    if state.ddp.is_main:
+        summary = run_summary(run, status=status, steps=steps, epochs=steps / state.plan.steps_per_epoch,
+                              wall=state.wall(), init=state.init_info, digest=state.cfg.digest(),
+                              device=state.device, precision="bf16" if state.bf16_requested else "fp32", **extra)
+        run.write_summary(summary)
+    state.ddp.barrier()
+    return RunResult(run.path, summary if state.ddp.is_main else {**run.summary(), "rank": state.ddp.rank})

@@ -34,11 +34,12 @@ def resolve_device(name: str, flag: str = "--train.device") -> torch.device:
     return device
 
 
-def model_image_size(cfg: Config, native: int) -> int:
-    """VGG/ResNet/ViT need 32 px inputs at least (five 2x poolings, patch 8): 28 px images are zero-padded."""
+def model_image_size(cfg: Config, native: int, builtin_encoder: bool = True) -> int:
+    """VGG/ResNet/ViT need 32 px inputs at least (five 2x poolings, patch 8): 28 px images are zero-padded
+    (not for an encoder given from Python, which model.encoder does not describe)."""
     if cfg.data.image_size:
         return cfg.data.image_size
-    if cfg.model.encoder.startswith(NEEDS_32PX) and native < 32:
+    if builtin_encoder and cfg.model.encoder.startswith(NEEDS_32PX) and native < 32:
         return 32
     return native
 
@@ -90,9 +91,10 @@ def trains_channels_last(cfg: Config, inputs: torch.Tensor, encoder: torch.nn.Mo
     return inputs.dim() == 4 and cfg.train.channels_last and (bf16 or fp32_channels_last(encoder, device))
 
 
-def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
+def load_training_inputs(cfg: Config, train_data: ImageData | None = None, builtin_encoder: bool = True):
     """(inputs, preprocess, data, size): uint8 images + their preprocess, bf16 noise + its widening, or the
-    Python API's float images as given (preprocess None)."""
+    Python API's float images as given (preprocess None). `builtin_encoder`: model.encoder is the encoder
+    (not one given from Python), whose input size may differ from the images' (`model_image_size`)."""
     data = train_data or load_configured(cfg.data, "train")
     if cfg.data.n_samples:
         if cfg.data.n_samples > len(data):
@@ -100,8 +102,11 @@ def load_training_inputs(cfg: Config, train_data: ImageData | None = None):
         data = data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
     native = data.images.shape[-1]
     if data.images.is_floating_point():  # Python API: float images are used as given
+        if cfg.data.image_size and cfg.data.image_size != native:
+            raise UserError(f"data.image_size={cfg.data.image_size} pads or resizes uint8 images; float images "
+                            f"(here {native} px) are used as given: resize them yourself, or pass uint8 images")
         return data.images, None, data, native
-    size = model_image_size(cfg, native)
+    size = model_image_size(cfg, native, builtin_encoder)
     preprocess = Preprocess.fit(data, size=size)
     if cfg.data.inputs == "noise":  # Gaussian inputs of the (padded) images' shape, in normalized units
         shape = (len(data), data.images.shape[1], size, size)

@@ -194,7 +194,7 @@ class TrainState:
     def create_or_resume(cls, cfg: Config, run: RunDir, ddp: Dist, device: torch.device, *,
                          train_data=None, encoder=None) -> "TrainState":
         torch.manual_seed(cfg.train.seed)
-        inputs, preprocess, data, size = load_training_inputs(cfg, train_data)
+        inputs, preprocess, data, size = load_training_inputs(cfg, train_data, builtin_encoder=encoder is None)
         in_channels = data.images.shape[1]
         gate = Float64Start(cfg.train.float64_until_distance)
         teacher, student = build_teacher_and_student(cfg, in_channels, size, encoder, gate.init_dtype)
