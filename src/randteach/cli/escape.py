@@ -105,8 +105,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "signal", help="per-layer effective rank, dead neurons, condition number, Fisher metrics, probes (escaping paper, Fig. 2-3)",
         description="For a run's teacher, collapse point (RUN_DIR/collapse.json, if recorded) and final student: "
-                    "hook every activation layer of the encoder (and its output), collect representations of a "
-                    "class-stratified subset of the probe data, and compute per layer the effective rank, dead "
+                    "hook every activation layer of the encoder (and its output), collect representations of the "
+                    "probe data (a class-stratified subset where the whole split would not fit in 4 GiB), and compute per layer the effective rank, dead "
                     "neurons, condition number, Fisher discriminant traces and separability (also relative to the "
                     "teacher) and a linear probe. Writes OUT/signal.json, signal_propagation.png (Fig. 2) and "
                     "signal_representation.png (Fig. 3); OUT defaults to RUN_DIR/signal. Takes --probe.*, "

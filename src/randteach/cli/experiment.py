@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=NAMES, metavar="NAME", help=", ".join(NAMES))
     p.add_argument("--scale", choices=SCALES + ("tiny",), default="cpu", metavar="{cpu,paper}",
-                   help="cpu: Fashion-MNIST subsets and small encoders for 2 CPU cores; paper: the paper's data "
+                   help="cpu: Fashion-MNIST (subsets in a few experiments) and small encoders for 2 CPU cores; paper: the paper's data "
                         "sets and recipe (GPUs) (default cpu)")
     p.add_argument("--out", help="root folder: run directories in OUT/runs, the report in OUT/NAME "
                                  "(default runs/experiments/SCALE)")
