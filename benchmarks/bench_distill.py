@@ -34,6 +34,7 @@ from bench_machine import sync
 from randteach.config import build_config
 from randteach.data import Preprocess, load_dataset, stratified_subset
 from randteach.models import build_model
+from randteach.precision import exact_fp32
 from randteach.runs.rundir import RunDir
 from randteach.train import teacher_cache
 from randteach.train.loop import distill
@@ -82,9 +83,15 @@ class Workload:
     hidden_dims: list[int] = field(default_factory=lambda: [2048, 2048])
     bottleneck_dim: int = 256
     out_dim: int = 4096                  # the cpu preset's m; the paper's 2^16 adds a 256 x 65536 matmul
-    warmup: int = 1                      # steps not timed (kernel selection, compilation)
+    warmup: int = 1                      # steps not timed (kernel selection, compilation), rounded up below
     steps: int = 2                       # timed steps per measurement
     device: str = "cpu"                  # or "cuda": both loops run there (the FLOP count stays on the CPU)
+
+    def __post_init__(self):
+        # Every loop runs the same untimed steps, a multiple of the timed ones: our loop writes a record (and
+        # reads the device) every `steps` steps, as a real run does every train.log_every, so one record
+        # closes the warm-up and the next one the timed window.
+        self.warmup = -(-self.warmup // self.steps) * self.steps
 
     def overrides(self, out: Path, root: Path) -> dict[str, str]:
         """Config overrides of our loop for this workload: everything off, no probes, no checkpoints but
@@ -94,17 +101,10 @@ class Workload:
                 "head.hidden_dims": json.dumps(self.hidden_dims), "head.bottleneck_dim": str(self.bottleneck_dim),
                 "head.out_dim": str(self.out_dim), "init.mode": "independent",
                 "train.batch_size": str(self.batch), "train.epochs": "1000",
-                "train.max_steps": str(self.warmup_steps + self.steps), "train.device": self.device,
+                "train.max_steps": str(self.warmup + self.steps), "train.device": self.device,
                 "train.precision": "fp32", "train.channels_last": "false", "train.compile": "false",
                 "train.teacher_cache": "false", "train.probe_every": "0", "train.checkpoint_every": "0",
                 "train.log_every": str(self.steps), "probe.which": "[]", "out": str(out)}
-
-    @property
-    def warmup_steps(self) -> int:
-        """Untimed steps, rounded up to a multiple of the timed ones: our loop writes a record (and reads the
-        device) every `steps` steps, as a real run does every train.log_every, so that one record closes the
-        warm-up and the next one the timed window."""
-        return -(-self.warmup // self.steps) * self.steps
 
 
 class _NotingClock:
@@ -166,13 +166,14 @@ def _timed_steps(w: Workload, n_images: int, step) -> dict:
     random order of the images (a hand-written loop's data order)."""
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(0)).to(w.device)
     times, cpu = [], []
-    for i in range(w.warmup + w.steps):
-        sync(w.device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step(order[(i * w.batch) % n_images:][:w.batch])
-        sync(w.device)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+    with exact_fp32():  # the arithmetic of our loop, which runs under it: no TF32 on a GPU
+        for i in range(w.warmup + w.steps):
+            sync(w.device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step(order[(i * w.batch) % n_images:][:w.batch])
+            sync(w.device)
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     return {"step_s": times, "cpu_s": cpu}
 
 
@@ -206,10 +207,10 @@ def our_steps(w: Workload, root: Path, extra: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if result.summary["status"] != "completed":
         raise RuntimeError(f"benchmark run ended with status {result.summary['status']}")
-    (warm, timed), n = [r for r in steps if r["step"] in (w.warmup_steps, w.warmup_steps + w.steps)], w.steps
+    (warm, timed), n = [r for r in steps if r["step"] in (w.warmup, w.warmup + w.steps)], w.steps
     wall = timed["time"] - warm["time"]
     cpu = clock.cpu_at(timed["time"]) - clock.cpu_at(warm["time"])
-    warm_wall, warm_cpu = warm["time"] / w.warmup_steps, clock.cpu_at(warm["time"]) / w.warmup_steps
+    warm_wall, warm_cpu = warm["time"] / w.warmup, clock.cpu_at(warm["time"]) / w.warmup
     return {"step_s": [warm_wall] * w.warmup + [wall / n] * n, "cpu_s": [warm_cpu] * w.warmup + [cpu / n] * n,
             "bf16": [r["bf16"] for r in steps]}
 
@@ -222,11 +223,10 @@ def _precomputed_targets(w: Workload, x_all, teacher) -> torch.Tensor:
 def tuned_steps(w: Workload, root: Path) -> dict:
     """The tuned baseline: the plain loop with the teacher's outputs precomputed once, bf16 autocast on the
     student's forward and the forward + loss compiled as one graph (its backward compiled by AOTAutograd),
-    fused AdamW on CUDA. What an engineer paying for GPU hours writes by hand."""
+    fused AdamW. What an engineer paying for GPU hours writes by hand."""
     x_all, teacher, student = _plain_setup_on_device(w, root)
     targets = _precomputed_targets(w, x_all, teacher)
-    fused = {"fused": True} if w.device.startswith("cuda") else {}
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0, **fused)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     device_type = torch.device(w.device).type
 
     @torch.compile(dynamic=False)
@@ -277,8 +277,9 @@ def build_teacher_cache(w: Workload, root: Path) -> dict:
 
 
 def count_flops(w: Workload, root: Path) -> dict:
-    """FLOPs of one plain training step (teacher forward, student forward and backward) and of the part
-    a teacher cache removes (teacher encoder and bottleneck forward), by FlopCounterMode."""
+    """FLOPs of one plain training step (teacher forward, student forward and backward), of the part a
+    teacher cache removes (teacher encoder and bottleneck forward) and of the whole teacher forward, which
+    the tuned loops' precomputed targets remove, by FlopCounterMode."""
     x_all, teacher, student = _plain_setup(w, root)
     x = x_all[:w.batch]
     with FlopCounterMode(display=False) as step:
@@ -287,7 +288,10 @@ def count_flops(w: Workload, root: Path) -> dict:
         _ce(student(x), t).backward()
     with FlopCounterMode(display=False) as cached, torch.no_grad():
         teacher.head.bottleneck(teacher.encoder(x))
-    return {"step": step.get_total_flops(), "teacher_cached_part": cached.get_total_flops()}
+    with FlopCounterMode(display=False) as whole, torch.no_grad():
+        teacher(x)
+    return {"step": step.get_total_flops(), "teacher_cached_part": cached.get_total_flops(),
+            "teacher_forward": whole.get_total_flops()}
 
 
 def measure(kind: str, w: Workload, root: Path, extra: dict | None = None) -> dict:

@@ -29,9 +29,19 @@ def verdict_clock(workload: dict) -> str:
 
 
 def _per_step(runs: list[dict], field: str, warmup: int) -> tuple[float, list[float]]:
-    """Mean over rounds of each round's median of the timed steps (warm-up dropped), and the medians."""
-    per_round = [statistics.median(run[field][warmup:]) for run in runs]
+    """Mean over rounds of each round's mean timed step (warm-up dropped), and those means: our loop's step
+    time is read from its own records, one per timed window, so every loop gets the window's mean."""
+    per_round = [statistics.mean(run[field][warmup:]) for run in runs]
     return statistics.mean(per_round), per_round
+
+
+def _teacher_flops_skipped(key: str, flops: dict) -> float:
+    """The teacher FLOPs a variant does not compute: the tuned loops precompute the teacher's outputs, our
+    teacher cache its encoder and bottleneck (a run of an older results file has no whole-forward count)."""
+    if key in ("tuned", "tuned-cpu"):
+        return flops.get("teacher_forward", flops["teacher_cached_part"])
+    cached = key != PLAIN[0] and VARIANTS[key][1].get("train.teacher_cache") == "true"
+    return flops["teacher_cached_part"] if cached else 0
 
 
 def summarize(results: dict) -> dict:
@@ -46,10 +56,9 @@ def summarize(results: dict) -> dict:
     per = {}
     for key in keys:
         runs = [r["results"][key] for r in rounds]
-        cached = key != PLAIN[0] and VARIANTS[key][1].get("train.teacher_cache") == "true"
         v = {"label": _label(key), "warmup_s": [run["step_s"][:w["warmup"]] for run in runs],
              "peak_rss": max(run["peak_rss"] for run in runs), "bf16_steps": [run.get("bf16") for run in runs],
-             "step_flops": flops["step"] - (flops["teacher_cached_part"] if cached else 0)}
+             "step_flops": flops["step"] - _teacher_flops_skipped(key, flops)}
         for clock, field in CLOCKS.items():
             t, per_round = _per_step(runs, field, w["warmup"])
             suffix = "" if clock == "wall" else "_cpu"
@@ -129,13 +138,16 @@ def _distill_section(results: dict, title: str) -> list[str]:
     w = results["workload"]
     head = (f"{w['encoder']} encoder, DINO head {w['hidden_dims']} → bottleneck {w['bottleneck_dim']} → "
             f"{w['out_dim']}, {w['data']} ({w['n_samples']} images cycled, "
-            f"padded to 32 px when the encoder needs it), batch {w['batch']}, CE loss, AdamW lr 1e-3")
+            f"padded to 32 px when the encoder needs it), batch {w['batch']}, AdamW lr 1e-3; the baselines' loss "
+            "is the cross-entropy, ours the cpu preset's KL (the cross-entropy's gradient, and its value)")
     lines = [f"## {title}", "",
               f"Workload: {head}; init.mode independent (so bf16, when asked for, is on from step 1). "
               f"{w['warmup']} warm-up step(s) then {w['steps']} timed step(s) per measurement, "
               f"{len(results['distill'])} rounds in palindromic order (plain, v1…vn | vn…v1, plain); "
-              "s/step = mean over rounds of each round's median. Our loop's step time is read from its own "
-              "metrics.jsonl, so logging, distances, gradient norm and the bf16 switch are included. "
+              "every loop runs the same untimed and timed steps; s/step = mean over rounds of each round's "
+              "mean timed step. Our loop's step time is read from its own metrics.jsonl (one record per "
+              "window), so logging, distances, gradient norm and the bf16 switch are included; the baselines "
+              "run under the same exact fp32 (no TF32 on a GPU). "
               "Each measurement is its own process; peak RSS = that process's `ru_maxrss` (whole process: "
               "Python, torch, data, both models, optimizer state).", "",
               "| variant | wall s/step (per round) | images/s | × plain, wall | CPU s/step (per round) | "
@@ -190,7 +202,12 @@ def markdown(results: dict) -> str:
              f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
              "## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
     for t in s["targets"]:
-        lines.append(f"| {t['name']} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
+        lines.append(f"| {t['name']} ({w['encoder']}) | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
+    for more in results.get("more_encoders", []):  # the step's targets for every encoder; the probes' once
+        for t in summarize({**results, **more, "probes": None})["targets"]:
+            if t["value"] is not None or "probe" not in t["name"] and "k-NN" not in t["name"]:
+                lines.append(f"| {t['name']} ({more['workload']['encoder']}) | {_shown(t)} | {t['goal']} | "
+                             f"**{t['verdict']}** |")
     pk = s["peak"]
     ms, me = results["matmul_start"], results["matmul_end"]
     lines += ["", f"Matmul yardstick ({ms['n']}² @ {ms['n']}², fp32 and bf16 alternating, median; start → end of "

@@ -33,10 +33,13 @@ def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
         assert section in text
     for label in ("plain fp32 loop", "ours, all off (fp32)", "bf16 autocast", "teacher cache"):
         assert f"| {label} |" in text
-    assert "| distill, all on, x plain fp32 loop | - | >= 2.5x | **not measured** |" in text
+    enc = results["workload"]["encoder"]
+    assert f"| distill, all on, x plain fp32 loop ({enc}) | - | >= 2.5x | **not measured** |" in text
     run = results["distill"][0]["results"]
     assert all(run["bf16"]["bf16"]) and not any(run["off"]["bf16"])
-    assert results["flops"]["step"] > results["flops"]["teacher_cached_part"] > 0
+    assert results["flops"]["step"] > results["flops"]["teacher_forward"] > results["flops"]["teacher_cached_part"] > 0
+    w = results["workload"]
+    assert {len(r["step_s"]) for r in run.values()} == {w["warmup"] + w["steps"]}  # every loop: the same steps
     assert results["cache_build"]["images"] == 256
     assert 0 < results["probes"]["linear"]["accuracy"] <= 1 and results["landscape"]["points_per_s"] > 0
 
@@ -66,10 +69,10 @@ def test_summary_arithmetic_and_verdicts(bench):
     results = _fake_run(plain_s=[4.0, 6.0], variant_s={"cache": [3.0, 5.0], "all": [1.0, 3.0]})
     s = bench_report.summarize(results)
     v = s["variants"]
-    # per round: the median of the timed steps (warm-up dropped), then the mean over rounds
+    # per round: the mean of the timed steps (warm-up dropped), then the mean over rounds
     assert v["plain"]["wall"]["s_per_step"] == pytest.approx(5.0)
-    assert v["cache"]["wall"]["s_per_step"] == pytest.approx(5.0)     # medians 4 and 6
-    assert v["all"]["wall"]["s_per_step"] == pytest.approx(3.0)       # medians 2 and 4
+    assert v["cache"]["wall"]["s_per_step"] == pytest.approx(5.0)     # means 4 and 6
+    assert v["all"]["wall"]["s_per_step"] == pytest.approx(3.0)       # means 2 and 4
     assert v["all"]["wall"]["x_plain"] == pytest.approx(5 / 3)
     assert v["all"]["wall"]["images_per_s"] == pytest.approx(100 / 3)
     # the CPU clock is summarized the same way, on its own numbers
@@ -78,6 +81,9 @@ def test_summary_arithmetic_and_verdicts(bench):
     assert v["cache"]["cpu"]["x_off"] is None                        # no "off" variant in this run
     # the cache removes the teacher's part of the FLOPs; the yardstick is the mean of start and end
     assert v["cache"]["step_flops"] == 300.0 and v["plain"]["step_flops"] == 400.0
+    # the tuned loops precompute the teacher's outputs: its whole forward is not theirs
+    flops = {**results["flops"], "teacher_forward": 120.0}
+    assert bench_report._teacher_flops_skipped("tuned-cpu", flops) == 120.0
     assert v["all"]["wall"]["frac_bf16"] == pytest.approx(300 / 3 / 400)
     assert v["all"]["cpu"]["frac_bf16"] == pytest.approx(300 / 6 / 200)
     verdicts = {t["name"]: t["verdict"] for t in s["targets"]}
