@@ -101,3 +101,44 @@ def test_a_plot_with_many_lines_names_each_role_once():
     assert few == ["student optim.lr=0.001"] * 2
     many = [_line_label("student", ["optim.lr"], (1e-3,), i, LEGEND_COMBOS + 1) for i in range(3)]
     assert many == ["student", "_nolegend_", "_nolegend_"]
+
+
+def test_a_cell_averaging_fewer_runs_than_its_row_says_how_many(tmp_path, capsys):
+    """One seed's student k-NN is missing (overflowing features) and one's student linear is NaN: the cells
+    average the finite values and name their count; the other cells of the row average all three."""
+    from randteach.reports.groups import markdown_table, metric_names
+    root = tmp_path / "sweep"
+    _, finals = fake_run(root, 0.5, 0)
+    fake_run(root, 0.5, 1, probe={**finals, "student": {"linear": float("nan")}})
+    fake_run(root, 0.5, 2, probe={**finals, "student": {"linear": 0.5}})
+    rows = collect([root])
+    (e,) = group(rows, [])
+    assert e["n"] == 3 and e["student.knn_n"] == 1 and e["student.linear_n"] == 2 and e["teacher.knn_n"] == 3
+    assert e["student.linear_mean"] == pytest.approx((finals["student"]["linear"] + 0.5) / 2)
+    text = markdown_table([e], [], metric_names(rows))
+    assert text.count("(n = 2)") == 1 and text.count("(n = 1)") == 1
+
+
+def test_a_seed_path_per_run_is_not_a_grouping_key(tmp_path):
+    """Restart's round-2 runs name each seed's round-1 student as their teacher: one group, not one per seed."""
+    rows = [{"run_dir": str(i), "status": "completed", "metrics": {}, "summary": {},
+             "config": {"train.seed": i, "init.teacher_checkpoint": f"runs/round1-{i}", "optim.lr": 1e-3}}
+            for i in range(3)]
+    assert varying_keys(rows) == [] and group(rows)[0]["n"] == 3
+
+
+def test_an_experiment_table_counts_runs_without_a_summary_as_unfinished(tmp_path):
+    from randteach.reports.experiment import markdown, rows_of, summarize
+    root = tmp_path / "sweep"
+    configs = []
+    for seed in SEEDS:
+        cfg = build_config("cpu", None, {"name": "fake", "init.alpha": 0.5, "train.seed": seed})
+        cfg.out = str(root / f"fake-{cfg.digest()}")
+        configs.append(cfg)
+    for seed in SEEDS[:2]:
+        fake_run(root, 0.5, seed)
+    rows = rows_of(configs)
+    assert [r["status"] for r in rows] == ["completed", "completed", "pending"]
+    (e,) = table = summarize(rows, ["init.alpha"])
+    assert (e["n"], e["unfinished"]) == (2, 1)
+    assert "| 0 / 0 / 1 |" in markdown(table, ["init.alpha"])

@@ -266,6 +266,8 @@ def test_tiny_data_dependence(tiny):
     body = text.split("## ")[1]
     assert all(f"| {i} | {n} |" in body for i in ("data", "noise") for n in (128, 256))
     assert (out.report.parent / "data-dependence-vs-data.n_samples.png").exists()
+    # the loss over the same last steps of every run, not each run's last epoch (1 to 2 of its 3 steps here)
+    assert "loss, mean of steps 1–3" in body and "final loss (last epoch)" not in body
 
 
 def test_tiny_transfer_probes_targets_and_caches(tiny):

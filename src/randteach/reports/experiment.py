@@ -16,7 +16,8 @@ import numpy as np
 
 from ..config import Config
 from ..runs.rundir import RunDir
-from .groups import collect, group, numeric_keys, plot_vs_epoch, plot_vs_key, show_value, write_runs_csv
+from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_vs_epoch, plot_vs_key, show_value,
+                     write_runs_csv)
 from .run import KINDS, ROLES, file_safe
 
 KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
@@ -25,12 +26,16 @@ Extra = Callable[[dict], dict[str, float]]
 
 
 def rows_of(configs: list[Config]) -> list[dict]:
-    """`aggregate.collect` rows of the configs' run directories that exist, in the configs' order."""
+    """`aggregate.collect` rows of the configs' runs, in the configs' order; a run without a summary yet (not
+    started, queued, running) is a row of status "pending", counted among its group's unfinished runs."""
     dirs = [c.run_dir() for c in configs if (c.run_dir() / "summary.json").exists()]
-    if not dirs:
-        return []
-    by_dir = {Path(r["run_dir"]).resolve(): r for r in collect(dirs)}
-    return [by_dir[d.resolve()] for d in dirs if d.resolve() in by_dir]
+    by_dir = {Path(r["run_dir"]).resolve(): r for r in collect(dirs)} if dirs else {}
+    return [by_dir.get(Path(c.run_dir()).resolve()) or _pending(c) for c in configs]
+
+
+def _pending(cfg: Config) -> dict:
+    return {"run_dir": str(cfg.run_dir()), "status": "pending", "config": flat_config(cfg.to_dict()),
+            "summary": {}, "metrics": {}}
 
 
 def last_step(run_dir: str | Path) -> dict:
@@ -83,15 +88,21 @@ def summarize(rows: list[dict], keys: list[str], extras: Extra | None = None) ->
             gains = [r["metrics"][f"student.{kind}"] - r["metrics"][f"teacher.{kind}"] for r in members
                      if f"student.{kind}" in r["metrics"] and f"teacher.{kind}" in r["metrics"]]
             if gains:
-                entry[f"gain.{kind}_mean"], entry[f"gain.{kind}_std"] = mean_std(gains)
+                _put(entry, f"gain.{kind}", gains)
         if extras is not None:
             values: dict[str, list[float]] = {}
             for r in members:
                 for k, v in extras(r).items():
                     values.setdefault(k, []).append(v)
             for k, v in values.items():
-                entry[f"{k}_mean"], entry[f"{k}_std"] = mean_std(v)
+                _put(entry, k, v)
     return table
+
+
+def _put(entry: dict, name: str, values: list[float]) -> None:
+    """<name>_mean, _std and _n (the finite values averaged) of a table entry."""
+    entry[f"{name}_mean"], entry[f"{name}_std"] = mean_std(values)
+    entry[f"{name}_n"] = sum(v is not None and math.isfinite(v) for v in values)
 
 
 EXTRA_LABELS = {"final_loss": "final loss (last epoch)", "dist_init": "distance from init", "dist_teacher": "distance from teacher"}
@@ -113,15 +124,11 @@ def markdown(table: list[dict], keys: list[str], references: list[dict] | None =
         for role in ROLES:
             m = f"{role}.{kind}"
             if any(f"{m}_mean" in e and not math.isnan(e[f"{m}_mean"]) for e in table):
-                cols.append((f"{role} {KIND_LABEL[kind]} (%)",
-                             lambda e, m=m: fmt(e.get(f"{m}_mean", math.nan), e.get(f"{m}_std", math.nan))))
+                cols.append((f"{role} {KIND_LABEL[kind]} (%)", lambda e, m=m: _cell(e, m)))
         if any(f"gain.{kind}_mean" in e for e in table):
-            cols.append((f"student − teacher {KIND_LABEL[kind]} (pp)",
-                         lambda e, kind=kind: fmt(e.get(f"gain.{kind}_mean", math.nan),
-                                                  e.get(f"gain.{kind}_std", math.nan))))
+            cols.append((f"student − teacher {KIND_LABEL[kind]} (pp)", lambda e, kind=kind: _cell(e, f"gain.{kind}")))
     for k in extras:
-        cols.append((EXTRA_LABELS.get(k, k), lambda e, k=k: fmt(e.get(f"{k}_mean", math.nan),
-                                                              e.get(f"{k}_std", math.nan), percent=False)))
+        cols.append((labels.get(k, EXTRA_LABELS.get(k, k)), lambda e, k=k: _cell(e, k, percent=False)))
     ref_kinds = [k for k in KINDS if any(f"{r}.{k}" in ref for ref in references or [] for r in ROLES)]
     for kind in ref_kinds:
         cols.append((f"paper {KIND_LABEL[kind]}: teacher / student / input (%)",
@@ -133,6 +140,11 @@ def markdown(table: list[dict], keys: list[str], references: list[dict] | None =
     for e in table:
         lines.append("| " + " | ".join([show_value(e[k]) for k in keys] + [str(e["n"])] + [f(e) for _, f in cols]) + " |")
     return "\n".join(lines)
+
+
+def _cell(e: dict, name: str, percent: bool = True) -> str:
+    """mean ± std, and the number of runs where fewer than the row's n have the value."""
+    return fmt(e.get(f"{name}_mean", math.nan), e.get(f"{name}_std", math.nan), percent) + fewer(e, name)
 
 
 def _reference_cell(ref: dict | None, kind: str) -> str:

@@ -21,7 +21,9 @@ from ..errors import UserError
 from ..runs.rundir import CorruptSummary, RunDir
 from .run import COLORS, KINDS, ROLES, file_safe, pyplot
 
-IGNORED_KEYS = ("train.seed", "out")  # never group by these: seeds are what a group averages over
+# Never grouped by: seeds are what a group averages over, and a checkpoint path per seed (restart's round-2
+# teachers are each seed's round-1 student) varies as the seed does.
+IGNORED_KEYS = ("train.seed", "out", "init.teacher_checkpoint", "init.checkpoint")
 EXTRA_METRICS = ("final_loss", "wall_time_s")
 
 
@@ -133,8 +135,9 @@ def _buckets(rows: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
 
 def group(rows: list[dict], keys: list[str] | None = None) -> list[dict]:
     """One entry per distinct value of `keys` (default: the varying keys): the key values, n (completed
-    runs), the counts of diverged, failed and unfinished runs, and <metric>_mean / <metric>_std over the
-    completed runs (std: sample std, n - 1 in the denominator; nan for n = 1)."""
+    runs), the counts of diverged, failed and unfinished runs, and <metric>_mean / <metric>_std / <metric>_n
+    over the completed runs that have a finite value of it (std: sample std, n - 1 in the denominator; nan
+    for one value; <metric>_n below n says how many runs lack it, e.g. a k-NN probe of overflowing features)."""
     keys = varying_keys(rows) if keys is None else list(keys)
     known = {k for r in rows for k in r["config"]}
     unknown = [k for k in keys if k not in known]
@@ -151,8 +154,10 @@ def group(rows: list[dict], keys: list[str] | None = None) -> list[dict]:
         entry["unfinished"] = len(members) - entry["n"] - entry["diverged"] - entry["failed"]
         for m in metrics:
             vals = np.array([r["metrics"][m] for r in done if m in r["metrics"]], dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
             entry[f"{m}_mean"] = float(vals.mean()) if len(vals) else math.nan
             entry[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+            entry[f"{m}_n"] = len(vals)
         table.append(entry)
     return table
 
@@ -167,6 +172,12 @@ def _fmt(mean: float, std: float, metric: str) -> str:
     if not math.isnan(std):
         text += f" ± {scale * std:.{digits}f}" if metric != "final_loss" else f" ± {std:.2g}"
     return text
+
+
+def fewer(entry: dict, metric: str) -> str:
+    """" (n = k)" where a cell averages fewer runs than its row's n (the others lack a finite value)."""
+    k = entry.get(f"{metric}_n")
+    return f" (n = {k})" if k is not None and k < entry["n"] and not math.isnan(entry.get(f"{metric}_mean", math.nan)) else ""
 
 
 def _label(metric: str) -> str:
@@ -202,7 +213,7 @@ def markdown_table(table: list[dict], keys: list[str], metrics: list[str]) -> st
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         cells = [show_value(e[k]) for k in keys] + [str(e["n"])]
-        cells += [_fmt(e[f"{m}_mean"], e[f"{m}_std"], m) for m in shown]
+        cells += [_fmt(e[f"{m}_mean"], e[f"{m}_std"], m) + fewer(e, m) for m in shown]
         cells.append(f"{e['diverged']} / {e['failed']} / {e['unfinished']}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
