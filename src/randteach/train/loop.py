@@ -10,6 +10,7 @@ optimizer step), `train.callbacks` (what happens around steps), `train.setup` (d
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,18 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     cfg.data.name, cfg.model.encoder and the probe data set."""
     # The caller's random streams are left as they were (a notebook's later draws do not restart at the
     # run's seed), and training takes gradients even when called under torch.no_grad().
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with run_lock(cfg.run_dir(), create=not resume), torch.random.fork_rng(devices=cuda), torch.enable_grad():
+    rng = torch.random.fork_rng(devices=_cuda_devices_drawn_on(cfg))
+    with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad():
         return _distill(cfg, resume, progress, train_data, encoder, probe_splits)
+
+
+def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
+    """The run's CUDA device, whose random stream it forks (forking every visible GPU's would open a
+    context on each, in every torchrun process)."""
+    device = resolve_device(cfg.train.device)
+    if device.type != "cuda":
+        return []
+    return [int(os.environ["LOCAL_RANK"])] if "LOCAL_RANK" in os.environ else [device.index or 0]
 
 
 def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, probe_splits) -> RunResult:
