@@ -115,6 +115,15 @@ def summarize(results: dict) -> dict:
     return {"variants": per, "peak": peak, "targets": targets}
 
 
+def _is_probe(t: dict) -> bool:
+    return t["name"].startswith(("linear probe", "k-NN"))
+
+
+def _target(t: dict, encoder: str) -> str:
+    """A target's name, with the encoder for the training step's (the probes' features are not an encoder's)."""
+    return t["name"] if _is_probe(t) else f"{t['name']} ({encoder})"
+
+
 def _shown(t: dict) -> str:
     return t["shown"] if t["value"] is not None else "-"
 
@@ -202,11 +211,11 @@ def markdown(results: dict) -> str:
              f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
              "## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
     for t in s["targets"]:
-        lines.append(f"| {t['name']} ({w['encoder']}) | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
+        lines.append(f"| {_target(t, w['encoder'])} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
     for more in results.get("more_encoders", []):  # the step's targets for every encoder; the probes' once
         for t in summarize({**results, **more, "probes": None})["targets"]:
-            if t["value"] is not None or "probe" not in t["name"] and "k-NN" not in t["name"]:
-                lines.append(f"| {t['name']} ({more['workload']['encoder']}) | {_shown(t)} | {t['goal']} | "
+            if not _is_probe(t):
+                lines.append(f"| {_target(t, more['workload']['encoder'])} | {_shown(t)} | {t['goal']} | "
                              f"**{t['verdict']}** |")
     pk = s["peak"]
     ms, me = results["matmul_start"], results["matmul_end"]
