@@ -8,7 +8,7 @@ import pytest
 from randteach.cli import main
 from randteach.config import build_config
 from randteach.errors import UserError
-from randteach.reports.groups import collect, group, varying_keys
+from randteach.reports.groups import collect, group, varying_keys, write_group_report
 from randteach.runs.rundir import RunDir
 
 ALPHAS = (1e-10, 0.5, 1.0)
@@ -142,3 +142,14 @@ def test_an_experiment_table_counts_runs_without_a_summary_as_unfinished(tmp_pat
     (e,) = table = summarize(rows, ["init.alpha"])
     assert (e["n"], e["unfinished"]) == (2, 1)
     assert "| 0 / 0 / 1 |" in markdown(table, ["init.alpha"])
+
+
+def test_a_group_that_mixes_settings_or_repeats_a_seed_is_named(runs, tmp_path):
+    """Grouped by nothing, the three alphas' runs share each seed: the report says the group is no seed
+    spread, and which key differs inside it."""
+    root, _ = runs
+    text = write_group_report([root], out=tmp_path / "r", group_by=[]).read_text()
+    assert "**Groups that mix settings**" in text and "init.alpha differs inside it" in text
+    assert "seed 0, 1, 2 occurs more than once" in text
+    by_alpha = write_group_report([root], out=tmp_path / "a", group_by=["init.alpha"]).read_text()
+    assert "Groups that mix settings" not in by_alpha

@@ -341,6 +341,22 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
     return path
 
 
+def _mixed_groups(rows: list[dict], keys: list[str]) -> list[str]:
+    """Warnings for groups whose runs are not seeds of one setting: other config keys differ inside the
+    group, or a seed occurs twice (e.g. --group-by a key while another one varies)."""
+    lines = []
+    for values, members in _buckets(rows, keys).items():
+        name = ", ".join(f"{k}={show_value(v)}" for k, v in zip(keys, values)) or "all runs"
+        differ = varying_keys(members)
+        seeds = [r["config"].get("train.seed") for r in members]
+        repeated = sorted({str(x) for x in seeds if seeds.count(x) > 1})
+        if differ or repeated:
+            why = ([f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''} inside it"] if differ else []) + \
+                  ([f"seed {', '.join(repeated)} occurs more than once"] if repeated else [])
+            lines.append(f"- **{name}**: {'; '.join(why)}; its mean ± std is not a spread over seeds")
+    return ["**Groups that mix settings** (group by those keys too, with --group-by):", "", *lines, ""] if lines else []
+
+
 def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
                  group_by: list[str] | None = None) -> Path:
     """Collect, group and write report.csv (one row per group), runs.csv (one row per run), report.md and
@@ -384,6 +400,7 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
              + (f" ({'; '.join(notes)})" if notes else "")
              + ". Diverged, failed and unfinished runs are counted in the last column, not averaged.", "",
              markdown_table(table, keys, metrics), ""]
+    parts += _mixed_groups(rows, keys)
     parts += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     other = [r for r in rows if r["status"] != "completed"]
     if other:
