@@ -264,6 +264,7 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
     others = [k for k in keys if k != key]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     xs_all = [e[key] for e in table if e[key] is not None]
+    full = max(e["n"] for e in table)  # a point over fewer seeds is marked with its count
     for ax, kind in zip(axes[0], kinds):
         combos: dict[tuple, list[dict]] = {}
         for e in table:
@@ -272,14 +273,18 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
             entries = sorted((e for e in entries if e[key] is not None), key=lambda e: e[key])
             for role in ROLES:
                 m = f"{role}.{kind}"
-                pts = [(e[key], e[f"{m}_mean"], e[f"{m}_std"]) for e in entries
+                pts = [(e[key], e[f"{m}_mean"], e[f"{m}_std"], e.get(f"{m}_n", e["n"])) for e in entries
                        if f"{m}_mean" in e and not math.isnan(e[f"{m}_mean"])]
                 if not pts:
                     continue
-                x, y, s = zip(*pts)
+                x, y, s, n = zip(*pts)
                 label = _line_label(role, others, combo, ci, len(combos))
                 ax.errorbar(x, [100 * v for v in y], yerr=[0 if math.isnan(v) else 100 * v for v in s],
                             fmt=STYLES[ci % len(STYLES)], marker="o", ms=3, capsize=3, color=COLORS[role], label=label)
+                for xi, yi, ni in zip(x, y, n):
+                    if ni < full:
+                        ax.annotate(f"n={ni}", (xi, 100 * yi), fontsize=6, color=COLORS[role],
+                                    xytext=(3, 3), textcoords="offset points")
         if _log_axis(xs_all):
             ax.set_xscale("log")
         ax.set_xlabel(key)
@@ -287,7 +292,7 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     many = len({tuple(e[k] for k in others) for e in table}) > LEGEND_COMBOS
-    fig.suptitle(f"final probes vs {key} (mean ± std over seeds)"
+    fig.suptitle(f"final probes vs {key}\n(mean ± std over seeds; n=k: a point over fewer of them)"
                  + (f"; one line per role and each of the other keys' {', '.join(others)} values" if many else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
