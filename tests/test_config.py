@@ -2,6 +2,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -244,3 +245,38 @@ def test_distill_and_sweep_print_the_note(tmp_path, capsys):
     assert main(["--quiet", "distill", "--preset", "cpu", "--out", str(tmp_path / "run"), "--optim.lr_end", "5",
                  "--train.max_steps", "1", "--data.name", "digits", "--probe.which", "[]"]) == 0
     assert "note: optim.lr_end=5 has no effect" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("optim: {lr: 0.1}\ntrain: {epochs: 2}\noptim: {weight_decay: 0.05}\n")
+    with pytest.raises(ConfigError, match="'optim' is given twice"):
+        build_config("cpu", f)
+
+
+def test_config_files_layer_in_order_and_mappings_merge_key_by_key(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("optim: {lr: 0.5}\nmodel: {encoder_args: {patch_size: 4, drop_path: 0.1}}\n")
+    b.write_text("train: {epochs: 3}\n")
+    cfg = build_config("cpu", [a, b], {"model.encoder_args.depth": "6", "model.encoder_args.pretrained": "False"})
+    assert (cfg.optim.lr, cfg.train.epochs) == (0.5, 3.0)
+    assert cfg.model.encoder_args == {"patch_size": 4, "drop_path": 0.1, "depth": 6, "pretrained": False}
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"head.hidden_dims": "[512,512"}, "is not a list; expected e.g. [512, 512] or 512,512"),
+    ({"train.device": "cuda:foo"}, "is not one of auto, cpu, cuda, cuda:N"),
+    ({"name": "../../x"}, "give a plain name without /"),
+    ({"head.wn1": "2"}, "(true/false, yes/no, on/off, 1/0)"),
+])
+def test_values_that_cannot_be_meant_are_refused_with_the_way_out(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        build_config("cpu", None, overrides)
+    assert words in str(e.value)
+
+
+def test_values_keep_what_they_spell():
+    cfg = build_config("cpu", None, {"probe.which": "teacher, student", "data.n_samples": "9007199254740993",
+                                     "out": "~/somewhere"})
+    assert cfg.probe.which == ["teacher", "student"] and cfg.data.n_samples == 9007199254740993
+    assert cfg.run_dir() == Path.home() / "somewhere"

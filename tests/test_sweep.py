@@ -288,10 +288,15 @@ def test_a_slurm_time_slurm_would_refuse_is_an_error(text):
 
 def test_a_grid_key_or_seed_on_the_command_line_is_refused(tmp_path, capsys):
     path = write_sweep(tmp_path, grid={"optim.lr": [1e-3, 3e-4]}, seeds=[0, 1])
-    for flag, value in (("--optim.lr", "0.1"), ("--train.seed", "5")):
+    for flag, value in (("--optim.lr", "0.1"), ("--train.seed", "5"), ("--name", "other")):
         assert main(["sweep", str(path), "--dry-run", flag, value]) == 2
         err = capsys.readouterr().err
-        assert f"{flag}: {path} varies it (grid or seeds)" in err and "change the grid or seeds" in err, err
+        assert f"{flag}: {path} varies or names it (grid, seeds, name)" in err and "change the file" in err, err
+    grid = write_sweep(tmp_path, name="wd", grid={"optim.weight_decay": [0.0, 0.1]})
+    assert main(["sweep", str(grid), "--dry-run", "--optim.weight-decay", "0.5"]) == 2  # the hyphen spelling too
+    seeded = write_sweep(tmp_path, name="seeded", base={**FAST, "train.seed": 7}, seeds=[0, 1])
+    assert main(["sweep", str(seeded), "--dry-run"]) == 2
+    assert "train.seed is both in base and in seeds" in capsys.readouterr().err
     assert main(["sweep", str(path), "--dry-run", "--optim.weight_decay", "0.1"]) == 0
 
 

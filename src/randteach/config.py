@@ -87,8 +87,9 @@ class DataConfig:
 class ModelConfig:
     encoder: str = opt("convnet", f"encoder: one of {', '.join(ENCODERS)}, or an import path 'package.module:callable'")
     encoder_args: dict[str, Any] = opt({}, "keyword arguments of the encoder: JSON on the command line "
-                                       "('{\"num_classes\": 0}'), a mapping in YAML and sweeps; for an import path they go "
-                                       "to the callable, for the ViTs patch_size")
+                                       "('{\"num_classes\": 0}') or one key at a time (--model.encoder_args.KEY V), a "
+                                       "mapping in YAML and sweeps; each layer (preset, file, options) adds to the keys "
+                                       "before it; for an import path they go to the callable, for the ViTs patch_size")
     norm: str = opt("default", "normalization layer of the encoder ('default' = the architecture's own; group = the paper's GroupNorm8, 8 channels per group)", NORMS)
     width: int = opt(32, "width knob of the small encoders: convnet channels are 32-64-128-128 times width/32; the MLP hidden width is 16 * width", gt=0)
     width_mult: float = opt(1.0, "channel multiplier of VGG encoders (0.5 = half width, a 256-d embedding; 1 = the paper's)", gt=0)
@@ -247,7 +248,7 @@ class Config:
 
     def run_dir(self) -> Path:
         if self.out:
-            return Path(self.out)
+            return Path(self.out).expanduser()
         name = f"{self.name}-{self.digest()}"
         if self.data.name == "folder" and self.data.path and Path(self.data.path).is_dir():
             # An image folder's contents are data, not config: a changed folder is a new run.
@@ -281,8 +282,11 @@ class Config:
         if taken:
             raise ConfigError(f"model.encoder_args: {', '.join(taken)} come from the data and model.norm / "
                               "model.width; remove them from encoder_args")
-        if self.train.device not in ("auto", "cpu", "cuda") and not self.train.device.startswith("cuda:"):
+        if self.train.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.train.device):
             raise ConfigError(f"train.device: {self.train.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not self.name or "/" in self.name or "\\" in self.name or self.name.strip(".") == "":
+            raise ConfigError(f"name: {self.name!r} is the prefix of a run folder's name; give a plain name "
+                              "without / (choose the folder itself with out)")
         for w in self.probe.which:
             if w not in ("teacher", "student", "input"):
                 raise ConfigError(f"probe.which: {w!r} is not one of teacher, student, input")
@@ -437,7 +441,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+            value = _list_text(value, key)
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0], key) for v in value]
@@ -457,21 +461,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ValueError
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
+            try:
+                return int(value)  # exact for any size; "1e3" goes through float below
+            except (TypeError, ValueError):
+                f = float(value)
+                if f != int(f):
+                    raise ValueError from None
+                return int(f)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
         if tp is str:
-            if isinstance(value, (dict, list)):
+            if isinstance(value, (dict, list)) or value is None:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+        spellings = " (true/false, yes/no, on/off, 1/0)" if tp is bool else ""
+        raise ConfigError(f"{key}: {value!r} is not a valid {getattr(tp, '__name__', tp)}{spellings}") from None
     return value
+
+
+def _list_text(text: str, key: str) -> list:
+    """A list from the command line: [a, b] (YAML) or a,b; each element stripped."""
+    if not text.strip().startswith("["):
+        return [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: {text!r} is not a list; expected e.g. [512, 512] or 512,512") from None
+    return [v.strip() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def _mapping(value: Any, key: str) -> dict:
@@ -488,8 +507,15 @@ def _mapping(value: Any, key: str) -> dict:
     return {str(k): _json_literal(v) for k, v in value.items()}
 
 
+_PYTHON_LITERALS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def _json_literal(v: Any) -> Any:
+    """A command-line string as the value it spells: JSON numbers and literals, and Python's True, False and
+    None in any case (the string 'False' would be true to the callable that receives it)."""
     if isinstance(v, str):
+        if v.strip().lower() in _PYTHON_LITERALS:
+            return _PYTHON_LITERALS[v.strip().lower()]
         try:
             return json.loads(v)
         except json.JSONDecodeError:
@@ -511,6 +537,8 @@ def _apply(obj: Any, updates: dict, prefix: str) -> None:
             if not isinstance(v, dict):
                 raise ConfigError(f"{key} is a section; give its keys, e.g. {key}.{next(iter(_fields(tp)))}=...")
             _apply(getattr(obj, k), v, key + ".")
+        elif typing.get_origin(tp) is dict:  # keyword arguments: each layer adds to or changes keys
+            setattr(obj, k, {**getattr(obj, k), **_coerce(v, tp, key)})
         else:
             setattr(obj, k, _coerce(v, tp, key))
 
@@ -626,12 +654,28 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in this mapping (only the last one would count); "
+                    "merge the two", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A user's YAML file (a config, a sweep, a recipe) as a mapping; clear errors, duplicate keys refused."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(p)!r} is not a text file (not UTF-8); expected a YAML file of "
                           "config sections") from None
@@ -651,14 +695,14 @@ def preset(name: str) -> dict:
     return yaml.safe_load(resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text()) or {}
 
 
-def build_config(preset_name: str | None = None, file: str | Path | None = None,
+def build_config(preset_name: str | None = None, file: str | Path | list | None = None,
                  overrides: dict[str, Any] | None = None, **nested: Any) -> Config:
-    """Defaults <- preset <- YAML file <- dotted overrides <- keyword sections; validated."""
+    """Defaults <- preset <- YAML file(s), in order <- dotted overrides <- keyword sections; validated."""
     cfg = Config()
     if preset_name:
         _apply(cfg, preset(preset_name), "")
-    if file:
-        _apply(cfg, undotted(load_yaml(file)), "")
+    for path in (file if isinstance(file, (list, tuple)) else [file] if file else []):
+        _apply(cfg, undotted(load_yaml(path)), "")
     if overrides:
         _apply(cfg, dotted_to_nested(overrides), "")
     if nested:

@@ -32,7 +32,8 @@ def print_notes(configs) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a preset shipped with randteach (see `randteach config --list-presets`)")
-    p.add_argument("--config", help="a YAML file of config sections")
+    p.add_argument("--config", action="append", metavar="FILE",
+                   help="a YAML file of config sections; several are applied in the order given")
 
 
 def cmd_distill(args, extra) -> int:

@@ -22,11 +22,13 @@ def _parse_slurm(items: list[str]) -> dict:
 def _check_not_varied(overrides: dict, spec, where: str) -> None:
     """An override of a key the sweep varies would be overruled by the grid (or the seeds) without a word."""
     varied = set(spec.grid) | ({"train.seed"} if spec.seeds else set())
-    clash = sorted(varied & set(overrides))
+    clash = sorted(k for k in overrides if k.replace("-", "_") in varied or k.split(".")[0] in ("name", "out")
+                   or any(k.startswith(v + ".") or v.startswith(k + ".") for v in varied))
     if clash:
-        raise UserError(f"{', '.join('--' + k for k in clash)}: {where} varies {'it' if len(clash) == 1 else 'them'} "
-                        "(grid or seeds), so an option on the command line cannot set "
-                        f"{'it' if len(clash) == 1 else 'them'}; change the grid or seeds in the file instead")
+        raise UserError(f"{', '.join('--' + k for k in clash)}: {where} varies or names "
+                        f"{'it' if len(clash) == 1 else 'them'} (grid, seeds, name), so an option on the command "
+                        f"line cannot set {'it' if len(clash) == 1 else 'them'}; change the file instead "
+                        "(the run folder: --out on the sweep command)")
 
 
 def cmd_sweep(args, extra) -> int:

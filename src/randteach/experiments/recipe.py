@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, deep_merge, flatten, preset
+from ..config import Config, ConfigError, deep_merge, flatten, load_yaml, preset
 from ..runs.sweep import SweepSpec, expand
 
 SCALES = ("cpu", "paper")
@@ -139,7 +139,7 @@ def _read_doc(experiment: str, scale: str, path: str | Path | None) -> tuple[dic
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"recipe file {str(p)!r} does not exist")
-        return yaml.safe_load(p.read_text()) or {}, str(p)
+        return load_yaml(p), str(p)
     if scale == TINY:
         doc = _resource(f"{experiment}.cpu.yaml")
         if not doc:

@@ -83,8 +83,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for owned in ("out", "name"):
         if owned in base or owned in grid:
             raise ConfigError(f"{where}: set {owned} at the top level of the sweep file, not under base/grid")
-    if seeds and "train.seed" in grid:
-        raise ConfigError(f"{where}: train.seed is both in grid and in seeds; keep one")
+    if seeds and ("train.seed" in grid or "train.seed" in base):
+        raise ConfigError(f"{where}: train.seed is both in {'grid' if 'train.seed' in grid else 'base'} and in "
+                          "seeds; keep one")
     name = raw.get("name") or path.stem
     spec = SweepSpec(preset=raw.get("preset"), base=base, grid=grid, seeds=list(seeds),
                      out=None if raw.get("out") is None else str(raw["out"]), name=str(name),
@@ -114,7 +115,7 @@ def expand(spec: SweepSpec) -> list[Config]:
     Each config's `out` is `<spec.out>/<name>-<digest>` (and, for an image folder, a key of its contents, as
     `Config.run_dir`); the order follows the grid as written.
     """
-    root = Path(spec.out) if spec.out else Path("runs")
+    root = Path(spec.out).expanduser() if spec.out else Path("runs")
     keys = list(spec.grid)
     configs: list[Config] = []
     seen: set[Path] = set()
