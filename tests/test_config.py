@@ -210,6 +210,10 @@ IGNORABLE = {
     "data.test_fraction": ("0.5", {}, None),  # data.name=folder needs a folder: its acting side is not built here
     "train.bf16_after_distance": ("1e-2", {"train.precision": "fp32"}, {"train.precision": "bf16"}),
     "probe.knn_temperature": ("0.1", {"probe.knn_weighting": "majority"}, {}),
+    "probe.knn_weighting": ("majority", {"probe.knn_k": "0"}, {}),
+    "log.wandb_mode": ("offline", {}, {"log.wandb": "proj"}),
+    "init.teacher_seed": ("7", {"init.teacher_checkpoint": "runs/x"}, {}),
+    "data.subset_seed": ("5", {}, {"data.n_samples": "100"}),
     "probe.l2": ("1e-3", {"probe.linear": "adamw"}, {}),
     "probe.max_iter": ("100", {"probe.linear": "none"}, {"probe.linear": "logreg"}),
 }

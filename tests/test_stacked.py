@@ -164,6 +164,10 @@ def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_a
     assert set(alone) == {4, 7} and "teacher.mode=ema" in alone[4]
     assert why_not_stackable(cfgs[5]) is None and why_not_stackable(cfgs[6]) is None  # batch norm, layer norm
     assert "--train.precision fp32" in why_not_stackable(tiny_config(tmp_path / "i", train__precision="bf16", **far))
+    # the stacked step feeds each run its images as they are: an augmented run trains alone (stacked, its
+    # augmentation was silently skipped)
+    assert "data.augment=flip-crop" in why_not_stackable(tiny_config(tmp_path / "j", data__augment="flip-crop",
+                                                                      train__teacher_cache=False, **far))
     with pytest.raises(Exception, match="cannot be stacked"):
         train_stacked([cfgs[4]])
 

@@ -313,6 +313,9 @@ _ACTS_ONLY = (
     ("init.epsilon", lambda c: c.init.mode == "neighborhood", "with init.mode neighborhood"),
     ("init.fresh_seed", lambda c: c.init.mode in ("locality", "neighborhood", "independent"),
      "with init.mode locality, neighborhood or independent"),
+    ("init.teacher_seed", lambda c: not c.init.teacher_checkpoint, "without init.teacher_checkpoint"),
+    ("data.subset_seed", lambda c: bool(c.data.n_samples or c.data.inputs == "noise" or c.probe.n_train
+                                        or c.probe.n_test), "with data.n_samples, data.inputs noise or probe subsets"),
     ("teacher.ema_momentum", lambda c: c.teacher.mode == "ema", "with teacher.mode ema"),
     ("loss.teacher_temp", lambda c: c.loss.name in ("ce", "kl"), "with loss.name ce or kl"),
     ("loss.student_temp", lambda c: c.loss.name in ("ce", "kl"), "with loss.name ce or kl"),
@@ -326,7 +329,10 @@ _ACTS_ONLY = (
     ("data.path", lambda c: c.data.name == "folder", "with data.name folder"),
     ("data.test_fraction", lambda c: c.data.name == "folder", "with data.name folder"),
     ("train.bf16_after_distance", lambda c: c.train.precision != "fp32", "with train.precision bf16 or auto"),
-    ("probe.knn_temperature", lambda c: c.probe.knn_weighting == "cosine", "with probe.knn_weighting cosine"),
+    ("probe.knn_temperature", lambda c: c.probe.knn_weighting == "cosine" and c.probe.knn_k > 0,
+     "with probe.knn_weighting cosine and probe.knn_k above 0"),
+    ("probe.knn_weighting", lambda c: c.probe.knn_k > 0, "with probe.knn_k above 0"),
+    ("log.wandb_mode", lambda c: bool(c.log.wandb), "with log.wandb set"),
     ("probe.l2", lambda c: c.probe.linear == "logreg", "with probe.linear logreg"),
     ("probe.max_iter", lambda c: c.probe.linear == "logreg", "with probe.linear logreg"),
 )

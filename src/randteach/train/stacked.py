@@ -95,6 +95,8 @@ def why_not_stackable(cfg: Config) -> str | None:
         return "train.micro_batch (gradient accumulation)"
     if cfg.loss.center:
         return "loss.center (a running center per run)"
+    if cfg.data.augment != "none":
+        return f"data.augment={cfg.data.augment} (the stacked step feeds each run its images as they are)"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "data-parallel (torchrun) runs"
     return None
