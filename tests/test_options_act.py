@@ -1,0 +1,41 @@
+"""Options with no other test that fails if they are ignored: each, changed from its default, changes what a
+two-step run trains (the student, or the teacher for the keys that set the teacher)."""
+import pytest
+import torch
+
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict
+from randteach.train.loop import distill
+
+from tiny import tiny_config
+
+TWO_STEPS = {"train__max_steps": 2, "probe__which": "[]", "init__alpha": 0.5}
+
+# key: (changed value, the settings under which it acts, the checkpoint it changes)
+CASES = {
+    "optim.betas": ("[0.5, 0.9]", {}, "student"),
+    "optim.grad_clip": ("1e-6", {}, "student"),
+    "loss.teacher_temp": ("0.5", {}, "student"),
+    "loss.student_temp": ("0.5", {}, "student"),
+    "init.variance_preserving": ("false", {}, "student_init"),
+    "init.fresh_seed": ("7", {}, "student_init"),
+    "init.teacher_seed": ("7", {}, "teacher"),
+    "data.subset_seed": ("5", {"data__n_samples": 256}, "student"),
+    "teacher.ema_momentum": ("0.5", {"teacher__mode": "ema", "init__mode": "independent"}, "last_teacher"),
+}
+
+
+def _weights(run, which: str) -> dict:
+    if which == "last_teacher":
+        return load_checkpoint(run / "checkpoints" / "last.pt")["teacher"]
+    return load_state_dict(run, which)
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_the_option_changes_what_trains(tmp_path, key):
+    value, setting, which = CASES[key]
+    runs = []
+    for name, extra in (("default", {}), ("changed", {key.replace(".", "__"): value})):
+        cfg = tiny_config(tmp_path / name, **{**TWO_STEPS, **setting, **extra})
+        runs.append(_weights(distill(cfg, progress=False).path, which))
+    a, b = runs
+    assert any(not torch.equal(a[k], b[k]) for k in a), key
