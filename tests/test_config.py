@@ -283,4 +283,6 @@ def test_values_keep_what_they_spell():
     cfg = build_config("cpu", None, {"probe.which": "teacher, student", "data.n_samples": "9007199254740993",
                                      "out": "~/somewhere"})
     assert cfg.probe.which == ["teacher", "student"] and cfg.data.n_samples == 9007199254740993
+    with pytest.raises(ConfigError, match="not a valid int"):
+        build_config("cpu", None, {"data.n_samples": 2.5})  # a YAML float is not cut to 2
     assert cfg.run_dir() == Path.home() / "somewhere"

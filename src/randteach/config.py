@@ -467,13 +467,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ValueError
-            try:
-                return int(value)  # exact for any size; "1e3" goes through float below
-            except (TypeError, ValueError):
-                f = float(value)
-                if f != int(f):
-                    raise ValueError from None
-                return int(f)
+            if isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value)):
+                return int(value)  # exact for any size; "1e3" and 2.0 go through float
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
