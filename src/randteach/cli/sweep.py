@@ -19,11 +19,17 @@ def _parse_slurm(items: list[str]) -> dict:
     return out
 
 
+def _collides(key: str, varied: set[str]) -> bool:
+    """`key` is a varied key, a part of one or a whole that holds one (model.encoder_args.depth and
+    model.encoder_args), or the sweep file's own name or out."""
+    return (key in varied or key.split(".")[0] in ("name", "out")
+            or any(key.startswith(v + ".") or v.startswith(key + ".") for v in varied))
+
+
 def _check_not_varied(overrides: dict, spec, where: str) -> None:
     """An override of a key the sweep varies would be overruled by the grid (or the seeds) without a word."""
     varied = set(spec.grid) | ({"train.seed"} if spec.seeds else set())
-    clash = sorted(k for k in overrides if k.replace("-", "_") in varied or k.split(".")[0] in ("name", "out")
-                   or any(k.startswith(v + ".") or v.startswith(k + ".") for v in varied))
+    clash = sorted(k for k in overrides if _collides(k.replace("-", "_"), varied))
     if clash:
         raise UserError(f"{', '.join('--' + k for k in clash)}: {where} varies or names "
                         f"{'it' if len(clash) == 1 else 'them'} (grid, seeds, name), so an option on the command "
