@@ -42,8 +42,8 @@ def cmd_distill(args, extra) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: no config.yaml there; is it a randteach run directory?")
-        from ..runs.rundir import PYTHON_OBJECTS
-        if (run_dir / PYTHON_OBJECTS).exists():
+        from ..runs.rundir import python_objects
+        if python_objects(run_dir):
             raise UserError(f"--resume {run_dir}: this run was started from Python with an encoder or data object "
                             "that the command line cannot rebuild; resume it from Python with the same objects: "
                             f"randteach.distill(..., out={str(run_dir)!r}, resume=True)")

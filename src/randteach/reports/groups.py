@@ -177,7 +177,8 @@ def _fmt(mean: float, std: float, metric: str) -> str:
 def fewer(entry: dict, metric: str) -> str:
     """" (n = k)" where a cell averages fewer runs than its row's n (the others lack a finite value)."""
     k = entry.get(f"{metric}_n")
-    return f" (n = {k})" if k is not None and k < entry["n"] and not math.isnan(entry.get(f"{metric}_mean", math.nan)) else ""
+    shown = not math.isnan(entry.get(f"{metric}_mean", math.nan))
+    return f" (n = {k})" if shown and k is not None and k < entry["n"] else ""
 
 
 def _label(metric: str) -> str:

@@ -78,7 +78,7 @@ def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, pro
         device = torch.device("cuda", ddp.local_rank)
     given = _python_objects(encoder, train_data, probe_splits)
     _check_same_objects(run, given)
-    _open_run(cfg, run, ddp, python_objects=given)
+    _open_run(cfg, run, ddp, given)
     with exact_fp32():
         state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
         _attach_teacher_cache(state, progress)
@@ -161,14 +161,14 @@ def _check_same_config(cfg: Config, run: RunDir) -> None:
                         f"configured with `randteach distill --resume {run.path}`")
 
 
-def _open_run(cfg: Config, run: RunDir, ddp: Dist, python_objects: dict) -> None:
+def _open_run(cfg: Config, run: RunDir, ddp: Dist, given: dict) -> None:
     if ddp.is_main:
         run.create()
         run.config_path.write_text(cfg.to_yaml())
         run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record (runs/tracking.py)
-        if any(python_objects.values()):
+        if any(given.values()):
             # config.yaml cannot name Python objects: mark the run so the CLI refuses to resume it wrongly.
-            write_json(run.path / PYTHON_OBJECTS, python_objects)
+            write_json(run.path / PYTHON_OBJECTS, given)
     ddp.barrier()
 
 
