@@ -21,6 +21,12 @@ CASES = {
     "init.teacher_seed": ("7", {}, "teacher"),
     "data.subset_seed": ("5", {"data__n_samples": 256}, "student"),
     "teacher.ema_momentum": ("0.5", {"teacher__mode": "ema", "init__mode": "independent"}, "last_teacher"),
+    # batch-norm statistics are per micro-batch, so chunks of 16 train a different student than one of 64
+    "train.micro_batch": ("16", {"model__norm": "batch"}, "student"),
+    "teacher.train_mode": ("true", {"model__norm": "batch"}, "student"),
+    "loss.center_momentum": ("0.5", {"loss__center": "true"}, "student"),
+    "optim.min_lr": ("5e-4", {"optim__schedule": "cosine"}, "student"),
+    "optim.lr_end": ("10", {"optim__schedule": "exponential"}, "student"),
 }
 
 
