@@ -45,3 +45,15 @@ def test_the_option_changes_what_trains(tmp_path, key):
         runs.append(_weights(distill(cfg, progress=False).path, which))
     a, b = runs
     assert any(not torch.equal(a[k], b[k]) for k in a), key
+
+
+def test_the_checkpoint_keys_load_the_run_they_name(tmp_path):
+    """init.checkpoint starts the student from a run's final student; init.teacher_checkpoint makes that
+    student the teacher (the papers' iterated distillation)."""
+    first = distill(tiny_config(tmp_path / "first", **TWO_STEPS), progress=False).path
+    trained = load_state_dict(first, "student")
+    resumed = tiny_config(tmp_path / "resumed", **TWO_STEPS, init__mode="checkpoint", init__checkpoint=str(first))
+    next_generation = tiny_config(tmp_path / "next", **TWO_STEPS, init__teacher_checkpoint=str(first))
+    for cfg, which in ((resumed, "student_init"), (next_generation, "teacher")):
+        loaded = load_state_dict(distill(cfg, progress=False).path, which)
+        assert all(torch.equal(loaded[k], trained[k]) for k in trained) and loaded.keys() == trained.keys(), which

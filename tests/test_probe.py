@@ -112,6 +112,29 @@ def test_knn_temperature_weights_the_vote():
                                                                                       test_y, k=1)
 
 
+def test_score_reads_every_probe_setting(digits):
+    """`score` is what runs and sweeps call: each ProbeConfig key must reach the probe it names."""
+    from dataclasses import replace
+
+    from randteach.config import ProbeConfig
+    from randteach.probes.embedding import score
+    near = (torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]]), torch.tensor([0, 1, 1]),
+            torch.tensor([[1.0, 0.01]]), torch.tensor([0]))  # as in test_knn_temperature_weights_the_vote
+    base = ProbeConfig(linear="none", knn_k=3, knn_weighting="cosine", knn_temperature=0.07)
+    knn = lambda **change: score(*near, replace(base, **change), 2)["knn"]
+    assert knn() == 1.0
+    assert knn(knn_temperature=100.0) == 0.0  # flat weights: the two class-1 neighbours win
+    assert knn(knn_weighting="majority") == 0.0
+    assert knn(knn_temperature=100.0, knn_k=1) == 1.0
+    assert set(score(*near, replace(base, knn_k=0), 2)) == set()
+    tensors = [torch.from_numpy(a) for a in digits]
+    logreg = replace(base, knn_k=0, linear="logreg", l2=1e-4, max_iter=500)
+    linear = lambda **change: score(*tensors, replace(logreg, **change), 10)["linear"]
+    for change, direct in (({"l2": 10.0}, {"l2": 10.0, "max_iter": 500}), ({"max_iter": 2}, {"l2": 1e-4, "max_iter": 2}),
+                           ({"linear": "adamw"}, {"method": "adamw", "l2": 1e-4})):
+        assert linear(**change) == linear_probe(*tensors, num_classes=10, **direct) != linear(), change
+
+
 # ----------------------------------------------------------------------------------------------------
 # logistic regression
 
@@ -285,6 +308,14 @@ def test_input_probe_is_computed_once_and_read_back(tmp_path):
     other.input()
     assert other.origin["input"].startswith("computed")
     assert len(list((tmp_path / "probe-cache").glob("*.json"))) == 2
+
+
+def test_probe_batch_size_sets_the_embedding_batches(tmp_path):
+    prober, encoder = _prober(tmp_path, probe__batch_size=7)
+    sizes = []
+    encoder.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    train_x, test_x = prober.features(encoder)
+    assert max(sizes) == 7 and sum(sizes) == len(train_x) + len(test_x)
 
 
 def test_frozen_encoder_probe_is_keyed_by_its_weights(tmp_path):
