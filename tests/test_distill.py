@@ -32,6 +32,15 @@ def test_end_to_end_distill_and_probe(tmp_path):
     assert (result.path / "config.yaml").exists()
 
 
+def test_probe_schedule_is_the_ends_every_probe_every_and_probe_at(tmp_path):
+    from randteach.train.state import probe_epochs
+    cfg = tiny_config(tmp_path, train__probe_every=0.75, train__probe_at="[0.5, 1.5, 9]")
+    assert probe_epochs(cfg, 2) == [0, 0.5, 0.75, 1.5, 2]  # 9 lies past the end of the run
+    cfg = tiny_config(tmp_path, train__epochs=1, train__probe_every=0, train__probe_at="[0.5]",
+                      probe__which="[student]", probe__linear="none")
+    assert [p["epoch"] for p in RunDir(distill(cfg, progress=False).path).probes()] == [0, 0.5, 1]
+
+
 def test_completed_run_is_not_redone(tmp_path):
     cfg = tiny_config(tmp_path, train__epochs=0.5, train__probe_every=0, probe__which="[]")
     first = distill(cfg, progress=False)
