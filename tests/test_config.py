@@ -104,6 +104,7 @@ def test_digest_ignores_runtime_knobs_and_new_default_keys():
     base = build_config("cpu")
     assert build_config("cpu", overrides={"train.log_every": "10"}).digest() == base.digest()
     assert build_config("cpu", overrides={"train.data_on_device": "false"}).digest() == base.digest()
+    assert build_config(overrides={"train.log_every": "10"}).digest() == build_config().digest()  # no empty section
     assert build_config("cpu", overrides={"train.teacher_cache": "false"}).digest() != base.digest()
     assert build_config("cpu", overrides={"init.alpha": "0.5"}).digest() != base.digest()
 
@@ -163,6 +164,20 @@ def test_analysis_commands_keep_their_flags_and_defaults():
         (["A", "B"], "shared", [5, 7], [-0.5, 1.5], "affine", 512)
     imp = p.parse_args(["imp", "RUN", "--epochs", "0.5", "--no-augment", "--milestones", "1", "2"])
     assert (imp.epochs, imp.augment, imp.milestones, imp.lr) == (0.5, False, [1.0, 2.0], 0.1)
+
+
+def test_the_data_root_is_a_location_not_part_of_a_runs_address(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here, there = (build_config(overrides={"data.root": root}) for root in ("/data", "/scratch/data"))
+    sha = lambda d: hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    assert here.digest() == there.digest() == build_config().digest() == sha({"defaults_version": 2})
+    # up to 2026-12-02 the root entered the digest: such a run still matches, and keeps its folder
+    old = here.digest(before_2026_12=True)
+    assert old == sha({"data": {"root": "/data"}, "defaults_version": 2})
+    assert here.matches(old) and not there.matches(old)
+    assert here.run_dir() == Path("runs") / f"run-{here.digest()}"
+    (Path("runs") / f"run-{old}").mkdir(parents=True)
+    assert here.run_dir() == Path("runs") / f"run-{old}" and there.run_dir() == Path("runs") / f"run-{here.digest()}"
 
 
 def test_a_run_recorded_under_older_defaults_still_matches_and_a_changed_default_is_a_new_address(tmp_path):

@@ -92,9 +92,11 @@ def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
     summary = RunDir(out).summary()
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
     assert 0 < summary["steps"] < EPOCHS * 23
-    r = subprocess.run(CLI[:3] + ["distill", "--resume", str(out)], capture_output=True, text=True)
+    moved = tmp_path / "data-on-another-node"  # a requeued job whose data lies elsewhere now
+    r = subprocess.run(CLI[:3] + ["distill", "--resume", str(out), "--data.root", str(moved)], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
-    assert RunDir(out).summary()["status"] == "completed"
+    assert RunDir(out).summary()["status"] == "completed" and f"root: {moved}" in (out / "config.yaml").read_text()
     _assert_bitwise_equal(_student(out), _student(reference))
 
 

@@ -224,9 +224,10 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def digest(self, version: int | None = None) -> str:
+    def digest(self, version: int | None = None, before_2026_12: bool = False) -> str:
         """Hash of the values that differ from the defaults of `version` (default: DEFAULTS_VERSION), less
-        where and how a run is logged (out, log.*).
+        where and how a run is logged (out, log.*) and the RUNTIME_ONLY keys. `before_2026_12`: the digest as
+        randteach computed it up to 2026-12-02 (data.root included, a section emptied by the removal kept).
 
         Only non-default values enter, so adding a new key (with a default) keeps every existing run's
         address; a changed default bumps DEFAULTS_VERSION, which enters the hash, so that an address made
@@ -235,26 +236,35 @@ class Config:
         d = _non_default(self.to_dict(), _defaults_at(version))
         d.pop("out", None)
         d.pop("log", None)
-        for key in RUNTIME_ONLY:
-            d.get("train", {}).pop(key, None)
+        for key in _RUNTIME_ONLY_BEFORE_2026_12 if before_2026_12 else RUNTIME_ONLY:
+            section, name = key.split(".")
+            d.get(section, {}).pop(name, None)
+            if d.get(section) == {} and not before_2026_12:
+                del d[section]
         if version > 1:
             d["defaults_version"] = version
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def matches(self, recorded: str | None) -> bool:
         """Whether a run that recorded the digest `recorded` (by any version of randteach) is a run of this
-        config: the digest under the defaults of some version."""
-        return recorded in {self.digest(v) for v in range(1, DEFAULTS_VERSION + 1)}
+        config: the digest under the defaults of some version, as computed today or before 2026-12-02."""
+        return recorded in {self.digest(v, old) for v in range(1, DEFAULTS_VERSION + 1) for old in (False, True)}
 
     def run_dir(self) -> Path:
+        """`out`, else runs/<name>-<digest>: the address of this config's run. A run started before the
+        digest left out data.root keeps its folder (a folder at the old address and none at the new one)."""
         if self.out:
             return Path(self.out).expanduser()
-        name = f"{self.name}-{self.digest()}"
+        address, old = (Path("runs") / f"{self.name}-{self.digest(before_2026_12=b)}{self._folder_key()}"
+                        for b in (False, True))
+        return old if old.is_dir() and not address.exists() else address
+
+    def _folder_key(self) -> str:
+        """An image folder's contents are data, not config: a changed folder is a new run."""
         if self.data.name == "folder" and self.data.path and Path(self.data.path).is_dir():
-            # An image folder's contents are data, not config: a changed folder is a new run.
             from .data.folder import _scan
-            name += "-" + _scan(Path(self.data.path)).key()[:8]
-        return Path("runs") / name
+            return "-" + _scan(Path(self.data.path)).key()[:8]
+        return ""
 
     def validate(self) -> "Config":
         _validate(self, "")  # types were checked when the values were set; choices and ranges here
@@ -387,8 +397,10 @@ def check_encoder(encoder: str) -> None:
             f"(or --model.encoder {encoder})")
 
 
-# Keys that change how a run is executed or logged but not its result.
-RUNTIME_ONLY = ("log_every", "data_on_device")
+# Keys that change how a run is executed or logged, or where its inputs are found, but not its result: a run
+# moved to a node with its data elsewhere (a SLURM job's local disk) keeps its address and resumes.
+RUNTIME_ONLY = ("train.log_every", "train.data_on_device", "data.root")
+_RUNTIME_ONLY_BEFORE_2026_12 = ("train.log_every", "train.data_on_device")  # runs recorded then still match
 
 # Run addresses hash the values that differ from the defaults. When a default changes, DEFAULTS_VERSION goes
 # up and the old default is listed under the last version that had it, so the digest a run recorded under

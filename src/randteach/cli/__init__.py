@@ -37,7 +37,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_distill(args, extra) -> int:
-    from ..config import config_from_dict, load_yaml, parse_overrides
+    from ..config import config_from_dict, deep_merge, dotted_to_nested, load_yaml, parse_overrides
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -50,12 +50,13 @@ def cmd_distill(args, extra) -> int:
         saved = load_yaml(run_dir / "config.yaml")
         confirmed = parse_overrides(extra)
         own = (saved.get("model") or {}).get("encoder")
-        if (args.preset or args.config or set(confirmed) - {"model.encoder"}
+        if (args.preset or args.config or set(confirmed) - {"model.encoder", "data.root"}
                 or confirmed.get("model.encoder", own) != own):
             raise UserError("--resume continues a run as it was configured; --preset, --config and overrides are "
-                            "not allowed with it (only --allow-import MODULE, or --model.encoder repeating the "
-                            "run's own import-path encoder, to confirm it)")
-        cfg = config_from_dict({**saved, "out": str(run_dir)})
+                            "not allowed with it (only --data.root DIR, where the data lies now, --allow-import "
+                            "MODULE, or --model.encoder repeating the run's own import-path encoder, to confirm it)")
+        moved = dotted_to_nested({"data.root": confirmed["data.root"]}) if "data.root" in confirmed else {}
+        cfg = config_from_dict(deep_merge({**saved, "out": str(run_dir)}, moved))
     else:
         cfg = _config_from_args(args, extra)
         print_notes([cfg])
