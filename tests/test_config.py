@@ -86,6 +86,14 @@ def test_round_trip_and_digest():
     assert moved.digest() == cfg.digest()  # where a run is written does not change what it is
 
 
+def test_one_value_spelled_two_ways_is_one_run():
+    zero = build_config("cpu", overrides={"init.alpha": "0"})
+    assert zero.init.alpha != build_config("cpu").init.alpha  # 0 is not the default: it enters the digest
+    for spelling in ({"init.alpha": "-0"}, {"init.alpha": "-0.0"}, {"probe.data": ""}, {"probe.data": " "}):
+        assert build_config("cpu", overrides={"init.alpha": "0", **spelling}).digest() == zero.digest(), spelling
+    assert build_config("cpu", overrides={"probe.data": ""}).probe.data is None
+
+
 def test_help_lists_every_key():
     lines = help_lines()
     assert any(l.startswith("--optim.lr ") for l in lines)

@@ -452,7 +452,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+        # an empty value is the unset one: `--probe.data ""` names the same run as no --probe.data
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "~")):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
@@ -488,7 +489,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            return float(value) + 0.0  # -0.0 is 0.0: one value, one run address
         if tp is str:
             if isinstance(value, (dict, list)) or value is None:
                 raise ValueError
