@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from randteach.config import ConfigError, build_config
+from randteach.config import ConfigError, build_config, parse_overrides
 from randteach.runs.sweep import load_sweep
 from randteach.train.setup import build_teacher_and_student
 
@@ -64,6 +64,11 @@ def test_yaml_mapping_and_dotted_keys(tmp_path):
     assert build_config(None, f).model.encoder_args == {"hidden": 7, "depth": 2}
     dotted = build_config("cpu", None, {**BASE, "model.encoder_args.hidden": "9"})
     assert dotted.model.encoder_args == {"hidden": 9}
+    # both spellings on one command line merge, in order: a key given twice keeps its later value
+    args = parse_overrides(["--model.encoder_args", '{"hidden": 7, "depth": 2}', "--model.encoder_args.depth", "3"])
+    assert build_config("cpu", None, {**BASE, **args}).model.encoder_args == {"hidden": 7, "depth": 3}
+    args = parse_overrides(["--model.encoder_args.depth", "3", "--model.encoder_args", '{"hidden": 7, "depth": 2}'])
+    assert build_config("cpu", None, {**BASE, **args}).model.encoder_args == {"hidden": 7, "depth": 2}
 
 
 def test_sweep_grid_over_an_argument(tmp_path):

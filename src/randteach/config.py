@@ -721,8 +721,8 @@ def build_config(preset_name: str | None = None, file: str | Path | list | None 
         _apply(cfg, preset(preset_name), "")
     for path in (file if isinstance(file, (list, tuple)) else [file] if file else []):
         _apply(cfg, undotted(load_yaml(path)), "")
-    if overrides:
-        _apply(cfg, dotted_to_nested(overrides), "")
+    for key, value in (overrides or {}).items():  # one at a time, in order: `--model.encoder_args '{...}'`
+        _apply(cfg, dotted_to_nested({key: value}), "")  # and `--model.encoder_args.depth 3` merge, later wins
     if nested:
         _apply(cfg, nested, "")
     return cfg.validate()
