@@ -153,3 +153,26 @@ def test_a_group_that_mixes_settings_or_repeats_a_seed_is_named(runs, tmp_path):
     assert "seed 0, 1, 2 occurs more than once" in text
     by_alpha = write_group_report([root], out=tmp_path / "a", group_by=["init.alpha"]).read_text()
     assert "Groups that mix settings" not in by_alpha
+
+
+def _drawn(monkeypatch) -> list:
+    """The figures the report functions close after saving, kept to read what they drew."""
+    from randteach.reports.run import pyplot
+    figures = []
+    monkeypatch.setattr(pyplot(), "close", figures.append)
+    return figures
+
+
+def test_plots_mark_a_point_over_fewer_seeds_with_its_count(tmp_path, monkeypatch):
+    from randteach.experiments.locality import plot_optimization
+    from randteach.reports.groups import plot_vs_key
+    point = lambda alpha, n: {"init.alpha": alpha, "n": 3, "student.linear_mean": 0.8, "student.linear_std": 0.01,
+                              "student.linear_n": n, "final_loss_mean": 1.0, "final_loss_std": 0.1,
+                              "final_loss_n": n, "dist_init_mean": 2.0, "dist_init_std": 0.1, "dist_init_n": 3}
+    table = [point(0.0, 3), point(0.5, 2)]
+    figures = _drawn(monkeypatch)
+    plot_vs_key(table, ["init.alpha"], "init.alpha", tmp_path / "vs.png")
+    plot_optimization(table, [], tmp_path / "optimization.png")
+    texts = [[t.get_text() for t in ax.texts] for fig in figures for ax in fig.axes]
+    assert texts == [["n=2"], ["n=2"], []]  # probe accuracy; final loss; distance (all three seeds)
+    assert (tmp_path / "vs.png").exists() and (tmp_path / "optimization.png").exists()

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 from ..reports.experiment import arm_section, optimization_extras, rows_of
+from ..reports.groups import mark_fewer
+from ..reports.run import pyplot
 from .base import Context, Experiment
 
 KEY = "init.alpha"
@@ -14,29 +16,28 @@ KEY = "init.alpha"
 
 def plot_optimization(table: list[dict], others: list[str], path: Path) -> Path:
     """App. D, Fig. 17: final loss and distance from init vs alpha (mean, error bars = std over seeds)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    full = max(e["n"] for e in table)  # a point over fewer seeds is marked with its count
     for ax, (metric, label) in zip(axes, (("final_loss", "final loss: KL to the teacher, last epoch"),
                                           ("dist_init", "distance from init ‖θ*_S − θ_S‖₂"))):
         combos: dict[tuple, list[dict]] = {}
         for e in table:
             combos.setdefault(tuple(e[k] for k in others), []).append(e)
         for combo, entries in combos.items():
-            pts = sorted((e[KEY], e[f"{metric}_mean"], e.get(f"{metric}_std", math.nan)) for e in entries
-                         if not math.isnan(e.get(f"{metric}_mean", math.nan)))
+            pts = sorted((e[KEY], e[f"{metric}_mean"], e.get(f"{metric}_std", math.nan), e.get(f"{metric}_n", e["n"]))
+                         for e in entries if not math.isnan(e.get(f"{metric}_mean", math.nan)))
             if pts:
-                x, y, s = zip(*pts)
-                ax.errorbar(x, y, yerr=[0 if math.isnan(v) else v for v in s], marker="o", ms=3, capsize=3,
-                            label=", ".join(f"{k}={v}" for k, v in zip(others, combo)) or None)
+                x, y, s, n = zip(*pts)
+                line = ax.errorbar(x, y, yerr=[0 if math.isnan(v) else v for v in s], marker="o", ms=3, capsize=3,
+                                   label=", ".join(f"{k}={v}" for k, v in zip(others, combo)) or None)
+                mark_fewer(ax, x, y, n, full, line[0].get_color())
         ax.set_xlabel("α")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize=7)
-    fig.suptitle("optimization vs locality α (mean ± std over seeds)")
+    fig.suptitle("optimization vs locality α (mean ± std over seeds; n=k: a point over fewer of them)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -181,6 +181,13 @@ def fewer(entry: dict, metric: str) -> str:
     return f" (n = {k})" if shown and k is not None and k < entry["n"] else ""
 
 
+def mark_fewer(ax, x, y, n, full: int, color=None) -> None:
+    """Write "n=k" beside each plotted point that averages fewer runs (k) than the sweep's seeds (`full`)."""
+    for xi, yi, ni in zip(x, y, n):
+        if ni < full:
+            ax.annotate(f"n={ni}", (xi, yi), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
+
+
 def _label(metric: str) -> str:
     if metric in EXTRA_METRICS:
         return {"final_loss": "final loss (last epoch)", "wall_time_s": "wall time (s)"}[metric]
@@ -282,10 +289,7 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
                 label = _line_label(role, others, combo, ci, len(combos))
                 ax.errorbar(x, [100 * v for v in y], yerr=[0 if math.isnan(v) else 100 * v for v in s],
                             fmt=STYLES[ci % len(STYLES)], marker="o", ms=3, capsize=3, color=COLORS[role], label=label)
-                for xi, yi, ni in zip(x, y, n):
-                    if ni < full:
-                        ax.annotate(f"n={ni}", (xi, 100 * yi), fontsize=6, color=COLORS[role],
-                                    xytext=(3, 3), textcoords="offset points")
+                mark_fewer(ax, x, [100 * v for v in y], n, full, COLORS[role])
         if _log_axis(xs_all):
             ax.set_xscale("log")
         ax.set_xlabel(key)
