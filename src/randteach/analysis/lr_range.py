@@ -265,7 +265,9 @@ def plot_lr_range(result: dict, path: Path) -> Path:
                     label=f"{LABELS.get(name, name)} rise at lr {r['lr']:.3g}")
         if side.get("suggested"):
             ax.axvline(side["suggested"]["lr"], color=color, ls=":", lw=1.2)
-            ax.plot([side["suggested"]["lr"]], [ax.get_ylim()[0]], "*", color=color, ms=12, clip_on=False,
+            # on the bottom edge whatever the y-limits become (x in data, y in axes coordinates)
+            ax.plot([side["suggested"]["lr"]], [0], "*", color=color, ms=12, clip_on=False,
+                    transform=ax.get_xaxis_transform(),
                     label=f"{LABELS.get(name, name)} suggested lr {side['suggested']['lr']:.3g}")
         if side["nonfinite"]:
             r = side["nonfinite"]
