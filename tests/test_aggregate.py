@@ -176,3 +176,13 @@ def test_plots_mark_a_point_over_fewer_seeds_with_its_count(tmp_path, monkeypatc
     texts = [[t.get_text() for t in ax.texts] for fig in figures for ax in fig.axes]
     assert texts == [["n=2"], ["n=2"], []]  # probe accuracy; final loss; distance (all three seeds)
     assert (tmp_path / "vs.png").exists() and (tmp_path / "optimization.png").exists()
+
+
+def test_the_probe_curves_legend_stays_short_with_many_groups(tmp_path, monkeypatch):
+    from randteach.reports.groups import LEGEND_COMBOS, plot_vs_epoch
+    for i in range(LEGEND_COMBOS + 1):
+        fake_run(tmp_path, 0.1 * (i + 1), 0)
+    figures = _drawn(monkeypatch)
+    plot_vs_epoch(collect([tmp_path]), ["init.alpha"], tmp_path / "curves.png")
+    for ax in figures[0].axes:  # one entry per role (its first group's colour), not one per group
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["student", "teacher", "input"]

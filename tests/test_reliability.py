@@ -206,6 +206,7 @@ def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, c
     assert main(["--quiet", "report", str(run), str(broken), "--out", str(tmp_path / "rep")]) == 0
     rows = {r["run_dir"]: r["status"] for r in collect([run, broken])}
     assert rows == {str(run.resolve()): "completed", str(broken.resolve()): "unreadable"}
+    assert "Grouped by nothing" in (tmp_path / "rep" / "report.md").read_text()  # not by every key of the config
 
 
 # ------------------------------------------------------------------------------- 3. one writer

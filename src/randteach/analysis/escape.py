@@ -328,8 +328,9 @@ def plot_escape_group(runs: list[dict], path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[:2]:
         ax.set_yscale("log")
-    axes[2].legend(fontsize=7)
-    axes[0].legend(fontsize=7)
+    for ax in (axes[0], axes[2]):
+        if ax.get_legend_handles_labels()[0]:  # a run without probes draws nothing to name in the third
+            ax.legend(fontsize=7)
     fig.suptitle(f"Escaping the random teacher: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

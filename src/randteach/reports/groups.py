@@ -109,7 +109,9 @@ def _config_of(run: RunDir) -> dict | None:
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
-    """Config keys whose value differs between runs (train.seed and out excepted), in config order."""
+    """Config keys whose value differs between runs (train.seed and out excepted), in config order. A run
+    whose config.yaml cannot be read has no values to compare (not a different value of every key)."""
+    rows = [r for r in rows if r["status"] != "unreadable"]
     keys: dict[str, set] = {}
     for r in rows:
         for k in r["config"]:
@@ -333,18 +335,18 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
     cmap = plt.get_cmap("tab10")
     for ax, kind in zip(axes[0], kinds):
         for gi, (kv, c) in enumerate(curves.items()):
-            name = ", ".join(f"{k}={show_value(v)}" for k, v in zip(keys, kv)) or "all runs"
             for role, style in (("student", "-"), ("teacher", "--"), ("input", ":")):
                 pts = c.get(f"{role}.{kind}")
                 if pts:
                     x, y = zip(*pts)
-                    ax.plot(x, [100 * v for v in y], style, marker="o", ms=2, color=cmap(gi % 10),
-                            label=f"{role} {name}" if role != "input" else "input" if gi == 0 else None)
+                    label = _line_label(role, keys, kv, gi, len(curves)) if role != "input" else \
+                        "input" if gi == 0 else "_nolegend_"
+                    ax.plot(x, [100 * v for v in y], style, marker="o", ms=2, color=cmap(gi % 10), label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle("probes during training (mean over seeds; student solid, teacher dashed, input dotted)")
+    fig.suptitle("probes during training\n(mean over seeds; student solid, teacher dashed, input dotted)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
