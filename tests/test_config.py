@@ -186,6 +186,12 @@ def test_the_data_root_is_a_location_not_part_of_a_runs_address(tmp_path, monkey
     assert here.run_dir() == Path("runs") / f"run-{here.digest()}"
     (Path("runs") / f"run-{old}").mkdir(parents=True)
     assert here.run_dir() == Path("runs") / f"run-{old}" and there.run_dir() == Path("runs") / f"run-{here.digest()}"
+    # a sweep's or an experiment's folder as well
+    from randteach.runs.sweep import SweepSpec, expand
+    legacy = tmp_path / "sweep" / f"sw-{build_config(overrides={'data.root': '/data', 'name': 'sw'}).digest(before_2026_12=True)}"
+    legacy.mkdir(parents=True)
+    swept = expand(SweepSpec(grid={"data.root": ["/data", "/elsewhere"]}, name="sw", out=str(tmp_path / "sweep")))
+    assert [c.out for c in swept] == [str(legacy), str(tmp_path / "sweep" / f"sw-{swept[1].digest()}")]
 
 
 def test_a_run_recorded_under_older_defaults_still_matches_and_a_changed_default_is_a_new_address(tmp_path):

@@ -69,6 +69,9 @@ def test_yaml_mapping_and_dotted_keys(tmp_path):
     assert build_config("cpu", None, {**BASE, **args}).model.encoder_args == {"hidden": 7, "depth": 3}
     args = parse_overrides(["--model.encoder_args.depth", "3", "--model.encoder_args", '{"hidden": 7, "depth": 2}'])
     assert build_config("cpu", None, {**BASE, **args}).model.encoder_args == {"hidden": 7, "depth": 2}
+    args = parse_overrides(["--model.encoder_args.depth", "3", "--model.encoder_args", '{"depth": 6}',
+                            "--model.encoder_args.depth", "4"])  # given again: applied at its later place
+    assert build_config("cpu", None, {**BASE, **args}).model.encoder_args == {"depth": 4}
 
 
 def test_sweep_grid_over_an_argument(tmp_path):

@@ -10,6 +10,7 @@ from randteach.analysis.landscape import compute_landscape, grid_axis, landscape
 from randteach.analysis.params import ParamSpace, Plane, interpolate_buffers
 from randteach.cli import main
 from randteach.config import build_config
+from randteach.errors import UserError
 from randteach.losses import distill_loss
 from randteach.models import build_model
 from randteach.runs.checkpoint import load_state_dict
@@ -141,6 +142,18 @@ def test_a_stopped_grid_resumes_without_recomputing_done_points(runs, tmp_path, 
     assert np.isfinite(full["loss"]).all()
     with pytest.raises(Exception, match="other settings"):
         compute_landscape(anchors, info, tmp_path, grid=4, extent=(-0.5, 1.5), n_loss=64, probe=False)
+
+
+def test_a_landscape_folder_is_claimed_by_settings_and_a_matching_config_digest(tmp_path):
+    cfg = build_config("cpu", overrides={"data.root": "/data"})
+    spec = {"grid": [3, 3], "config_digest": cfg.digest()}
+    ls._claim_folder(tmp_path, {**spec, "config_digest": cfg.digest(before_2026_12=True)}, cfg)  # written before
+    ls._claim_folder(tmp_path, spec, cfg)  # the same run's landscape: it continues
+    with pytest.raises(UserError, match="other settings"):
+        ls._claim_folder(tmp_path, {**spec, "grid": [4, 4]}, cfg)
+    other = build_config("cpu", overrides={"init.alpha": "0.5"})
+    with pytest.raises(UserError, match="other settings"):
+        ls._claim_folder(tmp_path, {**spec, "config_digest": other.digest()}, other)
 
 
 def test_landscape_command_orthogonal_with_probe(runs, tmp_path):

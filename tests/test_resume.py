@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from randteach.runs.checkpoint import load_checkpoint
 from randteach.runs.rundir import RunDir
@@ -98,6 +99,25 @@ def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
     assert r.returncode == 0, r.stderr
     assert RunDir(out).summary()["status"] == "completed" and f"root: {moved}" in (out / "config.yaml").read_text()
     _assert_bitwise_equal(_student(out), _student(reference))
+
+
+def test_a_run_recorded_before_the_root_left_the_digest_resumes_only_under_its_own_root(tmp_path, capsys):
+    """Up to 2026-12-02 a run's digest hashed data.root: its checkpoint and summary hold that digest."""
+    from randteach.cli import main
+    from randteach.config import config_from_dict
+    from randteach.runs.checkpoint import save_checkpoint
+    from randteach.runs.rundir import write_json
+    out, root = tmp_path / "run", str(tmp_path / "root")
+    short = {**TINY, "train.max_steps": "2", "probe.which": "[]", "data.root": root}
+    assert main(["--quiet", "distill", *_args(short, out)]) == 0
+    cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    legacy = cfg.digest(before_2026_12=True)
+    save_checkpoint({**load_checkpoint(out / "checkpoints" / "last.pt"), "config_digest": legacy},
+                    out / "checkpoints" / "last.pt")
+    write_json(out / "summary.json", {**RunDir(out).summary(), "config_digest": legacy})
+    assert main(["--quiet", "distill", "--resume", str(out), "--data.root", str(tmp_path / "moved")]) == 2
+    assert f"continues only with its own root, {root}" in capsys.readouterr().err
+    assert main(["--quiet", "distill", "--resume", str(out), "--data.root", root]) == 0
 
 
 def test_resume_rejects_overrides_and_foreign_dirs(tmp_path):

@@ -107,7 +107,7 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
     if encoder is not None or train_data is not None or probe_splits is not None:
         if not config.out:
             extra = object_key(encoder, train_data, *(probe_splits or ()))
-            config.out = str(Path("runs") / f"{config.name}-{config.digest()}-{extra}")
+            config.out = str(config.address(Path("runs"), key=f"-{extra}"))
     return run_distillation(config, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
                             probe_splits=probe_splits)
 

@@ -251,13 +251,15 @@ class Config:
         return recorded in {self.digest(v, old) for v in range(1, DEFAULTS_VERSION + 1) for old in (False, True)}
 
     def run_dir(self) -> Path:
-        """`out`, else runs/<name>-<digest>: the address of this config's run. A run started before the
-        digest left out data.root keeps its folder (a folder at the old address and none at the new one)."""
-        if self.out:
-            return Path(self.out).expanduser()
-        address, old = (Path("runs") / f"{self.name}-{self.digest(before_2026_12=b)}{self._folder_key()}"
-                        for b in (False, True))
-        return old if old.is_dir() and not address.exists() else address
+        """`out`, else runs/<name>-<digest>: the address of this config's run."""
+        return Path(self.out).expanduser() if self.out else self.address(Path("runs"))
+
+    def address(self, parent: Path, key: str | None = None) -> Path:
+        """parent/<name>-<digest><key>, `key` by default the contents key of an image folder. A run started
+        before the digest left out data.root keeps its folder (one at the old address and none at the new)."""
+        key = self._folder_key() if key is None else key
+        new, old = (parent / f"{self.name}-{self.digest(before_2026_12=b)}{key}" for b in (False, True))
+        return old if old.is_dir() and not new.exists() else new
 
     def _folder_key(self) -> str:
         """An image folder's contents are data, not config: a changed folder is a new run."""
@@ -653,6 +655,7 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
                 raise ConfigError(f"--{arg} needs a value, e.g. --{arg} VALUE")
             k, v = arg, argv[i + 1]
             i += 2
+        out.pop(k, None)  # a key given again takes its later place: overrides apply in command-line order
         out[k] = v
     return out
 

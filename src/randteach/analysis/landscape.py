@@ -261,11 +261,13 @@ def _grid_through(template: nn.Module, anchors: list[Anchor], projection: str, e
     return _Grid(space, vecs, [space.buffers(a.state) for a in anchors], plane, projection, anchor_xy, xs, ys)
 
 
-def _claim_folder(out: Path, spec: dict) -> None:
+def _claim_folder(out: Path, spec: dict, cfg) -> None:
     """Write OUT/landscape.json, or refuse if OUT holds a landscape with other settings (a resume must
-    continue the same grid)."""
+    continue the same grid). The config digest compares as a run's does (`Config.matches`)."""
     spec_path = out / "landscape.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+    saved = json.loads(spec_path.read_text()) if spec_path.exists() else None
+    unrecorded = lambda d: {k: v for k, v in json.loads(json.dumps(d)).items() if k != "config_digest"}
+    if saved is not None and (unrecorded(saved) != unrecorded(spec) or not cfg.matches(saved.get("config_digest"))):
         raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data); "
                         "choose another --out, or delete that folder to start over")
     write_json(spec_path, spec)
@@ -344,7 +346,7 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
             "teacher": _digest(g.space.flatten(teacher)) if teacher is not None else "origin"}
     if data is not None or probe_splits is not None:  # Python-API data: its bytes decide a resume
         spec["data"] = [d.digest() for d in (data, *(probe_splits or ())) if d is not None]
-    _claim_folder(out, spec)
+    _claim_folder(out, spec, cfg)
     points = _Points(out / "points.jsonl")
 
     todo = [(i, j) for i in range(ny) for j in range(nx) if (i, j) not in points.done]

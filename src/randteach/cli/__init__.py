@@ -36,8 +36,25 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="a YAML file of config sections; several are applied in the order given")
 
 
+def _with_moved_root(cfg, root: str):
+    """The run's config with the data found under `root` now (--resume --data.root). A run started before
+    2026-12-02 hashed its root into the digest its checkpoint holds, so it continues only under that root."""
+    from ..config import config_from_dict
+    from ..runs.checkpoint import load_checkpoint
+    last = cfg.run_dir() / "checkpoints" / "last.pt"
+    recorded = load_checkpoint(last).get("config_digest") if last.is_file() else None
+    if recorded == cfg.digest(before_2026_12=True) != cfg.digest() and root != cfg.data.root:
+        raise UserError(f"--resume {cfg.run_dir()} --data.root {root}: this run was started before 2026-12-02, "
+                        f"when the data root was part of a run's config digest; it continues only with its own "
+                        f"root, {cfg.data.root}: make the data reachable there (a symbolic link will do) and "
+                        "resume without --data.root")
+    moved = cfg.to_dict()
+    moved["data"]["root"] = root
+    return config_from_dict(moved)
+
+
 def cmd_distill(args, extra) -> int:
-    from ..config import config_from_dict, deep_merge, dotted_to_nested, load_yaml, parse_overrides
+    from ..config import config_from_dict, load_yaml, parse_overrides
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -55,8 +72,9 @@ def cmd_distill(args, extra) -> int:
             raise UserError("--resume continues a run as it was configured; --preset, --config and overrides are "
                             "not allowed with it (only --data.root DIR, where the data lies now, --allow-import "
                             "MODULE, or --model.encoder repeating the run's own import-path encoder, to confirm it)")
-        moved = dotted_to_nested({"data.root": confirmed["data.root"]}) if "data.root" in confirmed else {}
-        cfg = config_from_dict(deep_merge({**saved, "out": str(run_dir)}, moved))
+        cfg = config_from_dict({**saved, "out": str(run_dir)})
+        if "data.root" in confirmed:
+            cfg = _with_moved_root(cfg, confirmed["data.root"])
     else:
         cfg = _config_from_args(args, extra)
         print_notes([cfg])

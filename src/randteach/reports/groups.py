@@ -110,8 +110,9 @@ def _config_of(run: RunDir) -> dict | None:
 
 def varying_keys(rows: list[dict]) -> list[str]:
     """Config keys whose value differs between runs (train.seed and out excepted), in config order. A run
-    whose config.yaml cannot be read has no values to compare (not a different value of every key)."""
-    rows = [r for r in rows if r["status"] != "unreadable"]
+    whose config.yaml cannot be read, or is missing, has no values to compare (not a different value of
+    every key)."""
+    rows = [r for r in rows if r["config"]]
     keys: dict[str, set] = {}
     for r in rows:
         for k in r["config"]:
@@ -334,13 +335,16 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, kind in zip(axes[0], kinds):
+        named: set[str] = set()  # roles in the legend once: the input always, every role beyond six groups
         for gi, (kv, c) in enumerate(curves.items()):
             for role, style in (("student", "-"), ("teacher", "--"), ("input", ":")):
                 pts = c.get(f"{role}.{kind}")
                 if pts:
                     x, y = zip(*pts)
-                    label = _line_label(role, keys, kv, gi, len(curves)) if role != "input" else \
-                        "input" if gi == 0 else "_nolegend_"
+                    once = role == "input" or len(curves) > LEGEND_COMBOS
+                    label = _line_label(role, keys, kv, gi, len(curves)) if not once else \
+                        role if role not in named else "_nolegend_"
+                    named.add(role)
                     ax.plot(x, [100 * v for v in y], style, marker="o", ms=2, color=cmap(gi % 10), label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")

@@ -129,7 +129,7 @@ def expand(spec: SweepSpec) -> list[Config]:
             except ConfigError as e:
                 shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k in keys or k == "train.seed")
                 raise ConfigError(f"sweep {spec.name!r}, run {shown}: {e}") from None
-            where = root / cfg.run_dir().name  # <name>-<digest>, and an image folder's contents key
+            where = cfg.address(root)  # <name>-<digest>, and an image folder's contents key
             if where in seen:
                 continue
             seen.add(where)
