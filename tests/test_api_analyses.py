@@ -99,6 +99,12 @@ def test_landscape_through_three_modules_matches_direct_losses(digits, tmp_path)
     assert r["loss"][2, 0] == pytest.approx(direct[2], rel=1e-4)     # (0, 1): anchor 2
     with pytest.raises(UserError, match="out="):
         randteach.landscape([t, s1, s2], data=(xtr, ytr), grid=3, probe=False)
+    mistakes = {"which plane": {}, "not both": {"anchors": ["a", "b", "c"], "view": "shared", "runs": ["r"]},
+                "pass architecture=": {"anchors": [m.state_dict() for m in (t, s1, s2)], "data": (xtr, ytr)},
+                "pass the data": {"anchors": [t, s1, s2]}}
+    for message, kwargs in mistakes.items():
+        with pytest.raises(UserError, match=message):
+            randteach.landscape(grid=3, probe=False, **kwargs)
 
 
 def _direct_accuracy(encoder, digits):

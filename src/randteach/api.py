@@ -326,26 +326,13 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
     extent=(-0.5, 1.5, -1, 1) is the zoom on the teacher of Fig. 14/16).
     out: default RUN/landscape-<view>-<projection>; required without a run. Returns compute_landscape's
     result (axes and metric grids; "complete" False after max_points: call again to continue)."""
-    from .analysis.landscape import compute_landscape, resolve_anchor, run_of, view_anchors
-    from .runs.checkpoint import load_state_dict
+    from .analysis.landscape import compute_landscape
     from .train.loop import RunResult
     from .train.setup import resolve_device
     from .train.supervised import RunInfo, run_info
     paths = [str(a.path) if isinstance(a, RunResult) else a for a in (anchors or ())]
-    runs = [str(r.path) if isinstance(r, RunResult) else str(r) for r in runs]
-    if view is not None:
-        if anchors is not None:
-            raise UserError("give either view= with runs=, or three anchors, not both")
-        found = view_anchors(view, runs)
-        ref = _run_dir(run) if run is not None else Path(runs[0])
-    elif len(paths) == 3:
-        found = None
-        named = [a for a in paths if isinstance(a, (str, os.PathLike))]
-        ref = _run_dir(run) if run is not None else (run_of(named[0]) if named else None)
-    else:
-        raise UserError("which plane? anchors=[origin, a1, a2] (run directories, checkpoints, modules or state "
-                        "dicts), or view='non-local' / 'shared' with runs=[...]")
-    dev = resolve_device(device or "auto")
+    found, ref = _landscape_plane(anchors, paths, view, [str(r.path) if isinstance(r, RunResult) else str(r)
+                                                         for r in runs], run)
     if ref is not None:
         info = _with_run_overrides(run_info(ref, architecture), overrides)
         cfg = info.cfg
@@ -358,41 +345,71 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
         if train is None:
             raise UserError("without a run directory, pass the data the loss is measured on (data=)")
         info = RunInfo(None, cfg, train.images.shape[1], _side(train, cfg), architecture)
-    modules = [a for a in paths if isinstance(a, nn.Module)]
-    if modules:
-        template = _as_model(modules[0], info.in_channels, info.image_size)
-    elif architecture is not None or ref is None:
-        if architecture is None:
-            raise UserError("the anchors are state dicts: pass architecture= (the encoder factory or module they "
-                            "belong to), or a run directory as run=")
-        from .models import build_model
-        template = build_model(cfg, info.in_channels, info.image_size, seed=0, encoder=architecture)
-    else:
-        template = None
+    template = _landscape_template(paths, architecture, ref, cfg, info)
     if found is None:
-        from .analysis.landscape import Anchor
-        found = []
-        for i, (a, role) in enumerate(zip(paths, ("teacher", "student", "student"))):
-            if isinstance(a, (str, os.PathLike)):
-                found.append(resolve_anchor(a, default_role=role))
-            else:
-                found.append(Anchor(("origin", "anchor 1", "anchor 2")[i], _state(a, template, info.in_channels,
-                                                                                   info.image_size), type(a).__name__))
-    if teacher is None:
-        teacher_state = load_state_dict(ref, "teacher") if ref is not None else None
-    elif isinstance(teacher, (nn.Module, dict)):
-        teacher_state = _state(teacher, template, info.in_channels, info.image_size)
-    else:
-        teacher_state = resolve_anchor(teacher.path if isinstance(teacher, RunResult) else teacher,
-                                       default_role="teacher").state
+        found = _given_anchors(paths, template, info)
     if out is None:
         if ref is None:
             raise UserError("pass out=DIR: the landscape writes its grid there (and resumes from it)")
         out = ref / f"landscape-{view or 'anchors'}-{projection}"
-    return compute_landscape(found, info, out, teacher=teacher_state, grid=grid, extent=extent,
-                             projection=projection, unit=unit, n_loss=n_loss, probe=probe, limit=max_points,
-                             device=dev,
-                             progress=progress, template=template, data=train, probe_splits=splits)
+    return compute_landscape(found, info, out, teacher=_landscape_teacher(teacher, ref, template, info), grid=grid,
+                             extent=extent, projection=projection, unit=unit, n_loss=n_loss, probe=probe,
+                             limit=max_points, device=resolve_device(device or "auto"), progress=progress,
+                             template=template, data=train, probe_splits=splits)
+
+
+def _landscape_plane(anchors, paths: list, view: str | None, runs: list[str], run) -> tuple[list | None, Path | None]:
+    """The anchors a view names (None: the three given ones, resolved later) and the run giving the config."""
+    from .analysis.landscape import run_of, view_anchors
+    if view is not None:
+        if anchors is not None:
+            raise UserError("give either view= with runs=, or three anchors, not both")
+        return view_anchors(view, runs), _run_dir(run) if run is not None else Path(runs[0])
+    if len(paths) == 3:
+        named = [a for a in paths if isinstance(a, (str, os.PathLike))]
+        return None, _run_dir(run) if run is not None else (run_of(named[0]) if named else None)
+    raise UserError("which plane? anchors=[origin, a1, a2] (run directories, checkpoints, modules or state "
+                    "dicts), or view='non-local' / 'shared' with runs=[...]")
+
+
+def _landscape_template(paths: list, architecture, ref: Path | None, cfg: Config, info) -> nn.Module | None:
+    """The model the anchors' vectors are laid into: the first module anchor's, else the architecture's, else
+    (None) the run's own."""
+    modules = [a for a in paths if isinstance(a, nn.Module)]
+    if modules:
+        return _as_model(modules[0], info.in_channels, info.image_size)
+    if architecture is None and ref is not None:
+        return None
+    if architecture is None:
+        raise UserError("the anchors are state dicts: pass architecture= (the encoder factory or module they "
+                        "belong to), or a run directory as run=")
+    from .models import build_model
+    return build_model(cfg, info.in_channels, info.image_size, seed=0, encoder=architecture)
+
+
+def _given_anchors(paths: list, template: nn.Module | None, info) -> list:
+    """Three anchors given as run directories or checkpoints (resolved to a role), modules or state dicts."""
+    from .analysis.landscape import Anchor, resolve_anchor
+    found = []
+    for i, (a, role) in enumerate(zip(paths, ("teacher", "student", "student"))):
+        if isinstance(a, (str, os.PathLike)):
+            found.append(resolve_anchor(a, default_role=role))
+        else:
+            state = _state(a, template, info.in_channels, info.image_size)
+            found.append(Anchor(("origin", "anchor 1", "anchor 2")[i], state, type(a).__name__))
+    return found
+
+
+def _landscape_teacher(teacher, ref: Path | None, template: nn.Module | None, info) -> dict | None:
+    """The loss's teacher weights: the run's by default (None without a run: the origin)."""
+    from .analysis.landscape import resolve_anchor
+    from .runs.checkpoint import load_state_dict
+    from .train.loop import RunResult
+    if teacher is None:
+        return load_state_dict(ref, "teacher") if ref is not None else None
+    if isinstance(teacher, (nn.Module, dict)):
+        return _state(teacher, template, info.in_channels, info.image_size)
+    return resolve_anchor(teacher.path if isinstance(teacher, RunResult) else teacher, default_role="teacher").state
 
 
 def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_test, config, preset, device, out,

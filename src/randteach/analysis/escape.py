@@ -237,15 +237,8 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     `prune_checkpoints` deletes the intermediate student_step<N>.pt once the collapse point is kept
     (a VGG11 run probed every 500 of 20k steps saves 40 of them). Writes OUT/escape.json and one figure
     per group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
-    if collapse_metric not in COLLAPSE_METRICS:
-        raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
     group_steps = dict(group_steps or {})
-    if steps < 1 or probe_every_steps < 1 or any(int(s) < 1 for s in group_steps.values()):
-        raise UserError(f"steps, group_steps and probe_every_steps must be positive, got {steps}, {group_steps} "
-                        f"and {probe_every_steps}")
-    if set(group_steps) - set(GROUPS):
-        raise UserError(f"group_steps names unknown groups {sorted(set(group_steps) - set(GROUPS))}; "
-                        f"valid: {', '.join(GROUPS)}")
+    _check_lengths(collapse_metric, steps, probe_every_steps, group_steps)
     out = Path(out)
     full = train_data if train_data is not None else load_configured(cfg.data, "train")
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
@@ -259,21 +252,11 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
         c = variant_config(cfg, v, n=n, steps=int(group_steps.get(v.group, steps)),
                            probe_every_steps=probe_every_steps, out=out)
         run = distill(c, progress=progress, train_data=full)
-        curves, probes = _curves(RunDir(run.path))
-        erank = erank_curve(run.path, erank_samples) if collapse_metric == "erank" else None
-        collapse = find_collapse(probes, erank, collapse_metric)
-        if collapse is not None:
-            collapse = _kept(run.path, collapse, exact) or \
-                keep_collapse_checkpoint(c, run.path, collapse, exact=exact, train_data=full)
-        if prune_checkpoints:
+        results.append({"group": v.group, "label": v.label, "overrides": v.overrides,
+                        **_escape_record(c, run, n, full, collapse_metric, erank_samples, exact)})
+        if prune_checkpoints:  # after the collapse checkpoint is kept
             for p in RunDir(run.path).checkpoints.glob("student_step*.pt"):
                 p.unlink()
-        results.append({"group": v.group, "label": v.label, "overrides": v.overrides, "run": str(run.path),
-                        "status": run.summary.get("status"), "diverged_step": run.summary.get("diverged_step"),
-                        "batch_size": c.train.batch_size or n, "lr": c.optim.lr, "loss_name": c.loss.name,
-                        "max_steps": c.train.max_steps,
-                        "steps": curves, "probes": probes, "erank": erank, "collapse": collapse,
-                        "final_probe": run.summary.get("probe", {})})
     result = {"base_config_digest": cfg.digest(), "n_samples": n, "steps": steps, "group_steps": group_steps,
               "probe_every_steps": probe_every_steps, "collapse_metric": collapse_metric,
               "collapse_checkpoint": "re-run to the exact step" if exact else "nearest saved checkpoint",
@@ -288,6 +271,32 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
         for r in results:
             shutil.rmtree(Path(r["run"]) / "collapse-rerun", ignore_errors=True)
     return result
+
+
+def _check_lengths(collapse_metric: str, steps: int, probe_every_steps: int, group_steps: dict) -> None:
+    if collapse_metric not in COLLAPSE_METRICS:
+        raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
+    if steps < 1 or probe_every_steps < 1 or any(int(s) < 1 for s in group_steps.values()):
+        raise UserError(f"steps, group_steps and probe_every_steps must be positive, got {steps}, {group_steps} "
+                        f"and {probe_every_steps}")
+    if set(group_steps) - set(GROUPS):
+        raise UserError(f"group_steps names unknown groups {sorted(set(group_steps) - set(GROUPS))}; "
+                        f"valid: {', '.join(GROUPS)}")
+
+
+def _escape_record(c: Config, run, n: int, full: ImageData, collapse_metric: str, erank_samples: int,
+                   exact: bool) -> dict:
+    """One finished escape run: its curves and probes, and its collapse point with the checkpoint kept there."""
+    curves, probes = _curves(RunDir(run.path))
+    erank = erank_curve(run.path, erank_samples) if collapse_metric == "erank" else None
+    collapse = find_collapse(probes, erank, collapse_metric)
+    if collapse is not None:
+        collapse = _kept(run.path, collapse, exact) or \
+            keep_collapse_checkpoint(c, run.path, collapse, exact=exact, train_data=full)
+    return {"run": str(run.path), "status": run.summary.get("status"), "diverged_step": run.summary.get("diverged_step"),
+            "batch_size": c.train.batch_size or n, "lr": c.optim.lr, "loss_name": c.loss.name,
+            "max_steps": c.train.max_steps, "steps": curves, "probes": probes, "erank": erank, "collapse": collapse,
+            "final_probe": run.summary.get("probe", {})}
 
 
 _TITLES = {"step_size": "step size (Fig. 1c)", "batch_size": "batch size (Fig. 1b, 1d)",
