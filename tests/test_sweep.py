@@ -195,16 +195,25 @@ def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tm
     base = {**FAST, "train.device": "auto", "probe.which": "[]"}
     path = write_sweep(tmp_path, seeds=[0, 1, 2], base=base)
     pinned = write_sweep(tmp_path, name="cpu", seeds=[0], base={**base, "train.device": "cpu"})
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,7"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,7", "OMP_NUM_THREADS": "3"}
     out = [subprocess.run([sys.executable, "-m", "randteach.cli", "sweep", str(p)], env=env, capture_output=True,
                           text=True, timeout=300) for p in (path, pinned)]
     assert [r.returncode for r in out] == [0, 0], out[0].stderr + out[1].stderr
-    assert "on 2 worker process(es)" in out[0].stderr and "each on one of the GPUs 5, 7" in out[0].stderr
+    assert "on 2 worker process(es) with 3 torch thread(s) each, each on one of the GPUs 5, 7" in out[0].stderr
     gpus = {line.rsplit(": GPU ", 1)[0].strip(): line.rsplit(": GPU ", 1)[1]
             for line in out[0].stderr.splitlines() if ": GPU " in line}
     assert sorted(gpus) == sorted(str(c.run_dir()) for c in expand(load_sweep(path)))
     assert set(gpus.values()) == {"5", "7"}                  # the first two runs start at once, one per GPU
     assert "on 1 worker process(es)" in out[1].stderr and ": GPU " not in out[1].stderr
+
+
+def test_worker_threads_are_omp_num_threads_where_set_else_the_cores_shared_out(monkeypatch):
+    from randteach.runs.sweep import available_cores, threads_per_worker
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_worker(2) == 3
+    for unset in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert threads_per_worker(1) == available_cores() and threads_per_worker(10 ** 6) == 1
 
 
 def test_failed_and_diverged_runs_are_results_not_crashes(tmp_path):

@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
                    help="local worker processes, or SLURM jobs via submitit (options: the recipe's slurm:)")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes, each pinned to one GPU where there are GPUs (torch threads = "
-                        "cores / workers); 0: run in this process, one after another (default: one per visible "
+                        "$OMP_NUM_THREADS if set, else cores / workers); 0: run in this process, one after another (default: one per visible "
                         "GPU when the runs use GPUs, else 1)")
     p.add_argument("--stack", type=int, default=1, metavar="K",
                    help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values in one "

@@ -100,7 +100,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes, each pinned to one GPU where there are GPUs (default: one per "
-                        "visible GPU when the runs use GPUs, else 1; torch threads = cores / workers)")
+                        "visible GPU when the runs use GPUs, else 1; torch threads = $OMP_NUM_THREADS if set, else cores / workers)")
     p.add_argument("--out", help="root folder of the run directories (overrides the file's out)")
     p.add_argument("--slurm", action="append", metavar="KEY=VALUE",
                    help="submitit/SLURM option, repeatable: partition, time, gpus_per_node, cpus_per_task, "

@@ -329,6 +329,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def threads_per_worker(workers: int) -> int:
+    """Torch threads of each of `workers` processes: $OMP_NUM_THREADS where the user set it (as torch itself
+    reads it), else the cores this process may use shared out."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, available_cores() // workers)
+
+
 def _signal_worker(proc, sig: int) -> None:
     try:
         os.kill(proc.pid, sig)
@@ -383,7 +392,7 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
     jobs = _jobs(configs, todo, stack, log)
     gpus = visible_gpus() if any(_wants_gpu(configs[i]) for i in todo) else []
     workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
-    threads = max(1, available_cores() // workers)
+    threads = threads_per_worker(workers)
     log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
              + (f" as {len(jobs)} stack(s) of up to {stack}" if stack > 1 and todo else "")
              + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
