@@ -189,3 +189,13 @@ def test_the_probe_curves_legend_stays_short_with_many_groups(tmp_path, monkeypa
     plot_vs_epoch(collect([tmp_path]), ["init.alpha"], tmp_path / "curves.png")
     for ax in figures[0].axes:  # one entry per role (its first group's colour), not one per group
         assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["input", "student", "teacher"]
+
+
+def test_a_group_report_never_overwrites_a_runs_own_report(tmp_path, capsys):
+    run, _ = fake_run(tmp_path / "runs", 0.5, 0)
+    (run / "report.md").write_text("the run's own report")
+    assert main(["--quiet", "report", str(run)]) == 0
+    assert (run / "report.md").read_text() == "the run's own report"
+    assert (tmp_path / "runs" / "report.md").read_text().startswith("# Report")  # the folder that holds the run
+    assert main(["--quiet", "report", str(run), "--out", str(run)]) == 2
+    assert "is a run folder" in capsys.readouterr().err and (run / "report.md").read_text() == "the run's own report"

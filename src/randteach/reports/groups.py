@@ -373,6 +373,18 @@ def _mixed_groups(rows: list[dict], keys: list[str]) -> list[str]:
     return ["**Groups that mix settings** (group by those keys too, with --group-by):", "", *lines, ""] if lines else []
 
 
+def _report_folder(dirs: list[str | Path], out: str | Path | None) -> Path:
+    """`out`, else the folder that holds every DIR; never a run folder, whose report.md is the run's own."""
+    if out is not None:
+        if RunDir(out).summary_path.exists():
+            raise UserError(f"--out {out} is a run folder: its report.md is the run's own report; choose another "
+                            "--out for the group report")
+        return Path(out)
+    folders = [Path(d).resolve() if Path(d).is_dir() else Path(d).resolve().parent for d in dirs]
+    common = Path(os.path.commonpath(folders))
+    return common.parent if RunDir(common).summary_path.exists() else common
+
+
 def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
                  group_by: list[str] | None = None) -> Path:
     """Collect, group and write report.csv (one row per group), runs.csv (one row per run), report.md and
@@ -383,10 +395,7 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
     keys = varying_keys(rows) if group_by is None else list(group_by)
     table = group(rows, keys)
     metrics = metric_names(rows)
-    if out is None:
-        folders = [Path(d).resolve() if Path(d).is_dir() else Path(d).resolve().parent for d in dirs]
-        out = Path(os.path.commonpath(folders))
-    out = Path(out)
+    out = _report_folder(dirs, out)
     out.mkdir(parents=True, exist_ok=True)
     write_group_csv(table, keys, out / "report.csv")
     write_runs_csv(rows, keys, out / "runs.csv")
