@@ -96,6 +96,21 @@ def test_unknown_argument_of_a_builtin_encoder_is_refused():
         build_teacher_and_student(cfg, 1, 8)
 
 
+def needs_depth(in_channels, image_size, depth):
+    return Widened(in_channels, image_size, 4, depth, True)
+
+
+@pytest.mark.parametrize("encoder, args", [("test_encoder_args:needs_depth", "{}"),  # a required argument missing
+                                           ("test_encoder_args:widened", '{"layers": 2}'),  # one it does not take
+                                           ("json:dumps", "{}")])  # not an encoder factory at all
+def test_a_factory_that_cannot_take_the_arguments_is_a_clear_error(encoder, args):
+    cfg = build_config("cpu", None, {**BASE, "model.encoder": encoder, "model.encoder_args": args})
+    with pytest.raises(ConfigError, match=f"{encoder}' cannot be called with the arguments .*--model.encoder_args"):
+        build_teacher_and_student(cfg, 1, 8)
+    assert build_teacher_and_student(build_config("cpu", None, {
+        **BASE, "model.encoder": "test_encoder_args:needs_depth", "model.encoder_args": '{"depth": 2}'}), 1, 8)
+
+
 def test_cli_prints_the_arguments():
     out = subprocess.run([sys.executable, "-m", "randteach.cli", "config", "--preset", "cpu",
                           "--model.encoder", "test_encoder_args:widened",

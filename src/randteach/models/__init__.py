@@ -82,7 +82,8 @@ def _import_encoder(path: str, in_channels: int, image_size: int, **options) -> 
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"model.encoder: cannot import {path!r} ({e}); expected 'package.module:callable' "
-                          "with the module importable from this Python environment") from None
+                          "with the module importable from this Python environment (the current folder is not "
+                          "on the path of the randteach command: PYTHONPATH=. for a module here)") from None
     return call_encoder_factory(obj, path, in_channels, image_size, **options)
 
 
@@ -91,15 +92,23 @@ def call_encoder_factory(obj, what: str, in_channels: int, image_size: int, **op
     or by **kwargs when `options` is empty)."""
     kwargs = dict(options)
     try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        params = {}
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # a builtin without one: called as it is
+        signature = None
+    params = signature.parameters if signature is not None else {}
     # With arguments of the user's own, **kwargs is assumed to forward them to a model class (as
     # timm.create_model does), which would refuse in_channels/image_size: pass those only by name then.
     takes_any = not options and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in (("in_channels", in_channels), ("image_size", image_size)):
         if takes_any or key in params:
             kwargs[key] = value
+    try:
+        if signature is not None:
+            signature.bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.encoder: {what!r} cannot be called with the arguments "
+                          f"{', '.join(sorted(kwargs)) or 'none'} ({e}); give its own arguments with "
+                          "--model.encoder_args '{\"name\": value}' (from Python: functools.partial(factory, name=value))") from None
     encoder = obj(**kwargs)
     if not isinstance(encoder, nn.Module):
         raise ConfigError(f"model.encoder: {what!r} returned a {type(encoder).__name__}, expected a torch.nn.Module")
