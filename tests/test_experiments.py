@@ -211,6 +211,31 @@ def test_a_seed_on_the_command_line_is_refused_not_overruled(tmp_path, capsys):
     assert "choose how many with --seeds N" in capsys.readouterr().err
 
 
+DISTINCT = {"train.epochs": 7.77, "train.max_steps": 12345, "train.probe_every": 0.77, "train.checkpoint_every": 0.77,
+            "train.probe_at": [0.77], "train.log_every": 77, "optim.lr": 0.0777, "optim.schedule": "cosine",
+            "optim.lr_end": 77.7, "optim.warmup_steps": 77, "probe.which": ["input"]}
+
+
+def test_a_key_an_analysis_sets_on_every_run_is_refused_not_overruled(tmp_path, capsys):
+    from randteach.analysis.escape import escape_variants, variant_config
+    from randteach.analysis.lr_range import range_config
+    from randteach.config import build_config, flatten
+    derive = {"escape": lambda c: variant_config(c, escape_variants(lrs=(10.0,), batch_sizes=(), stabilize=False)[0],
+                                                 n=1024, steps=12, probe_every_steps=4, out=tmp_path),
+              "lr-range": lambda c: range_config(c, 1e-6, 1e6, 30, 10, tmp_path)}
+    for name, derived in derive.items():
+        for key in get_experiment(name).sets:
+            given = build_config("escape", overrides={key: DISTINCT[key]})
+            assert flatten(derived(given).to_dict())[key] != DISTINCT[key], (name, key)  # it is overruled
+            assert main(["experiment", name, "--out", str(tmp_path), "--dry-run", f"--{key}", str(DISTINCT[key])]) == 2
+            assert f"--{key}: the {name} experiment sets it" in capsys.readouterr().err
+
+
+def test_a_key_replacing_an_arms_grid_is_named(tmp_path, capsys):
+    assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--init.alpha", "0.3"]) == 0
+    assert "note: --init.alpha 0.3 replaces arm " in capsys.readouterr().out
+
+
 def test_table_pairs_gains_and_shows_reference():
     def row(seed, t, s, alpha=0.5):
         return {"run_dir": f"r{seed}", "status": "completed", "summary": {},

@@ -52,7 +52,9 @@ def add_parser(subparsers) -> None:
         description="Run the distillations an experiment needs (finished runs are reused: run directories are "
                     "content-addressed and shared by all experiments of a scale), then aggregate them into "
                     "OUT/NAME/report.md with tables (mean ± std over seeds), CSV and PNG. Extra --section.key "
-                    "VALUE options apply to every distillation run (e.g. --train.device cuda).\n\n"
+                    "VALUE options apply to every distillation run (e.g. --train.device cuda); one that an arm's "
+                    "grid varies replaces that grid with its one value (a note says so), and one that the "
+                    "analysis sets on each run itself (escape's, lr-range's run lengths) is refused.\n\n"
                     + overview.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=NAMES, metavar="NAME", help=", ".join(NAMES))

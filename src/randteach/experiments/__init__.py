@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .base import DEFAULT_ROOT, Context, Experiment, Outcome, dry_run, execute
+from .base import DEFAULT_ROOT, Context, Experiment, Outcome, check_overrides, dry_run, execute
 from .recipe import SCALES, Recipe, load_recipe
 
 MODULES = {"probes": "probes", "locality": "locality", "data-dependence": "data_dependence",
@@ -64,6 +64,7 @@ def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) ->
     Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack (see `make_context`)."""
     exp = get_experiment(name)
     ctx = make_context(name, scale, **kw)
+    check_overrides(exp, ctx)
     return dry_run(exp, ctx) if dry else execute(exp, ctx)
 
 

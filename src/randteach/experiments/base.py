@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class Experiment:
     paper = ""      # where in the paper, e.g. "Fig. 3, App. D"
     claim = ""      # the paper's claim, one sentence
     extras = None   # per-run extra metrics for the tables: row -> {name: value}
+    sets: tuple[str, ...] = ()  # config keys the analysis sets on every run it derives (from its recipe's params)
 
     def stages(self, ctx: Context) -> list[dict[str, list[Config]]]:
         return [{arm.name: ctx.configs(arm.name) for arm in ctx.recipe.arms}]
@@ -123,7 +125,7 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
     total = sum(len(c) for stage in stages for c in stage.values())
     done = sum(_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
     lines = [f"experiment {exp.name} ({exp.ids}, {exp.paper}) at scale {ctx.recipe.scale}: recipe "
-             f"{ctx.recipe.source}; {total} runs in {ctx.pool} ({done} done, {total - done} to run)"]
+             f"{ctx.recipe.source}; {total} runs in {ctx.pool} ({done} done, {total - done} to run)", *grid_notes(ctx)]
     for i, stage in enumerate(stages):
         for arm, configs in stage.items():
             keys = _shown_keys(ctx.recipe, arm, configs)
@@ -135,6 +137,22 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
     lines += [f"  then: {p}" for p in exp.post(ctx)]
     lines.append(f"report: {ctx.out / 'report.md'}")
     return "\n".join(lines)
+
+
+def check_overrides(exp: Experiment, ctx: Context) -> None:
+    """Refuse a command-line key that every run of the analysis would overrule without a word."""
+    overruled = sorted(set(ctx.overrides) & set(exp.sets))
+    if overruled:
+        raise UserError(f"--{overruled[0]}: the {exp.name} experiment sets it on each of its runs from its recipe's "
+                        f"params ({', '.join(f'{k}={show_value(v)}' for k, v in ctx.params.items()) or 'none'}); "
+                        f"change those in a copy of {ctx.recipe.source} given as --recipe FILE")
+
+
+def grid_notes(ctx: Context) -> list[str]:
+    """A note for each command-line key that replaces an arm's grid over it with its one value."""
+    return [f"note: --{key} {show_value(ctx.overrides[key])} replaces arm {arm.name}'s grid over {key} "
+            f"({', '.join(show_value(v) for v in arm.grid[key])}) with that one value"
+            for arm in ctx.recipe.arms for key in arm.grid if key in ctx.overrides]
 
 
 def _shown_keys(recipe: Recipe, arm: str, configs: list[Config]) -> list[str]:
@@ -159,6 +177,8 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     """Run every stage (skipping finished runs), analyze, and write OUT/report.md."""
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
+    for note in grid_notes(ctx):
+        print(note, file=sys.stderr)
     commit = git_commit()  # at the start: the code the runs started with
     arms: dict[str, list[Config]] = {}
     counts: dict[str, int] = {}
@@ -197,6 +217,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
               "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
               "student − teacher is the paired difference per seed.",
+              *[f"- {note}" for note in grid_notes(ctx)],
               "", "Settings shared by every run (on top of "
               + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults") + "):",
               "", "```yaml",

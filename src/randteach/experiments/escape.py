@@ -23,6 +23,10 @@ class Escape(Experiment):
              "through a representational collapse (probe minimum) followed by a slow recovery; larger batches "
              "escape alike; ND-MSE with a warm-up is the stable variant.")
 
+    # variant_config's run length, probe schedule and logging, and every variant's step size and schedule
+    sets = ("train.epochs", "train.max_steps", "train.probe_every", "train.checkpoint_every", "train.probe_at",
+            "train.log_every", "optim.lr", "optim.schedule")
+
     def stages(self, ctx: Context):
         return []  # run_escape distills its own runs (locally, in this process)
 
