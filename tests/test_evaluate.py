@@ -41,3 +41,21 @@ def test_probe_outside_a_run_uses_the_runs_fp32_rules(tmp_path, monkeypatch):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert seen == [(False, False), (False, False)]
+
+
+def test_probe_results_record_their_settings_and_keep_each_others(tmp_path):
+    import json
+
+    from randteach.probes.run import probe_run
+    from randteach.train.loop import distill
+    run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]",
+                              probe__linear="none"), progress=False).path
+    probe_run(run, ["--probe.which", "[student]"], progress=False)
+    probe_run(run, ["--probe.which", "[input]"], progress=False)  # the same settings: the student is kept
+    own = json.loads((run / "probes" / "digits.json").read_text())
+    assert set(own["probe"]) == {"student", "input"} and own["settings"]["n_train"] is None
+    probe_run(run, ["--probe.which", "[input]", "--probe.n_train", "300"], progress=False)
+    assert json.loads((run / "probes" / "digits.json").read_text()) == own  # not replaced by a subset's
+    (subset,) = [p for p in (run / "probes").glob("digits-*.json")]
+    subset = json.loads(subset.read_text())
+    assert subset["settings"]["n_train"] == 300 and set(subset["probe"]) == {"input"}

@@ -217,7 +217,7 @@ def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=Non
 
     encoder: an nn.Module, probed as it is (its current weights, eval mode) -> {"linear": acc, "knn": acc};
     or a run directory / RunResult -> {"teacher"|"student"|"input": {...}}, also written to
-    RUN/probes/<data>.json. train / test: data to fit / score on (test None: a class-stratified 80/20
+    RUN/probes/<data>.json (<data>-<hash>.json under other probe settings). train / test: data to fit / score on (test None: a class-stratified 80/20
     split of train; a name alone: its train and test splits; a run without data: its probe data).
     overrides: probe.* keys (e.g. probe__knn_k=20), data.root, data.image_size."""
     from .probes.embedding import Prober

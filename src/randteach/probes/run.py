@@ -1,6 +1,9 @@
 """Probe a finished run on any data set: `randteach probe RUN_DIR [--probe.data NAME]` (transfer: Sarnthein et al. 2023, Tab. 2 and 4)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import yaml
@@ -51,6 +54,7 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     for key in pairs:
         if key.split(".")[0] not in PROBE_SECTIONS + ("train",):
             raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root and --train.device only")
+    saved_probe = dict(saved.get("probe") or {})  # the run's own probe settings, before the overrides
     nested = dotted_to_nested(pairs)
     for section, values in nested.items():
         saved.setdefault(section, {}).update(values)
@@ -78,10 +82,33 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
         if "input" in cfg.probe.which:
             result["input"] = prober.input()
     name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
-    path = run.path / "probes" / f"{name}.json"
+    path, record = _result_file(run, name, cfg, saved_probe, str(checkpoint or "student.pt"))
     try:
-        write_json(path, {"data": name, "checkpoint": str(checkpoint or "student.pt"), "probe": result})
+        write_json(path, {**record, "probe": {**_earlier(path, record), **result}})
     except OSError as e:
         raise ResultsNotSaved(f"the probe results could not be saved to {path}: {e.strerror or e} (read-only folder "
                               "or full disk?); the run itself is untouched", result) from None
     return result
+
+
+def _result_file(run: RunDir, name: str, cfg, saved_probe: dict, checkpoint: str) -> tuple[Path, dict]:
+    """Where a probe result goes and what it records: probes/<data>.json under the run's own probe settings
+    and checkpoint, else probes/<data>-<hash of the settings>.json, so results of other settings (a subset,
+    fewer iterations) never pass for these, nor replace them."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.probe).items() if k not in ("which", "data", "batch_size")}
+    own = {k: v for k, v in dataclasses.asdict(config_from_dict({"probe": saved_probe}).probe).items() if k in settings}
+    record = {"data": name, "checkpoint": checkpoint, "settings": settings}
+    if settings == own and checkpoint == "student.pt":
+        return run.path / "probes" / f"{name}.json", record
+    key = hashlib.sha256(json.dumps([settings, checkpoint], sort_keys=True).encode()).hexdigest()[:8]
+    return run.path / "probes" / f"{name}-{key}.json", record
+
+
+def _earlier(path: Path, record: dict) -> dict:
+    """The roles probed before into `path` under the same data, checkpoint and settings (kept beside the new)."""
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = isinstance(before, dict) and all(before.get(k) == v for k, v in record.items())
+    return before.get("probe", {}) if same and isinstance(before.get("probe"), dict) else {}
