@@ -79,6 +79,8 @@ def test_expand_removes_duplicates_and_accepts_nested_sections(tmp_path):
     ("grid: {init.alpha: [0.5, 2.0]}", "init.alpha: 2.0 is out of range; valid: a finite number in [0, 1]"),
     ("grid: {optim.name: [adamw, lion]}", "optim.name: 'lion' is not a valid choice"),
     ("seeds: [0, one]", "seeds must be a list of integers"),
+    ("seeds: 3", "seeds: [0, 1, 2] for 3 seeds, or seeds: [3] for seed 3 alone"),
+    ("", "is empty"),
     ("base: {out: elsewhere}", "top level"),
     ("grid: {train.seed: [0, 1]}\nseeds: [0]", "both in grid and in seeds"),
     ("slurm: {partitoin: gpu}", "unknown slurm key(s) partitoin"),

@@ -73,11 +73,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [a, b], "
                               f"got {values!r}")
+    if not raw:
+        raise ConfigError(f"{where} is empty: a sweep names at least one of {', '.join(SWEEP_KEYS)}, e.g. "
+                          "grid: {init.alpha: [0.1, 0.5]} and seeds: [0, 1, 2]")
     seeds = raw.get("seeds")
     if seeds is None:
         seeds = []
-    elif isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
+    elif isinstance(seeds, int) and not isinstance(seeds, bool):  # `randteach experiment --seeds 3` is a count
+        example = list(range(seeds)) if 1 <= seeds <= 10 else [0, 1, 2]
+        raise ConfigError(f"{where}: seeds: {seeds} is a number; a sweep lists its seeds: seeds: {example} for "
+                          f"{len(example)} seeds, or seeds: [{seeds}] for seed {seeds} alone")
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1, 2], got {seeds!r}")
     for owned in ("out", "name"):
