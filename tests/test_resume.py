@@ -90,6 +90,7 @@ def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
     _wait_for_step(out, 1, proc)                       # training has begun: the handler is installed
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 3
+    assert f"continue it with: randteach distill --resume {out}" in proc.stdout.read().decode()
     summary = RunDir(out).summary()
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
     assert 0 < summary["steps"] < EPOCHS * 23
@@ -118,6 +119,7 @@ def test_a_run_recorded_before_the_root_left_the_digest_resumes_only_under_its_o
     assert main(["--quiet", "distill", "--resume", str(out), "--data.root", str(tmp_path / "moved")]) == 2
     assert f"continues only with its own root, {root}" in capsys.readouterr().err
     assert main(["--quiet", "distill", "--resume", str(out), "--data.root", root]) == 0
+    assert "completed: " + str(out) + " (finished before: reused, nothing trained)" in capsys.readouterr().out
 
 
 def test_resume_rejects_overrides_and_foreign_dirs(tmp_path):

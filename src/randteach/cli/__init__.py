@@ -79,15 +79,19 @@ def cmd_distill(args, extra) -> int:
         cfg = _config_from_args(args, extra)
         print_notes([cfg])
     from ..reports.run import probe_table, recorded_command, write_run_report
+    from ..runs.sweep import finished_summary
     from ..train.loop import distill
+    reused = finished_summary(cfg) is not None
     result = distill(cfg, resume=bool(args.resume), progress=not args.quiet)
     if result.summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0 if result.summary["status"] == "completed" else 3
     this_command = "randteach " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_run_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
-    print(f"\n{result.summary['status']}: {result.path}")
+    print(f"\n{result.summary['status']}: {result.path}" + (" (finished before: reused, nothing trained)" if reused else ""))
     if result.summary["status"] != "completed" and result.summary.get("probe_epoch") is not None:
         print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:g})")
+    if result.summary["status"] == "interrupted":
+        print(f"continue it with: randteach distill --resume {shlex.quote(str(result.path))}")
     print(probe_table(result.summary))
     return 0 if result.summary["status"] in ("completed",) else 3
 
