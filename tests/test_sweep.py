@@ -209,6 +209,12 @@ def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tm
     assert "on 1 worker process(es)" in out[1].stderr and ": GPU " not in out[1].stderr
 
 
+@pytest.mark.parametrize("workers, stack", [(0, 1), (-1, 1), (1, 0)])
+def test_worker_and_stack_counts_below_one_are_refused(workers, stack):
+    with pytest.raises(ConfigError, match="must be at least 1"):
+        run_sweep([build_config("cpu")], workers=workers, stack=stack, progress=False)
+
+
 def test_worker_threads_are_omp_num_threads_where_set_else_the_cores_shared_out(monkeypatch):
     from randteach.runs.sweep import available_cores, threads_per_worker
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -236,7 +242,7 @@ def test_a_run_completed_by_another_sweep_after_planning_stays_completed(tmp_pat
     # summary on disk must not be overwritten with "failed".
     from randteach.runs.sweep import _collect_local, _summary_stamp, record_failure
     cfg = expand(load_sweep(write_sweep(tmp_path, seeds=[0], base={**FAST, "probe.which": "[]"})))[0]
-    done = run_sweep([cfg], workers=0, progress=False)[0]
+    done = run_sweep([cfg], workers=1, progress=False)[0]
     assert done["status"] == "completed"
     stamp = _summary_stamp(cfg)  # the summary was there when the late worker started
     assert _collect_local(cfg, 0, stamp, None)["status"] == "completed"

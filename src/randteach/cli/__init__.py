@@ -209,7 +209,9 @@ def cmd_config(args, extra) -> int:
     elif args.keys:
         print("\n".join(help_lines()))
     else:
-        print(_config_from_args(args, extra).to_yaml(), end="")
+        cfg = _config_from_args(args, extra)
+        print_notes([cfg])  # on stderr: the YAML on stdout stays a valid config file
+        print(cfg.to_yaml(), end="")
     return 0
 
 
@@ -224,18 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distill a student into a random teacher",
                        description="Distill a student into a random teacher. Any config key can be set with "
-                                   "--section.key VALUE (see `randteach config --keys`).")
+                                   "--section.key VALUE (see `randteach config --keys`); --out DIR names the run "
+                                   "folder (default runs/NAME-HASH), --name NAME its prefix. An encoder imported "
+                                   "from a file's 'MODULE:callable' needs --allow-import MODULE.")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("probe", help="probe a run's teacher, student and the raw input on any data set (transfer)")
+    p = sub.add_parser("probe", help="probe a run's teacher, student and the raw input on any data set (transfer)",
+                       description="Probe a finished run. --probe.* options change the probe (e.g. --probe.data "
+                                   "digits for transfer, --probe.which [student], --probe.n_train 5000); "
+                                   "--data.root and --train.device say where the data and the device are.")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="probe this student checkpoint instead of the run's final one")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("demo", help="the CPU demo: distill on Fashion-MNIST, probe, write runs/demo/report.md")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("data", help="list or fetch data sets")
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config, the presets, or every key with its help")
     _add_config_args(p)
-    p.add_argument("--list-presets", action="store_true")
+    p.add_argument("--list-presets", action="store_true", help="the preset names")
     p.add_argument("--keys", action="store_true", help="every key with its default and help")
     p.set_defaults(func=cmd_config)
 

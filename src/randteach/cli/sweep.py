@@ -94,10 +94,10 @@ def add_parser(subparsers) -> None:
                     "<out>/<name>-<config hash> and execute them. Finished runs are skipped and interrupted "
                     "ones resumed, so re-running a stopped sweep only does the missing work. Extra "
                     "--section.key VALUE options apply to every run (not to a key the grid or seeds vary: "
-                    "edit the file).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "edit the file).")
     p.add_argument("sweep_file", metavar="SWEEP.yaml")
-    p.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local worker processes (default), or SLURM jobs via submitit")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes, each pinned to one GPU where there are GPUs (default: one per "
                         "visible GPU when the runs use GPUs, else 1; torch threads = $OMP_NUM_THREADS if set, else cores / workers)")
@@ -107,7 +107,7 @@ def add_parser(subparsers) -> None:
                         "mem_gb, array_parallelism, account, qos, constraint, cluster (local: no SLURM)")
     p.add_argument("--stack", type=int, default=1, metavar="K",
                    help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values "
-                        "in one process, stacked (local launcher); other runs run alone, with the reason")
+                        "in one process, stacked (local launcher); other runs run alone, with the reason (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(func=cmd_sweep)
 

@@ -559,6 +559,8 @@ def run_sweep(configs: list[Config], launcher: str = "local", workers: int | Non
     """
     if stack < 1:
         raise ConfigError(f"--stack must be at least 1, got {stack}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
     if launcher == "local":
         return _run_local(configs, workers, progress, stack)
     if stack > 1:
