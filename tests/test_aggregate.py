@@ -199,3 +199,11 @@ def test_a_group_report_never_overwrites_a_runs_own_report(tmp_path, capsys):
     assert (tmp_path / "runs" / "report.md").read_text().startswith("# Report")  # the folder that holds the run
     assert main(["--quiet", "report", str(run), "--out", str(run)]) == 2
     assert "is a run folder" in capsys.readouterr().err and (run / "report.md").read_text() == "the run's own report"
+
+
+def test_the_probe_table_of_a_run_and_of_a_run_that_probed_nothing():
+    from randteach.reports.run import probe_table
+    table = probe_table({"probe": {"teacher": {"linear": 0.5, "knn": 0.25}, "student": {"linear": 0.75}}})
+    assert table.splitlines() == ["| model | knn probe (%) | linear probe (%) |", "|---|---|---|",
+                                  "| teacher | 25.00 | 50.00 |", "| student | – | 75.00 |"]
+    assert probe_table({"probe": {}}).startswith("(nothing probed")

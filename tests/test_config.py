@@ -287,6 +287,16 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
         build_config("cpu", f)
 
 
+def test_each_yaml_file_is_named_by_its_kind_and_a_sweep_given_as_config_is_told(tmp_path):
+    from randteach.runs.sweep import load_sweep
+    with pytest.raises(ConfigError, match="sweep file .*none.yaml' does not exist"):
+        load_sweep(tmp_path / "none.yaml")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: {optim.lr: 0.1}\ngrid: {init.alpha: [0.1, 0.5]}\n")
+    with pytest.raises(ConfigError, match=f"looks like a sweep file; run it with `randteach sweep {sweep}`"):
+        build_config("cpu", sweep)
+
+
 def test_config_files_layer_in_order_and_mappings_merge_key_by_key(tmp_path):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("optim: {lr: 0.5}\nmodel: {encoder_args: {patch_size: 4, drop_path: 0.1}}\n")

@@ -690,22 +690,22 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_yaml(path: str | Path) -> dict:
-    """A user's YAML file (a config, a sweep, a recipe) as a mapping; clear errors, duplicate keys refused."""
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A user's YAML file (a config, a sweep, a recipe: `what`) as a mapping; clear errors, duplicate keys
+    refused."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(p)!r} is not a text file (not UTF-8); expected a YAML file of "
-                          "config sections") from None
+        raise ConfigError(f"{what} {str(p)!r} is not a text file (not UTF-8); expected a YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping, got {type(data).__name__}")
     return data
 
 
@@ -723,7 +723,11 @@ def build_config(preset_name: str | None = None, file: str | Path | list | None 
     if preset_name:
         _apply(cfg, preset(preset_name), "")
     for path in (file if isinstance(file, (list, tuple)) else [file] if file else []):
-        _apply(cfg, undotted(load_yaml(path)), "")
+        doc = load_yaml(path)
+        if {"grid", "seeds"} & set(doc):
+            raise ConfigError(f"config file {str(path)!r} names {', '.join(sorted({'grid', 'seeds'} & set(doc)))}: "
+                              f"it looks like a sweep file; run it with `randteach sweep {path}`")
+        _apply(cfg, undotted(doc), "")
     for key, value in (overrides or {}).items():  # one at a time, in order: `--model.encoder_args '{...}'`
         _apply(cfg, dotted_to_nested({key: value}), "")  # and `--model.encoder_args.depth 3` merge, later wins
     if nested:

@@ -139,7 +139,7 @@ def _read_doc(experiment: str, scale: str, path: str | Path | None) -> tuple[dic
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"recipe file {str(p)!r} does not exist")
-        return load_yaml(p), str(p)
+        return load_yaml(p, "recipe"), str(p)
     if scale == TINY:
         doc = _resource(f"{experiment}.cpu.yaml")
         if not doc:

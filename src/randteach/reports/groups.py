@@ -416,7 +416,7 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
     if knn:
         notes.append(f"k-NN: {'; '.join(knn)}")
     parts = ["# Report", "",
-             f"{len(rows)} runs under {', '.join(f'`{d}`' for d in dirs)}: "
+             f"{len(rows)} run{'s' if len(rows) != 1 else ''} under {', '.join(f'`{d}`' for d in dirs)}: "
              + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", "",
              f"Grouped by {', '.join(f'`{k}`' for k in keys) if keys else 'nothing (all runs in one group)'}. "
              "Each cell is mean ± std over the completed runs of the group (different seeds); std is the "

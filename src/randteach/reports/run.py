@@ -34,6 +34,8 @@ def probe_table(summary: dict) -> str:
     """Markdown table: one row per role, one column per probe, accuracy in %."""
     probes = summary.get("probe", {})
     kinds = sorted({k for r in probes.values() for k in accuracies(r)})
+    if not kinds:
+        return "(nothing probed: probe.which is empty, or every probe is off)"
     lines = ["| model | " + " | ".join(f"{k} probe (%)" for k in kinds) + " |",
              "|---|" + "---|" * len(kinds)]
     for role in ROLES:

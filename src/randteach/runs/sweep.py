@@ -57,7 +57,7 @@ class SweepSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; every mistake raises ConfigError naming the file and the key."""
     path = Path(path)
-    raw = load_yaml(path)
+    raw = load_yaml(path, "sweep file")
     where = f"sweep file {str(path)!r}"
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
