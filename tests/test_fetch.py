@@ -272,6 +272,7 @@ def test_data_on_disk_outside_the_root_is_listed_and_not_fetched_again(tmp_path,
     monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "root"))
     assert main(["data", "list"]) == 0
     assert f"fashion-mnist  {system}" in capsys.readouterr().out
+    assert main(["data", "list", "mnist"]) == 2 and "takes no name" in capsys.readouterr().err
     assert main(["data", "fetch", "fashion-mnist"]) == 0
     assert f"ready in {system} (already on disk; nothing fetched)" in capsys.readouterr().out
     assert not (tmp_path / "root").exists()

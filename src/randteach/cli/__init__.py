@@ -194,6 +194,8 @@ def cmd_data(args, extra) -> int:
         path = found or fetch(args.name, root, base_url=args.base_url, progress=not args.quiet)
         print(f"{args.name}: ready in {path}" + (" (already on disk; nothing fetched)" if found else ""))
     else:
+        if args.name:
+            raise UserError(f"`randteach data list` lists every data set; it takes no name (got {args.name!r})")
         print(f"data root: {resolve_root(root)}")
         for name in DATASETS:
             where = located(name, root)

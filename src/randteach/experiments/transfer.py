@@ -41,7 +41,8 @@ class Transfer(Experiment):
              "its random teacher (TinyImageNet -> CIFAR10: ResNet18 35.50 -> 46.06, VGG11 36.55 -> 52.45).")
 
     def post(self, ctx: Context) -> list[str]:
-        return [f"probe every finished run on {t['name']}" + (f" ({t['overrides']})" if t["overrides"] else "")
+        return [f"probe every finished run on {t['name']}"
+                + (" with " + ", ".join(f"{k}={v}" for k, v in t["overrides"].items()) if t["overrides"] else "")
                 for t in targets(ctx)]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
