@@ -59,3 +59,16 @@ def test_probe_results_record_their_settings_and_keep_each_others(tmp_path):
     (subset,) = [p for p in (run / "probes").glob("digits-*.json")]
     subset = json.loads(subset.read_text())
     assert subset["settings"]["n_train"] == 300 and set(subset["probe"]) == {"input"}
+
+
+def test_probe_results_on_other_python_data_of_the_same_name_are_not_merged(tmp_path):
+    import json
+
+    from randteach.probes.run import probe_run
+    from randteach.train.loop import distill
+    run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]",
+                              probe__linear="none"), progress=False).path
+    splits = [(_images(40, 8, seed), _images(20, 8, seed + 1)) for seed in (0, 2)]
+    probe_run(run, ["--probe.which", "[student]"], splits=splits[0], progress=False)
+    probe_run(run, ["--probe.which", "[input]"], splits=splits[1], progress=False)
+    assert set(json.loads((run / "probes" / "synthetic.json").read_text())["probe"]) == {"input"}

@@ -83,6 +83,8 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
             result["input"] = prober.input()
     name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
     path, record = _result_file(run, name, cfg, saved_probe, str(checkpoint or "student.pt"))
+    if splits is not None:  # data from Python: its name says little, its bytes decide what merges
+        record["data_digest"] = [part.digest() for part in splits]
     try:
         write_json(path, {**record, "probe": {**_earlier(path, record), **result}})
     except OSError as e:
