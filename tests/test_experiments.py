@@ -349,8 +349,18 @@ def test_tiny_landscape(tiny):
 
 
 def test_tiny_imp_and_lmc(tiny):
-    _, text = run_tiny("imp", tiny)
+    out, text = run_tiny("imp", tiny)
     assert "| 100 |" in text and "| 50 |" in text  # fraction 0.5 per round
+    import json
+    from randteach.reports.experiment import fmt, mean_std
+    accuracy = {}  # (start, seed) -> the dense round's test accuracy, from each seed's imp.json
+    for seed_dir in sorted(out.report.parent.glob("seed*")):
+        for s in json.loads((seed_dir / "imp.json").read_text())["series"]:
+            accuracy[s["start"], seed_dir.name] = s["rounds"][0]["test_accuracy"]
+    seeds = {seed for _, seed in accuracy}
+    gap = fmt(*mean_std([accuracy["student@0", s] - accuracy["random@0", s] for s in seeds]))
+    dense = next(line for line in text.splitlines() if line.startswith("| 100 |"))
+    assert "student@0 − random@0, paired over seeds (pp)" in text and dense.endswith(f"| {gap} |")
     _, text = run_tiny("lmc", tiny)
     assert "| teacher | 1 |" in text and "| student | 1 |" in text
 

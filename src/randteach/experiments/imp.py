@@ -25,7 +25,7 @@ class Imp(Experiment):
         from ..analysis.imp import run_imp
         p = ctx.params
         lines = missing_note(arms, ["student"])
-        series: dict[tuple[str, int], list[dict]] = {}
+        series: dict[tuple[str, int], dict[int, dict]] = {}  # (start, round) -> seed -> that round's record
         for cfg in completed(arms["student"]):
             info, data, recipe = supervised_inputs(ctx, cfg)
             out = ctx.out / f"seed{cfg.train.seed}"
@@ -34,15 +34,22 @@ class Imp(Experiment):
             lines += [f"![IMP seed {cfg.train.seed}]({out.relative_to(ctx.out)}/imp.png)"]
             for s in result["series"]:
                 for k, r in enumerate(s["rounds"]):
-                    series.setdefault((s["start"], k), []).append(r)
+                    series.setdefault((s["start"], k), {})[cfg.train.seed] = r
         starts = list(p["starts"])
         rounds = sorted({k for _, k in series})
-        head = ["weights remaining (%)"] + [f"{s} test acc. (%)" for s in starts]
+        paired = starts[:2] if len(starts) > 1 else []  # Fig. 8's question: the student's start against the next
+        head = ["weights remaining (%)"] + [f"{s} test acc. (%)" for s in starts] + \
+            [f"{paired[0]} − {paired[1]}, paired over seeds (pp)"] * bool(paired)
         rows = []
         for k in rounds:
-            remaining = next((100 * (1 - r["sparsity"]) for s in starts for r in series.get((s, k), [])), math.nan)
-            rows.append([f"{remaining:.3g}"] + [fmt(*mean_std([r["test_accuracy"] for r in series.get((s, k), [])]))
-                                                for s in starts])
+            at = {s: series.get((s, k), {}) for s in starts}
+            remaining = next((100 * (1 - r["sparsity"]) for s in starts for r in at[s].values()), math.nan)
+            row = [f"{remaining:.3g}"] + [fmt(*mean_std([r["test_accuracy"] for r in at[s].values()])) for s in starts]
+            if paired:
+                a, b = at[paired[0]], at[paired[1]]
+                gaps = [a[seed]["test_accuracy"] - b[seed]["test_accuracy"] for seed in a if seed in b]
+                row.append(fmt(*mean_std(gaps)))
+            rows.append(row)
         return ["## test accuracy vs sparsity (mean ± std over distilled checkpoints)", ""] + \
             markdown_rows(head, rows) + lines + [""]
 
