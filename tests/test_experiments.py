@@ -220,13 +220,13 @@ def test_a_key_an_analysis_sets_on_every_run_is_refused_not_overruled(tmp_path, 
     from randteach.analysis.escape import escape_variants, variant_config
     from randteach.analysis.lr_range import range_config
     from randteach.config import build_config, flatten
-    derive = {"escape": lambda c: variant_config(c, escape_variants(lrs=(10.0,), batch_sizes=(), stabilize=False)[0],
-                                                 n=1024, steps=12, probe_every_steps=4, out=tmp_path),
-              "lr-range": lambda c: range_config(c, 1e-6, 1e6, 30, 10, tmp_path)}
+    derive = {"escape": lambda c: [variant_config(c, v, n=1024, steps=12, probe_every_steps=4, out=tmp_path)
+                                   for v in escape_variants()],  # every run of every group
+              "lr-range": lambda c: [range_config(c, 1e-6, 1e6, 30, 10, tmp_path)]}
     for name, derived in derive.items():
         for key in get_experiment(name).sets:
             given = build_config("escape", overrides={key: DISTINCT[key]})
-            assert flatten(derived(given).to_dict())[key] != DISTINCT[key], (name, key)  # it is overruled
+            assert all(flatten(c.to_dict())[key] != DISTINCT[key] for c in derived(given)), (name, key)  # overruled
             assert main(["experiment", name, "--out", str(tmp_path), "--dry-run", f"--{key}", str(DISTINCT[key])]) == 2
             assert f"--{key}: the {name} experiment sets it" in capsys.readouterr().err
 
