@@ -196,7 +196,7 @@ def test_a_group_report_never_overwrites_a_runs_own_report(tmp_path, capsys):
     (run / "report.md").write_text("the run's own report")
     assert main(["--quiet", "report", str(run)]) == 0
     assert (run / "report.md").read_text() == "the run's own report"
-    assert (tmp_path / "runs" / "report.md").read_text().startswith("# Report")  # the folder that holds the run
+    assert (tmp_path / "runs" / f"report-{run.name}" / "report.md").read_text().startswith("# Report")  # beside it
     assert main(["--quiet", "report", str(run), "--out", str(run)]) == 2
     assert "is a run folder" in capsys.readouterr().err and (run / "report.md").read_text() == "the run's own report"
 

@@ -1,4 +1,5 @@
 """model.encoder_args: keyword arguments of an import-path factory, from the CLI (JSON), YAML and sweeps."""
+import functools
 import subprocess
 import sys
 
@@ -98,6 +99,21 @@ def test_unknown_argument_of_a_builtin_encoder_is_refused():
 
 def needs_depth(in_channels, image_size, depth):
     return Widened(in_channels, image_size, 4, depth, True)
+
+
+def _with_depth(factory):
+    @functools.wraps(factory)  # the signature shown is the factory's, which still asks for depth
+    def wrapper(*args, **kwargs):
+        return factory(*args, depth=1, **kwargs)
+    return wrapper
+
+
+depth_supplied = _with_depth(needs_depth)
+
+
+def test_a_wrapper_that_supplies_an_argument_its_signature_asks_for_still_works():
+    cfg = build_config("cpu", None, {**BASE, "model.encoder": "test_encoder_args:depth_supplied"})
+    assert build_teacher_and_student(cfg, 1, 8)[0].embed_dim == 4
 
 
 @pytest.mark.parametrize("encoder, args", [("test_encoder_args:needs_depth", "{}"),  # a required argument missing

@@ -53,12 +53,15 @@ def test_probe_results_record_their_settings_and_keep_each_others(tmp_path):
     probe_run(run, ["--probe.which", "[student]"], progress=False)
     probe_run(run, ["--probe.which", "[input]"], progress=False)  # the same settings: the student is kept
     own = json.loads((run / "probes" / "digits.json").read_text())
-    assert set(own["probe"]) == {"student", "input"} and own["settings"]["n_train"] is None
+    assert set(own["probe"]) == {"student", "input"} and own["settings"]["probe"]["n_train"] is None
     probe_run(run, ["--probe.which", "[input]", "--probe.n_train", "300"], progress=False)
     assert json.loads((run / "probes" / "digits.json").read_text()) == own  # not replaced by a subset's
     (subset,) = [p for p in (run / "probes").glob("digits-*.json")]
     subset = json.loads(subset.read_text())
-    assert subset["settings"]["n_train"] == 300 and set(subset["probe"]) == {"input"}
+    assert subset["settings"]["probe"]["n_train"] == 300 and set(subset["probe"]) == {"input"}
+    probe_run(run, ["--probe.which", "[student]", "--probe.n_train", "300", "--data.subset_seed", "9"],
+              progress=False)  # another subset of 300: a file of its own
+    assert len(list((run / "probes").glob("digits-*.json"))) == 2
 
 
 def test_probe_results_on_other_python_data_of_the_same_name_are_not_merged(tmp_path):

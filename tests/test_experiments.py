@@ -229,6 +229,8 @@ def test_a_key_an_analysis_sets_on_every_run_is_refused_not_overruled(tmp_path, 
             assert all(flatten(c.to_dict())[key] != DISTINCT[key] for c in derived(given)), (name, key)  # overruled
             assert main(["experiment", name, "--out", str(tmp_path), "--dry-run", f"--{key}", str(DISTINCT[key])]) == 2
             assert f"--{key}: the {name} experiment sets it" in capsys.readouterr().err
+    assert main(["experiment", "escape", "--out", str(tmp_path), "--dry-run", "--train.max-steps", "5"]) == 2
+    assert "--train.max_steps: the escape experiment sets it" in capsys.readouterr().err  # either spelling
 
 
 def test_a_key_replacing_an_arms_grid_is_named(tmp_path, capsys):

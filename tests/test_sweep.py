@@ -210,16 +210,17 @@ def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tm
 
 
 @pytest.mark.parametrize("workers, stack", [(0, 1), (-1, 1), (1, 0)])
-def test_worker_and_stack_counts_below_one_are_refused(workers, stack):
+def test_local_worker_and_stack_counts_below_one_are_refused(workers, stack):
     with pytest.raises(ConfigError, match="must be at least 1"):
         run_sweep([build_config("cpu")], workers=workers, stack=stack, progress=False)
 
 
 def test_worker_threads_are_omp_num_threads_where_set_else_the_cores_shared_out(monkeypatch):
     from randteach.runs.sweep import available_cores, threads_per_worker
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert threads_per_worker(2) == 3
-    for unset in ("", "0", "many"):
+    for given in ("3", " 3", "3,2"):  # an OpenMP list names the outer level first
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+        assert threads_per_worker(2) == 3
+    for unset in ("", "0", "many", "²"):
         monkeypatch.setenv("OMP_NUM_THREADS", unset)
         assert threads_per_worker(1) == available_cores() and threads_per_worker(10 ** 6) == 1
 

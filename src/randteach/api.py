@@ -330,6 +330,7 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
     from .train.loop import RunResult
     from .train.setup import resolve_device
     from .train.supervised import RunInfo, run_info
+    dev = resolve_device(device or "auto")  # a device that is not there is refused before anything loads
     paths = [str(a.path) if isinstance(a, RunResult) else a for a in (anchors or ())]
     found, ref = _landscape_plane(anchors, paths, view, [str(r.path) if isinstance(r, RunResult) else str(r)
                                                          for r in runs], run)
@@ -354,7 +355,7 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
         out = ref / f"landscape-{view or 'anchors'}-{projection}"
     return compute_landscape(found, info, out, teacher=_landscape_teacher(teacher, ref, template, info), grid=grid,
                              extent=extent, projection=projection, unit=unit, n_loss=n_loss, probe=probe,
-                             limit=max_points, device=resolve_device(device or "auto"), progress=progress,
+                             limit=max_points, device=dev, progress=progress,
                              template=template, data=train, probe_splits=splits)
 
 

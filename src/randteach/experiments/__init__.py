@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .base import DEFAULT_ROOT, Context, Experiment, Outcome, check_overrides, dry_run, execute
+from .base import DEFAULT_ROOT, Context, Experiment, Outcome, dry_run, execute
 from .recipe import SCALES, Recipe, load_recipe
 
 MODULES = {"probes": "probes", "locality": "locality", "data-dependence": "data_dependence",
@@ -55,7 +55,10 @@ def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds:
             raise UserError(f"--seeds must be at least 1, got {seeds}")
         r.seeds = list(range(seeds))
     root = Path(out) if out else Path(DEFAULT_ROOT) / scale
-    return Context(r, root, dict(overrides or {}), launcher, workers, progress, command, stack)
+    # --train.max-steps is --train.max_steps (as the config reads it): one spelling for the checks on overrides
+    overrides = {".".join([*(p.replace("-", "_") for p in k.split(".")[:2]), *k.split(".")[2:]]): v
+                 for k, v in (overrides or {}).items()}
+    return Context(r, root, overrides, launcher, workers, progress, command, stack)
 
 
 def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) -> Outcome | str:
@@ -64,7 +67,6 @@ def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) ->
     Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack (see `make_context`)."""
     exp = get_experiment(name)
     ctx = make_context(name, scale, **kw)
-    check_overrides(exp, ctx)
     return dry_run(exp, ctx) if dry else execute(exp, ctx)
 
 

@@ -121,6 +121,7 @@ def _state(cfg: Config) -> str:
 
 def dry_run(exp: Experiment, ctx: Context) -> str:
     """The runs the experiment needs, each with its state (done, new, interrupted, failed ...)."""
+    check_overrides(exp, ctx)
     stages = exp.stages(ctx)
     total = sum(len(c) for stage in stages for c in stage.values())
     done = sum(_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
@@ -175,6 +176,7 @@ class Outcome:
 
 def execute(exp: Experiment, ctx: Context) -> Outcome:
     """Run every stage (skipping finished runs), analyze, and write OUT/report.md."""
+    check_overrides(exp, ctx)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
     for note in grid_notes(ctx):

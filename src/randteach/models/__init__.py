@@ -103,18 +103,26 @@ def call_encoder_factory(obj, what: str, in_channels: int, image_size: int, **op
         if takes_any or key in params:
             kwargs[key] = value
     try:
-        if signature is not None:
-            signature.bind(**kwargs)
+        encoder = obj(**kwargs)
     except TypeError as e:
+        if signature is None or _binds(signature, kwargs):  # the arguments fit: a fault inside the factory
+            raise
         raise ConfigError(f"model.encoder: {what!r} cannot be called with the arguments "
                           f"{', '.join(sorted(kwargs)) or 'none'} ({e}); give its own arguments with "
                           "--model.encoder_args '{\"name\": value}' (from Python: functools.partial(factory, name=value))") from None
-    encoder = obj(**kwargs)
     if not isinstance(encoder, nn.Module):
         raise ConfigError(f"model.encoder: {what!r} returned a {type(encoder).__name__}, expected a torch.nn.Module")
     if not isinstance(getattr(encoder, "embed_dim", None), int):
         encoder.embed_dim = _infer_embed_dim(encoder, what, in_channels, image_size)
     return encoder
+
+
+def _binds(signature: inspect.Signature, kwargs: dict) -> bool:
+    try:
+        signature.bind(**kwargs)
+        return True
+    except TypeError:
+        return False
 
 
 def _infer_embed_dim(encoder: nn.Module, path: str, in_channels: int, image_size: int) -> int:

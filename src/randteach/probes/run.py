@@ -1,6 +1,7 @@
 """Probe a finished run on any data set: `randteach probe RUN_DIR [--probe.data NAME]` (transfer: Sarnthein et al. 2023, Tab. 2 and 4)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -54,7 +55,7 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     for key in pairs:
         if key.split(".")[0] not in PROBE_SECTIONS + ("train",):
             raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root and --train.device only")
-    saved_probe = dict(saved.get("probe") or {})  # the run's own probe settings, before the overrides
+    own = config_from_dict(copy.deepcopy(saved))  # the run's own settings, before the overrides
     nested = dotted_to_nested(pairs)
     for section, values in nested.items():
         saved.setdefault(section, {}).update(values)
@@ -81,29 +82,35 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
             result["student"] = prober.probe(student.encoder)
         if "input" in cfg.probe.which:
             result["input"] = prober.input()
+    _save(run, cfg, own, checkpoint, splits, result)
+    return result
+
+
+def _save(run: RunDir, cfg, own, checkpoint: str | None, splits, result: dict) -> None:
+    """RUN/probes/<data>.json under the run's own settings and checkpoint, with the roles probed there before;
+    under other ones <data>-<hash>.json, so that no result passes for another."""
     name = splits[0].name if splits is not None else cfg.probe.data or cfg.data.name
-    path, record = _result_file(run, name, cfg, saved_probe, str(checkpoint or "student.pt"))
-    if splits is not None:  # data from Python: its name says little, its bytes decide what merges
-        record["data_digest"] = [part.digest() for part in splits]
+    record = {"data": name, "checkpoint": str(checkpoint or "student.pt"), "settings": _settings(cfg),
+              # data from Python: its name says little, its bytes decide what merges
+              "data_digest": [part.digest() for part in splits] if splits is not None else None}
+    path = run.path / "probes" / f"{name}.json"
+    if record["settings"] != _settings(own) or checkpoint is not None:
+        key = hashlib.sha256(json.dumps([record["settings"], record["checkpoint"]], sort_keys=True).encode())
+        path = path.with_name(f"{name}-{key.hexdigest()[:8]}.json")
     try:
         write_json(path, {**record, "probe": {**_earlier(path, record), **result}})
     except OSError as e:
         raise ResultsNotSaved(f"the probe results could not be saved to {path}: {e.strerror or e} (read-only folder "
                               "or full disk?); the run itself is untouched", result) from None
-    return result
 
 
-def _result_file(run: RunDir, name: str, cfg, saved_probe: dict, checkpoint: str) -> tuple[Path, dict]:
-    """Where a probe result goes and what it records: probes/<data>.json under the run's own probe settings
-    and checkpoint, else probes/<data>-<hash of the settings>.json, so results of other settings (a subset,
-    fewer iterations) never pass for these, nor replace them."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg.probe).items() if k not in ("which", "data", "batch_size")}
-    own = {k: v for k, v in dataclasses.asdict(config_from_dict({"probe": saved_probe}).probe).items() if k in settings}
-    record = {"data": name, "checkpoint": checkpoint, "settings": settings}
-    if settings == own and checkpoint == "student.pt":
-        return run.path / "probes" / f"{name}.json", record
-    key = hashlib.sha256(json.dumps([settings, checkpoint], sort_keys=True).encode()).hexdigest()[:8]
-    return run.path / "probes" / f"{name}-{key}.json", record
+def _settings(cfg) -> dict:
+    """What a probe result depends on besides the weights and the data's name: the probe's settings (less
+    which roles and the batch size), the data keys (subsets, their seed, the image size; not where the data
+    lies) and the precision."""
+    probe = {k: v for k, v in dataclasses.asdict(cfg.probe).items() if k not in ("which", "data", "batch_size")}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"}
+    return {"probe": probe, "data": data, "precision": cfg.train.precision}
 
 
 def _earlier(path: Path, record: dict) -> dict:
@@ -112,5 +119,5 @@ def _earlier(path: Path, record: dict) -> dict:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    same = isinstance(before, dict) and all(before.get(k) == v for k, v in record.items())
+    same = isinstance(before, dict) and {k: v for k, v in before.items() if k != "probe"} == record
     return before.get("probe", {}) if same and isinstance(before.get("probe"), dict) else {}

@@ -374,15 +374,21 @@ def _mixed_groups(rows: list[dict], keys: list[str]) -> list[str]:
 
 
 def _report_folder(dirs: list[str | Path], out: str | Path | None) -> Path:
-    """`out`, else the folder that holds every DIR; never a run folder, whose report.md is the run's own."""
+    """`out`, else the folder that holds every DIR; never a run folder, whose report.md is the run's own (for
+    one run: report-<run> beside it, not the folder holding it, whose report may be its sweep's)."""
     if out is not None:
-        if RunDir(out).summary_path.exists():
+        if _is_run_folder(Path(out)):
             raise UserError(f"--out {out} is a run folder: its report.md is the run's own report; choose another "
                             "--out for the group report")
         return Path(out)
     folders = [Path(d).resolve() if Path(d).is_dir() else Path(d).resolve().parent for d in dirs]
     common = Path(os.path.commonpath(folders))
-    return common.parent if RunDir(common).summary_path.exists() else common
+    return common.parent / f"report-{common.name}" if _is_run_folder(common) else common
+
+
+def _is_run_folder(path: Path) -> bool:
+    run = RunDir(path)
+    return run.summary_path.exists() or run.config_path.exists()
 
 
 def write_group_report(dirs: list[str | Path], out: str | Path | None = None,

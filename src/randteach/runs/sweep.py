@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import sys
 import threading
@@ -337,9 +338,9 @@ def available_cores() -> int:
 def threads_per_worker(workers: int) -> int:
     """Torch threads of each of `workers` processes: $OMP_NUM_THREADS where the user set it (as torch itself
     reads it), else the cores this process may use shared out."""
-    given = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if given.isdigit() and int(given) > 0:
-        return int(given)
+    given = re.fullmatch(r"\s*(\d+)\s*(,.*)?", os.environ.get("OMP_NUM_THREADS", ""), re.ASCII)  # "4" or "4,2"
+    if given and int(given.group(1)) > 0:
+        return int(given.group(1))
     return max(1, available_cores() // workers)
 
 
@@ -559,7 +560,7 @@ def run_sweep(configs: list[Config], launcher: str = "local", workers: int | Non
     """
     if stack < 1:
         raise ConfigError(f"--stack must be at least 1, got {stack}")
-    if workers is not None and workers < 1:
+    if launcher == "local" and workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
     if launcher == "local":
         return _run_local(configs, workers, progress, stack)
