@@ -55,6 +55,19 @@ class SweepSpec:
     slurm: dict[str, Any] = field(default_factory=dict)     # submitit parameters for --launcher slurm
 
 
+def _seeds(seeds, where: str) -> list[int]:
+    """A sweep file's seeds: a list of integers (absent: none, the config's own seed)."""
+    if seeds is None:
+        return []
+    if isinstance(seeds, int) and not isinstance(seeds, bool):  # `randteach experiment --seeds 3` is a count
+        example = list(range(seeds)) if 1 <= seeds <= 10 else [0, 1, 2]
+        raise ConfigError(f"{where}: seeds: {seeds} is a number; a sweep lists its seeds: seeds: {example} for "
+                          f"{len(example)} seeds, or seeds: [{seeds}] for seed {seeds} alone")
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1, 2], got {seeds!r}")
+    return seeds
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; every mistake raises ConfigError naming the file and the key."""
     path = Path(path)
@@ -77,15 +90,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not raw:
         raise ConfigError(f"{where} is empty: a sweep names at least one of {', '.join(SWEEP_KEYS)}, e.g. "
                           "grid: {init.alpha: [0.1, 0.5]} and seeds: [0, 1, 2]")
-    seeds = raw.get("seeds")
-    if seeds is None:
-        seeds = []
-    elif isinstance(seeds, int) and not isinstance(seeds, bool):  # `randteach experiment --seeds 3` is a count
-        example = list(range(seeds)) if 1 <= seeds <= 10 else [0, 1, 2]
-        raise ConfigError(f"{where}: seeds: {seeds} is a number; a sweep lists its seeds: seeds: {example} for "
-                          f"{len(example)} seeds, or seeds: [{seeds}] for seed {seeds} alone")
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1, 2], got {seeds!r}")
+    seeds = _seeds(raw.get("seeds"), where)
     for owned in ("out", "name"):
         if owned in base or owned in grid:
             raise ConfigError(f"{where}: set {owned} at the top level of the sweep file, not under base/grid")
