@@ -197,11 +197,11 @@ def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tm
     base = {**FAST, "train.device": "auto", "probe.which": "[]"}
     path = write_sweep(tmp_path, seeds=[0, 1, 2], base=base)
     pinned = write_sweep(tmp_path, name="cpu", seeds=[0], base={**base, "train.device": "cpu"})
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,7", "OMP_NUM_THREADS": "3"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "5,7", "OMP_NUM_THREADS": "2"}
     out = [subprocess.run([sys.executable, "-m", "randteach.cli", "sweep", str(p)], env=env, capture_output=True,
                           text=True, timeout=300) for p in (path, pinned)]
     assert [r.returncode for r in out] == [0, 0], out[0].stderr + out[1].stderr
-    assert "on 2 worker process(es) with 3 torch thread(s) each, each on one of the GPUs 5, 7" in out[0].stderr
+    assert "on 2 worker process(es) with 2 torch thread(s) each, each on one of the GPUs 5, 7" in out[0].stderr
     gpus = {line.rsplit(": GPU ", 1)[0].strip(): line.rsplit(": GPU ", 1)[1]
             for line in out[0].stderr.splitlines() if ": GPU " in line}
     assert sorted(gpus) == sorted(str(c.run_dir()) for c in expand(load_sweep(path)))
