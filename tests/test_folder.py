@@ -162,6 +162,15 @@ def test_folder_errors_say_what_to_do(tmp_path):
     write_png(extra / "test" / "zebra" / "0.png", 0)
     with pytest.raises(UserError, match="zebra"):
         load_dataset("folder", "test", path=str(extra))
+    # data.path one level too high: a class folder holding a run folder, whose figures are PNGs too
+    high = tmp_path / "high"
+    write_png(high / "images" / "cat" / "0.png", 0)
+    run = high / "runs" / "run-1a2b"
+    write_png(run / "probes.png", 1)
+    (run / "config.yaml").write_text("name: run\n")
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="run-1a2b is a randteach run folder.*sub-folders are the classes"):
+        load_dataset("folder", path=str(high))
 
 
 def test_cli_distills_and_probes_an_image_folder(tmp_path):

@@ -89,8 +89,14 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    """The images under a class folder, at any depth; a randteach run folder there (its figures would pass
+    for images of the class) means data.path names the wrong folder."""
+    found = sorted(folder.rglob("*"))
+    run = next((p.parent for p in found if p.name == "metrics.jsonl" and (p.parent / "config.yaml").is_file()), None)
+    if run is not None:
+        raise UserError(f"{run} is a randteach run folder, inside what data.path makes the class folder {folder}; "
+                        "data.path should name the folder whose sub-folders are the classes, each holding images")
+    return [p for p in found if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.is_file()]
 
 
 def _split_dir(base: Path, names: tuple[str, ...]) -> Path | None:
