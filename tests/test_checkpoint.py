@@ -45,5 +45,8 @@ def test_foreign_and_missing(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "trunc.pt")
-    with pytest.raises(CheckpointError, match="no checkpoints/student.pt"):
+    with pytest.raises(CheckpointError, match="not a randteach run folder"):
+        load_state_dict(tmp_path)
+    (tmp_path / "config.yaml").write_text("name: run\n")  # a run that has not saved its student
+    with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*is the run finished"):
         load_state_dict(tmp_path)

@@ -89,7 +89,7 @@ def cmd_distill(args, extra) -> int:
     write_run_report(result.path, command=(recorded_command(result.path) if args.resume else None) or this_command)
     print(f"\n{result.summary['status']}: {result.path}" + (" (finished before: reused, nothing trained)" if reused else ""))
     if result.summary["status"] != "completed" and result.summary.get("probe_epoch") is not None:
-        print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:g})")
+        print(f"(the run stopped early: the last probe below is from epoch {result.summary['probe_epoch']:.4g})")
     if result.summary["status"] == "interrupted":
         print(f"continue it with: randteach distill --resume {shlex.quote(str(result.path))}")
     print(probe_table(result.summary))

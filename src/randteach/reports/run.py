@@ -50,7 +50,7 @@ def history_table(run: RunDir) -> str:
     cols = [(role, k) for role in ROLES for k in kinds if any(role in r for r in rows)]
     lines = ["| epoch | " + " | ".join(f"{role} {k}" for role, k in cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(f"| {r['epoch']:g} | " + " | ".join(_pct(r.get(role, {}).get(k)) for role, k in cols) + " |")
+        lines.append(f"| {r['epoch']:.4g} | " + " | ".join(_pct(r.get(role, {}).get(k)) for role, k in cols) + " |")
     return "\n".join(lines)
 
 

@@ -91,6 +91,9 @@ def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
         final = p / "checkpoints" / FINAL_TEACHER
         candidate = final if role == "teacher" and final.is_file() else p / "checkpoints" / f"{role}.pt"
         if not candidate.is_file():
+            if not (p / "config.yaml").is_file():
+                raise CheckpointError(f"{str(p)!r} is not a randteach run folder (no config.yaml); expected a run "
+                                      "directory or a checkpoint .pt file")
             raise CheckpointError(f"run directory {str(p)!r} has no {candidate.relative_to(p)}; "
                                   "is the run finished? (`randteach distill --resume DIR` finishes it)")
         return candidate
