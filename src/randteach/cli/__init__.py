@@ -42,8 +42,10 @@ def _with_moved_root(cfg, root: str):
     from ..config import config_from_dict
     from ..runs.checkpoint import load_checkpoint
     last = cfg.run_dir() / "checkpoints" / "last.pt"
-    recorded = load_checkpoint(last).get("config_digest") if last.is_file() else None
-    if recorded == cfg.digest(before_2026_12=True) != cfg.digest() and root != cfg.data.root:
+    old = cfg.digest(before_2026_12=True)
+    # the checkpoint (a large file, read again to resume) is opened only where its digest can tell
+    if root != cfg.data.root and old != cfg.digest() and last.is_file() and \
+            load_checkpoint(last).get("config_digest") == old:
         raise UserError(f"--resume {cfg.run_dir()} --data.root {root}: this run was started before 2026-12-02, "
                         f"when the data root was part of a run's config digest; it continues only with its own "
                         f"root, {cfg.data.root}: make the data reachable there (a symbolic link will do) and "

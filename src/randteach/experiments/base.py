@@ -179,7 +179,8 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     check_overrides(exp, ctx)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
-    for note in grid_notes(ctx):
+    notes = grid_notes(ctx)
+    for note in notes:
         print(note, file=sys.stderr)
     commit = git_commit()  # at the start: the code the runs started with
     arms: dict[str, list[Config]] = {}
@@ -219,7 +220,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
               "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
               "student − teacher is the paired difference per seed.",
-              *[f"- {note}" for note in grid_notes(ctx)],
+              *[f"- {note}" for note in notes],
               "", "Settings shared by every run (on top of "
               + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults") + "):",
               "", "```yaml",
