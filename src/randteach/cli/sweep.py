@@ -1,7 +1,6 @@
 """`randteach sweep` and `randteach report`: many runs from one grid file, and one table from many runs."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..errors import UserError
