@@ -15,14 +15,20 @@ from randteach.train.stacked import _side_by_side
 LAYERS = [lambda: nn.MaxPool2d(2, ceil_mode=True), lambda: nn.MaxPool2d(3, stride=2, padding=1),
           lambda: nn.AvgPool2d(2), lambda: nn.AdaptiveAvgPool2d(1), lambda: nn.AdaptiveAvgPool2d((2, 3)),
           lambda: nn.GroupNorm(2, 6), lambda: nn.GroupNorm(1, 6), lambda: nn.GroupNorm(3, 6, affine=False),
-          lambda: nn.Conv2d(6, 4, 3, padding=1), lambda: nn.Conv2d(6, 6, 3, stride=2, groups=2, bias=False)]
+          lambda: nn.Conv2d(6, 4, 3, padding=1), lambda: nn.Conv2d(6, 6, 3, stride=2, groups=2, bias=False),
+          lambda: nn.BatchNorm2d(6), lambda: nn.BatchNorm2d(6, affine=False), lambda: nn.ReLU()]
 
 
 def randomized(layer: nn.Module, seed: int) -> nn.Module:
+    """`layer` with random parameters and floating-point buffers (a batch norm's running statistics: variances
+    positive)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for b in layer.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.rand(b.shape, generator=g, dtype=b.dtype) + 0.5)
     return layer
 
 
@@ -40,10 +46,11 @@ def test_a_folded_layer_outside_vmap_is_the_layer_it_replaces(make):
 
 @pytest.mark.parametrize("make", LAYERS)
 @pytest.mark.parametrize("layout", ["contiguous", "runs in the channels"])
-def test_under_vmap_each_run_gets_its_own_layer_of_its_own_input(make, layout):
+@pytest.mark.parametrize("training", [True, False])
+def test_under_vmap_each_run_gets_its_own_layer_of_its_own_input(make, layout, training):
     torch.manual_seed(0)
     k = 4
-    layers = [randomized(make(), seed) for seed in range(k)]
+    layers = [randomized(make(), seed).train(training) for seed in range(k)]
     params, buffers = stack_module_state(layers)
     folded = fold_runs_into_channels(copy.deepcopy(layers[0]).to("meta"))
     batches = [torch.randn(5, 6, 8, 8, requires_grad=True) for _ in range(k)]
@@ -51,6 +58,8 @@ def test_under_vmap_each_run_gets_its_own_layer_of_its_own_input(make, layout):
     out = vmap(lambda p, b, x: functional_call(folded, (p, b), (x,)))(params, buffers, x)
     expected = torch.stack([layer(b) for layer, b in zip(layers, batches)])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, stacked in buffers.items():  # a batch norm's running statistics, updated in training
+        torch.testing.assert_close(stacked, torch.stack([dict(m.named_buffers())[name] for m in layers]))
     cotangent = torch.randn_like(out)
     grads = torch.autograd.grad(out, [*batches, *params.values()], cotangent)
     want = torch.autograd.grad(expected, [*batches, *[p for m in layers for p in m.parameters()]], cotangent)
@@ -86,20 +95,36 @@ def test_inputs_side_by_side_are_the_stacked_batches_and_feed_a_grouped_convolut
     assert grouped._base is not None and grouped.is_contiguous(memory_format=torch.channels_last)
 
 
-def stacked_convnet_copies(fold: bool) -> int:
-    """Copies of feature maps (tensors of 4 or more dimensions, one of them the batch's 5) in one vmapped forward
-    and backward of 4 stacked convnets on channels-last inputs: not the weights' copies into the grouped
-    layout, nor the (5, 4 * 32) pooled features."""
-    nets = [ConvNet(1, 8) for _ in range(4)]
-    params, buffers = stack_module_state(nets)
-    model = copy.deepcopy(nets[0]).to("meta")
+def profiled_stack(modules: list[nn.Module], in_channels: int, fold: bool, backward: bool):
+    """The profile, with input shapes, of one vmapped forward (and backward) of the stacked `modules` (the
+    first one's code, folded or not) on a channels-last batch of 5 images of 8 px per module."""
+    params, buffers = stack_module_state(modules)
+    model = copy.deepcopy(modules[0]).to("meta")
     if fold:
         fold_runs_into_channels(model)
-    x = _side_by_side([torch.randn(5, 1, 12, 12) for _ in range(4)], channels_last=True)
+    x = _side_by_side([torch.randn(5, in_channels, 8, 8) for _ in modules], channels_last=True)
     with profile(record_shapes=True) as prof:
-        vmap(lambda p, b, x: functional_call(model, (p, b), (x,)))(params, buffers, x).sum().backward()
-    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
-               if e.key == "aten::copy_" and len(e.input_shapes[0]) >= 4 and 5 in e.input_shapes[0])
+        out = vmap(lambda p, b, x: functional_call(model, (p, b), (x,)))(params, buffers, x)
+        if backward:
+            out.sum().backward()
+    return prof
+
+
+def activation_ops(prof, names: tuple[str, ...]) -> dict[str, list]:
+    """The input shapes of the operations `names` on feature maps (4 or more dimensions, the batch's 5 among
+    them) in `prof`: not the weights' copies into the grouped layout, nor the (5, 4 * 32) pooled features."""
+    ops: dict[str, list] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        shape = e.input_shapes[0] if e.input_shapes else []
+        if e.key in names and len(shape) >= 4 and 5 in shape:
+            ops.setdefault(e.key, []).extend([shape] * e.count)
+    return ops
+
+
+def stacked_convnet_copies(fold: bool) -> int:
+    """Copies of feature maps in one vmapped forward and backward of 4 stacked convnets."""
+    prof = profiled_stack([ConvNet(1, 8) for _ in range(4)], 1, fold, backward=True)
+    return len(activation_ops(prof, ("aten::copy_",)).get("aten::copy_", []))
 
 
 def test_folded_layers_keep_a_stacked_convnet_free_of_activation_copies():
@@ -118,3 +143,17 @@ def test_folded_convolutions_return_channels_last_outputs_when_asked_even_from_o
     conv = fold_runs_into_channels(nn.Conv2d(1, 4, 3, padding=1), channels_last=channels_last)
     y = conv(torch.randn(2, 1, 6, 6).contiguous(memory_format=torch.channels_last))
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def batch_norm_relu_ops(fold: bool) -> dict[str, list]:
+    """The operations on feature maps of one vmapped training forward of 4 stacked batch norms + ReLUs."""
+    layers = [randomized(nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()), seed) for seed in range(4)]
+    prof = profiled_stack(layers, 6, fold, backward=False)
+    return activation_ops(prof, ("aten::native_batch_norm", "aten::clamp_min", "aten::mul", "aten::add"))
+
+
+def test_a_stacked_batch_norm_and_relu_run_once_each_over_the_runs_channels():
+    # vmap's own rules: the batch norm's affine scale and shift as separate passes, the ReLU on 5-d runs-first data
+    assert batch_norm_relu_ops(fold=True) == {"aten::native_batch_norm": [[5, 24, 8, 8]],
+                                              "aten::clamp_min": [[5, 24, 8, 8]]}
+    assert batch_norm_relu_ops(fold=False) != batch_norm_relu_ops(fold=True)

@@ -6,8 +6,8 @@ learning rate and its schedule, weight decay, momentum, betas) are stacked: ever
 teacher-student pairs run at once under `torch.func.vmap`, and each run then takes its own optimizer
 step (one fused torch.optim step for all runs with equal optimizer settings). Fewer, larger kernels: this
 amortizes the per-operation overhead of small encoders. The K runs' images and feature maps sit side by
-side in the channel dimension throughout, as one grouped convolution wants them (`stack_layers`: pools and
-group norms that work in that arrangement, instead of copying at every layer).
+side in the channel dimension throughout, as one grouped convolution wants them (`stack_layers`: pools,
+batch and group norms and ReLUs that work in that arrangement, instead of copying at every layer).
 
 Each run keeps everything a run of `randteach distill` has: its run directory with config.yaml,
 metrics.jsonl, checkpoints (teacher.pt, student_init.pt, student_step<N>.pt, last.pt, student.pt) and
