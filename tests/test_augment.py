@@ -1,6 +1,5 @@
 """Opt-in augmentation: each operation against a direct computation on small tensors, the recipes'
 determinism (per seed, whatever the micro-batching), and the switch in the distillation loop."""
-import math
 
 import pytest
 import torch

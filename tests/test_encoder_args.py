@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 from randteach.config import ConfigError, build_config, parse_overrides

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from randteach.init import neighborhood_init, parameter_norm
+from randteach.init import neighborhood_init
 from randteach.precision import DEFAULT_FLOAT64_UNTIL, Float64Start
 from randteach.runs.checkpoint import load_checkpoint, save_checkpoint
 from randteach.runs.rundir import RunDir

@@ -441,7 +441,7 @@ def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_te
         cfg = _build(config, preset, overrides)
         splits = _splits(train, test, cfg)
         if splits is None:
-            raise UserError(f"pass the supervised data: train= (and test=, else train is split 80/20)")
+            raise UserError("pass the supervised data: train= (and test=, else train is split 80/20)")
         info = RunInfo(None, cfg, splits[0].images.shape[1], _side(splits[0], cfg), encoder)
         data = load_supervised_data(cfg, info.image_size, n_train=n_train, n_test=n_test, splits=splits)
         starts = {"imp": ["encoder@0", "random@0"], "lmc": ["random", "encoder"]}[kind]

@@ -15,4 +15,4 @@ from .registry import DATASETS, dataset_info, load_configured, load_dataset
 from .roots import resolve_root
 
 __all__ = ["ImageData", "load_dataset", "stratified_subset", "noise_like", "Preprocess", "resolve_root", "fetch",
-           "FetchError", "extract_archive", "DATASETS", "dataset_info"]
+           "FetchError", "extract_archive", "DATASETS", "dataset_info", "load_configured"]

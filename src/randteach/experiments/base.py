@@ -214,7 +214,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; git commit: {commit}",
               f"- wall time of this invocation: {wall:.0f} s; distillation time in its runs (reused ones included): "
               f"{compute:.0f} s",
-              f"- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
+              "- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
               + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`"
               + (f", the analysis's own runs in `{ctx.out}`" if before else ""),
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "

@@ -74,7 +74,7 @@ def _signal_tables(r: dict) -> list[str]:
     """Fig. 2 (propagation) and Fig. 3 (representation) as tables: one row per layer, cells θ_T / θ_C / θ_S."""
     roles = list(r["metrics"])
     ckpt = r["checkpoints"]
-    lines = [f"Checkpoints: " + ", ".join(f"{ROLE_NAMES.get(k, k)} = step {ckpt[k].get('step')}" for k in roles)
+    lines = ["Checkpoints: " + ", ".join(f"{ROLE_NAMES.get(k, k)} = step {ckpt[k].get('step')}" for k in roles)
              + f". Metrics on {r['n_samples']} training images ({r['spatial']} over positions; "
              f"{'standardized' if r['standardize'] else 'centered' if r['center'] else 'uncentered'}); probes "
              f"scored on {r['n_test']} test images. Cells: " + " / ".join(ROLE_NAMES.get(k, k) for k in roles) + ".",
