@@ -8,7 +8,7 @@ from bench_distill import PLAIN, VARIANTS
 # The performance targets (ratios on this CPU kind, VGG11 at 32 px, batch 256).
 TARGET_ALL_ON = 2.5          # distillation with everything on, x the plain fp32 loop
 TARGET_CACHE = 1.25          # the teacher cache alone, x the plain fp32 loop
-TARGET_LINEAR_S = 15.0       # linear probe, 60,000 x 512
+TARGET_LINEAR_S = 12.0       # linear probe, 60,000 x 512, on one CPU core
 TARGET_KNN_S = 5.0           # k-NN, 10,000 queries vs 60,000 x 512
 TARGET_FLOP_FRACTION = 0.35  # the training step's FLOP/s / bf16 matmul FLOP/s
 TARGET_VS_TUNED = 1.0        # our fastest variant, x the tuned hand-written loop (tuned, or tuned-cpu)

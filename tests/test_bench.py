@@ -61,7 +61,7 @@ def _fake_run(plain_s, variant_s):
     return {"workload": w, "distill": rounds, "flops": {"step": 400.0, "teacher_cached_part": 100.0},
             "matmul_start": {"fp32": 100.0, "bf16": 300.0, "fp32_cpu": 50.0, "bf16_cpu": 150.0},
             "matmul_end": {"fp32": 100.0, "bf16": 500.0, "fp32_cpu": 50.0, "bf16_cpu": 250.0},
-            "probes": {"linear": {"median_s": 30.0, "median_cpu_s": 15.0}, "knn": {"median_s": 4.0, "median_cpu_s": 5.5}}}
+            "probes": {"linear": {"median_s": 30.0, "median_cpu_s": 12.0}, "knn": {"median_s": 4.0, "median_cpu_s": 5.5}}}
 
 
 def test_summary_arithmetic_and_verdicts(bench):
