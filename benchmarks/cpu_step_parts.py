@@ -167,21 +167,28 @@ def embed_rows(reps: int) -> list[tuple]:
 
 def grouped_conv_rows(reps: int) -> list[tuple]:
     """A stack's convolution (`sweep --stack K`, stack_layers): one grouped convolution over K runs' channels
-    against K separate ones, forward + backward, the convnet's second layer (16 -> 32 channels, 14 px)."""
+    against K separate ones, forward + backward, the convnet's first layer on Fashion-MNIST (1 -> 16 channels,
+    28 px, no input gradient) and its second (16 -> 32 channels, 14 px)."""
     rows = []
-    for k in (4, 16):
-        x = torch.randn(64, k * 16, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
-        w = torch.randn(k * 32, 16, 3, 3, requires_grad=True)
-        xs = [x.detach()[:, 16 * i:16 * (i + 1)].contiguous(memory_format=torch.channels_last).requires_grad_()
-              for i in range(k)]
-        ws = [w.detach()[32 * i:32 * (i + 1)].contiguous(memory_format=torch.channels_last).requires_grad_()
-              for i in range(k)]
-        cases = {"separate": lambda: [F.conv2d(a, b, padding=1).sum().backward() for a, b in zip(xs, ws)],
-                 "grouped": lambda: F.conv2d(x, w, padding=1, groups=k).sum().backward()}
-        t = alternating(cases, reps, 2)
-        rows.append((f"stacked convolution, forward + backward, K = {k}", "batch 64, 16 -> 32 channels, 14 px",
-                     f"{k} separate convolutions", t["separate"], "one grouped convolution", t["grouped"]))
+    for c_in, c_out, side in ((1, 16, 28), (16, 32, 14)):
+        for k in (4, 16):
+            rows.append(_grouped_conv_row(k, c_in, c_out, side, reps))
     return rows
+
+
+def _grouped_conv_row(k: int, c_in: int, c_out: int, side: int, reps: int) -> tuple:
+    layout = torch.channels_last
+    x = torch.randn(64, k * c_in, side, side).contiguous(memory_format=layout).requires_grad_(c_in > 1)
+    w = torch.randn(k * c_out, c_in, 3, 3).contiguous(memory_format=layout).requires_grad_()
+    xs = [x.detach()[:, c_in * i:c_in * (i + 1)].contiguous(memory_format=layout).requires_grad_(c_in > 1)
+          for i in range(k)]
+    ws = [w.detach()[c_out * i:c_out * (i + 1)].contiguous(memory_format=layout).requires_grad_()
+          for i in range(k)]
+    cases = {"separate": lambda: [F.conv2d(a, b, padding=1).sum().backward() for a, b in zip(xs, ws)],
+             "grouped": lambda: F.conv2d(x, w, padding=1, groups=k).sum().backward()}
+    t = alternating(cases, reps, 2)
+    return (f"stacked convolution, forward + backward, K = {k}", f"batch 64, {c_in} -> {c_out} channels, {side} px",
+            f"{k} separate convolutions", t["separate"], "one grouped convolution", t["grouped"])
 
 
 def compile_rows(reps: int) -> list[tuple]:
