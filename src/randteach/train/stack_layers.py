@@ -1,15 +1,15 @@
-"""Convolutions, pooling, batch and group norm and ReLU for a stack of K runs under vmap, on the runs side by side in the channels.
+"""Convolutions, pooling, batch and group norms and ReLUs for K runs stacked under vmap, side by side in the channels.
 
 Under `torch.func.vmap` over K runs, a convolution with K weight sets runs as one grouped convolution on a
 (B, K*C, H, W) tensor, and its output keeps that arrangement (the K runs side by side in the channel
 dimension; in channels-last memory, (B, H, W, K, C)). PyTorch's vmap rules for pooling and group norm
 reshape to (K*B, C, H, W) instead, the runs in front of the batch: a copy of the activations at every such
 layer, into NCHW order, where a CPU's max-pool is several times slower than in channels-last; its batch
-norm rule is a chain of elementwise passes (about 5x the time of one batch norm per run, measured on the
-CPU for a stacked ResNet20), and its ReLU writes a new tensor with the runs in front (about 8x slower than a
-ReLU of the same values where they lie). The layers here apply the op they replace, per channel or per
-group of channels, to the (B, K*C, ...) arrangement itself: each run's values follow the replaced layer's
-formula, only the copies go. Outside vmap they are the layer they replace.
+norm rule adds each run's scale and shift in separate elementwise passes, and its ReLU writes a new tensor
+with the runs in front (both several times slower than one pass over the values where they lie:
+`benchmarks/profile_stacked.py`). The layers here apply the op they replace, per channel or per group of
+channels, to the (B, K*C, ...) arrangement itself: each run's values follow the replaced layer's formula,
+only the copies go. Outside vmap they are the layer they replace.
 
 `fold_runs_into_channels(module)` swaps them in for nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
 nn.BatchNorm2d, nn.GroupNorm and nn.ReLU (out of place), and for nn.Conv2d (whose bias vmap's rule adds in a
