@@ -5,6 +5,7 @@ bench_analysis.py) to the probe's tolerance, alternating within each round so th
 state; printed per round: seconds, L-BFGS iterations and test accuracy of each, and the time ratio.
 Run from the repository root (one core is what docs/PERFORMANCE.md reports):
 `PYTHONPATH=src OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/probe_solver.py [ROUNDS]`.
+`... probe_solver.py profile` instead prints torch.profiler's top operators over one fit of the fused solver.
 """
 import sys
 import time
@@ -54,5 +55,24 @@ def main(rounds: int) -> None:
               f"(threads {torch.get_num_threads()}, load {open('/proc/loadavg').read().split()[0]})", flush=True)
 
 
+def profile_fit(top: int = 10) -> None:
+    """Where one fit's time goes: self CPU time per operator, with its share (the profiler's own overhead
+    weighs more on the many small operators than on the two products)."""
+    from torch.profiler import profile
+    train_x, train_y, test_x, _ = probe_features()
+    z_train, _ = standardize(train_x, test_x)
+    with profile() as prof:
+        _, _, iters = fit_fused(z_train, train_y.long())
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"one fit: {iters} iterations, {total / 1e6:.2f} s of operator time (threads {torch.get_num_threads()})")
+    for e in events[:top]:
+        print(f"{e.key[:40]:<40} {e.self_cpu_time_total / 1e6:8.2f} s {e.self_cpu_time_total / total:7.1%} "
+              f"{e.count:7d} calls")
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    if sys.argv[1:] == ["profile"]:
+        profile_fit()
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
