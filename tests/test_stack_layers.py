@@ -157,3 +157,53 @@ def test_a_stacked_batch_norm_and_relu_run_once_each_over_the_runs_channels():
     assert batch_norm_relu_ops(fold=True) == {"aten::native_batch_norm": [[5, 24, 8, 8]],
                                               "aten::clamp_min": [[5, 24, 8, 8]]}
     assert batch_norm_relu_ops(fold=False) != batch_norm_relu_ops(fold=True)
+
+
+def test_a_stacked_batch_norm_updates_running_statistics_stacked_in_any_dimension():
+    layers = [randomized(nn.BatchNorm2d(6), seed) for seed in range(3)]
+    params, buffers = stack_module_state(layers)
+    buffers = {k: v.T.contiguous().T if v.dim() == 2 else v for k, v in buffers.items()}  # (3, 6), runs not outermost
+    folded = fold_runs_into_channels(copy.deepcopy(layers[0]).to("meta"))
+    x = torch.randn(3, 5, 6, 4, 4)
+    out = vmap(lambda p, b, x: functional_call(folded, (p, b), (x,)))(params, buffers, x)
+    torch.testing.assert_close(out, torch.stack([m(b) for m, b in zip(layers, x)]), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(buffers[name], torch.stack([getattr(m, name) for m in layers]))
+
+
+def test_a_stacked_batch_norm_in_training_refuses_one_running_average_for_all_runs():
+    folded = fold_runs_into_channels(nn.BatchNorm2d(6))
+    with pytest.raises(ValueError, match="running means"):
+        vmap(folded)(torch.randn(3, 5, 6, 4, 4))
+    folded.eval()  # evaluation only reads them: every run normalizes with the one set
+    torch.testing.assert_close(vmap(folded)(torch.randn(3, 5, 6, 4, 4)).shape, torch.Size([3, 5, 6, 4, 4]))
+
+
+def test_a_folded_batch_norm_checks_its_input_as_nn_batchnorm2d_does():
+    folded = fold_runs_into_channels(nn.BatchNorm2d(4))
+    for call in (lambda: folded(torch.randn(4, 4, 4)), lambda: vmap(folded)(torch.randn(3, 4, 4, 4))):
+        with pytest.raises(ValueError, match="expected 4D input"):
+            call()
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 5), (3, 5, 7), (5, 3, 7, 2), (3, 5, 6, 4, 4)])
+@pytest.mark.parametrize("in_dim", [0, -1])
+def test_a_folded_relu_under_vmap_is_relu_of_any_shape(shape, in_dim):
+    x = torch.randn(shape)
+    torch.testing.assert_close(vmap(fold_runs_into_channels(nn.ReLU()), in_dims=in_dim)(x),
+                               vmap(torch.relu, in_dims=in_dim)(x))
+
+
+def test_a_folded_relu_outside_vmap_has_relus_second_derivatives():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    folded = fold_runs_into_channels(copy.deepcopy(net))
+    x = torch.randn(5, 4, requires_grad=True)
+
+    def input_gradient_penalty(model):
+        grad, = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        # the first three parameters: the last bias does not reach the input gradient
+        return torch.autograd.grad(grad.pow(2).sum(), list(model.parameters())[:3])
+
+    for mine, want in zip(input_gradient_penalty(folded), input_gradient_penalty(net)):
+        torch.testing.assert_close(mine, want)

@@ -52,8 +52,12 @@ class _ChannelOp(torch.autograd.Function):
     def vmap(info, in_dims, op, x, *params):
         k = info.batch_size
         x = _runs_at(x, in_dims[1], k, 1)                                   # (B, K, C, ...)
-        params = [None if p is None else _runs_at(p, d, k, 0).flatten(0, 1) for p, d in zip(params, in_dims[2:])]
-        y = op.folded(k)(x.flatten(1, 2), *params)
+        stacked = [None if p is None else _runs_at(p, d, k, 0) for p, d in zip(params, in_dims[2:])]
+        flat = [None if p is None else p.flatten(0, 1) for p in stacked]
+        y = op.folded(k)(x.flatten(1, 2), *flat)
+        for i in getattr(op, "updated", ()):  # written in place by the op: back where flattening made a copy
+            if flat[i] is not None and flat[i].data_ptr() != stacked[i].data_ptr():
+                stacked[i].copy_(flat[i].unflatten(0, (k, -1)))
         return y.unflatten(1, (k, -1)), 1
 
 
@@ -64,8 +68,8 @@ class _PointwiseOp(_ChannelOp):
 
     @staticmethod
     def vmap(info, in_dims, op, x):
-        if in_dims[1] is None:
-            return op(x), None
+        if in_dims[1] is None or x.dim() < 2:
+            return op(x), in_dims[1]
         x = x.movedim(in_dims[1], 1)  # a view
         if x.dim() >= 4 and x.stride(1) == x.shape[2] * x.stride(2):  # (B, K, C, ...) as (B, K*C, ...): a view
             return op(x.flatten(1, 2)).unflatten(1, (info.batch_size, -1)), 1
@@ -112,6 +116,7 @@ class _BatchNorm:
 
     def __init__(self, training: bool, momentum: float, eps: float):
         self.training, self.momentum, self.eps = training, momentum, eps
+        self.updated = (2, 3) if training else ()  # the running mean and variance, among (weight, bias, mean, var)
 
     def __call__(self, x, weight, bias, running_mean, running_var):
         return F.batch_norm(x, running_mean, running_var, weight, bias, self.training, self.momentum, self.eps)
@@ -169,11 +174,15 @@ class FoldedGroupNorm(nn.GroupNorm):
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
-        if not any(is_batchedtensor(t) for t in (x, self.weight, self.running_mean) if t is not None):
+        self._check_input_dim(x)
+        if not _batched(x, self.weight, self.running_mean):
             # outside vmap: nn.BatchNorm2d itself (a recomputation in _ChannelOp.backward would update the
             # running statistics a second time)
             return super().forward(x)
         if self.training and self.track_running_stats:
+            if self.running_mean is not None and not _batched(self.running_mean):
+                raise ValueError("a batch norm of K stacked runs in training needs K running means and variances "
+                                 "(stack_module_state's buffers), not one shared by every run")
             self.num_batches_tracked.add_(1)
         use_batch_stats = self.training or self.running_mean is None
         running = ((self.running_mean, self.running_var) if not self.training or self.track_running_stats
@@ -184,7 +193,13 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
 class FoldedReLU(nn.ReLU):
     def forward(self, x):
-        return _PointwiseOp.apply(F.relu, x)
+        # outside vmap torch's own ReLU, which a double backward and torch.func.grad differentiate as nn.ReLU
+        return _PointwiseOp.apply(F.relu, x) if _batched(x) else F.relu(x)
+
+
+def _batched(*tensors) -> bool:
+    """Whether one of `tensors` holds K runs under vmap (None entries are skipped)."""
+    return any(t is not None and is_batchedtensor(t) for t in tensors)
 
 
 _FOLDED = {nn.Conv2d: FoldedConv2d, nn.MaxPool2d: FoldedMaxPool2d, nn.AvgPool2d: FoldedAvgPool2d,
@@ -200,8 +215,8 @@ def _foldable(m: nn.Module) -> bool:
 
 
 def fold_runs_into_channels(module: nn.Module, channels_last: bool = False) -> nn.Module:
-    """`module`, with each of its convolutions, pools and group norms made, in place, the folded subclass
-    above: the same attributes, parameters and parameter names, so a stacked state dict applies to it
+    """`module`, with each of its convolutions, pools, batch and group norms and ReLUs made, in place, the folded
+    subclass above: the same attributes, parameters and parameter names, so a stacked state dict applies to it
     unchanged. `channels_last`: the convolutions return channels-last outputs (the inputs are channels-last)."""
     for m in module.modules():
         folded = _FOLDED.get(type(m))
