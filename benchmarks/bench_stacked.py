@@ -128,7 +128,8 @@ def run(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
-    cmd = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py " + shlex.join(args.argv)
+    cmd = (f"OMP_NUM_THREADS={torch.get_num_threads()} PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py "
+           + shlex.join(args.argv))
     w = {**COMMON, **(TINY if args.tiny else {})}
     where = "" if args.device == "cpu" else f", {args.device}"
     lines = [SECTION + (", tiny workload (digits)" if args.tiny else "") + where, "",

@@ -1,7 +1,8 @@
 """Where a stacked step spends its time: torch.profiler over the steps of K runs trained stacked
 (`randteach sweep --stack K`) and of one run alone, on the workloads of `bench_stacked.py` (convnet or
 ResNet20 on Fashion-MNIST, batch 64, one thread). Prints, per case, the operators' self CPU time per step of
-one run (a stack's divided by K) and the top operators, with their share of the case's total.
+one run (a stack's divided by K; set-up included), then the top operators with their total self CPU time over
+the profiled training, set-up included, and their share of it.
 This is how the stacked batch norm and ReLU were found (docs/PERFORMANCE.md, "Stacked runs").
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/profile_stacked.py --encoder resnet20 --k 4
