@@ -87,7 +87,7 @@ def test_cuda_conv_student_within_1e_10_leaves_its_teacher_in_fp32(tmp_path):
 
 
 def test_cuda_linear_probe_matches_the_cpu_one():
-    # The probe's GPU path is the same L-BFGS on the device where the features live.
+    # The probe's GPU path is the same L-BFGS (on the host) with the objective on the device of the features.
     from randteach.probes.linear_knn import linear_probe
     g = torch.Generator().manual_seed(0)
     centers = 0.3 * torch.randn(10, 256, generator=g)
@@ -95,3 +95,13 @@ def test_cuda_linear_probe_matches_the_cpu_one():
     x = (centers[y] + torch.randn(24_000, 256, generator=g)).relu()
     args = (x[:20_000], y[:20_000], x[20_000:], y[20_000:])
     assert linear_probe(*args, device="cuda") == pytest.approx(linear_probe(*args), abs=0.003)
+
+
+def test_cuda_logistic_regression_keeps_the_solver_on_the_host_and_returns_to_the_device():
+    from randteach.probes.linear_knn import fit_logistic_regression
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2_000, 32, generator=g), torch.randint(0, 4, (2_000,), generator=g)
+    on_gpu = fit_logistic_regression(x.cuda(), y.cuda(), 4)
+    on_cpu = fit_logistic_regression(x, y, 4)
+    assert on_gpu.weight.device.type == "cuda" and on_gpu.bias.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.weight.cpu(), on_cpu.weight, rtol=1e-3, atol=1e-4)

@@ -226,23 +226,31 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     changes by less than float64's machine epsilon between iterations (no representable progress), or
     after `max_iter` iterations.
     The objective is strictly convex in W, so the result does not depend on a seed.
+
+    The solver's own vectors (W and b, their gradients and L-BFGS's history: a few thousand numbers) stay on
+    the host wherever the features are: torch's L-BFGS reads a value to the host at about every step of its
+    line search and of its two-loop recursion (two per stored pair, up to 200 per iteration), each a device
+    synchronization on a GPU, while the objective costs one transfer of W and b there and of the loss and
+    gradients back per evaluation. On a CPU the transfers are no-ops.
     """
-    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    host = torch.device("cpu")
+    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=host, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=x.dtype, device=host, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
                                   tolerance_change=torch.finfo(torch.float64).eps, history_size=100,
                                   line_search_fn="strong_wolfe")
 
     @torch.no_grad()
     def closure():
-        loss, weight.grad, bias.grad = logistic_objective_and_grad(weight, bias, x, y, l2)
-        return loss
+        loss, grad_w, grad_b = logistic_objective_and_grad(weight.to(x.device), bias.to(x.device), x, y, l2)
+        weight.grad, bias.grad = grad_w.to(host), grad_b.to(host)
+        return loss.to(host)
 
     optimizer.step(closure)
     closure()
     grad_max = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
     n_iter = optimizer.state[weight].get("n_iter", 0)
-    return LogisticFit(weight.detach(), bias.detach(), int(n_iter), grad_max)
+    return LogisticFit(weight.detach().to(x.device), bias.detach().to(x.device), int(n_iter), grad_max)
 
 
 def fit_adamw(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int = 0) -> torch.nn.Linear:
