@@ -28,6 +28,7 @@ from ..runs.rundir import (PYTHON_OBJECTS, RunDir, check_config_digest, python_o
                             write_json)
 from .callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
 from .distributed import Dist, from_environment
+from .host_memory import keep_freed_memory
 from .setup import resolve_device
 from .state import TrainState
 from .step import build_step_functions, train_step
@@ -73,6 +74,8 @@ def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, pro
     if resume:
         _check_resumable(run)
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     ddp = from_environment(device)
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)

@@ -53,6 +53,7 @@ from ..runs.checkpoint import load_checkpoint, save_checkpoint, save_teacher
 from ..runs.rundir import RunDir, RunInUse, check_config_digest, run_lock, run_summary
 from .callbacks import MetricsLog, StopFlag, StopRun
 from .distributed import Dist
+from .host_memory import keep_freed_memory
 from .setup import (build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds,
                     trains_channels_last)
 from .stack_layers import fold_runs_into_channels
@@ -216,6 +217,8 @@ class _Group:
     def __init__(self, cfgs: list[Config]):
         cfg0 = cfgs[0]
         self.device = resolve_device(cfg0.train.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.inputs, self.preprocess, data, size = load_training_inputs(cfg0)
         in_channels = data.images.shape[1]
         self.runs = [_start_run(cfg, in_channels, size, self.device) for cfg in cfgs]
