@@ -33,6 +33,7 @@ from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
 from ..precision import autocast
 from ..runs.checkpoint import load_checkpoint, load_state_dict
+from .host_memory import keep_freed_memory
 from .setup import epoch_order
 
 _AUG_STRIDE = 1_000_003  # separates the augmentation streams of different seeds
@@ -323,6 +324,8 @@ def train_supervised(model: nn.Module, data: SupervisedData, recipe: Recipe, dev
     batch = min(recipe.batch_size, n)
     spe = recipe.steps_per_epoch(n)
     total = recipe.total_steps(n)
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(device).train()
     masks = {k: v.to(device) for k, v in (masks or {}).items()}
     params = dict(model.named_parameters())
