@@ -9,7 +9,7 @@ to 32 MiB come from the heap, and the heap is never trimmed, so the process keep
 it exits. The CPU training loops call it (distillation, stacked runs, the supervised recipe). Measured on
 one core of the AMD VM of 2026-12-02, batch 256: our loop with everything off at 1.05x (VGG11) and 1.09x
 (ResNet18) the plain hand-written loop (benchmarks/RESULTS-amd-malloc.md), against 0.94x and 0.84x without
-this (RESULTS-amd.md, earlier that day). Blocks above 32 MiB (VGG11's first feature map at batch 256) are
+this (benchmarks/RESULTS-amd.md as of commit 3cd9332). Blocks above 32 MiB (VGG11's first feature map at batch 256) are
 still mapped and unmapped each time; glibc allows no higher threshold.
 """
 from __future__ import annotations
