@@ -13,7 +13,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench_stacked
