@@ -18,7 +18,7 @@ def faults():
 
 faults()
 default = faults()
-kept = keep_freed_memory()
+kept = keep_freed_memory(torch.device("cpu"))
 faults()
 print(default, faults() if kept else -1)
 """

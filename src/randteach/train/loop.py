@@ -74,8 +74,7 @@ def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, pro
     if resume:
         _check_resumable(run)
     device = resolve_device(cfg.train.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     ddp = from_environment(device)
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)

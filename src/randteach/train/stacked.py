@@ -217,8 +217,7 @@ class _Group:
     def __init__(self, cfgs: list[Config]):
         cfg0 = cfgs[0]
         self.device = resolve_device(cfg0.train.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        keep_freed_memory(self.device)
         self.inputs, self.preprocess, data, size = load_training_inputs(cfg0)
         in_channels = data.images.shape[1]
         self.runs = [_start_run(cfg, in_channels, size, self.device) for cfg in cfgs]

@@ -324,8 +324,7 @@ def train_supervised(model: nn.Module, data: SupervisedData, recipe: Recipe, dev
     batch = min(recipe.batch_size, n)
     spe = recipe.steps_per_epoch(n)
     total = recipe.total_steps(n)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     model.to(device).train()
     masks = {k: v.to(device) for k, v in (masks or {}).items()}
     params = dict(model.named_parameters())
