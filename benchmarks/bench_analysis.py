@@ -64,7 +64,8 @@ def probe_times(reps: int = 2, threads: tuple[int, ...] = (1,), device: str = "c
             "shape": {"train": list(train_x.shape), "test": list(test_x.shape)}}
 
 
-def landscape_rate(overrides: dict[str, str], grid: int = 3, n_loss: int = 256) -> dict:
+def landscape_rate(overrides: dict[str, str], grid: int = 3, n_loss: int = 256,
+                   device: str = "cpu") -> dict:
     """Points per second of a loss-only landscape (`compute_landscape`, probe=False) on a grid x grid plane.
 
     Setup (data, teacher outputs) is paid once per call: the rate is (k - 1) points over the time of a
@@ -82,8 +83,9 @@ def landscape_rate(overrides: dict[str, str], grid: int = 3, n_loss: int = 256) 
         run = RunInfo(Path(tmp), cfg, channels, size)
         for limit in (1, k):
             start, start_cpu = time.perf_counter(), time.process_time()
-            compute_landscape(anchors, run, Path(tmp) / str(limit), grid=grid, n_loss=n_loss, probe=False, limit=limit)
+            compute_landscape(anchors, run, Path(tmp) / str(limit), grid=grid, n_loss=n_loss, probe=False, limit=limit,
+                              device=device)
             wall[limit], cpu[limit] = time.perf_counter() - start, time.process_time() - start_cpu
-    return {"points": k, "n_loss": n_loss, "k_points_s": wall[k], "one_point_s": wall[1],
+    return {"points": k, "n_loss": n_loss, "device": device, "k_points_s": wall[k], "one_point_s": wall[1],
             "points_per_s": (k - 1) / (wall[k] - wall[1]), "points_per_s_with_setup": k / wall[k],
             "points_per_cpu_s": (k - 1) / (cpu[k] - cpu[1])}

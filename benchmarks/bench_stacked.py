@@ -95,7 +95,9 @@ def thread_spread(workload: dict, steps: int, root: Path, solo_dir: Path) -> flo
     return relative_difference(solo_dir, Path(cfg.run_dir()))
 
 
-def run(args) -> list[dict]:
+def run(args, write) -> list[dict]:
+    """The table's rows; `write(rows)` after each, so a run cut short (a GPU session's time limit) keeps
+    what it measured."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -119,11 +121,13 @@ def run(args) -> list[dict]:
                              "loads": [g[s]["load"] for g in rounds for s in (False, True)],
                              "max_rel_diff": max(diffs), "compared": len(diffs)})
                 print(json.dumps(rows[-1]), flush=True)
+                write(rows)
             spread = (thread_spread(workload, args.steps, root, rounds[0][False]["dirs"][0])
                       if args.device == "cpu" else None)  # a GPU's arithmetic does not follow the thread count
             for r in rows:
                 if r["encoder"] == name:
                     r["thread_spread"] = spread
+            write(rows)
     return rows
 
 
@@ -198,8 +202,7 @@ def main(argv=None) -> None:
     info = bench_machine.describe(onednn=False)
     machine = {"cpu": info.get("cpu", bench_machine.cpu_model()), "cores": info.get("cores", os.cpu_count()),
                "host": info.get("host", "")}
-    rows = run(args)
-    upsert_section(Path(args.out), markdown(rows, args, started, machine))
+    run(args, lambda rows: upsert_section(Path(args.out), markdown(rows, args, started, machine)))
     print(f"wrote {args.out}")
 
 

@@ -76,20 +76,33 @@ def _link_data_sets(root: Path) -> None:
                 (root / entry.name).symlink_to(entry.resolve())
 
 
-def run_distill(w: Workload, variants: list[str], rounds: int, root: Path, isolate: bool) -> list[dict]:
+def run_distill(w: Workload, variants: list[str], rounds: int, root: Path, isolate: bool) -> tuple[list, dict]:
+    """The rounds, and {variant: error} of the variants whose worker failed: those are left out of every
+    round and the others go on (a GPU session cannot afford to lose the whole call to one variant). The
+    plain loop, every ratio's base, failing ends the run."""
     measure = bench_distill.measure_isolated if isolate else bench_distill.measure
     order = [PLAIN[0]] + variants
-    out = []
+    out, failed = [], {}
     for r in range(rounds):
-        seq = order if r % 2 == 0 else order[::-1]
+        seq = [k for k in (order if r % 2 == 0 else order[::-1]) if k not in failed]
         results = {}
         for key in seq:
-            results[key] = (measure(key, w, root) if key in BASELINES
-                            else measure("ours", w, root, VARIANTS[key][1]))
+            try:
+                results[key] = (measure(key, w, root) if key in BASELINES
+                                else measure("ours", w, root, VARIANTS[key][1]))
+            except Exception as e:  # a worker's failure (RuntimeError), or the variant's own error in-process
+                if key == PLAIN[0]:
+                    raise
+                failed[key] = f"{type(e).__name__}: {e}"
+                print(f"  round {r + 1}/{rounds} {key}: FAILED, left out\n{e}", file=sys.stderr, flush=True)
+                continue
             steps = ", ".join(f"{x:.2f}" for x in results[key]["step_s"])
             print(f"  round {r + 1}/{rounds} {key}: step s {steps}", file=sys.stderr, flush=True)
         out.append({"order": seq, "results": results})
-    return out
+    for r in out:
+        r["order"] = [k for k in r["order"] if k not in failed]
+        r["results"] = {k: v for k, v in r["results"].items() if k not in failed}
+    return out, failed
 
 
 def distill_tables(w: Workload, variants: list[str], rounds: int, root: Path, measure, isolate: bool) -> dict:
@@ -97,7 +110,7 @@ def distill_tables(w: Workload, variants: list[str], rounds: int, root: Path, me
     out = {"workload": asdict(w), "flops": measure("flops", w, root)}
     if any(VARIANTS[v][1].get("train.teacher_cache") == "true" for v in variants):
         out["cache_build"] = measure("cache", w, root)
-    out["distill"] = run_distill(w, variants, rounds, root, isolate)
+    out["distill"], out["failed"] = run_distill(w, variants, rounds, root, isolate)
     return out
 
 
@@ -161,7 +174,7 @@ def _analysis_sections(results: dict, args, on_gpu: bool, w: Workload, root: Pat
                                                    device=args.device, **feature_kw)
     print("landscape", file=sys.stderr, flush=True)
     results["landscape"] = bench_analysis.landscape_rate(w.overrides(root / "unused", root),
-                                                         n_loss=64 if args.tiny else 256)
+                                                         n_loss=64 if args.tiny else 256, device=args.device)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
     assert 0 < results["probes"]["linear"]["accuracy"] <= 1 and results["landscape"]["points_per_s"] > 0
 
 
+def test_a_failing_variant_is_reported_and_the_others_measured(bench, tmp_path, monkeypatch):
+    # a GPU session cannot afford to lose the whole benchmark to one variant (say CUDA graphs failing)
+    monkeypatch.setitem(bench.VARIANTS, "broken", ("a variant that cannot run here", {"train.device": "cuda:7"}))
+    out = tmp_path / "RESULTS.md"
+    results = bench.main(["--tiny", "--rounds", "2", "--variants", "broken,off", "--distill-only", "--out", str(out)])
+    text = out.read_text()
+    assert set(results["failed"]) == {"broken"} and "**a variant that cannot run here failed**" in text
+    assert all(r["order"] == ["plain", "off"] or r["order"] == ["off", "plain"] for r in results["distill"])
+    assert "| ours, all off (fp32) |" in text
+
+
 def _fake_run(plain_s, variant_s):
     """Two palindromic rounds of three timed-step lists (warm-up 9 s first) and the other inputs."""
     w = {"warmup": 1, "batch": 100, "steps": 2}
