@@ -8,6 +8,8 @@
 #   PYTHON=python3 EPOCHS=20 scripts/gpu-check.sh /tmp/gpu paper
 #   VARIANTS=off,cache,fast,all,graphs,tuned STACK_K=1,4,16,64 scripts/gpu-check.sh /tmp/gpu bench stacked
 #
+# Every part keeps its whole log in OUT_DIR; the script exits 1 if any part failed or ran out of time.
+#
 # Runs from a source checkout without installing (PYTHONPATH=src); needs torch with CUDA, numpy, pyyaml,
 # tqdm, matplotlib, scikit-learn, pillow, pytest (and pytest-xdist for a parallel suite).
 set -uo pipefail
@@ -21,6 +23,8 @@ export PYTHONUNBUFFERED=1
   export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$out"
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+failed=()
+check() { local rc=$1; shift; [ "$rc" -eq 0 ] || { failed+=("$* (exit $rc)"); echo "!! $* failed (exit $rc)"; }; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$py" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -31,9 +35,11 @@ for part in $parts; do
     tests)
       stamp "CUDA tests"
       "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests-gpu.log" | tail -5
+      check "${PIPESTATUS[0]}" "CUDA tests"
       stamp "whole suite, tiny runs on the GPU"
       xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
-      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -v -p no:cacheprovider $xdist ${SUITE_TESTS:-tests} 2>&1 > "$out/tests-suite-cuda.log"
+      RANDTEACH_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-400}" "$py" -m pytest -v -p no:cacheprovider $xdist ${SUITE_TESTS:-tests} > "$out/tests-suite-cuda.log" 2>&1
+      check $? "suite on the GPU"
       grep -E "FAILED|ERROR|passed|failed" "$out/tests-suite-cuda.log" | tail -30 ;;
     paper)
       for enc in ${ENCODERS:-vgg11 resnet18}; do
@@ -43,6 +49,7 @@ for part in $parts; do
           --model.encoder "$enc" --train.epochs "${EPOCHS:-20}" --train.precision "${PRECISION:-auto}" --train.teacher_cache true \
           --train.probe_every "${PROBE_EVERY:-5}" --train.checkpoint_every 0 --out "/tmp/paper-$enc-${PRECISION:-auto}" \
           > "$out/paper-$enc-${PRECISION:-auto}.log" 2> "$out/paper-$enc-${PRECISION:-auto}.time"
+        check $? "paper recipe $enc"
         tail -3 "$out/paper-$enc-${PRECISION:-auto}.log"; grep -E "Elapsed|Maximum resident" "$out/paper-$enc-${PRECISION:-auto}.time"
         for f in summary.json metrics.jsonl report.md probes.png; do
           [ -f "/tmp/paper-$enc-${PRECISION:-auto}/$f" ] && cp "/tmp/paper-$enc-${PRECISION:-auto}/$f" "$out/paper-$enc-${PRECISION:-auto}-$f"
@@ -52,14 +59,18 @@ for part in $parts; do
       for enc in ${ENCODERS:-vgg11 resnet18}; do
         stamp "benchmark on the GPU, $enc"
         timeout "${BENCH_TIMEOUT:-600}" "$py" benchmarks/run.py --device cuda --encoder "$enc" --steps "${STEPS:-20}" \
-          --rounds "${ROUNDS:-2}" --variants "${VARIANTS:-off,fast,all,graphs,tuned}" \
-          --out "$out/bench-gpu-$enc.md" 2>&1 | tail -8
+          --rounds "${ROUNDS:-2}" --probe-reps "${PROBE_REPS:-1}" --variants "${VARIANTS:-off,fast,all,graphs,tuned}" \
+          --out "$out/bench-gpu-$enc.md" 2>&1 | tee "$out/bench-gpu-$enc.log" | tail -12
+        check "${PIPESTATUS[0]}" "benchmark $enc"
       done ;;
     stacked)
       stamp "stacked runs on the GPU (K = ${STACK_K:-1,4,16})"
       timeout "${BENCH_TIMEOUT:-600}" "$py" benchmarks/bench_stacked.py --device cuda --k "${STACK_K:-1,4,16}" \
-        --steps "${STACK_STEPS:-12}" --warmup 4 --out "$out/bench-gpu-stacked.md" 2>&1 | tail -8 ;;
+        --steps "${STACK_STEPS:-12}" --warmup 4 --rounds "${STACK_ROUNDS:-2}" --out "$out/bench-gpu-stacked.md" 2>&1 |
+        tee "$out/bench-gpu-stacked.log" | tail -8
+      check "${PIPESTATUS[0]}" "stacked runs" ;;
     *) echo "unknown part $part (tests, paper, bench, stacked)"; exit 2 ;;
   esac
 done
 stamp done
+[ ${#failed[@]} -eq 0 ] || { printf 'FAILED: %s\n' "${failed[@]}"; exit 1; }

@@ -76,6 +76,17 @@ def test_cuda_compile_follows_eager(tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-2)
 
 
+def test_cuda_graphs_follow_eager_through_the_last_partial_batch(tmp_path):
+    # CUDA graphs record static shapes: the epoch's last batch (8 of 200 images) must be recorded apart, not
+    # replayed into the full batch's buffers
+    partial = {"data__n_samples": 200, "train__batch_size": 48, "train__epochs": 3, "train__max_steps": 15,
+               "train__log_every": 5}
+    _, eager = _losses(tmp_path, "eager", train__device="cuda", train__precision="bf16", **partial)
+    _, graphs = _losses(tmp_path, "graphs", train__device="cuda", train__precision="bf16", train__compile="true",
+                        train__cuda_graphs="true", **partial)
+    assert len(graphs) == len(eager) and graphs == pytest.approx(eager, rel=2e-2)
+
+
 def test_cuda_conv_student_within_1e_10_leaves_its_teacher_in_fp32(tmp_path):
     # At eps = 1e-10 only a few dozen of the tiny net's weights differ from the teacher's, and the outputs are
     # bitwise equal on most batches: the student leaves on the first batch where rounding lets a difference
