@@ -199,9 +199,11 @@ def test_the_gpu_compile_scope_traces_whole_and_follows_eager(tmp_path, override
     # On a GPU train.compile compiles the teacher's outputs and the student's loss whole. With fullgraph=True
     # (an error at any graph break) on the CPU's aot_eager backend: one graph each, eager's loss and gradients.
     from randteach.train.state import TrainState
-    from randteach.train.step import _views, _whole_step_compiled, build_step_functions
+    from randteach.train.loop import _attach_teacher_cache
+    from randteach.train.step import _cached_targets, _views, _whole_step_compiled, build_step_functions
     cfg = tiny_config(tmp_path, **{**SHORT, "data__root": str(tmp_path / "root"), **overrides})
     state = TrainState.create_or_resume(cfg, RunDir(cfg.run_dir()).create(), Dist(), torch.device("cpu"))
+    _attach_teacher_cache(state, progress=False)  # with train.teacher_cache, as the loop does
     fns = build_step_functions(state)
     rows = torch.arange(64)
     teacher_views, student_views = _views(state, rows)
@@ -209,7 +211,7 @@ def test_the_gpu_compile_scope_traces_whole_and_follows_eager(tmp_path, override
 
     def loss_and_grads(teacher_out, student_loss):
         state.student.zero_grad(set_to_none=True)
-        t = teacher_out(torch.cat(teacher_views), rows, bf16)
+        t = teacher_out(torch.cat(teacher_views), _cached_targets(state, rows), bf16)
         loss = student_loss(student_views, list(t.split(len(rows))), bf16)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in state.student.parameters()]
@@ -223,6 +225,30 @@ def test_the_gpu_compile_scope_traces_whole_and_follows_eager(tmp_path, override
     # bf16: aot_eager's decomposed backward rounds a few bf16 products differently (measured: up to 3e-3)
     worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(compiled[1], eager[1]))
     assert worst <= (1e-2 if bf16 else 1e-6)
+
+
+def test_the_compiled_teacher_gets_the_cached_rows_not_the_whole_table(tmp_path):
+    # a tensor a compiled function reads becomes a graph input, which CUDA graphs copy at every replay: the
+    # teacher cache's table (N x bottleneck) must stay outside, only the batch's rows go in
+    from randteach.train.state import TrainState
+    from randteach.train.loop import _attach_teacher_cache
+    from randteach.train.step import _cached_targets, _views, _whole_step_compiled, build_step_functions
+    cfg = tiny_config(tmp_path, **{**SHORT, "data__root": str(tmp_path / "root"), "train__teacher_cache": "true"})
+    state = TrainState.create_or_resume(cfg, RunDir(cfg.run_dir()).create(), Dist(), torch.device("cpu"))
+    _attach_teacher_cache(state, progress=False)  # with train.teacher_cache, as the loop does
+    fns = build_step_functions(state)
+    inputs = []
+
+    def backend(gm, example_inputs):
+        inputs.extend(x.shape for x in example_inputs if isinstance(x, torch.Tensor))
+        return gm.forward
+
+    torch._dynamo.reset()
+    teacher_out, _ = _whole_step_compiled(fns, lambda fn: torch.compile(fn, backend=backend, fullgraph=True))
+    rows = torch.arange(64)
+    teacher_out(torch.cat(_views(state, rows)[0]), _cached_targets(state, rows), False)
+    torch._dynamo.reset()
+    assert state.targets is not None and (64, state.targets.shape[1]) in inputs and state.targets.shape not in inputs
 
 
 def test_compile_waits_for_the_final_precision(tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ class StepFunctions:
     """What one micro-batch runs: the eager functions, and with train.compile their compiled forms, used for
     the batches of the run's final shapes and precision (`for_chunk`)."""
     student: nn.Module                        # StudentForward, DDP-wrapped when distributed
-    teacher_out: Callable                     # (x, rows, bf16) -> teacher head outputs, no gradient
+    teacher_out: Callable                     # (x, cached, bf16) -> teacher head outputs, no gradient
     student_loss: Callable                    # (student views, teacher outputs per view, bf16) -> batch-mean loss
     dtype: torch.dtype = torch.float32        # the models' dtype they were built for (float64 start)
     graphs: bool = False                      # CUDA graphs: mark each step's start
@@ -164,12 +164,12 @@ def _cpu_compiled_parts(state: TrainState, compiled: Callable) -> _Parts:
 
 def _functions(state: TrainState, student: nn.Module, parts: _Parts) -> tuple[Callable, Callable]:
     """(teacher_out, student_loss) of one micro-batch, built from `parts`."""
-    device, gate, teacher, targets = state.device, state.gate, state.teacher, state.targets
+    device, gate, teacher = state.device, state.gate, state.teacher
 
     @torch.no_grad()
-    def teacher_out(x: torch.Tensor, rows: torch.Tensor, bf16: bool) -> torch.Tensor:
-        if targets is not None and not gate.active:  # the cache: only the head's last layer runs per step
-            return parts.teacher_last(targets[rows])
+    def teacher_out(x: torch.Tensor, cached: torch.Tensor | None, bf16: bool) -> torch.Tensor:
+        if cached is not None:  # the cache: only the head's last layer runs per step
+            return parts.teacher_last(cached)
         with autocast(device, bf16):  # the float64 start runs the live teacher in float64
             features = teacher.encoder(x)
         return parts.teacher_head(gate.cast(features))
@@ -196,7 +196,8 @@ def bf16_gate(state: TrainState) -> bool:
 def _views(state: TrainState, rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(the teacher's views, the student's views) of the images `rows`: one view that both see, or with
     data.local_crops DINO's 2 global views for the teacher and those plus the local crops for the student."""
-    rows = rows.to(state.inputs.device)
+    # non_blocking: a blocking copy to a GPU first waits for all queued work, a host round trip per step
+    rows = rows.to(state.inputs.device, non_blocking=True)
     x = state.inputs[rows].to(state.device, non_blocking=True)
     x = state.preprocess(x) if state.preprocess is not None else x
     if state.augment.local_crops:
@@ -205,6 +206,15 @@ def _views(state: TrainState, rows: torch.Tensor) -> tuple[list[torch.Tensor], l
         teacher = student = [state.augment(x, state.step, rows)]  # data.augment: a no-op for none
     student = [_layout(state, state.gate.cast(v)) for v in student]  # float64 during the float64 start
     return student[:len(teacher)], student                           # the teacher's views lead the list
+
+
+def _cached_targets(state: TrainState, rows: torch.Tensor) -> torch.Tensor | None:
+    """The teacher cache's bottleneck outputs of `rows`, or None where the live teacher runs (no cache, or
+    the float64 start). Gathered here, outside any compiled function: a compiled function that read the
+    whole table would take it as an input, which CUDA graphs copy into their own buffer at every replay."""
+    if state.targets is None or state.gate.active:
+        return None
+    return state.targets[rows.to(state.targets.device, non_blocking=True)]
 
 
 def _layout(state: TrainState, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +235,7 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
     for i, rows in enumerate(chunks):
         teacher_out, student_loss = fns.for_chunk(len(rows), final_precision)
         teacher_views, student_views = _views(state, rows)
-        t = teacher_out(_cat(teacher_views), rows.to(state.device), bf16)
+        t = teacher_out(_cat(teacher_views), _cached_targets(state, rows), bf16)
         if state.centering is not None:  # DINO: every chunk centered by the step's center, updated after it
             center_sum = center_sum + t.detach().float().sum(0)
             t = state.centering.apply(t)
