@@ -17,7 +17,7 @@ from randteach.runs.rundir import RunDir
 from randteach.train.distributed import Dist
 from randteach.train.loop import distill
 from randteach.train.setup import build_teacher_and_student, epoch_order, load_training_inputs, seeds
-from randteach.train.state import Plan, TrainState, check_every_rank_has_rows
+from randteach.train.state import Plan, TrainState, check_every_rank_has_rows, check_sync_bn_chunks
 
 from tiny import tiny_config
 
@@ -278,6 +278,35 @@ def test_centering_is_one_update_per_step_whatever_the_micro_batches(tmp_path):
     assert float(diff) <= 1e-6 * float(torch.cat([a[k].flatten() for k in a]).norm())
     center = torch.load(result.path / "checkpoints" / "last.pt", weights_only=False)["center"]
     assert center is not None and float(center.abs().max()) > 0
+
+
+def test_sync_bn_refuses_micro_batches_that_differ_in_number_between_processes(tmp_path):
+    # batch 256 over 3 processes: shards of 85 and 86 rows; micro 85 cuts them into 1 and 2 chunks, and
+    # SyncBatchNorm's per-forward collectives would then hang (its collectives need CUDA, so the check is
+    # tested directly)
+    def plan(batch, micro, n=1024):
+        return Plan.of(tiny_config(tmp_path, train__batch_size=batch, train__micro_batch=micro), n)
+    with pytest.raises(UserError, match=r"shards of 85 and 86 images, cut into 1 and 2 micro-batches.*"
+                                        r"--train.micro_batch 86"):
+        check_sync_bn_chunks(plan(256, 85), 3)
+    for batch, micro, world in ((256, 86, 3), (256, 32, 2), (256, 43, 3), (255, 85, 3)):
+        check_sync_bn_chunks(plan(batch, micro), world)
+    with pytest.raises(UserError, match="a batch of 4 images"):  # the epoch's last batch: 1 and 2 rows
+        check_sync_bn_chunks(plan(255, 1, n=259), 3)
+
+
+@pytest.mark.parametrize("local_rank, visible, gpu", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (1, 2, 1), (2, 2, None)])
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch, local_rank, visible, gpu):
+    # no GPU here: the count torch would report is stood in for; a process that sees one GPU (a scheduler's
+    # one GPU per task) takes it whatever its local rank
+    from randteach.train.distributed import process_gpu
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if gpu is None:
+        with pytest.raises(UserError, match="local rank 2 but sees 2 GPU.*--nproc_per_node 2"):
+            process_gpu()
+    else:
+        assert process_gpu() == gpu
 
 
 def test_a_data_parallel_run_refuses_a_batch_with_fewer_images_than_processes(tmp_path):

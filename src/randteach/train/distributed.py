@@ -25,7 +25,6 @@ from ..errors import UserError
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -74,11 +73,31 @@ class Dist:
             dist.barrier()
 
 
+def process_gpu() -> int:
+    """The index of this torchrun process's GPU: its local rank's, or the only GPU it sees (a scheduler that
+    gives each process its own, e.g. SLURM's --gpus-per-task=1, leaves local ranks above 0 with one GPU)."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local >= count:
+        raise UserError(f"this torchrun process has local rank {local} but sees {count} GPU(s) "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); NCCL needs a GPU "
+                        f"per process: start at most {count} processes per node (torchrun --nproc_per_node {count})")
+    return local
+
+
 def from_environment(device: torch.device) -> Dist:
-    """Join the process group that torchrun describes in the environment (one process: no group)."""
+    """Join the process group that torchrun describes in the environment (one process: no group). On GPUs
+    each process is bound to its own first, so that NCCL's first collective (a barrier, before any tensor
+    names a device) does not run every process on GPU 0."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            gpu = torch.device("cuda", process_gpu())
+            torch.cuda.set_device(gpu)
+            dist.init_process_group(backend="nccl", device_id=gpu)
+        else:
+            dist.init_process_group(backend="gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())

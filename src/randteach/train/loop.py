@@ -27,7 +27,7 @@ from ..precision import exact_fp32
 from ..runs.rundir import (PYTHON_OBJECTS, RunDir, check_config_digest, python_objects, run_lock, run_summary,
                             write_json)
 from .callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
-from .distributed import Dist, from_environment
+from .distributed import Dist, from_environment, process_gpu
 from .host_memory import keep_freed_memory
 from .setup import resolve_device
 from .state import TrainState
@@ -60,7 +60,7 @@ def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
         return []
-    return [int(os.environ["LOCAL_RANK"])] if "LOCAL_RANK" in os.environ else [device.index or 0]
+    return [process_gpu()] if "LOCAL_RANK" in os.environ else [device.index or 0]
 
 
 def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, probe_splits) -> RunResult:
@@ -77,7 +77,7 @@ def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, pro
     keep_freed_memory(device)
     ddp = from_environment(device)
     if ddp.enabled and device.type == "cuda":
-        device = torch.device("cuda", ddp.local_rank)
+        device = torch.device("cuda", process_gpu())
     given = _python_objects(encoder, train_data, probe_splits)
     _check_same_objects(run, given)
     _open_run(cfg, run, ddp, given)

@@ -102,6 +102,23 @@ def check_every_rank_has_rows(plan: Plan, world: int) -> None:
                         f"data.n_samples so that every batch has at least {world} images (e.g. {fix}).")
 
 
+def check_sync_bn_chunks(plan: Plan, world: int) -> None:
+    """Refuse train.sync_bn where processes would run different numbers of micro-batches in a step:
+    SyncBatchNorm gathers statistics over all processes in every forward and backward, so a process with
+    one chunk more would wait forever for the others (each rank's shard of a batch is B // world or one
+    more rows, cut into chunks of train.micro_batch)."""
+    for batch in sorted({plan.batch, plan.n % plan.batch or plan.batch}):
+        shards = {batch // world, -(-batch // world)}
+        chunks = {-(-rows // plan.micro) for rows in shards}
+        if len(chunks) > 1:
+            raise UserError(f"train.sync_bn with train.micro_batch {plan.micro}: a batch of {batch} images over "
+                            f"{world} processes gives shards of {' and '.join(map(str, sorted(shards)))} images, "
+                            f"cut into {' and '.join(map(str, sorted(chunks)))} micro-batches, and SyncBatchNorm "
+                            "needs every process to run the same number. Choose a micro batch that cuts both shard "
+                            f"sizes alike (e.g. --train.micro_batch {max(shards)}), or a batch size divisible by "
+                            f"{world}.")
+
+
 def check_local_crops(model: nn.Module, cfg: Config, in_channels: int, side: int) -> None:
     """Refuse, before training, a model that cannot take DINO's local crops of `side` px (a ViT's position
     embedding or a flattening encoder fix the input size; the convnet, VGG (ceil-mode pools) and ResNets
@@ -214,6 +231,8 @@ class TrainState:
             student.to(memory_format=torch.channels_last)
         plan = Plan.of(cfg, len(inputs))
         check_every_rank_has_rows(plan, ddp.world)
+        if cfg.train.sync_bn and ddp.enabled:
+            check_sync_bn_chunks(plan, ddp.world)
         state = cls(cfg, run, ddp, device, plan, teacher, student,
                     copy.deepcopy(student).requires_grad_(False), build_optimizer(cfg.optim, student.parameters()),
                     Centering(cfg.loss.center_momentum) if cfg.loss.center else None, inputs, preprocess,
