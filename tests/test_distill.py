@@ -120,6 +120,14 @@ def test_teacher_cache_with_batch_norm(tmp_path):
     assert distill(cfg, progress=False).summary["status"] == "completed"
 
 
+@pytest.mark.parametrize("capability, bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_precision_on_a_gpu_is_bf16_from_ampere_on(monkeypatch, capability, bf16):
+    # a V100 or T4 reports bf16 "supported" (emulated, slow); no GPU here: its capability is stood in for
+    import randteach.precision as precision
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert precision.uses_bf16("auto", torch.device("cuda")) == bf16
+
+
 @pytest.mark.parametrize("amx", [False, True])
 def test_auto_precision_is_bf16_only_where_it_is_fast(tmp_path, monkeypatch, amx):
     import randteach.precision as precision

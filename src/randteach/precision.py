@@ -42,12 +42,13 @@ def cpu_has_amx() -> bool:
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """`train.precision` resolved for `device`: "auto" means bf16 where it is fast (a CUDA device with
-    bf16 support, or a CPU with AMX) and fp32 elsewhere."""
+    """`train.precision` resolved for `device`: "auto" means bf16 where it is fast (a CUDA device with bf16
+    tensor cores, compute capability 8.0 or above: Ampere and later; or a CPU with AMX) and fp32 elsewhere.
+    (torch.cuda.is_bf16_supported() is also true on older GPUs, which emulate bf16 slowly.)"""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and cpu_has_amx()
 
 
