@@ -70,18 +70,19 @@ def test_grey_jitter_solarize_match_their_formulas():
 
 
 def test_blur_is_a_normalized_gaussian():
-    delta = torch.zeros(2, 1, 13, 13)  # the reflected borders never reach the impulse
-    delta[:, :, 6, 6] = 1.0
+    delta = torch.zeros(2, 1, 21, 21)  # the reflected borders never reach the impulse
+    delta[:, :, 10, 10] = 1.0
     sigma = torch.tensor([0.8, 1.3])
-    out = blur(delta, sigma)  # radius ceil(3 * 1.3) = 4 for both
-    for i, s in enumerate(sigma.tolist()):
-        k = torch.exp(-0.5 * (torch.arange(-4, 5.0) / s) ** 2)
-        k = k / k.sum()
-        expected = torch.zeros(13, 13)
-        expected[2:11, 2:11] = torch.outer(k, k)
-        torch.testing.assert_close(out[i, 0], expected, atol=1e-7, rtol=1e-5)
+    for sigma_max, radius in ((1.3, 4), (1.9, 6)):  # the radius: ceil(3 * sigma_max), for every sample
+        out = blur(delta, sigma, sigma_max)
+        for i, s in enumerate(sigma.tolist()):
+            k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / s) ** 2)
+            k = k / k.sum()
+            expected = torch.zeros(21, 21)
+            expected[10 - radius:11 + radius, 10 - radius:11 + radius] = torch.outer(k, k)
+            torch.testing.assert_close(out[i, 0], expected, atol=1e-7, rtol=1e-5)
     flat = torch.full((2, 3, 6, 6), 0.3)
-    torch.testing.assert_close(blur(flat, sigma), flat)
+    torch.testing.assert_close(blur(flat, sigma, 1.3), flat)
 
 
 def test_dino_views_are_deterministic_and_shaped():

@@ -122,9 +122,11 @@ def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (pixels), kernel radius ceil(3 sigma_max), reflect padding."""
-    radius = max(1, math.ceil(3 * float(sigma.max())))
+def blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma (pixels), kernel radius ceil(3 sigma_max), reflect padding.
+    `sigma_max` bounds `sigma` from above and is given, not read from `sigma`: on a GPU that read would be a
+    host round trip per view and step."""
+    radius = max(1, math.ceil(3 * sigma_max))
     radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (offsets[None] / sigma.to(x.dtype)[:, None]) ** 2)
@@ -207,7 +209,7 @@ class Augment:
         p = torch.where((u(draw + 9) < GREY_P).view(-1, 1, 1, 1), grey(p).expand_as(p), p)
         blur_p = (1.0, 0.1)[view] if view < 2 else 0.5
         sigma = (SIGMA[0] + (SIGMA[1] - SIGMA[0]) * u(draw + 10)) * side / 224
-        p = torch.where((u(draw + 11) < blur_p).view(-1, 1, 1, 1), blur(p, sigma), p)
+        p = torch.where((u(draw + 11) < blur_p).view(-1, 1, 1, 1), blur(p, sigma, SIGMA[1] * side / 224), p)
         if view == 1:
             p = torch.where((u(draw + 12) < 0.2).view(-1, 1, 1, 1), solarize(p), p)
         return p
