@@ -228,3 +228,12 @@ def test_an_encoder_from_python_gets_the_images_at_their_size(tmp_path, digits):
     with pytest.raises(UserError, match="float images .* are used as given"):
         randteach.distill(encoder=make_encoder, train=(images / 255.0, labels), progress=False,
                           out=str(tmp_path / "f"), **{**TINY, "data.image_size": 16})
+
+
+def test_a_module_already_on_the_probe_device_is_used_as_it_is():
+    # "cpu:0" and a tensor's "cpu" name one device (as "cuda" and "cuda:0" do on a GPU): no copy of the
+    # user's encoder, which would double its memory on every probe call
+    from randteach.api import _on
+    module = torch.nn.Linear(2, 2)
+    assert _on(module, torch.device("cpu", 0)) is module and _on(module, torch.device("cpu")) is module
+    assert _on(module, torch.device("meta")) is not module

@@ -201,9 +201,19 @@ def _module(obj: Any, what: str) -> nn.Module:
 def _on(module: nn.Module, device: torch.device) -> nn.Module:
     """`module` on `device`: itself if it is there already, else a copy (the user's module is not moved)."""
     ref = next(module.parameters(), None)
-    if ref is None or ref.device == device:
+    if ref is None or _same_device(ref.device, device):
         return module
     return copy.deepcopy(module).to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two device names name one device: "cuda" is the current GPU, "cpu" and "cpu:0" the same
+    (torch.device compares the names, so "cuda" != "cuda:0")."""
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+    return a.type == b.type and index(a) == index(b)
 
 
 def _side(data: ImageData, cfg: Config) -> int:
