@@ -15,7 +15,8 @@ Collapse point: the probed step at which the student's linear-probe accuracy is 
 "probe"), or at which the effective rank of its embedding is lowest (metric "erank", computed on the
 saved checkpoints). The loop saves student_step<N>.pt at the probe cadence; the checkpoint kept as the
 collapse point is the saved step nearest that minimum (`exact=False`, the default) or, with
-`exact=True`, a deterministic re-run of the same config stopped exactly at that step (bitwise on CPU).
+`exact=True`, a re-run of the same config stopped exactly at that step (bitwise on a CPU; on a GPU some kernels
+are nondeterministic, and the record says so).
 It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json, where
 `randteach signal RUN` finds it.
 
@@ -47,6 +48,7 @@ from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import RunDir, write_json
 from ..train.loop import distill
+from ..train.setup import resolve_device
 
 DEFAULT_LRS = (32.0, 100.0, 316.0, 1000.0, 3162.0, 1e4, 31623.0, 1e5)   # Fig. 1c
 DEFAULT_BATCH_SIZES = (256, 1024, 4096, 16384, 0)                      # Fig. 1d; 0 = full batch
@@ -189,7 +191,7 @@ def _kept(run_path: Path, collapse: dict, exact: bool) -> dict | None:
         return None
     kept = json.loads(record.read_text())
     same = (kept.get("step"), kept.get("metric")) == (collapse["step"], collapse["metric"])
-    return kept if same and kept.get("how", "").startswith("deterministic") == exact else None
+    return kept if same and ("re-run" in kept.get("how", "")) == exact else None
 
 
 def keep_collapse_checkpoint(cfg: Config, run_path: Path, collapse: dict, *, exact: bool = False,
@@ -206,7 +208,9 @@ def keep_collapse_checkpoint(cfg: Config, run_path: Path, collapse: dict, *, exa
         d["probe"]["which"] = []
         d["out"] = str(run.path / "collapse-rerun")
         rerun = distill(config_from_dict(d), progress=False, train_data=train_data)
-        source, source_step, how = rerun.path / "checkpoints" / "student.pt", step, "deterministic re-run to the step"
+        source, source_step = rerun.path / "checkpoints" / "student.pt", step
+        how = ("deterministic re-run to the step" if resolve_device(cfg.train.device).type == "cpu" else
+               "re-run to the step (on a GPU not bitwise the original: some of its kernels are nondeterministic)")
     else:
         saved = saved_steps(run)
         if not saved:
