@@ -148,3 +148,33 @@ def test_exact_fp32_turns_tf32_off_and_restores_it():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_probes_and_supervised_training_run_without_tf32(tmp_path):
+    # on a GPU fp32 convolutions and matmuls default to TF32 (10 mantissa bits); every model evaluation
+    # outside the loop (probes, analyses, supervised training) turns it off as the loop does. The flags
+    # exist on a CPU build too: a module records what it saw.
+    import torch.nn as nn
+    from randteach.data import Preprocess, load_dataset
+    from randteach.probes.embedding import Prober
+    from randteach.train.supervised import accuracy
+    from tiny import tiny_config
+    seen = []
+
+    class Recording(nn.Flatten):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return super().forward(x)
+
+    data = load_dataset("digits", "train")
+    cfg = tiny_config(tmp_path, **{"probe.max_iter": 5})
+    splits = (data.subset(torch.arange(100)), data.subset(torch.arange(100, 150)))
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # torch's GPU default
+    try:
+        Prober(cfg, 1, 8, torch.device("cpu"), splits=splits).probe(Recording())
+        accuracy(Recording(), splits[1], Preprocess.fit(splits[0]), torch.device("cpu"))
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32   # restored after
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen and all(flags == (False, False) for flags in seen)

@@ -57,6 +57,7 @@ from ..runs.checkpoint import load_state_dict, resolve_model_checkpoint
 from ..runs.rundir import write_json
 from ..train.setup import load_training_inputs
 from ..train.supervised import RUN_ROLES, RunInfo, run_info
+from ..precision import exact_fp32
 from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, prefixed
 
 VIEWS = ("non-local", "shared")
@@ -316,6 +317,7 @@ def _arrays(g: _Grid, anchors: list[Anchor], done: dict, metrics: list[str]) -> 
     return result
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, teacher: dict | None = None,
                       grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine",
                       unit: str = "longer", n_loss: int = 512, probe: bool = True, limit: int | None = None,

@@ -46,7 +46,7 @@ from ..data import ImageData, load_configured
 from ..errors import UserError
 from ..models import build_model
 from ..optim import build_optimizer, lr_at
-from ..precision import uses_bf16
+from ..precision import exact_fp32, uses_bf16
 from ..runs.rundir import RunDir, write_json
 from ..train.loop import distill
 from ..train.setup import load_training_inputs, resolve_device, seeds
@@ -134,6 +134,7 @@ def suggest_lr(lrs: list[float], losses: list[float], divergences: dict, *, beta
     return {"lr": first["lr"] / 10, "rule": f"the loss never falls: 1/10 of the step size at its first divergence ({kind})"}
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def supervised_range(cfg: Config, inputs: torch.Tensor, preprocess, data: ImageData, image_size: int,
                      total_steps: int, *, progress: bool = True) -> dict:
     """Cross-entropy training of encoder + linear classifier along the config's (exponential) schedule.

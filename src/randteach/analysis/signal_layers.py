@@ -59,6 +59,7 @@ from ..probes.embedding import adapt_channels, embed, probe_data_name, score
 from ..runs.checkpoint import load_checkpoint
 from ..runs.rundir import RunDir, write_json
 from ..train.setup import resolve_device
+from ..precision import exact_fp32
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish)
@@ -324,6 +325,7 @@ def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test:
     return write_signal(result, out)
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, torch.Tensor],
                   test: tuple[torch.Tensor, torch.Tensor] | None, preprocess: Preprocess | None, probe_cfg,
                   num_classes: int, *, device: torch.device, channels: int | None = None, spatial: str = "flatten",

@@ -18,7 +18,7 @@ from ..data import ImageData, Preprocess, load_configured, resolve_root, stratif
 from ..digests import code_modules, digest_code, digest_tensor
 from ..errors import UserError
 from ..models.common import fp32_channels_last
-from ..precision import autocast, fp32_module
+from ..precision import autocast, exact_fp32, fp32_module
 
 PROBE_CACHE_VERSION = "3"  # the cache entries' format; the code that computes them is keyed by `digest_code`
 # the code every cached probe result depends on, besides an encoder's own
@@ -99,6 +99,7 @@ def accuracies(result: dict) -> dict[str, float]:
     return {k: v for k, v in result.items() if k != INVALID}
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def score(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
           cfg, num_classes: int, device: torch.device | None = None) -> dict:
     """Linear and k-NN test accuracy of features, as configured by a ProbeConfig."""
@@ -162,6 +163,7 @@ class Prober:
         self.origin: dict[str, str] = {}  # "input" / "frozen" -> where the last result came from
         self._input: dict | None = None
 
+    @exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
     def features(self, encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         kw = dict(device=self.device, batch_size=self.cfg.probe.batch_size, bf16=self.bf16, channels=self.in_channels)
         encoder = _cpu_layout(encoder, self.device)  # once for both splits (embed then finds it channels-last)

@@ -13,7 +13,7 @@ from ..config import dotted_to_nested, parse_overrides, config_from_dict
 from ..data import ImageData
 from ..errors import UserError
 from ..models import build_model
-from ..precision import exact_fp32, uses_bf16
+from ..precision import uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights, resolve_model_checkpoint
 from ..runs.rundir import ResultsNotSaved, RunDir, python_objects, run_lock, write_json
 from ..train.setup import resolve_device
@@ -75,13 +75,12 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     student.to(device)
     prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)
     result = {}
-    with exact_fp32():  # the same fp32 as the probes inside a run (no TF32 on CUDA)
-        if "teacher" in cfg.probe.which:
-            result["teacher"] = prober.frozen(teacher.encoder)  # cached by its weights
-        if "student" in cfg.probe.which:
-            result["student"] = prober.probe(student.encoder)
-        if "input" in cfg.probe.which:
-            result["input"] = prober.input()
+    if "teacher" in cfg.probe.which:  # the probes run in exact fp32 (no TF32 on CUDA), as inside a run
+        result["teacher"] = prober.frozen(teacher.encoder)  # cached by its weights
+    if "student" in cfg.probe.which:
+        result["student"] = prober.probe(student.encoder)
+    if "input" in cfg.probe.which:
+        result["input"] = prober.input()
     _save(run, cfg, own, checkpoint, splits, result)
     return result
 

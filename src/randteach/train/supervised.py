@@ -31,7 +31,7 @@ from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..errors import UserError
 from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
-from ..precision import autocast
+from ..precision import autocast, exact_fp32
 from ..runs.checkpoint import load_checkpoint, load_state_dict
 from .host_memory import keep_freed_memory
 from .setup import epoch_order
@@ -228,6 +228,7 @@ def build_classifier(run: RunInfo, source: str, num_classes: int, seed: int = 0)
 
 # ---------------------------------------------------------------------------------- train / evaluate
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 @torch.no_grad()
 def accuracy(model: nn.Module, data: ImageData, preprocess: Preprocess, device: torch.device,
              batch_size: int = 1024) -> float:
@@ -244,6 +245,7 @@ def accuracy(model: nn.Module, data: ImageData, preprocess: Preprocess, device: 
     return correct / len(data)
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, data: ImageData, preprocess: Preprocess, device: torch.device,
                        batches: int, batch_size: int, seed: int = 0) -> int:
@@ -311,6 +313,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: tor
     return total
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def train_supervised(model: nn.Module, data: SupervisedData, recipe: Recipe, device: torch.device, *,
                      start_step: int = 0, masks: dict[str, torch.Tensor] | None = None,
                      snapshot_steps: tuple[int, ...] = (), progress: bool = False, desc: str = "train") -> dict:
