@@ -158,13 +158,17 @@ def test_every_torchrun_rank_gets_the_runs_summary_from_the_python_api(tmp_path)
                       f"**{options!r})\n"
                       # a file per rank: the ranks share torchrun's stdout, where their lines can interleave
                       f"open({str(tmp_path)!r} + '/rank' + os.environ['RANK'] + '.json', 'w')"
-                      ".write(json.dumps(r.summary))\n")
+                      ".write(json.dumps(r.summary))\n"
+                      # a script that takes the process group down itself, as torch recommends: randteach's
+                      # own teardown at exit must then leave it be
+                      "import torch.distributed as dist\ndist.destroy_process_group()\n")
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                                                               os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Exception ignored" not in r.stderr, r.stderr[-3000:]
     import json
     results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in ("0", "1")}
     assert results["1"]["probe"] == results["0"]["probe"] and results["1"]["rank"] == 1

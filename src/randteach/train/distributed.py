@@ -9,6 +9,7 @@ per rank unless `train.sync_bn` converts them to SyncBatchNorm. Only rank 0 writ
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -74,10 +75,11 @@ class Dist:
 
 
 def process_gpu() -> int:
-    """The index of this torchrun process's GPU: its local rank's, or the only GPU it sees (a scheduler that
-    gives each process its own, e.g. SLURM's --gpus-per-task=1, leaves local ranks above 0 with one GPU)."""
+    """The index of this process's GPU: its local rank's; or, for processes started by another launcher
+    (srun with --gpus-per-task=1, say) that sees one GPU, that one. torchrun's processes share one
+    CUDA_VISIBLE_DEVICES, so under torchrun one visible GPU for several processes is refused."""
     local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if count == 1:
+    if count == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return 0
     if local >= count:
         raise UserError(f"this torchrun process has local rank {local} but sees {count} GPU(s) "
@@ -100,4 +102,13 @@ def from_environment(device: torch.device) -> Dist:
             dist.init_process_group(backend="nccl", device_id=gpu)
         else:
             dist.init_process_group(backend="gloo")
+        # the group this process made is taken down before the interpreter's own teardown: left to it, the
+        # backend's threads were sometimes destroyed still running (gloo: "terminate called", SIGABRT)
+        atexit.register(_destroy_process_group)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def _destroy_process_group() -> None:
+    """At exit: the process group, unless the user's code took it down already."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
