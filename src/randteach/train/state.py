@@ -107,16 +107,17 @@ def check_sync_bn_chunks(plan: Plan, world: int) -> None:
     SyncBatchNorm gathers statistics over all processes in every forward and backward, so a process with
     one chunk more would wait forever for the others (each rank's shard of a batch is B // world or one
     more rows, cut into chunks of train.micro_batch)."""
-    for batch in sorted({plan.batch, plan.n % plan.batch or plan.batch}):
+    reached = {plan.batch} | ({plan.n % plan.batch} if plan.n % plan.batch and
+                              plan.total_steps >= plan.steps_per_epoch else set())  # the epoch's last batch
+    for batch in sorted(reached):
         shards = {batch // world, -(-batch // world)}
         chunks = {-(-rows // plan.micro) for rows in shards}
         if len(chunks) > 1:
             raise UserError(f"train.sync_bn with train.micro_batch {plan.micro}: a batch of {batch} images over "
                             f"{world} processes gives shards of {' and '.join(map(str, sorted(shards)))} images, "
                             f"cut into {' and '.join(map(str, sorted(chunks)))} micro-batches, and SyncBatchNorm "
-                            "needs every process to run the same number. Choose a micro batch that cuts both shard "
-                            f"sizes alike (e.g. --train.micro_batch {max(shards)}), or a batch size divisible by "
-                            f"{world}.")
+                            "needs every process to run the same number. A micro batch of a whole shard gives one "
+                            f"each: --train.micro_batch {-(-plan.batch // world)}.")
 
 
 def check_local_crops(model: nn.Module, cfg: Config, in_channels: int, side: int) -> None:
