@@ -165,13 +165,16 @@ def _distill_section(results: dict, title: str) -> list[str]:
               "× plain, CPU | × ours-off, CPU | FLOP/step | % bf16 matmul, CPU | % fp32 matmul, CPU | peak RSS | "
               "warm-up s, per round |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def ratio(x: float, clock: str) -> str:  # in bold on the clock the verdicts use
+        return f"**{x:.2f}**" if clock == verdict_clock(w) else f"{x:.2f}"
+
     for key, v in s["variants"].items():
         wl, cp = v["wall"], v["cpu"]
         warm = ", ".join(_secs(sum(run)) for run in v["warmup_s"])  # per round: all its warm-up steps
         xo = f"{cp['x_off']:.2f}" if cp["x_off"] else "-"
         lines.append(f"| {v['label']} | {_secs(wl['s_per_step'])} ({', '.join(_secs(x) for x in wl['per_round'])}) | "
-                     f"{wl['images_per_s']:.1f} | {wl['x_plain']:.2f} | {_secs(cp['s_per_step'])} "
-                     f"({', '.join(_secs(x) for x in cp['per_round'])}) | **{cp['x_plain']:.2f}** | {xo} | "
+                     f"{wl['images_per_s']:.1f} | {ratio(wl['x_plain'], 'wall')} | {_secs(cp['s_per_step'])} "
+                     f"({', '.join(_secs(x) for x in cp['per_round'])}) | {ratio(cp['x_plain'], 'cpu')} | {xo} | "
                      f"{v['step_flops'] / 1e9:.4g} G | {100 * cp['frac_bf16']:.0f} % | {100 * cp['frac_fp32']:.0f} % | "
                      f"{_gib(v['peak_rss'])} | {warm} |")
     f = results["flops"]

@@ -31,16 +31,19 @@ def test_probe_outside_a_run_uses_the_runs_fp32_rules(tmp_path, monkeypatch):
     from randteach.train.loop import distill
     run = distill(tiny_config(tmp_path, train__max_steps=1, train__probe_every=0, probe__which="[]"), progress=False)
     monkeypatch.setenv("RANDTEACH_DATA", str(tmp_path / "data"))  # an empty probe cache: both probes are computed
-    seen = []
-    monkeypatch.setattr(evaluate.Prober, "probe", lambda self, enc: seen.append(
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or {})
+    seen, embed = [], evaluate.embed
+
+    def recording_embed(*args, **kwargs):  # what an encoder runs under when the probes embed the images
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return embed(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "embed", recording_embed)
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
         probe_run(run.path, ["--probe.which", "[teacher, student]"], progress=False)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-    assert seen == [(False, False), (False, False)]
+    assert seen == [(False, False)] * 4  # train and test split of teacher and student
 
 
 def test_probe_results_record_their_settings_and_keep_each_others(tmp_path):

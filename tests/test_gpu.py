@@ -77,8 +77,8 @@ def test_cuda_compile_follows_eager(tmp_path):
 
 
 def test_cuda_graphs_follow_eager_through_the_last_partial_batch(tmp_path):
-    # CUDA graphs record static shapes: the epoch's last batch (8 of 200 images) must be recorded apart, not
-    # replayed into the full batch's buffers
+    # CUDA graphs record static shapes: the epoch's last batch (8 of 200 images) runs eager between graph
+    # replays of the full batches, over three epochs, with metrics read every 5 steps
     partial = {"data__n_samples": 200, "train__batch_size": 48, "train__epochs": 3, "train__max_steps": 15,
                "train__log_every": 5}
     _, eager = _losses(tmp_path, "eager", train__device="cuda", train__precision="bf16", **partial)

@@ -45,6 +45,7 @@ from pathlib import Path
 from ..config import Config, config_from_dict, dotted_to_nested
 from ..data import ImageData, load_configured
 from ..errors import UserError
+from ..precision import exact_fp32
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import RunDir, write_json
 from ..train.loop import distill
@@ -141,6 +142,7 @@ def saved_steps(run: RunDir) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+@exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
     """Effective rank of the student's embedding at init and at every saved checkpoint, on a stratified
     subset of the probe's training split: [{step, erank}]. Cached in RUN/erank.json."""
