@@ -162,7 +162,8 @@ class TrainConfig:
     seed: int = opt(0, "seed of the data order and, unless set, of both inits", ge=0, lt=SEEDS)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", ("auto", "cpu", "cuda") )
     precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
-                         "bf16 on an Ampere or later GPU or an AMX CPU, fp32 elsewhere", ("fp32", "bf16", "auto"))
+                         "bf16 on an Ampere or later GPU or a CPU with AMX or AMD AVX-512 bf16, fp32 elsewhere",
+                         ("fp32", "bf16", "auto"))
     bf16_after_distance: float = opt(1e-3, "under bf16: stay in fp32 until ||theta_S - theta_T|| / ||theta_T|| exceeds this", ge=0)
     float64_until_distance: float = opt(2.0 ** -23 * 1e3, "hold teacher and student in float64 from a locality / neighborhood init until ||theta_S - theta_T|| / ||theta_T|| exceeds this, then continue in fp32 (default 2^-23 * 1e3: fp32 resolution with 3 digits to spare; 0 = start in fp32, where a 1e-10 residue rounds away)", ge=0)
     channels_last: bool = opt(True, "channels-last memory format for conv encoders under bf16, and in fp32 on a CPU for the narrow ones where it is faster (convnet, resnet20, resnet56)")

@@ -31,25 +31,44 @@ FP32_RESOLUTION = 2.0 ** -23  # fp32's machine epsilon (relative spacing of floa
 DEFAULT_FLOAT64_UNTIL = FP32_RESOLUTION * 1e3
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Linux /proc/cpuinfo flag amx_bf16). Without them bf16 matrix
-    work falls back to AVX-512 or emulation and runs slower than fp32 (measured 0.52x on an AVX-512 CPU)."""
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix work faster than fp32 (Linux /proc/cpuinfo; False where unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+            return fast_bf16(f.read())
     except OSError:
         return False
 
 
+def fast_bf16(cpuinfo: str) -> bool:
+    """From /proc/cpuinfo's text: AMX bf16 tiles (flag amx_bf16), or an AMD CPU with AVX-512 bf16 (flag
+    avx512_bf16). Measured with a 2048^2 matmul (benchmarks/run.py's yardstick), bf16 against fp32: 5.9x on an
+    Intel Xeon VM with AMX, 2.3-2.6x and 4.1x on two AMD EPYC VMs (benchmarks/RESULTS-amd.md,
+    RESULTS-amd-probes-fast-vm.md; on the first, VGG11's step with bf16, channels-last and the teacher cache ran
+    2.5x the same loop in fp32 without the cache), but 0.52x on an Intel Xeon VM whose AMX was hidden and whose
+    only bf16 path was avx512_bf16 (docs/PERFORMANCE.md)."""
+    flags = set(_cpuinfo_field(cpuinfo, "flags"))
+    return "amx_bf16" in flags or (_cpuinfo_field(cpuinfo, "vendor_id") == ["AuthenticAMD"] and "avx512_bf16" in flags)
+
+
+def _cpuinfo_field(cpuinfo: str, key: str) -> list[str]:
+    """The words of the first `key: ...` line of /proc/cpuinfo's text (empty if there is none)."""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.split()
+    return []
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """`train.precision` resolved for `device`: "auto" means bf16 where it is fast (a CUDA device with bf16
-    tensor cores, compute capability 8.0 or above: Ampere and later; or a CPU with AMX) and fp32 elsewhere.
-    (torch.cuda.is_bf16_supported() is also true on older GPUs, which emulate bf16 slowly.)"""
+    tensor cores, compute capability 8.0 or above: Ampere and later; or a CPU where `fast_bf16`) and fp32
+    elsewhere. (torch.cuda.is_bf16_supported() is also true on older GPUs, which emulate bf16 slowly.)"""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu" and cpu_has_amx()
+    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 @contextlib.contextmanager
