@@ -310,7 +310,7 @@ def test_each_process_takes_its_own_gpu(monkeypatch, local_rank, visible, torchr
         monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     if gpu is None:
-        with pytest.raises(UserError, match=f"local rank {local_rank} but sees {visible} GPU.*--nproc_per_node {visible}"):
+        with pytest.raises(UserError, match=f"rank {local_rank} but sees {visible} GPU.*--nproc_per_node {visible}"):
             process_gpu()
     else:
         assert process_gpu() == gpu
