@@ -242,6 +242,9 @@ class _Group:
         for r in self.runs:
             r.plan, r.step, r.t_start = self.plan, self.step, t_start
         self._orders: tuple[int, list[torch.Tensor]] | None = None  # (epoch, each run's order of it)
+        limits = [r.cfg.optim.grad_clip or math.inf for r in self.runs]  # on the device once, not per step
+        self.clip_limits = (None if all(math.isinf(v) for v in limits) else
+                            torch.tensor(limits, dtype=torch.float64, device=self.device))
 
     def batches(self, step: int) -> list[torch.Tensor]:
         """Each run's global batch of step `step`, from its own data order (drawn once per epoch: a randperm
@@ -361,10 +364,9 @@ def _grad_norms(stacked: dict) -> torch.Tensor:
 def _clip(g: _Group, norms: torch.Tensor) -> None:
     """Each run's optim.grad_clip, on the stacked gradients: torch.nn.utils.clip_grad_norm_'s rule
     g <- g * min(1, max_norm / (||g|| + 1e-6)), with max_norm = inf for a run without clipping."""
-    limits = [r.cfg.optim.grad_clip or math.inf for r in g.runs]
-    if all(math.isinf(v) for v in limits):
+    if g.clip_limits is None:
         return
-    coef = (torch.tensor(limits, dtype=torch.float64, device=norms.device) / (norms + 1e-6)).clamp(max=1.0)
+    coef = (g.clip_limits / (norms + 1e-6)).clamp(max=1.0)
     for p in g.s_params.values():
         if p.grad is not None:
             p.grad.mul_(coef.to(p.grad.dtype).view(-1, *[1] * (p.grad.dim() - 1)))
