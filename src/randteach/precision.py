@@ -43,10 +43,10 @@ def cpu_has_fast_bf16() -> bool:
 def fast_bf16(cpuinfo: str) -> bool:
     """From /proc/cpuinfo's text: AMX bf16 tiles (flag amx_bf16), or an AMD CPU with AVX-512 bf16 (flag
     avx512_bf16). Measured with a 2048^2 matmul (benchmarks/run.py's yardstick), bf16 against fp32: 5.9x on an
-    Intel Xeon VM with AMX, 2.3-2.6x and 4.1x on two AMD EPYC VMs (benchmarks/RESULTS-amd.md,
-    RESULTS-amd-probes-fast-vm.md; on the first, VGG11's step with bf16, channels-last and the teacher cache ran
-    2.5x the same loop in fp32 without the cache), but 0.52x on an Intel Xeon VM whose AMX was hidden and whose
-    only bf16 path was avx512_bf16 (docs/PERFORMANCE.md)."""
+    Intel Xeon VM with AMX, 2.3-2.6x and 4.0-4.1x on two AMD EPYC VMs (benchmarks/RESULTS-amd.md,
+    RESULTS-amd-bf16.md; on the second, VGG11's distillation step under bf16 autocast and channels-last ran 1.69x
+    the same loop in fp32), but 0.52x on an Intel Xeon VM whose AMX was hidden and whose only bf16 path was
+    avx512_bf16 (docs/PERFORMANCE.md)."""
     flags = set(_cpuinfo_field(cpuinfo, "flags"))
     return "amx_bf16" in flags or (_cpuinfo_field(cpuinfo, "vendor_id") == ["AuthenticAMD"] and "avx512_bf16" in flags)
 
