@@ -82,8 +82,13 @@ class Plan:
 
     def indices(self, step: int) -> torch.Tensor:
         """The global batch of optimizer step `step` (0-based)."""
+        epoch, rows = self.batch_slice(step)
+        return _epoch_order(self.n, self.data_seed, epoch)[rows]
+
+    def batch_slice(self, step: int) -> tuple[int, slice]:
+        """(epoch, the part of that epoch's data order) of optimizer step `step` (0-based)."""
         epoch, offset = divmod(step, self.steps_per_epoch)
-        return _epoch_order(self.n, self.data_seed, epoch)[offset * self.batch:(offset + 1) * self.batch]
+        return epoch, slice(offset * self.batch, (offset + 1) * self.batch)
 
     def logs_at(self, step: int) -> bool:
         """Whether the step that brought the count to `step` writes a record."""
