@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from randteach.precision import cpuinfo_field, read_cpuinfo
+
 _ONEDNN_PROBE = ("import torch; a = torch.ones(256, 256, dtype=torch.bfloat16); a @ a; "
                  "torch.nn.functional.conv2d(torch.ones(1, 8, 8, 8), torch.ones(8, 8, 3, 3))")
 
@@ -26,23 +28,11 @@ def load_average() -> tuple[float, float, float]:
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return " ".join(cpuinfo_field(read_cpuinfo(), "model name")) or platform.processor() or "unknown"
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo_field(read_cpuinfo(), "flags"))
 
 
 def onednn_kernels() -> dict:

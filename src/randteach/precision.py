@@ -33,11 +33,16 @@ DEFAULT_FLOAT64_UNTIL = FP32_RESOLUTION * 1e3
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matrix work faster than fp32 (Linux /proc/cpuinfo; False where unreadable)."""
+    return fast_bf16(read_cpuinfo())
+
+
+def read_cpuinfo() -> str:
+    """The text of Linux's /proc/cpuinfo; empty where there is none (other systems)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return fast_bf16(f.read())
+            return f.read()
     except OSError:
-        return False
+        return ""
 
 
 def fast_bf16(cpuinfo: str) -> bool:
@@ -47,11 +52,11 @@ def fast_bf16(cpuinfo: str) -> bool:
     RESULTS-amd-bf16.md; on the second, VGG11's distillation step under bf16 autocast and channels-last ran 1.69x
     the same loop in fp32), but 0.52x on an Intel Xeon VM whose AMX was hidden and whose only bf16 path was
     avx512_bf16 (docs/PERFORMANCE.md)."""
-    flags = set(_cpuinfo_field(cpuinfo, "flags"))
-    return "amx_bf16" in flags or (_cpuinfo_field(cpuinfo, "vendor_id") == ["AuthenticAMD"] and "avx512_bf16" in flags)
+    flags = set(cpuinfo_field(cpuinfo, "flags"))
+    return "amx_bf16" in flags or (cpuinfo_field(cpuinfo, "vendor_id") == ["AuthenticAMD"] and "avx512_bf16" in flags)
 
 
-def _cpuinfo_field(cpuinfo: str, key: str) -> list[str]:
+def cpuinfo_field(cpuinfo: str, key: str) -> list[str]:
     """The words of the first `key: ...` line of /proc/cpuinfo's text (empty if there is none)."""
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
