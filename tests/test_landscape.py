@@ -209,3 +209,24 @@ def test_landscape_command_zoom_on_the_teacher(runs, tmp_path):
     d = float(res["anchors"][1][0])  # θ*_S(0) lies on e1 at its distance from θ_T
     np.testing.assert_allclose(res["x"], [-0.5 * d, 0.5 * d, 1.5 * d], rtol=1e-9)
     assert json.loads((out / "landscape.json").read_text())["unit"] == "first"
+
+
+def test_without_an_extent_the_affine_plane_is_the_papers_unit_square_and_the_orthogonal_one_frames_both(runs,
+                                                                                                          tmp_path):
+    """RT Sec. 5: (l1, l2) in [0, 1]^2; the orthogonal default is [-0.5, 1.5] in units of the longer anchor."""
+    info = run_info(runs[0])
+    anchors = view_anchors("shared", list(runs))
+    affine = compute_landscape(anchors, info, tmp_path / "affine", grid=3, n_loss=32, probe=False)
+    assert list(affine["x"]) == list(affine["y"]) == [0.0, 0.5, 1.0]
+    ortho = compute_landscape(anchors, info, tmp_path / "ortho", grid=3, n_loss=32, probe=False,
+                              projection="orthogonal")
+    longer = max(np.linalg.norm(ortho["anchors"][1]), np.linalg.norm(ortho["anchors"][2]))
+    assert ortho["x"][0] == pytest.approx(-0.5 * longer) and ortho["x"][-1] == pytest.approx(1.5 * longer)
+
+
+def test_the_paper_landscape_recipe_draws_the_affine_plane_over_the_unit_square():
+    from randteach.experiments import load_recipe
+    from randteach.experiments.landscape import _plans
+    params = load_recipe("landscape", "paper").params
+    extents = {plan["name"]: plan["extent"] for plan in _plans(params, "shared")}
+    assert extents == {"affine": [0.0, 1.0], "orthogonal": [-0.5, 1.5], "zoom": [-0.5, 1.5, -1.0, 1.0]}

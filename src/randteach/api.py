@@ -318,7 +318,7 @@ def _state(obj: Any, template: nn.Module | None, in_channels: int, image_size: i
 
 def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), run: Any = None, architecture=None,
               data: Any = None, probe_train: Any = None, probe_test: Any = None, teacher: Any = None,
-              grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine", unit: str = "longer",
+              grid: int | tuple[int, int] = 21, extent=None, projection: str = "affine", unit: str = "longer",
               n_loss: int = 512, probe: bool = True, max_points: int | None = None,
               out: str | os.PathLike | None = None,
               config: Config | None = None, preset: str | None = None, device: str | None = None,
@@ -332,6 +332,8 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
     `config` / `preset` / overrides and the architecture from the module anchors (or `architecture`).
     data: the distillation inputs of the loss; probe_train / probe_test: the probe's data (both None with
     data given: data split 80/20). teacher: the loss's teacher (default: the run's, else the origin).
+    extent: (lo, hi) or (x_lo, x_hi, y_lo, y_hi); default the paper's [0, 1]^2 for the affine projection
+    (Fig. 5), (-0.5, 1.5) for the orthogonal one.
     unit: orthogonal extents in units of max(|v1|, |v2|) ("longer") or |v1| ("first": with view="shared",
     extent=(-0.5, 1.5, -1, 1) is the zoom on the teacher of Fig. 14/16).
     out: default RUN/landscape-<view>-<projection>; required without a run. Returns compute_landscape's

@@ -63,6 +63,11 @@ from .params import AtPoint, ParamSpace, Plane, distances, interpolate_buffers, 
 VIEWS = ("non-local", "shared")
 PROJECTIONS = ("affine", "orthogonal")
 UNITS = ("longer", "first")  # the orthogonal extent's unit: max(|v1|, |v2|) or |v1|
+# Each projection's extent when none is given. Affine: RT Sec. 5 takes (l1, l2) in [0, 1]^2 (Fig. 5's axes
+# run 0 to 1; the three anchors are three of the square's corners). Orthogonal: the paper draws App. C.3's
+# projections in absolute distances without saying where they end, so both anchors are framed with half a
+# length of margin.
+DEFAULT_EXTENTS = {"affine": (0.0, 1.0), "orthogonal": (-0.5, 1.5)}
 _SNAP = 1e-9
 _EVAL_BATCH = 512
 
@@ -238,7 +243,7 @@ def _checked_shape(anchors: list[Anchor], projection: str, extent, grid,
         raise UserError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
     if unit not in UNITS:
         raise UserError(f"unknown extent unit {unit!r}; valid: {', '.join(UNITS)}")
-    extent = tuple(float(e) for e in extent)
+    extent = tuple(float(e) for e in (DEFAULT_EXTENTS[projection] if extent is None else extent))
     if len(extent) == 2:
         extent = extent * 2
     if len(extent) != 4:
@@ -319,14 +324,15 @@ def _arrays(g: _Grid, anchors: list[Anchor], done: dict, metrics: list[str]) -> 
 
 @exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, teacher: dict | None = None,
-                      grid: int | tuple[int, int] = 21, extent=(-0.5, 1.5), projection: str = "affine",
+                      grid: int | tuple[int, int] = 21, extent=None, projection: str = "affine",
                       unit: str = "longer", n_loss: int = 512, probe: bool = True, limit: int | None = None,
                       device: torch.device | str = "cpu", progress: bool = False, template: nn.Module | None = None,
                       data: ImageData | None = None, probe_splits: tuple[ImageData, ImageData] | None = None) -> dict:
     """Evaluate the landscape on the plane through `anchors` (origin first) and write OUT (see the module
     docstring). `run` gives the architecture, loss, data and probe config; `teacher` (default: the
     origin's state) is the teacher of the loss. `extent`: (lo, hi) for both axes or (x_lo, x_hi, y_lo, y_hi);
-    orthogonal extents in units of max(|v1|, |v2|) (`unit` "longer") or |v1| ("first").
+    orthogonal extents in units of max(|v1|, |v2|) (`unit` "longer") or |v1| ("first"); None: the
+    projection's `DEFAULT_EXTENTS` (affine: the paper's [0, 1]^2).
     `limit`: evaluate at most this many new points and return (the rest on a later call).
     Python API: `template` (a model with .encoder and .head whose state dicts are the anchors') replaces
     the run's architecture, `data` its distillation data, `probe_splits` (train, test) its probe data.

@@ -32,8 +32,9 @@ class LandscapeOptions:
     run: str | None = opt(None, "run directory giving the architecture, loss, data, probe and the loss's teacher "
                           "(default: the first run / the origin's run)")
     grid: list[int] = opt([21], "points per axis: N, or NX NY", ge=2, cli={"nargs": "+"})
-    extent: list[float] = opt([-0.5, 1.5], "LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ; "
-                              "orthogonal: in the units of --unit", cli={"nargs": "+"})
+    extent: list[float] | None = opt(None, "LO HI (both axes) or XLO XHI YLO YHI; affine: in units of λ "
+                                     "(default 0 1, the paper's Fig. 5); orthogonal: in the units of --unit "
+                                     "(default -0.5 1.5)", cli={"nargs": "+"})
     projection: str = opt("affine", "affine θ_T + λ1 v1 + λ2 v2, or orthogonal (distance- and angle-preserving)",
                           PROJECTIONS)
     unit: str = opt("longer", "orthogonal extents in units of max(|v1|, |v2|) (longer) or |v1| (first: with "

@@ -67,11 +67,14 @@ class Landscape(Experiment):
 
 
 def _plans(p: dict, view: str) -> list[dict]:
-    """The landscapes of one view: each projection over params.extent, and for the shared view with
+    """The landscapes of one view: each projection over params.extent (default: the projection's own, the
+    paper's [0, 1]^2 for the affine one), and for the shared view with
     params.zoom the zoom on the teacher (Fig. 14/16): orthogonal, its extent in units of |θ*_S(0) - θ_T|,
     without probes (the figures show the losses)."""
+    from ..analysis.landscape import DEFAULT_EXTENTS
     plans = [{"name": proj, "title": f"{proj} projection", "projection": proj, "unit": "longer",
-              "extent": p["extent"], "grid": p["grid"], "probe": p.get("probe", True)} for proj in p["projections"]]
+              "extent": list(p.get("extent") or DEFAULT_EXTENTS[proj]), "grid": p["grid"],
+              "probe": p.get("probe", True)} for proj in p["projections"]]
     if view == "shared" and p.get("zoom"):
         z = p["zoom"]
         plans.append({"name": "zoom", "title": "zoom on the teacher (orthogonal, Fig. 14/16)",
