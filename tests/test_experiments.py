@@ -118,6 +118,7 @@ def test_paper_restart_uses_round_one_students_as_teachers():
     ctx, (first, second) = stages("restart")
     r1, r2 = first["round1"], second["round2"]
     assert len(r2) == 2 * len(r1)
+    assert {c.train.epochs for c in r1} == {100}  # Fig. 18's first round ends at epoch 100
     by_dir = {str(c.run_dir()): c for c in r1}
     for c in r2:
         parent = by_dir[c.init.teacher_checkpoint]
