@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from randteach.analysis.escape import keep_collapse_checkpoint
-from randteach.analysis.signal_layers import (LayerRecorder, collect_representations, layer_metrics, layer_signals,
-                                              samples_that_fit, transform)
+from randteach.analysis.signal_layers import (LayerRecorder, RunModels, collect_representations, layer_metrics,
+                                              layer_signals, samples_that_fit, transform)
 from randteach.analysis.signal_propagation import RANKME, effective_rank
 from randteach.cli import main
 from randteach.config import build_config
@@ -71,6 +71,36 @@ def test_dead_neurons_match_a_hand_count():
         assert layer_metrics(pooled[i], labels)["dead_neurons"] == channels
         assert layer_metrics(flat[i], labels)["dead_neurons"] == units
     assert hand[0][0] >= 2 and hand[1][0] >= 1
+
+
+def test_dead_neurons_are_counted_over_all_images_where_the_other_metrics_take_a_subset():
+    """ESC Fig. 2b counts neurons silent across the entire data set: neuron k here fires on image k alone, so
+    none is dead over all 20 images, and half would be over the 10 that memory allows the spectra."""
+    enc = nn.Sequential(nn.Linear(20, 20), nn.ReLU())
+    with torch.no_grad():
+        enc[0].weight.copy_(torch.eye(20))
+        enc[0].bias.fill_(-0.5)
+    x, labels = torch.eye(20), torch.arange(20) % 2
+    per_sample = 4 * (20 + 20)  # the ReLU's output and the embedding, float32
+    r = layer_signals({"teacher": enc}, (x, labels), None, None, build_config("cpu").probe, 2,
+                      device=torch.device("cpu"), max_bytes=per_sample * 10)
+    assert (r["n_samples"], r["n_dead_samples"]) == (10, 20)
+    assert [row["dead_neurons"] for row in r["metrics"]["teacher"]] == [0, 0]
+    assert [row["dead_fraction"] for row in r["metrics"]["teacher"]] == [0.0, 0.0]
+    subset = samples_that_fit(enc, x, labels, None, device=torch.device("cpu"), spatial="flatten", channels=None,
+                              max_bytes=per_sample * 10)[0]
+    assert layer_metrics(enc(subset), labels[:10])["dead_neurons"] == 10  # what the subset alone would say
+
+
+def test_a_runs_signal_is_measured_on_the_images_it_distilled_on(tmp_path):
+    """ESC Sec. 3's D: a run on a data.n_samples subset is measured on that subset, not the whole split."""
+    from randteach.train.setup import load_training_inputs
+    cfg = tiny_config(tmp_path, data__n_samples=256, train__max_steps=1, train__probe_every=0, probe__which="[]")
+    run = distill(cfg, progress=False)
+    images, labels = RunModels(run.path).samples("train", None)
+    distilled = load_training_inputs(cfg)[2]
+    assert len(images) == 256 and torch.equal(images, distilled.images) and torch.equal(labels, distilled.labels)
+    assert len(RunModels(run.path).samples("train", 100)[0]) == 100
 
 
 def test_center_and_standardize():

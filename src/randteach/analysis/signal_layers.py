@@ -19,10 +19,12 @@ Spatial maps (B, C, H, W) are flattened by default, as the authors computed the 
 0 on every sample). `spatial="avgpool"` averages over positions instead (d_l = C: a channel is one neuron
 and counts as dead when it is 0 at every position of every sample, which for ReLU is exactly "0 after
 pooling"). Token sequences (B, T, D) are flattened (or averaged over tokens). The paper computes X over
-the data set D; `n_samples=None` (the default) takes the whole split where memory allows, else the
-largest class-stratified subset whose representations (all layers, float32) and widest Gram matrix
-(min(n, d)^2 float64, the way `randteach.analysis.signal_propagation` handles wide layers) each fit in
-`max_bytes` (4 GiB); the number used is recorded as "n_samples". The forward passes run in float32
+the data set D: for a run, the images it distilled on (the train split, or its data.n_samples subset).
+`n_samples=None` (the default) takes all of them where memory allows, else the largest class-stratified
+subset whose representations (all layers, float32) and widest Gram matrix (min(n, d)^2 float64, the way
+`randteach.analysis.signal_propagation` handles wide layers) each fit in `max_bytes` (4 GiB); the number
+used is recorded as "n_samples". The dead neurons need no X in memory and are counted over all of them
+("n_dead_samples"; VGG11's flattened maps of 49,152 images are 30 GB, and 4 GiB holds 7,061). The forward passes run in float32
 (never bf16: ranks and exact zeros need it) in eval mode, as the probes do.
 
 Metrics are computed on X exactly as collected unless `center` (subtract each neuron's mean over the
@@ -87,11 +89,14 @@ def _reduce(t: torch.Tensor, spatial: str) -> torch.Tensor:
 class LayerRecorder:
     """Context manager: forward hooks on every activation module of `encoder` and on its output."""
 
-    def __init__(self, encoder: nn.Module, spatial: str = "flatten"):
+    def __init__(self, encoder: nn.Module, spatial: str = "flatten", keep: bool = True):
+        """`keep`: keep every layer's X; False keeps only whether each neuron was ever nonzero (`never_fired`),
+        one (d_l,) mask per layer, so that any number of samples can pass."""
         if spatial not in SPATIAL:
             raise UserError(f"spatial={spatial!r} is not one of {', '.join(SPATIAL)}")
         self.encoder = encoder
         self.spatial = spatial
+        self.keep = keep
         self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.meta: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self._calls: Counter = Counter()
@@ -102,7 +107,12 @@ class LayerRecorder:
             key = (name, self._calls[name])
             self._calls[name] += 1
             self.meta.setdefault(key, (type(module).__name__, list(output.shape[1:])))
-            self.outputs.setdefault(key, []).append(_reduce(output, self.spatial))
+            x = _reduce(output, self.spatial)
+            if self.keep:
+                self.outputs.setdefault(key, []).append(x)
+            else:
+                fired = x.ne(0).any(0)
+                self.outputs[key] = [self.outputs[key][0] | fired] if key in self.outputs else [fired]
         return hook
 
     def __enter__(self) -> "LayerRecorder":
@@ -121,19 +131,41 @@ class LayerRecorder:
             h.remove()
         self._handles = []
 
+    def _ordered(self) -> list[tuple[Layer, list[torch.Tensor]]]:
+        """(layer, its recorded chunks) in forward order, the embedding last."""
+        calls = Counter(name for name, _ in self.outputs)
+        out = []
+        for (name, k), chunks in self.outputs.items():  # dicts keep insertion (= first forward) order
+            kind, shape = self.meta[(name, k)]
+            out.append((Layer(f"{name}#{k + 1}" if calls[name] > 1 else name,
+                              "encoder output" if name == "embedding" else kind, shape, chunks[0].shape[-1]), chunks))
+        return sorted(out, key=lambda item: item[0].name == "embedding")  # stable: embedding last
+
     def layers(self) -> tuple[list[Layer], list[torch.Tensor]]:
         """Layers in forward order (embedding last) and their representations X^(l), (n, d_l) each."""
-        calls = Counter(name for name, _ in self.outputs)
-        infos, xs = [], []
-        for key, chunks in self.outputs.items():  # dicts keep insertion (= first forward) order
-            name, k = key
-            kind, shape = self.meta[key]
-            x = torch.cat(chunks)
-            infos.append(Layer(f"{name}#{k + 1}" if calls[name] > 1 else name,
-                               "encoder output" if name == "embedding" else kind, shape, x.shape[1]))
-            xs.append(x)
-        order = sorted(range(len(infos)), key=lambda i: infos[i].name == "embedding")  # stable: embedding last
-        return [infos[i] for i in order], [xs[i] for i in order]
+        ordered = self._ordered()
+        return [layer for layer, _ in ordered], [torch.cat(chunks) for _, chunks in ordered]
+
+    def never_fired(self) -> list[int]:
+        """With keep=False: per layer (the order of `layers`), the neurons that were 0 on every sample."""
+        return [int((~chunks[0]).sum()) for _, chunks in self._ordered()]
+
+
+def _forward_all(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *, device: torch.device,
+                 batch_size: int, channels: int | None, after_first=lambda: None) -> None:
+    """The encoder, in eval mode, over `images` in batches (hooks record what they need); `after_first` runs
+    after the first batch."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device)
+            x = preprocess(x) if preprocess is not None else x.float()
+            encoder(adapt_channels(x, channels) if channels is not None else x)
+            if i == 0:
+                after_first()
+    finally:
+        encoder.train(was_training)
 
 
 @torch.no_grad()
@@ -141,27 +173,29 @@ def collect_representations(encoder: nn.Module, images: torch.Tensor, preprocess
                             device: torch.device, spatial: str = "flatten", batch_size: int = 256,
                             channels: int | None = None, max_bytes: int = MAX_BYTES) -> tuple[list[Layer], list[torch.Tensor]]:
     """Every layer's representation of `images` ((n, d_l) float32 each), the encoder in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
     n = len(images)
-    try:
-        with LayerRecorder(encoder, spatial) as rec:
-            for i in range(0, n, batch_size):
-                x = images[i:i + batch_size].to(device)
-                x = preprocess(x) if preprocess is not None else x.float()
-                if channels is not None:
-                    x = adapt_channels(x, channels)
-                encoder(x)
-                if i == 0:
-                    per_sample = sum(chunks[0].shape[1] for chunks in rec.outputs.values()) * 4
-                    if per_sample * n > max_bytes:
-                        raise UserError(
-                            f"keeping every layer of {n} samples needs {per_sample * n / 2 ** 30:.1f} GiB "
-                            f"(spatial={spatial}); the limit is {max_bytes / 2 ** 30:.1f} GiB: use fewer samples "
-                            "(--n-samples) or --spatial avgpool")
-    finally:
-        encoder.train(was_training)
+    with LayerRecorder(encoder, spatial) as rec:
+        def check_memory():
+            per_sample = sum(chunks[0].shape[1] for chunks in rec.outputs.values()) * 4
+            if per_sample * n > max_bytes:
+                raise UserError(
+                    f"keeping every layer of {n} samples needs {per_sample * n / 2 ** 30:.1f} GiB "
+                    f"(spatial={spatial}); the limit is {max_bytes / 2 ** 30:.1f} GiB: use fewer samples "
+                    "(--n-samples) or --spatial avgpool")
+        _forward_all(encoder, images, preprocess, device=device, batch_size=batch_size, channels=channels,
+                     after_first=check_memory)
     return rec.layers()
+
+
+@torch.no_grad()
+def never_fired(encoder: nn.Module, images: torch.Tensor, preprocess: Preprocess | None, *, device: torch.device,
+                spatial: str = "flatten", batch_size: int = 256, channels: int | None = None) -> list[int]:
+    """Per layer (the order of `collect_representations`), the neurons that are 0 on every one of `images`:
+    ESC Fig. 2b's dead neurons "across the entire dataset D", counted one batch at a time, so over as many
+    images as there are, where the other metrics need every layer's X in memory at once."""
+    with LayerRecorder(encoder, spatial, keep=False) as rec:
+        _forward_all(encoder, images, preprocess, device=device, batch_size=batch_size, channels=channels)
+    return rec.never_fired()
 
 
 def samples_that_fit(encoder: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess | None,
@@ -232,6 +266,7 @@ class RunModels:
         self.device = resolve_device(self.cfg.train.device)
         self.architecture = architecture
         self._splits: dict[str, object] = dict(zip(("train", "test"), splits)) if splits is not None else {}
+        self.given_splits = splits is not None
         self._preprocess: Preprocess | None = None
 
     def checkpoint_path(self, role: str) -> Path:
@@ -261,8 +296,13 @@ class RunModels:
         return self._preprocess
 
     def samples(self, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images, labels) of a class-stratified subset of `n` images of a split (None = all)."""
+        """(uint8 images, labels) of a class-stratified subset of `n` images of a split (None = all). The
+        train split is first cut to the images the run distilled on (its data.n_samples subset), the data set D
+        of ESC Sec. 3, where the probes read the run's own data and no other data was given."""
         data = self.split(split)
+        cfg = self.cfg
+        if split == "train" and not self.given_splits and cfg.data.n_samples and probe_data_name(cfg) == cfg.data.name:
+            data = data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
         if n:
             data = data.subset(stratified_subset(data.labels, n, seed=self.cfg.data.subset_seed))
         return data.images, data.labels
@@ -313,7 +353,8 @@ def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test:
     test_images, test_labels = models.samples("test", n_test) if probe else (None, None)
     num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)
     result = {"run": str(models.run.path), "data": models.split("train").name,
-              "metrics_on": "the train-split subset; probes fit on it and score on the test-split subset",
+              "metrics_on": "the images the run distilled on or a class-stratified subset of them (dead neurons: "
+                            "all of them); probes fit on it and score on the test-split subset",
               "checkpoints": {r: {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
                               for r, c in ckpts.items()}}
     encoders = {role: models.encoder(info["path"]) for role, info in ckpts.items()}
@@ -336,18 +377,22 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
     "relative_to": name, and the settings}.
     The encoders must share one architecture; `*_rel_teacher` columns are relative to "teacher" if
     there is one, else to the first encoder. Samples beyond what memory allows are left out by
-    `samples_that_fit` (a class-stratified subset; the counts used are returned)."""
+    `samples_that_fit` (a class-stratified subset; the counts used are returned) from every metric but the
+    dead neurons, which `never_fired` counts over all of `train` ("n_dead_samples")."""
     if not encoders:
         raise UserError("no encoders to measure: pass a run directory, a module, or {name: module}")
     first = next(iter(encoders.values()))
     fit = dict(device=device, spatial=spatial, channels=channels, max_bytes=max_bytes, seed=seed)
+    all_images = train[0]
     train_images, train_labels = train = samples_that_fit(first, *train, preprocess, **fit)
+    subset = len(train_images) < len(all_images)
     if test is not None:
         test = samples_that_fit(first, *test, preprocess, **fit)
     layers_out, metrics = None, {}
     for role, encoder in encoders.items():
         kw = dict(device=device, spatial=spatial, channels=channels)
         layers, xs = collect_representations(encoder, train_images, preprocess, **kw)
+        dead = never_fired(encoder, all_images, preprocess, **kw) if subset else None
         test_xs = collect_representations(encoder, test[0], preprocess, **kw)[1] if test is not None else None
         if layers_out is None:
             layers_out = [vars(layer) for layer in layers]
@@ -358,6 +403,8 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
         for i, (layer, x) in enumerate(zip(layers, xs)):
             row = {"layer": layer.name, **layer_metrics(x, train_labels, center=center, standardize=standardize,
                                                         threshold=threshold, rank_eps=rank_eps)}
+            if dead is not None:  # over all the images, not only the subset the spectra fit in memory for
+                row.update(dead_neurons=dead[i], dead_fraction=dead[i] / layer.dim)
             if test is not None:
                 row["probe"] = score(transform(x, center, standardize).float(), train_labels,
                                      _test_transform(x, test_xs[i], center, standardize), test[1],
@@ -370,7 +417,8 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
         metrics[role] = rows
     reference = "teacher" if "teacher" in metrics else next(iter(metrics))
     _relative_to(metrics, reference)
-    return {"n_samples": len(train_images), "n_test": len(test[0]) if test is not None else 0, "spatial": spatial,
+    return {"n_samples": len(train_images), "n_dead_samples": len(all_images),
+            "n_test": len(test[0]) if test is not None else 0, "spatial": spatial,
             "center": center, "standardize": standardize, "rank_eps": rank_eps, "condition_threshold": threshold,
             "layers_are": "post-activation outputs of every activation module of the encoder, in forward "
                           "order, then the encoder output ('embedding')",

@@ -32,8 +32,9 @@ class LrRangeOptions:
 @dataclass
 class SignalOptions:
     """`randteach signal`'s options (besides RUN_DIR and the --probe.*, --data.root, --train.device overrides)."""
-    n_samples: int | None = opt(None, "training images the metrics are computed on (default: the whole split, or "
-                                "the largest stratified subset that fits in 4 GiB)", gt=0)
+    n_samples: int | None = opt(None, "training images the metrics are computed on (default: the images the run "
+                                "distilled on; the largest stratified subset of them that fits in 4 GiB for all "
+                                "metrics but the dead neurons)", gt=0)
     n_test: int | None = opt(None, "test images the per-layer probes are scored on (default: as --n-samples)", gt=0)
     spatial: str = opt("flatten", "conv maps: every (channel, position) is a neuron (flatten, the authors' C*H*W) "
                        "or average over positions (avgpool: a channel is a neuron)", ("flatten", "avgpool"))

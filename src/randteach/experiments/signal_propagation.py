@@ -75,7 +75,9 @@ def _signal_tables(r: dict) -> list[str]:
     roles = list(r["metrics"])
     ckpt = r["checkpoints"]
     lines = ["Checkpoints: " + ", ".join(f"{ROLE_NAMES.get(k, k)} = step {ckpt[k].get('step')}" for k in roles)
-             + f". Metrics on {r['n_samples']} training images ({r['spatial']} over positions; "
+             + f". Metrics on {r['n_samples']} training images"
+             + (f" (dead neurons on all {r['n_dead_samples']})" if r.get("n_dead_samples", 0) > r["n_samples"] else "")
+             + f" ({r['spatial']} over positions; "
              f"{'standardized' if r['standardize'] else 'centered' if r['center'] else 'uncentered'}); probes "
              f"scored on {r['n_test']} test images. Cells: " + " / ".join(ROLE_NAMES.get(k, k) for k in roles) + ".",
              ""]
