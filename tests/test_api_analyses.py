@@ -159,6 +159,19 @@ def test_run_directories_take_python_data_and_the_architecture(run, digits):
     assert land["complete"] and np.isfinite(land["loss"]).all()
 
 
+@pytest.mark.parametrize("command", [["signal", "{run}"], ["finetune", "{run}", "--epochs", "1"],
+                                     ["imp", "{run}"], ["lmc", "{run}"], ["export", "{run}", "--out", "{tmp}/enc"],
+                                     ["landscape", "--anchors", "{run}:teacher", "{run}:student_init", "{run}:student"]])
+def test_commands_refuse_a_run_whose_encoder_came_from_python(run, tmp_path, capsys, command):
+    """config.yaml names a built-in encoder, not the Python one: rebuilding it would not take the weights."""
+    from randteach.cli import main
+    argv = [a.format(run=run.path, tmp=tmp_path) for a in command]
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "came from a Python object" in err and "architecture=YourEncoder" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
 def test_imp_of_a_run_rebuilds_its_python_encoder(run, digits, tmp_path):
     from randteach.runs.checkpoint import load_state_dict
     student = Net()

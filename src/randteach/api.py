@@ -156,10 +156,10 @@ def _with_run_overrides(run, overrides: dict):
     return with_overrides(run, {k: str(v) for k, v in _dotted(overrides).items()})
 
 
-def _run_config(run: Path, overrides: dict) -> Config:
+def _run_config(run: Path, overrides: dict, architecture) -> Config:
     """The run's saved config with the probe.* / data.root overrides (to read named data sets)."""
     from .train.supervised import run_info
-    return _with_run_overrides(run_info(run), {k: v for k, v in overrides.items()
+    return _with_run_overrides(run_info(run, architecture), {k: v for k, v in overrides.items()
                                                if not k.replace("__", ".").startswith("train.")}).cfg
 
 
@@ -235,7 +235,7 @@ def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=Non
     from .train.setup import resolve_device
     run = _run_dir(encoder)
     if run is not None:
-        cfg = _run_config(run, overrides)
+        cfg = _run_config(run, overrides, architecture)
         return probe_run(run, _run_overrides(overrides, device), checkpoint=checkpoint, progress=False,
                          splits=_splits(train, test, cfg), architecture=architecture)
     encoder = _module(encoder, "encoder")
@@ -266,7 +266,7 @@ def signal_report(encoders: Any, data: Any = None, test: Any = None, *, architec
     from .train.setup import resolve_device
     run = _run_dir(encoders)
     if run is not None:
-        cfg = _run_config(run, overrides)
+        cfg = _run_config(run, overrides, architecture)
         return analyze_signal(run, n_samples=n_samples, n_test=n_test, spatial=spatial, center=center,
                               standardize=standardize, threshold=threshold, rank_eps=rank_eps, probe=probe,
                               collapse=collapse, out=out,
@@ -347,7 +347,9 @@ def landscape(anchors: Any = None, *, view: str | None = None, runs: Any = (), r
     found, ref = _landscape_plane(anchors, paths, view, [str(r.path) if isinstance(r, RunResult) else str(r)
                                                          for r in runs], run)
     if ref is not None:
-        info = _with_run_overrides(run_info(ref, architecture), overrides)
+        modules = [a for a in paths if isinstance(a, nn.Module)]  # a module anchor is the architecture too
+        info = _with_run_overrides(run_info(ref, architecture if architecture is not None or not modules
+                                            else modules[0]), overrides)
         cfg = info.cfg
     else:
         cfg = _build(config, preset, overrides)

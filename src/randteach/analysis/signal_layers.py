@@ -59,7 +59,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..probes.embedding import adapt_channels, embed, probe_data_name, score
 from ..runs.checkpoint import load_checkpoint
-from ..runs.rundir import RunDir, write_json
+from ..runs.rundir import RunDir, check_encoder_given, write_json
 from ..train.setup import resolve_device
 from ..precision import exact_fp32
 
@@ -252,6 +252,7 @@ class RunModels:
         self.run = RunDir(run_dir)
         if not self.run.config_path.exists():
             raise UserError(f"{self.run.path} is not a randteach run directory (no config.yaml)")
+        check_encoder_given(self.run.path, architecture)
         saved = yaml.safe_load(self.run.config_path.read_text())
         for key in overrides or {}:
             if key.split(".")[0] not in OVERRIDABLE:

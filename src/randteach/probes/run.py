@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..precision import uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights, resolve_model_checkpoint
-from ..runs.rundir import ResultsNotSaved, RunDir, python_objects, run_lock, write_json
+from ..runs.rundir import ResultsNotSaved, RunDir, check_encoder_given, python_objects, run_lock, write_json
 from ..train.setup import resolve_device
 from .embedding import Prober
 
@@ -35,10 +35,8 @@ def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *,
 
 def _check_python_objects(run: RunDir, splits, architecture, overrides: dict) -> None:
     """A run trained on a Python encoder or data: config.yaml names neither, so they must come again."""
+    check_encoder_given(run.path, architecture)
     given = python_objects(run.path)
-    if given.get("encoder") and architecture is None:
-        raise UserError(f"{run.path}: its encoder came from a Python object, which config.yaml cannot name; pass "
-                        "it again: randteach.probe(run, architecture=YourEncoder)")
     if given.get("train") and splits is None and "probe.data" not in overrides:
         raise UserError(f"{run.path} was trained on data given from Python, which config.yaml cannot name; pass "
                         "the data to probe on (randteach.probe(run, train=..., test=...)) or name a data set "

@@ -33,10 +33,8 @@ EXPORTABLE = ("student", "teacher")  # the networks an encoder file can hold
 def _run_config(run: Path) -> Config:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a randteach run directory (no config.yaml)")
-    from .rundir import python_objects
-    if python_objects(run).get("encoder"):
-        raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name; rebuild "
-                        "it in Python and load checkpoints/student.pt into it (randteach.probe(..., architecture=))")
+    from .rundir import check_encoder_given
+    check_encoder_given(run, None)
     return config_from_dict(load_yaml(run / "config.yaml"))
 
 

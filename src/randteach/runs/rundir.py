@@ -50,6 +50,15 @@ def python_objects(run: str | Path) -> dict:
     return json.loads(marker.read_text()) if marker.is_file() else {}
 
 
+def check_encoder_given(run: str | Path, architecture) -> None:
+    """Refuse to rebuild a run whose encoder came from a Python object when it is not given again: config.yaml
+    cannot name it, and the model it does name would not take the checkpoints' weights."""
+    if architecture is None and python_objects(run).get("encoder"):
+        raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name, so the "
+                        "command line cannot rebuild it; analyse the run from Python, giving the encoder again: "
+                        "architecture=YourEncoder (randteach.probe, signal_report, landscape, imp, lmc)")
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically write JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
