@@ -76,6 +76,20 @@ def test_an_import_is_run_when_confirmed_on_the_command_line(tmp_path, finished_
     assert r.returncode == 2 and "expected a torch.nn.Module" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("where", ["after the command", "at the end"])
+def test_allow_import_is_read_wherever_it_stands_even_beside_a_commands_positional_arguments(tmp_path, finished_run,
+                                                                                            where):
+    """landscape takes run directories as positional arguments: they must not swallow the module name."""
+    run = _planted_run(tmp_path, finished_run, "evil:make")
+    env = {**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    rest = ["--anchors", f"{run}:teacher", f"{run}:student_init", f"{run}:student", "--grid", "2", "--no-probe"]
+    cmd = ["landscape", "--allow-import", "evil", *rest] if where == "after the command" else \
+        ["landscape", *rest, "--allow-import", "evil"]
+    r = subprocess.run(CLI + cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert (tmp_path / "PWNED").exists(), r.stderr  # imported: the flag was read
+    assert r.returncode == 2 and "expected a torch.nn.Module" in r.stderr, r.stderr
+
+
 def test_python_m_does_not_import_from_the_current_folder(tmp_path):
     (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\ndef make(): pass\n")
     opts = {**TINY, "model.encoder": "evil:make", "train.max_steps": "1", "out": str(tmp_path / "run")}

@@ -269,27 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _confine_imports(allowed: set[str], extra: list[str]) -> list[str]:
-    """Take `--allow-import MODULE` (repeatable) out of `extra`; from now on only those modules (and those in
-    `allowed`) and the module of a `--model.encoder pkg.mod:fn` given on this command line may be imported."""
-    from ..config import confine_imports
-    allowed, rest, i = set(allowed), [], 0
-    while i < len(extra):
-        arg = extra[i]
+def _allowed_imports(argv: list[str]) -> tuple[set[str], list[str]]:
+    """(the modules of every `--allow-import MODULE`, the other arguments), wherever on the line they stand.
+    Taken out before argparse reads the line: after the command, a command's positional arguments (landscape's
+    run directories) would take the module name for one of theirs."""
+    allowed, rest, i = set(), [], 0
+    while i < len(argv):
+        arg = argv[i]
         if arg == "--allow-import" or arg.startswith("--allow-import="):
-            value = arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else "")
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             if not value or value.startswith("--"):
                 raise UserError("--allow-import needs a module name, e.g. --allow-import mypackage.encoders")
             allowed.add(value.partition(":")[0])
             i += 1 if "=" in arg else 2
             continue
+        rest.append(arg)
+        i += 1
+    return allowed, rest
+
+
+def _confine_imports(allowed: set[str], extra: list[str]) -> None:
+    """From now on only the modules in `allowed` and the module of a `--model.encoder pkg.mod:fn` given on this
+    command line may be imported."""
+    from ..config import confine_imports
+    allowed = set(allowed)
+    for i, arg in enumerate(extra):
         if arg.startswith("--model.encoder"):
             value = arg.partition("=")[2] if "=" in arg else (extra[i + 1] if i + 1 < len(extra) else "")
             allowed.add(value.partition(":")[0])
-        rest.append(arg)
-        i += 1
     confine_imports(allowed)
-    return rest
 
 
 def _reader_left() -> int:
@@ -305,6 +313,11 @@ def _reader_left() -> int:
 def main(argv: list[str] | None = None) -> int:
     from ..config import confine_imports
     parser = build_parser()
+    try:
+        allowed, argv = _allowed_imports(sys.argv[1:] if argv is None else list(argv))
+    except UserError as e:
+        print(f"randteach: error: {e}", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [a for a in extra if a != "--quiet"]
         args.quiet = True
     try:
-        extra = _confine_imports(args.allow_import, extra)
+        _confine_imports(allowed, extra)
         rc = args.func(args, extra)
         sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows up here, not at exit
         return rc
