@@ -167,13 +167,31 @@ def test_bad_value_in_a_real_process_and_the_corrected_command_runs(tmp_path):
     assert not out.exists()
 
 
-def test_a_failed_start_does_not_block_its_fix(tmp_path):
-    # data.n_samples beyond the data set fails after the run folder was created
+def test_a_failed_start_leaves_no_folder_and_does_not_block_its_fix(tmp_path):
+    # data.n_samples beyond the data set fails after the run folder was opened: the new folder goes again
     with pytest.raises(Exception, match="data.n_samples"):
         distill(tiny_config(tmp_path, data__n_samples=10 ** 6), progress=False)
-    assert (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run").exists()
+    # a folder that was there before is the user's: it stays, with what they put in it
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="data.n_samples"):
+        distill(tiny_config(tmp_path, data__n_samples=10 ** 6), progress=False)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     result = distill(tiny_config(tmp_path, train__max_steps=2, probe__which="[]"), progress=False)
     assert result.summary["status"] == "completed"
+
+
+def test_a_run_that_fails_after_its_first_checkpoints_keeps_its_folder(tmp_path, monkeypatch):
+    """Only a folder holding nothing but what opening the run wrote is removed: checkpoints are kept."""
+    import randteach.train.loop as loop
+
+    def fail(*args):
+        raise RuntimeError("a bug in a hook")
+    monkeypatch.setattr(loop, "_finish", fail)
+    with pytest.raises(RuntimeError, match="a bug in a hook"):
+        distill(tiny_config(tmp_path, train__max_steps=2, probe__which="[]"), progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "teacher.pt").exists()
 
 
 @pytest.mark.parametrize("case", ["binary-config", "resume-with-preset", "corrupt-summary", "summary-not-an-object",

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,7 @@ from ..files import temporary_beside
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
 PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
+OPENING_FILES = {"config.yaml", LOCK_FILE, PYTHON_OBJECTS, "checkpoints"}  # what opening a new run writes
 _held: set[str] = set()  # run folders this process has locked (a nested run_lock of one of them passes)
 
 
@@ -181,6 +183,14 @@ class RunDir:
         import yaml
         from ..config import config_from_dict
         return config_from_dict(yaml.safe_load(self.config_path.read_text())).digest() != cfg.digest()
+
+    def remove_if_unstarted(self) -> None:
+        """Remove the folder if it holds nothing but what opening a run writes (`OPENING_FILES`, with
+        checkpoints/ empty): a new run that failed before it wrote anything else leaves no folder behind."""
+        if not _writes() or not self.path.is_dir():
+            return
+        if {p.name for p in self.path.iterdir()} <= OPENING_FILES and not any(self.checkpoints.glob("*")):
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of writes cut short by a kill (the lock guarantees no writer is running)."""

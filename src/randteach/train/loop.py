@@ -50,8 +50,14 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
     # The caller's random streams are left as they were (a notebook's later draws do not restart at the
     # run's seed), and training takes gradients even when called under torch.no_grad().
     rng = torch.random.fork_rng(devices=_cuda_devices_drawn_on(cfg))
+    new = not cfg.run_dir().exists()
     with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad():
-        return _distill(cfg, resume, progress, train_data, encoder, probe_splits)
+        try:
+            return _distill(cfg, resume, progress, train_data, encoder, probe_splits)
+        except Exception:
+            if new:  # e.g. data not found, an encoder that cannot be built: no empty run folder is left
+                RunDir(cfg.run_dir()).remove_if_unstarted()
+            raise
 
 
 def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
