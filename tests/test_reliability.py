@@ -182,6 +182,15 @@ def test_a_failed_start_leaves_no_folder_and_does_not_block_its_fix(tmp_path):
     assert result.summary["status"] == "completed"
 
 
+def test_probing_a_run_that_never_started_says_how_to_start_it(tmp_path, finished_run, capsys):
+    run = tmp_path / "unstarted"
+    run.mkdir()
+    (run / "config.yaml").write_text((finished_run / "config.yaml").read_text())
+    assert main(["--quiet", "probe", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"randteach distill --config {run / 'config.yaml'} --out {run}" in err and "--resume" not in err, err
+
+
 def test_a_run_that_fails_after_its_first_checkpoints_keeps_its_folder(tmp_path, monkeypatch):
     """Only a folder holding nothing but what opening the run wrote is removed: checkpoints are kept."""
     import randteach.train.loop as loop
@@ -258,10 +267,12 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
         r = subprocess.run(CLI + ["distill", "--preset", "cpu"] + _args(opts), capture_output=True, text=True,
                            env=ENV, timeout=120)
         assert r.returncode == 2 and f"PID {first.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "use --out elsewhere" in r.stderr  # a new run can go to another folder
         for cmd in (["distill", "--resume", str(out)], ["probe", str(out)], ["signal", str(out)],
                     ["finetune", str(out)], ["imp", str(out)]):  # this process is a second one too
             assert main(["--quiet", *cmd]) == 2
-            assert f"PID {first.pid}" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert f"PID {first.pid}" in err and "--out" not in err, err  # these have no --out to choose
         assert first.poll() is None  # the holder was not disturbed
     finally:
         first.terminate()

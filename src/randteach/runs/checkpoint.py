@@ -94,8 +94,11 @@ def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
             if not (p / "config.yaml").is_file():
                 raise CheckpointError(f"{str(p)!r} is not a randteach run folder (no config.yaml); expected a run "
                                       "directory or a checkpoint .pt file")
-            raise CheckpointError(f"run directory {str(p)!r} has no {candidate.relative_to(p)}; "
-                                  "is the run finished? (`randteach distill --resume DIR` finishes it)")
+            raise CheckpointError(f"run directory {str(p)!r} has no {candidate.relative_to(p)}; " + (
+                "is the run finished? (`randteach distill --resume DIR` finishes it)"
+                if (p / "checkpoints" / "last.pt").is_file() else
+                "the run never got that far (no checkpoints/last.pt to resume from): start it again with "
+                f"`randteach distill --config {p / 'config.yaml'} --out {p}`"))
         return candidate
     return p
 

@@ -275,7 +275,8 @@ def run_lock(path: str | Path, create: bool = False):
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunInUse(f"{path} is in use by another randteach process (PID {holder}); one process writes into "
-                        "a run at a time: wait for it to finish, or use --out elsewhere") from None
+                        "a run at a time: wait for it to finish" + (", or use --out elsewhere" if create else ""))\
+            from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
