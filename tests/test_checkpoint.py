@@ -47,6 +47,10 @@ def test_foreign_and_missing(tmp_path):
         load_checkpoint(tmp_path / "trunc.pt")
     with pytest.raises(CheckpointError, match="not a randteach run folder"):
         load_state_dict(tmp_path)
-    (tmp_path / "config.yaml").write_text("name: run\n")  # a run that has not saved its student
-    with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*is the run finished"):
+    (tmp_path / "config.yaml").write_text("name: run\n")  # a run that never started: start it
+    with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*never got that far.*--config"):
+        load_state_dict(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")  # one that was interrupted: resume it
+    with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*is the run finished.*--resume"):
         load_state_dict(tmp_path)
