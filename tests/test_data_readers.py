@@ -331,6 +331,18 @@ def test_real_fashion_mnist(tmp_path):
 
 
 @needs_debian
+def test_a_named_root_that_does_not_exist_is_noted_once_when_the_data_comes_from_elsewhere(tmp_path, capsys):
+    load_dataset("fashion-mnist", "test", root=str(tmp_path))  # an empty root that exists: nothing to say
+    assert "note" not in capsys.readouterr().err
+    missing = tmp_path / "typo"
+    for _ in range(2):
+        load_dataset("fashion-mnist", "test", root=str(missing))
+    err = capsys.readouterr().err
+    assert err.count(f"note: data.root {missing} does not exist; Fashion-MNIST was read from "
+                     f"{DEBIAN_FASHION_MNIST}") == 1, err
+
+
+@needs_debian
 def test_real_fashion_mnist_checksums():
     for remote in DATASETS["fashion-mnist"].remote:
         content = gzip.decompress((Path(DEBIAN_FASHION_MNIST) / remote.filename).read_bytes())

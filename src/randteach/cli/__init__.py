@@ -198,7 +198,7 @@ def cmd_data(args, extra) -> int:
     else:
         if args.name:
             raise UserError(f"`randteach data list` lists every data set; it takes no name (got {args.name!r})")
-        print(f"data root: {resolve_root(root)}")
+        print(f"data root: {resolve_root(root)}" + ("" if resolve_root(root).is_dir() else "  (does not exist)"))
         for name in DATASETS:
             where = located(name, root)
             hint = f"not found (`randteach data fetch {name}` gets it or says how)"

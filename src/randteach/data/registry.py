@@ -8,6 +8,7 @@ differ from Zalando's while their contents match `raw_md5` exactly.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -164,6 +165,19 @@ def located(name: str, root: str | None = None) -> Path | None:
                  if info.contents and all(_present(d, f) for f in info.contents)), None)
 
 
+_noted: set[tuple[str, str]] = set()
+
+
+def _note_missing_root(root, base: Path, info: DatasetInfo, found: Path) -> None:
+    """One line on stderr (once per process) when a data root the user named does not exist and the data
+    came from elsewhere (a system folder): a mistyped --data.root would otherwise pass unnoticed."""
+    key = (str(base), info.name)
+    if root is None or base.is_dir() or key in _noted:
+        return
+    _noted.add(key)
+    print(f"note: data.root {base} does not exist; {info.title} was read from {found}", file=sys.stderr)
+
+
 def _present(folder: Path, name: str) -> bool:
     """`name` in `folder`; a gzipped IDX file also as its uncompressed copy, which the IDX reader takes first."""
     return (folder / name).is_file() or (name.endswith(".gz") and (folder / name[:-3]).is_file())
@@ -189,7 +203,9 @@ def load_dataset(name: str, split: str = "train", root: str | None = None, path:
             looked.append(f"  {directory}  (no such folder)")
             continue
         try:
-            return info.reader(directory, split)
+            data = info.reader(directory, split)
+            _note_missing_root(root, base, info, directory)
+            return data
         except FormatError as e:
             remedy = (f"Delete {directory} and get a fresh copy." if directory == base / info.folder
                       else "Get a fresh copy into the data root.")
