@@ -45,6 +45,10 @@ def test_foreign_and_missing(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "trunc.pt")
+    (tmp_path / "garbage.pt").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match="refused without running it: .+; write it again") as refused:
+        load_checkpoint(tmp_path / "garbage.pt")
+    assert "weights_only" not in str(refused.value)  # torch's advice to run the file's code is not passed on
     with pytest.raises(CheckpointError, match="not a randteach run folder"):
         load_state_dict(tmp_path)
     (tmp_path / "config.yaml").write_text("name: run\n")  # a run that never started: start it

@@ -53,6 +53,15 @@ def load_weights(module: torch.nn.Module, state_dict: dict, source: str | Path) 
                               "data.image_size against the run that wrote it") from None
 
 
+def _reason(e: Exception) -> str:
+    """What torch's loader found wrong, without its advice to retry with weights_only=False: that would run
+    whatever code the file holds, which is what loading safely refuses."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a randteach checkpoint on the CPU; refuse anything that is not one."""
     path = Path(path)
@@ -61,10 +70,10 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be loaded safely: it is corrupt or holds objects other than "
-            f"tensors and plain values (refused without running it: {first})") from None
+            f"tensors and plain values (refused without running it: {_reason(e)}); write it again, e.g. by "
+            "running the command that made it") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a randteach checkpoint (expected format {FORMAT!r})")
     return payload
