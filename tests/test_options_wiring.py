@@ -183,6 +183,18 @@ def test_data_inputs_noise_trains_on_gaussian_noise_not_the_images(tmp_path):
     assert abs(x.mean()) < 0.1 and 0.9 < x.std() < 1.1          # N(0, 1): data.noise_std's default
 
 
+def test_data_inputs_noise_also_replaces_float_images_given_from_python(tmp_path):
+    # float images from the Python API are used as given; with inputs=noise they are replaced by noise too
+    digits = load_dataset("digits", "train")
+    images = Preprocess.fit(digits)(digits.images)
+    CALLS.clear()
+    randteach.distill(encoder=recording_conv, train=(images, digits.labels), progress=False, out=str(tmp_path / "run"),
+                      **{"data.inputs": "noise", "train.max_steps": 2, "probe.which": [], "train.batch_size": 64,
+                         "train.teacher_cache": False})
+    x = torch.cat([x for grad, x in CALLS if grad])
+    assert x.shape == (128, 1, 8, 8) and _nearest_image_distance(x).min() > 1.0 and 0.9 < x.std() < 1.1
+
+
 def test_data_noise_std_is_the_noise_inputs_standard_deviation(tmp_path):
     # data.noise_std: the standard deviation of the Gaussian-noise inputs (in normalized units)
     x = torch.cat(student_inputs(tiny_config(tmp_path, **TWO_STEPS, **RECORDING, data__inputs="noise",

@@ -105,10 +105,11 @@ def load_training_inputs(cfg: Config, train_data: ImageData | None = None, built
         if cfg.data.image_size and cfg.data.image_size != native:
             raise UserError(f"data.image_size={cfg.data.image_size} pads or resizes uint8 images; float images "
                             f"(here {native} px) are used as given: resize them yourself, or pass uint8 images")
-        return data.images, None, data, native
-    size = model_image_size(cfg, native, builtin_encoder)
-    preprocess = Preprocess.fit(data, size=size)
-    if cfg.data.inputs == "noise":  # Gaussian inputs of the (padded) images' shape, in normalized units
+        size, preprocess = native, None
+    else:
+        size = model_image_size(cfg, native, builtin_encoder)
+        preprocess = Preprocess.fit(data, size=size)
+    if cfg.data.inputs == "noise":  # Gaussian inputs of the (padded) images' shape, in the units the encoder sees
         shape = (len(data), data.images.shape[1], size, size)
         return gaussian(shape, cfg.data.noise_std, cfg.data.subset_seed), Widen(), data, size
     return data.images, preprocess, data, size
