@@ -169,7 +169,7 @@ def test_analysis_commands_keep_their_flags_and_defaults():
         ("RUN", "avgpool", True, 1e-7, 0.999, False)
     land = p.parse_args(["landscape", "A", "B", "--view", "shared", "--grid", "5", "7"])
     assert (land.runs, land.view, land.grid, land.extent, land.projection, land.n_loss) == \
-        (["A", "B"], "shared", [5, 7], [-0.5, 1.5], "affine", 512)
+        (["A", "B"], "shared", [5, 7], None, "affine", 512)  # no extent: the projection's own (landscape.py)
     imp = p.parse_args(["imp", "RUN", "--epochs", "0.5", "--no-augment", "--milestones", "1", "2"])
     assert (imp.epochs, imp.augment, imp.milestones, imp.lr) == (0.5, False, [1.0, 2.0], 0.1)
 
