@@ -145,7 +145,7 @@ def saved_steps(run: RunDir) -> dict[int, Path]:
 @exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
     """Effective rank of the student's embedding at init and at every saved checkpoint, on a stratified
-    subset of the probe's training split: [{step, erank}]. Cached in RUN/erank.json."""
+    subset of the images the run distilled on (`RunModels.samples`): [{step, erank}]. Cached in RUN/erank.json."""
     from .signal_layers import RunModels
     from .signal_propagation import effective_rank
 
