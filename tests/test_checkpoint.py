@@ -36,6 +36,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+class _Unsafe:
+    """A class a checkpoint could name: loading it safely refuses to import and run it."""
+
+
 def test_foreign_and_missing(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not a randteach checkpoint"):
@@ -49,6 +53,10 @@ def test_foreign_and_missing(tmp_path):
     with pytest.raises(CheckpointError, match="refused without running it: .+; write it again") as refused:
         load_checkpoint(tmp_path / "garbage.pt")
     assert "weights_only" not in str(refused.value)  # torch's advice to run the file's code is not passed on
+    torch.save({"format": "x", "obj": _Unsafe()}, tmp_path / "object.pt")
+    with pytest.raises(CheckpointError, match="refused without running it: .+_Unsafe") as refused:
+        load_checkpoint(tmp_path / "object.pt")
+    assert "safe_globals" not in str(refused.value) and "weights_only" not in str(refused.value)
     with pytest.raises(CheckpointError, match="not a randteach run folder"):
         load_state_dict(tmp_path)
     (tmp_path / "config.yaml").write_text("name: run\n")  # a run that never started: start it

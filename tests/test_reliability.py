@@ -90,6 +90,14 @@ def test_allow_import_is_read_wherever_it_stands_even_beside_a_commands_position
     assert r.returncode == 2 and "expected a torch.nn.Module" in r.stderr, r.stderr
 
 
+def test_an_abbreviated_allow_import_is_refused_not_ignored(capsys):
+    with pytest.raises(SystemExit) as before_the_command:  # argparse: 'evil' is no command
+        main(["--allow-imp", "evil", "config", "--preset", "cpu"])
+    assert before_the_command.value.code == 2
+    assert main(["config", "--preset", "cpu", "--allow-imp", "evil"]) == 2
+    assert "unknown key 'allow-imp'" in capsys.readouterr().err
+
+
 def test_python_m_does_not_import_from_the_current_folder(tmp_path):
     (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w').close()\ndef make(): pass\n")
     opts = {**TINY, "model.encoder": "evil:make", "train.max_steps": "1", "out": str(tmp_path / "run")}
@@ -172,23 +180,27 @@ def test_a_failed_start_leaves_no_folder_and_does_not_block_its_fix(tmp_path):
     with pytest.raises(Exception, match="data.n_samples"):
         distill(tiny_config(tmp_path, data__n_samples=10 ** 6), progress=False)
     assert not (tmp_path / "run").exists()
-    # a folder that was there before is the user's: it stays, with what they put in it
+    # a folder that was there before is the user's: it stays, with what they put in it, even when that is
+    # only a config.yaml (`randteach distill --config run/config.yaml --out run`)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "notes.txt").write_text("mine")
+    cfg = tiny_config(tmp_path, data__n_samples=10 ** 6)
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml())
     with pytest.raises(Exception, match="data.n_samples"):
-        distill(tiny_config(tmp_path, data__n_samples=10 ** 6), progress=False)
-    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+        distill(cfg, progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == cfg.to_yaml()
     result = distill(tiny_config(tmp_path, train__max_steps=2, probe__which="[]"), progress=False)
     assert result.summary["status"] == "completed"
 
 
 def test_probing_a_run_that_never_started_says_how_to_start_it(tmp_path, finished_run, capsys):
-    run = tmp_path / "unstarted"
+    import shlex
+    run = tmp_path / "not started"  # a space: the command is quoted for a shell
     run.mkdir()
     (run / "config.yaml").write_text((finished_run / "config.yaml").read_text())
     assert main(["--quiet", "probe", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"randteach distill --config {run / 'config.yaml'} --out {run}" in err and "--resume" not in err, err
+    command = f"randteach distill --config {shlex.quote(str(run / 'config.yaml'))} --out {shlex.quote(str(run))}"
+    assert command in err and "'" in command and "--resume" not in err, err
 
 
 def test_a_run_that_fails_after_its_first_checkpoints_keeps_its_folder(tmp_path, monkeypatch):

@@ -150,9 +150,10 @@ def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
     from .signal_propagation import effective_rank
 
     cache = Path(run_path) / "erank.json"
+    source = "the run's training images"  # since 2026-12-02; before, the probe data's whole train split
     if cache.exists():
         saved = json.loads(cache.read_text())
-        if saved.get("n_samples") == n_samples:
+        if saved.get("n_samples") == n_samples and saved.get("images") == source:
             return saved["points"]
     models = RunModels(run_path)
     images, _ = models.samples("train", n_samples)
@@ -161,7 +162,7 @@ def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
     for step, path in points:
         x = models.embed(models.encoder(path), images)
         out.append({"step": step, "erank": float(effective_rank(x))})
-    write_json(cache, {"n_samples": n_samples, "points": out})
+    write_json(cache, {"n_samples": n_samples, "images": source, "points": out})
     return out
 
 

@@ -274,8 +274,10 @@ def _claim_folder(out: Path, spec: dict, cfg) -> None:
     saved = json.loads(spec_path.read_text()) if spec_path.exists() else None
     unrecorded = lambda d: {k: v for k, v in json.loads(json.dumps(d)).items() if k != "config_digest"}
     if saved is not None and (unrecorded(saved) != unrecorded(spec) or not cfg.matches(saved.get("config_digest"))):
-        raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data); "
-                        "choose another --out, or delete that folder to start over")
+        raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data; "
+                        f"its grid: {saved.get('grid')} points over extent {saved.get('extent')}, where the "
+                        "affine default was (-0.5, 1.5) before 2026-12-02); give those to continue it, choose "
+                        "another --out, or delete that folder to start over")
     write_json(spec_path, spec)
 
 

@@ -354,8 +354,8 @@ def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test:
     test_images, test_labels = models.samples("test", n_test) if probe else (None, None)
     num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)
     result = {"run": str(models.run.path), "data": models.split("train").name,
-              "metrics_on": "the images the run distilled on or a class-stratified subset of them (dead neurons: "
-                            "all of them); probes fit on it and score on the test-split subset",
+              "metrics_on": "the images the run distilled on or a class-stratified subset of them (see "
+                            "n_samples and n_dead_samples); probes fit on it and score on the test-split subset",
               "checkpoints": {r: {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
                               for r, c in ckpts.items()}}
     encoders = {role: models.encoder(info["path"]) for role, info in ckpts.items()}

@@ -220,7 +220,8 @@ def cmd_config(args, extra) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="randteach", description=__doc__.splitlines()[0])
+    # no abbreviations: --allow-import is read from the line before argparse (`_allowed_imports`), by its name
+    parser = argparse.ArgumentParser(prog="randteach", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
                         help="import an encoder 'MODULE:callable' named in a file (a run's config.yaml, a sweep "

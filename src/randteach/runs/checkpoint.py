@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shlex
 import zipfile
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def _reason(e: Exception) -> str:
     text = str(e).strip()
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first.split(" Please use", 1)[0]  # nor its advice to allowlist the file's classes
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -107,7 +109,7 @@ def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
                 "is the run finished? (`randteach distill --resume DIR` finishes it)"
                 if (p / "checkpoints" / "last.pt").is_file() else
                 "the run never got that far (no checkpoints/last.pt to resume from): start it again with "
-                f"`randteach distill --config {p / 'config.yaml'} --out {p}`"))
+                f"`randteach distill --config {shlex.quote(str(p / 'config.yaml'))} --out {shlex.quote(str(p))}`"))
         return candidate
     return p
 

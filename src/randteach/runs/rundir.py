@@ -57,8 +57,9 @@ def check_encoder_given(run: str | Path, architecture) -> None:
     cannot name it, and the model it does name would not take the checkpoints' weights."""
     if architecture is None and python_objects(run).get("encoder"):
         raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name, so the "
-                        "command line cannot rebuild it; analyse the run from Python, giving the encoder again: "
-                        "architecture=YourEncoder (randteach.probe, signal_report, landscape, imp, lmc)")
+                        "command line cannot rebuild it; from Python, give the encoder again as "
+                        "architecture=YourEncoder (randteach.probe, signal_report, landscape, imp, lmc), or build "
+                        "it yourself and load the run's checkpoints/student.pt into it")
 
 
 def write_json(path: Path, data: Any) -> None:
