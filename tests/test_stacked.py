@@ -263,6 +263,30 @@ def test_bad_stack_option_is_a_clear_error(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()                      # nothing started
 
 
+def _hold_lock(run: Path, seconds: float) -> subprocess.Popen:
+    """A real second process that holds `run`'s lock for `seconds` (as another sweep training it would)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from randteach.runs.rundir import run_lock\n"
+                               f"with run_lock({str(run)!r}, create=True):\n    print('held', flush=True); "
+                               f"time.sleep({seconds})"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_sweep_waits_for_a_run_another_process_trains_instead_of_failing_it(tmp_path, capsys, stacked):
+    """Two sweeps or experiments sharing runs: the second waits for the first's run, then takes it as left
+    (here: nothing was written, so it trains it), where it used to report it "failed"."""
+    from randteach.runs.sweep import run_one, run_stacked
+    cfgs = [tiny_config(tmp_path / f"r{i}", **FAST, **v) for i, v in enumerate(VARIED[:2])]
+    holder = _hold_lock(Path(cfgs[1].run_dir()), 3)
+    t0 = time.perf_counter()
+    results = run_stacked(cfgs) if stacked else [run_one(cfgs[1])]
+    holder.wait(timeout=30)
+    assert all(r["status"] == "completed" for r in results), results
+    assert time.perf_counter() - t0 >= 2  # it waited for the holder
+    assert "waiting:" in capsys.readouterr().err and "in use by another randteach process" not in str(results)
+
+
 def test_a_run_another_process_holds_leaves_the_rest_of_its_stack_training(tmp_path):
     """A real second process holds one run's lock: that run is reported and left untouched (nothing written
     into its folder), the other runs of the stack train."""

@@ -403,6 +403,12 @@ def check_encoder(encoder: str) -> None:
 # Keys that change how a run is executed or logged, or where its inputs are found, but not its result: a run
 # moved to a node with its data elsewhere (a SLURM job's local disk) keeps its address and resumes.
 RUNTIME_ONLY = ("train.log_every", "train.data_on_device", "data.root")
+
+
+def outside_the_address(key: str) -> bool:
+    """Whether a dotted key leaves a run's address (`Config.digest`) unchanged: where and how the run is
+    logged, and the RUNTIME_ONLY keys. Runs that differ only in such keys are one run."""
+    return key == "out" or key.startswith("log.") or key in RUNTIME_ONLY
 _RUNTIME_ONLY_BEFORE_2026_12 = ("train.log_every", "train.data_on_device")  # runs recorded then still match
 
 # Run addresses hash the values that differ from the defaults. When a default changes, DEFAULTS_VERSION goes

@@ -249,6 +249,19 @@ class RunInUse(UserError):
     """Another process holds the run folder's lock."""
 
 
+def wait_until_free(path: str | Path) -> None:
+    """Block until no process holds the run folder's lock (at once if none does, or if there is no lock)."""
+    try:
+        fd = os.open(Path(path) / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: returns when the holder closes its descriptor
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def run_lock(path: str | Path, create: bool = False):
     """Hold the run folder's advisory lock: one writer per run. A second process is refused with the holder's

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml
-from .rundir import RunDir, RunInUse, run_lock
+from ..config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml, outside_the_address
+from .rundir import RunDir, RunInUse, run_lock, wait_until_free
 
 SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
 DONE = ("completed", "diverged")  # a diverged run is a result, not something to retry
@@ -63,8 +63,10 @@ def _seeds(seeds, where: str) -> list[int]:
         example = list(range(seeds)) if 1 <= seeds <= 10 else [0, 1, 2]
         raise ConfigError(f"{where}: seeds: {seeds} is a number; a sweep lists its seeds: seeds: {example} for "
                           f"{len(example)} seeds, or seeds: [{seeds}] for seed {seeds} alone")
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{where}: seeds must be a list of integers, e.g. seeds: [0, 1, 2], got {seeds!r}")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds: [0, 1, 2], got "
+                          f"{seeds!r} (leave seeds out for the config's own train.seed)")
     return seeds
 
 
@@ -87,6 +89,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [a, b], "
                               f"got {values!r}")
+        if outside_the_address(key) and len({repr(v) for v in values}) > 1:
+            raise ConfigError(f"{where}: grid key {key!r} does not change what a run computes (a run's address "
+                              "leaves it out), so its values would all be one run; set it under base instead")
     if not raw:
         raise ConfigError(f"{where} is empty: a sweep names at least one of {', '.join(SWEEP_KEYS)}, e.g. "
                           "grid: {init.alpha: [0.1, 0.5]} and seeds: [0, 1, 2]")
@@ -187,12 +192,18 @@ def _write_failure(run: RunDir, cfg: Config, summary: dict) -> None:
 
 
 def run_one(cfg: Config, progress: bool = False) -> dict:
-    """Run (resume, or skip) one config; an exception becomes a "failed" summary, never a crash."""
+    """Run (resume, or skip) one config; an exception becomes a "failed" summary, never a crash. A run that
+    another process is training (two sweeps or experiments sharing runs) is waited for, then taken as that
+    process left it: finished, or resumed here."""
     from ..train.loop import distill
-    try:
-        return distill(cfg, progress=progress).summary  # continues from last.pt where there is one
-    except Exception as e:  # noqa: BLE001 - one broken run must not stop a sweep
-        return record_failure(cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
+    while True:
+        try:
+            return distill(cfg, progress=progress).summary  # continues from last.pt where there is one
+        except RunInUse as e:
+            print(f"waiting: {e}", file=sys.stderr, flush=True)
+            wait_until_free(cfg.run_dir())
+        except Exception as e:  # noqa: BLE001 - one broken run must not stop a sweep
+            return record_failure(cfg, f"{type(e).__name__}: {e}", traceback.format_exc())
 
 
 def _summary_stamp(cfg: Config) -> tuple[int, int] | None:
@@ -248,9 +259,11 @@ def run_stacked(cfgs: list[Config]) -> list[dict]:
     """Train `cfgs` stacked; an exception becomes a "failed" summary of every run, never a crash."""
     from ..train.stacked import train_stacked
     try:
-        return train_stacked(cfgs)
+        results = train_stacked(cfgs)
     except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
         return [record_failure(c, f"{type(e).__name__}: {e}", traceback.format_exc()) for c in cfgs]
+    # a run another process was training when the stack began: wait for it, as a run alone does
+    return [run_one(c) if r.get("in_use") else r for r, c in zip(results, cfgs)]
 
 
 def _jobs(configs: list[Config], todo: list[int], stack: int, log: "_Progress") -> list[list[int]]:
