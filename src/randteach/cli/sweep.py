@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-EXIT_FAILED = 3  # as `randteach distill` for a run that did not complete
+EXIT_FAILED = 3  # as `randteach distill` and `randteach experiment` for runs that did not complete
 
 
 def _parse_slurm(items: list[str]) -> dict:
@@ -71,7 +71,7 @@ def cmd_sweep(args, extra) -> int:
           + f"\nreport: randteach report {root}")
     if counts.get("pending") or counts.get("interrupted"):
         print("the sweep was stopped; run the same command again to finish it (finished runs are kept)")
-        return 130
+        return EXIT_FAILED
     return 0 if set(counts) <= {"completed", "diverged"} else EXIT_FAILED
 
 
