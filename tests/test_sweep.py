@@ -333,3 +333,14 @@ def test_a_sweep_over_an_image_folder_is_new_when_the_folder_changes(tmp_path):
         "cpu", overrides={"name": "s", "data.name": "folder", "data.path": str(tmp_path / "imgs")}).run_dir()).name
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "1.png")
     assert expand(spec)[0].out != before.out
+
+
+def test_a_progress_line_says_when_the_probe_shown_is_not_the_runs_result(capsys):
+    from randteach.runs.sweep import _Progress
+    log = _Progress(2, True)
+    probe = {"student": {"linear": 0.744}}
+    log.finished({"status": "completed", "run_dir": "r0", "probe": probe, "probe_epoch": 3.0}, 1.0)
+    log.finished({"status": "interrupted", "run_dir": "r1", "probe": probe, "probe_epoch": 0.0}, 1.0)
+    done, stopped = capsys.readouterr().err.splitlines()
+    assert "student linear 74.4%" in done and "epoch" not in done
+    assert "student linear 74.4% (its last probe, of epoch 0)" in stopped

@@ -475,6 +475,8 @@ class _Progress:
         probe = result.get("probe", {}).get("student", {})
         acc = " ".join(f"{k} {100 * v:.1f}%" for k, v in probe.items() if isinstance(v, (int, float)))
         extra = f"student {acc}" if acc else result.get("error", "")
+        if acc and result["status"] != "completed" and result.get("probe_epoch") is not None:
+            extra += f" (its last probe, of epoch {result['probe_epoch']:.4g})"  # not the run's result
         self.line(f"[{self.done}/{self.total}] {result['status']:<11} {result['run_dir']} ({seconds:.0f} s) {extra}")
 
 
