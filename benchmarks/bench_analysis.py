@@ -87,5 +87,11 @@ def landscape_rate(overrides: dict[str, str], grid: int = 3, n_loss: int = 256,
                               device=device)
             wall[limit], cpu[limit] = time.perf_counter() - start, time.process_time() - start_cpu
     return {"points": k, "n_loss": n_loss, "device": device, "k_points_s": wall[k], "one_point_s": wall[1],
-            "points_per_s": (k - 1) / (wall[k] - wall[1]), "points_per_s_with_setup": k / wall[k],
-            "points_per_cpu_s": (k - 1) / (cpu[k] - cpu[1])}
+            "points_per_s": _rate(k - 1, wall[k] - wall[1]), "points_per_s_with_setup": k / wall[k],
+            "points_per_cpu_s": _rate(k - 1, cpu[k] - cpu[1])}
+
+
+def _rate(points: int, seconds: float) -> float:
+    """Points per second, NaN where the k-point call was not measurably slower than the one-point call (a
+    model so small that the points cost less than the machine's noise): no rate, rather than a negative one."""
+    return points / seconds if seconds > 0 else float("nan")

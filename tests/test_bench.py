@@ -41,7 +41,8 @@ def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
     w = results["workload"]
     assert {len(r["step_s"]) for r in run.values()} == {w["warmup"] + w["steps"]}  # every loop: the same steps
     assert results["cache_build"]["images"] == 256
-    assert 0 < results["probes"]["linear"]["accuracy"] <= 1 and results["landscape"]["points_per_s"] > 0
+    # the rate itself is a difference of two timings of a tiny model: timing noise can leave none to report
+    assert 0 < results["probes"]["linear"]["accuracy"] <= 1 and results["landscape"]["points_per_s_with_setup"] > 0
 
 
 def test_a_failing_variant_is_reported_and_the_others_measured(bench, tmp_path, monkeypatch):
