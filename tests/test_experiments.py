@@ -425,3 +425,12 @@ def test_tiny_locality_stacked_matches_the_runs_trained_alone(tmp_path, capsys):
         assert float(s["student.linear"]) == pytest.approx(float(a["student.linear"]), abs=0.02)
     with pytest.raises(UserError, match="--workers 0"):
         run_experiment("locality", "tiny", out=tmp_path / "x", workers=0, stack=2, progress=False)
+
+
+def test_the_report_shows_command_line_overrides_as_the_runs_hold_them(tmp_path):
+    """An override arrives as text ('3'); the report's shared settings show the runs' typed value."""
+    out = run_experiment("probes", "tiny", out=tmp_path, progress=False, workers=0,
+                         overrides={"train.max_steps": "3", "optim.lr": "2e-3"})
+    text = out.report.read_text()
+    shared = yaml.safe_load(text.split("```yaml", 1)[1].split("```", 1)[0])
+    assert shared["train.max_steps"] == 3 and shared["optim.lr"] == 2e-3

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config
+from ..config import Config, ConfigError, build_config, flatten
 from ..errors import UserError
 from ..reports.experiment import arm_section, rows_of
 from ..reports.groups import flat_config, show_value
@@ -224,10 +224,21 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               "", "Settings shared by every run (on top of "
               + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults") + "):",
               "", "```yaml",
-              yaml.safe_dump({**ctx.recipe.base, **ctx.overrides}, sort_keys=False).rstrip(), "```", ""]
+              yaml.safe_dump(_shared_settings(ctx), sort_keys=False).rstrip(), "```", ""]
     path = ctx.out / "report.md"
     path.write_text("\n".join(header + body) + "\n")
     return Outcome(path, counts)
+
+
+def _shared_settings(ctx: Context) -> dict:
+    """The recipe's base keys and the command line's overrides with the values the runs have: an override
+    arrives as text ('1000'), the runs' config holds its typed value (1000.0)."""
+    shared = {**ctx.recipe.base, **ctx.overrides}
+    try:
+        resolved = flatten(build_config(ctx.recipe.preset, None, shared).to_dict())
+    except ConfigError:  # a value only valid beside an arm's keys: shown as given
+        return shared
+    return {key: resolved.get(key, value) for key, value in shared.items()}
 
 
 # ----------------------------------------------------------------- helpers of the analysis experiments
