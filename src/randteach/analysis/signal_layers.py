@@ -60,7 +60,7 @@ from ..models import build_model
 from ..probes.embedding import adapt_channels, embed, probe_data_name, score
 from ..runs.checkpoint import load_checkpoint
 from ..runs.rundir import RunDir, check_encoder_given, write_json
-from ..train.setup import resolve_device
+from ..train.setup import distilled_subset, resolve_device
 from ..precision import exact_fp32
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -301,9 +301,8 @@ class RunModels:
         train split is first cut to the images the run distilled on (its data.n_samples subset), the data set D
         of ESC Sec. 3, where the probes read the run's own data and no other data was given."""
         data = self.split(split)
-        cfg = self.cfg
-        if split == "train" and not self.given_splits and cfg.data.n_samples and probe_data_name(cfg) == cfg.data.name:
-            data = data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
+        if split == "train" and not self.given_splits and probe_data_name(self.cfg) == self.cfg.data.name:
+            data = distilled_subset(self.cfg, data)
         if n:
             data = data.subset(stratified_subset(data.labels, n, seed=self.cfg.data.subset_seed))
         return data.images, data.labels

@@ -91,15 +91,20 @@ def trains_channels_last(cfg: Config, inputs: torch.Tensor, encoder: torch.nn.Mo
     return inputs.dim() == 4 and cfg.train.channels_last and (bf16 or fp32_channels_last(encoder, device))
 
 
+def distilled_subset(cfg: Config, data: ImageData) -> ImageData:
+    """The images a run distills on: `data`, or its class-stratified subset of data.n_samples images."""
+    if not cfg.data.n_samples:
+        return data
+    if cfg.data.n_samples > len(data):
+        raise UserError(f"data.n_samples={cfg.data.n_samples} but {data.name} has only {len(data)} training images")
+    return data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
+
+
 def load_training_inputs(cfg: Config, train_data: ImageData | None = None, builtin_encoder: bool = True):
     """(inputs, preprocess, data, size): uint8 images + their preprocess, bf16 noise + its widening, or the
     Python API's float images as given (preprocess None). `builtin_encoder`: model.encoder is the encoder
     (not one given from Python), whose input size may differ from the images' (`model_image_size`)."""
-    data = train_data or load_configured(cfg.data, "train")
-    if cfg.data.n_samples:
-        if cfg.data.n_samples > len(data):
-            raise UserError(f"data.n_samples={cfg.data.n_samples} but {data.name} has only {len(data)} training images")
-        data = data.subset(stratified_subset(data.labels, cfg.data.n_samples, seed=cfg.data.subset_seed))
+    data = distilled_subset(cfg, train_data or load_configured(cfg.data, "train"))
     native = data.images.shape[-1]
     if data.images.is_floating_point():  # Python API: float images are used as given
         if cfg.data.image_size and cfg.data.image_size != native:
