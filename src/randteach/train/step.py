@@ -196,8 +196,6 @@ def bf16_gate(state: TrainState) -> bool:
 def _views(state: TrainState, rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(the teacher's views, the student's views) of the images `rows`: one view that both see, or with
     data.local_crops DINO's 2 global views for the teacher and those plus the local crops for the student."""
-    # non_blocking: a blocking copy to a GPU first waits for all queued work, a host round trip per step
-    rows = rows.to(state.inputs.device, non_blocking=True)
     x = state.inputs[rows].to(state.device, non_blocking=True)
     x = state.preprocess(x) if state.preprocess is not None else x
     if state.augment.local_crops:
@@ -228,6 +226,9 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
     state.optimizer.zero_grad(set_to_none=True)
     if fns.graphs:
         torch.compiler.cudagraph_mark_step_begin()
+    # the rows go where the images are once per step (the cache's targets are there too unless the images stay
+    # on the host); non_blocking: a blocking copy to a GPU first waits for all queued work, a host round trip
+    idx = idx.to(state.inputs.device, non_blocking=True)
     chunks = state.ddp.shard(idx).split(state.plan.micro)
     final_precision = not state.gate.active and bf16 == state.bf16_requested
     loss = torch.zeros((), dtype=torch.float64, device=state.device)
