@@ -30,10 +30,12 @@ from randteach.config import build_config
 from randteach.runs.checkpoint import load_state_dict
 from randteach.runs.rundir import RunDir
 from randteach.train.loop import distill
-from randteach.train.stacked import train_stacked
+from randteach.train.stacked import STACK_MODES, stack_mode, train_stacked
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Stacked runs"
+MODES = {"vmap": "one model of K runs under torch.func.vmap",
+         "threads": "each run its own solo step, the runs side by side on threads of their share of the torch threads"}
 # Small encoders on Fashion-MNIST with a small DINO head: the sweeps where per-operation overhead, not
 # arithmetic, bounds a CPU step. ResNet20 with its batch norm (the papers' ResNet20).
 WORKLOADS = {
@@ -60,14 +62,16 @@ def step_seconds(cfg, warmup: int) -> float:
     return (t[-1] - t[warmup - 1]) / (len(t) - warmup)
 
 
-def measure(workload: dict, k: int, steps: int, warmup: int, root: Path, stacked: bool) -> dict:
+def measure(workload: dict, k: int, steps: int, warmup: int, root: Path, stacked: bool, mode: str) -> dict:
     tag = f"{'stack' if stacked else 'solo'}{k}-{time.monotonic_ns()}"
     cfgs = configs(workload, k, steps, root, tag)
     load = bench_machine.load_average()[0]
     if stacked:
-        train_stacked(cfgs)
-        per_step = step_seconds(cfgs[0], warmup)              # one stacked step advances all K runs
-        rate = k / per_step
+        train_stacked(cfgs, mode=mode)
+        # A vmap stack's step advances all K runs; side by side, min(threads, K) runs step at once (K is a
+        # multiple of it here, so every run trains beside as many others)
+        at_once = k if stack_mode(cfgs[0], mode) == "vmap" else min(torch.get_num_threads(), k)
+        rate = at_once / statistics.mean(step_seconds(c, warmup) for c in cfgs)
     else:
         for cfg in cfgs:
             distill(cfg, progress=False)
@@ -109,7 +113,7 @@ def run(args, write) -> list[dict]:
                 rounds = []
                 for r in range(args.rounds):
                     order = [False, True] if r % 2 == 0 else [True, False]
-                    got = {s: measure(workload, solo_k if not s else k, args.steps, args.warmup, root, s)
+                    got = {s: measure(workload, solo_k if not s else k, args.steps, args.warmup, root, s, args.mode)
                            for s in order}
                     rounds.append(got)
                 solo = statistics.mean(g[False]["steps_per_s"] for g in rounds)
@@ -135,8 +139,8 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
     cmd = (f"OMP_NUM_THREADS={torch.get_num_threads()} PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py "
            + shlex.join(args.argv))
     w = {**COMMON, **(TINY if args.tiny else {})}
-    where = "" if args.device == "cpu" else f", {args.device}"
-    lines = [SECTION + (", tiny workload (digits)" if args.tiny else "") + where, "",
+    mode = stack_mode(configs({"train.device": args.device}, 1, 1, Path("."), "mode")[0], args.mode)
+    lines = [heading(args), "",
              f"- command: `{cmd.strip()}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
              f"{(time.time() - started) / 60:.1f} min",
@@ -148,8 +152,10 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
              "convnet width " + ("8" if args.tiny else "16") + ", ResNet20 (batch norm); runs differ in "
              f"train.seed; {args.warmup} warm-up + {args.steps - args.warmup} timed steps per run, {args.rounds} "
              "rounds in alternating order",
-             "- steps/s: aggregate optimizer steps per wall second over all K runs (K stacked: K / s per "
-             f"stacked step; one at a time: 1 / mean s per step over min(K, {args.solo_runs}) solo runs)",
+             f"- stack mode: {mode} (" + MODES[mode] + ")",
+             "- steps/s: aggregate optimizer steps per wall second over all K runs (vmap: K / s per stacked "
+             "step; threads: min(threads, K) / mean s per step of the K runs, as that many step at once; one at "
+             f"a time: 1 / mean s per step over min(K, {args.solo_runs}) solo runs)",
              "- max rel. diff: max over the compared runs of ||θ_stacked − θ_solo|| / ||θ_solo|| of the final "
              "students (the same run trained stacked and alone); one run, one more thread: the same between "
              "the seed-0 run alone and that run with one torch thread more (how far the arithmetic alone moves it)", "",
@@ -162,6 +168,14 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
                      f"| {r['max_rel_diff']:.1e} ({r['compared']}) | {_spread(r)} | "
                      f"{', '.join(f'{v:.1f}' for v in r['loads'])} |")
     return "\n".join(lines) + "\n"
+
+
+def heading(args) -> str:
+    """The section's heading: one section per stack mode, thread count, workload and device."""
+    where = "" if args.device == "cpu" else f", {args.device}"
+    mode = "" if args.mode == "vmap" else f", --stack-mode {args.mode}"
+    threads = "" if torch.get_num_threads() == 1 else f", {torch.get_num_threads()} torch threads"
+    return SECTION + (", tiny workload (digits)" if args.tiny else "") + mode + threads + where
 
 
 def _spread(row: dict) -> str:
@@ -194,6 +208,8 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="digits, width 8, a 64-wide head: seconds (a smoke test)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (each step's time is read after the loop's "
                    "per-step host read, so it includes the device's work)")
+    p.add_argument("--mode", default="vmap", choices=STACK_MODES,
+                   help="the stack mode (randteach sweep --stack-mode; default: vmap, one model of K runs)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

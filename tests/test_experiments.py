@@ -412,13 +412,17 @@ def test_paper_protocol_probes_sit_beside_ours(tmp_path):
 
 
 def test_tiny_locality_stacked_matches_the_runs_trained_alone(tmp_path, capsys):
-    # --stack: the alpha arms of a seed share a structure and train as stacks; alpha = 1e-10 starts in float64
-    # and trains alone. The same tables as run alone (the students within the stack's rounding).
+    # --stack --stack-mode vmap (from the command line): the alpha arms of a seed share a structure and train as
+    # one vmapped model; alpha = 1e-10 starts in float64 and trains alone. The same tables as run alone (the
+    # students within the stack's rounding).
+    from randteach.cli import main
     alone, _ = run_tiny("locality", tmp_path / "alone")
-    stacked = run_experiment("locality", "tiny", out=tmp_path / "stacked", workers=1, stack=4)
+    assert main(["experiment", "locality", "--scale", "tiny", "--out", str(tmp_path / "stacked"),
+                 "--workers", "1", "--stack", "4", "--stack-mode", "vmap"]) == 0
     err = capsys.readouterr().err
-    assert stacked.finished and "stack(s) of up to 4" in err and "not stacked:" in err and "float64" in err
-    alone_rows, stacked_rows = (list(csv.DictReader(open(o.report.parent / "alpha-runs.csv"))) for o in (alone, stacked))
+    assert "stack(s) of up to 4" in err and "not stacked:" in err and "float64" in err
+    tables = [alone.report.parent, tmp_path / "stacked" / "locality"]
+    alone_rows, stacked_rows = (list(csv.DictReader(open(folder / "alpha-runs.csv"))) for folder in tables)
     assert len(alone_rows) == len(stacked_rows) > 2
     for a, s in zip(alone_rows, stacked_rows):
         assert (a["init.alpha"], a["train.seed"]) == (s["init.alpha"], s["train.seed"])

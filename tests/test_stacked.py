@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def assert_same_student(a: Path, b: Path, rtol: float = RTOL) -> None:
                                     "train__batch_size": 32}])
 def test_each_run_of_a_stack_matches_the_same_run_trained_alone(tmp_path, optim):
     stacked = [tiny_config(tmp_path / f"stack{i}", **FAST, **optim, **v) for i, v in enumerate(VARIED)]
-    summaries = train_stacked(stacked)
+    summaries = train_stacked(stacked, mode="vmap")
     assert [s["status"] for s in summaries] == ["completed"] * 3
     for i, (cfg, v) in enumerate(zip(stacked, VARIED)):
         solo = distill(tiny_config(tmp_path / f"solo{i}", **FAST, **optim, **v), progress=False)
@@ -86,7 +87,7 @@ def test_every_encoder_family_stacks_to_its_solo_run_under_sgd(tmp_path, encoder
     # steps of a deep net), so the stacked layers themselves must match to float precision.
     common = {**FAST, "train__max_steps": 5, "probe__which": "[]", "optim__name": "sgd", "optim__momentum": 0.9,
               "init__alpha": 0.5, **encoder}
-    train_stacked([tiny_config(tmp_path / f"stack{i}", **common, train__seed=i) for i in range(2)])
+    train_stacked([tiny_config(tmp_path / f"stack{i}", **common, train__seed=i) for i in range(2)], mode="vmap")
     solo = distill(tiny_config(tmp_path / "solo", **common, train__seed=1), progress=False)
     assert_same_student(solo.path, Path(tiny_config(tmp_path / "stack1", **common, train__seed=1).run_dir()), 1e-6)
 
@@ -98,7 +99,8 @@ def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_run
               {"train__seed": 1, "init__alpha": 0.5, "optim__lr": 1e30},
               {"train__seed": 2, "init__alpha": 0.5}]
     common = {**FAST, "train__log_every": 5}
-    summaries = train_stacked([tiny_config(tmp_path / f"stack{i}", **common, **v) for i, v in enumerate(varied)])
+    summaries = train_stacked([tiny_config(tmp_path / f"stack{i}", **common, **v) for i, v in enumerate(varied)],
+                              mode="vmap")
     for i, v in enumerate(varied):
         solo = distill(tiny_config(tmp_path / f"solo{i}", **common, **v), progress=False)
         stacked_run = RunDir(tiny_config(tmp_path / f"stack{i}", **common, **v).run_dir())
@@ -144,7 +146,7 @@ def test_a_solo_resume_continues_a_stacked_checkpoint(tmp_path):
     # last.pt of a stacked run has the solo format: `distill --resume` finishes a run that a stack began.
     half = [tiny_config(tmp_path / f"stack{i}", **{**FAST, "train__max_steps": 10}, **v)
             for i, v in enumerate(VARIED[:2])]
-    train_stacked(half)
+    train_stacked(half, mode="vmap")
     cfg = tiny_config(tmp_path / "stack0", **FAST, **VARIED[0])
     (Path(cfg.run_dir()) / "summary.json").unlink()
     (Path(cfg.run_dir()) / "config.yaml").write_text(cfg.to_yaml())
@@ -161,7 +163,7 @@ def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_a
             tiny_config(tmp_path / "f", model__encoder="resnet20", **far),
             tiny_config(tmp_path / "g", model__encoder="resnet20", model__norm="layer", **far),
             tiny_config(tmp_path / "h", **{**VARIED[0], "init__alpha": 1e-10})]
-    groups, alone = stack_groups(cfgs, 2)
+    groups, alone = stack_groups(cfgs, 2, "vmap")
     assert groups == [[0, 1], [2], [3], [4], [5], [6], [7]]
     assert set(alone) == {4, 7} and "teacher.mode=ema" in alone[4]
     assert why_not_stackable(cfgs[5]) is None and why_not_stackable(cfgs[6]) is None  # batch norm, layer norm
@@ -171,7 +173,7 @@ def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_a
     assert "data.augment=flip-crop" in why_not_stackable(tiny_config(tmp_path / "j", data__augment="flip-crop",
                                                                       train__teacher_cache=False, **far))
     with pytest.raises(Exception, match="cannot be stacked"):
-        train_stacked([cfgs[4]])
+        train_stacked([cfgs[4]], mode="vmap")
 
 
 @pytest.mark.parametrize("init, stackable", [
@@ -194,7 +196,7 @@ def test_a_run_that_starts_in_float64_and_its_solo_twin_agree_in_a_stacked_sweep
     # The solo twin runs in a sweep worker too: a student this close to its teacher amplifies any rounding
     # difference, and a worker's thread count (the cores per worker) may differ from this process's.
     path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0])
-    assert [r["status"] for r in run_sweep(expand(load_sweep(path)), stack=2)] == ["completed"] * 2
+    assert [r["status"] for r in run_sweep(expand(load_sweep(path)), stack=2, stack_mode="vmap")] == ["completed"] * 2
     near = next(c for c in expand(load_sweep(path)) if c.init.alpha == 1e-10)
     (solo,) = run_sweep([tiny_config(tmp_path / "solo", **FAST, init__alpha=1e-10)])
     assert_same_student(Path(solo["run_dir"]), Path(near.run_dir()))
@@ -214,12 +216,12 @@ SWEEP_BASE = {**TINY, **{k.replace("__", "."): v for k, v in FAST.items()}, "ini
 
 def test_sweep_stack_trains_stackable_runs_together_and_the_rest_alone(tmp_path, capsys):
     path = _write_sweep(tmp_path, SWEEP_BASE, grid={"teacher.mode": ["frozen", "ema"]}, seeds=[0, 1])
-    results = run_sweep(expand(load_sweep(path)), stack=4)
+    results = run_sweep(expand(load_sweep(path)), stack=4, stack_mode="vmap")
     err = capsys.readouterr().err
     assert [r["status"] for r in results] == ["completed"] * 4
     assert "as 3 stack(s) of up to 4" in err                     # the two frozen runs together, each EMA run alone
     assert err.count("not stacked:") == 2 and "teacher.mode=ema" in err
-    assert "note: on a CPU a stack pays only" in err               # the measured advice, once
+    assert "note: on a CPU a vmap stack pays only" in err          # the measured advice, once
     from randteach.cli import main
     assert main(["report", str(tmp_path / "runs")]) == 0          # stacked and solo runs read alike
     assert "| frozen |" in (tmp_path / "runs" / "report.md").read_text()
@@ -254,7 +256,9 @@ def test_killed_stacked_sweep_resumes_every_run_from_its_own_checkpoint(tmp_path
 
 
 @pytest.mark.parametrize("args, message", [(["--stack", "0"], "--stack must be at least 1"),
-                                           (["--stack", "2", "--launcher", "slurm"], "--launcher local only")])
+                                           (["--stack", "2", "--launcher", "slurm"], "--launcher local only"),
+                                           (["--stack", "2", "--stack-mode", "vamp"],
+                                            "--stack-mode vamp: expected one of auto, vmap, threads")])
 def test_bad_stack_option_is_a_clear_error(tmp_path, capsys, args, message):
     from randteach.cli import main
     path = _write_sweep(tmp_path, SWEEP_BASE, seeds=[0, 1])
@@ -287,7 +291,8 @@ def test_a_sweep_waits_for_a_run_another_process_trains_instead_of_failing_it(tm
     assert "waiting:" in capsys.readouterr().err and "in use by another randteach process" not in str(results)
 
 
-def test_a_run_another_process_holds_leaves_the_rest_of_its_stack_training(tmp_path):
+@pytest.mark.parametrize("mode", ["vmap", "threads"])
+def test_a_run_another_process_holds_leaves_the_rest_of_its_stack_training(tmp_path, mode):
     """A real second process holds one run's lock: that run is reported and left untouched (nothing written
     into its folder), the other runs of the stack train."""
     from randteach.runs.sweep import record_failure
@@ -298,10 +303,102 @@ def test_a_run_another_process_holds_leaves_the_rest_of_its_stack_training(tmp_p
                                "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        free, taken = train_stacked(cfgs)
+        free, taken = train_stacked(cfgs, mode=mode)
         assert free["status"] == "completed"
         assert taken["status"] == "failed" and "in use by another randteach process" in taken["error"]
         record_failure(cfgs[1], taken["error"])  # as a sweep records a failed run
         assert sorted(p.name for p in busy.iterdir()) == [".lock"]
     finally:
         holder.communicate("", timeout=30)
+
+
+# Side by side on threads (`--stack-mode threads`, the default on a CPU): runs a vmap stack cannot take too.
+SIDE_BY_SIDE = [{"train__seed": 0, "init__alpha": 0.5, "optim__lr": 1e-3, "optim__grad_clip": 1e-3},
+                {"train__seed": 1, "init__alpha": 1e-10},                    # starts in float64
+                {"train__seed": 2, "init__alpha": 0.5, "optim__lr": 1e30},   # diverges
+                {"train__seed": 3, "init__alpha": 1.0, "data__augment": "flip-crop", "train__teacher_cache": "false"}]
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_runs_side_by_side_are_bitwise_their_solo_runs_on_one_thread(tmp_path, two_torch_threads):
+    # Two torch threads: two lanes of one thread each, every run's steps on one of them. Each run is its solo
+    # run with one torch thread, bit for bit: students, logged losses and gradient norms, status, diverged step.
+    common = {**FAST, "probe__which": "[]", "train__log_every": 5}
+    cfgs = [tiny_config(tmp_path / f"side{i}", **common, **v) for i, v in enumerate(SIDE_BY_SIDE)]
+    assert all(why_not_stackable(c, "threads") is None for c in cfgs)
+    summaries = train_stacked(cfgs, mode="threads")
+    assert torch.get_num_threads() == 2  # the lanes' thread count is not left behind
+    torch.set_num_threads(1)
+    for i, (cfg, v) in enumerate(zip(cfgs, SIDE_BY_SIDE)):
+        solo = distill(tiny_config(tmp_path / f"solo{i}", **common, **v), progress=False)
+        for key in ("status", "steps", "diverged_step"):
+            assert summaries[i].get(key) == solo.summary.get(key), (i, key)
+        mine, theirs = (RunDir(p).records() for p in (cfg.run_dir(), solo.path))
+        strip = lambda records: [{k: r[k] for k in r if k != "time"} for r in records]  # noqa: E731
+        assert strip(mine) == strip(theirs), i
+        if solo.summary["status"] == "completed":
+            a, b = load_state_dict(solo.path), load_state_dict(cfg.run_dir())
+            assert all(torch.equal(a[k], b[k]) for k in a), i
+            last = load_checkpoint(Path(cfg.run_dir()) / "checkpoints" / "last.pt")
+            assert torch.equal(last["rng"]["torch"], load_checkpoint(solo.path / "checkpoints" / "last.pt")["rng"]["torch"])
+    assert [s["status"] for s in summaries] == ["completed", "completed", "diverged", "completed"]
+    assert any(r.get("event") == "precision" for r in RunDir(cfgs[1].run_dir()).records())
+
+
+def test_runs_side_by_side_step_on_lanes_of_their_share_of_the_torch_threads(tmp_path, two_torch_threads,
+                                                                              monkeypatch):
+    # Two torch threads, two runs: every step runs off the calling thread, with one torch thread.
+    from randteach.train import loop
+    seen = []
+    step = loop.Training.step
+
+    def noted(self):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return step(self)
+    monkeypatch.setattr(loop.Training, "step", noted)
+    cfgs = [tiny_config(tmp_path / f"r{i}", **{**FAST, "probe__which": "[]"}, **v) for i, v in enumerate(VARIED[:2])]
+    assert [s["status"] for s in train_stacked(cfgs, mode="threads")] == ["completed"] * 2
+    assert seen == [(False, 1)] * 40
+
+
+def test_a_side_by_side_stack_stops_every_run_on_sigterm_and_resumes_each(tmp_path):
+    # SIGTERM to a process training two runs side by side: both checkpoint and end "interrupted" at the same
+    # step; the re-run finishes both, each where its solo run ends.
+    base = {**SWEEP_BASE, "train.max_steps": 400, "train.epochs": 1000, "train.log_every": 1}
+    path = _write_sweep(tmp_path, base, seeds=[0, 1])
+    root = tmp_path / "runs"
+    log = open(tmp_path / "s.log", "ab")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "randteach.cli", "sweep", str(path), "--stack", "2",
+                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 120
+    while sum(1 for m in root.glob("*/metrics.jsonl") if m.stat().st_size > 0) < 2:
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "s.log").read_text()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 3, (tmp_path / "s.log").read_text()
+    summaries = [RunDir(d).summary() for d in sorted(root.iterdir()) if d.is_dir()]
+    assert [s["status"] for s in summaries] == ["interrupted"] * 2 and summaries[0]["steps"] < 400
+    results = run_sweep(expand(load_sweep(path)), stack=2, workers=1)
+    assert [r["status"] for r in results] == ["completed"] * 2
+    for r in results:
+        assert [s["step"] for s in RunDir(r["run_dir"]).steps()] == list(range(1, 401))  # each step logged once
+
+
+@pytest.mark.parametrize("mode", ["auto", "threads", "vmap"])
+def test_sweep_stack_mode_decides_what_may_join_a_stack(tmp_path, capsys, mode):
+    # alpha = 1e-10 starts in float64: a vmap stack cannot hold it, a stack side by side can (auto: side by side
+    # on a CPU). From the command line, so that the option is known to reach the stacks.
+    from randteach.cli import main
+    path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0])
+    assert main(["sweep", str(path), "--stack", "2", "--stack-mode", mode]) == 0
+    err = capsys.readouterr().err
+    assert ("not stacked:" in err and "float64" in err) == (mode == "vmap"), err
+    assert ("as 1 stack(s) of up to 2" in err) == (mode != "vmap"), err

@@ -5,6 +5,8 @@ import argparse
 import shlex
 import sys
 
+from .sweep import add_stack_mode
+
 EXIT_UNFINISHED = 3
 
 
@@ -18,6 +20,7 @@ def cmd_experiment(args, extra) -> int:
                         "(seeds 0..N-1)")
     kw = dict(out=args.out, seeds=args.seeds, overrides=overrides, recipe=args.recipe,
               launcher=args.launcher, workers=args.workers, progress=not args.quiet, stack=args.stack,
+              stack_mode=args.stack_mode,
               command=" ".join(["randteach", "experiment", args.name, "--scale", args.scale]
                                + [shlex.quote(a) for a in _options(sys.argv)]))
     if args.dry_run:
@@ -72,6 +75,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stack", type=int, default=1, metavar="K",
                    help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values in one "
                         "worker process, stacked (local launcher; docs/PERFORMANCE.md, Stacked runs)")
+    add_stack_mode(p)
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
     p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and their state) and what follows; run nothing")

@@ -62,7 +62,7 @@ def cmd_sweep(args, extra) -> int:
             print(f"  {state:<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
         return 0
     results = run_sweep(configs, launcher=args.launcher, workers=args.workers, progress=not args.quiet,
-                        slurm=slurm, stack=args.stack)
+                        slurm=slurm, stack=args.stack, stack_mode=args.stack_mode)
     counts: dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -86,6 +86,13 @@ def cmd_report(args, extra) -> int:
     return 0
 
 
+def add_stack_mode(p) -> None:
+    p.add_argument("--stack-mode", default="auto", metavar="MODE",
+                   help="how a stack trains: threads (each run its own step, the runs side by side on the cores), "
+                        "vmap (one model of K runs), or auto: threads on a CPU, vmap on a GPU (docs/PERFORMANCE.md, "
+                        "Stacked runs; default: auto)")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="run a grid of configs x seeds (local worker processes or SLURM)",
@@ -107,6 +114,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stack", type=int, default=1, metavar="K",
                    help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values "
                         "in one process, stacked (local launcher); other runs run alone, with the reason (default: 1)")
+    add_stack_mode(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(func=cmd_sweep)
 

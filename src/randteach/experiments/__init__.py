@@ -47,7 +47,8 @@ def get_experiment(name: str) -> Experiment:
 
 def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds: int | None = None,
                  overrides: dict | None = None, recipe: str | Path | None = None, launcher: str = "local",
-                 workers: int | None = None, progress: bool = True, command: str = "", stack: int = 1) -> Context:
+                 workers: int | None = None, progress: bool = True, command: str = "", stack: int = 1,
+                 stack_mode: str = "auto") -> Context:
     r: Recipe = load_recipe(name, scale, recipe)
     if seeds is not None:
         if seeds < 1:
@@ -58,13 +59,14 @@ def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds:
     # --train.max-steps is --train.max_steps (as the config reads it): one spelling for the checks on overrides
     overrides = {".".join([*(p.replace("-", "_") for p in k.split(".")[:2]), *k.split(".")[2:]]): v
                  for k, v in (overrides or {}).items()}
-    return Context(r, root, overrides, launcher, workers, progress, command, stack)
+    return Context(r, root, overrides, launcher, workers, progress, command, stack, stack_mode)
 
 
 def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) -> Outcome | str:
     """Run (or, with dry=True, list) experiment `name`; returns the Outcome (report path, run statuses) or
     the listing.
-    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack (see `make_context`)."""
+    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack, stack_mode (see
+    `make_context`)."""
     exp = get_experiment(name)
     ctx = make_context(name, scale, **kw)
     return dry_run(exp, ctx) if dry else execute(exp, ctx)

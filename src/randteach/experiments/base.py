@@ -39,6 +39,7 @@ class Context:
     progress: bool = True
     command: str = ""
     stack: int = 1                                          # > 1: stackable runs trained that many at a time
+    stack_mode: str = "auto"                                # how (train.stacked.stack_mode)
 
     @property
     def pool(self) -> Path:
@@ -64,7 +65,7 @@ class Context:
         if not configs:
             return []
         return run_sweep(configs, launcher=self.launcher, workers=self.workers, progress=self.progress,
-                         slurm=self.recipe.slurm, stack=self.stack)
+                         slurm=self.recipe.slurm, stack=self.stack, stack_mode=self.stack_mode)
 
 
 class Experiment:

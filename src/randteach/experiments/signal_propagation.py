@@ -31,7 +31,7 @@ class Signal(Experiment):
         """The escape experiment of this scale and root (same overrides): where the analysed runs live."""
         from .recipe import load_recipe
         return Context(load_recipe("escape", ctx.recipe.scale), ctx.root, ctx.overrides, ctx.launcher, ctx.workers,
-                       ctx.progress, stack=ctx.stack)
+                       ctx.progress, stack=ctx.stack, stack_mode=ctx.stack_mode)
 
     def post(self, ctx: Context) -> list[str]:
         kw = known_params(ctx, SIGNAL_PARAMS)

@@ -224,10 +224,11 @@ def _with_path(summary: dict, cfg: Config) -> dict:
 @dataclass(frozen=True)
 class _Slot:
     """What a worker process gets besides its runs: torch threads, and the GPU it may use (None: all that
-    CUDA_VISIBLE_DEVICES shows it, or none); `say`: print the GPU it took."""
+    CUDA_VISIBLE_DEVICES shows it, or none); `say`: print the GPU it took; `stack_mode`: how its stacks train."""
     threads: int
     gpu: str | None = None
     say: bool = False
+    stack_mode: str = "auto"
 
     def enter(self, run_dir: str) -> None:
         """Set up this worker process, first thing: CUDA reads CUDA_VISIBLE_DEVICES once, when it starts."""
@@ -252,34 +253,35 @@ def _stacked_worker(cfg_dicts: list[dict], slot: _Slot) -> None:
     """Entry point of one worker process that trains several runs stacked (randteach.train.stacked)."""
     cfgs = [config_from_dict(d) for d in cfg_dicts]
     slot.enter(", ".join(str(c.run_dir()) for c in cfgs))
-    run_stacked(cfgs)
+    run_stacked(cfgs, slot.stack_mode)
 
 
-def run_stacked(cfgs: list[Config]) -> list[dict]:
-    """Train `cfgs` stacked; an exception becomes a "failed" summary of every run, never a crash."""
+def run_stacked(cfgs: list[Config], mode: str = "auto") -> list[dict]:
+    """Train `cfgs` stacked (`mode`: train.stacked.stack_mode); an exception becomes a "failed" summary of every
+    run, never a crash."""
     from ..train.stacked import train_stacked
     try:
-        results = train_stacked(cfgs)
+        results = train_stacked(cfgs, mode=mode)
     except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
         return [record_failure(c, f"{type(e).__name__}: {e}", traceback.format_exc()) for c in cfgs]
     # a run another process was training when the stack began: wait for it, as a run alone does
     return [run_one(c) if r.get("in_use") else r for r, c in zip(results, cfgs)]
 
 
-def _jobs(configs: list[Config], todo: list[int], stack: int, log: "_Progress") -> list[list[int]]:
+def _jobs(configs: list[Config], todo: list[int], stack: int, mode: str, log: "_Progress") -> list[list[int]]:
     """The runs to do as worker jobs: one run each, or (stack > 1) groups of up to `stack` stackable runs."""
     if stack <= 1:
         return [[i] for i in todo]
     from ..train.setup import resolve_device
-    from ..train.stacked import stack_groups
-    groups, alone = stack_groups([configs[i] for i in todo], stack)
+    from ..train.stacked import stack_groups, stack_mode
+    groups, alone = stack_groups([configs[i] for i in todo], stack, mode)
     for j, why in alone.items():
         log.line(f"not stacked: {configs[todo[j]].run_dir()}: {why}")
-    stacked = [g for g in groups if len(g) > 1]
-    if stacked and resolve_device(configs[todo[stacked[0][0]]].train.device).type == "cpu":
-        log.line("note: on a CPU a stack pays only where per-operation overhead bounds the step (tiny models and "
-                 "batches); a conv encoder at batch 64 trains 1.2-2.5x faster one run at a time, with --workers for "
-                 "the cores (docs/PERFORMANCE.md, Stacked runs)")
+    stacked = [configs[todo[g[0]]] for g in groups if len(g) > 1]
+    if stacked and stack_mode(stacked[0], mode) == "vmap" and resolve_device(stacked[0].train.device).type == "cpu":
+        log.line("note: on a CPU a vmap stack pays only where per-operation overhead bounds the step (tiny models "
+                 "and batches); a conv encoder at batch 64 trains 1.2-2.5x faster one run at a time, or side by side "
+                 "with --stack-mode threads (docs/PERFORMANCE.md, Stacked runs)")
     return [[todo[j] for j in g] for g in groups]
 
 
@@ -405,7 +407,8 @@ def _split_done(configs: list[Config]) -> tuple[list[dict | None], list[int]]:
     return results, todo
 
 
-def _run_local(configs: list[Config], workers: int | None, progress: bool, stack: int = 1) -> list[dict]:
+def _run_local(configs: list[Config], workers: int | None, progress: bool, stack: int = 1,
+               stack_mode: str = "auto") -> list[dict]:
     """Run the jobs in worker processes, `workers` at a time (None: one per visible GPU when the runs use
     GPUs, else one); on GPUs each worker is pinned to the least used GPU when it starts."""
     from multiprocessing.connection import wait
@@ -413,7 +416,7 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
     ctx = _worker_context()
     results, todo = _split_done(configs)
     log = _Progress(len(todo), progress)
-    jobs = _jobs(configs, todo, stack, log)
+    jobs = _jobs(configs, todo, stack, stack_mode, log)
     gpus = visible_gpus() if any(_wants_gpu(configs[i]) for i in todo) else []
     workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
     threads = threads_per_worker(workers)
@@ -429,7 +432,7 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
                 job = pending.pop()
                 in_use = [w.gpu for w in running.values()]
                 gpu = _least_used(gpus, in_use) if gpus and _wants_gpu(configs[job[0]]) else None
-                worker = _start_worker(ctx, configs, job, _Slot(threads, gpu, progress))
+                worker = _start_worker(ctx, configs, job, _Slot(threads, gpu, progress, stack_mode))
                 running[worker.proc.sentinel] = worker
                 if stop["signal"] is not None:  # the signal came while this worker was starting
                     _signal_worker(worker.proc, signal.SIGTERM)
@@ -569,21 +572,24 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
 
 
 def run_sweep(configs: list[Config], launcher: str = "local", workers: int | None = None, progress: bool = True,
-              slurm: dict | None = None, stack: int = 1) -> list[dict]:
+              slurm: dict | None = None, stack: int = 1, stack_mode: str = "auto") -> list[dict]:
     """Execute every config (skipping finished runs); one summary per config, in order.
 
     Each returned summary carries "run_dir". Status is completed, diverged, interrupted, failed
     (with "error"), or pending (the sweep was stopped before the run started). Local launcher: `workers`
     processes at a time (None: one per visible GPU when the runs use GPUs, else one), each pinned to one
     GPU where there are GPUs; stack > 1: runs that share an architecture are trained up to `stack` at a time
-    in one process.
+    in one process, as `stack_mode` says (train.stacked.stack_mode: auto, vmap or threads).
     """
+    from ..train.stacked import STACK_MODES
     if stack < 1:
         raise ConfigError(f"--stack must be at least 1, got {stack}")
+    if stack_mode not in STACK_MODES:
+        raise ConfigError(f"--stack-mode {stack_mode}: expected one of {', '.join(STACK_MODES)}")
     if launcher == "local" and workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
     if launcher == "local":
-        return _run_local(configs, workers, progress, stack)
+        return _run_local(configs, workers, progress, stack, stack_mode)
     if stack > 1:
         raise ConfigError("--stack works with --launcher local only; drop --stack for SLURM")
     if launcher == "slurm":

@@ -215,18 +215,17 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-class StopOnSignal(StopFlag, Hook):
-    """SIGTERM/SIGINT set a flag; the run checkpoints and ends as "interrupted" after the current step.
+class StopOnSignal(Hook):
+    """After a step on which `flag` has caught SIGTERM/SIGINT, the run checkpoints and ends as "interrupted".
     Under torchrun the ranks agree at logged steps (an all-reduce), so that all stop at the same step."""
 
-    def __init__(self, metrics: MetricsLog):
-        super().__init__()
-        self.metrics = metrics
+    def __init__(self, metrics: MetricsLog, flag: StopFlag):
+        self.metrics, self.flag = metrics, flag
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
         if state.ddp.enabled and not state.plan.logs_at(state.step):
             return
-        if state.ddp.any(self.signal is not None, state.device):
+        if state.ddp.any(self.flag.signal is not None, state.device):
             self.metrics.flush(state)
             state.save()
-            raise StopRun("interrupted", state.step, signal=signal.Signals(self.signal or signal.SIGTERM).name)
+            raise StopRun("interrupted", state.step, signal=signal.Signals(self.flag.signal or signal.SIGTERM).name)

@@ -10,9 +10,11 @@ optimizer step), `train.callbacks` (what happens around steps), `train.setup` (d
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -26,12 +28,13 @@ from ..optim import lr_at
 from ..precision import exact_fp32
 from ..runs.rundir import (PYTHON_OBJECTS, RunDir, check_config_digest, python_objects, run_lock, run_summary,
                             write_json)
-from .callbacks import Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopOnSignal, StopRun, TeacherUpdate
+from .callbacks import (Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopFlag, StopOnSignal, StopRun,
+                        TeacherUpdate)
 from .distributed import Dist, from_environment, process_gpu
 from .host_memory import keep_freed_memory
 from .setup import resolve_device
 from .state import TrainState
-from .step import build_step_functions, train_step
+from .step import StepMetrics, build_step_functions, train_step
 
 
 @dataclass
@@ -47,13 +50,42 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_d
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
     cfg.data.name, cfg.model.encoder and the probe data set."""
+    with opened(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
+                probe_splits=probe_splits) as training:
+        if isinstance(training, RunResult):  # finished before
+            return training
+        return training.finish(*solo_loop(training))
+
+
+@contextlib.contextmanager
+def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_data: ImageData | None = None,
+           encoder=None, probe_splits=None, stop: StopFlag | None = None) -> Iterator[Training | RunResult]:
+    """The run `cfg` opened for training, as a `Training` (its folder locked, its state created or resumed from
+    last.pt, its hooks ready), or its RunResult where it has finished already. `stop`: a signal flag shared by
+    runs trained side by side in one process (default: the run's own, set by SIGTERM/SIGINT)."""
     # The caller's random streams are left as they were (a notebook's later draws do not restart at the
     # run's seed), and training takes gradients even when called under torch.no_grad().
     rng = torch.random.fork_rng(devices=_cuda_devices_drawn_on(cfg))
     new = not cfg.run_dir().exists()
     with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad():
         try:
-            return _distill(cfg, resume, progress, train_data, encoder, probe_splits)
+            run = RunDir(cfg.run_dir())
+            finished = _finished(cfg, run, resume)
+            if finished is not None:
+                yield finished
+                return
+            device = resolve_device(cfg.train.device)
+            keep_freed_memory(device)
+            ddp = from_environment(device)
+            if ddp.enabled and device.type == "cuda":
+                device = torch.device("cuda", process_gpu())
+            given = _python_objects(encoder, train_data, probe_splits)
+            _check_same_objects(run, given)
+            _open_run(cfg, run, ddp, given)
+            with exact_fp32(), contextlib.ExitStack() as flags:
+                state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
+                _attach_teacher_cache(state, progress)
+                yield Training(state, progress, probe_splits, stop or flags.enter_context(StopFlag()))
         except Exception:
             if new:  # e.g. data not found, an encoder that cannot be built: no empty run folder is left
                 RunDir(cfg.run_dir()).remove_if_unstarted()
@@ -69,8 +101,8 @@ def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
     return [process_gpu()] if "LOCAL_RANK" in os.environ else [device.index or 0]
 
 
-def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, probe_splits) -> RunResult:
-    run = RunDir(cfg.run_dir())
+def _finished(cfg: Config, run: RunDir, resume: bool) -> RunResult | None:
+    """The run's result if it has finished (completed or diverged), after the checks that come before a start."""
     run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
     _check_same_config(cfg, run)
     existing = run.summary()
@@ -79,52 +111,68 @@ def _distill(cfg: Config, resume: bool, progress: bool, train_data, encoder, pro
         return RunResult(run.path, existing)
     if resume:
         _check_resumable(run)
-    device = resolve_device(cfg.train.device)
-    keep_freed_memory(device)
-    ddp = from_environment(device)
-    if ddp.enabled and device.type == "cuda":
-        device = torch.device("cuda", process_gpu())
-    given = _python_objects(encoder, train_data, probe_splits)
-    _check_same_objects(run, given)
-    _open_run(cfg, run, ddp, given)
-    with exact_fp32():
-        state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
-        _attach_teacher_cache(state, progress)
-        bar = tqdm(total=state.plan.total_steps, initial=state.step, disable=not progress or not ddp.is_main,
-                   desc=f"distill {run.path.name}", unit="step", dynamic_ncols=True)
-        metrics = MetricsLog(bar)
-        with StopOnSignal(metrics) as stop:
-            probe = [Probe(state, bar, probe_splits)] if cfg.probe.which and ddp.is_main else []
-            hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), stop]
-            status, steps, extra = _train(state, hooks, bar)
+    return None
+
+
+class Training:
+    """One run being trained: its state, step functions, hooks and progress bar, driven by `solo_loop` (`start`,
+    then `step` and `after` until `done`, then `end`; a hook that ends the run raises StopRun), then `finish`,
+    which writes the summary. Runs side by side in one process (`train.side_by_side`) are each driven so too."""
+
+    def __init__(self, state: TrainState, progress: bool, probe_splits, stop: StopFlag):
+        cfg, ddp = state.cfg, state.ddp
+        self.state = state
+        self.bar = tqdm(total=state.plan.total_steps, initial=state.step, disable=not progress or not ddp.is_main,
+                        desc=f"distill {state.run.path.name}", unit="step", dynamic_ncols=True)
+        metrics = MetricsLog(self.bar)
+        probe = [Probe(state, self.bar, probe_splits)] if cfg.probe.which and ddp.is_main else []
+        self.hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), StopOnSignal(metrics, stop)]
+        self.fns = build_step_functions(state)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.state.plan.total_steps
+
+    def start(self) -> None:
+        self.state.start_clock()
+        for h in self.hooks:
+            h.at_start(self.state)
+
+    def step(self) -> StepMetrics:
+        """One optimizer step."""
+        state = self.state
+        if self.fns.dtype != state.gate.dtype:  # the float64 start ended: DDP's buckets and graphs hold dtypes
+            self.fns = build_step_functions(state)
+        lr = lr_at(state.cfg.optim, state.step, state.plan.total_steps)
+        return train_step(state, self.fns, state.plan.indices(state.step), lr)
+
+    def after(self, metrics: StepMetrics) -> None:
+        self.state.step += 1
+        self.bar.update(1)
+        for h in self.hooks:
+            h.after_step(self.state, metrics)
+
+    def end(self) -> None:
+        for h in self.hooks:
+            h.at_end(self.state)
+
+    def finish(self, status: str, steps: int, extra: dict) -> RunResult:
+        self.bar.close()
         if status == "completed":
-            extra["final_loss"] = state.losses.epoch_mean()  # the last epoch's mean loss
-        return _finish(state, status, steps, extra)
+            extra["final_loss"] = self.state.losses.epoch_mean()  # the last epoch's mean loss
+        return _finish(self.state, status, steps, extra)
 
 
-def _train(state: TrainState, hooks: list, bar: tqdm) -> tuple[str, int, dict]:
-    """The loop: one step, then the hooks; a hook that ends the run raises StopRun."""
-    plan, fns = state.plan, build_step_functions(state)
-    state.start_clock()
+def solo_loop(training: Training) -> tuple[str, int, dict]:
+    """The solo loop: one step, then the hooks; a hook that ends the run raises StopRun."""
     try:
-        for h in hooks:
-            h.at_start(state)
-        while state.step < plan.total_steps:
-            if fns.dtype != state.gate.dtype:  # the float64 start ended: DDP's buckets and graphs hold dtypes
-                fns = build_step_functions(state)
-            metrics = train_step(state, fns, plan.indices(state.step), lr_at(state.cfg.optim, state.step,
-                                                                               plan.total_steps))
-            state.step += 1
-            bar.update(1)
-            for h in hooks:
-                h.after_step(state, metrics)
-        for h in hooks:
-            h.at_end(state)
-        return "completed", state.step, {}
+        training.start()
+        while not training.done:
+            training.after(training.step())
+        training.end()
+        return "completed", training.state.step, {}
     except StopRun as stop:
         return stop.status, stop.steps, stop.extra
-    finally:
-        bar.close()
 
 
 def _python_objects(encoder, train_data, probe_splits) -> dict:

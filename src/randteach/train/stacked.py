@@ -77,14 +77,34 @@ def structure_key(cfg: Config) -> str:
     return json.dumps(shared, sort_keys=True, default=str)
 
 
-def why_not_stackable(cfg: Config) -> str | None:
-    """None if `cfg` can be trained in a stack, else the reason (one line) it runs alone."""
+STACK_MODES = ("auto", "vmap", "threads")
+
+
+def stack_mode(cfg: Config, mode: str = "auto") -> str:
+    """How a stack of runs like `cfg` trains: "vmap", one model of K runs (this module), or "threads", each run
+    its own solo step with the runs side by side on the cores (`train.side_by_side`). "auto": threads on a CPU,
+    where one model of K small conv encoders trains below one run at a time and the cores are what a small
+    model leaves unused (docs/PERFORMANCE.md, Stacked runs); vmap on a GPU."""
+    if mode not in STACK_MODES:
+        raise UserError(f"stack mode {mode!r}: expected one of {', '.join(STACK_MODES)}")
+    if mode != "auto":
+        return mode
+    return "threads" if resolve_device(cfg.train.device).type == "cpu" else "vmap"
+
+
+def why_not_stackable(cfg: Config, mode: str = "vmap") -> str | None:
+    """None if `cfg` can be trained in a stack of `mode` (vmap or threads), else the reason (one line) it
+    runs alone. Side by side on threads each run takes its solo step: only compiling and torchrun are out."""
+    if cfg.train.compile:
+        return "train.compile=true"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "data-parallel (torchrun) runs"
+    if mode == "threads":
+        return None
     if ":" in cfg.model.encoder:
         return "an imported encoder may hold layers vmap cannot batch"
     if cfg.teacher.mode != "frozen" or cfg.teacher.train_mode:
         return f"teacher.mode={cfg.teacher.mode}, train_mode={cfg.teacher.train_mode}: only a frozen teacher in eval mode"
-    if cfg.train.compile:
-        return "train.compile=true"
     if may_start_in_float64(cfg):
         # a stack holds one dtype for all its runs, and each run leaves float64 at its own step
         return (f"init.{'alpha' if cfg.init.mode == 'locality' else 'epsilon'} this close to the teacher starts "
@@ -98,23 +118,22 @@ def why_not_stackable(cfg: Config) -> str | None:
         return "loss.center (a running center per run)"
     if cfg.data.augment != "none":
         return f"data.augment={cfg.data.augment} (the stacked step feeds each run its images as they are)"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "data-parallel (torchrun) runs"
     return None
 
 
-def stack_groups(cfgs: list[Config], k: int) -> tuple[list[list[int]], dict[int, str]]:
-    """Indices of `cfgs` in groups of at most `k` stackable runs with one structure (in sweep order),
-    and the reason each unstackable run runs alone (those are groups of one too)."""
+def stack_groups(cfgs: list[Config], k: int, mode: str = "auto") -> tuple[list[list[int]], dict[int, str]]:
+    """Indices of `cfgs` in groups of at most `k` stackable runs (in sweep order; a vmap stack's share one
+    structure), and the reason each unstackable run runs alone (those are groups of one too)."""
     alone: dict[int, str] = {}
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        why = why_not_stackable(cfg)
+        how = stack_mode(cfg, mode)
+        why = why_not_stackable(cfg, how)
         if why is not None:
             alone[i] = why
             by_key[f"alone-{i}"] = [i]
         else:
-            by_key.setdefault(structure_key(cfg), []).append(i)
+            by_key.setdefault(structure_key(cfg) if how == "vmap" else how, []).append(i)
     groups = [members[j:j + k] for members in by_key.values() for j in range(0, len(members), max(1, k))]
     return sorted(groups), alone
 
@@ -172,18 +191,22 @@ def _check_config(run: RunDir, cfg: Config) -> None:
         raise UserError(f"{run.path} holds a run with a different config; choose another --out")
 
 
-def train_stacked(cfgs: list[Config], progress: bool = False) -> list[dict]:
+def train_stacked(cfgs: list[Config], progress: bool = False, mode: str = "auto") -> list[dict]:
     """Train (or resume, or skip when finished) the runs `cfgs` stacked; one summary per config, in order (a
-    run whose folder another process holds is not touched: its summary, "failed", says so).
+    run whose folder another process holds is not touched: its summary, "failed", says so). `mode`: see
+    `stack_mode`.
 
-    The configs must share a structure (`structure_key`) and be stackable (`why_not_stackable`)."""
-    keys = {structure_key(c) for c in cfgs}
-    if len(keys) > 1:
+    The configs must be stackable (`why_not_stackable`) and, in a vmap stack, share a structure (`structure_key`)."""
+    mode = stack_mode(cfgs[0], mode)
+    if mode == "vmap" and len({structure_key(c) for c in cfgs}) > 1:
         raise UserError("train_stacked: the runs differ in more than " + ", ".join(sorted(PER_RUN_KEYS)))
     for cfg in cfgs:
-        why = why_not_stackable(cfg)
+        why = why_not_stackable(cfg, mode)
         if why is not None:
             raise UserError(f"{cfg.run_dir()} cannot be stacked: {why}")
+    if mode == "threads":
+        from .side_by_side import train_side_by_side
+        return train_side_by_side(cfgs, progress)
     summaries: dict[int, dict] = {}
     by_step: dict[int, list[int]] = {}
     with contextlib.ExitStack() as locks:
