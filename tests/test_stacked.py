@@ -166,12 +166,13 @@ def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_a
     groups, alone = stack_groups(cfgs, 2, "vmap")
     assert groups == [[0, 1], [2], [3], [4], [5], [6], [7]]
     assert set(alone) == {4, 7} and "teacher.mode=ema" in alone[4]
-    assert why_not_stackable(cfgs[5]) is None and why_not_stackable(cfgs[6]) is None  # batch norm, layer norm
-    assert "--train.precision fp32" in why_not_stackable(tiny_config(tmp_path / "i", train__precision="bf16", **far))
+    assert why_not_stackable(cfgs[5], "vmap") is None and why_not_stackable(cfgs[6], "vmap") is None  # batch, layer norm
+    bf16 = tiny_config(tmp_path / "i", train__precision="bf16", **far)
+    assert "--train.precision fp32" in why_not_stackable(bf16, "vmap")
     # the stacked step feeds each run its images as they are: an augmented run trains alone (stacked, its
     # augmentation was silently skipped)
     assert "data.augment=flip-crop" in why_not_stackable(tiny_config(tmp_path / "j", data__augment="flip-crop",
-                                                                      train__teacher_cache=False, **far))
+                                                                      train__teacher_cache=False, **far), "vmap")
     with pytest.raises(Exception, match="cannot be stacked"):
         train_stacked([cfgs[4]], mode="vmap")
 
@@ -185,7 +186,7 @@ def test_runs_that_differ_in_structure_or_use_unstackable_features_are_grouped_a
 def test_a_run_that_starts_in_float64_trains_alone(tmp_path, init, stackable):
     # A stack holds one dtype, so a student within float64 reach of its teacher would lose its 1e-10
     # residue to fp32 rounding in a stack, and with it the escape its solo run makes.
-    why = why_not_stackable(tiny_config(tmp_path / "r", **init))
+    why = why_not_stackable(tiny_config(tmp_path / "r", **init), "vmap")
     assert (why is None) == stackable
     if not stackable:
         assert "float64" in why
@@ -393,12 +394,55 @@ def test_a_side_by_side_stack_stops_every_run_on_sigterm_and_resumes_each(tmp_pa
 
 
 @pytest.mark.parametrize("mode", ["auto", "threads", "vmap"])
-def test_sweep_stack_mode_decides_what_may_join_a_stack(tmp_path, capsys, mode):
+def test_sweep_stack_mode_reaches_the_stacks(tmp_path, capsys, mode):
     # alpha = 1e-10 starts in float64: a vmap stack cannot hold it, a stack side by side can (auto: side by side
-    # on a CPU). From the command line, so that the option is known to reach the stacks.
+    # on a CPU). From the command line to the worker: each stacked run's summary says how it was trained.
     from randteach.cli import main
-    path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0])
+    path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0, 1])
     assert main(["sweep", str(path), "--stack", "2", "--stack-mode", mode]) == 0
     err = capsys.readouterr().err
     assert ("not stacked:" in err and "float64" in err) == (mode == "vmap"), err
-    assert ("as 1 stack(s) of up to 2" in err) == (mode != "vmap"), err
+    far = [c for c in expand(load_sweep(path)) if c.init.alpha == 0.5]
+    how = "vmap" if mode == "vmap" else "threads"
+    assert [RunDir(c.run_dir()).summary()["stack"]["mode"] for c in far] == [how, how]
+
+
+def test_a_run_that_fails_side_by_side_leaves_the_others_training(tmp_path):
+    # One run cannot start (its teacher checkpoint does not exist): it alone is recorded failed, with its error.
+    from randteach.runs.sweep import run_stacked
+    cfgs = [tiny_config(tmp_path / "ok", **FAST, **VARIED[0]),
+            tiny_config(tmp_path / "bad", **FAST, **VARIED[1], init__teacher_checkpoint=str(tmp_path / "none.pt"))]
+    ok, bad = run_stacked(cfgs, "threads")
+    assert ok["status"] == "completed" and bad["status"] == "failed" and "none.pt" in bad["error"]
+    assert RunDir(cfgs[1].run_dir()).summary()["status"] == "failed"
+
+
+def test_a_finished_run_leaves_its_threads_to_the_others(tmp_path, two_torch_threads):
+    # Two torch threads, two runs of which one has finished: the other trains on one lane of both threads.
+    cfgs = [tiny_config(tmp_path / f"r{i}", **{**FAST, "probe__which": "[]"}, **v) for i, v in enumerate(VARIED[:2])]
+    torch.set_num_threads(1)
+    distill(cfgs[0], progress=False)
+    torch.set_num_threads(2)
+    done, trained = train_stacked(cfgs, mode="threads")
+    assert "stack" not in done and trained["stack"] == {"mode": "threads", "runs": 2, "lanes": 1, "torch_threads": 2}
+
+
+def test_a_signal_side_by_side_stops_the_training_runs_and_leaves_the_waiting_ones(tmp_path, two_torch_threads,
+                                                                                  monkeypatch):
+    # Three runs on two lanes; a real SIGTERM to this process at the first run's fourth step: the two training
+    # runs checkpoint and end "interrupted", the third has not begun and is "pending" (then resumes as new).
+    from randteach.train import loop
+    step = loop.Training.step
+
+    def signalling(self):
+        if self.state.cfg.train.seed == 0 and self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self)
+    monkeypatch.setattr(loop.Training, "step", signalling)
+    common = {**FAST, "probe__which": "[]", "train__max_steps": 300, "train__epochs": 1000}
+    cfgs = [tiny_config(tmp_path / f"r{i}", **common, train__seed=i, init__alpha=0.5) for i in range(3)]
+    summaries = train_stacked(cfgs, mode="threads")
+    assert [s["status"] for s in summaries] == ["interrupted", "interrupted", "pending"], summaries
+    assert summaries[2]["signal"] == "SIGTERM" and summaries[0]["steps"] < 300
+    assert (Path(cfgs[0].run_dir()) / "checkpoints" / "last.pt").exists()
+    assert not (Path(cfgs[2].run_dir()) / "checkpoints" / "last.pt").exists()

@@ -73,8 +73,8 @@ def add_parser(subparsers) -> None:
                         "$OMP_NUM_THREADS if set, else cores / workers); 0: run in this process, one after another (default: one per visible "
                         "GPU when the runs use GPUs, else 1)")
     p.add_argument("--stack", type=int, default=1, metavar="K",
-                   help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values in one "
-                        "worker process, stacked (local launcher; docs/PERFORMANCE.md, Stacked runs)")
+                   help="train up to K runs at a time in one worker process (local launcher; see --stack-mode; "
+                        "docs/PERFORMANCE.md, Stacked runs)")
     add_stack_mode(p)
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
     p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")

@@ -112,8 +112,8 @@ def add_parser(subparsers) -> None:
                    help="submitit/SLURM option, repeatable: partition, time, gpus_per_node, cpus_per_task, "
                         "mem_gb, array_parallelism, account, qos, constraint, cluster (local: no SLURM)")
     p.add_argument("--stack", type=int, default=1, metavar="K",
-                   help="train up to K runs that differ only in seed, init alpha/epsilon or optimizer values "
-                        "in one process, stacked (local launcher); other runs run alone, with the reason (default: 1)")
+                   help="train up to K runs at a time in one process (local launcher; see --stack-mode); a run "
+                        "that cannot join a stack runs alone, with the reason (default: 1)")
     add_stack_mode(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(func=cmd_sweep)

@@ -17,6 +17,7 @@ from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
 from ..digests import code_modules, digest_code, digest_tensor
 from ..errors import UserError
+from ..files import temporary_beside
 from ..models.common import fp32_channels_last
 from ..precision import autocast, exact_fp32, fp32_module
 
@@ -228,9 +229,10 @@ class Prober:
         result = compute()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "result": result}))
-            tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+            fd, tmp = temporary_beside(path)  # a name of its own: runs side by side may write the same entry
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"key": key, "result": result}))
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
             self.origin[what] = f"computed and saved to {path}"
         except OSError:
             self.origin[what] = "computed (cache folder not writable)"

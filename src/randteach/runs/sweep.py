@@ -12,8 +12,8 @@ A sweep file names a preset, base overrides, a grid and seeds:
 Every run lives in `<out>/<name>-<digest>` (the digest hashes the resolved config), so running
 the same sweep again does no finished work twice: completed and diverged runs are skipped,
 interrupted ones resumed from their last checkpoint, new ones started. Runs execute in local
-worker processes (one fresh process per run; on a machine with GPUs each worker is pinned to one of them)
-or as SLURM jobs through submitit.
+worker processes (one fresh process per run, or per stack of up to K runs with --stack K; on a machine with
+GPUs each worker is pinned to one of them) or as SLURM jobs through submitit.
 """
 from __future__ import annotations
 
@@ -257,15 +257,24 @@ def _stacked_worker(cfg_dicts: list[dict], slot: _Slot) -> None:
 
 
 def run_stacked(cfgs: list[Config], mode: str = "auto") -> list[dict]:
-    """Train `cfgs` stacked (`mode`: train.stacked.stack_mode); an exception becomes a "failed" summary of every
-    run, never a crash."""
+    """Train `cfgs` stacked (`mode`: train.stacked.stack_mode); an exception becomes a "failed" summary (of every
+    run where the whole stack raised), never a crash."""
     from ..train.stacked import train_stacked
     try:
         results = train_stacked(cfgs, mode=mode)
     except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
         return [record_failure(c, f"{type(e).__name__}: {e}", traceback.format_exc()) for c in cfgs]
-    # a run another process was training when the stack began: wait for it, as a run alone does
-    return [run_one(c) if r.get("in_use") else r for r, c in zip(results, cfgs)]
+    return [_after_stack(r, c) for r, c in zip(results, cfgs)]
+
+
+def _after_stack(result: dict, cfg: Config) -> dict:
+    """A stacked run's result as a sweep keeps it: a run another process was training when the stack began is
+    waited for (as a run alone is), and a run that failed alone in the stack gets its failed summary written."""
+    if result.get("in_use"):
+        return run_one(cfg)
+    if result["status"] == "failed":
+        return record_failure(cfg, result["error"], result.get("traceback", ""))
+    return result
 
 
 def _jobs(configs: list[Config], todo: list[int], stack: int, mode: str, log: "_Progress") -> list[list[int]]:
@@ -578,8 +587,8 @@ def run_sweep(configs: list[Config], launcher: str = "local", workers: int | Non
     Each returned summary carries "run_dir". Status is completed, diverged, interrupted, failed
     (with "error"), or pending (the sweep was stopped before the run started). Local launcher: `workers`
     processes at a time (None: one per visible GPU when the runs use GPUs, else one), each pinned to one
-    GPU where there are GPUs; stack > 1: runs that share an architecture are trained up to `stack` at a time
-    in one process, as `stack_mode` says (train.stacked.stack_mode: auto, vmap or threads).
+    GPU where there are GPUs; stack > 1: up to `stack` runs at a time in one process, as `stack_mode` says
+    (train.stacked.stack_mode: auto, vmap or threads).
     """
     from ..train.stacked import STACK_MODES
     if stack < 1:

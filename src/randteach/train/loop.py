@@ -157,7 +157,6 @@ class Training:
             h.at_end(self.state)
 
     def finish(self, status: str, steps: int, extra: dict) -> RunResult:
-        self.bar.close()
         if status == "completed":
             extra["final_loss"] = self.state.losses.epoch_mean()  # the last epoch's mean loss
         return _finish(self.state, status, steps, extra)
@@ -173,6 +172,8 @@ def solo_loop(training: Training) -> tuple[str, int, dict]:
         return "completed", training.state.step, {}
     except StopRun as stop:
         return stop.status, stop.steps, stop.extra
+    finally:
+        training.bar.close()
 
 
 def _python_objects(encoder, train_data, probe_splits) -> dict:

@@ -1,4 +1,6 @@
-"""Many runs in one process: K runs that share an architecture are trained as one stacked model.
+"""Many runs in one process: K runs that share an architecture are trained as one stacked model (the vmap mode of
+`randteach sweep --stack K`, the default on a GPU; `train_stacked` hands the threads mode, the default on a CPU,
+to `side_by_side`).
 
 Runs of a sweep that differ only in values that do not change any tensor's shape (seed, alpha or epsilon,
 learning rate and its schedule, weight decay, momentum, betas) are stacked: every parameter becomes one
@@ -92,17 +94,19 @@ def stack_mode(cfg: Config, mode: str = "auto") -> str:
     return "threads" if resolve_device(cfg.train.device).type == "cpu" else "vmap"
 
 
-def why_not_stackable(cfg: Config, mode: str = "vmap") -> str | None:
+def why_not_stackable(cfg: Config, mode: str) -> str | None:
     """None if `cfg` can be trained in a stack of `mode` (vmap or threads), else the reason (one line) it
-    runs alone. Side by side on threads each run takes its solo step: only compiling and torchrun are out."""
+    runs alone. Side by side on threads each run is trained by the solo loop: only compiling, torchrun and
+    imported encoders are out."""
     if cfg.train.compile:
         return "train.compile=true"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "data-parallel (torchrun) runs"
+    if ":" in cfg.model.encoder:
+        return ("an imported encoder may draw from the random state that runs side by side share" if mode == "threads"
+                else "an imported encoder may hold layers vmap cannot batch")
     if mode == "threads":
         return None
-    if ":" in cfg.model.encoder:
-        return "an imported encoder may hold layers vmap cannot batch"
     if cfg.teacher.mode != "frozen" or cfg.teacher.train_mode:
         return f"teacher.mode={cfg.teacher.mode}, train_mode={cfg.teacher.train_mode}: only a frozen teacher in eval mode"
     if may_start_in_float64(cfg):
@@ -282,7 +286,7 @@ class _Group:
         return [(k, r) for k, r in enumerate(self.runs) if r.status is None]
 
     def finish(self, r: _Run, status: str, step: int, **extra) -> None:
-        _finish(r, self.plan, status, step, self.device, **extra)
+        _finish(r, self.plan, status, step, self.device, stack={"mode": "vmap", "runs": len(self.runs)}, **extra)
 
 
 def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:

@@ -208,8 +208,7 @@ class TrainState:
     last_loss: float = float("nan")          # the loss of the last step read from the device
     losses: LossMeans = field(default_factory=LossMeans)
     t_start: float = 0.0                     # set by start_clock() as the first step begins
-    rng: dict = field(default_factory=dict)  # the global random state the run saves (nothing in training draws
-                                             # from it; held here for runs created side by side in one process)
+    rng: dict | None = None                  # the random state to save; None: the process's, as it is then
 
     @property
     def last_path(self) -> Path:
@@ -255,7 +254,6 @@ class TrainState:
             state.teacher_norm = parameter_norm(teacher)
         state.augment = augmenter(cfg.data.augment, preprocess, seeds(cfg)["data"], in_channels,
                                   cfg.data.local_crops, cfg.data.local_crop_size)
-        state.rng = {"torch": torch.get_rng_state()}
         return state
 
     def _resume(self, saved: dict) -> None:
@@ -299,7 +297,7 @@ class TrainState:
                 "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "wall_time_s": self.wall(), "bf16_on": self.bf16_on, "init": self.init_info,
                 "center": self.centering.center if self.centering is not None else None,
-                "rng": self.rng, "teacher_probe": self.teacher_probe or {},
+                "rng": self.rng or {"torch": torch.get_rng_state()}, "teacher_probe": self.teacher_probe or {},
                 "precision": self.gate.state_dict(), "config_digest": self.cfg.digest(), "last_loss": self.last_loss,
                 "loss_means": asdict(self.losses), "teacher_norm": self.teacher_norm}
 
