@@ -10,6 +10,10 @@ load average is noted with every measurement (the development machine is shared)
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py            # ~10 min, 2 cores
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py --tiny --out /tmp/R.md
+    OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py --mode threads   # side by side
+
+`--mode` is the stack mode (`randteach sweep --stack-mode`): vmap (the default here: one model of K runs) or
+threads (each run by the solo loop, side by side on threads of their share of the torch threads).
 """
 from __future__ import annotations
 
