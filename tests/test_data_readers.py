@@ -343,6 +343,16 @@ def test_a_named_root_that_does_not_exist_is_noted_once_when_the_data_comes_from
 
 
 @needs_debian
+def test_the_missing_root_note_comes_from_torchruns_rank_0_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets in its second process
+    load_dataset("fashion-mnist", "test", root=str(tmp_path / "typo-on-rank-1"))
+    assert "note" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    load_dataset("fashion-mnist", "test", root=str(tmp_path / "typo-on-rank-0"))
+    assert "typo-on-rank-0 does not exist" in capsys.readouterr().err
+
+
+@needs_debian
 def test_real_fashion_mnist_checksums():
     for remote in DATASETS["fashion-mnist"].remote:
         content = gzip.decompress((Path(DEBIAN_FASHION_MNIST) / remote.filename).read_bytes())

@@ -8,6 +8,7 @@ differ from Zalando's while their contents match `raw_md5` exactly.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -169,10 +170,11 @@ _noted: set[tuple[str, str]] = set()
 
 
 def _note_missing_root(root, base: Path, info: DatasetInfo, found: Path) -> None:
-    """One line on stderr (once per process) when a data root the user named does not exist and the data
-    came from elsewhere (a system folder): a mistyped --data.root would otherwise pass unnoticed."""
+    """One line on stderr (once per process, and under torchrun from rank 0 only) when a data root the user named
+    does not exist and the data came from elsewhere (a system folder): a mistyped --data.root would otherwise
+    pass unnoticed."""
     key = (str(base), info.name)
-    if root is None or base.is_dir() or key in _noted:
+    if root is None or base.is_dir() or key in _noted or os.environ.get("RANK", "0") != "0":
         return
     _noted.add(key)
     print(f"note: data.root {base} does not exist; {info.title} was read from {found}", file=sys.stderr)

@@ -438,10 +438,18 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
         parts += ["## Runs that did not complete", "", "| run | status | detail |", "|---|---|---|"]
         for r in other:
             s = r["summary"]
-            detail = s.get("error") or (f"step {s['diverged_step']}: {s.get('reason', '')}" if "diverged_step" in s
-                                        else f"{s.get('steps', '?')} steps")
+            detail = s.get("error") or _not_completed(s)
             parts.append(f"| `{r['run_dir']}` | {r['status']} | {str(detail).replace('|', '/')} |")
         parts.append("")
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def _not_completed(summary: dict) -> str:
+    """Where a run that did not complete stopped: a diverged run's first non-finite step (its `steps` are the
+    finite ones before it, which its checkpoints hold), else its step count."""
+    if "diverged_step" in summary:
+        return (f"non-finite at step {summary['diverged_step']} ({summary.get('steps', '?')} finite steps kept): "
+                f"{summary.get('reason', '')}")
+    return f"{summary.get('steps', '?')} steps"
