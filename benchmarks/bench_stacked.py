@@ -1,6 +1,7 @@
 """Stacked runs (`randteach sweep --stack K`): aggregate training steps/s of K runs trained stacked in one
 process against the same K runs trained one at a time, and how far each stacked student ends from its
-solo twin. Writes (or replaces) the "Stacked runs" section of benchmarks/RESULTS.md.
+solo twin. Writes (or replaces) the section of --out (default benchmarks/RESULTS.md) that its heading names:
+"Stacked runs", with the workload, stack mode, thread count and device where they are not the defaults.
 
 The runs differ in train.seed (so in teacher, student init and data order), as the seeds of a sweep do.
 Step time is read from each run's own metrics.jsonl (its `time` column), after `--warmup` untimed steps,
@@ -8,7 +9,7 @@ so the loop's logging, gradient norms and distances are included and start-up is
 the order (solo, stacked | stacked, solo) so that a load drifting over the run weighs on both alike; the
 load average is noted with every measurement (the development machine is shared).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py            # ~10 min, 2 cores
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py            # ~3 min, 2 cores
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py --tiny --out /tmp/R.md
     OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python benchmarks/bench_stacked.py --mode threads   # side by side
 
@@ -148,6 +149,7 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
              f"- command: `{cmd.strip()}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
              f"{(time.time() - started) / 60:.1f} min",
+             f"- code: commit {machine['code']}",
              f"- machine: {machine['cpu']}, {machine['cores']} cores, torch {torch.__version__} with "
              f"{torch.get_num_threads()} thread(s), host `{machine['host']}` (shared: load averages below)"
              + (f"; device {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
@@ -161,7 +163,8 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
              "step; threads: min(threads, K) / mean s per step of the K runs, as that many step at once; one at "
              f"a time: 1 / mean s per step over min(K, {args.solo_runs}) solo runs)",
              "- max rel. diff: max over the compared runs of ||θ_stacked − θ_solo|| / ||θ_solo|| of the final "
-             "students (the same run trained stacked and alone); one run, one more thread: the same between "
+             "students (the same run trained stacked and alone; side by side each stacked run has its lane's "
+             "share of the threads, its solo twin all of them); one run, one more thread: the same between "
              "the seed-0 run alone and that run with one torch thread more (how far the arithmetic alone moves it)", "",
              "| encoder | K | one at a time, steps/s (rounds) | stacked, steps/s (rounds) | stacked × one at a time "
              "| max rel. diff (runs) | one run, one more thread | load avg during (1 min) |",
@@ -209,7 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--solo-runs", type=int, default=2, help="one-at-a-time runs timed per K (their cost does not "
                    "depend on K)")
-    p.add_argument("--tiny", action="store_true", help="digits, width 8, a 64-wide head: seconds (a smoke test)")
+    p.add_argument("--tiny", action="store_true", help="digits, width 8, a 64-wide head (the overhead-bound case; ~2-3 min)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (each step's time is read after the loop's "
                    "per-step host read, so it includes the device's work)")
     p.add_argument("--mode", default="vmap", choices=STACK_MODES,
@@ -221,7 +224,7 @@ def main(argv=None) -> None:
     started = time.time()
     info = bench_machine.describe(onednn=False)
     machine = {"cpu": info.get("cpu", bench_machine.cpu_model()), "cores": info.get("cores", os.cpu_count()),
-               "host": info.get("host", "")}
+               "host": info.get("host", ""), "code": bench_machine.code_version()}
     run(args, lambda rows: upsert_section(Path(args.out), markdown(rows, args, started, machine)))
     print(f"wrote {args.out}")
 

@@ -12,7 +12,7 @@ the same run (one thread, median of repeated timings, alternating order). Writes
   of the weight then F.linear (autograd) vs `unit_row_linear` (output scaling, gradient written out);
 - probe embedding: the 10,000 Fashion-MNIST test images through the demo's convnet (`probes.embedding.embed`),
   the encoder in NCHW (as a checkpoint loads) vs the channels-last copy `embed` makes;
-- stacked convolution: forward + backward of one grouped convolution over K runs (what a stack of K runs
+- stacked convolution: forward + backward of one grouped convolution over K runs (what a vmap stack of K runs
   computes, `randteach.train.stack_layers`) vs K separate convolutions, K = 4 and 16;
 - compile scope: the demo's step eager, with the whole step compiled, with the student's head and the loss
   compiled, and with the loss compiled (what `train.compile` does to the student's side on a CPU).
@@ -166,7 +166,7 @@ def embed_rows(reps: int) -> list[tuple]:
 
 
 def grouped_conv_rows(reps: int) -> list[tuple]:
-    """A stack's convolution (`sweep --stack K`, stack_layers): one grouped convolution over K runs' channels
+    """A vmap stack's convolution (`sweep --stack K --stack-mode vmap`, stack_layers): one grouped convolution over K runs' channels
     against K separate ones, forward + backward, the convnet's first layer on Fashion-MNIST (1 -> 16 channels,
     28 px, no input gradient) and its second (16 -> 32 channels, 14 px)."""
     rows = []

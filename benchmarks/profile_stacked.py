@@ -1,5 +1,5 @@
-"""Where a stacked step spends its time: torch.profiler over the steps of K runs trained stacked
-(`randteach sweep --stack K`) and of one run alone, on the workloads of `bench_stacked.py` (convnet or
+"""Where a stacked step spends its time: torch.profiler over the steps of K runs trained as one vmapped model
+(`randteach sweep --stack K --stack-mode vmap`) and of one run alone, on the workloads of `bench_stacked.py` (convnet or
 ResNet20 on Fashion-MNIST, batch 64, one thread). Prints, per case, the operators' self CPU time per step of
 one run (a stack's divided by K; set-up included), then the top operators with their total self CPU time over
 the profiled training, set-up included, and their share of it.
@@ -22,7 +22,7 @@ from randteach.train.stacked import train_stacked
 
 def train(cfgs: list) -> None:
     if len(cfgs) > 1:
-        train_stacked(cfgs)
+        train_stacked(cfgs, mode="vmap")
     else:
         distill(cfgs[0], progress=False)
 

@@ -87,7 +87,7 @@ def test_report_writes_csv_markdown_and_plots(runs, capsys):
         assert len(list(csv.DictReader(f))) == 11
     md = (root / "report.md").read_text()
     assert "11 runs" in md and "n − 1" in md and "RuntimeError: boom" in md
-    assert "non-finite at step 3 (20 finite steps kept): non-finite loss or gradient" in md
+    assert "non-finite at step 3: non-finite loss or gradient (20 steps counted;" in md
     assert f"{100 * student.mean():.2f} ± {100 * student.std(ddof=1):.2f}" in md
 
 

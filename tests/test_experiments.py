@@ -438,3 +438,11 @@ def test_the_report_shows_command_line_overrides_as_the_runs_hold_them(tmp_path)
     text = out.report.read_text()
     shared = yaml.safe_load(text.split("```yaml", 1)[1].split("```", 1)[0])
     assert shared["train.max_steps"] == 3 and shared["optim.lr"] == 2e-3
+
+
+def test_a_bad_stack_mode_is_refused_before_a_dry_run_lists_anything(tmp_path, capsys):
+    from randteach.cli import main
+    assert main(["experiment", "locality", "--scale", "tiny", "--out", str(tmp_path), "--stack", "2",
+                 "--stack-mode", "vamp", "--dry-run"]) == 2
+    assert "--stack-mode vamp: expected one of auto, vmap, threads" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

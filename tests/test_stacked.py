@@ -330,8 +330,8 @@ def two_torch_threads():
 
 def test_runs_side_by_side_are_bitwise_their_solo_runs_on_one_thread(tmp_path, two_torch_threads):
     # Two torch threads: two lanes of one thread each, every run's steps on one of them. Each run is its solo
-    # run with one torch thread, bit for bit: students, logged losses and gradient norms, status, diverged step.
-    common = {**FAST, "probe__which": "[]", "train__log_every": 5}
+    # run with one torch thread, bit for bit: students, logged losses, gradient norms and probes, status, diverged step.
+    common = {**FAST, "probe__which": "[student, input]", "train__log_every": 5}
     cfgs = [tiny_config(tmp_path / f"side{i}", **common, **v) for i, v in enumerate(SIDE_BY_SIDE)]
     assert all(why_not_stackable(c, "threads") is None for c in cfgs)
     summaries = train_stacked(cfgs, mode="threads")
@@ -387,6 +387,7 @@ def test_a_side_by_side_stack_stops_every_run_on_sigterm_and_resumes_each(tmp_pa
     assert proc.wait(timeout=60) == 3, (tmp_path / "s.log").read_text()
     summaries = [RunDir(d).summary() for d in sorted(root.iterdir()) if d.is_dir()]
     assert [s["status"] for s in summaries] == ["interrupted"] * 2 and summaries[0]["steps"] < 400
+    assert "side by side: 2 run(s) on 2 thread(s) of 1 torch thread(s) each\n" in (tmp_path / "s.log").read_text()
     results = run_sweep(expand(load_sweep(path)), stack=2, workers=1)
     assert [r["status"] for r in results] == ["completed"] * 2
     for r in results:
@@ -394,14 +395,19 @@ def test_a_side_by_side_stack_stops_every_run_on_sigterm_and_resumes_each(tmp_pa
 
 
 @pytest.mark.parametrize("mode", ["auto", "threads", "vmap"])
-def test_sweep_stack_mode_reaches_the_stacks(tmp_path, capsys, mode):
+def test_sweep_stack_mode_reaches_the_stacks(tmp_path, mode):
     # alpha = 1e-10 starts in float64: a vmap stack cannot hold it, a stack side by side can (auto: side by side
-    # on a CPU). From the command line to the worker: each stacked run's summary says how it was trained.
-    from randteach.cli import main
+    # on a CPU). From the command line to the worker: each stacked run's summary says how it was trained, and the
+    # worker says so as it starts (one torch thread here: the runs of a stack side by side train one by one).
     path = _write_sweep(tmp_path, SWEEP_BASE, grid={"init.alpha": [1e-10, 0.5]}, seeds=[0, 1])
-    assert main(["sweep", str(path), "--stack", "2", "--stack-mode", mode]) == 0
-    err = capsys.readouterr().err
+    done = subprocess.run([sys.executable, "-m", "randteach.cli", "sweep", str(path), "--stack", "2", "--stack-mode",
+                           mode], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = done.stderr
+    assert done.returncode == 0, err
     assert ("not stacked:" in err and "float64" in err) == (mode == "vmap"), err
+    assert ("stacked: 2 runs as one vmapped model" in err) == (mode == "vmap"), err
+    assert ("side by side: 2 run(s) on 1 thread(s) of 1 torch thread(s) each (one after another)" in err) \
+        == (mode != "vmap"), err
     far = [c for c in expand(load_sweep(path)) if c.init.alpha == 0.5]
     how = "vmap" if mode == "vmap" else "threads"
     assert [RunDir(c.run_dir()).summary()["stack"]["mode"] for c in far] == [how, how]

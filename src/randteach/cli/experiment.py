@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
                         "$OMP_NUM_THREADS if set, else cores / workers); 0: run in this process, one after another (default: one per visible "
                         "GPU when the runs use GPUs, else 1)")
     p.add_argument("--stack", type=int, default=1, metavar="K",
-                   help="train up to K runs at a time in one worker process (local launcher; see --stack-mode; "
+                   help="group up to K runs in one worker process (local launcher; how they train: --stack-mode; "
                         "docs/PERFORMANCE.md, Stacked runs)")
     add_stack_mode(p)
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")

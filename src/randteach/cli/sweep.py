@@ -40,7 +40,8 @@ def cmd_sweep(args, extra) -> int:
     from ..config import parse_overrides
     from . import print_notes
     from ..runs.rundir import RunDir
-    from ..runs.sweep import expand, finished_summary, load_sweep, run_sweep, submitit_parameters
+    from ..runs.sweep import check_stack_options, expand, finished_summary, load_sweep, run_sweep, submitit_parameters
+    check_stack_options(args.stack, args.stack_mode, args.launcher)
     spec = load_sweep(args.sweep_file)
     if args.out:
         spec.out = args.out
@@ -88,8 +89,10 @@ def cmd_report(args, extra) -> int:
 
 def add_stack_mode(p) -> None:
     p.add_argument("--stack-mode", default="auto", metavar="MODE",
-                   help="how a stack trains: threads (each run its own step, the runs side by side on the cores), "
-                        "vmap (one model of K runs), or auto: threads on a CPU, vmap on a GPU (docs/PERFORMANCE.md, "
+                   help="how a stack trains: threads (each run by the solo loop, min(K, the worker's torch threads) "
+                        "side by side; with one torch thread one after another), vmap (one model of the runs that "
+                        "differ only in seed, init alpha/epsilon or optimizer values; bf16, float64-start, EMA-teacher "
+                        "or augmented runs alone), or auto: threads on a CPU, vmap on a GPU (docs/PERFORMANCE.md, "
                         "Stacked runs; default: auto)")
 
 
@@ -112,8 +115,8 @@ def add_parser(subparsers) -> None:
                    help="submitit/SLURM option, repeatable: partition, time, gpus_per_node, cpus_per_task, "
                         "mem_gb, array_parallelism, account, qos, constraint, cluster (local: no SLURM)")
     p.add_argument("--stack", type=int, default=1, metavar="K",
-                   help="train up to K runs at a time in one process (local launcher; see --stack-mode); a run "
-                        "that cannot join a stack runs alone, with the reason (default: 1)")
+                   help="group up to K runs in one worker process (local launcher; how they train: --stack-mode); "
+                        "a run that cannot join a stack runs alone, with the reason (default: 1)")
     add_stack_mode(p)
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.set_defaults(func=cmd_sweep)

@@ -447,9 +447,9 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
 
 
 def _not_completed(summary: dict) -> str:
-    """Where a run that did not complete stopped: a diverged run's first non-finite step (its `steps` are the
-    finite ones before it, which its checkpoints hold), else its step count."""
+    """Where a run that did not complete stopped: a diverged run's first non-finite step beside the steps its
+    summary counts (the loop keeps the last checkpoint before that step), else its step count."""
     if "diverged_step" in summary:
-        return (f"non-finite at step {summary['diverged_step']} ({summary.get('steps', '?')} finite steps kept): "
-                f"{summary.get('reason', '')}")
+        return (f"non-finite at step {summary['diverged_step']}: {summary.get('reason', '')} "
+                f"({summary.get('steps', '?')} steps counted; the last checkpoint before it is kept)")
     return f"{summary.get('steps', '?')} steps"

@@ -253,15 +253,15 @@ def _stacked_worker(cfg_dicts: list[dict], slot: _Slot) -> None:
     """Entry point of one worker process that trains several runs stacked (randteach.train.stacked)."""
     cfgs = [config_from_dict(d) for d in cfg_dicts]
     slot.enter(", ".join(str(c.run_dir()) for c in cfgs))
-    run_stacked(cfgs, slot.stack_mode)
+    run_stacked(cfgs, slot.stack_mode, progress=slot.say)
 
 
-def run_stacked(cfgs: list[Config], mode: str = "auto") -> list[dict]:
+def run_stacked(cfgs: list[Config], mode: str = "auto", progress: bool = False) -> list[dict]:
     """Train `cfgs` stacked (`mode`: train.stacked.stack_mode); an exception becomes a "failed" summary (of every
     run where the whole stack raised), never a crash."""
     from ..train.stacked import train_stacked
     try:
-        results = train_stacked(cfgs, mode=mode)
+        results = train_stacked(cfgs, progress, mode)
     except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
         return [record_failure(c, f"{type(e).__name__}: {e}", traceback.format_exc()) for c in cfgs]
     return [_after_stack(r, c) for r, c in zip(results, cfgs)]
@@ -289,7 +289,7 @@ def _jobs(configs: list[Config], todo: list[int], stack: int, mode: str, log: "_
     stacked = [configs[todo[g[0]]] for g in groups if len(g) > 1]
     if stacked and stack_mode(stacked[0], mode) == "vmap" and resolve_device(stacked[0].train.device).type == "cpu":
         log.line("note: on a CPU a vmap stack pays only where per-operation overhead bounds the step (tiny models "
-                 "and batches); a conv encoder at batch 64 trains 1.2-2.5x faster one run at a time, or side by side "
+                 "and batches); a conv encoder at batch 64 trains 1.1-2.6x faster one run at a time, or side by side "
                  "with --stack-mode threads (docs/PERFORMANCE.md, Stacked runs)")
     return [[todo[j] for j in g] for g in groups]
 
@@ -580,6 +580,17 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
     return results  # type: ignore[return-value]
 
 
+def check_stack_options(stack: int, stack_mode: str, launcher: str) -> None:
+    """--stack K and --stack-mode as a sweep or an experiment can take them (before anything runs)."""
+    from ..train.stacked import STACK_MODES
+    if stack < 1:
+        raise ConfigError(f"--stack must be at least 1, got {stack}")
+    if stack_mode not in STACK_MODES:
+        raise ConfigError(f"--stack-mode {stack_mode}: expected one of {', '.join(STACK_MODES)}")
+    if stack > 1 and launcher != "local":
+        raise ConfigError("--stack works with --launcher local only; drop --stack for SLURM")
+
+
 def run_sweep(configs: list[Config], launcher: str = "local", workers: int | None = None, progress: bool = True,
               slurm: dict | None = None, stack: int = 1, stack_mode: str = "auto") -> list[dict]:
     """Execute every config (skipping finished runs); one summary per config, in order.
@@ -590,17 +601,11 @@ def run_sweep(configs: list[Config], launcher: str = "local", workers: int | Non
     GPU where there are GPUs; stack > 1: up to `stack` runs at a time in one process, as `stack_mode` says
     (train.stacked.stack_mode: auto, vmap or threads).
     """
-    from ..train.stacked import STACK_MODES
-    if stack < 1:
-        raise ConfigError(f"--stack must be at least 1, got {stack}")
-    if stack_mode not in STACK_MODES:
-        raise ConfigError(f"--stack-mode {stack_mode}: expected one of {', '.join(STACK_MODES)}")
+    check_stack_options(stack, stack_mode, launcher)
     if launcher == "local" and workers is not None and workers < 1:
         raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
     if launcher == "local":
         return _run_local(configs, workers, progress, stack, stack_mode)
-    if stack > 1:
-        raise ConfigError("--stack works with --launcher local only; drop --stack for SLURM")
     if launcher == "slurm":
         return _run_slurm(configs, dict(slurm or {}), progress)
     raise ConfigError(f"unknown launcher {launcher!r}; use local or slurm")

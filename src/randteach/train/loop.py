@@ -1,6 +1,6 @@
 """The distillation loop: a student is trained to match a frozen, randomly initialized teacher.
 
-No labels and no augmentation: teacher and student see the same image. The loop logs loss, gradient
+No labels, and by default no augmentation: teacher and student see the same image. The loop logs loss, gradient
 norm, the student's distance from the teacher and from its own init, and the learning rate to
 metrics.jsonl every `train.log_every` steps; it probes teacher, student and raw input at the configured
 epochs; it checkpoints atomically, resumes bitwise-exactly on CPU, stops cleanly with status "diverged"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,8 +48,9 @@ def train_side_by_side(cfgs: list[Config], progress: bool = False) -> list[dict]
         finally:
             torch.set_num_threads(threads)
         if progress:
-            print(f"side by side: {len(waiting)} runs on {lanes} thread(s) of {stack['torch_threads']} torch "
-                  "thread(s) each", flush=True)
+            print(f"  side by side: {len(waiting)} run(s) on {lanes} thread(s) of {stack['torch_threads']} torch "
+                  "thread(s) each" + (" (one after another)" if lanes == 1 and len(waiting) > 1 else ""),
+                  file=sys.stderr, flush=True)
         with stop:  # signals are caught from here on: a stop while the runs were opened ends the process
             summaries.update(_on_lanes(waiting, stack, threads, stop))
     return [summaries[i] for i in range(len(cfgs))]
