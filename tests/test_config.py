@@ -226,7 +226,7 @@ IGNORABLE = {
     "init.variance_preserving": ("false", {"init.mode": "neighborhood"}, {}),
     "init.epsilon": ("1e-3", {}, {"init.mode": "neighborhood"}),
     "init.fresh_seed": ("7", {"init.mode": "copy"}, {"init.mode": "independent"}),
-    "teacher.ema_momentum": ("0.9", {}, {"teacher.mode": "ema"}),
+    "teacher.ema_momentum": ("0.9", {}, {"teacher.mode": "ema", "train.teacher_cache": "false"}),
     "loss.teacher_temp": ("0.04", {"loss.name": "mse"}, {"loss.name": "ce"}),
     "loss.student_temp": ("0.1", {"loss.name": "nmse"}, {}),
     "loss.center_momentum": ("0.5", {}, {"loss.center": "true"}),
@@ -325,3 +325,13 @@ def test_values_keep_what_they_spell():
     with pytest.raises(ConfigError, match="not a valid int"):
         build_config("cpu", None, {"data.n_samples": 2.5})  # a YAML float is not cut to 2
     assert cfg.run_dir() == Path.home() / "somewhere"
+
+
+@pytest.mark.parametrize("teacher, why", [({"teacher.mode": "ema"}, "teacher.mode=ema changes the teacher"),
+                                          ({"teacher.mode": "previous-epoch"}, "teacher.mode=previous-epoch"),
+                                          ({"teacher.train_mode": "true"}, "depend on the batch")])
+def test_a_moving_teacher_with_the_teacher_cache_is_refused_when_the_config_is_built(teacher, why):
+    # the cpu preset caches the teacher's outputs: a sweep or a dry run sees this before any run starts
+    with pytest.raises(ConfigError, match=f"{why}.*add --train.teacher_cache false"):
+        build_config("cpu", None, teacher)
+    assert build_config("cpu", None, {**teacher, "train.teacher_cache": "false"}).train.teacher_cache is False

@@ -288,6 +288,10 @@ class Config:
         if self.data.augment != "none" and self.train.teacher_cache:
             raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
                               "outputs cannot be cached: add --train.teacher_cache false")
+        if self.train.teacher_cache and (self.teacher.mode != "frozen" or self.teacher.train_mode):
+            why = (f"teacher.mode={self.teacher.mode} changes the teacher during training" if self.teacher.mode != "frozen"
+                   else "teacher.train_mode=true makes its outputs depend on the batch (batch-norm statistics)")
+            raise ConfigError(f"{why}, so its outputs cannot be cached: add --train.teacher_cache false")
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas: {self.optim.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         check_encoder(self.model.encoder)

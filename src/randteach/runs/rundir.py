@@ -219,7 +219,9 @@ def run_summary(run: RunDir, *, status: str, steps: int, epochs: float, wall: fl
             "probe": {k: final[k] for k in ("teacher", "student", "input") if k in final},
             "probe_epoch": final.get("epoch"),  # after a stop, the last probe may be epoch 0
             "init": init, "config_digest": digest, "device": str(device), **_gpu(device), "precision": precision,
-            "torch": torch.__version__, "host": platform.node(), **probe_warnings(probes), **extra}
+            # the torch threads of the run's last stretch: on a CPU its arithmetic depends on them
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "host": platform.node(),
+            **probe_warnings(probes), **extra}
 
 
 def _gpu(device) -> dict:

@@ -257,13 +257,18 @@ def _stacked_worker(cfg_dicts: list[dict], slot: _Slot) -> None:
 
 
 def run_stacked(cfgs: list[Config], mode: str = "auto", progress: bool = False) -> list[dict]:
-    """Train `cfgs` stacked (`mode`: train.stacked.stack_mode); an exception becomes a "failed" summary (of every
-    run where the whole stack raised), never a crash."""
+    """Train `cfgs` stacked (`mode`: train.stacked.stack_mode); an exception becomes a "failed" summary, never a
+    crash. A stack that raises as a whole (a vmap stack whose one run cannot start) trains its runs alone, so
+    that the one run's failure is its own and the others finish."""
     from ..train.stacked import train_stacked
     try:
         results = train_stacked(cfgs, progress, mode)
     except Exception as e:  # noqa: BLE001 - one broken group must not stop a sweep
-        return [record_failure(c, f"{type(e).__name__}: {e}", traceback.format_exc()) for c in cfgs]
+        if len(cfgs) == 1:
+            return [record_failure(cfgs[0], f"{type(e).__name__}: {e}", traceback.format_exc())]
+        print(f"  the stack failed ({type(e).__name__}: {e}); its {len(cfgs)} runs train alone", file=sys.stderr,
+              flush=True)
+        return [run_one(c) for c in cfgs]
     return [_after_stack(r, c) for r, c in zip(results, cfgs)]
 
 
@@ -292,6 +297,12 @@ def _jobs(configs: list[Config], todo: list[int], stack: int, mode: str, log: "_
                  "and batches); a conv encoder at batch 64 trains 1.1-2.6x faster one run at a time, or side by side "
                  "with --stack-mode threads (docs/PERFORMANCE.md, Stacked runs)")
     return [[todo[j] for j in g] for g in groups]
+
+
+def _stacks_line(jobs: list[list[int]], stack: int) -> str:
+    stacks = sum(len(job) > 1 for job in jobs)
+    alone = len(jobs) - stacks
+    return f" as {stacks} stack(s) of up to {stack}" + (f" and {alone} run(s) alone" if alone else "")
 
 
 def _stop_with_parent() -> None:
@@ -430,7 +441,7 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
     workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
     threads = threads_per_worker(workers)
     log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
-             + (f" as {len(jobs)} stack(s) of up to {stack}" if stack > 1 and todo else "")
+             + (_stacks_line(jobs, stack) if stack > 1 and todo else "")
              + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
              + (f", each on one of the GPUs {', '.join(gpus)}" if gpus and todo else ""))
     pending = list(reversed(jobs))
@@ -461,12 +472,15 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
 def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | None) -> dict:
     """The result a worker left in its run directory — or a completed run's summary that another process
     wrote after this sweep was planned (two sweeps sharing runs; the worker then had nothing to do); a
-    worker that died without either is a failure, unless the sweep itself was being stopped."""
+    worker that died without either is a failure, unless the sweep itself was being stopped (then a run that
+    never took a step, one a stack had not begun, is "pending")."""
     summary = RunDir(cfg.run_dir()).summary() if _summary_stamp(cfg) != stamp else finished_summary(cfg)
     if summary is not None:
         return summary
     if stopping is not None:
-        return {"status": "interrupted", "signal": signal.Signals(stopping).name}
+        run = RunDir(cfg.run_dir())
+        began = (run.checkpoints / "last.pt").exists() or any(r.get("event") == "step" for r in run.records())
+        return {"status": "interrupted" if began else "pending", "signal": signal.Signals(stopping).name}
     if exitcode is not None and exitcode < 0:
         how = f"was killed by {signal.Signals(-exitcode).name} before writing a summary (out of memory?)"
     else:

@@ -234,9 +234,6 @@ def _attach_teacher_cache(state: TrainState, progress: bool) -> None:
     cfg = state.cfg
     if not cfg.train.teacher_cache:
         return
-    ok, why = teacher_cache.usable(cfg)
-    if not ok:
-        raise UserError(f"train.teacher_cache=true cannot be used: {why}; set --train.teacher_cache false")
     from ..data import resolve_root
     targets, origin = teacher_cache.load_or_compute(cfg, state.teacher, state.inputs, state.preprocess, state.plan.batch,
                                                     state.device, resolve_root(cfg.data.root) / "teacher-targets",

@@ -37,14 +37,6 @@ from ..runs.checkpoint import load_checkpoint, save_checkpoint
 VERSION = "2"  # the cache file's format; the code that computes the targets is keyed by `digest_code`
 
 
-def usable(cfg: Config) -> tuple[bool, str]:
-    if cfg.teacher.mode != "frozen":
-        return False, f"teacher.mode={cfg.teacher.mode} changes the teacher during training"
-    if cfg.teacher.train_mode:
-        return False, "a teacher in train mode depends on the batch (batch-norm batch statistics)"
-    return True, ""
-
-
 def target_settings(cfg: Config, device: torch.device, channels_last: bool) -> dict:
     """The settings besides weights and inputs that change the cached targets."""
     return {"head": asdict(cfg.head), "model": asdict(cfg.model), "channels_last": channels_last,
