@@ -84,7 +84,6 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
             _open_run(cfg, run, ddp, given)
             with exact_fp32(), contextlib.ExitStack() as flags:
                 state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
-                _attach_teacher_cache(state, progress)
                 yield Training(state, progress, probe_splits, stop or flags.enter_context(StopFlag()))
         except Exception:
             if new:  # e.g. data not found, an encoder that cannot be built: no empty run folder is left
@@ -121,7 +120,7 @@ class Training:
 
     def __init__(self, state: TrainState, progress: bool, probe_splits, stop: StopFlag):
         cfg, ddp = state.cfg, state.ddp
-        self.state = state
+        self.state, self.progress = state, progress
         self.bar = tqdm(total=state.plan.total_steps, initial=state.step, disable=not progress or not ddp.is_main,
                         desc=f"distill {state.run.path.name}", unit="step", dynamic_ncols=True)
         metrics = MetricsLog(self.bar)
@@ -134,6 +133,9 @@ class Training:
         return self.state.step >= self.state.plan.total_steps
 
     def start(self) -> None:
+        """The teacher cache (computed here, where runs side by side compute theirs at once), then the clock and
+        the hooks' start."""
+        _attach_teacher_cache(self.state, self.progress)
         self.state.start_clock()
         for h in self.hooks:
             h.at_start(self.state)
@@ -240,7 +242,7 @@ def _attach_teacher_cache(state: TrainState, progress: bool) -> None:
                                                     state.conv_like)
     state.targets = targets.to(state.device)
     if progress and state.ddp.is_main:
-        print(f"teacher targets: {origin}")
+        tqdm.write(f"teacher targets: {origin}")  # above the run's progress bar
 
 
 def _finish(state: TrainState, status: str, steps: int, extra: dict) -> RunResult:

@@ -7,8 +7,8 @@ the cores: torch spreads one small convolution poorly over threads. Here a stack
 side instead, each by the solo loop itself (`loop.opened`, `loop.Training`, `loop.solo_loop`: its steps,
 logging, divergence check, probes and checkpoints), on L = min(T, runs to train) threads of T // L torch threads
 each (T: the process's torch threads); a thread that finishes a run takes the next one. The runs are opened
-first, on the calling thread with T // L torch threads too (locks, random state, files, a teacher cache to
-compute). A SIGTERM/SIGINT stops every training run after its current step, with its resumable checkpoint;
+first, on the calling thread with T // L torch threads too (locks, random state, files); a run's teacher cache
+is computed on its lane as it starts (`Training.start`), beside the others'. A SIGTERM/SIGINT stops every training run after its current step, with its resumable checkpoint;
 runs that have not begun stay as they are ("pending"). A run that fails is reported "failed", the others train.
 
 Each run is its solo run with T // L torch threads, arithmetic and files: its student is bitwise the student of
