@@ -457,3 +457,20 @@ def test_a_signal_side_by_side_stops_the_training_runs_and_leaves_the_waiting_on
     assert summaries[2]["signal"] == "SIGTERM" and summaries[0]["steps"] < 300
     assert (Path(cfgs[0].run_dir()) / "checkpoints" / "last.pt").exists()
     assert not (Path(cfgs[2].run_dir()) / "checkpoints" / "last.pt").exists()
+
+
+def test_runs_side_by_side_read_their_data_set_once(tmp_path, two_torch_threads, monkeypatch):
+    # Two runs on the same data set side by side: one read (and one copy in memory), where alone each reads it.
+    from randteach.data import registry
+    reads = []
+    load = registry.load_dataset
+
+    def counted(*args, **kw):
+        reads.append(args[:2])
+        return load(*args, **kw)
+    monkeypatch.setattr(registry, "load_dataset", counted)
+    cfgs = [tiny_config(tmp_path / f"r{i}", **{**FAST, "probe__which": "[]"}, **v) for i, v in enumerate(VARIED[:2])]
+    assert [s["status"] for s in train_stacked(cfgs, mode="threads")] == ["completed"] * 2
+    assert reads == [("digits", "train")]
+    distill(tiny_config(tmp_path / "alone", **{**FAST, "probe__which": "[]"}, **VARIED[0]), progress=False)
+    assert len(reads) == 2  # outside a stack nothing is kept

@@ -8,12 +8,13 @@ differ from Zalando's while their contents match `raw_md5` exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import DataMissingError, UserError
 from . import cifar, cifar5m, digits, folder, idx, stl10, tinyimagenet
@@ -145,12 +146,35 @@ def how_to_get(info: DatasetInfo, root: Path) -> str:
     return "Get it by hand: " + info.manual.format(folder=root / (info.folder or ""))
 
 
+_shared: dict | None = None  # set inside `shared_loads`
+
+
+@contextlib.contextmanager
+def shared_loads() -> Iterator[None]:
+    """Within it, `load_configured` reads each data set split once and hands every caller the same ImageData:
+    runs opened side by side in one process share their data instead of each reading, decoding and holding its
+    own copy. The callers only read it (a subset is a copy)."""
+    global _shared
+    outer = _shared
+    _shared = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
 def load_configured(data_cfg, split: str = "train", name: str | None = None) -> ImageData:
     """Split `split` of data set `name` (default: the configured one) with a `DataConfig`'s root and folder
     options; the folder path belongs to the configured data set only (a probe data set reads no folder)."""
     name = name or data_cfg.name
     path = data_cfg.path if name == data_cfg.name else None
-    return load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
+    key = (name, split, data_cfg.root, path, data_cfg.test_fraction)
+    if _shared is not None and key in _shared:
+        return _shared[key]
+    data = load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
+    if _shared is not None:
+        _shared[key] = data
+    return data
 
 
 def search_dirs(info: DatasetInfo, base: Path) -> list[Path]:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..config import Config
+from ..data.registry import shared_loads
 from ..runs.rundir import RunDir, RunInUse
 from .callbacks import StopFlag
 from .loop import RunResult, Training, opened, solo_loop
@@ -44,7 +45,8 @@ def train_side_by_side(cfgs: list[Config], progress: bool = False) -> list[dict]
     with contextlib.ExitStack() as runs:
         torch.set_num_threads(stack["torch_threads"])
         try:
-            waiting = _open_all(cfgs, runs, stop, summaries)
+            with shared_loads():  # one copy of each data set for all the runs
+                waiting = _open_all(cfgs, runs, stop, summaries)
         finally:
             torch.set_num_threads(threads)
         if progress:
