@@ -12,8 +12,8 @@ is computed on its lane as it starts (`Training.start`), beside the others'. A S
 runs that have not begun stay as they are ("pending"). A run that fails is reported "failed", the others train.
 
 Each run is its solo run with T // L torch threads, arithmetic and files: its student is bitwise the student of
-`OMP_NUM_THREADS=T//L randteach distill` of its config (tested). Every run holds its own copy of its data and
-probe sets while the stack trains (a vmap stack shares one).
+`OMP_NUM_THREADS=T//L randteach distill` of its config (tested). The runs share one copy of each data set they
+are opened with (`data.registry.shared_loads`).
 """
 from __future__ import annotations
 
