@@ -169,3 +169,13 @@ def test_teacher_cache_is_keyed_by_the_head_switches(tmp_path):
     for fn1 in (True, False):
         assert losses[fn1, True] == pytest.approx(losses[fn1, False], rel=1e-4)
     assert losses[True, True] != pytest.approx(losses[False, True], rel=1e-4)
+
+
+def test_a_config_changed_after_it_was_built_is_checked_at_run_start(tmp_path):
+    # Config.validate refuses a moving teacher with the teacher cache; a Config edited from Python afterwards is
+    # refused when its run starts (it would train on the cached outputs of a teacher that moves).
+    from randteach.errors import UserError
+    cfg = tiny_config(tmp_path, train__max_steps=2, probe__which="[]")
+    cfg.teacher.mode, cfg.train.teacher_cache = "ema", True
+    with pytest.raises(UserError, match="teacher.mode=ema changes the teacher during training, so its outputs cannot"):
+        distill(cfg, progress=False)

@@ -26,6 +26,16 @@ import yaml
 from .errors import UserError
 
 
+def teacher_cache_conflict(cfg) -> str | None:
+    """Why train.teacher_cache cannot hold this run's teacher outputs (a teacher that moves or depends on the
+    batch), or None."""
+    if not cfg.train.teacher_cache or (cfg.teacher.mode == "frozen" and not cfg.teacher.train_mode):
+        return None
+    why = (f"teacher.mode={cfg.teacher.mode} changes the teacher during training" if cfg.teacher.mode != "frozen"
+           else "teacher.train_mode=true makes its outputs depend on the batch (batch-norm statistics)")
+    return f"{why}, so its outputs cannot be cached: add --train.teacher_cache false"
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message says what to do."""
 
@@ -288,10 +298,8 @@ class Config:
         if self.data.augment != "none" and self.train.teacher_cache:
             raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
                               "outputs cannot be cached: add --train.teacher_cache false")
-        if self.train.teacher_cache and (self.teacher.mode != "frozen" or self.teacher.train_mode):
-            why = (f"teacher.mode={self.teacher.mode} changes the teacher during training" if self.teacher.mode != "frozen"
-                   else "teacher.train_mode=true makes its outputs depend on the batch (batch-norm statistics)")
-            raise ConfigError(f"{why}, so its outputs cannot be cached: add --train.teacher_cache false")
+        if teacher_cache_conflict(self):
+            raise ConfigError(teacher_cache_conflict(self))
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas: {self.optim.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         check_encoder(self.model.encoder)

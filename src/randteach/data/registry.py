@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -146,21 +147,20 @@ def how_to_get(info: DatasetInfo, root: Path) -> str:
     return "Get it by hand: " + info.manual.format(folder=root / (info.folder or ""))
 
 
-_shared: dict | None = None  # set inside `shared_loads`
+_sharing = threading.local()  # .loads: set inside `shared_loads`, on this thread only
 
 
 @contextlib.contextmanager
 def shared_loads() -> Iterator[None]:
-    """Within it, `load_configured` reads each data set split once and hands every caller the same ImageData:
-    runs opened side by side in one process share their data instead of each reading, decoding and holding its
-    own copy. The callers only read it (a subset is a copy)."""
-    global _shared
-    outer = _shared
-    _shared = {} if outer is None else outer
+    """Within it, `load_configured` on this thread reads each data set split once and hands every caller the
+    same ImageData: runs opened side by side in one process share their data instead of each reading, decoding
+    and holding its own copy. The callers only read it (a subset is a copy)."""
+    outer = getattr(_sharing, "loads", None)
+    _sharing.loads = {} if outer is None else outer
     try:
         yield
     finally:
-        _shared = outer
+        _sharing.loads = outer
 
 
 def load_configured(data_cfg, split: str = "train", name: str | None = None) -> ImageData:
@@ -169,11 +169,12 @@ def load_configured(data_cfg, split: str = "train", name: str | None = None) -> 
     name = name or data_cfg.name
     path = data_cfg.path if name == data_cfg.name else None
     key = (name, split, data_cfg.root, path, data_cfg.test_fraction)
-    if _shared is not None and key in _shared:
-        return _shared[key]
+    shared = getattr(_sharing, "loads", None)
+    if shared is not None and key in shared:
+        return shared[key]
     data = load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
-    if _shared is not None:
-        _shared[key] = data
+    if shared is not None:
+        shared[key] = data
     return data
 
 

@@ -268,7 +268,11 @@ def run_stacked(cfgs: list[Config], mode: str = "auto", progress: bool = False) 
             return [record_failure(cfgs[0], f"{type(e).__name__}: {e}", traceback.format_exc())]
         print(f"  the stack failed ({type(e).__name__}: {e}); its {len(cfgs)} runs train alone", file=sys.stderr,
               flush=True)
-        return [run_one(c) for c in cfgs]
+        results: list[dict] = []
+        for c in cfgs:  # a run interrupted by the sweep's stop leaves the rest unbegun, as a stopped sweep does
+            stopped = results and results[-1].get("status") == "interrupted"
+            results.append({"status": "pending"} if stopped else run_one(c))
+        return results
     return [_after_stack(r, c) for r, c in zip(results, cfgs)]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import teacher_cache
-from ..config import Config
+from ..config import Config, teacher_cache_conflict
 from ..data import ImageData
 from ..digests import object_key
 from ..errors import UserError
@@ -84,7 +85,9 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
             _open_run(cfg, run, ddp, given)
             with exact_fp32(), contextlib.ExitStack() as flags:
                 state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
-                yield Training(state, progress, probe_splits, stop or flags.enter_context(StopFlag()))
+                # the run's own flag catches signals once its teacher cache is there (before, a signal ends the
+                # process as it always did); a flag shared by runs side by side is the caller's
+                yield Training(state, progress, probe_splits, stop or StopFlag(), None if stop else flags.enter_context)
         except Exception:
             if new:  # e.g. data not found, an encoder that cannot be built: no empty run folder is left
                 RunDir(cfg.run_dir()).remove_if_unstarted()
@@ -118,9 +121,9 @@ class Training:
     then `step` and `after` until `done`, then `end`; a hook that ends the run raises StopRun), then `finish`,
     which writes the summary. Runs side by side in one process (`train.side_by_side`) are each driven so too."""
 
-    def __init__(self, state: TrainState, progress: bool, probe_splits, stop: StopFlag):
+    def __init__(self, state: TrainState, progress: bool, probe_splits, stop: StopFlag, enter_stop=None):
         cfg, ddp = state.cfg, state.ddp
-        self.state, self.progress = state, progress
+        self.state, self.progress, self.stop, self._enter_stop = state, progress, stop, enter_stop
         self.bar = tqdm(total=state.plan.total_steps, initial=state.step, disable=not progress or not ddp.is_main,
                         desc=f"distill {state.run.path.name}", unit="step", dynamic_ncols=True)
         metrics = MetricsLog(self.bar)
@@ -136,6 +139,11 @@ class Training:
         """The teacher cache (computed here, where runs side by side compute theirs at once), then the clock and
         the hooks' start."""
         _attach_teacher_cache(self.state, self.progress)
+        if self._enter_stop is not None:
+            self._enter_stop(self.stop)
+        if self.stop.signal is not None:  # side by side: stopped while this run computed its cache
+            self.state.save()
+            raise StopRun("interrupted", self.state.step, signal=signal.Signals(self.stop.signal).name)
         self.state.start_clock()
         for h in self.hooks:
             h.at_start(self.state)
@@ -236,6 +244,9 @@ def _attach_teacher_cache(state: TrainState, progress: bool) -> None:
     cfg = state.cfg
     if not cfg.train.teacher_cache:
         return
+    conflict = teacher_cache_conflict(cfg)  # a Config changed after it was built (Python API) is checked here
+    if conflict:
+        raise UserError(conflict)
     from ..data import resolve_root
     targets, origin = teacher_cache.load_or_compute(cfg, state.teacher, state.inputs, state.preprocess, state.plan.batch,
                                                     state.device, resolve_root(cfg.data.root) / "teacher-targets",

@@ -110,8 +110,8 @@ def _on_lanes(waiting: dict[int, Training], stack: dict, threads: int, stop: Sto
         # One lane: the calling thread, with all its torch threads. On a thread of its own each parallel
         # operation would wake its OpenMP workers the slow way: GNU OpenMP stops spinning for work once it
         # manages more threads than there are cores, and the calling thread's idle workers count. A 200k-element
-        # add with two torch threads took 13 us on the calling thread and 60 on another; a convnet step ran 0.7x
-        # (2-core AMD VM). Lanes of one torch thread each start no parallel region and do not pay this.
+        # add with two torch threads took 14-17 us on the calling thread and 59-66 on another (benchmarks/
+        # omp_lane.py); a convnet step ran 0.7x (2-core AMD VM). Lanes of one torch thread each start no parallel region and do not pay this.
         return {i: train(t) for i, t in waiting.items()}
     try:
         with ThreadPoolExecutor(stack["lanes"], initializer=torch.set_num_threads,

@@ -14,7 +14,7 @@ and data (e.g. the seeds of a sweep that share train.seed-independent teacher se
 What it changes: the teacher's outputs are computed in other batches than the student's, so per-sample
 results may differ from a live teacher's in the last fp32 bit. The escape at alpha = 1e-10 is not seeded
 by that: the loop runs the teacher live during the float64 start (see below). Only valid for a frozen
-teacher in eval mode (checked by `usable`).
+teacher in eval mode (`config.teacher_cache_conflict`, checked when a config is built and at run start).
 
 A teacher held in float64 (the float64 start, precision.py) is cached from its fp32 copy: the loop runs
 the teacher live while the float64 phase lasts and uses these fp32 targets after it.
