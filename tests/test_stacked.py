@@ -474,3 +474,20 @@ def test_runs_side_by_side_read_their_data_set_once(tmp_path, two_torch_threads,
     assert reads == [("digits", "train")]
     distill(tiny_config(tmp_path / "alone", **{**FAST, "probe__which": "[]"}, **VARIED[0]), progress=False)
     assert len(reads) == 2  # outside a stack nothing is kept
+
+
+def test_a_run_side_by_side_stopped_before_it_starts_ends_interrupted_at_step_0(tmp_path):
+    # The stop flag set while the run computed its teacher cache: no probe, no step; a resumable checkpoint with
+    # a wall time of this run's own (the clock started), and a re-run trains it from there.
+    from randteach.train.callbacks import StopFlag
+    from randteach.train.loop import opened, solo_loop
+    cfg = tiny_config(tmp_path / "r", **FAST, **VARIED[0])
+    stop = StopFlag()
+    stop.signal = signal.SIGTERM
+    with opened(cfg, progress=False, stop=stop) as training:
+        status, steps, extra = solo_loop(training)
+        summary = training.finish(status, steps, extra).summary
+    assert (summary["status"], summary["steps"], extra["signal"]) == ("interrupted", 0, "SIGTERM")
+    assert 0 <= load_checkpoint(Path(cfg.run_dir()) / "checkpoints" / "last.pt")["wall_time_s"] < 60
+    assert RunDir(cfg.run_dir()).probes() == []
+    assert distill(cfg, progress=False).summary["steps"] == 20

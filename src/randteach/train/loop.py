@@ -141,10 +141,10 @@ class Training:
         _attach_teacher_cache(self.state, self.progress)
         if self._enter_stop is not None:
             self._enter_stop(self.stop)
+        self.state.start_clock()
         if self.stop.signal is not None:  # side by side: stopped while this run computed its cache
             self.state.save()
             raise StopRun("interrupted", self.state.step, signal=signal.Signals(self.stop.signal).name)
-        self.state.start_clock()
         for h in self.hooks:
             h.at_start(self.state)
 
