@@ -298,8 +298,8 @@ class Config:
         if self.data.augment != "none" and self.train.teacher_cache:
             raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
                               "outputs cannot be cached: add --train.teacher_cache false")
-        if teacher_cache_conflict(self):
-            raise ConfigError(teacher_cache_conflict(self))
+        if conflict := teacher_cache_conflict(self):
+            raise ConfigError(conflict)
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas: {self.optim.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         check_encoder(self.model.encoder)
@@ -415,13 +415,14 @@ def check_encoder(encoder: str) -> None:
 # Keys that change how a run is executed or logged, or where its inputs are found, but not its result: a run
 # moved to a node with its data elsewhere (a SLURM job's local disk) keeps its address and resumes.
 RUNTIME_ONLY = ("train.log_every", "train.data_on_device", "data.root")
+_RUNTIME_ONLY_BEFORE_2026_12 = ("train.log_every", "train.data_on_device")  # runs recorded then still match
 
 
 def outside_the_address(key: str) -> bool:
     """Whether a dotted key leaves a run's address (`Config.digest`) unchanged: where and how the run is
     logged, and the RUNTIME_ONLY keys. Runs that differ only in such keys are one run."""
     return key == "out" or key.startswith("log.") or key in RUNTIME_ONLY
-_RUNTIME_ONLY_BEFORE_2026_12 = ("train.log_every", "train.data_on_device")  # runs recorded then still match
+
 
 # Run addresses hash the values that differ from the defaults. When a default changes, DEFAULTS_VERSION goes
 # up and the old default is listed under the last version that had it, so the digest a run recorded under

@@ -250,6 +250,10 @@ def _writes() -> bool:
 class RunInUse(UserError):
     """Another process holds the run folder's lock."""
 
+    def summary(self) -> dict:
+        """What a stack reports for such a run, which it leaves untouched (its caller waits for it)."""
+        return {"status": "failed", "error": f"{type(self).__name__}: {self}", "in_use": True}
+
 
 def wait_until_free(path: str | Path) -> None:
     """Block until no process holds the run folder's lock (at once if none does, or if there is no lock)."""

@@ -27,7 +27,8 @@ import torch
 
 from ..config import Config
 from ..data.registry import shared_loads
-from ..runs.rundir import RunDir, RunInUse
+from ..runs.rundir import RunInUse
+from ..runs.sweep import finished_summary
 from .callbacks import StopFlag
 from .loop import RunResult, Training, opened, solo_loop
 
@@ -59,10 +60,10 @@ def train_side_by_side(cfgs: list[Config], progress: bool = False) -> list[dict]
 
 
 def _to_train(cfgs: list[Config]) -> int:
-    """How many of `cfgs` have steps left: all but those whose summary says completed or diverged."""
+    """How many of `cfgs` have steps left: all but those a sweep would skip as finished."""
     def finished(cfg: Config) -> bool:
         try:
-            return (RunDir(cfg.run_dir()).summary() or {}).get("status") in ("completed", "diverged")
+            return finished_summary(cfg) is not None
         except ValueError:  # an unreadable summary.json: the run is opened, and the loop's checks decide
             return False
     return sum(not finished(c) for c in cfgs)
@@ -80,7 +81,7 @@ def _open_all(cfgs: list[Config], runs: contextlib.ExitStack, stop: StopFlag, su
         try:
             training = runs.enter_context(opened(cfg, progress=False, stop=stop))
         except RunInUse as e:  # that run is another process's; the others train
-            summaries[i] = {"status": "failed", "error": f"{type(e).__name__}: {e}", "in_use": True}
+            summaries[i] = e.summary()
             continue
         except Exception as e:  # noqa: BLE001 - one run that cannot start must not stop the others
             summaries[i] = _failure(e)

@@ -220,7 +220,7 @@ def train_stacked(cfgs: list[Config], progress: bool = False, mode: str = "auto"
             try:
                 locks.enter_context(run_lock(cfg.run_dir(), create=True))  # one writer per run folder, as distill
             except RunInUse as e:  # that run is another process's; the others train
-                summaries[i] = {"status": "failed", "error": f"{type(e).__name__}: {e}", "in_use": True}
+                summaries[i] = e.summary()
                 continue
             run = RunDir(cfg.run_dir())
             run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
