@@ -171,6 +171,29 @@ def test_teacher_cache_is_keyed_by_the_head_switches(tmp_path):
     assert losses[True, True] != pytest.approx(losses[False, True], rel=1e-4)
 
 
+def test_runs_that_share_a_teacher_compute_its_cached_targets_once(tmp_path):
+    # the runs of a sweep (threads side by side, or worker processes) that share a teacher: a run that finds the
+    # targets being computed waits for them and reads the file, instead of computing them again
+    import threading
+    from randteach.files import exclusive
+    from randteach.models import build_model
+    from randteach.train import teacher_cache
+    cfg = tiny_config(tmp_path)
+    teacher, inputs, folder = build_model(cfg, 1, 8, seed=0), torch.rand(100, 1, 8, 8), tmp_path / "targets"
+    key = teacher_cache.cache_key(teacher, inputs, None, 50, teacher_cache.target_settings(cfg, torch.device("cpu"), False))
+    origins = []
+    with exclusive(folder / f"{key}.pt"):  # a run computing them holds this
+        waiting = threading.Thread(target=lambda: origins.append(teacher_cache.load_or_compute(
+            cfg, teacher, inputs, None, 50, torch.device("cpu"), folder)[1]))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not origins  # it waits for the run computing them
+        first = teacher_cache.compute_targets(teacher, inputs, None, 50, torch.device("cpu"))
+        teacher_cache.save_checkpoint({"key": key, "targets": first}, folder / f"{key}.pt")
+    waiting.join(timeout=60)
+    assert origins == [f"loaded {folder / key}.pt"]
+
+
 def test_a_config_changed_after_it_was_built_is_checked_at_run_start(tmp_path):
     # Config.validate refuses a moving teacher with the teacher cache; a Config edited from Python afterwards is
     # refused when its run starts (it would train on the cached outputs of a teacher that moves).

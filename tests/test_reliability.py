@@ -430,6 +430,29 @@ def test_probe_on_a_read_only_run_prints_its_results_before_failing(tmp_path, fi
     assert "| student |" in r.stdout
 
 
+def test_teacher_targets_in_a_read_only_folder_are_computed_without_a_lock(tmp_path):
+    # a data root others share read-only: nothing can be locked or saved there, and the run still gets its targets
+    from randteach.models import build_model
+    from randteach.train import teacher_cache
+    folder = tmp_path / "teacher-targets"
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)]).returncode == 0
+        if not mounted:
+            pytest.skip("running as root without mount: cannot make a read-only folder")
+    else:
+        folder.chmod(0o555)
+    cfg = tiny_config(tmp_path)
+    teacher, inputs = build_model(cfg, 1, 8, seed=0), torch.rand(60, 1, 8, 8)
+    try:
+        targets, origin = teacher_cache.load_or_compute(cfg, teacher, inputs, None, 50, torch.device("cpu"), folder)
+    finally:
+        subprocess.run(["umount", str(folder)]) if mounted else folder.chmod(0o755)
+    assert origin == "computed (cache folder not writable)" and list(folder.iterdir()) == []
+    torch.testing.assert_close(targets, teacher_cache.compute_targets(teacher, inputs, None, 50, torch.device("cpu")))
+
+
 # ------------------------------------------------------------------------------------ 11. smaller
 
 def test_report_command_and_file_modes(tmp_path):

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a temporary file beside the target, renamed over it when complete.
+"""Files written whole or not at all: a temporary file beside the target, renamed over it when complete; and
+one writer at a time for a file that several runs may want to compute (`exclusive`).
 
 tempfile.mkstemp creates its file with mode 0600, which the rename would keep: on a shared data root or run
 folder other users could then not read what randteach wrote. The temporary file gets the mode a plain new
@@ -6,8 +7,11 @@ file would get under the user's umask instead.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,3 +30,24 @@ def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     return fd, tmp
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an advisory lock on `path` plus ".lock" (it and its folder created if missing), waiting for whoever
+    holds it: other processes and other threads of this one (flock locks an open file, and each holder opens
+    its own). Where the lock file cannot be made (a read-only folder) there is no lock: nobody can write there."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -9,7 +9,8 @@ and the code that computes them (`digest_code`: after an upgrade or an edit of t
 computed anew rather than read back from the old code's arithmetic). Every step then applies only `last`
 (a matrix product) to the cached rows.
 This removes the teacher's encoder pass from every step and is reused by every run with the same teacher
-and data (e.g. the seeds of a sweep that share train.seed-independent teacher seeds, or a re-run).
+and data (e.g. the seeds of a sweep that share train.seed-independent teacher seeds, or a re-run); runs that
+want the same targets at the same time (side by side, or sweep workers) compute them once, the others wait.
 
 What it changes: the teacher's outputs are computed in other batches than the student's, so per-sample
 results may differ from a live teacher's in the last fp32 bit. The escape at alpha = 1e-10 is not seeded
@@ -31,6 +32,7 @@ from torch import nn
 from ..config import Config
 from ..digests import code_modules, digest_code, digest_tensor
 from ..errors import CheckpointError
+from ..files import exclusive
 from ..precision import fp32_module
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 
@@ -77,19 +79,29 @@ def load_or_compute(cfg: Config, teacher: nn.Module, inputs: torch.Tensor, prepr
     """The cached targets (from `folder` when present and valid) and where they came from."""
     teacher = fp32_module(teacher)
     key = cache_key(teacher, inputs, preprocess, batch_size, target_settings(cfg, device, channels_last))
-    path = folder / f"{key}.pt" if folder is not None else None
-    if path is not None and path.exists():
-        try:
-            payload = load_checkpoint(path)
-            if payload.get("key") == key and len(payload["targets"]) == len(inputs):
-                return payload["targets"], f"loaded {path}"
-        except CheckpointError:
-            pass  # a corrupt cache file is recomputed and replaced
-    targets = compute_targets(teacher, inputs, preprocess, batch_size, device, channels_last)
-    if path is not None:
+    if folder is None:
+        return compute_targets(teacher, inputs, preprocess, batch_size, device, channels_last), "computed"
+    path = folder / f"{key}.pt"
+    # the runs of a sweep that share a teacher (in threads or processes) compute its targets once: the others
+    # wait here for the file, then read it
+    with exclusive(path):
+        targets = _read(path, key, len(inputs))
+        if targets is not None:
+            return targets, f"loaded {path}"
+        targets = compute_targets(teacher, inputs, preprocess, batch_size, device, channels_last)
         try:
             save_checkpoint({"key": key, "targets": targets}, path)
         except OSError:
             return targets, "computed (cache folder not writable)"
-        return targets, f"computed and saved to {path}"
-    return targets, "computed"
+    return targets, f"computed and saved to {path}"
+
+
+def _read(path: Path, key: str, rows: int) -> torch.Tensor | None:
+    """The targets stored at `path`, or None when it is missing, corrupt or another key's."""
+    if not path.exists():
+        return None
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError:
+        return None  # a corrupt cache file is recomputed and replaced
+    return payload["targets"] if payload.get("key") == key and len(payload["targets"]) == rows else None
