@@ -281,6 +281,7 @@ def test_tiny_probes_then_reuse_and_dry_run(tiny, capsys):
     assert main(["experiment", "locality", "--scale", "tiny", "--out", str(tiny), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert listing.count("done ") == 2 and listing.count("new ") == 2 and "init.alpha=0.25" in listing
+    assert "sweep: 4 runs, 2 already done, 2 to run on 1 worker process(es)" in listing  # how they would run
 
 
 def test_tiny_locality(tiny):

@@ -220,7 +220,7 @@ def test_sweep_stack_trains_stackable_runs_together_and_the_rest_alone(tmp_path,
     results = run_sweep(expand(load_sweep(path)), stack=4, stack_mode="vmap")
     err = capsys.readouterr().err
     assert [r["status"] for r in results] == ["completed"] * 4
-    assert "as 1 stack(s) of up to 4 and 2 run(s) alone" in err   # the two frozen runs together, each EMA run alone
+    assert "as 1 stack(s) of up to 4 (vmap) and 2 run(s) alone" in err   # the two frozen runs together, each EMA run alone
     assert err.count("not stacked:") == 2 and "teacher.mode=ema" in err
     assert "note: on a CPU a vmap stack pays only" in err          # the measured advice, once
     from randteach.cli import main

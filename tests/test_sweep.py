@@ -116,6 +116,11 @@ def test_dry_run_lists_the_runs_with_command_line_overrides(tmp_path, capsys):
     for cfg in expand(spec):
         assert f"new         {cfg.out}  init.alpha={cfg.init.alpha:g} train.seed={cfg.train.seed}" in out
     assert not (tmp_path / "elsewhere").exists()                    # nothing run
+    assert "sweep: 4 runs, 0 already done, 4 to run on 1 worker process(es)" in out  # the plan, as a run says it
+    assert main(["sweep", str(path), "--dry-run", "--stack", "4", "--stack-mode", "threads", "--workers", "3"]) == 0
+    assert "4 to run as 1 stack(s) of up to 4 (threads) on 1 worker process(es)" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--dry-run", "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
     assert main(["sweep", str(path), "--launcher", "slurm", "--slurm", "partitoin=gpu"]) == 2
     assert "unknown slurm key(s) partitoin" in capsys.readouterr().err
 

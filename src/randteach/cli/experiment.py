@@ -78,5 +78,5 @@ def add_parser(subparsers) -> None:
     add_stack_mode(p)
     p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the recipe's")
     p.add_argument("--recipe", help="a recipe YAML file to use instead of the shipped one")
-    p.add_argument("--dry-run", action="store_true", help="list the runs (and their state) and what follows; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (and their state), how they would run (workers, stacks) and what follows; run nothing")
     p.set_defaults(func=cmd_experiment)

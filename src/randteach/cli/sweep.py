@@ -40,7 +40,8 @@ def cmd_sweep(args, extra) -> int:
     from ..config import parse_overrides
     from . import print_notes
     from ..runs.rundir import RunDir
-    from ..runs.sweep import check_stack_options, expand, finished_summary, load_sweep, run_sweep, submitit_parameters
+    from ..runs.sweep import (check_stack_options, expand, finished_summary, load_sweep, plan_local, run_sweep,
+                              submitit_parameters)
     check_stack_options(args.stack, args.stack_mode, args.launcher)
     spec = load_sweep(args.sweep_file)
     if args.out:
@@ -61,6 +62,8 @@ def cmd_sweep(args, extra) -> int:
         for cfg, row in zip(configs, rows):
             state = "done" if finished_summary(cfg) else (RunDir(cfg.run_dir()).summary() or {}).get("status", "new")
             print(f"  {state:<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
+        if args.launcher == "local":
+            print("\n".join(plan_local(configs, args.workers, args.stack, args.stack_mode).lines))
         return 0
     results = run_sweep(configs, launcher=args.launcher, workers=args.workers, progress=not args.quiet,
                         slurm=slurm, stack=args.stack, stack_mode=args.stack_mode)
@@ -118,7 +121,7 @@ def add_parser(subparsers) -> None:
                    help="group up to K runs in one worker process (local launcher; how they train: --stack-mode); "
                         "a run that cannot join a stack runs alone, with the reason (default: 1)")
     add_stack_mode(p)
-    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, their state and how they would run (workers, stacks); run nothing")
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser(

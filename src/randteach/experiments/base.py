@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..reports.experiment import arm_section, rows_of
 from ..reports.groups import flat_config, show_value
 from ..runs.rundir import RunDir
-from ..runs.sweep import finished_summary, run_one, run_sweep
+from ..runs.sweep import finished_summary, plan_local, run_one, run_sweep
 from .protocol import with_paper_protocol
 from .recipe import Arm, Recipe
 
@@ -55,6 +55,13 @@ class Context:
 
     def configs(self, arm: str, extra: dict | None = None) -> list[Config]:
         return self.recipe.configs(self.recipe.arm(arm), self.pool, self.overrides, extra)
+
+    def plan(self, configs: list[Config]) -> list[str]:
+        """What `run` says before it starts these runs (how they are grouped into workers and stacks), for
+        --dry-run; nothing for SLURM or in-process runs."""
+        if self.launcher != "local" or self.workers == 0 or not configs:
+            return []
+        return plan_local(configs, self.workers, self.stack, self.stack_mode).lines
 
     def run(self, configs: list[Config]) -> list[dict]:
         """Every config's summary (with "run_dir"); workers = 0 runs them one by one in this process."""
@@ -136,9 +143,15 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
                 flat = flat_config(cfg.to_dict())
                 lines.append(f"    {_state(cfg):<11} {cfg.run_dir()}  "
                              + " ".join(f"{k}={show_value(flat.get(k))}" for k in keys))
+        lines += [f"  {line}" for line in ctx.plan(_unique(stage))]
     lines += [f"  then: {p}" for p in exp.post(ctx)]
     lines.append(f"report: {ctx.out / 'report.md'}")
     return "\n".join(lines)
+
+
+def _unique(stage: dict[str, list[Config]]) -> list[Config]:
+    """A stage's runs, each once (its arms may share runs)."""
+    return list({str(c.run_dir()): c for cs in stage.values() for c in cs}.values())
 
 
 def check_overrides(exp: Experiment, ctx: Context) -> None:
@@ -188,7 +201,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     counts: dict[str, int] = {}
     reused = 0
     for stage in exp.stages(ctx):
-        configs = list({str(c.run_dir()): c for cs in stage.values() for c in cs}.values())  # arms may share runs
+        configs = _unique(stage)
         reused += sum(_state(c) == "done" for c in configs)
         results = ctx.run(configs)
         for r in results:

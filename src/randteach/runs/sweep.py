@@ -286,27 +286,51 @@ def _after_stack(result: dict, cfg: Config) -> dict:
     return result
 
 
-def _jobs(configs: list[Config], todo: list[int], stack: int, mode: str, log: "_Progress") -> list[list[int]]:
-    """The runs to do as worker jobs: one run each, or (stack > 1) groups of up to `stack` stackable runs."""
+def _jobs(configs: list[Config], todo: list[int], stack: int, mode: str) -> tuple[list[list[int]], list[str]]:
+    """The runs to do as worker jobs: one run each, or (stack > 1) groups of up to `stack` stackable runs; and
+    what the sweep says about them (the runs that train alone and why)."""
     if stack <= 1:
-        return [[i] for i in todo]
+        return [[i] for i in todo], []
     from ..train.setup import resolve_device
     from ..train.stacked import stack_groups, stack_mode
     groups, alone = stack_groups([configs[i] for i in todo], stack, mode)
-    for j, why in alone.items():
-        log.line(f"not stacked: {configs[todo[j]].run_dir()}: {why}")
+    lines = [f"not stacked: {configs[todo[j]].run_dir()}: {why}" for j, why in alone.items()]
     stacked = [configs[todo[g[0]]] for g in groups if len(g) > 1]
     if stacked and stack_mode(stacked[0], mode) == "vmap" and resolve_device(stacked[0].train.device).type == "cpu":
-        log.line("note: on a CPU a vmap stack pays only where per-operation overhead bounds the step (tiny models "
-                 "and batches); a conv encoder at batch 64 trains 1.1-2.6x faster one run at a time, or side by side "
-                 "with --stack-mode threads (docs/PERFORMANCE.md, Stacked runs)")
-    return [[todo[j] for j in g] for g in groups]
+        lines.append("note: on a CPU a vmap stack pays only where per-operation overhead bounds the step (tiny models "
+                     "and batches); a conv encoder at batch 64 trains 1.1-2.6x faster one run at a time, or side by "
+                     "side with --stack-mode threads (docs/PERFORMANCE.md, Stacked runs)")
+    return [[todo[j] for j in g] for g in groups], lines
 
 
-def _stacks_line(jobs: list[list[int]], stack: int) -> str:
-    stacks = sum(len(job) > 1 for job in jobs)
-    alone = len(jobs) - stacks
-    return f" as {stacks} stack(s) of up to {stack}" + (f" and {alone} run(s) alone" if alone else "")
+class LocalPlan(NamedTuple):
+    """How the local launcher will do a sweep's runs: what it says before it starts (`lines`), and the jobs."""
+    results: list[dict | None]  # the finished runs' summaries; None where a run is still to do
+    jobs: list[list[int]]       # the runs to do, as worker jobs (indices into the configs)
+    gpus: list[str]
+    workers: int
+    threads: int                # torch threads of each worker
+    lines: list[str]
+
+
+def plan_local(configs: list[Config], workers: int | None, stack: int = 1, stack_mode: str = "auto") -> LocalPlan:
+    """The local launcher's plan (`--dry-run` prints its lines; `_run_local` says them and carries it out)."""
+    from ..train.stacked import stack_mode as resolve_mode
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
+    results, todo = _split_done(configs)
+    jobs, lines = _jobs(configs, todo, stack, stack_mode)
+    gpus = visible_gpus() if any(_wants_gpu(configs[i]) for i in todo) else []
+    workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
+    threads = threads_per_worker(workers)
+    stacks = [job for job in jobs if len(job) > 1]
+    modes = sorted({resolve_mode(configs[job[0]], stack_mode) for job in stacks})
+    lines.append(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
+                 + (f" as {len(stacks)} stack(s) of up to {stack} ({', '.join(modes)})" if stacks else "")
+                 + (f" and {len(jobs) - len(stacks)} run(s) alone" if stacks and len(jobs) > len(stacks) else "")
+                 + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
+                 + (f", each on one of the GPUs {', '.join(gpus)}" if gpus and todo else ""))
+    return LocalPlan(results, jobs, gpus, workers, threads, lines)
 
 
 def _stop_with_parent() -> None:
@@ -438,17 +462,12 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
     from multiprocessing.connection import wait
 
     ctx = _worker_context()
-    results, todo = _split_done(configs)
-    log = _Progress(len(todo), progress)
-    jobs = _jobs(configs, todo, stack, stack_mode, log)
-    gpus = visible_gpus() if any(_wants_gpu(configs[i]) for i in todo) else []
-    workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
-    threads = threads_per_worker(workers)
-    log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
-             + (_stacks_line(jobs, stack) if stack > 1 and todo else "")
-             + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
-             + (f", each on one of the GPUs {', '.join(gpus)}" if gpus and todo else ""))
-    pending = list(reversed(jobs))
+    plan = plan_local(configs, workers, stack, stack_mode)
+    results, gpus, workers, threads = plan.results, plan.gpus, plan.workers, plan.threads
+    log = _Progress(sum(map(len, plan.jobs)), progress)
+    for line in plan.lines:
+        log.line(line)
+    pending = list(reversed(plan.jobs))
     running: dict[Any, _Worker] = {}  # by the process's sentinel
     with _stop_workers_on_signal(running) as stop:
         while running or (pending and stop["signal"] is None):
@@ -620,8 +639,6 @@ def run_sweep(configs: list[Config], launcher: str = "local", workers: int | Non
     (train.stacked.stack_mode: auto, vmap or threads).
     """
     check_stack_options(stack, stack_mode, launcher)
-    if launcher == "local" and workers is not None and workers < 1:
-        raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
     if launcher == "local":
         return _run_local(configs, workers, progress, stack, stack_mode)
     if launcher == "slurm":
