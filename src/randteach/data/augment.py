@@ -20,6 +20,7 @@ pixel units [0, 1]: normalized inputs are mapped back with the run's mean and st
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -72,6 +73,14 @@ def uniform(seed: int, step: int, index: torch.Tensor, draw: int) -> torch.Tenso
 
 # ------------------------------------------------------------------ the operations (pixel units, (B, C, H, W))
 
+@functools.lru_cache(maxsize=None)
+def channel_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a (1, C, 1, 1) tensor, made once per dtype and device: on a GPU, a constant made from a
+    Python list is a blocking host-to-device copy, which would drain the GPU's queue at every view of every
+    step. (Read only: it is shared.)"""
+    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
+
+
 def resized_crop(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
                  flip: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Per sample, the box of width w and height h (fractions of the side) centred at (cx, cy) (in [-1, 1]
@@ -87,8 +96,7 @@ def grey(x: torch.Tensor) -> torch.Tensor:
     """Luma (B, 1, H, W) of RGB, the image itself if it has one channel."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(GREY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
+    return (x * channel_constant(GREY_WEIGHTS, x.dtype, x.device)).sum(1, keepdim=True)
 
 
 def jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
@@ -117,7 +125,7 @@ def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     sixths = torch.where(value == r, (g - b) / safe,
                          torch.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     hue = (sixths / 6 + turns.to(x.dtype).view(-1, 1, 1)) % 1.0
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = channel_constant((5.0, 3.0, 1.0), x.dtype, x.device)
     k = (n + 6 * hue[:, None]) % 6
     return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -156,8 +164,7 @@ class Augment:
         if kind not in KINDS:
             raise ValueError(f"augmentation {kind!r} is not one of {', '.join(KINDS)}")
         self.kind, self.seed, self.local_crops, self.local_size = kind, seed, local_crops, local_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
 
     def __call__(self, x: torch.Tensor, step: int, index: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
@@ -174,8 +181,8 @@ class Augment:
 
     # -- helpers
     def _pixels(self, x, op, step, index):
-        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
-        index = index.to(x.device)
+        mean, std = channel_constant(self.mean, x.dtype, x.device), channel_constant(self.std, x.dtype, x.device)
+        index = index.to(x.device, non_blocking=True)  # rows on the host (train.data_on_device false): no wait
 
         def u(draw: int) -> torch.Tensor:
             return uniform(self.seed, step, index, draw)
