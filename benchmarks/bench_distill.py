@@ -34,11 +34,12 @@ from bench_machine import sync
 from randteach.config import build_config
 from randteach.data import Preprocess, load_dataset, stratified_subset
 from randteach.models import build_model
-from randteach.precision import exact_fp32
+from randteach.precision import exact_fp32, uses_bf16
 from randteach.runs.rundir import RunDir
 from randteach.train import teacher_cache
 from randteach.train.loop import distill
-from randteach.train.setup import build_teacher_and_student, load_training_inputs, model_image_size
+from randteach.train.setup import (build_teacher_and_student, load_training_inputs, model_image_size,
+                                   trains_channels_last)
 
 loop_state = importlib.import_module("randteach.train.state")  # its clock (`time`) stamps each record
 
@@ -269,16 +270,23 @@ def tuned_cpu_steps(w: Workload, root: Path) -> dict:
 
 
 def build_teacher_cache(w: Workload, root: Path) -> dict:
-    """Fill the teacher-target cache the loop will read (same teacher, inputs and key as `distill`), timed."""
-    cfg = _config(w, root / "unused", root, {"train.teacher_cache": "true"})
+    """Fill the teacher-target cache the bf16 variants' loop will read (fast, all, graphs: same teacher, inputs,
+    memory format and fp32 without TF32 as `distill`, so the same key), timed. The fp32 variants lay the images
+    out otherwise on some encoders and build their own file before their timed steps."""
+    cfg = _config(w, root / "unused", root, VARIANTS["fast"][1])
     inputs, preprocess, data, size = load_training_inputs(cfg)
     teacher, _ = build_teacher_and_student(cfg, data.images.shape[1], size)
     teacher.eval().requires_grad_(False)
-    teacher.to(w.device)
+    device = torch.device(w.device)
+    teacher.to(device)
+    channels_last = trains_channels_last(cfg, inputs, teacher.encoder, device, uses_bf16(cfg.train.precision, device))
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
     sync(w.device)
     start = time.perf_counter()
-    targets, origin = teacher_cache.load_or_compute(cfg, teacher, inputs, preprocess, min(w.batch, len(inputs)),
-                                                    torch.device(w.device), root / "teacher-targets")
+    with exact_fp32():  # as the loop computes them
+        targets, origin = teacher_cache.load_or_compute(cfg, teacher, inputs, preprocess, min(w.batch, len(inputs)),
+                                                        device, root / "teacher-targets", channels_last)
     sync(w.device)
     secs = time.perf_counter() - start
     return {"images": len(inputs), "seconds": secs, "bytes": targets.numel() * targets.element_size(),

@@ -217,6 +217,8 @@ def markdown(results: dict) -> str:
              f"- load average (1/5/15 min): start {_load(results['load_start'])}, end {_load(results['load_end'])}"
              f" (the machine is shared; {m['cores']} cores)",
              f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
+             *([f"**Incomplete**: written {results['incomplete']}; the benchmark did not finish (the rest is "
+                "missing, not failed).", ""] if results.get("incomplete") else []),
              "## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
     for t in s["targets"]:
         lines.append(f"| {_target(t, w['encoder'])} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")

@@ -50,7 +50,7 @@ WORKLOADS = {
 COMMON = {"data.name": "fashion-mnist", "data.n_samples": "2048", "head.hidden_dims": "[256]",
           "head.bottleneck_dim": "64", "head.out_dim": "1024", "init.alpha": "0.5", "train.batch_size": "64",
           "train.epochs": "1000", "train.precision": "fp32", "train.teacher_cache": "false",
-          "train.probe_every": "0", "train.checkpoint_every": "0", "train.log_every": "1", "probe.which": "[]",
+          "train.probe_every": "0", "train.checkpoint_every": "0", "probe.which": "[]",
           "train.device": "cpu"}
 TINY = {"data.name": "digits", "data.n_samples": "256", "model.width": "8", "head.hidden_dims": "[64]",
         "head.bottleneck_dim": "16", "head.out_dim": "64"}
@@ -62,9 +62,12 @@ def configs(workload: dict, k: int, steps: int, root: Path, tag: str):
 
 
 def step_seconds(cfg, warmup: int) -> float:
-    """Mean wall seconds per step after `warmup` steps, from the run's own metrics."""
-    t = [r["time"] for r in RunDir(cfg.run_dir()).records() if "time" in r]
-    return (t[-1] - t[warmup - 1]) / (len(t) - warmup)
+    """Mean wall seconds per step after `warmup` steps, from the run's own metrics: between the record of step
+    `warmup` and the last (each written after the loop reads the step's metrics to the host, so after the
+    device's work; `--log-every` must divide `warmup` and the steps)."""
+    t = {r["step"]: r["time"] for r in RunDir(cfg.run_dir()).records() if "time" in r and "step" in r}
+    last = max(t)
+    return (t[last] - t[warmup]) / (last - warmup)
 
 
 def measure(workload: dict, k: int, steps: int, warmup: int, root: Path, stacked: bool, mode: str) -> dict:
@@ -111,7 +114,8 @@ def run(args, write) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in args.encoders:
-            workload = {**WORKLOADS[name], **(TINY if args.tiny else {}), "train.device": args.device}
+            workload = {**WORKLOADS[name], **(TINY if args.tiny else {}), "train.device": args.device,
+                        "train.log_every": str(args.log_every)}
             for k in args.k:
                 # One-at-a-time runs cost the same for any K: time min(K, solo_runs) of them.
                 solo_k = min(k, args.solo_runs)
@@ -156,7 +160,8 @@ def markdown(rows: list[dict], args, started: float, machine: dict) -> str:
              f"- workload: {w['data.name']} ({w['data.n_samples']} images), batch {w['train.batch_size']}, DINO head "
              f"{w['head.hidden_dims']} → {w['head.bottleneck_dim']} → {w['head.out_dim']}, CE, AdamW, alpha 0.5, fp32; "
              "convnet width " + ("8" if args.tiny else "16") + ", ResNet20 (batch norm); runs differ in "
-             f"train.seed; {args.warmup} warm-up + {args.steps - args.warmup} timed steps per run, {args.rounds} "
+             f"train.seed; {args.warmup} warm-up + {args.steps - args.warmup} timed steps per run, metrics read every "
+             f"{args.log_every} step(s), {args.rounds} "
              "rounds in alternating order",
              f"- stack mode: {mode} (" + MODES[mode] + ")",
              "- steps/s: aggregate optimizer steps per wall second over all K runs (vmap: K / s per stacked "
@@ -209,6 +214,9 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--steps", type=int, default=6, help="steps per run (the first --warmup are not timed)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=1, help="train.log_every of every run: a stack of K runs reads "
+                   "K runs' metrics to the host per record, a run alone one (a sweep's default is 20); must divide "
+                   "--warmup and --steps")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--solo-runs", type=int, default=2, help="one-at-a-time runs timed per K (their cost does not "
                    "depend on K)")
@@ -219,6 +227,8 @@ def main(argv=None) -> None:
                    help="the stack mode (randteach sweep --stack-mode; default: vmap, one model of K runs)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
+    if args.warmup % args.log_every or args.steps % args.log_every or args.steps <= args.warmup:
+        p.error("--log-every must divide --warmup and --steps, and --steps must exceed --warmup")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.time()

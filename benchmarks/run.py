@@ -147,22 +147,33 @@ def main(argv=None) -> dict:
         root = Path(tmp)
         _link_data_sets(root)
         results.update(distill_tables(w, variants, args.rounds, root, measure, isolate=not args.tiny))
-        results["more_encoders"] = [distill_tables(Workload(**{**asdict(w), "encoder": e}), variants, args.rounds,
-                                                   root, measure, isolate=not args.tiny) for e in encoders[1:]]
+        results["more_encoders"] = []
+        for i, e in enumerate(encoders[1:], start=1):
+            _write(results, args, n_matmul, started, incomplete=f"after the step tables of {', '.join([w.encoder, *encoders[1:i]])}")
+            results["more_encoders"].append(distill_tables(Workload(**{**asdict(w), "encoder": e}), variants,
+                                                           args.rounds, root, measure, isolate=not args.tiny))
         if args.distill_only:
             results["probes"] = results["landscape"] = None
         else:
+            _write(results, args, n_matmul, started, incomplete="after the step tables, before the probes")
             _analysis_sections(results, args, on_gpu, w, root)
-    results["matmul_end"] = bench_machine.matmul_flops(n_matmul, device=args.device)
-    results["load_end"] = bench_machine.load_average()
-    results["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.write_text(bench_report.keep_other_sections(bench_report.markdown(results),
-                                                    out.read_text() if out.exists() else ""))
+    _write(results, args, n_matmul, started)
     for t in bench_report.summarize(results)["targets"]:
         print(f"{t['verdict']:>12}  {t['name']}: {bench_report._shown(t)} (goal {t['goal']})")
     print(f"wrote {args.out} in {results['wall_s'] / 60:.1f} min")
     return results
+
+
+def _write(results: dict, args, n_matmul: int, started: float, incomplete: str | None = None) -> None:
+    """Write the results file (its other sections kept). Also written `incomplete` between the parts, so that a
+    run cut short (a GPU session's time limit) keeps what it measured, marked as such."""
+    results["matmul_end"] = bench_machine.matmul_flops(n_matmul, device=args.device)
+    results["load_end"] = bench_machine.load_average()
+    results["wall_s"] = time.perf_counter() - started
+    results["incomplete"] = incomplete
+    out = Path(args.out)
+    out.write_text(bench_report.keep_other_sections(bench_report.markdown(results),
+                                                    out.read_text() if out.exists() else ""))
 
 
 def _analysis_sections(results: dict, args, on_gpu: bool, w: Workload, root: Path) -> None:

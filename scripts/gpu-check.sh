@@ -66,7 +66,8 @@ for part in $parts; do
     stacked)
       stamp "stacked runs on the GPU (K = ${STACK_K:-1,4,16})"
       timeout "${BENCH_TIMEOUT:-600}" "$py" benchmarks/bench_stacked.py --device cuda --k "${STACK_K:-1,4,16}" \
-        --steps "${STACK_STEPS:-12}" --warmup 4 --rounds "${STACK_ROUNDS:-2}" --out "$out/bench-gpu-stacked.md" 2>&1 |
+        --steps "${STACK_STEPS:-12}" --warmup 4 --log-every 4 --rounds "${STACK_ROUNDS:-2}" --mode vmap \
+        --out "$out/bench-gpu-stacked.md" 2>&1 |
         tee "$out/bench-gpu-stacked.log" | tail -8
       check "${PIPESTATUS[0]}" "stacked runs" ;;
     *) echo "unknown part $part (tests, paper, bench, stacked)"; exit 2 ;;

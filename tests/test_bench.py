@@ -56,6 +56,22 @@ def test_a_failing_variant_is_reported_and_the_others_measured(bench, tmp_path, 
     assert "| ours, all off (fp32) |" in text
 
 
+def test_a_benchmark_cut_short_keeps_what_it_measured(bench, tmp_path, monkeypatch):
+    # a GPU session's time limit ends the run mid-way: the file written between the parts keeps the first
+    # encoder's table, marked incomplete
+    def second_encoder_cut_short(w, *args, **kwargs):
+        if w.encoder == "resnet20":
+            raise KeyboardInterrupt("the time limit")
+        return real(w, *args, **kwargs)
+    real = bench.distill_tables
+    monkeypatch.setattr(bench, "distill_tables", second_encoder_cut_short)
+    out = tmp_path / "RESULTS.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--rounds", "1", "--variants", "off", "--encoder", "convnet,resnet20", "--out", str(out)])
+    text = out.read_text()
+    assert "**Incomplete**: written after the step tables of convnet;" in text and "| ours, all off (fp32) |" in text
+
+
 def _fake_run(plain_s, variant_s):
     """Two palindromic rounds of three timed-step lists (warm-up 9 s first) and the other inputs."""
     w = {"warmup": 1, "batch": 100, "steps": 2}
