@@ -44,6 +44,8 @@ def exclusive(path: Path):
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise
+        fd = None  # the body runs outside this handler: its own errors are not reported as raised during it
+    if fd is None:
         yield
         return
     try:
