@@ -9,7 +9,7 @@ import pytest
 from randteach.cli import main
 from randteach.config import build_config
 from randteach.errors import UserError
-from randteach.reports.groups import collect, group, varying_keys, write_group_report
+from randteach.reports.groups import GIVEN, collect, group, seed_paths, varying_keys, write_group_report
 from randteach.runs.rundir import RunDir
 
 ALPHAS = (1e-10, 0.5, 1.0)
@@ -121,12 +121,34 @@ def test_a_cell_averaging_fewer_runs_than_its_row_says_how_many(tmp_path, capsys
     assert text.count("(n = 2)") == 1 and text.count("(n = 1)") == 1
 
 
+def _checkpoint_rows(paths: dict[int, str | None], lr: float = 1e-3) -> list[dict]:
+    return [{"run_dir": f"{lr}-{seed}-{path}", "status": "completed", "metrics": {}, "summary": {},
+             "config": {"train.seed": seed, "init.teacher_checkpoint": path, "optim.lr": lr}}
+            for seed, path in paths.items()]
+
+
 def test_a_seed_path_per_run_is_not_a_grouping_key(tmp_path):
     """Restart's round-2 runs name each seed's round-1 student as their teacher: one group, not one per seed."""
-    rows = [{"run_dir": str(i), "status": "completed", "metrics": {}, "summary": {},
-             "config": {"train.seed": i, "init.teacher_checkpoint": f"runs/round1-{i}", "optim.lr": 1e-3}}
-            for i in range(3)]
+    rows = seed_paths(_checkpoint_rows({i: f"runs/round1-{i}" for i in range(3)}))
     assert varying_keys(rows) == [] and group(rows)[0]["n"] == 3
+
+
+def test_runs_with_a_checkpoint_are_grouped_apart_from_those_without():
+    """Restart's round 1 (a random teacher) and round 2 (each seed's round-1 student) with otherwise equal
+    settings: two groups of three seeds, not one group of six with each seed twice."""
+    rows = seed_paths(_checkpoint_rows({i: None for i in range(3)}) +
+                      _checkpoint_rows({i: f"runs/round1-{i}" for i in range(3)}))
+    assert varying_keys(rows) == ["init.teacher_checkpoint"]
+    assert [(e["init.teacher_checkpoint"], e["n"]) for e in group(rows)] == [(None, 3), (GIVEN, 3)]
+
+
+def test_a_swept_checkpoint_is_grouped_by_its_path():
+    """Two teachers, each distilled with three seeds: one group per teacher (the path is a swept axis)."""
+    rows = seed_paths([r for path in ("runs/a", "runs/b") for r in _checkpoint_rows({i: path for i in range(3)})])
+    assert varying_keys(rows) == ["init.teacher_checkpoint"]
+    assert [(e["init.teacher_checkpoint"], e["n"]) for e in group(rows)] == [("runs/a", 3), ("runs/b", 3)]
+    other_lr = seed_paths(_checkpoint_rows({0: "runs/a"}) + _checkpoint_rows({0: "runs/b"}, lr=2e-3))
+    assert varying_keys(other_lr) == ["optim.lr"], "paths that differ only with another key are not an axis"
 
 
 def test_an_experiment_table_counts_runs_without_a_summary_as_unfinished(tmp_path):

@@ -125,6 +125,15 @@ def test_dry_run_lists_the_runs_with_command_line_overrides(tmp_path, capsys):
     assert "unknown slurm key(s) partitoin" in capsys.readouterr().err
 
 
+def test_dry_run_lists_a_swept_teacher_checkpoint(tmp_path, capsys):
+    teachers = [str(tmp_path / "teacher-a"), str(tmp_path / "teacher-b")]
+    path = write_sweep(tmp_path, grid={"init.teacher_checkpoint": teachers}, seeds=[0, 1])
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for cfg in expand(load_sweep(path)):
+        assert f"{cfg.out}  init.teacher_checkpoint={cfg.init.teacher_checkpoint} train.seed={cfg.train.seed}" in out
+
+
 # ------------------------------------------------------------------ running
 
 def _start_sweep(path: Path, *args) -> subprocess.Popen:

@@ -55,8 +55,8 @@ def cmd_sweep(args, extra) -> int:
     configs = expand(spec)
     print_notes(configs)
     if args.dry_run:
-        from ..reports.groups import flat_config, show_value, varying_keys
-        rows = [{"config": flat_config(c.to_dict())} for c in configs]
+        from ..reports.groups import flat_config, seed_paths, show_value, varying_keys
+        rows = seed_paths([{"config": flat_config(c.to_dict())} for c in configs])
         keys = varying_keys(rows) + ["train.seed"]
         print(f"{len(configs)} runs ({spec.name}):")
         for cfg, row in zip(configs, rows):

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..config import Config
 from ..runs.rundir import RunDir
-from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_vs_epoch, plot_vs_key, show_value,
-                     write_runs_csv)
+from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_vs_epoch, plot_vs_key, seed_paths,
+                     show_value, write_runs_csv)
 from .run import KINDS, ROLES, file_safe
 
 KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
@@ -30,7 +30,7 @@ def rows_of(configs: list[Config]) -> list[dict]:
     started, queued, running) is a row of status "pending", counted among its group's unfinished runs."""
     dirs = [c.run_dir() for c in configs if (c.run_dir() / "summary.json").exists()]
     by_dir = {Path(r["run_dir"]).resolve(): r for r in collect(dirs)} if dirs else {}
-    return [by_dir.get(Path(c.run_dir()).resolve()) or _pending(c) for c in configs]
+    return seed_paths([by_dir.get(Path(c.run_dir()).resolve()) or _pending(c) for c in configs])
 
 
 def _pending(cfg: Config) -> dict:

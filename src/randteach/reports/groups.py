@@ -21,9 +21,12 @@ from ..errors import UserError
 from ..runs.rundir import CorruptSummary, RunDir
 from .run import COLORS, KINDS, ROLES, file_safe, pyplot
 
-# Never grouped by: seeds are what a group averages over, and a checkpoint path per seed (restart's round-2
-# teachers are each seed's round-1 student) varies as the seed does.
-IGNORED_KEYS = ("train.seed", "out", "init.teacher_checkpoint", "init.checkpoint")
+# Never grouped by: seeds are what a group averages over, and `out` is each run's own folder.
+IGNORED_KEYS = ("train.seed", "out")
+# Paths that may differ from seed to seed (restart's round-2 teachers are each seed's round-1 student): grouped
+# by whether one is given, unless runs of one seed and setting name different ones (a swept axis; `seed_paths`).
+SEED_PATH_KEYS = ("init.teacher_checkpoint", "init.checkpoint")
+GIVEN = "given"
 EXTRA_METRICS = ("final_loss", "wall_time_s")
 
 
@@ -95,6 +98,29 @@ def collect(dirs: list[str | Path]) -> list[dict]:
         rows.append({"run_dir": str(run.path), "status": status, "config": config, "summary": summary,
                      "metrics": _metrics(summary)})
     return rows
+
+
+def seed_paths(rows: list[dict]) -> list[dict]:
+    """`rows` with each path of SEED_PATH_KEYS that is not a swept axis replaced by GIVEN (in place), so
+    that seeds whose runs start from their own checkpoints form one group, and runs with a checkpoint
+    another group than those without."""
+    for key in SEED_PATH_KEYS:
+        if not _swept_path(rows, key):
+            for r in rows:
+                if r["config"].get(key) is not None:
+                    r["config"][key] = GIVEN
+    return rows
+
+
+def _swept_path(rows: list[dict], key: str) -> bool:
+    """Whether two runs that agree on every other setting, their seed included, name different paths."""
+    skip = {key, "out", *SEED_PATH_KEYS}
+    paths: dict[tuple, set] = {}
+    for r in rows:
+        if r["config"].get(key) is not None:
+            setting = tuple(sorted((k, v) for k, v in r["config"].items() if k not in skip))
+            paths.setdefault(setting, set()).add(r["config"][key])
+    return any(len(p) > 1 for p in paths.values())
 
 
 def _config_of(run: RunDir) -> dict | None:
@@ -395,7 +421,7 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
                  group_by: list[str] | None = None) -> Path:
     """Collect, group and write report.csv (one row per group), runs.csv (one row per run), report.md and
     the PNGs into `out` (default: the folder that holds all of `dirs`). Returns report.md's path."""
-    rows = collect(dirs)
+    rows = seed_paths(collect(dirs))
     if not rows:
         raise UserError(f"no summary.json under {', '.join(map(str, dirs))}; are these run or sweep folders?")
     keys = varying_keys(rows) if group_by is None else list(group_by)
