@@ -27,6 +27,20 @@ def second_round(ctx: Context, first: list[Config]) -> list[Config]:
     return out
 
 
+def second_round_rows(ctx: Context, first: list[Config], second: list[Config]) -> tuple[list[dict], list[str]]:
+    """Round 2's report rows and the keys of its table. A round-1 grid key that round 2 sets itself (e.g. fewer
+    epochs in round 2 after a sweep of round-1 epochs) is also shown as the teacher's value, "round1 <key>",
+    so that round-2 runs of teachers from different round-1 settings are not pooled."""
+    arm1, arm2 = ctx.recipe.arm(ROUND1), ctx.recipe.arm(ROUND2)
+    overridden = [k for k in arm1.keys() if k in arm2.base or k in arm2.keys()]
+    teachers = {str(c.run_dir()): flatten(c.to_dict()) for c in first}
+    rows = rows_of(second)
+    for row, cfg in zip(rows, second):
+        teacher = teachers.get(str(cfg.init.teacher_checkpoint), {})
+        row["config"].update({f"{ROUND1} {k}": teacher.get(k) for k in overridden})
+    return rows, [f"{ROUND1} {k}" for k in overridden] + [k for k in arm1.keys() if k not in overridden] + arm2.keys()
+
+
 ROWS = (("kl", "loss (KL to the teacher)"), ("dist_init", "distance from init"), ("linear", "linear probe (%)"))
 
 
@@ -34,7 +48,7 @@ def _curves(cfg: Config) -> dict[str, tuple[list, list]]:
     """A run's curves vs epoch: its logged loss (each record's window mean where there is one), its
     distance from init, and its student's linear probe."""
     run = RunDir(cfg.run_dir())
-    steps = run.steps()
+    steps = [r for r in run.steps() if "epoch" in r]  # not a diverged run's record of its non-finite step
     probes = [r for r in run.probes() if "linear" in r.get("student", {})]
     return {"kl": ([r["epoch"] for r in steps], [r.get("loss_mean", r["loss"]) for r in steps]),
             "dist_init": ([r["epoch"] for r in steps], [r["dist_init"] for r in steps]),
@@ -87,14 +101,12 @@ class Restart(Experiment):
         return [{ROUND1: first}, {ROUND2: second_round(ctx, first)}]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
-        lines = []
-        for arm in (ROUND1, ROUND2):
-            keys = ctx.recipe.arm(ROUND1).keys() + (ctx.recipe.arm(ROUND2).keys() if arm == ROUND2 else [])
-            title = ("round 1: distill into a random teacher" if arm == ROUND1 else
-                     "round 2: the round-1 student is the teacher (its 'teacher' probe = round 1's final student)")
-            section, _ = arm_section(title, rows_of(arms.get(arm, [])), keys, ctx.out, arm,
-                                     extras=optimization_extras)
-            lines += section
+        first, second = arms.get(ROUND1, []), arms.get(ROUND2, [])
+        lines, _ = arm_section("round 1: distill into a random teacher", rows_of(first), ctx.recipe.arm(ROUND1).keys(),
+                               ctx.out, ROUND1, extras=optimization_extras)
+        rows, keys = second_round_rows(ctx, first, second)
+        lines += arm_section("round 2: the round-1 student is the teacher (its 'teacher' probe = round 1's final "
+                             "student)", rows, keys, ctx.out, ROUND2, extras=optimization_extras)[0]
         if arms.get(ROUND2):
             png = plot_rounds(arms[ROUND1], arms[ROUND2], ctx.out / "rounds.png")
             lines += [f"![rounds]({png.name})", ""]
