@@ -121,6 +121,15 @@ def test_a_cell_averaging_fewer_runs_than_its_row_says_how_many(tmp_path, capsys
     assert text.count("(n = 2)") == 1 and text.count("(n = 1)") == 1
 
 
+def test_keys_outside_a_runs_address_do_not_split_its_seeds(runs):
+    """Seeds of one setting logged differently or read from another data.root are one group."""
+    root, _ = runs
+    rows = collect([root])
+    for i, r in enumerate(rows):
+        r["config"].update({"train.log_every": 1 + i % 2, "data.root": f"/node{i % 3}/data", "log.wandb": i % 2 == 0})
+    assert varying_keys(rows) == ["init.alpha"] and [e["n"] for e in group(rows)] == [3, 3, 3]
+
+
 def _checkpoint_rows(paths: dict[int, str | None], lr: float = 1e-3) -> list[dict]:
     return [{"run_dir": f"{lr}-{seed}-{path}", "status": "completed", "metrics": {}, "summary": {},
              "config": {"train.seed": seed, "init.teacher_checkpoint": path, "optim.lr": lr}}
@@ -149,6 +158,15 @@ def test_a_swept_checkpoint_is_grouped_by_its_path():
     assert [(e["init.teacher_checkpoint"], e["n"]) for e in group(rows)] == [("runs/a", 3), ("runs/b", 3)]
     other_lr = seed_paths(_checkpoint_rows({0: "runs/a"}) + _checkpoint_rows({0: "runs/b"}, lr=2e-3))
     assert varying_keys(other_lr) == ["optim.lr"], "paths that differ only with another key are not an axis"
+
+
+def test_one_sweep_of_a_pool_that_sweeps_a_checkpoint_leaves_the_others_per_seed_paths_grouped():
+    """A restart round 2 (lr 1e-3, each seed its own teacher) reported together with a sweep over two teachers
+    (lr 2e-3): one group for the first, one per teacher for the second."""
+    rows = seed_paths(_checkpoint_rows({i: f"runs/round1-{i}" for i in range(3)}) +
+                      [r for path in ("runs/a", "runs/b") for r in _checkpoint_rows({0: path, 1: path}, lr=2e-3)])
+    assert [(e["optim.lr"], e["init.teacher_checkpoint"], e["n"]) for e in group(rows)] == \
+        [(1e-3, GIVEN, 3), (2e-3, "runs/a", 2), (2e-3, "runs/b", 2)]
 
 
 def test_an_experiment_table_counts_runs_without_a_summary_as_unfinished(tmp_path):
@@ -200,6 +218,17 @@ def test_plots_mark_a_point_over_fewer_seeds_with_its_count(tmp_path, monkeypatc
     texts = [[t.get_text() for t in ax.texts] for fig in figures for ax in fig.axes]
     assert texts == [["n=2"], ["n=2"], []]  # probe accuracy; final loss; distance (all three seeds)
     assert (tmp_path / "vs.png").exists() and (tmp_path / "optimization.png").exists()
+
+
+def test_each_probe_protocol_has_its_own_axis_label(tmp_path, monkeypatch):
+    from randteach.reports.groups import plot_vs_key
+    table = [{"init.alpha": a, "n": 2, **{f"student.{k}_{s}": v for k in ("linear", "paper_linear", "paper_knn")
+                                           for s, v in (("mean", 0.5), ("std", 0.1), ("n", 2))}} for a in (0.5, 1.0)]
+    figures = _drawn(monkeypatch)
+    plot_vs_key(table, ["init.alpha"], "init.alpha", tmp_path / "vs.png")
+    assert [ax.get_ylabel() for ax in figures[0].axes] == [
+        "final linear probe accuracy (%)", "final linear, authors' protocol (AdamW 10 epochs) probe accuracy (%)",
+        "final k-NN, authors' protocol (L2 majority vote) probe accuracy (%)"]
 
 
 def test_the_probe_curves_legend_stays_short_with_many_groups(tmp_path, monkeypatch):

@@ -253,6 +253,14 @@ def test_table_pairs_gains_and_shows_reference():
     assert "10.00 ± 1.00" in md and "35.50 / 46.02 / – (Tab. 1)" in md
 
 
+def test_the_experiment_csv_gives_the_papers_numbers_in_the_units_of_ours(tmp_path):
+    from randteach.reports.experiment import write_experiment_csv
+    table = [{"data.name": "cifar10", "n": 1, "student.linear_mean": 0.52}]
+    refs = [{"match": {"data.name": "cifar10"}, "student.linear": 51.98, "source": "Tab. 1"}]
+    row = next(csv.DictReader(open(write_experiment_csv(table, ["data.name"], tmp_path / "t.csv", refs))))
+    assert float(row["student.linear_mean"]) == 0.52 and float(row["paper.student.linear"]) == pytest.approx(0.5198)
+
+
 # ------------------------------------------------------------------------------------ tiny scale, end to end
 
 @pytest.fixture(scope="module")
@@ -313,6 +321,17 @@ def test_tiny_head_ablations(tiny):
     out, text = run_tiny("head-ablations", tiny, seeds=1)
     for arm in ("norm", "bottleneck", "out_dim"):
         assert f"## {arm}" in text and (out.report.parent / f"{arm}.csv").exists()
+    # the default run serves all three arms: its distillation time counts once in the header
+    import json
+    ctx = make_context("head-ablations", "tiny", out=tiny, seeds=1)
+    listed = [c.run_dir() for stage in get_experiment("head-ablations").stages(ctx) for cs in stage.values() for c in cs]
+    runs = set(listed)
+    assert len(listed) > len(runs)
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "wall_time_s": 100.0}))
+    _, text = run_tiny("head-ablations", tiny, seeds=1)
+    assert f"distillation time in its runs (reused ones included): {100 * len(runs)} s" in text
 
 
 def test_tiny_architectures(tiny):
@@ -323,6 +342,25 @@ def test_tiny_architectures(tiny):
 def test_tiny_restart(tiny):
     out, text = run_tiny("restart", tiny, seeds=1)
     assert "| copy |" in text and "| locality |" in text and (out.report.parent / "rounds.png").exists()
+
+
+def test_restart_round_two_keeps_teachers_of_different_round_one_settings_apart(tmp_path):
+    """Round 1 sweeps its epochs, round 2 sets its own: round 2's table is grouped by its teacher's epochs."""
+    import json
+    from randteach.experiments.restart import second_round_rows
+    recipe = tmp_path / "restart.yaml"
+    recipe.write_text(yaml.safe_dump({"experiment": "restart", "arms": {
+        "round1": {"grid": {"train.epochs": [2, 4]}},
+        "round2": {"base": {"train.epochs": 1}, "variants": [{"init.mode": "copy"}]}}}))
+    ctx = make_context("restart", "cpu", out=tmp_path / "out", recipe=str(recipe), seeds=2)
+    first, second = (stage[arm] for stage, arm in zip(get_experiment("restart").stages(ctx), ("round1", "round2")))
+    for c in first + second:
+        c.run_dir().mkdir(parents=True)
+        (c.run_dir() / "config.yaml").write_text(c.to_yaml())
+        (c.run_dir() / "summary.json").write_text(json.dumps({"status": "completed", "config_digest": c.digest()}))
+    rows, keys = second_round_rows(ctx, first, second)
+    assert keys == ["round1 train.epochs", "init.mode"]
+    assert [(e["round1 train.epochs"], e["n"]) for e in summarize(rows, keys)] == [(2, 2), (4, 2)]
 
 
 def test_restart_curves_are_the_logged_kl_distance_and_probe(tmp_path):
@@ -336,6 +374,8 @@ def test_restart_curves_are_the_logged_kl_distance_and_probe(tmp_path):
     run.log({"event": "step", "step": 10, "epoch": 0.5, "loss": 3e-5, "loss_mean": 4e-5, "dist_init": 1.5})
     run.log({"event": "probe", "step": 10, "epoch": 0.5, "student": {"linear": 0.75}, "teacher": {"linear": 0.7}})
     run.log({"event": "step", "step": 20, "epoch": 1.0, "loss": 2e-5, "dist_init": 2.5})
+    # a diverged run's last record: the first non-finite step's loss, gradient norm and lr only
+    run.log({"event": "step", "step": 21, "loss": float("nan"), "grad_norm": float("nan"), "lr": 1e-3})
     curves = _curves(cfg)
     assert curves["kl"] == ([0.5, 1.0], [4e-5, 2e-5]) and curves["dist_init"] == ([0.5, 1.0], [1.5, 2.5])
     assert curves["linear"] == ([0.5], [75.0])

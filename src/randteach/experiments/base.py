@@ -150,7 +150,7 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
 
 
 def _unique(stage: dict[str, list[Config]]) -> list[Config]:
-    """A stage's runs, each once (its arms may share runs)."""
+    """The runs of these arms (a stage, or every arm of the analysis), each once (arms may share runs)."""
     return list({str(c.run_dir()): c for cs in stage.values() for c in cs}.values())
 
 
@@ -212,7 +212,8 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     ctx.out.mkdir(parents=True, exist_ok=True)
     before = {p: (p / "summary.json").exists() for p in exp.own_runs(ctx)}
     body = exp.analyze(ctx, arms)
-    summaries = [RunDir(c.run_dir()).summary() for cs in arms.values() for c in cs
+    # a run shared by several arms (head ablations' default) is counted once, like its training
+    summaries = [RunDir(c.run_dir()).summary() for c in _unique(arms)
                  if (c.run_dir() / "summary.json").exists()]
     for p, existed in before.items():
         own = RunDir(p).summary() if (p / "summary.json").exists() else None

@@ -18,10 +18,8 @@ from ..config import Config
 from ..runs.rundir import RunDir
 from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_vs_epoch, plot_vs_key, seed_paths,
                      show_value, write_runs_csv)
-from .run import KINDS, ROLES, file_safe
+from .run import KIND_LABEL, KINDS, ROLES, file_safe
 
-KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
-              "paper_knn": "k-NN, authors' protocol (L2 majority vote)"}
 Extra = Callable[[dict], dict[str, float]]
 
 
@@ -155,7 +153,8 @@ def _reference_cell(ref: dict | None, kind: str) -> str:
 
 
 def write_experiment_csv(table: list[dict], keys: list[str], path: Path, references: list[dict] | None = None) -> Path:
-    """One row per group: the keys, n, counts, every <metric>_mean/_std, and the paper's numbers."""
+    """One row per group: the keys, n, counts, every <metric>_mean/_std, and the paper's numbers (its tables'
+    accuracies in %, written as fractions like the measured ones beside them)."""
     cols: list[str] = []
     for e in table:
         cols += [c for c in e if c not in cols]
@@ -166,7 +165,7 @@ def write_experiment_csv(table: list[dict], keys: list[str], path: Path, referen
         for e in table:
             ref = reference_of(references or [], e) or {}
             w.writerow([show_value(e.get(c), exact=True) if c in keys else e.get(c, "") for c in cols]
-                       + [ref.get(k, "") for k in ref_cols])
+                       + [ref[k] / 100 if k in ref else "" for k in ref_cols])
     return path
 
 

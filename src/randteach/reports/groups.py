@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..config import flatten
+from ..config import flatten, outside_the_address
 from ..errors import UserError
 from ..runs.rundir import CorruptSummary, RunDir
-from .run import COLORS, KINDS, ROLES, file_safe, pyplot
+from .run import COLORS, KIND_LABEL, KINDS, ROLES, file_safe, pyplot
 
-# Never grouped by: seeds are what a group averages over, and `out` is each run's own folder.
-IGNORED_KEYS = ("train.seed", "out")
+# Never grouped by: seeds are what a group averages over; nor by the keys that leave a run's address alone
+# (`config.outside_the_address`: its folder, logging, data.root), which do not change what a run computes.
+IGNORED_KEYS = ("train.seed",)
 # Paths that may differ from seed to seed (restart's round-2 teachers are each seed's round-1 student): grouped
 # by whether one is given, unless runs of one seed and setting name different ones (a swept axis; `seed_paths`).
 SEED_PATH_KEYS = ("init.teacher_checkpoint", "init.checkpoint")
@@ -101,26 +102,32 @@ def collect(dirs: list[str | Path]) -> list[dict]:
 
 
 def seed_paths(rows: list[dict]) -> list[dict]:
-    """`rows` with each path of SEED_PATH_KEYS that is not a swept axis replaced by GIVEN (in place), so
-    that seeds whose runs start from their own checkpoints form one group, and runs with a checkpoint
-    another group than those without."""
+    """`rows` with each path of SEED_PATH_KEYS replaced by GIVEN (in place) unless it is a swept axis of its
+    runs' setting, so that seeds whose runs start from their own checkpoints form one group, and runs with
+    a checkpoint another group than those without. Decided per setting: one sweep of a pool that sweeps a
+    path leaves the per-seed paths of another sweep grouped by presence."""
     for key in SEED_PATH_KEYS:
-        if not _swept_path(rows, key):
-            for r in rows:
-                if r["config"].get(key) is not None:
-                    r["config"][key] = GIVEN
+        swept = _swept_settings(rows, key)
+        for r in rows:
+            if r["config"].get(key) is not None and _setting(r, key) not in swept:
+                r["config"][key] = GIVEN
     return rows
 
 
-def _swept_path(rows: list[dict], key: str) -> bool:
-    """Whether two runs that agree on every other setting, their seed included, name different paths."""
-    skip = {key, "out", *SEED_PATH_KEYS}
+def _setting(row: dict, key: str) -> tuple:
+    """A run's config without its seed, its folder and its checkpoint paths."""
+    skip = {key, *IGNORED_KEYS, *SEED_PATH_KEYS}
+    return tuple(sorted((k, v) for k, v in row["config"].items() if k not in skip and not outside_the_address(k)))
+
+
+def _swept_settings(rows: list[dict], key: str) -> set[tuple]:
+    """The settings in which two runs of one seed name different paths of `key`."""
     paths: dict[tuple, set] = {}
     for r in rows:
         if r["config"].get(key) is not None:
-            setting = tuple(sorted((k, v) for k, v in r["config"].items() if k not in skip))
-            paths.setdefault(setting, set()).add(r["config"][key])
-    return any(len(p) > 1 for p in paths.values())
+            setting = _setting(r, key)
+            paths.setdefault((setting, r["config"].get("train.seed")), set()).add(r["config"][key])
+    return {setting for (setting, _), p in paths.items() if len(p) > 1}
 
 
 def _config_of(run: RunDir) -> dict | None:
@@ -135,9 +142,9 @@ def _config_of(run: RunDir) -> dict | None:
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
-    """Config keys whose value differs between runs (train.seed and out excepted), in config order. A run
-    whose config.yaml cannot be read, or is missing, has no values to compare (not a different value of
-    every key)."""
+    """Config keys whose value differs between runs (IGNORED_KEYS and the keys outside the address excepted),
+    in config order. A run whose config.yaml cannot be read, or is missing, has no values to compare (not a
+    different value of every key)."""
     rows = [r for r in rows if r["config"]]
     keys: dict[str, set] = {}
     for r in rows:
@@ -146,7 +153,7 @@ def varying_keys(rows: list[dict]) -> list[str]:
     for k, seen in keys.items():
         for r in rows:
             seen.add(r["config"].get(k))
-    return [k for k, seen in keys.items() if len(seen) > 1 and k not in IGNORED_KEYS]
+    return [k for k, seen in keys.items() if len(seen) > 1 and k not in IGNORED_KEYS and not outside_the_address(k)]
 
 
 def metric_names(rows: list[dict]) -> list[str]:
@@ -322,7 +329,7 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
         if _log_axis(xs_all):
             ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel(f"final {'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
+        ax.set_ylabel(f"final {KIND_LABEL[kind]} probe accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     many = len({tuple(e[k] for k in others) for e in table}) > LEGEND_COMBOS

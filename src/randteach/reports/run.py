@@ -10,6 +10,8 @@ from ..runs.rundir import RunDir
 
 ROLES = ("teacher", "student", "input")  # the networks a run probes: the teacher, the student, the raw inputs
 KINDS = ("linear", "knn", "paper_linear", "paper_knn")  # paper_*: the papers' probe protocols (experiments/protocol.py)
+KIND_LABEL = {"linear": "linear", "knn": "k-NN", "paper_linear": "linear, authors' protocol (AdamW 10 epochs)",
+              "paper_knn": "k-NN, authors' protocol (L2 majority vote)"}
 COLORS = {"teacher": "tab:blue", "student": "tab:red", "input": "tab:gray"}
 
 
