@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from randteach.runs.checkpoint import load_checkpoint, load_state_dict
+from randteach.errors import UserError
+from randteach.runs.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from randteach.runs.rundir import RunDir
 from randteach.runs.sweep import expand, load_sweep, run_sweep
 from randteach.train.loop import distill
@@ -149,6 +150,14 @@ def test_a_solo_resume_continues_a_stacked_checkpoint(tmp_path):
     train_stacked(half, mode="vmap")
     cfg = tiny_config(tmp_path / "stack0", **FAST, **VARIED[0])
     (Path(cfg.run_dir()) / "summary.json").unlink()
+    last = Path(cfg.run_dir()) / "checkpoints" / "last.pt"
+    assert load_checkpoint(last)["config_digest"] == half[0].digest()  # what a solo resume checks
+    # as a 20-step stack stopped at step 10 leaves it
+    save_checkpoint({**load_checkpoint(last), "config_digest": cfg.digest()}, last)
+    edited = tiny_config(tmp_path / "stack0", **FAST, **{**VARIED[0], "optim__lr": 0.5})
+    (Path(cfg.run_dir()) / "config.yaml").write_text(edited.to_yaml())
+    with pytest.raises(UserError, match="config.yaml was changed after the run started"):  # as a solo run's
+        distill(edited, resume=True, progress=False)
     (Path(cfg.run_dir()) / "config.yaml").write_text(cfg.to_yaml())
     assert distill(cfg, resume=True, progress=False).summary["steps"] == 20
     solo = distill(tiny_config(tmp_path / "solo", **FAST, **VARIED[0]), progress=False)

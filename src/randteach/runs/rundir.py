@@ -185,6 +185,14 @@ class RunDir:
         from ..config import config_from_dict
         return config_from_dict(yaml.safe_load(self.config_path.read_text())).digest() != cfg.digest()
 
+    def refuse_another_config(self, cfg) -> None:
+        """A run directory of another config is not this run's (a start that failed before training,
+        config.yaml alone, binds nothing)."""
+        if self.holds_another_config(cfg):
+            raise UserError(f"{self.path} holds a run with a different config (other options, or an earlier "
+                            f"randteach's defaults); choose another --out, or continue that run as it was "
+                            f"configured with `randteach distill --resume {self.path}`")
+
     def remove_if_unstarted(self) -> None:
         """Remove the folder if it holds nothing but what opening a run writes (`OPENING_FILES`, with
         checkpoints/ empty): a new run that failed before it wrote anything else leaves no folder behind."""

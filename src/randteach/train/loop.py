@@ -106,7 +106,7 @@ def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
 def _finished(cfg: Config, run: RunDir, resume: bool) -> RunResult | None:
     """The run's result if it has finished (completed or diverged), after the checks that come before a start."""
     run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
-    _check_same_config(cfg, run)
+    run.refuse_another_config(cfg)  # checked before a finished run is returned
     existing = run.summary()
     if existing and existing.get("status") in ("completed", "diverged"):
         check_config_digest(existing.get("config_digest"), cfg, run.path)  # a hand-edited config.yaml
@@ -217,15 +217,6 @@ def _check_resumable(run: RunDir) -> None:
                         + (f"; its student checkpoints: {', '.join(saved)}" if saved else "")
                         + ". To train it from the start, run it again without --resume (its metrics.jsonl and "
                         "summary.json are then replaced).")
-
-
-def _check_same_config(cfg: Config, run: RunDir) -> None:
-    """A run directory of another config is not this run's (checked before a finished run is returned; a start
-    that failed before training, config.yaml alone, binds nothing)."""
-    if run.holds_another_config(cfg):
-        raise UserError(f"{run.path} holds a run with a different config (other options, or an earlier "
-                        f"randteach's defaults); choose another --out, or continue that run as it was "
-                        f"configured with `randteach distill --resume {run.path}`")
 
 
 def _open_run(cfg: Config, run: RunDir, ddp: Dist, given: dict) -> None:

@@ -177,7 +177,8 @@ class _Run:
                 "student_init": self.student_init.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "wall_time_s": self.wall(), "bf16_on": False, "init": self.init_info,
                 "center": None, "rng": self.rng, "teacher_probe": self.teacher_probe or {},
-                "last_loss": self.last_loss, "loss_means": dataclasses.asdict(self.losses)}
+                "last_loss": self.last_loss, "loss_means": dataclasses.asdict(self.losses),
+                "config_digest": self.cfg.digest()}  # a resume refuses a config.yaml edited since
 
 
 def _seeded_rng(seed: int) -> dict:
@@ -190,11 +191,6 @@ def _seeded_rng(seed: int) -> dict:
 def _owned(state: dict) -> dict:
     """Tensors that own their storage: a slice of a stacked tensor would otherwise save all K runs."""
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _check_config(run: RunDir, cfg: Config) -> None:
-    if run.holds_another_config(cfg):
-        raise UserError(f"{run.path} holds a run with a different config; choose another --out")
 
 
 def train_stacked(cfgs: list[Config], progress: bool = False, mode: str = "auto") -> list[dict]:
@@ -224,7 +220,7 @@ def train_stacked(cfgs: list[Config], progress: bool = False, mode: str = "auto"
                 continue
             run = RunDir(cfg.run_dir())
             run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
-            _check_config(run, cfg)
+            run.refuse_another_config(cfg)
             done = run.summary()
             if done and done.get("status") in ("completed", "diverged"):
                 check_config_digest(done.get("config_digest"), cfg, run.path)
@@ -468,6 +464,7 @@ def _resume_or_save_inits(runs: list[_Run], in_channels: int, size: int, preproc
         last = r.run.checkpoints / "last.pt"
         if last.exists():
             state = load_checkpoint(last)
+            check_config_digest(state.get("config_digest"), r.cfg, r.run.path)
             r.student.load_state_dict(state["student"])
             r.teacher.load_state_dict(state["teacher"])
             r.student_init.load_state_dict(state["student_init"])
