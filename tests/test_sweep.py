@@ -90,6 +90,8 @@ def test_expand_removes_duplicates_and_accepts_nested_sections(tmp_path):
     ("preset: nope", "unknown preset 'nope'"),
     ("- a\n- b", "must hold a mapping"),
     ("grid: [", "not valid YAML"),
+    ("name: [a, b]", "name names one folder"),
+    ("grid: {data.local_crops: [0, 2]}", "the run data.local_crops=2: data.local_crops / data.local_crop_size"),
 ])
 def test_bad_sweep_files_give_clear_errors(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -97,6 +99,12 @@ def test_bad_sweep_files_give_clear_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
         load_sweep(path)
     assert message in str(e.value)
+
+
+def test_grid_keys_that_need_each_other_are_checked_together(tmp_path):
+    """Local crops need dino views: valid when the grid sets both, whatever base alone would say."""
+    path = write_sweep(tmp_path, grid={"data.augment": ["dino"], "data.local_crops": [2, 4]})
+    assert [c.data.local_crops for c in expand(load_sweep(path))] == [2, 4]
 
 
 def test_bad_sweep_file_on_the_command_line_is_one_message(tmp_path, capsys):
@@ -123,6 +131,26 @@ def test_dry_run_lists_the_runs_with_command_line_overrides(tmp_path, capsys):
     assert "--workers must be at least 1" in capsys.readouterr().err
     assert main(["sweep", str(path), "--launcher", "slurm", "--slurm", "partitoin=gpu"]) == 2
     assert "unknown slurm key(s) partitoin" in capsys.readouterr().err
+
+
+def test_dry_run_says_which_runs_a_kill_left_resumable_and_which_folders_hold_another_run(tmp_path, capsys):
+    path = write_sweep(tmp_path, grid={"init.alpha": [0.1, 0.5, 1.0]})
+    killed, foreign, fresh = expand(load_sweep(path))
+    (killed.run_dir() / "checkpoints").mkdir(parents=True)
+    (killed.run_dir() / "checkpoints" / "last.pt").write_bytes(b"")  # a kill: a checkpoint, no summary
+    other = RunDir(foreign.run_dir()).create()  # a run of another config, `distill --out` into this folder
+    other.config_path.write_text(killed.to_yaml())
+    other.write_summary({"status": "completed", "config_digest": killed.digest()})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for cfg, state in ((killed, "resumable"), (foreign, "conflict"), (fresh, "new")):
+        assert f"  {state:<11} {cfg.run_dir()}  " in out
+    assert f"not run: {foreign.run_dir()} holds a run with a different config" in out
+    assert "3 runs, 0 already done, 1 not run (above), 2 to run" in out
+    # run, it is a failure with that reason (no worker could write into that folder), the other run untouched
+    [result] = run_sweep([foreign], progress=False)
+    assert result["status"] == "failed" and "holds a run with a different config" in result["error"]
+    assert RunDir(foreign.run_dir()).summary()["config_digest"] == killed.digest()
 
 
 def test_dry_run_lists_a_swept_teacher_checkpoint(tmp_path, capsys):
@@ -329,6 +357,11 @@ def test_a_grid_key_or_seed_on_the_command_line_is_refused(tmp_path, capsys):
         assert f"{flag}: {path} varies or names it (grid, seeds, name)" in err and "change the file" in err, err
     grid = write_sweep(tmp_path, name="wd", grid={"optim.weight_decay": [0.0, 0.1]})
     assert main(["sweep", str(grid), "--dry-run", "--optim.weight-decay", "0.5"]) == 2  # the hyphen spelling too
+    hyphens = write_sweep(tmp_path, name="hy", grid={"optim.weight-decay": [0.0, 0.1]})
+    assert main(["sweep", str(hyphens), "--dry-run", "--optim.weight_decay", "0.5"]) == 2  # in the file too
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--dry-run", "--preset", "paper"]) == 2
+    assert "--preset paper (on the command line): unknown key 'preset'" in capsys.readouterr().err
     seeded = write_sweep(tmp_path, name="seeded", base={**FAST, "train.seed": 7}, seeds=[0, 1])
     assert main(["sweep", str(seeded), "--dry-run"]) == 2
     assert "train.seed is both in base and in seeds" in capsys.readouterr().err

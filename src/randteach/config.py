@@ -614,6 +614,13 @@ def _check_number(key: str, value: Any, bounds: dict) -> None:
         raise ConfigError(f"{key}: {value!r} is out of range; valid: a finite number in {_interval(bounds)}")
 
 
+def canonical_key(key: str) -> str:
+    """A dotted key as the config spells it: train.max-steps is train.max_steps (section and field names take
+    '_'; keyword names under a dict field, model.encoder_args.<name>, are kept as given)."""
+    parts = key.split(".")
+    return ".".join([*(p.replace("-", "_") for p in parts[:2]), *parts[2:]])
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves (the
     inverse of `dotted_to_nested`)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import canonical_key
 from ..errors import UserError
 
 EXIT_FAILED = 3  # as `randteach distill` and `randteach experiment` for runs that did not complete
@@ -28,7 +29,7 @@ def _collides(key: str, varied: set[str]) -> bool:
 def _check_not_varied(overrides: dict, spec, where: str) -> None:
     """An override of a key the sweep varies would be overruled by the grid (or the seeds) without a word."""
     varied = set(spec.grid) | ({"train.seed"} if spec.seeds else set())
-    clash = sorted(k for k in overrides if _collides(k.replace("-", "_"), varied))
+    clash = sorted(k for k in overrides if _collides(canonical_key(k), varied))
     if clash:
         raise UserError(f"{', '.join('--' + k for k in clash)}: {where} varies or names "
                         f"{'it' if len(clash) == 1 else 'them'} (grid, seeds, name), so an option on the command "
@@ -39,8 +40,7 @@ def _check_not_varied(overrides: dict, spec, where: str) -> None:
 def cmd_sweep(args, extra) -> int:
     from ..config import parse_overrides
     from . import print_notes
-    from ..runs.rundir import RunDir
-    from ..runs.sweep import (check_stack_options, expand, finished_summary, load_sweep, plan_local, run_sweep,
+    from ..runs.sweep import (check_grid, check_stack_options, expand, load_sweep, plan_local, run_state, run_sweep,
                               submitit_parameters)
     check_stack_options(args.stack, args.stack_mode, args.launcher)
     spec = load_sweep(args.sweep_file)
@@ -49,6 +49,8 @@ def cmd_sweep(args, extra) -> int:
     overrides = parse_overrides(extra)  # e.g. --train.device cuda for every run
     _check_not_varied(overrides, spec, args.sweep_file)
     spec.base.update(overrides)
+    if overrides:  # the file alone passed these checks: what fails now is the options' doing
+        check_grid(spec, f"{' '.join(extra)} (on the command line)")
     slurm = {**spec.slurm, **_parse_slurm(args.slurm or [])}
     if args.launcher == "slurm":
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
@@ -60,8 +62,7 @@ def cmd_sweep(args, extra) -> int:
         keys = varying_keys(rows) + ["train.seed"]
         print(f"{len(configs)} runs ({spec.name}):")
         for cfg, row in zip(configs, rows):
-            state = "done" if finished_summary(cfg) else (RunDir(cfg.run_dir()).summary() or {}).get("status", "new")
-            print(f"  {state:<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
+            print(f"  {run_state(cfg):<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
         if args.launcher == "local":
             print("\n".join(plan_local(configs, args.workers, args.stack, args.stack_mode).lines))
         return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from ..config import canonical_key
 from .base import DEFAULT_ROOT, Context, Experiment, Outcome, dry_run, execute
 from .recipe import SCALES, Recipe, load_recipe
 
@@ -59,8 +60,7 @@ def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds:
         r.seeds = list(range(seeds))
     root = Path(out) if out else Path(DEFAULT_ROOT) / scale
     # --train.max-steps is --train.max_steps (as the config reads it): one spelling for the checks on overrides
-    overrides = {".".join([*(p.replace("-", "_") for p in k.split(".")[:2]), *k.split(".")[2:]]): v
-                 for k, v in (overrides or {}).items()}
+    overrides = {canonical_key(k): v for k, v in (overrides or {}).items()}
     return Context(r, root, overrides, launcher, workers, progress, command, stack, stack_mode)
 
 

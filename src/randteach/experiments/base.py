@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..reports.experiment import arm_section, rows_of
 from ..reports.groups import flat_config, show_value
 from ..runs.rundir import RunDir
-from ..runs.sweep import finished_summary, plan_local, run_one, run_sweep
+from ..runs.sweep import plan_local, run_one, run_state, run_sweep
 from .protocol import with_paper_protocol
 from .recipe import Arm, Recipe
 
@@ -120,19 +120,12 @@ def git_commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def _state(cfg: Config) -> str:
-    if finished_summary(cfg):
-        return "done"
-    summary = RunDir(cfg.run_dir()).summary() if (cfg.run_dir() / "summary.json").exists() else None
-    return (summary or {}).get("status", "new")
-
-
 def dry_run(exp: Experiment, ctx: Context) -> str:
     """The runs the experiment needs, each with its state (done, new, interrupted, failed ...)."""
     check_overrides(exp, ctx)
     stages = exp.stages(ctx)
     total = sum(len(c) for stage in stages for c in stage.values())
-    done = sum(_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
+    done = sum(run_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
     lines = [f"experiment {exp.name} ({exp.ids}, {exp.paper}) at scale {ctx.recipe.scale}: recipe "
              f"{ctx.recipe.source}; {total} runs in {ctx.pool} ({done} done, {total - done} to run)", *grid_notes(ctx)]
     for i, stage in enumerate(stages):
@@ -141,7 +134,7 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
             lines.append(f"  {'stage ' + str(i + 1) + ', ' if len(stages) > 1 else ''}arm {arm} ({len(configs)} runs):")
             for cfg in configs:
                 flat = flat_config(cfg.to_dict())
-                lines.append(f"    {_state(cfg):<11} {cfg.run_dir()}  "
+                lines.append(f"    {run_state(cfg):<11} {cfg.run_dir()}  "
                              + " ".join(f"{k}={show_value(flat.get(k))}" for k in keys))
         lines += [f"  {line}" for line in ctx.plan(_unique(stage))]
     lines += [f"  then: {p}" for p in exp.post(ctx)]
@@ -202,7 +195,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     reused = 0
     for stage in exp.stages(ctx):
         configs = _unique(stage)
-        reused += sum(_state(c) == "done" for c in configs)
+        reused += sum(run_state(c) == "done" for c in configs)
         results = ctx.run(configs)
         for r in results:
             counts[r["status"]] = counts.get(r["status"], 0) + 1

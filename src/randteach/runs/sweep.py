@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import Config, ConfigError, build_config, config_from_dict, flatten, load_yaml, outside_the_address
+from ..config import (Config, ConfigError, build_config, canonical_key, config_from_dict, flatten, load_yaml,
+                      outside_the_address)
+from ..errors import UserError
 from .rundir import RunDir, RunInUse, run_lock, wait_until_free
 
 SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
@@ -83,8 +85,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ConfigError(f"{where}: {key} must be a mapping of dotted config keys, "
                               f"got {type(raw[key]).__name__}")
-    base = flatten(raw.get("base") or {})
-    grid = flatten(raw.get("grid") or {})
+    # one spelling per key (train.max-steps is train.max_steps), so the checks on varied keys see each once
+    base = {canonical_key(k): v for k, v in flatten(raw.get("base") or {}).items()}
+    grid = {canonical_key(k): v for k, v in flatten(raw.get("grid") or {}).items()}
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [a, b], "
@@ -102,20 +105,34 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if seeds and ("train.seed" in grid or "train.seed" in base):
         raise ConfigError(f"{where}: train.seed is both in {'grid' if 'train.seed' in grid else 'base'} and in "
                           "seeds; keep one")
+    for owned in ("out", "name"):
+        if isinstance(raw.get(owned), (list, dict)):
+            raise ConfigError(f"{where}: {owned} names one folder, got {raw[owned]!r}; vary a config key under grid:")
     name = raw.get("name") or path.stem
     spec = SweepSpec(preset=raw.get("preset"), base=base, grid=grid, seeds=list(seeds),
                      out=None if raw.get("out") is None else str(raw["out"]), name=str(name),
                      slurm=dict(raw.get("slurm") or {}))
     _check_slurm(spec.slurm, where)
-    # Surface bad keys and values now, with the file's name, rather than in the middle of a sweep.
-    try:
-        build_config(spec.preset, None, {**spec.base, "name": spec.name})
-        for key, values in spec.grid.items():
-            for v in values:
-                build_config(spec.preset, None, {**spec.base, "name": spec.name, key: v})
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    check_grid(spec, where)
     return spec
+
+
+def check_grid(spec: SweepSpec, where: str) -> None:
+    """Surface bad keys and values now, naming `where`, rather than in the middle of a sweep: every
+    combination of the grid must build (a key may need another's value, e.g. local crops their dino views);
+    an error that the base alone has is the base's, one of a combination names the combination."""
+    keys = list(spec.grid)
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        try:
+            build_config(spec.preset, None, {**spec.base, **dict(zip(keys, combo)), "name": spec.name})
+        except ConfigError as e:
+            try:
+                build_config(spec.preset, None, {**spec.base, "name": spec.name})
+            except ConfigError as in_base:
+                if str(in_base) == str(e):
+                    raise ConfigError(f"{where}: {e}") from None
+            shown = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
+            raise ConfigError(f"{where}, the run {shown}: {e}") from None
 
 
 def _check_slurm(slurm: dict, where: str) -> None:
@@ -162,6 +179,21 @@ def finished_summary(cfg: Config) -> dict | None:
     if summary and summary.get("status") in DONE and cfg.matches(summary.get("config_digest")):
         return summary
     return None
+
+
+def run_state(cfg: Config) -> str:
+    """What a dry run says of a run: done; the status its summary records (failed, interrupted, ...);
+    "conflict" where its folder holds a run of another config; "resumable" where a kill left a checkpoint and
+    no summary; else new."""
+    run = RunDir(cfg.run_dir())
+    if run.holds_another_config(cfg):
+        return "conflict"
+    if finished_summary(cfg):
+        return "done"
+    summary = run.summary()
+    if summary:
+        return summary.get("status", "unknown")
+    return "resumable" if (run.checkpoints / "last.pt").exists() else "new"
 
 
 def record_failure(cfg: Config, error: str, detail: str = "") -> dict:
@@ -320,12 +352,15 @@ def plan_local(configs: list[Config], workers: int | None, stack: int = 1, stack
         raise ConfigError(f"--workers must be at least 1 (or left out: one per visible GPU, else 1), got {workers}")
     results, todo = _split_done(configs)
     jobs, lines = _jobs(configs, todo, stack, stack_mode)
+    refused = [r for r in results if r is not None and r["status"] == "failed"]
+    lines += [f"not run: {r['error']}" for r in refused]
     gpus = visible_gpus() if any(_wants_gpu(configs[i]) for i in todo) else []
     workers = max(1, min(workers if workers is not None else len(gpus) or 1, len(jobs) or 1))
     threads = threads_per_worker(workers)
     stacks = [job for job in jobs if len(job) > 1]
     modes = sorted({resolve_mode(configs[job[0]], stack_mode) for job in stacks})
-    lines.append(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, {len(todo)} to run"
+    lines.append(f"sweep: {len(configs)} runs, {len(configs) - len(todo) - len(refused)} already done, "
+                 + (f"{len(refused)} not run (above), " if refused else "") + f"{len(todo)} to run"
                  + (f" as {len(stacks)} stack(s) of up to {stack} ({', '.join(modes)})" if stacks else "")
                  + (f" and {len(jobs) - len(stacks)} run(s) alone" if stacks and len(jobs) > len(stacks) else "")
                  + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
@@ -443,10 +478,16 @@ def _stop_workers_on_signal(workers: dict):
 
 
 def _split_done(configs: list[Config]) -> tuple[list[dict | None], list[int]]:
-    """(results with the finished runs filled in, indices of the runs still to do)."""
+    """(results with the finished runs filled in, and a "failed" result for each run whose folder holds a
+    run of another config, which no worker could write into; indices of the runs still to do)."""
     results: list[dict | None] = [None] * len(configs)
     todo = []
     for i, cfg in enumerate(configs):
+        try:
+            RunDir(cfg.run_dir()).refuse_another_config(cfg)
+        except UserError as e:
+            results[i] = _with_path({"status": "failed", "error": str(e)}, cfg)
+            continue
         done = finished_summary(cfg)
         if done is not None:
             results[i] = _with_path(done, cfg)
