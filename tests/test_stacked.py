@@ -268,7 +268,10 @@ def test_killed_stacked_sweep_resumes_every_run_from_its_own_checkpoint(tmp_path
 @pytest.mark.parametrize("args, message", [(["--stack", "0"], "--stack must be at least 1"),
                                            (["--stack", "2", "--launcher", "slurm"], "--launcher local only"),
                                            (["--stack", "2", "--stack-mode", "vamp"],
-                                            "--stack-mode vamp: expected one of auto, vmap, threads")])
+                                            "--stack-mode vamp: expected one of auto, vmap, threads"),
+                                           (["--stack-mode", "vmap"], "add --stack K (K > 1)"),
+                                           (["--workers", "2", "--launcher", "slurm"],
+                                            "--workers works with --launcher local only")])
 def test_bad_stack_option_is_a_clear_error(tmp_path, capsys, args, message):
     from randteach.cli import main
     path = _write_sweep(tmp_path, SWEEP_BASE, seeds=[0, 1])

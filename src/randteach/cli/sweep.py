@@ -42,7 +42,7 @@ def cmd_sweep(args, extra) -> int:
     from . import print_notes
     from ..runs.sweep import (check_grid, check_stack_options, expand, load_sweep, plan_local, run_state, run_sweep,
                               submitit_parameters)
-    check_stack_options(args.stack, args.stack_mode, args.launcher)
+    check_stack_options(args.stack, args.stack_mode, args.launcher, args.workers)
     spec = load_sweep(args.sweep_file)
     if args.out:
         spec.out = args.out

@@ -51,7 +51,7 @@ def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds:
                  workers: int | None = None, progress: bool = True, command: str = "", stack: int = 1,
                  stack_mode: str = "auto") -> Context:
     from ..runs.sweep import check_stack_options
-    check_stack_options(stack, stack_mode, launcher)  # before a dry run too
+    check_stack_options(stack, stack_mode, launcher, workers)  # before a dry run too
     r: Recipe = load_recipe(name, scale, recipe)
     if seeds is not None:
         if seeds < 1:

@@ -658,15 +658,19 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
     return results  # type: ignore[return-value]
 
 
-def check_stack_options(stack: int, stack_mode: str, launcher: str) -> None:
-    """--stack K and --stack-mode as a sweep or an experiment can take them (before anything runs)."""
+def check_stack_options(stack: int, stack_mode: str, launcher: str, workers: int | None = None) -> None:
+    """--stack K, --stack-mode and --workers as a sweep or an experiment can take them (before anything runs):
+    none is ignored without a word."""
     from ..train.stacked import STACK_MODES
     if stack < 1:
         raise ConfigError(f"--stack must be at least 1, got {stack}")
     if stack_mode not in STACK_MODES:
         raise ConfigError(f"--stack-mode {stack_mode}: expected one of {', '.join(STACK_MODES)}")
-    if stack > 1 and launcher != "local":
-        raise ConfigError("--stack works with --launcher local only; drop --stack for SLURM")
+    if stack_mode != "auto" and stack == 1:
+        raise ConfigError(f"--stack-mode {stack_mode} says how stacks of runs train; add --stack K (K > 1) to make them")
+    if launcher != "local" and (stack > 1 or workers is not None):
+        raise ConfigError(f"{'--stack' if stack > 1 else '--workers'} works with --launcher local only (on SLURM "
+                          "each run is its own job); drop it")
 
 
 def run_sweep(configs: list[Config], launcher: str = "local", workers: int | None = None, progress: bool = True,
@@ -679,7 +683,7 @@ def run_sweep(configs: list[Config], launcher: str = "local", workers: int | Non
     GPU where there are GPUs; stack > 1: up to `stack` runs at a time in one process, as `stack_mode` says
     (train.stacked.stack_mode: auto, vmap or threads).
     """
-    check_stack_options(stack, stack_mode, launcher)
+    check_stack_options(stack, stack_mode, launcher, workers)
     if launcher == "local":
         return _run_local(configs, workers, progress, stack, stack_mode)
     if launcher == "slurm":
