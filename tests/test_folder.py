@@ -205,6 +205,16 @@ def test_sixteen_bit_and_float_greyscale_images_are_scaled_not_clipped(tmp_path)
     assert len(failed) == 1 and "outside [0, 1]" in failed[0][1]
 
 
+def test_a_class_named_like_a_split_is_a_class(tmp_path):
+    """CIFAR-100 has a class "train": a flat folder with it is not a split layout."""
+    base = tmp_path / "vehicles"
+    for k, cls in enumerate(("bus", "car", "train")):
+        for j in range(5):
+            write_png(base / cls / f"{j}.png", k, seed=10 * k + j)
+    train, test = (load_dataset("folder", split, path=str(base)) for split in ("train", "test"))
+    assert train.num_classes == 3 and len(train) + len(test) == 15 and test.labels.bincount().tolist() == [1, 1, 1]
+
+
 def test_a_labelled_val_folder_is_not_hidden_by_an_unlabelled_test_folder(tmp_path):
     base = write_folder(tmp_path / "kaggle", counts=(("train", 3), ("val", 2)))
     write_png(base / "test" / "0.png", 0)  # a competition's test images: no class folders

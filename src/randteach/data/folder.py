@@ -101,9 +101,14 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _split_dir(base: Path, names: tuple[str, ...]) -> Path | None:
     """The first of `names` in `base` that holds class folders (a Kaggle-style test/ of unlabelled images
-    does not hide a labelled val/), else the first that exists."""
-    found = [base / d for d in names if (base / d).is_dir()]
+    does not hide a labelled val/), else the first that exists. One with images of its own is a class, not
+    a split (CIFAR-100 has a class named train)."""
+    found = [base / d for d in names if (base / d).is_dir() and not _holds_images(base / d)]
     return next((d for d in found if _subdirs(d)), found[0] if found else None)
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in EXTENSIONS and p.is_file() for p in folder.iterdir())
 
 
 def _scan(base: Path) -> Listing:
