@@ -83,6 +83,18 @@ def test_knn_matches_brute_force(weighting):
             assert acc == pytest.approx((expected == test_y).mean())
 
 
+def test_majority_knn_keeps_its_neighbours_under_a_large_common_offset():
+    """float32 features all near one point far from the origin (e.g. a collapsed embedding of large norm):
+    the nearest neighbours are those of the exact distances, not of what the float32 expansion cancels."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((390, 8)) + 1e4).astype(np.float32)
+    y = rng.integers(0, 5, 390)
+    expected = _knn_brute_force(x[:300].astype(np.float64), y[:300], x[300:].astype(np.float64), 20, "majority", 0.07, 5)
+    pred = knn_predict(torch.from_numpy(x[:300]), torch.from_numpy(y[:300]), torch.from_numpy(x[300:]), 5, k=20,
+                       weighting="majority").numpy()
+    assert (pred == expected).mean() >= 0.97  # rounding may swap neighbours at near-equal distances only
+
+
 def test_knn_vote_ties_go_to_the_smallest_class():
     # k = n_train, so which neighbours vote is fixed; the vote is 1:1
     test_x = np.array([[0.0, 0.0]])

@@ -329,6 +329,10 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
         train_x = F.normalize(train_x, dim=1)
         query_x = F.normalize(query_x, dim=1)
     else:
+        # L2 distances do not change under a shift: centred on the training mean, the expansion below does not
+        # cancel a large common offset away in float32 (features all near one point far from the origin)
+        centre = train_x.mean(0)
+        train_x, query_x = train_x - centre, query_x - centre
         # ||q - t||^2 = ||q||^2 - 2 q.t + ||t||^2: ranking by 2 q.t - ||t||^2 is the same per query
         neg_sq_norm = -train_x.pow(2).sum(1)
     preds = []
