@@ -84,3 +84,15 @@ def test_imp_command(setup, tmp_path):
     assert all("fc.weight" in s["pruned"] for s in result["series"])
     assert [len(s["rounds"]) for s in result["series"]] == [2, 2]
     assert (out / "imp.png").stat().st_size > 0
+
+
+def test_the_default_rounds_reach_the_end_of_fig_8s_axis():
+    """RT Fig. 8's axis ends at 0.5 % of the weights remaining: the command and the API prune that far."""
+    import inspect
+
+    import randteach
+    from randteach.analysis.imp import PAPER_ROUNDS, kept_after
+    from randteach.cli import build_parser
+    assert round(100 * kept_after(10**6, PAPER_ROUNDS) / 10**6, 1) == 0.5
+    assert build_parser().parse_args(["imp", "RUN"]).rounds == PAPER_ROUNDS
+    assert inspect.signature(randteach.imp).parameters["rounds"].default is None  # None: PAPER_ROUNDS

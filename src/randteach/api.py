@@ -466,7 +466,7 @@ def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_te
 
 
 def imp(encoder: Any, train: Any = None, test: Any = None, *, starts: list[str] | None = None, architecture=None,
-        rounds: int = 10, fraction: float = 0.2, prune_classifier: bool = False, n_train: int | None = None,
+        rounds: int | None = None, fraction: float = 0.2, prune_classifier: bool = False, n_train: int | None = None,
         n_test: int | None = None, out: str | os.PathLike | None = None, config: Config | None = None,
         preset: str | None = None, device: str | None = None, progress: bool = False, **recipe: Any) -> dict:
     """Iterative magnitude pruning with rewinding (`randteach imp`): lottery tickets.
@@ -475,9 +475,11 @@ def imp(encoder: Any, train: Any = None, test: Any = None, *, starts: list[str] 
     nn.Module (starts: 'encoder' = the module's weights as they are, 'random' = a fresh init of its
     architecture, each with an optional '@L' rewinding epoch; default encoder@0 random@0; out required).
     train / test: the supervised data (a name, or objects; test None: train split 80/20; None with a run:
-    the run's data set). recipe: Recipe fields (epochs=, lr=, milestones=, ...; default the paper's
-    CIFAR-10 recipe). Returns the content of OUT/imp.json."""
-    from .analysis.imp import run_imp
+    the run's data set). rounds: pruning rounds after the dense one (None: PAPER_ROUNDS, RT Fig. 8's 24).
+    recipe: Recipe fields (epochs=, lr=, milestones=, ...; default the paper's CIFAR-10 recipe). Returns the
+    content of OUT/imp.json."""
+    from .analysis.imp import PAPER_ROUNDS, run_imp
+    rounds = PAPER_ROUNDS if rounds is None else rounds
     run, rec, data, dev, out, default = _supervised(encoder, train, test, architecture, n_train, n_test, config,
                                                     preset, device, out, "imp", recipe)
     return run_imp(run, list(starts or default), data, rec, dev, rounds=rounds, out=out, fraction=fraction,
