@@ -329,7 +329,8 @@ def test_values_keep_what_they_spell():
 
 @pytest.mark.parametrize("teacher, why", [({"teacher.mode": "ema"}, "teacher.mode=ema changes the teacher"),
                                           ({"teacher.mode": "previous-epoch"}, "teacher.mode=previous-epoch"),
-                                          ({"teacher.train_mode": "true"}, "depend on the batch")])
+                                          ({"teacher.train_mode": "true"}, "depend on the batch"),
+                                          ({"data.augment": "flip-crop"}, "changes the teacher's inputs every step")])
 def test_a_moving_teacher_with_the_teacher_cache_is_refused_when_the_config_is_built(teacher, why):
     # the cpu preset caches the teacher's outputs: a sweep or a dry run sees this before any run starts
     with pytest.raises(ConfigError, match=f"{why}.*add --train.teacher_cache false"):

@@ -202,3 +202,6 @@ def test_a_config_changed_after_it_was_built_is_checked_at_run_start(tmp_path):
     cfg.teacher.mode, cfg.train.teacher_cache = "ema", True
     with pytest.raises(UserError, match="teacher.mode=ema changes the teacher during training, so its outputs cannot"):
         distill(cfg, progress=False)
+    cfg.teacher.mode, cfg.data.augment = "frozen", "flip-crop"  # cached targets of images the student never sees
+    with pytest.raises(UserError, match="data.augment=flip-crop changes the teacher's inputs every step"):
+        distill(cfg, progress=False)

@@ -27,12 +27,18 @@ from .errors import UserError
 
 
 def teacher_cache_conflict(cfg) -> str | None:
-    """Why train.teacher_cache cannot hold this run's teacher outputs (a teacher that moves or depends on the
-    batch), or None."""
-    if not cfg.train.teacher_cache or (cfg.teacher.mode == "frozen" and not cfg.teacher.train_mode):
+    """Why train.teacher_cache cannot hold this run's teacher outputs (inputs that change every step, a teacher
+    that moves or depends on the batch), or None."""
+    if not cfg.train.teacher_cache:
         return None
-    why = (f"teacher.mode={cfg.teacher.mode} changes the teacher during training" if cfg.teacher.mode != "frozen"
-           else "teacher.train_mode=true makes its outputs depend on the batch (batch-norm statistics)")
+    if cfg.data.augment != "none":
+        why = f"data.augment={cfg.data.augment} changes the teacher's inputs every step"
+    elif cfg.teacher.mode != "frozen":
+        why = f"teacher.mode={cfg.teacher.mode} changes the teacher during training"
+    elif cfg.teacher.train_mode:
+        why = "teacher.train_mode=true makes its outputs depend on the batch (batch-norm statistics)"
+    else:
+        return None
     return f"{why}, so its outputs cannot be cached: add --train.teacher_cache false"
 
 
@@ -295,9 +301,6 @@ class Config:
                               "add --data.local_crops N (DINO: 8)")
         if self.data.augment != "none" and self.data.inputs == "noise":
             raise ConfigError("data.augment augments images; with data.inputs=noise leave data.augment=none")
-        if self.data.augment != "none" and self.train.teacher_cache:
-            raise ConfigError(f"data.augment={self.data.augment} changes the teacher's inputs every step, so its "
-                              "outputs cannot be cached: add --train.teacher_cache false")
         if conflict := teacher_cache_conflict(self):
             raise ConfigError(conflict)
         if len(self.optim.betas) != 2:

@@ -104,6 +104,8 @@ class MetricsLog(Hook):
                 raise StopRun("diverged", step - 1, diverged_step=step, reason="non-finite loss or gradient")
         step, m = window[-1]
         if not math.isfinite(dist_teacher):  # a non-finite parameter makes the distance non-finite
+            _log(state, {"event": "step", "step": step, "loss": losses[-1], "grad_norm": norms[-1],
+                         "dist_teacher": dist_teacher, "dist_init": dist_init, "lr": m.lr})
             raise StopRun("diverged", step, diverged_step=step, reason="non-finite parameters")
         for (s, _), loss in zip(window, losses):
             state.losses.add(s, loss, state.plan.steps_per_epoch)
