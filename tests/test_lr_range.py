@@ -34,6 +34,10 @@ def test_step_sizes_are_the_exponential_sequence(tmp_path):
     r = lr_range(cfg, lr_start=1e-4, lr_end=1e-1, epochs=2, out=tmp_path / "lr-epochs", supervised=False,
                  progress=False)
     assert r["steps"] == 8 and r["sides"]["teacher_student"]["lr"][-1] == pytest.approx(1e-1)
+    # other analysis options over the same run: the run is found again, not refused as another config's
+    again = lr_range(cfg, lr_start=1e-4, lr_end=1e-1, epochs=2, out=tmp_path / "lr-epochs", supervised=False,
+                     factor=3.0, progress=False)
+    assert again["teacher_student_run"] == r["teacher_student_run"] and again["key"] != r["key"]
 
 
 def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
@@ -106,3 +110,28 @@ def test_a_curve_that_never_falls_gets_a_tenth_of_its_blow_up():
     assert got["lr"] == pytest.approx(10.0) and "never falls" in got["rule"]
     flat = [1.0] * len(lrs)  # neither falls nor diverges: no suggestion
     assert suggest_lr(lrs, flat, find_divergences(steps, lrs, flat)) is None
+
+
+def test_a_range_test_stopped_by_ctrl_c_writes_no_result(tmp_path):
+    """SIGINT while the teacher-student run trains: the run checkpoints and ends interrupted, the command exits
+    130 and writes no lr_range.json (a cut-off curve would be returned as the finished test by the next call)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "lr"
+    args = [a for k, v in {**TINY, "data.n_samples": "256", "train.device": "cpu"}.items()
+            if k.startswith(("data.", "model.", "head.", "train.device")) for a in (f"--{k}", v)]
+    proc = subprocess.Popen([sys.executable, "-m", "randteach.cli", "--quiet", "lr-range", *args, "--steps", "200000",
+                             "--no-supervised", "--lr-end", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "teacher-student" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert not (out / "lr_range.json").exists()
+    assert RunDir(out / "teacher-student").summary()["status"] == "interrupted"

@@ -72,7 +72,7 @@ def range_config(cfg: Config, lr_start: float, lr_end: float, total_steps: int, 
     c.train.max_steps = total_steps            # guards against the float epochs rounding up one step
     c.train.probe_every = 0
     c.train.probe_at = []
-    c.train.checkpoint_every = 0
+    c.train.checkpoint_every = 0.0            # a float, as config.yaml reads it back: the run's address holds
     c.train.log_every = 1                      # every step's loss is part of the curve
     c.probe.which = []
     c.out = str(out)
@@ -216,6 +216,8 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
             return previous
 
     run = distill(ts_cfg, progress=progress, train_data=full)
+    if run.summary.get("status") not in ("completed", "diverged"):
+        raise KeyboardInterrupt  # stopped by a signal: its curve is cut short; nothing written, a re-run continues it
     sides = {"teacher_student": _teacher_student_curve(run.path)}
     if supervised:
         sides["supervised"] = supervised_range(ts_cfg, inputs, preprocess, data, size, total_steps,
