@@ -182,3 +182,20 @@ def test_imp_of_a_run_rebuilds_its_python_encoder(run, digits, tmp_path):
                       lr=0.0, milestones=[], augment=False)
     assert [s["start"] for s in r["series"]] == ["student@0", "random@0"]
     assert r["series"][0]["rounds"][0]["test_accuracy"] == pytest.approx(_direct_accuracy(student, digits))
+
+
+@pytest.mark.parametrize("command", [["signal", "{a}", "--collapse", "{b}/checkpoints/student.pt"],
+                                     ["finetune", "{a}", "--start", "{b}/checkpoints/student.pt", "--epochs", "1"],
+                                     ["landscape", "--anchors", "{a}:teacher", "{b}/checkpoints/student.pt",
+                                      "{a}:student"]])
+def test_a_checkpoint_of_another_architecture_is_a_message(tmp_path_factory, capsys, command):
+    from randteach.cli import main
+    from randteach.train.loop import distill
+    from tiny import tiny_config
+    root = tmp_path_factory.mktemp("arch")
+    a, b = (distill(tiny_config(root / name, model__width=width, train__max_steps=2, probe__which="[]"),
+                    progress=False).path for name, width in (("a", 8), ("b", 4)))
+    assert main(["--quiet", *[x.format(a=a, b=b) for x in command], "--out", str(root / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "another architecture" in err or "not the same architecture" in err, err
+    assert "Traceback" not in err

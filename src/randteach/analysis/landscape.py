@@ -255,7 +255,12 @@ def _checked_shape(anchors: list[Anchor], projection: str, extent, grid,
 def _grid_through(template: nn.Module, anchors: list[Anchor], projection: str, extent: tuple[float, ...],
                   nx: int, ny: int, unit: str) -> _Grid:
     space = ParamSpace(template)
-    vecs = [space.flatten(a.state) for a in anchors]
+    vecs = []
+    for a in anchors:
+        try:
+            vecs.append(space.flatten(a.state))
+        except KeyError as e:  # a checkpoint of another architecture than the run's
+            raise UserError(f"anchor {a.label} ({a.source}): {e.args[0]}; give checkpoints of the run's architecture") from None
     try:
         plane = Plane.through(*vecs)
     except ValueError as e:

@@ -36,6 +36,11 @@ class ParamSpace:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"state has no parameter(s) {', '.join(missing[:5])}: not the same architecture")
+        reshaped = [f"{n} {tuple(state[n].shape)} (expected {tuple(s)})" for n, s in zip(self.names, self.shapes)
+                    if state[n].shape != s]
+        if reshaped:
+            raise KeyError(f"state's parameter(s) {', '.join(reshaped[:3])} have other shapes: not the same "
+                           "architecture")
         return torch.cat([state[n].detach().reshape(-1).to("cpu", torch.float64) for n in self.names])
 
     def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..errors import UserError
 from ..models import build_model
 from ..probes.embedding import adapt_channels, embed, probe_data_name, score
-from ..runs.checkpoint import load_checkpoint
+from ..runs.checkpoint import load_checkpoint, load_weights
 from ..runs.rundir import RunDir, check_encoder_given, write_json
 from ..train.setup import distilled_subset, resolve_device
 from ..precision import exact_fp32
@@ -282,7 +282,7 @@ class RunModels:
         if state is None:
             raise UserError(f"{path} holds no model weights")
         model = build_model(self.cfg, self.in_channels, self.image_size, seed=0, encoder=self.architecture)
-        model.load_state_dict(state)
+        load_weights(model, state, path)  # another architecture's checkpoint: a message, not a traceback
         return model.encoder.to(self.device)
 
     def split(self, name: str):

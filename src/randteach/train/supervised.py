@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
 from ..precision import autocast, exact_fp32
-from ..runs.checkpoint import load_checkpoint, load_state_dict
+from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights
 from ..runs.rundir import check_encoder_given
 from .host_memory import keep_freed_memory
 from .setup import epoch_order
@@ -221,7 +221,7 @@ def build_classifier(run: RunInfo, source: str, num_classes: int, seed: int = 0)
         enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         if not enc:
             raise UserError(f"{source}: the checkpoint holds no encoder weights (keys 'encoder.*')")
-        clf.encoder.load_state_dict(enc)
+        load_weights(clf.encoder, enc, source)  # another architecture's checkpoint: a message, not a traceback
         fc = {k[len("fc."):]: v for k, v in state.items() if k.startswith("fc.")}
         if fc:
             clf.fc.load_state_dict(fc)
