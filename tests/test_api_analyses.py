@@ -199,3 +199,17 @@ def test_a_checkpoint_of_another_architecture_is_a_message(tmp_path_factory, cap
     err = capsys.readouterr().err
     assert "another architecture" in err or "not the same architecture" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["name: [", "- 1", ""])
+def test_a_damaged_config_yaml_is_a_message(run, tmp_path, capsys, text):
+    import shutil
+
+    from randteach.cli import main
+    copy = tmp_path / "copy"
+    shutil.copytree(run.path, copy)
+    (copy / "config.yaml").write_text(text)
+    for command in (["probe", str(copy)], ["signal", str(copy)], ["finetune", str(copy), "--epochs", "1"]):
+        assert main(["--quiet", *command]) == 2
+        err = capsys.readouterr().err
+        assert "config" in err and "Traceback" not in err, err

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from ..config import config_from_dict, dotted_to_nested
@@ -253,7 +252,7 @@ class RunModels:
         if not self.run.config_path.exists():
             raise UserError(f"{self.run.path} is not a randteach run directory (no config.yaml)")
         check_encoder_given(self.run.path, architecture)
-        saved = yaml.safe_load(self.run.config_path.read_text())
+        saved = self.run.saved_config()
         for key in overrides or {}:
             if key.split(".")[0] not in OVERRIDABLE:
                 raise UserError(f"--{key}: only --probe.*, --data.root and --train.device can be changed "

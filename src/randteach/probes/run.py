@@ -7,8 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 from ..config import dotted_to_nested, parse_overrides, config_from_dict
 from ..data import ImageData
 from ..errors import UserError
@@ -46,7 +44,7 @@ def _check_python_objects(run: RunDir, splits, architecture, overrides: dict) ->
 def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict:
     if not run.config_path.exists():
         raise UserError(f"{run.path} is not a randteach run directory (no config.yaml)")
-    saved = yaml.safe_load(run.config_path.read_text())
+    saved = run.saved_config()
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if pairs.get("model.encoder") == (saved.get("model") or {}).get("encoder"):
         pairs.pop("model.encoder")  # the run's own encoder, repeated to confirm the import

@@ -181,9 +181,16 @@ class RunDir:
         """Whether the folder holds a run that has begun (`started`) of a config other than `cfg`."""
         if not (self.config_path.exists() and self.started()):
             return False
-        import yaml
         from ..config import config_from_dict
-        return config_from_dict(yaml.safe_load(self.config_path.read_text())).digest() != cfg.digest()
+        return config_from_dict(self.saved_config()).digest() != cfg.digest()
+
+    def saved_config(self) -> dict:
+        """config.yaml as a mapping; a damaged file is a clear error, not a parser's traceback."""
+        from ..config import ConfigError, load_yaml
+        saved = load_yaml(self.config_path, "the run's config")
+        if not saved:
+            raise ConfigError(f"{self.config_path} is empty; a run's config.yaml holds its whole config: restore it")
+        return saved
 
     def refuse_another_config(self, cfg) -> None:
         """A run directory of another config is not this run's (a start that failed before training,

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,7 +32,7 @@ from ..models import build_model, call_encoder_factory
 from ..optim import build_optimizer, set_lr
 from ..precision import autocast, exact_fp32
 from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights
-from ..runs.rundir import check_encoder_given
+from ..runs.rundir import RunDir, check_encoder_given
 from .host_memory import keep_freed_memory
 from .setup import epoch_order
 
@@ -151,7 +150,7 @@ def run_info(run_dir: str | Path, encoder=None) -> RunInfo:
         raise UserError(f"{path} is not a randteach run directory (no config.yaml); "
                         "give the directory `randteach distill` wrote")
     check_encoder_given(path, encoder)
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    cfg = config_from_dict(RunDir(path).saved_config())
     teacher = load_checkpoint(path / "checkpoints" / "teacher.pt")
     return RunInfo(path, cfg, int(teacher["in_channels"]), int(teacher["image_size"]), encoder)
 
