@@ -1,8 +1,10 @@
 """The evaluation path: the raw-input baseline is probed at the encoders' resolution."""
+import pytest
 import torch
 
 import randteach.probes.embedding as evaluate
 from randteach.data import ImageData
+from randteach.errors import UserError
 
 from tiny import tiny_config
 
@@ -65,6 +67,9 @@ def test_probe_results_record_their_settings_and_keep_each_others(tmp_path):
     probe_run(run, ["--probe.which", "[student]", "--probe.n_train", "300", "--data.subset_seed", "9"],
               progress=False)  # another subset of 300: a file of its own
     assert len(list((run / "probes").glob("digits-*.json"))) == 2
+    for key in ("--data.image_size", "--data.n_samples", "--train.max_steps"):  # settings of another run
+        with pytest.raises(UserError, match=f"{key}: `randteach probe` takes --probe.*"):
+            probe_run(run, [key, "16"], progress=False)
 
 
 def test_probe_results_on_other_python_data_of_the_same_name_are_not_merged(tmp_path):

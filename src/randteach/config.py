@@ -624,6 +624,13 @@ def canonical_key(key: str) -> str:
     return ".".join([*(p.replace("-", "_") for p in parts[:2]), *parts[2:]])
 
 
+def changeable_after_training(key: str, also: tuple[str, ...] = ()) -> bool:
+    """Whether an analysis of a finished run (probe, signal) may change `key`: the probe's settings, where the
+    data lie, which device computes, and the analysis's `also`. Any other key would describe another run."""
+    key = canonical_key(key)
+    return key.startswith("probe.") or key in ("data.root", "train.device", *also)
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves (the
     inverse of `dotted_to_nested`)."""

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import config_from_dict, dotted_to_nested
+from ..config import changeable_after_training, config_from_dict, dotted_to_nested
 from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..errors import UserError
 from ..models import build_model
@@ -66,7 +66,6 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CE
                nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish)
 SPATIAL = ("avgpool", "flatten")
 MAX_BYTES = 4 * 2 ** 30   # float32 representations kept in memory at once (all layers, one checkpoint)
-OVERRIDABLE = ("probe", "data", "train")
 
 
 @dataclass
@@ -254,7 +253,7 @@ class RunModels:
         check_encoder_given(self.run.path, architecture)
         saved = self.run.saved_config()
         for key in overrides or {}:
-            if key.split(".")[0] not in OVERRIDABLE:
+            if not changeable_after_training(key):
                 raise UserError(f"--{key}: only --probe.*, --data.root and --train.device can be changed "
                                 "when analysing a finished run")
         for section, values in dotted_to_nested(dict(overrides or {})).items():

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="probe a run's teacher, student and the raw input on any data set (transfer)",
                        description="Probe a finished run. --probe.* options change the probe (e.g. --probe.data "
                                    "digits for transfer, --probe.which [student], --probe.n_train 5000); "
-                                   "--data.root and --train.device say where the data and the device are.")
+                                   "--data.root and --train.device say where the data and the device are; "
+                                   "--data.subset_seed draws other probe subsets.")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="probe this student checkpoint instead of the run's final one")
     p.set_defaults(func=cmd_probe)

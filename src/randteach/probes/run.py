@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..config import dotted_to_nested, parse_overrides, config_from_dict
+from ..config import changeable_after_training, config_from_dict, dotted_to_nested, parse_overrides
 from ..data import ImageData
 from ..errors import UserError
 from ..models import build_model
@@ -16,8 +16,6 @@ from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights, re
 from ..runs.rundir import ResultsNotSaved, RunDir, check_encoder_given, python_objects, run_lock, write_json
 from ..train.setup import resolve_device
 from .embedding import Prober
-
-PROBE_SECTIONS = ("probe", "data")
 
 
 def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *, checkpoint: str | None = None,
@@ -49,8 +47,9 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     if pairs.get("model.encoder") == (saved.get("model") or {}).get("encoder"):
         pairs.pop("model.encoder")  # the run's own encoder, repeated to confirm the import
     for key in pairs:
-        if key.split(".")[0] not in PROBE_SECTIONS + ("train",):
-            raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root and --train.device only")
+        if not changeable_after_training(key, also=("data.subset_seed",)):  # the probe subsets' draw
+            raise UserError(f"--{key}: `randteach probe` takes --probe.*, --data.root, --data.subset_seed and "
+                            "--train.device only: the others describe another run than the one probed")
     own = config_from_dict(copy.deepcopy(saved))  # the run's own settings, before the overrides
     nested = dotted_to_nested(pairs)
     for section, values in nested.items():
