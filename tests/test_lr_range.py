@@ -5,6 +5,7 @@ import pytest
 
 from randteach.analysis.lr_range import find_divergences, lr_range, smooth, suggest_lr
 from randteach.cli import main
+from randteach.errors import UserError
 from randteach.runs.rundir import RunDir
 
 from tiny import TINY, tiny_config
@@ -67,6 +68,15 @@ def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
     # the student starts on its teacher (the float64 residue): no descent there, a tenth of the blow-up
     assert "never falls" in ts["suggested"]["rule"]
     assert ts["suggested"] is not None
+
+
+@pytest.mark.parametrize("kw, message", [({"factor": 0.0}, "factor > 1"), ({"factor": -3.0}, "factor > 1"),
+                                         ({"lr_start": 10.0, "lr_end": 1.0}, "lr_end > lr_start")])
+def test_range_test_settings_that_cannot_work_are_refused(tmp_path, kw, message):
+    with pytest.raises(UserError, match=message):
+        lr_range(tiny_config(tmp_path, **RANGE), **{"lr_start": 1e-4, "lr_end": 1e-1, **kw}, steps=10,
+                 out=tmp_path / "lr", progress=False)
+    assert not (tmp_path / "lr").exists()
 
 
 def test_smoothing_and_divergence_criterion():

@@ -198,6 +198,11 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
         raise UserError("give the length of the range test as either steps or epochs (not both)")
     if not 0.0 <= smoothing < 1.0:
         raise UserError(f"smoothing is an EMA factor in [0, 1), got {smoothing}")
+    if not factor > 1.0:
+        raise UserError(f"factor: a rise is the smoothed loss above factor x its running minimum, so factor > 1 "
+                        f"(default {RISE_FACTOR:g}), got {factor:g}")
+    if not lr_end > lr_start:
+        raise UserError(f"the range test raises the step size: give lr_end > lr_start, got {lr_start:g} -> {lr_end:g}")
     full = train_data if train_data is not None else load_configured(cfg.data, "train")
     inputs, preprocess, data, size = load_training_inputs(cfg, full)
     n = len(inputs)
