@@ -587,17 +587,26 @@ def _apply(obj: Any, updates: dict, prefix: str) -> None:
 
 
 def _validate(obj: Any, prefix: str) -> None:
+    hints = _hints(type(obj))
     for name, f in _fields(type(obj)).items():
         value = getattr(obj, name)
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(value):
             _validate(value, key + ".")
             continue
+        if _is_float_field(hints[name]) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # as the parser makes it (an int set from Python would hash to another address)
+            setattr(obj, name, value)
         choices = f.metadata.get("choices")
         if choices and value not in choices and not (key == "train.device" and str(value).startswith("cuda:")):
             raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}")
         for v in value if isinstance(value, list) else [value]:
             _check_number(key, v, f.metadata.get("range", {}))
+
+
+def _is_float_field(tp) -> bool:
+    args = typing.get_args(tp) or (tp,)
+    return float in args and int not in args
 
 
 def _interval(bounds: dict) -> str:

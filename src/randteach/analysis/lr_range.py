@@ -72,7 +72,7 @@ def range_config(cfg: Config, lr_start: float, lr_end: float, total_steps: int, 
     c.train.max_steps = total_steps            # guards against the float epochs rounding up one step
     c.train.probe_every = 0
     c.train.probe_at = []
-    c.train.checkpoint_every = 0.0            # a float, as config.yaml reads it back: the run's address holds
+    c.train.checkpoint_every = 0
     c.train.log_every = 1                      # every step's loss is part of the curve
     c.probe.which = []
     c.out = str(out)
