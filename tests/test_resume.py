@@ -172,3 +172,51 @@ def test_every_torchrun_rank_gets_the_runs_summary_from_the_python_api(tmp_path)
     import json
     results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in ("0", "1")}
     assert results["1"]["probe"] == results["0"]["probe"] and results["1"]["rank"] == 1
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["solo", "stacked"])
+@pytest.mark.parametrize("at", ["middle", "final"])
+def test_a_signal_during_a_probe_stops_it_at_once_and_the_resume_makes_it(tmp_path, monkeypatch, at, stacked):
+    # A real SIGINT, sent to this process from inside a student probe (epoch 1 of 2, or the final one): the
+    # probe stops there, nothing of it is logged, the run ends "interrupted" at that step with its checkpoint
+    # (before, the probe ran on, was logged, and a final one ended "completed"). The re-run makes that probe
+    # first and ends with one probe per planned step. Stacked: two runs in one vmapped model, the first run's
+    # probe is the one stopped, and the second's is not begun.
+    from randteach.probes.embedding import Prober
+    from randteach.train.loop import distill
+    from randteach.train.stacked import train_stacked
+    from tiny import tiny_config
+    fast = {"probe__linear": "none", "probe__which": "[student]", "probe__n_train": 200, "probe__n_test": 100,
+            "init__alpha": 0.5}  # (a start in float64 would keep a run out of a stack)
+    cfgs = [tiny_config(tmp_path / str(seed), train__seed=seed, **fast) for seed in ((0, 1) if stacked else (0,))]
+    plan_steps = [0, 23, 46]  # digits: 1,437 training images, batch 64, 2 epochs
+    runs = len(cfgs)
+    fire_at = runs * (1 if at == "middle" else 2) + 1  # the first run's probe at that step (a call counts 1)
+    calls, finished, real = [], [], Prober.probe
+
+    def probe(self, encoder):
+        calls.append(1)
+        if len(calls) == fire_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        result = real(self, encoder)
+        finished.append(1)
+        return result
+
+    def train() -> list[dict]:
+        if stacked:
+            return train_stacked(cfgs, mode="vmap")
+        return [distill(cfgs[0], progress=False).summary]
+
+    monkeypatch.setattr(Prober, "probe", probe)
+    stopped_at = plan_steps[1 if at == "middle" else 2]
+    for summary in train():
+        assert (summary["status"], summary["steps"], summary["signal"]) == ("interrupted", stopped_at, "SIGINT")
+    assert len(finished) == fire_at - 1
+    for cfg in cfgs:
+        run = RunDir(cfg.run_dir())
+        assert [r["step"] for r in run.probes()] == [s for s in plan_steps if s < stopped_at]
+        assert load_checkpoint(run.checkpoints / "last.pt")["step"] == stopped_at
+    monkeypatch.setattr(Prober, "probe", real)
+    for summary, cfg in zip(train(), cfgs):
+        assert (summary["status"], summary["steps"]) == ("completed", 46)
+        assert [r["step"] for r in RunDir(cfg.run_dir()).probes()] == plan_steps

@@ -230,9 +230,12 @@ class Prober:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = temporary_beside(path)  # a name of its own: runs side by side may write the same entry
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"key": key, "result": result}))
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps({"key": key, "result": result}))
+                os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+            finally:  # a signal that stops the probe here (train.callbacks.StopFlag) leaves no temporary behind
+                Path(tmp).unlink(missing_ok=True)
             self.origin[what] = f"computed and saved to {path}"
         except OSError:
             self.origin[what] = "computed (cache folder not writable)"

@@ -6,6 +6,7 @@ turns that into the run's status in one place.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -127,18 +128,20 @@ def _log(state: TrainState, record: dict) -> None:
 
 
 class Probe(Hook):
-    """Linear / k-NN probes of teacher, student and raw input at the planned epochs (rank 0 only)."""
+    """Linear / k-NN probes of teacher, student and raw input at the planned epochs (rank 0 only). A signal
+    during a probe leaves it unlogged (StopOnSignal then ends the run); the resumed run probes that step first."""
 
-    def __init__(self, state: TrainState, progress_bar: tqdm, splits=None):
+    def __init__(self, state: TrainState, progress_bar: tqdm, stop: StopFlag, splits=None):
         cfg = state.cfg
         self.prober = Prober(cfg, state.in_channels, state.image_size, state.device, bf16=state.bf16_requested,
                              splits=splits)
-        self.bar, self.which = progress_bar, cfg.probe.which
+        self.bar, self.which, self.stop = progress_bar, cfg.probe.which, stop
         self.final_done = False
 
     def at_start(self, state: TrainState) -> None:
-        if state.step == 0 and 0 in state.plan.probe_steps:
-            self.probe(state, 0.0)
+        epoch = unlogged_probe(state.plan, state.step, state.run)
+        if epoch is not None:
+            self.probe(state, epoch)
         # resumed after a kill that followed the final checkpoint: the final probe may be logged already
         self.final_done = state.step == state.plan.total_steps and any(r["step"] == state.step
                                                                        for r in state.run.probes())
@@ -152,6 +155,16 @@ class Probe(Hook):
             self.probe(state, state.plan.total_epochs)
 
     def probe(self, state: TrainState, epoch: float) -> None:
+        try:
+            with self.stop.interrupting():
+                record = self._record(state, epoch)
+        except Interrupted:
+            return
+        state.run.log(record)
+        if not self.bar.disable:
+            self.bar.write(probe_line(record))
+
+    def _record(self, state: TrainState, epoch: float) -> dict:
         record = {"event": "probe", "step": state.step, "epoch": epoch}
         if "teacher" in self.which:
             if state.cfg.teacher.mode != "frozen":
@@ -163,9 +176,17 @@ class Probe(Hook):
             record["student"] = self.prober.probe(state.student.encoder)
         if "input" in self.which:
             record["input"] = self.prober.input()
-        state.run.log(record)
-        if not self.bar.disable:
-            self.bar.write(probe_line(record))
+        return record
+
+
+def unlogged_probe(plan, step: int, run) -> float | None:
+    """The epoch of the probe planned at `step` (but the last step's: the run's end makes that one) where `run`
+    has not logged it: the start's, or one that a signal stopped; else None."""
+    if step not in plan.probe_steps or step == plan.total_steps:
+        return None
+    if any(r["step"] == step for r in run.probes()):
+        return None
+    return plan.probe_steps[step]
 
 
 def probe_line(rec: dict) -> str:
@@ -197,11 +218,16 @@ class Checkpoint(Hook):
             state.save_teacher(FINAL_TEACHER)
 
 
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT inside `StopFlag.interrupting()`: the work there stops at once. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
+
+
 class StopFlag:
     """While entered (in the main thread), SIGTERM/SIGINT only set `signal`, for the loop to act on."""
 
     def __init__(self):
-        self.signal, self._old = None, {}
+        self.signal, self._old, self._raising = None, {}, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -211,6 +237,24 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+        if self._raising:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Work that takes long between two steps (a probe: minutes at the papers' scale) is left at once by a
+        signal, caught before or during it, with `Interrupted`, instead of running on after Ctrl-C. Only on the
+        main thread, where Python runs signal handlers; on another thread the work runs to its end."""
+        if self.signal is not None:
+            raise Interrupted(self.signal)
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
@@ -218,15 +262,22 @@ class StopFlag:
 
 
 class StopOnSignal(Hook):
-    """After a step on which `flag` has caught SIGTERM/SIGINT, the run checkpoints and ends as "interrupted".
-    Under torchrun the ranks agree at logged steps (an all-reduce), so that all stop at the same step."""
+    """After a step on which `flag` has caught SIGTERM/SIGINT, or at the end (a signal during the final probe),
+    the run checkpoints and ends as "interrupted". Under torchrun the ranks agree at logged and probe steps (an
+    all-reduce), so that all stop at the same step."""
 
     def __init__(self, metrics: MetricsLog, flag: StopFlag):
         self.metrics, self.flag = metrics, flag
 
     def after_step(self, state: TrainState, metrics: StepMetrics) -> None:
-        if state.ddp.enabled and not state.plan.logs_at(state.step):
+        if state.ddp.enabled and not (state.plan.logs_at(state.step) or state.step in state.plan.probe_steps):
             return
+        self.stop_if_signalled(state)
+
+    def at_end(self, state: TrainState) -> None:
+        self.stop_if_signalled(state)
+
+    def stop_if_signalled(self, state: TrainState) -> None:
         if state.ddp.any(self.flag.signal is not None, state.device):
             self.metrics.flush(state)
             state.save()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -127,8 +126,9 @@ class Training:
         self.bar = tqdm(total=state.plan.total_steps, initial=state.step, disable=not progress or not ddp.is_main,
                         desc=f"distill {state.run.path.name}", unit="step", dynamic_ncols=True)
         metrics = MetricsLog(self.bar)
-        probe = [Probe(state, self.bar, probe_splits)] if cfg.probe.which and ddp.is_main else []
-        self.hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), StopOnSignal(metrics, stop)]
+        probe = [Probe(state, self.bar, stop, probe_splits)] if cfg.probe.which and ddp.is_main else []
+        self.stop_on_signal = StopOnSignal(metrics, stop)
+        self.hooks = [PrecisionSwitch(), TeacherUpdate(), metrics, *probe, Checkpoint(), self.stop_on_signal]
         self.fns = build_step_functions(state)
 
     @property
@@ -142,11 +142,9 @@ class Training:
         if self._enter_stop is not None:
             self._enter_stop(self.stop)
         self.state.start_clock()
-        if self.stop.signal is not None:  # side by side: stopped while this run computed its cache
-            self.state.save()
-            raise StopRun("interrupted", self.state.step, signal=signal.Signals(self.stop.signal).name)
         for h in self.hooks:
             h.at_start(self.state)
+        self.stop_on_signal.stop_if_signalled(self.state)  # a signal during the cache (side by side) or a probe
 
     def step(self) -> StepMetrics:
         """One optimizer step."""

@@ -55,7 +55,7 @@ from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint, save_teacher
 from ..runs.rundir import RunDir, RunInUse, check_config_digest, run_lock, run_summary
-from .callbacks import MetricsLog, StopFlag, StopRun
+from .callbacks import Interrupted, MetricsLog, StopFlag, StopRun, unlogged_probe
 from .distributed import Dist
 from .host_memory import keep_freed_memory
 from .setup import (build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds,
@@ -263,6 +263,7 @@ class _Group:
         self.optimizers = _shared_optimizers(self.runs)
         self.losses_of = _stacked_losses(self.runs[0], cfg0, self.targets is not None, self.channels_last)
         self.prober = Prober(cfg0, in_channels, size, self.device) if cfg0.probe.which else None
+        self.stop = StopFlag()
         t_start = time.perf_counter()
         for r in self.runs:
             r.plan, r.step, r.t_start = self.plan, self.step, t_start
@@ -293,19 +294,21 @@ def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
     if progress:
         print(f"  stacked: {len(g.runs)} runs as one vmapped model from step {g.step} of {g.plan.total_steps}",
               file=sys.stderr, flush=True)
-    with StopFlag() as stop:
-        if g.step == 0 and g.prober is not None and 0 in g.plan.probe_steps:
-            for _, r in g.active():
-                _probe(r, g.prober, 0, 0.0)
-        while g.step < g.plan.total_steps and g.active():
+    with g.stop:
+        for _, r in g.active():  # the start's probe, or one that a signal stopped
+            epoch = unlogged_probe(g.plan, g.step, r.run)
+            if epoch is not None:
+                _probe(g, r, g.step, epoch)
+        while g.step < g.plan.total_steps and g.active() and g.stop.signal is None:
             _group_step(g)
             g.step += 1
             for _, r in g.active():
                 _after_step(g, r)
-            if stop.signal is not None:
-                _interrupt(g, stop.signal)
         for _, r in g.active():
-            _complete(g, r)
+            if g.stop.signal is None:
+                _complete(g, r)
+        if g.stop.signal is not None:  # before, between or during the steps or the final probes
+            _interrupt(g, g.stop.signal)
     return [r.summary for r in g.runs]
 
 
@@ -409,7 +412,7 @@ def _after_step(g: _Group, r: _Run) -> None:
         return
     step, plan = g.step, g.plan
     if g.prober is not None and step in plan.probe_steps and step != plan.total_steps:
-        _probe(r, g.prober, step, plan.probe_steps[step])
+        _probe(g, r, step, plan.probe_steps[step])
     if step in plan.checkpoint_steps:
         save_checkpoint(r.state(), r.run.checkpoints / "last.pt")
         _save_student(r, step, r.run.checkpoints / f"student_step{step}.pt")
@@ -439,7 +442,9 @@ def _complete(g: _Group, r: _Run) -> None:
         return
     # A stop inside the last step may have logged the final probe already (then it is not repeated).
     if g.prober is not None and not any(p.get("step") == g.step for p in r.run.probes()):
-        _probe(r, g.prober, g.step, g.step / g.plan.steps_per_epoch)
+        _probe(g, r, g.step, g.step / g.plan.steps_per_epoch)
+    if g.stop.signal is not None:  # stopped during the final probe: `_interrupt` ends the run
+        return
     save_checkpoint(r.state(), r.run.checkpoints / "last.pt")
     _save_student(r, g.step, r.run.checkpoints / "student.pt")
     g.finish(r, "completed", g.step, final_loss=r.losses.epoch_mean())
@@ -538,18 +543,23 @@ def _stacked_losses(run: _Run, cfg: Config, cached: bool, channels_last: bool):
     return vmap(one)
 
 
-def _probe(r: _Run, prober: Prober, step: int, epoch: float) -> None:
-    """A probe record as a solo run writes it (the frozen teacher is probed once per run)."""
-    which = r.cfg.probe.which
+def _probe(g: _Group, r: _Run, step: int, epoch: float) -> None:
+    """A probe record as a solo run writes it (the frozen teacher is probed once per run); none where a signal
+    stops it (the run's resume makes it)."""
+    which, prober = r.cfg.probe.which, g.prober
     record = {"event": "probe", "step": step, "epoch": epoch}
-    if "teacher" in which:
-        if r.teacher_probe is None:
-            r.teacher_probe = prober.probe(r.teacher.encoder)
-        record["teacher"] = r.teacher_probe
-    if "student" in which:
-        record["student"] = prober.probe(r.student.encoder)
-    if "input" in which:
-        record["input"] = prober.input()
+    try:
+        with g.stop.interrupting():
+            if "teacher" in which:
+                if r.teacher_probe is None:
+                    r.teacher_probe = prober.probe(r.teacher.encoder)
+                record["teacher"] = r.teacher_probe
+            if "student" in which:
+                record["student"] = prober.probe(r.student.encoder)
+            if "input" in which:
+                record["input"] = prober.input()
+    except Interrupted:
+        return
     r.run.log(record)
 
 
