@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from randteach.analysis.lr_range import find_divergences, lr_range, smooth, suggest_lr
+from randteach.analysis.lr_range import RANGE_KEYS, find_divergences, lr_range, smooth, suggest_lr
 from randteach.cli import main
 from randteach.errors import UserError
 from randteach.runs.rundir import RunDir
@@ -42,7 +42,8 @@ def test_step_sizes_are_the_exponential_sequence(tmp_path):
 
 
 def test_diverging_range_test_records_its_divergence(tmp_path, capsys):
-    overrides = [f"--{k}={v}" for k, v in TINY.items()] + [f"--{k.replace('__', '.')}={v}" for k, v in RANGE.items()]
+    overrides = ([f"--{k}={v}" for k, v in TINY.items() if k not in RANGE_KEYS]  # (the test sets those)
+                 + [f"--{k.replace('__', '.')}={v}" for k, v in RANGE.items()])
     out = tmp_path / "lr"
     rc = main(["--quiet", "lr-range", "--preset", "cpu", "--lr-start", "1e-2", "--lr-end", "1e12", "--steps", "30",
                "--out", str(out), *overrides])
@@ -145,3 +146,18 @@ def test_a_range_test_stopped_by_ctrl_c_writes_no_result(tmp_path):
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
     assert not (out / "lr_range.json").exists()
     assert RunDir(out / "teacher-student").summary()["status"] == "interrupted"
+
+
+def test_the_keys_the_range_test_sets_are_refused_on_its_command_line(tmp_path, capsys):
+    # RANGE_KEYS is the whole list: range_config changes no other key (but the output folder)...
+    from randteach.analysis.lr_range import range_config
+    from randteach.config import flatten
+    cfg = tiny_config(tmp_path, **RANGE, train__log_every=3, train__checkpoint_every=1)
+    before, after = flatten(cfg.to_dict()), flatten(range_config(cfg, 1e-4, 1e-1, 7, 4, tmp_path / "x").to_dict())
+    assert {k for k in before if before[k] != after[k]} - {"out"} <= set(RANGE_KEYS)
+    # ...and each of them given on the command line is refused before anything runs (it was overruled unsaid)
+    for key, value in [("optim.lr", "0.1"), ("train.max-steps", "3"), ("optim.schedule", "cosine")]:
+        assert main(["lr-range", f"--{key}", value, "--steps", "3", "--out", str(tmp_path / "lr")]) == 2
+        err = capsys.readouterr().err
+        assert f"--{key.replace('-', '_')}: lr-range sets it on its run" in err, err
+    assert not (tmp_path / "lr").exists()

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config
+from ..config import Config, canonical_key
 from ..data import ImageData, load_configured
 from ..errors import UserError
 from ..models import build_model
@@ -56,6 +56,22 @@ RISE_FACTOR = 4.0      # smoothed loss > 4 x its running minimum: the range test
 RISE_FLOOR = 1e-8      # running minima below this count as this: fp32 residue of a student sitting on its teacher
 SMOOTHING = 0.9        # EMA beta of the loss: a window of ~10 steps
 FALL = 0.01            # a curve "falls" if its smoothed loss drops 1 % below its start before divergence
+
+# The keys `range_config` sets on the run it derives, each with what sets it: a value given for one would be
+# overruled without a word, so callers that take config keys (the command, the experiment) refuse them.
+RANGE_KEYS = {"optim.lr": "--lr-start", "optim.lr_end": "--lr-end", "train.epochs": "--steps or --epochs",
+              "train.max_steps": "--steps or --epochs", "optim.schedule": "the test (exponential)",
+              "optim.warmup_steps": "the test (0)", "train.probe_every": "the test (no probes)",
+              "train.probe_at": "the test (no probes)", "probe.which": "the test (no probes)",
+              "train.checkpoint_every": "the test (no checkpoints)", "train.log_every": "the test (every step)"}
+
+
+def refuse_range_keys(keys, command: str) -> None:
+    """A UserError naming the first of `keys` (config keys a user gave) that the range test sets itself."""
+    overruled = sorted(k for k in map(canonical_key, keys) if k in RANGE_KEYS)
+    if overruled:
+        key = overruled[0]
+        raise UserError(f"--{key}: {command} sets it on its run, from {RANGE_KEYS[key]}; drop --{key}")
 
 
 def range_config(cfg: Config, lr_start: float, lr_end: float, total_steps: int, steps_per_epoch: int,

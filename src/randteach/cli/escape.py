@@ -49,10 +49,11 @@ class SignalOptions:
 
 
 def cmd_lr_range(args, extra) -> int:
-    from ..analysis.lr_range import lr_range
+    from ..analysis.lr_range import lr_range, refuse_range_keys
     from ..config import build_config, parse_overrides
     quiet, o = args.quiet, options_from_args(args, LrRangeOptions)
     overrides = parse_overrides(extra)
+    refuse_range_keys(overrides, "lr-range")
     preset = o.preset or (None if o.config else LR_RANGE_PRESET)
     if preset == LR_RANGE_PRESET and "loss.name" not in overrides:
         overrides = {"loss.name": "mse", **overrides}  # Fig. 1a: plain MSE (N-MSE comes after it, in App. A)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..analysis.lr_range import RANGE_KEYS
 from ..errors import UserError
 from .base import Context, Experiment, known_params, markdown_rows, seed_bases
 
@@ -31,9 +32,7 @@ class LrRange(Experiment):
     claim = ("growing the step size exponentially from 1e-6 to 1e6 over 5 epochs, the supervised loss diverges at "
              "eta ~ 10, while the teacher-student loss leaves the teacher in two steps, the second at eta ~ 500.")
 
-    # range_config: one exponential sweep of a set length, without probes or checkpoints
-    sets = ("optim.schedule", "optim.lr", "optim.lr_end", "optim.warmup_steps", "train.epochs", "train.max_steps",
-            "train.probe_every", "train.probe_at", "train.checkpoint_every", "train.log_every", "probe.which")
+    sets = tuple(RANGE_KEYS)  # range_config: one exponential sweep of a set length, without probes or checkpoints
 
     def stages(self, ctx: Context):
         return []  # lr_range runs its own distillation and supervised side (locally, in this process)
