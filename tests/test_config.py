@@ -245,6 +245,16 @@ IGNORABLE = {
     "data.subset_seed": ("5", {}, {"data.n_samples": "100"}),
     "probe.l2": ("1e-3", {"probe.linear": "adamw"}, {}),
     "probe.max_iter": ("100", {"probe.linear": "none"}, {"probe.linear": "logreg"}),
+    "init.checkpoint": ("runs/x", {}, {"init.mode": "checkpoint"}),
+    "head.hidden_dims": ("[32]", {"head.kind": "linear"}, {}),
+    "head.bottleneck_dim": ("32", {"head.kind": "none"}, {}),
+    "head.wn1": ("true", {"head.kind": "linear"}, {}),
+    "head.lin1": ("false", {"head.kind": "none"}, {}),
+    "head.fn1": ("false", {"head.kind": "linear"}, {}),
+    "head.wn2": ("false", {"head.kind": "none"}, {}),
+    "head.lin2": ("false", {"head.kind": "linear"}, {}),
+    "head.fn2": ("true", {"head.kind": "none"}, {}),
+    "head.out_dim": ("128", {"head.kind": "none"}, {"head.kind": "linear"}),
 }
 
 
@@ -256,10 +266,19 @@ def test_every_conditional_key_is_in_the_table():
 @pytest.mark.parametrize("key", sorted(IGNORABLE))
 def test_a_setting_the_run_never_reads_is_named(key):
     value, off, on = IGNORABLE[key]
-    lines = build_config("cpu", None, {**off, key: value}).ignored_settings()
+    preset = build_config("cpu")  # the values the user starts from
+    lines = build_config("cpu", None, {**off, key: value}).ignored_settings(preset)
     assert len(lines) == 1 and lines[0].startswith(f"{key}=") and "has no effect" in lines[0], lines
     if on is not None:
-        assert build_config("cpu", None, {**on, key: value}).ignored_settings() == []
+        assert build_config("cpu", None, {**on, key: value}).ignored_settings(preset) == []
+
+
+def test_a_presets_own_value_that_another_choice_leaves_unread_is_not_the_users_note(capsys):
+    from randteach.cli import main
+    assert main(["config", "--preset", "cpu", "--model.encoder", "resnet18", "--head.kind", "linear"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the preset's convnet width and DINO head sizes
+    assert main(["config", "--preset", "cpu", "--model.encoder", "resnet18", "--model.width", "8"]) == 0
+    assert "note: model.width=8 has no effect" in capsys.readouterr().err
 
 
 def test_presets_set_nothing_they_never_read():

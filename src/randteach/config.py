@@ -320,15 +320,16 @@ class Config:
                 raise ConfigError(f"probe.which: {w!r} is not one of teacher, student, input")
         return self
 
-    def ignored_settings(self) -> list[str]:
-        """One line per value changed from its default that this configuration never reads (optim.momentum
-        under AdamW, ...): such a run trains exactly as it would without the value, though under another
-        run address, so a sweep over it repeats identical runs."""
-        defaults = Config()
+    def ignored_settings(self, baseline: Config | None = None) -> list[str]:
+        """One line per value changed from `baseline` (the defaults, or the preset the user started from: its
+        values are not the user's doing) that this configuration never reads (optim.momentum under AdamW, ...):
+        such a run trains exactly as it would without the value, though under another run address, so a sweep
+        over it repeats identical runs."""
+        baseline = baseline or Config()
         lines = []
         for key, acts, when in _ACTS_ONLY:
             value = _get_dotted(self, key)
-            if value != _get_dotted(defaults, key) and not acts(self):
+            if value != _get_dotted(baseline, key) and not acts(self):
                 lines.append(f"{key}={_shown(value)} has no effect: it acts only {when}")
         return lines
 
@@ -341,7 +342,11 @@ _ACTS_ONLY = (
     ("init.epsilon", lambda c: c.init.mode == "neighborhood", "with init.mode neighborhood"),
     ("init.fresh_seed", lambda c: c.init.mode in ("locality", "neighborhood", "independent"),
      "with init.mode locality, neighborhood or independent"),
+    ("init.checkpoint", lambda c: c.init.mode == "checkpoint", "with init.mode checkpoint"),
     ("init.teacher_seed", lambda c: not c.init.teacher_checkpoint, "without init.teacher_checkpoint"),
+    *((f"head.{name}", lambda c: c.head.kind == "dino", "with head.kind dino")
+      for name in ("hidden_dims", "bottleneck_dim", "wn1", "lin1", "fn1", "wn2", "lin2", "fn2")),
+    ("head.out_dim", lambda c: c.head.kind in ("dino", "linear"), "with head.kind dino or linear"),
     ("data.subset_seed", lambda c: bool(c.data.n_samples or c.data.inputs == "noise" or c.probe.n_train
                                         or c.probe.n_test), "with data.n_samples, data.inputs noise or probe subsets"),
     ("teacher.ema_momentum", lambda c: c.teacher.mode == "ema", "with teacher.mode ema"),
@@ -366,11 +371,13 @@ _ACTS_ONLY = (
 )
 
 
-def ignored_notes(configs: list[Config]) -> list[str]:
-    """`Config.ignored_settings` of several runs, each line once, with the number of runs it concerns."""
+def ignored_notes(configs: list[Config], preset_name: str | None = None) -> list[str]:
+    """`Config.ignored_settings` of several runs, from the preset they start from, each line once, with the
+    number of runs it concerns."""
+    baseline = build_config(preset_name) if preset_name else None
     counts: dict[str, int] = {}
     for cfg in configs:
-        for line in cfg.ignored_settings():
+        for line in cfg.ignored_settings(baseline):
             counts[line] = counts.get(line, 0) + 1
     many = len(configs) > 1
     return [f"note: {line}" + (f" ({n} of {len(configs)} runs)" if many else "") for line, n in counts.items()]

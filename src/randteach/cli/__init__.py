@@ -23,10 +23,12 @@ def _config_from_args(args, extra: list[str], default_preset: str | None = None)
     return build_config(args.preset or default_preset, args.config, parse_overrides(extra))
 
 
-def print_notes(configs) -> None:
-    """Settings the runs never read (e.g. optim.momentum under AdamW), on stderr before they start."""
+def print_notes(configs, preset_name: str | None) -> None:
+    """Settings the runs never read (e.g. optim.momentum under AdamW), on stderr before they start (values
+    that preset `preset_name` sets are left out: a preset's convnet width under --model.encoder resnet18 is
+    not the user's doing)."""
     from ..config import ignored_notes
-    for line in ignored_notes(configs):
+    for line in ignored_notes(configs, preset_name):
         print(line, file=sys.stderr)
 
 
@@ -79,7 +81,7 @@ def cmd_distill(args, extra) -> int:
             cfg = _with_moved_root(cfg, confirmed["data.root"])
     else:
         cfg = _config_from_args(args, extra)
-        print_notes([cfg])
+        print_notes([cfg], args.preset)
     from ..reports.run import probe_table, recorded_command, write_run_report
     from ..runs.sweep import finished_summary
     from ..train.loop import distill
@@ -214,7 +216,7 @@ def cmd_config(args, extra) -> int:
         print("\n".join(help_lines()))
     else:
         cfg = _config_from_args(args, extra)
-        print_notes([cfg])  # on stderr: the YAML on stdout stays a valid config file
+        print_notes([cfg], args.preset)  # on stderr: the YAML on stdout stays a valid config file
         print(cfg.to_yaml(), end="")
     return 0
 

@@ -55,7 +55,7 @@ def cmd_sweep(args, extra) -> int:
     if args.launcher == "slurm":
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
     configs = expand(spec)
-    print_notes(configs)
+    print_notes(configs, spec.preset)
     if args.dry_run:
         from ..reports.groups import flat_config, seed_paths, show_value, varying_keys
         rows = seed_paths([{"config": flat_config(c.to_dict())} for c in configs])
