@@ -54,7 +54,7 @@ def test_path_ends_reproduce_the_endpoint_accuracies(setup, tmp_path):
     assert pair["barrier"] >= 0 and s["runs"][0]["seed"] != s["runs"][1]["seed"]
 
 
-def test_lmc_command(setup, tmp_path):
+def test_lmc_command(setup, tmp_path, capsys):
     info, _ = setup
     out = tmp_path / "lmc"
     args = ["--quiet", "lmc", str(info.path), "--start", "student@1", "--runs", "2", "--resolution", "3",
@@ -70,6 +70,8 @@ def test_lmc_command(setup, tmp_path):
         run0 = s["runs"][0]
         assert s["pairs"][0]["test_error"][-1] == run0["test_error"] == run0["test_error_before_bn_recompute"]
     assert (out / "lmc.png").stat().st_size > 0
+    printed = capsys.readouterr().out  # one pair: no spread to show (it printed "± nan")
+    assert "over 1 pair" in printed and "±" not in printed and "nan" not in printed, printed
     assert main(args) == 0  # finished runs are loaded, not retrained
 
 

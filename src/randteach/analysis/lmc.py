@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def plot_lmc(result: dict, path: Path) -> Path:
             ax.plot(g, p["test_error"], color="tab:blue", alpha=0.3, lw=1)
         if s["pairs"]:
             ax.plot(g, np.mean([p["test_error"] for p in s["pairs"]], axis=0), color="tab:blue", lw=2.5)
-        ax.set_title(f"from {s['start']}: barrier {s['barrier_mean']:.3f} ± {s['barrier_std']:.3f}", fontsize=9)
+        ax.set_title(f"from {s['start']}: {barrier_text(s, 3)}", fontsize=9)
         ax.set_xlabel("γ  (θ = γ θ_i + (1 − γ) θ_j)")
         ax.set_xticks([0, 1], ["θ_j", "θ_i"], minor=False)
     axes[0][0].set_ylabel("test error")
@@ -149,3 +150,9 @@ def plot_lmc(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def barrier_text(series: dict, digits: int) -> str:
+    """"barrier mean ± std" of one start's pairs; one pair has no spread to show (its sample std is nan)."""
+    mean, std = series["barrier_mean"], series["barrier_std"]
+    return f"barrier {mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")

@@ -197,7 +197,7 @@ def cmd_imp(args, extra) -> int:
 
 @_holding_run_lock
 def cmd_lmc(args, extra) -> int:
-    from ..analysis.lmc import run_lmc
+    from ..analysis.lmc import barrier_text, run_lmc
     o = options_from_args(args, LmcOptions)
     run, recipe, data, device, out = _supervised_setup(args, extra)
     out = out or run.path / "lmc"
@@ -205,8 +205,9 @@ def cmd_lmc(args, extra) -> int:
                      bn_batches=o.bn_batches, progress=not args.quiet)
     print(f"linear mode connectivity on {result['data']} ({out / 'lmc.json'}):")
     for s in result["series"]:
-        print(f"  from {s['start']}: barrier {s['barrier_mean']:.4f} ± {s['barrier_std']:.4f} "
-              f"(max {s['barrier_max']:.4f}) over {len(s['pairs'])} pairs")
+        pairs = len(s["pairs"])
+        print(f"  from {s['start']}: {barrier_text(s, 4)} (max {s['barrier_max']:.4f}) over {pairs} "
+              + ("pair" if pairs == 1 else "pairs"))
     return 0
 
 
