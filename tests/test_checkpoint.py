@@ -66,3 +66,22 @@ def test_foreign_and_missing(tmp_path):
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")  # one that was interrupted: resume it
     with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*is the run finished.*--resume"):
         load_state_dict(tmp_path)
+
+
+def test_a_runs_resume_state_serves_as_its_student_or_teacher_checkpoint(tmp_path, capsys):
+    # last.pt (the state of a run under way) was "no model weights" to probe / finetune / landscape while signal
+    # read its student: now every analysis reads it as the run's student (or, asked for, its teacher).
+    from randteach.cli import main
+    from randteach.train.loop import distill
+    from tiny import tiny_config
+    run = distill(tiny_config(tmp_path, train__max_steps=3, probe__which="[]"), progress=False).path
+    last = run / "checkpoints" / "last.pt"
+    for role in ("student", "teacher"):
+        expected = load_state_dict(run / "checkpoints" / f"{role}.pt")
+        got = load_state_dict(last, role)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert main(["--quiet", "probe", str(run), "--checkpoint", str(last), "--probe.linear", "none"]) == 0
+    capsys.readouterr()
+    save_checkpoint({"role": "note", "text": "no weights"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="holds no model weights; expected a model checkpoint"):
+        load_state_dict(tmp_path / "other.pt")

@@ -57,7 +57,7 @@ from ..data import ImageData, Preprocess, load_configured, stratified_subset
 from ..errors import UserError
 from ..models import build_model
 from ..probes.embedding import adapt_channels, embed, probe_data_name, score
-from ..runs.checkpoint import load_checkpoint, load_weights
+from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights
 from ..runs.rundir import RunDir, check_encoder_given, write_json
 from ..train.setup import distilled_subset, resolve_device
 from ..precision import exact_fp32
@@ -275,10 +275,7 @@ class RunModels:
         return path
 
     def encoder(self, path: str | Path) -> nn.Module:
-        payload = load_checkpoint(path)
-        state = payload.get("model") or payload.get("student")
-        if state is None:
-            raise UserError(f"{path} holds no model weights")
+        state = load_state_dict(path)
         model = build_model(self.cfg, self.in_channels, self.image_size, seed=0, encoder=self.architecture)
         load_weights(model, state, path)  # another architecture's checkpoint: a message, not a traceback
         return model.encoder.to(self.device)

@@ -115,8 +115,11 @@ def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
 
 
 def load_state_dict(path: str | Path, role: str = "student") -> dict:
-    """The model state dict stored in a checkpoint file or a run directory's `role` checkpoint."""
+    """The model state dict stored in a checkpoint file or a run directory's `role` checkpoint; of a resume
+    state (checkpoints/last.pt: the student and teacher of a run under way), its `role` model."""
     payload = load_checkpoint(resolve_model_checkpoint(path, role))
-    if "model" not in payload:
-        raise CheckpointError(f"{str(path)!r} holds no model weights")
-    return payload["model"]
+    state = payload.get("model", payload.get(role))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} holds no model weights; expected a model checkpoint (student.pt, "
+                              "student_stepN.pt, teacher.pt), a run's checkpoints/last.pt or a run directory")
+    return state
