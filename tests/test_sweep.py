@@ -391,3 +391,37 @@ def test_a_progress_line_says_when_the_probe_shown_is_not_the_runs_result(capsys
     done, stopped = capsys.readouterr().err.splitlines()
     assert "student linear 74.4%" in done and "epoch" not in done
     assert "student linear 74.4% (its last probe, of epoch 0)" in stopped
+
+
+def _forkserver_of(pid: int) -> int | None:
+    """The PID of the multiprocessing forkserver started by process `pid`, if it runs."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_sweep_whose_forkserver_is_killed_waits_for_its_runs_and_starts_the_next(tmp_path):
+    # The forkserver killed (SIGKILL) while two workers train: the sweep was told at once that both "exited
+    # with code 255 without writing a summary" (reported failed while they trained on), and the next start
+    # could end the sweep in an EOFError traceback. Now it waits for each run's lock, reports what the run
+    # wrote, and starts the third run from a new forkserver.
+    path = write_sweep(tmp_path, grid={"init.alpha": [1e-10, 0.5, 1.0]}, seeds=[0],
+                       base={**FAST, "train.max_steps": 400, "model.encoder": "mlp"})
+    root = tmp_path / "runs"
+    proc = _start_sweep(path, "--workers", "2")
+    deadline = time.time() + 120
+    while not any(any(r.get("event") == "step" for r in RunDir(p.parent).records())
+                  for p in root.glob("*/metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, path.with_suffix(".log").read_text()
+        time.sleep(0.05)
+    server = _forkserver_of(proc.pid)
+    assert server is not None
+    os.kill(server, signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, path.with_suffix(".log").read_text()
+    log = path.with_suffix(".log").read_text()
+    assert "Traceback" not in log and "failed" not in log and log.count(" completed ") == 3, log
+    assert [s["status"] for s in summaries(root).values()] == ["completed"] * 3

@@ -428,9 +428,18 @@ class _Worker(NamedTuple):
 def _start_worker(ctx, configs: list[Config], job: list[int], slot: _Slot) -> _Worker:
     target, arg = ((_local_worker, configs[job[0]].to_dict()) if len(job) == 1 else
                    (_stacked_worker, [configs[i].to_dict() for i in job]))
-    proc = ctx.Process(target=target, args=(arg, slot), name=f"randteach-sweep-{job[0]}")
     stamps = [_summary_stamp(configs[i]) for i in job]
-    proc.start()
+    for attempt in range(3):
+        proc = ctx.Process(target=target, args=(arg, slot), name=f"randteach-sweep-{job[0]}")
+        try:
+            proc.start()
+            break
+        except (EOFError, ConnectionError):
+            # The forkserver was killed (by hand, or by a kill of its process group) and not yet reaped: the
+            # next start finds it dead and launches a new one.
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
     return _Worker(proc, job, stamps, time.perf_counter(), slot.gpu)
 
 
@@ -538,6 +547,9 @@ def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | Non
     wrote after this sweep was planned (two sweeps sharing runs; the worker then had nothing to do); a
     worker that died without either is a failure, unless the sweep itself was being stopped (then a run that
     never took a step, one a stack had not begun, is "pending")."""
+    # A worker reported gone may still be writing: one started by a forkserver that was killed is reported
+    # at once (exit code 255) while it checkpoints and stops. Its run's lock says when it is done.
+    wait_until_free(cfg.run_dir())
     summary = RunDir(cfg.run_dir()).summary() if _summary_stamp(cfg) != stamp else finished_summary(cfg)
     if summary is not None:
         return summary
