@@ -147,7 +147,13 @@ def test_cache_follows_data_root_else_stays_in_the_folder(tmp_path, decodes, dat
     assert decodes == [9, 9]                                   # read back from inside the folder
 
 
-def test_folder_errors_say_what_to_do(tmp_path):
+def test_folder_errors_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative data.path (as a run records it) names where it was read from
+    with pytest.raises(DataMissingError, match=f"folder imgs does not exist .a relative data.path is read from the "
+                                               f"current folder: {tmp_path}/imgs; .*from the folder it was started in"):
+        load_dataset("folder", path="imgs")
+    with pytest.raises(DataMissingError, match=f"folder {tmp_path}/gone does not exist; expected"):
+        load_dataset("folder", path=str(tmp_path / "gone"))
     base = write_folder(tmp_path / "only-train", counts=(("train", 2),))
     with pytest.raises(UserError, match="no test/ or val/ folder"):
         load_dataset("folder", "test", path=str(base))

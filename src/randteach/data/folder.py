@@ -238,8 +238,11 @@ def load(path: str | Path | None, split: str = "train", *, name: str = "folder",
         raise UserError("data.name=folder needs data.path=DIR (one sub-folder per class)")
     base = Path(path).expanduser()
     if not base.is_dir():
-        raise DataMissingError(f"image folder {base} does not exist; expected one sub-folder per class "
-                               f"(optionally inside train/ and test/ or val/)")
+        where = "" if base.is_absolute() else (
+            f" (a relative data.path is read from the current folder: {base.absolute()}; a run records it as "
+            "given, so analyse such a run from the folder it was started in)")
+        raise DataMissingError(f"image folder {base} does not exist{where}; expected one sub-folder per class "
+                               "(optionally inside train/ and test/ or val/)")
     listing = _scan(base)
     if not listing.flat and split == "train" and TRAIN not in listing.splits:
         raise DataMissingError(f"{base} has no images in train/<class>/; the train split needs them")
