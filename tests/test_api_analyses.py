@@ -116,11 +116,12 @@ def _direct_accuracy(encoder, digits):
 
 
 def test_imp_and_lmc_start_from_the_module_as_it_is(digits, tmp_path):
-    # lr 0: training changes nothing, so round 0 / every LMC run is the module with a fresh classifier
+    # lr 1e-12 (0 is refused, as on the command line): training changes no prediction, so round 0 / every LMC
+    # run is the module with a fresh classifier
     enc = net(3)
     enc.embed_dim = 12                                     # for the direct Classifier below
     train, test = digits
-    recipe = dict(epochs=1, batch_size=100, lr=0.0, milestones=[], augment=False, **SMALL)
+    recipe = dict(epochs=1, batch_size=100, lr=1e-12, milestones=[], augment=False, **SMALL)
     r = randteach.imp(enc, train, test, rounds=1, out=tmp_path / "imp", **recipe)
     assert [s["start"] for s in r["series"]] == ["encoder@0", "random@0"]
     assert r["series"][0]["rounds"][0]["test_accuracy"] == pytest.approx(_direct_accuracy(enc, digits))
@@ -132,6 +133,22 @@ def test_imp_and_lmc_start_from_the_module_as_it_is(digits, tmp_path):
     assert s["barrier_max"] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(UserError, match="unknown argument"):
         randteach.imp(enc, train, test, out=tmp_path / "x", epoch=1)
+
+
+@pytest.mark.parametrize("analysis, kw, message", [
+    ("lmc", {"resolution": 1}, "resolution: 1 is out of range"),   # a "barrier" at one point: 0.0
+    ("lmc", {"runs": 1}, "runs: 1 is out of range"),               # trained, then no pair: nan
+    ("lmc", {"bn_batches": -1}, "bn_batches: -1 is out of range"),
+    ("imp", {"fraction": 1.5}, "fraction: 1.5 is out of range"),   # pruned half, said 1.5
+    ("imp", {"rounds": -1}, "rounds: -1 is out of range"),         # no rounds at all
+    ("imp", {"epochs": 0}, "epochs: 0 is out of range"),
+    ("imp", {"lr": -1}, "lr: -1 is out of range"),
+    ("lmc", {"n_train": 0}, "n_train: 0 is out of range")])
+def test_imp_and_lmc_refuse_what_their_commands_refuse(digits, tmp_path, analysis, kw, message):
+    train, test = digits
+    with pytest.raises(UserError, match=message):
+        getattr(randteach, analysis)(net(0), train, test, out=tmp_path / "x", **kw)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +196,7 @@ def test_imp_of_a_run_rebuilds_its_python_encoder(run, digits, tmp_path):
                              if k.startswith("encoder.")})
     student.embed_dim = 12
     r = randteach.imp(run, *digits, architecture=Net, rounds=0, out=tmp_path / "imp", epochs=1, batch_size=100,
-                      lr=0.0, milestones=[], augment=False)
+                      lr=1e-12, milestones=[], augment=False)
     assert [s["start"] for s in r["series"]] == ["student@0", "random@0"]
     assert r["series"][0]["rounds"][0]["test_accuracy"] == pytest.approx(_direct_accuracy(student, digits))
 

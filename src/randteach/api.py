@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, build_config, flatten
+from .config import Config, build_config, checked_options, flatten
 from .data import ImageData, load_dataset, stratified_subset
 from .digests import object_key
 from .errors import UserError
@@ -432,6 +432,7 @@ def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_te
     """(RunInfo, Recipe, SupervisedData, device, out folder, default starts) for imp / lmc. `kwargs`:
     Recipe fields (epochs=, lr=, ...) and dotted / double-underscored config overrides."""
     from dataclasses import fields
+    from .cli.analysis import DataOptions
     from .train.setup import resolve_device
     from .train.supervised import Recipe, RunInfo, load_supervised_data, run_info
     names = {f.name for f in fields(Recipe)}
@@ -441,7 +442,8 @@ def _supervised(encoder: Any, train: Any, test: Any, architecture, n_train, n_te
     if unknown:
         raise UserError(f"unknown argument(s) {', '.join(unknown)}; the recipe takes {', '.join(sorted(names))}, "
                         "and config keys are dotted (**{'probe.max_iter': 200}) or double-underscored")
-    recipe = Recipe(**recipe_kw)
+    recipe = checked_options(Recipe, recipe_kw)  # the command line's ranges (epochs > 0, lr > 0, ...)
+    checked_options(DataOptions, {"n_train": n_train, "n_test": n_test})
     ref = _run_dir(encoder)
     if ref is not None:
         info = _with_run_overrides(run_info(ref, architecture), overrides)
@@ -479,7 +481,9 @@ def imp(encoder: Any, train: Any = None, test: Any = None, *, starts: list[str] 
     recipe: Recipe fields (epochs=, lr=, milestones=, ...; default the paper's CIFAR-10 recipe). Returns the
     content of OUT/imp.json."""
     from .analysis.imp import PAPER_ROUNDS, run_imp
+    from .cli.analysis import ImpOptions
     rounds = PAPER_ROUNDS if rounds is None else rounds
+    checked_options(ImpOptions, {"rounds": rounds, "fraction": fraction})  # the command's ranges
     run, rec, data, dev, out, default = _supervised(encoder, train, test, architecture, n_train, n_test, config,
                                                     preset, device, out, "imp", recipe)
     return run_imp(run, list(starts or default), data, rec, dev, rounds=rounds, out=out, fraction=fraction,
@@ -495,6 +499,8 @@ def lmc(encoder: Any, train: Any = None, test: Any = None, *, starts: list[str] 
     encoder, train, test, recipe, out: as for `imp`; starts default teacher student (a run) or random
     encoder (a module). Returns the content of OUT/lmc.json (barrier heights per start)."""
     from .analysis.lmc import run_lmc
+    from .cli.analysis import LmcOptions
+    checked_options(LmcOptions, {"runs": runs, "resolution": resolution, "bn_batches": bn_batches})
     run, rec, data, dev, out, default = _supervised(encoder, train, test, architecture, n_train, n_test, config,
                                                     preset, device, out, "lmc", recipe)
     return run_lmc(run, list(starts or default), data, rec, dev, out=out, runs=runs, resolution=resolution,

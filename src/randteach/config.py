@@ -843,10 +843,18 @@ def add_flags(parser, cls) -> None:
 def options_from_args(args, cls):
     """The dataclass `cls` filled from the parsed flags that `add_flags(parser, cls)` made, each number
     checked against its field's range (a ConfigError names the flag and the valid interval)."""
-    values = {name: getattr(args, name) for name in _fields(cls)}
-    for name, f in _fields(cls).items():
-        for v in values[name] if isinstance(values[name], list) else [values[name]]:
-            _check_number("--" + name.replace("_", "-"), v, f.metadata.get("range", {}))
+    return checked_options(cls, {name: getattr(args, name) for name in _fields(cls)}, flags=True)
+
+
+def checked_options(cls, values: dict, flags: bool = False):
+    """The dataclass `cls` filled from `values` (other fields at their defaults), each number checked against
+    its field's range: a ConfigError names the field (as its `--flag-name` where `flags`) and the interval.
+    The Python API checks its arguments so, with the command line's ranges."""
+    fields = _fields(cls)
+    for name, value in values.items():
+        label = "--" + name.replace("_", "-") if flags else name
+        for v in value if isinstance(value, list) else [value]:
+            _check_number(label, v, fields[name].metadata.get("range", {}) if name in fields else {})
     return cls(**values)
 
 

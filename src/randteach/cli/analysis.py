@@ -115,7 +115,7 @@ class FinetuneOptions:
 class ImpOptions:
     start: list[str] = opt(["student@0", "random@0"], START_HELP, cli={"nargs": "+"})
     rounds: int = opt(PAPER_ROUNDS, "pruning rounds after the dense round 0 (24: RT Fig. 8's axis, to 0.47 % of "
-                      "the weights at --fraction 0.2)", ge=1)
+                      "the weights at --fraction 0.2; 0: the dense round alone)", ge=0)
     fraction: float = opt(0.2, "fraction of the remaining weights pruned per round", gt=0, lt=1)
     prune_classifier: bool = opt(False, "rank the new classifier's weights too")
 
