@@ -147,6 +147,23 @@ def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits)
     assert r.summary["status"] == "completed" and torch.equal(torch.rand(3), want)
 
 
+def test_a_float64_default_dtype_trains_the_run_its_address_names(tmp_path):
+    """A caller's torch.set_default_dtype(float64) built a float64 teacher (other draws, teacher probe 0.90
+    instead of 0.82) under the run address of the float32 one; the run is float32 now, the default restored."""
+    from randteach.runs.checkpoint import load_state_dict
+    settings = {**TINY, "probe.which": [], "train.max_steps": 2}
+    plain = randteach.distill(train="digits", progress=False, out=str(tmp_path / "32"), **settings)
+    torch.set_default_dtype(torch.float64)
+    try:
+        wide = randteach.distill(train="digits", progress=False, out=str(tmp_path / "64"), **settings)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for role in ("teacher", "student"):
+        a, b = (load_state_dict(r.path, role) for r in (plain, wide))
+        assert all(torch.equal(a[k], b[k]) for k in a), role
+
+
 def test_probe_subsets_apply_to_probe_data_given_to_distill(tmp_path, digits):
     images, labels = digits
     r = randteach.distill(encoder=make_encoder, train=digits, probe_train=(images[:600], labels[:600]),

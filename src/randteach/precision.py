@@ -81,13 +81,17 @@ def exact_fp32():
     """fp32 that is fp32 on CUDA. cuDNN runs fp32 convolutions in TF32 by default (10 mantissa bits), which
     truncates the 1e-10 perturbations of a locality or neighborhood init out of every product, so that a
     student can only leave its teacher through the other layers. Speed comes from bf16, which keeps fp32
-    until the student has left. Restores the previous settings on exit."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    until the student has left. The default dtype is float32 too: a caller's torch.set_default_dtype(float64)
+    would build other models (other random draws) under the same run address. Restores the previous settings
+    on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_dtype(torch.float32)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_default_dtype(saved[2])
 
 
 def autocast(device: torch.device, enabled: bool):

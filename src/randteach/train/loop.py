@@ -67,7 +67,7 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
     # run's seed), and training takes gradients even when called under torch.no_grad().
     rng = torch.random.fork_rng(devices=_cuda_devices_drawn_on(cfg))
     new = not cfg.run_dir().exists()
-    with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad():
+    with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad(), exact_fp32():
         try:
             run = RunDir(cfg.run_dir())
             finished = _finished(cfg, run, resume)
@@ -82,7 +82,7 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
             given = _python_objects(encoder, train_data, probe_splits)
             _check_same_objects(run, given)
             _open_run(cfg, run, ddp, given)
-            with exact_fp32(), contextlib.ExitStack() as flags:
+            with contextlib.ExitStack() as flags:
                 state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
                 # the run's own flag catches signals once its teacher cache is there (before, a signal ends the
                 # process as it always did); a flag shared by runs side by side is the caller's
