@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import randteach
+from randteach.api import as_image_data
+from randteach.config import build_config
 from randteach.data import load_dataset
 from randteach.errors import UserError
 from randteach.runs.rundir import RunDir
@@ -134,6 +136,18 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
     rgb = images.repeat(1, 3, 1, 1).permute(0, 2, 3, 1)  # (N, 8, 8, 3): a numpy / torchvision layout
     with pytest.raises(UserError, match=r"look channels-last.*permute\(0, 3, 1, 2\)"):
         randteach.distill(encoder=make_encoder, train=(rgb, labels), progress=False)
+    # found by an API walkthrough: each was accepted and did something else than asked
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    with pytest.raises(UserError, match="labels must be class indices.*got 0.5"):
+        randteach.probe(net, (images, labels.float() + 0.5))         # truncated to the integer labels
+    assert as_image_data((images, labels.double())).labels.equal(labels)  # whole numbers: taken
+    floats = images.float() / 255
+    with pytest.raises(UserError, match="data.image_size=16 pads or resizes uint8 images; float images"):
+        randteach.probe(net, (floats, labels), **{"data.image_size": 16})  # the encoder saw 8 x 8
+    with pytest.raises(UserError, match="pass config= or preset='paper', not both"):
+        randteach.distill(build_config("cpu"), preset="paper", progress=False)  # preset ignored
+    with pytest.raises(UserError, match="model.encoder.*'mlp'"):
+        randteach.distill(encoder="mlp", train="digits", progress=False)  # 'str' object is not callable
 
 
 def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits):

@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import Config, build_config, checked_options, flatten
 from .data import ImageData, load_dataset, stratified_subset
+from .data.images import class_indices
 from .digests import object_key
 from .errors import UserError
 
@@ -44,7 +45,7 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
         if not pairs or not isinstance(pairs[0], (tuple, list)) or len(pairs[0]) != 2:
             raise UserError("a Dataset passed to randteach must yield (image, label) pairs")
         images = torch.stack([_image_tensor(x) for x, _ in pairs])
-        labels = torch.as_tensor([int(y) for _, y in pairs])
+        labels = torch.as_tensor([y.item() if hasattr(y, "item") else y for _, y in pairs])
     else:
         raise UserError(f"cannot use a {type(data).__name__} as data: pass a data set name, an ImageData, "
                         "a pair of tensors (images, labels) or a torch Dataset of (image, label)")
@@ -58,7 +59,7 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
     if images.shape[1] > 4 and images.shape[-1] in (1, 3, 4):
         raise UserError(f"images of shape {tuple(images.shape)} look channels-last (N, H, W, C), as numpy arrays "
                         "and torchvision's .data hold them; pass images.permute(0, 3, 1, 2) (N, C, H, W)")
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    labels = class_indices(labels, "labels")
     if len(labels) != len(images):
         raise UserError(f"{len(images)} images but {len(labels)} labels")
     num_classes = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
@@ -93,6 +94,9 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
     (optim__lr=1e-3). A run with the same config, encoder and data is not redone; an unfinished one continues
     from its last checkpoint (resume=True: must continue, a run without one is refused)."""
     from .train.loop import distill as run_distillation
+    if isinstance(encoder, str):
+        raise UserError(f"encoder= takes a factory or an nn.Module; a built-in encoder or an import path is the "
+                        f"config key model.encoder: pass **{{'model.encoder': {encoder!r}}}")
     config = _build(config, preset, overrides)
     train_data = as_image_data(train) if train is not None and not isinstance(train, str) else None
     if isinstance(train, str):
@@ -121,6 +125,9 @@ def _build(config: Config | None, preset: str | None, overrides: dict) -> Config
     dotted = _dotted(overrides)
     if config is None:
         return build_config(preset, None, dotted)
+    if preset is not None:
+        raise UserError(f"pass config= or preset={preset!r}, not both: a Config holds the values of the preset it "
+                        f"was built from already (build_config({preset!r}, None, overrides) builds one from yours)")
     if dotted:
         return build_config(None, None, {**flatten(config.to_dict()), **dotted})
     return copy.deepcopy(config)  # the run's own: distill sets its `out`, the caller's stays as it was
@@ -217,7 +224,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _side(data: ImageData, cfg: Config) -> int:
-    return cfg.data.image_size or data.images.shape[-1]
+    return data.side(cfg.data.image_size)
 
 
 def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=None, checkpoint: str | None = None,

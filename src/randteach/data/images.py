@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 
 class FormatError(ValueError):
     """A file that exists but does not hold what its format promises (wrong magic, size, structure)."""
@@ -20,6 +22,17 @@ class FormatError(ValueError):
         super().__init__(f"{path}: {why}")
         self.path = path
         self.why = why
+
+
+def class_indices(labels, name: str) -> torch.Tensor:
+    """Labels as int64 class indices, (N,). Float labels are taken where they are whole numbers (2.0); others
+    are refused, not truncated (0.7 would have become class 0)."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    if labels.is_floating_point() and not bool(torch.equal(labels, labels.round())):
+        bad = labels[labels != labels.round()][0].item()
+        raise UserError(f"{name}: labels must be class indices 0, 1, ..., num_classes - 1; got {bad!r}. Map your "
+                        "labels to indices first (whole numbers stored as floats are taken as they are)")
+    return labels.to(torch.int64)
 
 
 @dataclass
@@ -37,7 +50,7 @@ class ImageData:
             raise ValueError(f"{self.name}: images must be uint8 or float (N, C, H, W), "
                              f"got {self.images.dtype} {tuple(self.images.shape)}")
         self.images = self.images.contiguous()
-        self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
+        self.labels = class_indices(self.labels, self.name)
         if len(self.labels) != len(self.images):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
         if self.classes is not None:
@@ -45,6 +58,15 @@ class ImageData:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def side(self, requested: int | None) -> int:
+        """The side the networks see: `requested` (data.image_size) or the images' own. uint8 images are
+        padded or resized to it (Preprocess); float images (the Python API) are used as given."""
+        native = self.images.shape[-1]
+        if requested and requested != native and self.images.is_floating_point():
+            raise UserError(f"data.image_size={requested} pads or resizes uint8 images; float images (here "
+                            f"{native} px) are used as given: resize them yourself, or pass uint8 images")
+        return requested or native
 
     def digest(self) -> str:
         """16 hex digits of a hash of the images' shape, type and bytes and of the labels."""

@@ -105,14 +105,10 @@ def load_training_inputs(cfg: Config, train_data: ImageData | None = None, built
     Python API's float images as given (preprocess None). `builtin_encoder`: model.encoder is the encoder
     (not one given from Python), whose input size may differ from the images' (`model_image_size`)."""
     data = distilled_subset(cfg, train_data or load_configured(cfg.data, "train"))
-    native = data.images.shape[-1]
     if data.images.is_floating_point():  # Python API: float images are used as given
-        if cfg.data.image_size and cfg.data.image_size != native:
-            raise UserError(f"data.image_size={cfg.data.image_size} pads or resizes uint8 images; float images "
-                            f"(here {native} px) are used as given: resize them yourself, or pass uint8 images")
-        size, preprocess = native, None
+        size, preprocess = data.side(cfg.data.image_size), None
     else:
-        size = model_image_size(cfg, native, builtin_encoder)
+        size = model_image_size(cfg, data.images.shape[-1], builtin_encoder)
         preprocess = Preprocess.fit(data, size=size)
     if cfg.data.inputs == "noise":  # Gaussian inputs of the (padded) images' shape, in the units the encoder sees
         shape = (len(data), data.images.shape[1], size, size)
