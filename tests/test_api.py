@@ -148,6 +148,13 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
         randteach.distill(build_config("cpu"), preset="paper", progress=False)  # preset ignored
     with pytest.raises(UserError, match="model.encoder.*'mlp'"):
         randteach.distill(encoder="mlp", train="digits", progress=False)  # 'str' object is not callable
+    rgb_factory = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # noqa: E731
+    with pytest.raises(UserError, match=r"cannot take the data's images, a batch of shape \(2, 1, 8, 8\).*for 1 "):
+        randteach.distill(encoder=rgb_factory, train=digits, progress=False)  # a conv RuntimeError
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+    wrong.embed_dim = 32
+    with pytest.raises(UserError, match="declares embed_dim = 32 but gives 16 features"):
+        randteach.distill(encoder=wrong, train=digits, progress=False)  # mat1 and mat2 shapes cannot be multiplied
 
 
 def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits):

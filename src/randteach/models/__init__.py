@@ -112,8 +112,7 @@ def call_encoder_factory(obj, what: str, in_channels: int, image_size: int, **op
                           "--model.encoder_args '{\"name\": value}' (from Python: functools.partial(factory, name=value))") from None
     if not isinstance(encoder, nn.Module):
         raise ConfigError(f"model.encoder: {what!r} returned a {type(encoder).__name__}, expected a torch.nn.Module")
-    if not isinstance(getattr(encoder, "embed_dim", None), int):
-        encoder.embed_dim = _infer_embed_dim(encoder, what, in_channels, image_size)
+    encoder.embed_dim = _checked_embed_dim(encoder, what, in_channels, image_size)
     return encoder
 
 
@@ -125,18 +124,30 @@ def _binds(signature: inspect.Signature, kwargs: dict) -> bool:
         return False
 
 
-def _infer_embed_dim(encoder: nn.Module, path: str, in_channels: int, image_size: int) -> int:
+def _checked_embed_dim(encoder: nn.Module, path: str, in_channels: int, image_size: int) -> int:
+    """The width of an encoder's output on a batch of two blank images of the data's shape, by one forward
+    pass: an encoder from Python that cannot take the data, or whose .embed_dim is not its output width, is
+    a ConfigError here rather than a traceback from inside a layer at the first step."""
+    shape = (2, in_channels, image_size, image_size)
     was_training = encoder.training
     encoder.eval()  # no batch-norm statistics updated by the probe pass
     try:
         with torch.no_grad():
             ref = next(encoder.parameters(), torch.empty(0))
-            out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=ref.device, dtype=ref.dtype))
+            out = encoder(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
+    except RuntimeError as e:
+        raise ConfigError(f"model.encoder: {path!r} cannot take the data's images, a batch of shape {shape} "
+                          f"(N, C, H, W): {str(e).strip().splitlines()[0]}. Build it for {in_channels} "
+                          f"channel(s) of {image_size} x {image_size} pixels") from None
     finally:
         encoder.train(was_training)
     if out.ndim != 2 or out.shape[0] != 2:
-        raise ConfigError(f"model.encoder: {path!r} maps a (2, {in_channels}, {image_size}, {image_size}) batch "
-                          f"to shape {tuple(out.shape)}; expected (2, embed_dim): flatten inside the encoder")
+        raise ConfigError(f"model.encoder: {path!r} maps a {shape} batch to shape {tuple(out.shape)}; "
+                          "expected (2, embed_dim): flatten inside the encoder")
+    declared = getattr(encoder, "embed_dim", None)
+    if isinstance(declared, int) and declared != out.shape[1]:
+        raise ConfigError(f"model.encoder: {path!r} declares embed_dim = {declared} but gives {out.shape[1]} "
+                          "features per image; correct .embed_dim, or leave it out (it is read from its output)")
     return int(out.shape[1])
 
 
@@ -185,8 +196,7 @@ def build_model(cfg: Config, in_channels: int, image_size: int, seed: int, encod
         torch.manual_seed(seed)
         if isinstance(encoder, nn.Module):
             encoder = reinitialized(encoder)
-            if not isinstance(getattr(encoder, "embed_dim", None), int):
-                encoder.embed_dim = _infer_embed_dim(encoder, type(encoder).__name__, in_channels, image_size)
+            encoder.embed_dim = _checked_embed_dim(encoder, type(encoder).__name__, in_channels, image_size)
         elif encoder is not None:
             encoder = call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)
         else:
