@@ -151,6 +151,12 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
     rgb_factory = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # noqa: E731
     with pytest.raises(UserError, match=r"cannot take the data's images, a batch of shape \(2, 1, 8, 8\).*for 1 "):
         randteach.distill(encoder=rgb_factory, train=digits, progress=False)  # a conv RuntimeError
+    with pytest.raises(UserError, match="config= takes a Config, got a dict"):
+        randteach.distill({"data": {"name": "digits"}}, progress=False)  # 'dict' object has no attribute 'to_dict'
+    with torch.inference_mode(), pytest.raises(UserError, match="outside that block"):
+        randteach.distill(encoder=make_encoder, train=digits, progress=False)  # cannot be saved for backward
+    accs = randteach.probe(net, (images.numpy(), labels.numpy()))   # arrays: "cannot use a tuple as data"
+    assert accs == randteach.probe(net, (images, labels))
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
     wrong.embed_dim = 32
     with pytest.raises(UserError, match="declares embed_dim = 32 but gives 16 features"):

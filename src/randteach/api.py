@@ -38,7 +38,7 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
     """ImageData from an ImageData, an (images, labels) pair or a torch Dataset of (image, label)."""
     if isinstance(data, ImageData):
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "__array__"):  # tensors, arrays
         images, labels = data
     elif isinstance(data, torch.utils.data.Dataset):
         pairs = [data[i] for i in range(len(data))]
@@ -48,7 +48,7 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
         labels = torch.as_tensor([y.item() if hasattr(y, "item") else y for _, y in pairs])
     else:
         raise UserError(f"cannot use a {type(data).__name__} as data: pass a data set name, an ImageData, "
-                        "a pair of tensors (images, labels) or a torch Dataset of (image, label)")
+                        "a pair of tensors or arrays (images, labels) or a torch Dataset of (image, label)")
     images = torch.as_tensor(images)
     if images.is_floating_point() and images.dtype != torch.float32:
         images = images.float()  # float images are used as given, in the networks' dtype
@@ -125,6 +125,9 @@ def _build(config: Config | None, preset: str | None, overrides: dict) -> Config
     dotted = _dotted(overrides)
     if config is None:
         return build_config(preset, None, dotted)
+    if not isinstance(config, Config):
+        raise UserError(f"config= takes a Config, got a {type(config).__name__}: build one with "
+                        "randteach.config.build_config(preset, file, overrides) or config_from_dict(nested dict)")
     if preset is not None:
         raise UserError(f"pass config= or preset={preset!r}, not both: a Config holds the values of the preset it "
                         f"was built from already (build_config({preset!r}, None, overrides) builds one from yours)")

@@ -65,6 +65,9 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
     runs trained side by side in one process (default: the run's own, set by SIGTERM/SIGINT)."""
     # The caller's random streams are left as they were (a notebook's later draws do not restart at the
     # run's seed), and training takes gradients even when called under torch.no_grad().
+    if torch.is_inference_mode_enabled():
+        raise UserError("distillation trains the student with autograd, which torch.inference_mode() turns off: "
+                        "call it outside that block (inside torch.no_grad() it trains as it should)")
     rng = torch.random.fork_rng(devices=_cuda_devices_drawn_on(cfg))
     new = not cfg.run_dir().exists()
     with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad(), exact_fp32():
