@@ -255,11 +255,20 @@ def test_a_run_continues_only_on_the_objects_it_began_with(tmp_path, digits):
     first = randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out,
                               **{**opts, "train.max_steps": 3})
     (Path(first.path) / "summary.json").unlink()  # as a kill leaves it: last.pt, no summary
-    with pytest.raises(UserError, match="began with another train"):
+    with pytest.raises(UserError, match="made with another train"):
         randteach.distill(encoder=make_encoder, train=(255 - images, labels), progress=False, out=out,
                           resume=True, **{**opts, "train.max_steps": 3})
     assert randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out, resume=True,
                              **{**opts, "train.max_steps": 3}).summary["status"] == "completed"
+    # finished, it is returned for its own objects only (it was returned for any, as a run of those)
+    with pytest.raises(UserError, match="made with another encoder than the one given now"):
+        randteach.distill(encoder=TinyEncoder, train=digits, progress=False, out=out,
+                          **{**opts, "train.max_steps": 3})
+    with pytest.raises(UserError, match="made with another train"):
+        randteach.distill(encoder=make_encoder, train=(255 - images, labels), progress=False, out=out,
+                          **{**opts, "train.max_steps": 3})
+    assert randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out,
+                             **{**opts, "train.max_steps": 3}).path == first.path
 
 
 def test_an_encoder_from_python_gets_the_images_at_their_size(tmp_path, digits):

@@ -73,7 +73,8 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
     with run_lock(cfg.run_dir(), create=not resume), rng, torch.enable_grad(), exact_fp32():
         try:
             run = RunDir(cfg.run_dir())
-            finished = _finished(cfg, run, resume)
+            given = _python_objects(encoder, train_data, probe_splits)
+            finished = _finished(cfg, run, resume, given)
             if finished is not None:
                 yield finished
                 return
@@ -82,8 +83,6 @@ def opened(cfg: Config, *, resume: bool = False, progress: bool = True, train_da
             ddp = from_environment(device)
             if ddp.enabled and device.type == "cuda":
                 device = torch.device("cuda", process_gpu())
-            given = _python_objects(encoder, train_data, probe_splits)
-            _check_same_objects(run, given)
             _open_run(cfg, run, ddp, given)
             with contextlib.ExitStack() as flags:
                 state = TrainState.create_or_resume(cfg, run, ddp, device, train_data=train_data, encoder=encoder)
@@ -105,10 +104,11 @@ def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
     return [process_gpu()] if "LOCAL_RANK" in os.environ else [device.index or 0]
 
 
-def _finished(cfg: Config, run: RunDir, resume: bool) -> RunResult | None:
+def _finished(cfg: Config, run: RunDir, resume: bool, given: dict) -> RunResult | None:
     """The run's result if it has finished (completed or diverged), after the checks that come before a start."""
     run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
-    run.refuse_another_config(cfg)  # checked before a finished run is returned
+    run.refuse_another_config(cfg)  # checked before a finished run is returned, as its Python objects are
+    _check_same_objects(run, given)
     existing = run.summary()
     if existing and existing.get("status") in ("completed", "diverged"):
         check_config_digest(existing.get("config_digest"), cfg, run.path)  # a hand-edited config.yaml
@@ -196,17 +196,18 @@ def _python_objects(encoder, train_data, probe_splits) -> dict:
 
 
 def _check_same_objects(run: RunDir, given: dict) -> None:
-    """A run continues on the Python objects it began with: config.yaml cannot name them, so their keys are
-    compared (a run recorded before the keys were is not checked)."""
+    """A run continues on the Python objects it began with, and a finished run is returned only for them:
+    config.yaml cannot name them, so their keys are compared (a run recorded before the keys were is not
+    checked)."""
     recorded = python_objects(run.path)
     if not (run.checkpoints / "last.pt").is_file() or (recorded and "keys" not in recorded):
         return
     changed = sorted(set(recorded.get("keys", {}).items()) ^ set(given["keys"].items()))
     if changed:
-        names = sorted({name for name, _ in changed})
-        raise UserError(f"{run.path} began with another {', '.join(names)} than the one given now (the code or the "
-                        "data differ); continue it with the objects it began with, or give another out= for a "
-                        "new run")
+        names = ", ".join(sorted({name for name, _ in changed}))
+        raise UserError(f"{run.path} was made with another {names} than the one given now (the code or the data "
+                        "differ, or one came from Python and the other from the config); use it with the objects "
+                        "it was made with, or give another out= for a new run")
 
 
 def _check_resumable(run: RunDir) -> None:
