@@ -135,7 +135,7 @@ BAD_ANALYSIS = [
     (["finetune", "RUN", "--momentum", "2"], "--momentum: 2.0 is out of range; valid: a finite number in [0, 1)"),
     (["finetune", "RUN", "--epochs", "0"], "--epochs: 0.0 is out of range"),
     (["imp", "RUN", "--fraction", "1.5"], "--fraction: 1.5 is out of range; valid: a finite number in (0, 1)"),
-    (["imp", "RUN", "--rounds", "-1"], "--rounds: -1 is out of range; valid: a finite number in [1, inf)"),
+    (["imp", "RUN", "--rounds", "-1"], "--rounds: -1 is out of range; valid: a finite number in [0, inf)"),
     (["lmc", "RUN", "--runs", "1"], "--runs: 1 is out of range; valid: a finite number in [2, inf)"),
     (["lmc", "RUN", "--bn-batches", "-1"], "--bn-batches: -1 is out of range"),
     (["imp", "RUN", "--n-train", "0"], "--n-train: 0 is out of range"),

@@ -13,6 +13,7 @@ block object across layers); ours have 12 distinct blocks and patch 8, e.g. vit_
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 
@@ -125,27 +126,35 @@ def _binds(signature: inspect.Signature, kwargs: dict) -> bool:
 
 
 def _checked_embed_dim(encoder: nn.Module, path: str, in_channels: int, image_size: int) -> int:
-    """The width of an encoder's output on a batch of two blank images of the data's shape, by one forward
-    pass: an encoder from Python that cannot take the data, or whose .embed_dim is not its output width, is
-    a ConfigError here rather than a traceback from inside a layer at the first step."""
+    """The width of an encoder's output on a batch of two blank images of the data's shape: an encoder from
+    Python that cannot take the data, or whose .embed_dim is not its output width, is a ConfigError here
+    rather than a traceback from inside a layer at the first step. A declared .embed_dim is checked on a copy
+    on the meta device (shapes only: nothing computed, no call the encoder would see as a real one); an
+    undeclared one is read from one forward pass."""
     shape = (2, in_channels, image_size, image_size)
-    was_training = encoder.training
-    encoder.eval()  # no batch-norm statistics updated by the probe pass
+    declared = getattr(encoder, "embed_dim", None)
+    shape_only = isinstance(declared, int)
+    model = copy.deepcopy(encoder).to("meta") if shape_only else encoder
+    ref = next(model.parameters(), torch.empty(0, device="meta" if shape_only else "cpu"))
+    was_training = model.training
+    model.eval()  # no batch-norm statistics updated by the probe pass
     try:
         with torch.no_grad():
-            ref = next(encoder.parameters(), torch.empty(0))
-            out = encoder(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
+            out = model(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
+    except NotImplementedError:  # an operation without a meta kernel: the first step will tell
+        if shape_only:
+            return declared
+        raise
     except RuntimeError as e:
         raise ConfigError(f"model.encoder: {path!r} cannot take the data's images, a batch of shape {shape} "
                           f"(N, C, H, W): {str(e).strip().splitlines()[0]}. Build it for {in_channels} "
                           f"channel(s) of {image_size} x {image_size} pixels") from None
     finally:
-        encoder.train(was_training)
+        model.train(was_training)
     if out.ndim != 2 or out.shape[0] != 2:
         raise ConfigError(f"model.encoder: {path!r} maps a {shape} batch to shape {tuple(out.shape)}; "
                           "expected (2, embed_dim): flatten inside the encoder")
-    declared = getattr(encoder, "embed_dim", None)
-    if isinstance(declared, int) and declared != out.shape[1]:
+    if shape_only and declared != out.shape[1]:
         raise ConfigError(f"model.encoder: {path!r} declares embed_dim = {declared} but gives {out.shape[1]} "
                           "features per image; correct .embed_dim, or leave it out (it is read from its output)")
     return int(out.shape[1])
