@@ -335,6 +335,31 @@ def test_slurm_job_checkpoints_before_submitit_requeues_it(tmp_path):
         signal.signal(signal.SIGUSR2, old)
 
 
+def test_slurm_job_signalled_while_it_sets_up_checkpoints_and_is_requeued(tmp_path):
+    # The signal as the run's folder appears, before its data, models and first step: it was dropped (submitit's
+    # SIGTERM handler only logs) and the job trained on to its time limit without a requeue.
+    (cfg,) = expand(load_sweep(write_sweep(tmp_path, base={**FAST, "train.max_steps": 40, "probe.which": "[]"})))
+    requeued = []
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
+    config = Path(cfg.out) / "config.yaml"
+
+    def preempt_at_the_start():
+        while not config.exists():
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    watcher = threading.Thread(target=preempt_at_the_start, daemon=True)
+    try:
+        watcher.start()
+        first = SlurmRun(threads=1)(cfg.to_dict())
+        watcher.join()
+        assert (first["status"], first["steps"], requeued) == ("interrupted", 0, [signal.SIGUSR2])
+        second = SlurmRun(threads=1)(cfg.to_dict())                         # the requeued job
+        assert second["status"] == "completed" and second["steps"] == 40 and len(requeued) == 1
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-12", 2160),
                                            ("1-12:00", 2160), ("1-12:00:30", 2161), (45, 45)])
 def test_slurm_times_follow_slurms_grammar(text, minutes):

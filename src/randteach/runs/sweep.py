@@ -223,14 +223,14 @@ def _write_failure(run: RunDir, cfg: Config, summary: dict) -> None:
     run.write_summary(summary)
 
 
-def run_one(cfg: Config, progress: bool = False) -> dict:
+def run_one(cfg: Config, progress: bool = False, stop=None) -> dict:
     """Run (resume, or skip) one config; an exception becomes a "failed" summary, never a crash. A run that
     another process is training (two sweeps or experiments sharing runs) is waited for, then taken as that
-    process left it: finished, or resumed here."""
+    process left it: finished, or resumed here. stop: a train.callbacks.StopFlag the caller has entered."""
     from ..train.loop import distill
     while True:
         try:
-            return distill(cfg, progress=progress).summary  # continues from last.pt where there is one
+            return distill(cfg, progress=progress, stop=stop).summary  # continues from last.pt where there is one
         except RunInUse as e:
             print(f"waiting: {e}", file=sys.stderr, flush=True)
             wait_until_free(cfg.run_dir())
@@ -592,6 +592,7 @@ class SlurmRun:
         self.threads = threads  # torch threads: the job's cpus_per_task
 
     def __call__(self, cfg_dict: dict) -> dict:
+        from ..train.callbacks import StopFlag
         if self.threads:
             import torch
             torch.set_num_threads(self.threads)
@@ -605,7 +606,10 @@ class SlurmRun:
 
         if callable(requeue_handler):
             signal.signal(signal.SIGUSR2, checkpoint_first)
-        summary = run_one(cfg)
+        # The flag catches SIGTERM from the job's start: one sent while the run loads its data, builds its
+        # models or computes its teacher cache was dropped by submitit's handler, and the job not requeued.
+        with StopFlag() as stop:
+            summary = run_one(cfg, stop=stop)
         if summary.get("status") == "interrupted" and callable(requeue_handler):
             requeue_handler(asked[0] if asked else signal.SIGUSR2, None)  # requeues and exits
         return summary

@@ -44,14 +44,16 @@ class RunResult:
 
 
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True, train_data: ImageData | None = None,
-            encoder=None, probe_splits: tuple[ImageData, ImageData] | None = None) -> RunResult:
+            encoder=None, probe_splits: tuple[ImageData, ImageData] | None = None,
+            stop: StopFlag | None = None) -> RunResult:
     """Run (or continue from its last checkpoint, or skip if already completed) the distillation described by
     `cfg`. resume=True insists on continuing: a run without checkpoints/last.pt is refused, not started over.
 
     train_data, encoder, probe_splits: objects from the Python API (`randteach.distill`) that replace
-    cfg.data.name, cfg.model.encoder and the probe data set."""
+    cfg.data.name, cfg.model.encoder and the probe data set. stop: a signal flag the caller has entered
+    already (see `opened`)."""
     with opened(cfg, resume=resume, progress=progress, train_data=train_data, encoder=encoder,
-                probe_splits=probe_splits) as training:
+                probe_splits=probe_splits, stop=stop) as training:
         if isinstance(training, RunResult):  # finished before
             return training
         return training.finish(*solo_loop(training))
