@@ -308,56 +308,46 @@ def test_submitit_local_executor_runs_a_two_run_sweep(tmp_path):
     assert again == results                                               # nothing resubmitted
 
 
-def test_slurm_job_checkpoints_before_submitit_requeues_it(tmp_path):
-    # SLURM's pre-emption/time-out signal (SIGUSR2) reaches submitit's requeue handler only after the run has
-    # checkpointed; the requeued job resumes. Here a recording handler stands in for submitit's.
-    (cfg,) = expand(load_sweep(write_sweep(tmp_path, base={**FAST, "train.epochs": 10, "train.max_steps": 230,
-                                                                     "probe.which": "[]"})))
+def _preempted_slurm_job(cfg, ready) -> tuple[dict, dict, list]:
+    """A SlurmRun job sent SLURM's pre-emption signal (SIGUSR2) once `ready()` holds, then the job submitit
+    requeues: (first summary, second summary, the signals the requeue handler got in all). A recording handler stands
+    in for submitit's."""
     requeued = []
     old = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
-    metrics = Path(cfg.out) / "metrics.jsonl"
 
-    def preempt_once_training():
-        while not (metrics.exists() and '"loss"' in metrics.read_text()):
-            time.sleep(0.01)
+    def preempt():
+        while not ready():
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGUSR2)
 
-    watcher = threading.Thread(target=preempt_once_training, daemon=True)
+    watcher = threading.Thread(target=preempt, daemon=True)
     try:
         watcher.start()
         first = SlurmRun(threads=1)(cfg.to_dict())
         watcher.join()
-        assert first["status"] == "interrupted" and 0 < first["steps"] < 230
-        assert requeued == [signal.SIGUSR2] and (Path(cfg.out) / "checkpoints" / "last.pt").exists()
-        second = SlurmRun(threads=1)(cfg.to_dict())                         # the requeued job
-        assert second["status"] == "completed" and second["steps"] == 230 and len(requeued) == 1
+        return first, SlurmRun(threads=1)(cfg.to_dict()), requeued
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_slurm_job_checkpoints_before_submitit_requeues_it(tmp_path):
+    # SLURM's pre-emption/time-out signal reaches submitit's requeue handler only after the run has
+    # checkpointed; the requeued job resumes.
+    (cfg,) = expand(load_sweep(write_sweep(tmp_path, base={**FAST, "train.epochs": 10, "train.max_steps": 230,
+                                                                     "probe.which": "[]"})))
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    first, second, signals = _preempted_slurm_job(cfg, lambda: metrics.exists() and '"loss"' in metrics.read_text())
+    assert first["status"] == "interrupted" and 0 < first["steps"] < 230 and signals == [signal.SIGUSR2]
+    assert second["status"] == "completed" and second["steps"] == 230
 
 
 def test_slurm_job_signalled_while_it_sets_up_checkpoints_and_is_requeued(tmp_path):
     # The signal as the run's folder appears, before its data, models and first step: it was dropped (submitit's
     # SIGTERM handler only logs) and the job trained on to its time limit without a requeue.
     (cfg,) = expand(load_sweep(write_sweep(tmp_path, base={**FAST, "train.max_steps": 40, "probe.which": "[]"})))
-    requeued = []
-    old = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
-    config = Path(cfg.out) / "config.yaml"
-
-    def preempt_at_the_start():
-        while not config.exists():
-            time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGUSR2)
-
-    watcher = threading.Thread(target=preempt_at_the_start, daemon=True)
-    try:
-        watcher.start()
-        first = SlurmRun(threads=1)(cfg.to_dict())
-        watcher.join()
-        assert (first["status"], first["steps"], requeued) == ("interrupted", 0, [signal.SIGUSR2])
-        second = SlurmRun(threads=1)(cfg.to_dict())                         # the requeued job
-        assert second["status"] == "completed" and second["steps"] == 40 and len(requeued) == 1
-    finally:
-        signal.signal(signal.SIGUSR2, old)
+    first, second, signals = _preempted_slurm_job(cfg, (Path(cfg.out) / "config.yaml").exists)
+    assert (first["status"], first["steps"], signals) == ("interrupted", 0, [signal.SIGUSR2])
+    assert second["status"] == "completed" and second["steps"] == 40
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-12", 2160),
