@@ -357,6 +357,31 @@ def test_slurm_times_follow_slurms_grammar(text, minutes):
     assert _minutes(text) == minutes
 
 
+@pytest.mark.parametrize("option, message", [
+    ("mem_gb=32G", "mem_gb='32G': expected gigabytes as a number"),     # submitit: an AssertionError traceback
+    ("gpus_per_node=one", "gpus_per_node='one': expected a whole number"),
+    ("cpus_per_task=-3", "cpus_per_task=-3: expected a whole number"),
+    ("additional_parameters=foo", "expected a mapping of sbatch options"),  # a ValueError traceback
+    ("cluster=slrum", "expected slurm, local")])
+def test_a_slurm_value_submitit_would_refuse_is_refused_by_a_dry_run(tmp_path, capsys, option, message):
+    path = write_sweep(tmp_path)
+    assert main(["sweep", str(path), "--launcher", "slurm", "--dry-run", "--slurm", option]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["sweep", str(path), "--launcher", "slurm", "--dry-run", "--slurm", "mem_gb=32.5"]) == 0
+    out = capsys.readouterr().out  # the dry run says what would be submitted
+    assert "would submit 1 job(s) as one job array to slurm (" in out and "mem_gb=32.5" in out, out
+
+
+def test_slurm_without_slurm_is_refused_unless_the_local_cluster_is_asked_for(tmp_path, capsys, monkeypatch):
+    # submitit falls back to running the jobs on this machine when srun is not on PATH, without a word
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # a PATH without srun
+    path = write_sweep(tmp_path)
+    assert main(["sweep", str(path), "--launcher", "slurm"]) == 2
+    assert "there is no SLURM here (no srun on PATH)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("text", ["1-2:3:4:5", "an hour", "1:2:3:4"])
 def test_a_slurm_time_slurm_would_refuse_is_an_error(text):
     from randteach.runs.sweep import _minutes

@@ -15,8 +15,18 @@ def _parse_slurm(items: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"--slurm {item!r}: expected KEY=VALUE, e.g. --slurm partition=gpu")
         k, v = item.split("=", 1)
-        out[k.strip()] = int(v) if v.strip().isdigit() else v.strip()
+        out[k.strip()] = _number_or_text(v.strip())
     return out
+
+
+def _number_or_text(text: str):
+    """A --slurm value as YAML would read it in a sweep file's slurm: section: 4, 32.5, or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _collides(key: str, varied: set[str]) -> bool:
@@ -40,8 +50,8 @@ def _check_not_varied(overrides: dict, spec, where: str) -> None:
 def cmd_sweep(args, extra) -> int:
     from ..config import parse_overrides
     from . import print_notes
-    from ..runs.sweep import (check_grid, check_stack_options, expand, load_sweep, plan_local, run_state, run_sweep,
-                              submitit_parameters)
+    from ..runs.sweep import (check_grid, check_stack_options, expand, load_sweep, plan_local, plan_slurm, run_state,
+                              run_sweep, submitit_parameters)
     check_stack_options(args.stack, args.stack_mode, args.launcher, args.workers)
     spec = load_sweep(args.sweep_file)
     if args.out:
@@ -65,6 +75,8 @@ def cmd_sweep(args, extra) -> int:
             print(f"  {run_state(cfg):<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
         if args.launcher == "local":
             print("\n".join(plan_local(configs, args.workers, args.stack, args.stack_mode).lines))
+        else:
+            print(plan_slurm(configs, slurm))
         return 0
     results = run_sweep(configs, launcher=args.launcher, workers=args.workers, progress=not args.quiet,
                         slurm=slurm, stack=args.stack, stack_mode=args.stack_mode)

@@ -136,10 +136,34 @@ def check_grid(spec: SweepSpec, where: str) -> None:
 
 
 def _check_slurm(slurm: dict, where: str) -> None:
+    """Names and values of the slurm options, before anything is submitted (submitit refuses a wrong type only
+    at submission, with a traceback)."""
     unknown = sorted(set(slurm) - set(SLURM_KEYS) - set(SLURM_OWN_KEYS))
     if unknown:
         raise ConfigError(f"{where}: unknown slurm key(s) {', '.join(unknown)}; valid: "
                           f"{', '.join([*SLURM_KEYS, *SLURM_OWN_KEYS])}")
+    for key, value in slurm.items():
+        why = _slurm_value_problem(key, value)
+        if why:
+            raise ConfigError(f"{where}: {key}={value!r}: {why}")
+
+
+SLURM_COUNTS = ("gpus_per_node", "cpus_per_task", "array_parallelism", "signal_delay_s")
+
+
+def _slurm_value_problem(key: str, value) -> str | None:
+    """What is wrong with one slurm option's value, or None."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in SLURM_COUNTS and not (number and value == int(value) and value >= 0):
+        return f"expected a whole number, e.g. {key}=4"
+    if key == "mem_gb" and not (number and value > 0):
+        return "expected gigabytes as a number, e.g. mem_gb=32"
+    if key == "additional_parameters" and not isinstance(value, dict):
+        return ("expected a mapping of sbatch options; give it under slurm: in the sweep file, e.g. "
+                "additional_parameters: {mail-type: END}")
+    if key == "cluster" and value not in ("slurm", "local", "debug"):
+        return "expected slurm, local (the jobs on this machine) or debug (in this process)"
+    return None
 
 
 def expand(spec: SweepSpec) -> list[Config]:
@@ -651,10 +675,12 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
         import submitit
     except ImportError:
         raise ConfigError("--launcher slurm needs submitit: pip install 'randteach[slurm]'") from None
+    if not slurm.get("cluster") and submitit.AutoExecutor.which() != "slurm":  # submitit's fallback, unasked for
+        raise ConfigError("--launcher slurm: there is no SLURM here (no srun on PATH), and submitit would run "
+                          "the jobs on this machine; say so with --slurm cluster=local, or use --launcher local")
     results, todo = _split_done(configs)
     log = _Progress(len(todo), progress)
-    roots = {str(Path(cfg.run_dir()).parent) for cfg in configs}
-    folder = slurm.get("folder") or Path(os.path.commonpath(sorted(roots)) if roots else "runs") / ".submitit"
+    folder = _submitit_folder(configs, slurm)
     log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, submitting {len(todo)} "
              f"job(s); submitit logs in {folder}")
     if todo:
@@ -672,6 +698,19 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
             results[i] = _with_path(summary, configs[i])
             log.finished(results[i], time.perf_counter() - t0)
     return results  # type: ignore[return-value]
+
+
+def _submitit_folder(configs: list[Config], slurm: dict) -> Path:
+    roots = {str(Path(cfg.run_dir()).parent) for cfg in configs}
+    return Path(slurm.get("folder") or Path(os.path.commonpath(sorted(roots)) if roots else "runs") / ".submitit")
+
+
+def plan_slurm(configs: list[Config], slurm: dict) -> str:
+    """What `--launcher slurm` would submit, for a dry run: jobs, cluster, submitit parameters, log folder."""
+    _, todo = _split_done(configs)
+    params = submitit_parameters(slurm, f"randteach-{configs[todo[0]].name}" if todo else "randteach")
+    return (f"would submit {len(todo)} job(s) as one job array to {slurm.get('cluster') or 'slurm'} ("
+            + ", ".join(f"{k}={v}" for k, v in params.items()) + f"); submitit logs in {_submitit_folder(configs, slurm)}")
 
 
 def check_stack_options(stack: int, stack_mode: str, launcher: str, workers: int | None = None) -> None:
