@@ -100,6 +100,9 @@ def test_collapse_point_and_variants():
     assert [x.label for x in v] == ["lr32", "batch256", "full-batch", "mse", "mse+warmup100", "ndmse",
                                     "ndmse+warmup100", "nmse", "nmse+warmup100"]
     assert v[2].overrides["train.batch_size"] == 0 and v[4].overrides["optim.schedule"] == "warmup"
+    several = escape_variants(lrs=(), batch_sizes=(), stabilize_losses=("nmse",), warmup_steps=[100, 400])
+    assert [(x.label, x.overrides.get("optim.warmup_steps")) for x in several] == [
+        ("nmse", None), ("nmse+warmup100", 100), ("nmse+warmup400", 400)]
 
 
 def test_group_steps_sets_each_groups_length(tmp_path):

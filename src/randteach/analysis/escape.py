@@ -68,8 +68,9 @@ class Variant:
 
 def escape_variants(*, lrs=DEFAULT_LRS, batch_sizes=DEFAULT_BATCH_SIZES, batch_lr: float = 1e4,
                     stabilize: bool = True, stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4,
-                    warmup_steps: int = 1000) -> list[Variant]:
-    """The runs of the step-size, batch-size and stabilization sweeps (an empty list skips a group)."""
+                    warmup_steps: int | list[int] = 1000) -> list[Variant]:
+    """The runs of the step-size, batch-size and stabilization sweeps (an empty list skips a group).
+    warmup_steps: one linear warm-up length, or several (ESC Fig. 4 compares "different warm-up schedules")."""
     out = [Variant("step_size", f"lr{lr:g}", {"optim.lr": float(lr), "optim.schedule": "constant"}) for lr in lrs]
     for b in batch_sizes:
         out.append(Variant("batch_size", "full-batch" if b == 0 else f"batch{b}",
@@ -78,9 +79,10 @@ def escape_variants(*, lrs=DEFAULT_LRS, batch_sizes=DEFAULT_BATCH_SIZES, batch_l
         for loss in stabilize_losses:
             out.append(Variant("stabilize", loss, {"loss.name": loss, "optim.lr": float(stabilize_lr),
                                                    "optim.schedule": "constant"}))
-            out.append(Variant("stabilize", f"{loss}+warmup{warmup_steps}",
-                               {"loss.name": loss, "optim.lr": float(stabilize_lr), "optim.schedule": "warmup",
-                                "optim.warmup_steps": int(warmup_steps)}))
+            for warmup in warmup_steps if isinstance(warmup_steps, (list, tuple)) else [warmup_steps]:
+                out.append(Variant("stabilize", f"{loss}+warmup{warmup}",
+                                   {"loss.name": loss, "optim.lr": float(stabilize_lr), "optim.schedule": "warmup",
+                                    "optim.warmup_steps": int(warmup)}))
     return out
 
 
