@@ -239,6 +239,12 @@ def test_a_key_replacing_an_arms_grid_is_named(tmp_path, capsys):
     assert "note: --init.alpha 0.3 replaces arm " in capsys.readouterr().out
 
 
+def test_a_slurm_dry_run_says_what_it_would_submit(tmp_path, capsys):
+    assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--launcher", "slurm"]) == 0
+    out = capsys.readouterr().out  # it listed the runs only
+    assert "would submit 15 job(s) as one job array to slurm (name=randteach-cpu" in out, out
+
+
 def test_table_pairs_gains_and_shows_reference():
     def row(seed, t, s, alpha=0.5):
         return {"run_dir": f"r{seed}", "status": "completed", "summary": {},

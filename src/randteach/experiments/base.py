@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..reports.experiment import arm_section, rows_of
 from ..reports.groups import flat_config, show_value
 from ..runs.rundir import RunDir
-from ..runs.sweep import plan_local, run_one, run_state, run_sweep
+from ..runs.sweep import plan_local, plan_slurm, run_one, run_state, run_sweep
 from .protocol import with_paper_protocol
 from .recipe import Arm, Recipe
 
@@ -57,10 +57,12 @@ class Context:
         return self.recipe.configs(self.recipe.arm(arm), self.pool, self.overrides, extra)
 
     def plan(self, configs: list[Config]) -> list[str]:
-        """What `run` says before it starts these runs (how they are grouped into workers and stacks), for
-        --dry-run; nothing for SLURM or in-process runs."""
-        if self.launcher != "local" or self.workers == 0 or not configs:
+        """What `run` says before it starts these runs (how they are grouped into workers and stacks, or what
+        goes to SLURM), for --dry-run; nothing for in-process runs."""
+        if not configs or (self.launcher == "local" and self.workers == 0):
             return []
+        if self.launcher != "local":
+            return [plan_slurm(configs, self.recipe.slurm)]
         return plan_local(configs, self.workers, self.stack, self.stack_mode).lines
 
     def run(self, configs: list[Config]) -> list[dict]:
