@@ -90,7 +90,9 @@ def test_every_encoder_family_stacks_to_its_solo_run_under_sgd(tmp_path, encoder
               "init__alpha": 0.5, **encoder}
     train_stacked([tiny_config(tmp_path / f"stack{i}", **common, train__seed=i) for i in range(2)], mode="vmap")
     solo = distill(tiny_config(tmp_path / "solo", **common, train__seed=1), progress=False)
-    assert_same_student(solo.path, Path(tiny_config(tmp_path / "stack1", **common, train__seed=1).run_dir()), 1e-6)
+    stacked = Path(tiny_config(tmp_path / "stack1", **common, train__seed=1).run_dir())
+    assert_same_student(solo.path, stacked, 1e-6)
+    assert RunDir(stacked).probes() == RunDir(solo.path).probes() == []  # probe.which [] logs no probe record
 
 
 def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_runs(tmp_path):

@@ -297,7 +297,7 @@ def _train_group(cfgs: list[Config], progress: bool) -> list[dict]:
     with g.stop:
         for _, r in g.active():  # the start's probe, or one that a signal stopped
             epoch = unlogged_probe(g.plan, g.step, r.run)
-            if epoch is not None:
+            if epoch is not None and g.prober is not None:
                 _probe(g, r, g.step, epoch)
         while g.step < g.plan.total_steps and g.active() and g.stop.signal is None:
             _group_step(g)
