@@ -465,3 +465,27 @@ def test_a_sweep_whose_forkserver_is_killed_waits_for_its_runs_and_starts_the_ne
     log = path.with_suffix(".log").read_text()
     assert "Traceback" not in log and "failed" not in log and log.count(" completed ") == 3, log
     assert [s["status"] for s in summaries(root).values()] == ["completed"] * 3
+
+
+def test_a_stopped_sweep_does_not_wait_for_a_run_that_another_process_holds(tmp_path):
+    # Another process holds the run's lock, so the sweep's worker waits for it; SIGTERM to the sweep then
+    # ends the sweep at once (it waited on that other process's lock for as long as it lasted), the run
+    # "pending" and untouched.
+    path = write_sweep(tmp_path, seeds=[0])
+    run = expand(load_sweep(path))[0].run_dir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from randteach.runs.rundir import run_lock\n"
+                               "with run_lock(sys.argv[1], create=True):\n print('held', flush=True); time.sleep(120)",
+                               str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = _start_sweep(path)
+        deadline = time.time() + 60
+        while "waiting:" not in path.with_suffix(".log").read_text():
+            assert proc.poll() is None and time.time() < deadline, path.with_suffix(".log").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 3, path.with_suffix(".log").read_text()
+        assert holder.poll() is None and "pending" in path.with_suffix(".log").read_text()
+    finally:
+        holder.kill()
+        holder.wait()

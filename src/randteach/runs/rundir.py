@@ -270,17 +270,25 @@ class RunInUse(UserError):
         return {"status": "failed", "error": f"{type(self).__name__}: {self}", "in_use": True}
 
 
-def wait_until_free(path: str | Path) -> None:
-    """Block until no process holds the run folder's lock (at once if none does, or if there is no lock)."""
+def wait_until_free(path: str | Path, holder: int | None = None) -> None:
+    """Block until no process holds the run folder's lock (at once if none does, or if there is no lock).
+    holder: wait only while that process holds it, not for another process."""
     try:
         fd = os.open(Path(path) / LOCK_FILE, os.O_RDWR)
     except OSError:
         return
     try:
+        if holder is not None and _holder(fd) != str(holder):
+            return
         fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: returns when the holder closes its descriptor
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """The PID written into a lock file by its last holder."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip()
 
 
 @contextmanager
@@ -307,7 +315,7 @@ def run_lock(path: str | Path, create: bool = False):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd) or "unknown"
         os.close(fd)
         raise RunInUse(f"{path} is in use by another randteach process (PID {holder}); one process writes into "
                         "a run at a time: wait for it to finish" + (", or use --out elsewhere" if create else ""))\

@@ -557,8 +557,8 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
                 w = running.pop(sentinel)
                 w.proc.join()
                 for i, stamp in zip(w.job, w.stamps):
-                    results[i] = _with_path(_collect_local(configs[i], w.proc.exitcode, stamp, stop["signal"]),
-                                            configs[i])
+                    collected = _collect_local(configs[i], w.proc.pid, w.proc.exitcode, stamp, stop["signal"])
+                    results[i] = _with_path(collected, configs[i])
                     log.finished(results[i], time.perf_counter() - w.started)
     for job in pending:
         for i in job:
@@ -566,14 +566,15 @@ def _run_local(configs: list[Config], workers: int | None, progress: bool, stack
     return results  # type: ignore[return-value]
 
 
-def _collect_local(cfg: Config, exitcode: int | None, stamp, stopping: int | None) -> dict:
+def _collect_local(cfg: Config, worker: int, exitcode: int | None, stamp, stopping: int | None) -> dict:
     """The result a worker left in its run directory — or a completed run's summary that another process
     wrote after this sweep was planned (two sweeps sharing runs; the worker then had nothing to do); a
     worker that died without either is a failure, unless the sweep itself was being stopped (then a run that
     never took a step, one a stack had not begun, is "pending")."""
     # A worker reported gone may still be writing: one started by a forkserver that was killed is reported
-    # at once (exit code 255) while it checkpoints and stops. Its run's lock says when it is done.
-    wait_until_free(cfg.run_dir())
+    # at once (exit code 255) while it checkpoints and stops. Its run's lock says when it is done; a lock
+    # that another process holds (a second sweep sharing the run) is not this worker's to wait for.
+    wait_until_free(cfg.run_dir(), holder=worker)
     summary = RunDir(cfg.run_dir()).summary() if _summary_stamp(cfg) != stamp else finished_summary(cfg)
     if summary is not None:
         return summary
