@@ -290,3 +290,27 @@ def test_a_module_already_on_the_probe_device_is_used_as_it_is():
     module = torch.nn.Linear(2, 2)
     assert _on(module, torch.device("cpu", 0)) is module and _on(module, torch.device("cpu")) is module
     assert _on(module, torch.device("meta")) is not module
+
+
+class ScaledByItem(TinyEncoder):
+    """Works, declares its width, and cannot run on the meta device: it reads a value in forward, and keeps a
+    plain tensor attribute that is neither a parameter nor a buffer."""
+    embed_dim = 12
+
+    def __init__(self, in_channels=1, image_size=8):
+        super().__init__(in_channels, image_size)
+        self.shift = torch.zeros(12)
+
+    def forward(self, x):
+        return self.net(x) * self.scale.item() + self.shift
+
+
+def test_an_encoder_that_only_runs_on_real_tensors_is_accepted(tmp_path, digits):
+    # the check of a declared embed_dim on a meta-device copy refused it ("cannot take the data's images")
+    r = randteach.distill(encoder=ScaledByItem, train=digits, progress=False, out=str(tmp_path / "r"),
+                          **{**TINY, "probe.which": [], "train.max_steps": 2})
+    assert r.summary["status"] == "completed"
+    wrong = ScaledByItem()
+    wrong.embed_dim = 32
+    with pytest.raises(UserError, match="declares embed_dim = 32 but gives 12 features"):
+        randteach.distill(encoder=wrong, train=digits, progress=False, out=str(tmp_path / "w"))

@@ -129,35 +129,48 @@ def _checked_embed_dim(encoder: nn.Module, path: str, in_channels: int, image_si
     """The width of an encoder's output on a batch of two blank images of the data's shape: an encoder from
     Python that cannot take the data, or whose .embed_dim is not its output width, is a ConfigError here
     rather than a traceback from inside a layer at the first step. A declared .embed_dim is checked on a copy
-    on the meta device (shapes only: nothing computed, no call the encoder would see as a real one); an
-    undeclared one is read from one forward pass."""
+    on the meta device where that copy runs (shapes only: no call the encoder would see as a real one);
+    otherwise the width is read from one forward pass."""
     shape = (2, in_channels, image_size, image_size)
     declared = getattr(encoder, "embed_dim", None)
-    shape_only = isinstance(declared, int)
-    model = copy.deepcopy(encoder).to("meta") if shape_only else encoder
-    ref = next(model.parameters(), torch.empty(0, device="meta" if shape_only else "cpu"))
-    was_training = model.training
-    model.eval()  # no batch-norm statistics updated by the probe pass
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
-    except NotImplementedError:  # an operation without a meta kernel: the first step will tell
-        if shape_only:
-            return declared
-        raise
-    except RuntimeError as e:
-        raise ConfigError(f"model.encoder: {path!r} cannot take the data's images, a batch of shape {shape} "
-                          f"(N, C, H, W): {str(e).strip().splitlines()[0]}. Build it for {in_channels} "
-                          f"channel(s) of {image_size} x {image_size} pixels") from None
-    finally:
-        model.train(was_training)
+    out = _meta_output(encoder, shape) if isinstance(declared, int) else None
+    if out is None:
+        out = _real_output(encoder, path, shape)
     if out.ndim != 2 or out.shape[0] != 2:
         raise ConfigError(f"model.encoder: {path!r} maps a {shape} batch to shape {tuple(out.shape)}; "
                           "expected (2, embed_dim): flatten inside the encoder")
-    if shape_only and declared != out.shape[1]:
+    if isinstance(declared, int) and declared != out.shape[1]:
         raise ConfigError(f"model.encoder: {path!r} declares embed_dim = {declared} but gives {out.shape[1]} "
                           "features per image; correct .embed_dim, or leave it out (it is read from its output)")
     return int(out.shape[1])
+
+
+def _meta_output(encoder: nn.Module, shape: tuple) -> torch.Tensor | None:
+    """The output of a meta-device copy of the encoder, or None where such a copy cannot run an encoder that
+    may well work: an operation without a meta kernel, a value read in forward (.item()), a tensor kept
+    outside the parameters and buffers."""
+    try:
+        model = copy.deepcopy(encoder).to("meta").eval()
+        ref = next(model.parameters(), torch.empty(0, device="meta"))
+        with torch.no_grad():
+            return model(torch.zeros(shape, device="meta", dtype=ref.dtype))
+    except Exception:  # noqa: BLE001 - the real forward pass that follows tells
+        return None
+
+
+def _real_output(encoder: nn.Module, path: str, shape: tuple) -> torch.Tensor:
+    ref = next(encoder.parameters(), torch.empty(0))
+    was_training = encoder.training
+    encoder.eval()  # no batch-norm statistics updated by the probe pass
+    try:
+        with torch.no_grad():
+            return encoder(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
+    except RuntimeError as e:
+        raise ConfigError(f"model.encoder: {path!r} cannot take the data's images, a batch of shape {shape} "
+                          f"(N, C, H, W): {str(e).strip().splitlines()[0]}. Build it for {shape[1]} "
+                          f"channel(s) of {shape[2]} x {shape[3]} pixels") from None
+    finally:
+        encoder.train(was_training)
 
 
 class DistillModel(nn.Module):
