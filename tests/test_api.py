@@ -269,6 +269,13 @@ def test_a_run_continues_only_on_the_objects_it_began_with(tmp_path, digits):
                           **{**opts, "train.max_steps": 3})
     assert randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out,
                              **{**opts, "train.max_steps": 3}).path == first.path
+    # so is one that diverged before its first checkpoint (it has no last.pt)
+    blown = {**opts, "optim.lr": 1e30, "train.max_steps": 5, "train.checkpoint_every": 0}
+    out = str(tmp_path / "diverged")
+    run = randteach.distill(encoder=make_encoder, train=digits, progress=False, out=out, **blown)
+    assert run.summary["status"] == "diverged" and not (Path(run.path) / "checkpoints" / "last.pt").exists()
+    with pytest.raises(UserError, match="made with another encoder than the one given now"):
+        randteach.distill(encoder=TinyEncoder, train=digits, progress=False, out=out, **blown)
 
 
 def test_an_encoder_from_python_gets_the_images_at_their_size(tmp_path, digits):

@@ -110,9 +110,10 @@ def _finished(cfg: Config, run: RunDir, resume: bool, given: dict) -> RunResult 
     """The run's result if it has finished (completed or diverged), after the checks that come before a start."""
     run.remove_stale_temporaries()  # a kill mid-write leaves .*.tmp files
     run.refuse_another_config(cfg)  # checked before a finished run is returned, as its Python objects are
-    _check_same_objects(run, given)
     existing = run.summary()
-    if existing and existing.get("status") in ("completed", "diverged"):
+    finished = bool(existing) and existing.get("status") in ("completed", "diverged")
+    _check_same_objects(run, given, finished)
+    if finished:
         check_config_digest(existing.get("config_digest"), cfg, run.path)  # a hand-edited config.yaml
         return RunResult(run.path, existing)
     if resume:
@@ -197,12 +198,12 @@ def _python_objects(encoder, train_data, probe_splits) -> dict:
                               for name, obj in parts.items() if obj is not None}}
 
 
-def _check_same_objects(run: RunDir, given: dict) -> None:
+def _check_same_objects(run: RunDir, given: dict, finished: bool) -> None:
     """A run continues on the Python objects it began with, and a finished run is returned only for them:
     config.yaml cannot name them, so their keys are compared (a run recorded before the keys were is not
-    checked)."""
+    checked). A run with nothing to continue from starts over, on any objects."""
     recorded = python_objects(run.path)
-    if not (run.checkpoints / "last.pt").is_file() or (recorded and "keys" not in recorded):
+    if not (finished or (run.checkpoints / "last.pt").is_file()) or (recorded and "keys" not in recorded):
         return
     changed = sorted(set(recorded.get("keys", {}).items()) ^ set(given["keys"].items()))
     if changed:
