@@ -361,6 +361,10 @@ def test_slurm_times_follow_slurms_grammar(text, minutes):
     ("mem_gb=32G", "mem_gb='32G': expected gigabytes as a number"),     # submitit: an AssertionError traceback
     ("gpus_per_node=one", "gpus_per_node='one': expected a whole number"),
     ("cpus_per_task=-3", "cpus_per_task=-3: expected a whole number"),
+    ("cpus_per_task=4.0", "cpus_per_task=4.0: expected a whole number"),  # a TypeError in torch.set_num_threads
+    ("gpus_per_node=inf", "gpus_per_node=inf: expected a whole number"),  # an OverflowError in the check
+    ("mem_gb=inf", "mem_gb=inf: expected gigabytes as a number"),         # submitted
+    ("mem_gb=nan", "mem_gb=nan: expected gigabytes as a number"),
     ("additional_parameters=foo", "expected a mapping of sbatch options"),  # a ValueError traceback
     ("cluster=slrum", "expected slurm, local")])
 def test_a_slurm_value_submitit_would_refuse_is_refused_by_a_dry_run(tmp_path, capsys, option, message):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import re
 import signal
@@ -154,9 +155,9 @@ SLURM_COUNTS = ("gpus_per_node", "cpus_per_task", "array_parallelism", "signal_d
 def _slurm_value_problem(key: str, value) -> str | None:
     """What is wrong with one slurm option's value, or None."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if key in SLURM_COUNTS and not (number and value == int(value) and value >= 0):
+    if key in SLURM_COUNTS and not (isinstance(value, int) and number and value >= 0):  # 4.0 fails in submitit
         return f"expected a whole number, e.g. {key}=4"
-    if key == "mem_gb" and not (number and value > 0):
+    if key == "mem_gb" and not (number and 0 < value < math.inf):  # nan fails the comparison too
         return "expected gigabytes as a number, e.g. mem_gb=32"
     if key == "additional_parameters" and not isinstance(value, dict):
         return ("expected a mapping of sbatch options; give it under slurm: in the sweep file, e.g. "
