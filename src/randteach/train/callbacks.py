@@ -135,7 +135,7 @@ class Probe(Hook):
         cfg = state.cfg
         self.prober = Prober(cfg, state.in_channels, state.image_size, state.device, bf16=state.bf16_requested,
                              splits=splits)
-        self.bar, self.which, self.stop = progress_bar, cfg.probe.which, stop
+        self.bar, self.stop = progress_bar, stop
         self.final_done = False
 
     def at_start(self, state: TrainState) -> None:
@@ -157,26 +157,30 @@ class Probe(Hook):
     def probe(self, state: TrainState, epoch: float) -> None:
         try:
             with self.stop.interrupting():
-                record = self._record(state, epoch)
+                record = probe_record(self.prober, state, state.step, epoch)
         except Interrupted:
             return
         state.run.log(record)
         if not self.bar.disable:
             self.bar.write(probe_line(record))
 
-    def _record(self, state: TrainState, epoch: float) -> dict:
-        record = {"event": "probe", "step": state.step, "epoch": epoch}
-        if "teacher" in self.which:
-            if state.cfg.teacher.mode != "frozen":
-                state.teacher_probe = self.prober.probe(state.teacher.encoder)
-            elif state.teacher_probe is None:
-                state.teacher_probe = self.prober.frozen(state.teacher.encoder)  # cached on disk by its weights
-            record["teacher"] = state.teacher_probe
-        if "student" in self.which:
-            record["student"] = self.prober.probe(state.student.encoder)
-        if "input" in self.which:
-            record["input"] = self.prober.input()
-        return record
+
+def probe_record(prober, state, step: int, epoch: float) -> dict:
+    """The probes that probe.which asks for at `step`, as one record. A frozen teacher is probed once, its result
+    cached on disk by its weights. state: a run's TrainState, or one run of a stack (the same attributes)."""
+    which = state.cfg.probe.which
+    record = {"event": "probe", "step": step, "epoch": epoch}
+    if "teacher" in which:
+        if state.cfg.teacher.mode != "frozen":
+            state.teacher_probe = prober.probe(state.teacher.encoder)
+        elif state.teacher_probe is None:
+            state.teacher_probe = prober.frozen(state.teacher.encoder)
+        record["teacher"] = state.teacher_probe
+    if "student" in which:
+        record["student"] = prober.probe(state.student.encoder)
+    if "input" in which:
+        record["input"] = prober.input()
+    return record
 
 
 def unlogged_probe(plan, step: int, run) -> float | None:

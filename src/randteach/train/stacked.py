@@ -55,7 +55,7 @@ from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint, save_teacher
 from ..runs.rundir import RunDir, RunInUse, check_config_digest, run_lock, run_summary
-from .callbacks import Interrupted, MetricsLog, StopFlag, StopRun, unlogged_probe
+from .callbacks import Interrupted, MetricsLog, StopFlag, StopRun, probe_record, unlogged_probe
 from .distributed import Dist
 from .host_memory import keep_freed_memory
 from .setup import (build_teacher_and_student, epoch_order, load_training_inputs, resolve_device, seeds,
@@ -544,20 +544,10 @@ def _stacked_losses(run: _Run, cfg: Config, cached: bool, channels_last: bool):
 
 
 def _probe(g: _Group, r: _Run, step: int, epoch: float) -> None:
-    """A probe record as a solo run writes it (the frozen teacher is probed once per run); none where a signal
-    stops it (the run's resume makes it)."""
-    which, prober = r.cfg.probe.which, g.prober
-    record = {"event": "probe", "step": step, "epoch": epoch}
+    """A probe record as a solo run writes it; none where a signal stops it (the run's resume makes it)."""
     try:
         with g.stop.interrupting():
-            if "teacher" in which:
-                if r.teacher_probe is None:
-                    r.teacher_probe = prober.probe(r.teacher.encoder)
-                record["teacher"] = r.teacher_probe
-            if "student" in which:
-                record["student"] = prober.probe(r.student.encoder)
-            if "input" in which:
-                record["input"] = prober.input()
+            record = probe_record(g.prober, r, step, epoch)
     except Interrupted:
         return
     r.run.log(record)
