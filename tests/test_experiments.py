@@ -245,6 +245,15 @@ def test_a_slurm_dry_run_says_what_it_would_submit(tmp_path, capsys):
     out = capsys.readouterr().out  # it listed the runs only
     runs = int(re.search(r"(\d+) runs in ", out).group(1))
     assert f"would submit {runs} job(s) as one job array to slurm (name=randteach-cpu" in out, out
+    # --slurm options go over the recipe's slurm: section (the command had none), checked as a sweep's
+    assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--launcher", "slurm",
+                 "--slurm", "partition=gpu", "--slurm", "time=1:00:00"]) == 0
+    assert "slurm_partition=gpu" in capsys.readouterr().out
+    assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--launcher", "slurm",
+                 "--slurm", "cpus_per_task=4.0"]) == 2
+    assert "cpus_per_task=4.0: expected a whole number" in capsys.readouterr().err
+    assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--slurm", "partition=gpu"]) == 2
+    assert "(partition=gpu) do nothing with --launcher local; add --launcher slurm" in capsys.readouterr().err
 
 
 def test_table_pairs_gains_and_shows_reference():

@@ -374,6 +374,8 @@ def test_a_slurm_value_submitit_would_refuse_is_refused_by_a_dry_run(tmp_path, c
     assert main(["sweep", str(path), "--launcher", "slurm", "--dry-run", "--slurm", "mem_gb=32.5"]) == 0
     out = capsys.readouterr().out  # the dry run says what would be submitted
     assert "would submit 1 job(s) as one job array to slurm (" in out and "mem_gb=32.5" in out, out
+    assert main(["sweep", str(path), "--dry-run", "--slurm", "mem_gb=32"]) == 2  # the local launcher: ignored
+    assert "(mem_gb=32) do nothing with --launcher local" in capsys.readouterr().err
 
 
 def test_slurm_without_slurm_is_refused_unless_the_local_cluster_is_asked_for(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 
-from .sweep import add_stack_mode
+from .sweep import add_slurm_option, add_stack_mode, slurm_options
 
 EXIT_UNFINISHED = 3
 
@@ -20,7 +20,7 @@ def cmd_experiment(args, extra) -> int:
                         "(seeds 0..N-1)")
     kw = dict(out=args.out, seeds=args.seeds, overrides=overrides, recipe=args.recipe,
               launcher=args.launcher, workers=args.workers, progress=not args.quiet, stack=args.stack,
-              stack_mode=args.stack_mode,
+              stack_mode=args.stack_mode, slurm=slurm_options(args),
               command=" ".join(["randteach", "experiment", args.name, "--scale", args.scale]
                                + [shlex.quote(a) for a in _options(sys.argv)]))
     if args.dry_run:
@@ -67,7 +67,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="root folder: run directories in OUT/runs, the report in OUT/NAME "
                                  "(default runs/experiments/SCALE)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                   help="local worker processes, or SLURM jobs via submitit (options: the recipe's slurm:)")
+                   help="local worker processes, or SLURM jobs via submitit (options: the recipe's slurm:, "
+                        "and --slurm)")
+    add_slurm_option(p, "the recipe's slurm:")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes, each pinned to one GPU where there are GPUs (torch threads = "
                         "$OMP_NUM_THREADS if set, else cores / workers); 0: run in this process, one after another (default: one per visible "

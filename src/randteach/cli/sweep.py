@@ -9,13 +9,16 @@ from ..errors import UserError
 EXIT_FAILED = 3  # as `randteach distill` and `randteach experiment` for runs that did not complete
 
 
-def _parse_slurm(items: list[str]) -> dict:
+def slurm_options(args) -> dict:
+    """The --slurm KEY=VALUE options, which only --launcher slurm reads."""
+    from ..runs.sweep import check_slurm_given
     out = {}
-    for item in items:
+    for item in args.slurm or []:
         if "=" not in item:
             raise UserError(f"--slurm {item!r}: expected KEY=VALUE, e.g. --slurm partition=gpu")
         k, v = item.split("=", 1)
         out[k.strip()] = _number_or_text(v.strip())
+    check_slurm_given(out, args.launcher)
     return out
 
 
@@ -61,7 +64,7 @@ def cmd_sweep(args, extra) -> int:
     spec.base.update(overrides)
     if overrides:  # the file alone passed these checks: what fails now is the options' doing
         check_grid(spec, f"{' '.join(extra)} (on the command line)")
-    slurm = {**spec.slurm, **_parse_slurm(args.slurm or [])}
+    slurm = {**spec.slurm, **slurm_options(args)}
     if args.launcher == "slurm":
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
     configs = expand(spec)
@@ -112,6 +115,13 @@ def add_stack_mode(p) -> None:
                         "Stacked runs; default: auto)")
 
 
+def add_slurm_option(p, section: str) -> None:
+    p.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                   help=f"with --launcher slurm, a submitit/SLURM option over {section}, repeatable: partition, "
+                        "time, gpus_per_node, cpus_per_task, mem_gb, array_parallelism, account, qos, constraint, "
+                        "cluster (local: no SLURM)")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="run a grid of configs x seeds (local worker processes or SLURM)",
@@ -127,9 +137,7 @@ def add_parser(subparsers) -> None:
                    help="local worker processes, each pinned to one GPU where there are GPUs (default: one per "
                         "visible GPU when the runs use GPUs, else 1; torch threads = $OMP_NUM_THREADS if set, else cores / workers)")
     p.add_argument("--out", help="root folder of the run directories (overrides the file's out)")
-    p.add_argument("--slurm", action="append", metavar="KEY=VALUE",
-                   help="submitit/SLURM option, repeatable: partition, time, gpus_per_node, cpus_per_task, "
-                        "mem_gb, array_parallelism, account, qos, constraint, cluster (local: no SLURM)")
+    add_slurm_option(p, "the file's slurm:")
     p.add_argument("--stack", type=int, default=1, metavar="K",
                    help="group up to K runs in one worker process (local launcher; how they train: --stack-mode); "
                         "a run that cannot join a stack runs alone, with the reason (default: 1)")

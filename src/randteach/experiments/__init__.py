@@ -49,10 +49,14 @@ def get_experiment(name: str) -> Experiment:
 def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds: int | None = None,
                  overrides: dict | None = None, recipe: str | Path | None = None, launcher: str = "local",
                  workers: int | None = None, progress: bool = True, command: str = "", stack: int = 1,
-                 stack_mode: str = "auto") -> Context:
-    from ..runs.sweep import check_stack_options
+                 stack_mode: str = "auto", slurm: dict | None = None) -> Context:
+    from ..runs.sweep import check_slurm_given, check_stack_options, submitit_parameters
     check_stack_options(stack, stack_mode, launcher, workers)  # before a dry run too
+    check_slurm_given(slurm or {}, launcher)
     r: Recipe = load_recipe(name, scale, recipe)
+    r.slurm = {**r.slurm, **(slurm or {})}  # options over the recipe's
+    if launcher == "slurm":
+        submitit_parameters(r.slurm, name)  # names and values refused before anything runs
     if seeds is not None:
         if seeds < 1:
             from ..errors import UserError
@@ -67,7 +71,7 @@ def make_context(name: str, scale: str, *, out: str | Path | None = None, seeds:
 def run_experiment(name: str, scale: str = "cpu", *, dry: bool = False, **kw) -> Outcome | str:
     """Run (or, with dry=True, list) experiment `name`; returns the Outcome (report path, run statuses) or
     the listing.
-    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack, stack_mode (see
+    Keywords: out, seeds, overrides, recipe, launcher, workers, progress, command, stack, stack_mode, slurm (see
     `make_context`)."""
     exp = get_experiment(name)
     ctx = make_context(name, scale, **kw)

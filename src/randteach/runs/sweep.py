@@ -715,6 +715,13 @@ def plan_slurm(configs: list[Config], slurm: dict) -> str:
             + ", ".join(f"{k}={v}" for k, v in params.items()) + f"); submitit logs in {_submitit_folder(configs, slurm)}")
 
 
+def check_slurm_given(slurm: dict, launcher: str) -> None:
+    """SLURM options given beside the file's or recipe's: only the slurm launcher reads them."""
+    if slurm and launcher != "slurm":
+        raise ConfigError(f"SLURM options ({', '.join(f'{k}={v}' for k, v in slurm.items())}) do nothing with "
+                          f"--launcher {launcher}; add --launcher slurm, or drop them")
+
+
 def check_stack_options(stack: int, stack_mode: str, launcher: str, workers: int | None = None) -> None:
     """--stack K, --stack-mode and --workers as a sweep or an experiment can take them (before anything runs):
     none is ignored without a word."""
