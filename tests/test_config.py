@@ -225,6 +225,7 @@ IGNORABLE = {
     "init.alpha": ("0.5", {"init.mode": "independent"}, {"init.mode": "locality"}),
     "init.variance_preserving": ("false", {"init.mode": "neighborhood"}, {}),
     "init.epsilon": ("1e-3", {}, {"init.mode": "neighborhood"}),
+    "init.epsilon_draw": ("normal", {}, {"init.mode": "neighborhood"}),
     "init.fresh_seed": ("7", {"init.mode": "copy"}, {"init.mode": "independent"}),
     "teacher.ema_momentum": ("0.9", {}, {"teacher.mode": "ema", "train.teacher_cache": "false"}),
     "loss.teacher_temp": ("0.04", {"loss.name": "mse"}, {"loss.name": "ce"}),

@@ -60,6 +60,21 @@ def test_neighborhood_and_copy():
     assert parameter_distance(c, t) == pytest.approx(math.sqrt(35), rel=1e-6)
 
 
+def test_a_drawn_epsilon_scales_each_weight_by_its_own_normal_draw():
+    # ESC Sec. 2: eps ~ N(0; sigma_eps I), one draw per weight, sigma_eps the standard deviation
+    torch.manual_seed(0)
+    t, f = nn.Sequential(nn.Linear(200, 100)), nn.Sequential(nn.Linear(200, 100))
+    s = neighborhood_init(t, f, 0.25, generator=torch.Generator().manual_seed(7))
+    again = neighborhood_init(t, f, 0.25, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    for (name, ps), pt, pf, pa in zip(s.named_parameters(), t.parameters(), f.parameters(), again.parameters()):
+        eps = 0.25 * torch.randn(pf.shape, generator=g, dtype=torch.float64)  # the same draws, in order
+        torch.testing.assert_close(ps.double(), pt.double() + eps * pf.double())
+        assert torch.equal(ps, pa)
+    ratio = (s[0].weight.double() - t[0].weight.double()) / f[0].weight.double()
+    assert abs(ratio.std().item() - 0.25) < 0.01 and abs(ratio.mean().item()) < 0.01  # 20,000 draws
+
+
 def test_alpha_out_of_range():
     with pytest.raises(ValueError):
         locality_init(_net(0), _net(1), 1.5)

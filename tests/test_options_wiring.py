@@ -159,6 +159,13 @@ def test_init_epsilon_scales_the_fresh_draw_added_to_the_teacher(tmp_path):
     offset = torch.cat([(student[k].double() - teacher[k].double()).flatten() for k in params])
     draw = torch.cat([fresh[k].double().flatten() for k in params])
     assert torch.linalg.vector_norm(offset - eps * draw) <= 1e-3 * eps * torch.linalg.vector_norm(draw)
+    # init.epsilon_draw normal: each weight's own eps ~ N(0, eps^2) (the escaping paper's draw)
+    drawn = distill(tiny_config(tmp_path / "drawn", **ONE_STEP, init__mode="neighborhood", init__epsilon=eps,
+                                init__epsilon_draw="normal"), progress=False).path
+    student = load_state_dict(drawn, "student_init")
+    used = draw.abs() > 1e-3  # the zero-initialized biases carry no eps
+    ratio = (torch.cat([(student[k].double() - teacher[k].double()).flatten() for k in params]) / draw)[used]
+    assert abs(ratio.std().item() - eps) < 0.1 * eps and abs(ratio.mean().item()) < 0.1 * eps, ratio
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -130,6 +130,9 @@ class InitConfig:
     mode: str = opt("locality", "how the student starts: ((1-a)T + a*fresh)/delta, T + eps*fresh, independent, exact copy, or a checkpoint", ("locality", "neighborhood", "independent", "copy", "checkpoint"))
     alpha: float = opt(1e-10, "locality alpha (0 = teacher, 1 = independent init)", ge=0, le=1)
     epsilon: float = opt(1e-10, "neighborhood epsilon for mode=neighborhood", ge=0)
+    epsilon_draw: str = opt("scalar", "neighborhood epsilon: init.epsilon itself, or normal: drawn per weight from "
+                            "N(0, init.epsilon^2), as the escaping paper writes eps ~ N(0, sigma_eps I)",
+                            ("scalar", "normal"))
     variance_preserving: bool = opt(True, "divide the locality mix by sqrt(a^2 + (1-a)^2)")
     checkpoint: str | None = opt(None, "student checkpoint (or run directory) for mode=checkpoint")
     teacher_checkpoint: str | None = opt(None, "use this checkpoint (or run directory's final student) as the teacher instead of a random init")
@@ -340,6 +343,7 @@ _ACTS_ONLY = (
     ("init.alpha", lambda c: c.init.mode == "locality", "with init.mode locality"),
     ("init.variance_preserving", lambda c: c.init.mode == "locality", "with init.mode locality"),
     ("init.epsilon", lambda c: c.init.mode == "neighborhood", "with init.mode neighborhood"),
+    ("init.epsilon_draw", lambda c: c.init.mode == "neighborhood", "with init.mode neighborhood"),
     ("init.fresh_seed", lambda c: c.init.mode in ("locality", "neighborhood", "independent"),
      "with init.mode locality, neighborhood or independent"),
     ("init.checkpoint", lambda c: c.init.mode == "checkpoint", "with init.mode checkpoint"),

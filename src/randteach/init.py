@@ -1,6 +1,7 @@
 """Teacher and student initialization (Sarnthein et al. 2023, Sec. 4 "Local Initialization"; escaping paper, Sec. 2).
 
-The student starts from the teacher by the *locality* rule of Sarnthein et al. (2023, Sec. 4.2)::
+The student starts from the teacher by the *locality* rule of Sarnthein et al. (2023, Sec. 4, "Local
+Initialization")::
 
     theta_S(alpha) = ((1 - alpha) * theta_T + alpha * theta_fresh) / delta,   delta = sqrt(alpha^2 + (1 - alpha)^2)
 
@@ -22,10 +23,11 @@ import torch
 from torch import nn
 
 
-def _mixed(teacher: nn.Module, fresh: nn.Module, a: float, b: float, scale: float,
+def _mixed(teacher: nn.Module, fresh: nn.Module, a: float, b: float | dict[str, torch.Tensor], scale: float,
            dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of `teacher` whose parameters are (a * teacher + b * fresh) / scale, computed in float64 and
-    held in `dtype` (None: the teacher's dtype)."""
+    held in `dtype` (None: the teacher's dtype). b: a number, or a float64 factor per weight of each
+    parameter (by name)."""
     out = copy.deepcopy(teacher)
     if dtype is not None:
         out.to(dtype)
@@ -34,7 +36,8 @@ def _mixed(teacher: nn.Module, fresh: nn.Module, a: float, b: float, scale: floa
         for name, p in out.named_parameters():
             if name not in fresh_params or fresh_params[name].shape != p.shape:
                 raise ValueError(f"teacher and fresh init differ at parameter {name!r}: both must have the same architecture")
-            mix = (a * p.double() + b * fresh_params[name].double()) / scale
+            factor = b[name].to(p.device) if isinstance(b, dict) else b
+            mix = (a * p.double() + factor * fresh_params[name].double()) / scale
             p.copy_(mix.to(p.dtype))
     return out
 
@@ -52,9 +55,17 @@ def locality_init(teacher: nn.Module, fresh: nn.Module, alpha: float, variance_p
     return _mixed(teacher, fresh, 1.0 - alpha, alpha, delta, dtype)
 
 
-def neighborhood_init(teacher: nn.Module, fresh: nn.Module, epsilon: float, dtype: torch.dtype | None = None) -> nn.Module:
-    """theta_T + epsilon * theta_fresh (the escaping paper's theta_S(0), Sec. 2)."""
-    return _mixed(teacher, fresh, 1.0, epsilon, 1.0, dtype)
+def neighborhood_init(teacher: nn.Module, fresh: nn.Module, epsilon: float, dtype: torch.dtype | None = None,
+                      generator: torch.Generator | None = None) -> nn.Module:
+    """theta_T + eps * theta_fresh, the escaping paper's theta^(0) (Sec. 2, "initialized in close proximity").
+    eps is `epsilon`; or, given a CPU `generator`, a draw per weight from N(0, epsilon^2): the paper's
+    eps ~ N(0; sigma_eps I), with its sigma_eps ~ 1e-10 read as the standard deviation (as a variance it would
+    put the student 1e5 times farther from the teacher than the 1e-10 scale the paper describes)."""
+    if generator is None:
+        return _mixed(teacher, fresh, 1.0, epsilon, 1.0, dtype)
+    eps = {name: epsilon * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+           for name, p in fresh.named_parameters()}
+    return _mixed(teacher, fresh, 1.0, eps, 1.0, dtype)
 
 
 def exact_copy(teacher: nn.Module) -> nn.Module:

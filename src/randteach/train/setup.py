@@ -51,6 +51,11 @@ def seeds(cfg: Config) -> dict:
             "data": s * 3 + 3}
 
 
+# Above every other stream's seed (teacher, fresh and data seeds and the data orders' seed * stride + epoch
+# stay below 2^62): a per-weight epsilon is drawn independently of the fresh init it scales.
+_EPSILON_STREAM = 2 ** 62
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a pure function of (seed, epoch), so a resumed run replays it."""
     g = torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch)
@@ -80,7 +85,10 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     if dtype is not None:
         teacher.to(dtype)
     if mode == "neighborhood":
-        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon, dtype)
+        draw = None
+        if cfg.init.epsilon_draw == "normal":
+            draw = torch.Generator().manual_seed(_EPSILON_STREAM + sd["fresh"])
+        return teacher, neighborhood_init(teacher, fresh, cfg.init.epsilon, dtype, draw)
     return teacher, locality_init(teacher, fresh, cfg.init.alpha, cfg.init.variance_preserving, dtype)
 
 

@@ -67,7 +67,7 @@ from .step import StepMetrics
 # Config keys whose values may differ inside one stack: none changes a tensor's shape or the step's code.
 PER_RUN_KEYS = frozenset({
     "name", "out", "train.seed",
-    "init.mode", "init.alpha", "init.epsilon", "init.variance_preserving", "init.checkpoint",
+    "init.mode", "init.alpha", "init.epsilon", "init.epsilon_draw", "init.variance_preserving", "init.checkpoint",
     "init.teacher_checkpoint", "init.teacher_seed", "init.fresh_seed",
     "optim.lr", "optim.weight_decay", "optim.momentum", "optim.betas", "optim.schedule", "optim.warmup_steps",
     "optim.min_lr", "optim.lr_end", "optim.grad_clip",
