@@ -1,6 +1,7 @@
 """Teacher-student losses on the head outputs (Sarnthein et al. 2023, Sec. 3; escaping paper Sec. 2 and App. A).
 
-Every loss is a mean over the batch of a per-sample value, computed in float32 (float64 inputs stay
+Every loss is a mean over the batch of a per-sample value (RT Eq. (1) writes a sum over the data; the mean
+is the authors' code's), computed in float32 (float64 inputs stay
 float64) whatever the autocast precision of the forward passes; m is the number of output features:
 - ce:    -sum_k softmax(t/tau_T)_k log softmax(s/tau_S)_k                  (the paper's default, tau = 1)
 - kl:    KL(softmax(t/tau_T) || softmax(s/tau_S)) = ce - H(teacher)        (same gradient as ce; its
