@@ -291,7 +291,7 @@ def test_a_run_completed_by_another_sweep_after_planning_stays_completed(tmp_pat
     done = run_sweep([cfg], workers=1, progress=False)[0]
     assert done["status"] == "completed"
     stamp = _summary_stamp(cfg)  # the summary was there when the late worker started
-    assert _collect_local(cfg, 0, stamp, None)["status"] == "completed"
+    assert _collect_local(cfg, os.getpid(), 0, stamp, None)["status"] == "completed"
     assert record_failure(cfg, "some later failure")["status"] == "failed"
     assert RunDir(cfg.run_dir()).summary()["status"] == "completed"
 
