@@ -22,8 +22,10 @@ fastest against log(lr), searched before the first divergence (Smith 2017 places
 the loss decreases most steeply; fastai's "steep" suggestion is this rule). A curve that never falls
 by 1 % of its starting value, or starts at the floor (a student starting on its teacher sits there, at
 the float64 residue, until it escapes: its dips there are rounding) has no steepest descent: it gets a
-tenth of the step size at its first divergence (non-finite, else rise), the range test's "an order of
-magnitude below divergence" rule. Which rule gave the value is recorded with it.
+tenth of the step size at its blow-up (the first non-finite loss, else the rise), the range test's "an order
+of magnitude below divergence" rule. Not the rise where both occur: for the teacher-student loss the rise is
+the escape from the teacher, which training needs (the escaping paper trains at step sizes far past it).
+Which rule gave the value is recorded with it.
 
 Measured (2026-11-30, 2 shared CPU cores, `randteach experiment lr-range --scale cpu`: conv net, 10,240
 Fashion-MNIST images, 200 steps, SGD, plain MSE (mean over the 512 outputs), batch 256, 3 seeds; docs/RESULTS.md
@@ -129,7 +131,8 @@ def find_divergences(steps: list[int], lrs: list[float], losses: list[float], *,
 def suggest_lr(lrs: list[float], losses: list[float], divergences: dict, *, beta: float = SMOOTHING,
                floor: float = RISE_FLOOR) -> dict | None:
     """{'lr', 'rule'}: the step size of steepest descent of the smoothed loss in log(lr) before the first
-    divergence, else a tenth of the step size at the first divergence (see the module docstring)."""
+    divergence, else a tenth of the step size at the blow-up: the first non-finite loss, or without one the
+    rise (see the module docstring)."""
     sm = smooth(losses, beta)
     ends = [d["step"] for d in (divergences["rise"], divergences["nonfinite"]) if d]
     stop = min([len(sm)] + [step - 1 for step in ends])  # index of the first diverged step (steps are 1-based)
@@ -146,8 +149,8 @@ def suggest_lr(lrs: list[float], losses: list[float], divergences: dict, *, beta
     first = divergences["nonfinite"] or divergences["rise"]
     if first is None:
         return None  # neither falls nor diverges: the range was too narrow to say
-    kind = "non-finite" if divergences["nonfinite"] else "rise"
-    return {"lr": first["lr"] / 10, "rule": f"the loss never falls: 1/10 of the step size at its first divergence ({kind})"}
+    where = "turns non-finite" if divergences["nonfinite"] else "rises (it never turns non-finite)"
+    return {"lr": first["lr"] / 10, "rule": f"the loss never falls: 1/10 of the step size at which it {where}"}
 
 
 @exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
