@@ -76,13 +76,16 @@ def test_imp_command(setup, tmp_path):
     out = tmp_path / "imp"
     rc = main(["--quiet", "imp", str(info.path), "--start", "student@0", "random@1", "--rounds", "1",
                "--epochs", "2", "--batch-size", "64", "--lr", "0.02", "--milestones", "--pad", "1",
-               "--n-train", "128", "--n-test", "50", "--device", "cpu", "--prune-classifier", "--out", str(out)])
+               "--n-train", "128", "--n-test", "50", "--device", "cpu", "--prune-classifier", "--eval-every", "1",
+               "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "imp.json").read_text())
     assert [s["start"] for s in result["series"]] == ["student@0", "random@1"]
     assert result["series"][1]["rewind_step"] == 2  # 128 / 64 steps per epoch
     assert all("fc.weight" in s["pruned"] for s in result["series"])
     assert [len(s["rounds"]) for s in result["series"]] == [2, 2]
+    # --eval-every 1: round 0 tested after epochs 1 and 2 (it was computed and not kept)
+    assert [h["epoch"] for h in result["series"][0]["rounds"][0]["history"]] == [1, 2]
     assert (out / "imp.png").stat().st_size > 0
 
 

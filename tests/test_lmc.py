@@ -59,7 +59,8 @@ def test_lmc_command(setup, tmp_path, capsys):
     out = tmp_path / "lmc"
     args = ["--quiet", "lmc", str(info.path), "--start", "student@1", "--runs", "2", "--resolution", "3",
             "--epochs", "2", "--batch-size", "64", "--lr", "0.02", "--milestones", "--no-augment",
-            "--n-train", "128", "--n-test", "50", "--device", "cpu", "--bn-batches", "0", "--out", str(out)]
+            "--n-train", "128", "--n-test", "50", "--device", "cpu", "--bn-batches", "0", "--eval-every", "1",
+            "--out", str(out)]
     assert main(args) == 0
     result = json.loads((out / "lmc.json").read_text())
     assert [s["start"] for s in result["series"]] == ["student@1"]
@@ -69,6 +70,7 @@ def test_lmc_command(setup, tmp_path, capsys):
         # without recomputation the endpoints are the trained networks as they are
         run0 = s["runs"][0]
         assert s["pairs"][0]["test_error"][-1] == run0["test_error"] == run0["test_error_before_bn_recompute"]
+        assert [h["epoch"] for h in run0["history"]] == [2]  # --eval-every 1 after the shared first epoch
     assert (out / "lmc.png").stat().st_size > 0
     printed = capsys.readouterr().out  # one pair: no spread to show (it printed "± nan")
     assert "over 1 pair" in printed and "±" not in printed and "nan" not in printed, printed

@@ -119,7 +119,8 @@ def imp_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
                              for k, p in model.named_parameters() if k in masks)
         records.append({"round": r, "prunable": n_prunable, "remaining": kept, "sparsity": 1 - kept / n_prunable,
                         "zero_weights": zeros, "pruned_nonzero": pruned_nonzero,
-                        "test_accuracy": result["test_accuracy"], "train_loss": result["train_loss"]})
+                        "test_accuracy": result["test_accuracy"], "train_loss": result["train_loss"],
+                        "history": result["history"]})  # test accuracy every --eval-every epochs
         if state_path is not None:
             save_checkpoint({"spec": json.dumps(spec), "records": json.dumps(records), "rewind": rewind,
                              "masks": masks, "trained": trained}, state_path)

@@ -95,7 +95,8 @@ def lmc_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
                                   progress=progress, desc=f"lmc {start} run {k}")
         _calibrate(model, data, device, bn_batches, recipe)
         record = {"seed": seed, "test_error": 1.0 - accuracy(model, data.test, data.preprocess, device),
-                  "test_error_before_bn_recompute": 1.0 - result["test_accuracy"]}
+                  "test_error_before_bn_recompute": 1.0 - result["test_accuracy"],
+                  "history": result["history"]}  # test accuracy every --eval-every epochs
         finals.append(state_of(model))
         endpoints.append(record)
         if path is not None:
