@@ -125,7 +125,8 @@ class LmcOptions:
     start: list[str] = opt(["teacher", "student"], START_HELP + " (teacher student: a random init and the "
                            "distilled student)", cli={"nargs": "+"})
     runs: int = opt(5, "supervised runs (data orders) per start, at least 2: a pair", ge=2)
-    resolution: int = opt(11, "points on each path, ends included", ge=2)
+    resolution: int = opt(11, "points on each path, ends included (3 at least: the barrier lies between the ends)",
+                          ge=3)
     bn_batches: int = opt(8, "training batches for recomputing batch-norm statistics at each point (0: "
                           "interpolate them)", ge=0)
 
