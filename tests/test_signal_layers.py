@@ -121,7 +121,9 @@ def test_signal_command_on_a_tiny_run(tmp_path, capsys):
     keep_collapse_checkpoint(cfg, run.path, {"step": 4, "metric": "probe", "value": 0.0})
     rc = main(["--quiet", "signal", str(run.path), "--n-samples", "200", "--n-test", "100", "--probe.max_iter", "50",
                "--spatial", "avgpool"])
-    assert rc == 0 and "5 layers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert rc == 0 and "5 layers" in printed and "note:" not in printed
+    assert "| student | student.pt (8) |" in printed and "| collapse | collapse.pt (4) |" in printed, printed
     r = json.loads((run.path / "signal" / "signal.json").read_text())
     assert list(r["metrics"]) == ["teacher", "collapse", "student"]
     assert r["checkpoints"]["collapse"]["step"] == 4 and r["checkpoints"]["student"]["step"] == 8
@@ -142,6 +144,13 @@ def test_signal_command_on_a_tiny_run(tmp_path, capsys):
     assert teacher_probe > 0.3  # digits from a random conv net's embedding: well above chance (0.1)
     for name in ("signal_propagation.png", "signal_representation.png"):
         assert (run.path / "signal" / name).stat().st_size > 0
+    # an unfinished run (as a kill leaves it): its latest snapshot stands in for the student, and it says so
+    (run.path / "summary.json").unlink()
+    (run.path / "checkpoints" / "student.pt").unlink()
+    assert main(["--quiet", "signal", str(run.path), "--n-samples", "200", "--no-probe", "--out",
+                 str(tmp_path / "unfinished")]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the run is unfinished, not completed: 'student' is its latest saved student, student_step" in printed
 
 
 def test_flattened_neurons_are_the_default_as_the_authors_counted_them():

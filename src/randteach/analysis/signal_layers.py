@@ -347,7 +347,8 @@ def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test:
     train_images, train_labels = models.samples("train", n_samples)
     test_images, test_labels = models.samples("test", n_test) if probe else (None, None)
     num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)
-    result = {"run": str(models.run.path), "data": models.split("train").name,
+    result = {"run": str(models.run.path), "run_status": (models.run.summary() or {}).get("status", "unfinished"),
+              "data": models.split("train").name,
               "metrics_on": "the images the run distilled on or a class-stratified subset of them (see "
                             "n_samples and n_dead_samples); probes fit on it and score on the test-split subset",
               "checkpoints": {r: {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
@@ -428,6 +429,23 @@ def write_signal(result: dict, out: str | Path) -> dict:
                          "representation": str(plot_representation(result, out / "signal_representation.png"))}
     write_json(out / "signal.json", result)
     return result
+
+
+def signal_table(result: dict) -> str:
+    """The encoder output's row of each checkpoint as a markdown table (every layer: signal.json and the
+    figures), with the file each role was read from."""
+    head = ["role", "checkpoint (step)", "effective rank", "dead", "condition", "tr(Sw+Sb) / teacher's"]
+    probed = any("probe" in rows[-1] for rows in result["metrics"].values())
+    lines = ["| " + " | ".join(head + (["linear probe %"] if probed else [])) + " |",
+             "|" + "---|" * (len(head) + probed)]
+    for role, rows in result["metrics"].items():
+        row, ckpt = rows[-1], result["checkpoints"][role]
+        cells = [role, f"{Path(ckpt['path']).name} ({ckpt['step']})", f"{row['effective_rank']:.2f}",
+                 f"{row['dead_neurons']}", f"{row['condition_number']:.3g}", f"{row['separability_rel_teacher']:.3g}"]
+        if probed:
+            cells.append(f"{100 * row['probe'].get('linear', float('nan')):.1f}" if "probe" in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _test_transform(train_x: torch.Tensor, test_x: torch.Tensor, center: bool, standardize: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..analysis.lr_range import RISE_FACTOR, RISE_FLOOR, SMOOTHING
 from ..config import add_flags, opt, options_from_args
@@ -77,7 +78,7 @@ def cmd_lr_range(args, extra) -> int:
 
 
 def cmd_signal(args, extra) -> int:
-    from ..analysis.signal_layers import analyze_signal
+    from ..analysis.signal_layers import analyze_signal, signal_table
     from ..config import parse_overrides
     from ..runs.rundir import run_lock
     run_dir, quiet, o = args.run_dir, args.quiet, options_from_args(args, SignalOptions)
@@ -87,6 +88,10 @@ def cmd_signal(args, extra) -> int:
                                 rank_eps=o.rank_eps,
                                 probe=not o.no_probe, collapse=o.collapse, out=o.out,
                                 overrides=parse_overrides(extra), progress=not quiet)
+    print(signal_table(result))
+    if result["run_status"] != "completed":  # its student.pt is missing: the latest snapshot stands in
+        name = Path(result["checkpoints"]["student"]["path"]).name
+        print(f"note: the run is {result['run_status']}, not completed: 'student' is its latest saved student, {name}")
     print(f"{len(result['layers'])} layers x {', '.join(result['metrics'])}: {result['figures']['propagation']}, "
           f"{result['figures']['representation']}")
     return 0
