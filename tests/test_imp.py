@@ -7,6 +7,7 @@ import torch
 from randteach.analysis import imp
 from randteach.analysis.imp import imp_series, kept_after, magnitude_prune, prunable_names
 from randteach.cli import main
+from randteach.errors import UserError
 from randteach.train.supervised import build_classifier, load_supervised_data, run_info
 
 from test_supervised import TINY_RECIPE, tiny_run
@@ -69,6 +70,14 @@ def test_pruning_rounds_zero_exactly_the_stated_fraction_and_keep_it_zero(setup,
     assert all(bool((trained[k][masks[k] == 0] == 0).all()) for k in masks)
     monkeypatch.setattr(imp, "train_supervised", lambda *a, **k: pytest.fail("retrained a finished round"))
     assert imp_series(info, "student@0", data, recipe, torch.device("cpu"), rounds=3, out=tmp_path)["rounds"] == rounds
+    # fewer rounds are read from the series; other settings are named (it said "different settings" only)
+    assert imp_series(info, "student@0", data, recipe, torch.device("cpu"), rounds=1, out=tmp_path)["rounds"] == \
+        rounds[:2]
+    with pytest.raises(UserError, match=r"other settings \(recipe.epochs 1 there, 2 now\); give those to continue"):
+        imp_series(info, "student@0", data, recipe.replace(epochs=2), torch.device("cpu"), rounds=3, out=tmp_path)
+    monkeypatch.undo()
+    more = imp_series(info, "student@0", data, recipe, torch.device("cpu"), rounds=4, out=tmp_path)["rounds"]
+    assert more[:4] == rounds and more[4]["remaining"] == round(n * 0.8 ** 4)  # one round more, trained
 
 
 def test_imp_command(setup, tmp_path):

@@ -149,10 +149,12 @@ def test_a_landscape_folder_is_claimed_by_settings_and_a_matching_config_digest(
     spec = {"grid": [3, 3], "config_digest": cfg.digest()}
     ls._claim_folder(tmp_path, {**spec, "config_digest": cfg.digest(before_2026_12=True)}, cfg)  # written before
     ls._claim_folder(tmp_path, spec, cfg)  # the same run's landscape: it continues
-    with pytest.raises(UserError, match="other settings"):
-        ls._claim_folder(tmp_path, {**spec, "grid": [4, 4]}, cfg)
+    with pytest.raises(UserError, match=r"other settings \(grid \[3, 3\] there, \[3, 2\] now\); give those"):
+        ls._claim_folder(tmp_path, {**spec, "grid": [3, 2]}, cfg)
+    with pytest.raises(UserError, match=r"\(probe None there, False now\)"):  # not the grid given
+        ls._claim_folder(tmp_path, {**spec, "probe": False}, cfg)
     other = build_config("cpu", overrides={"init.alpha": "0.5"})
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match=r"other settings \(the --section.key options\)"):
         ls._claim_folder(tmp_path, {**spec, "config_digest": other.digest()}, other)
 
 

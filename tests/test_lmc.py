@@ -75,6 +75,8 @@ def test_lmc_command(setup, tmp_path, capsys):
     printed = capsys.readouterr().out  # one pair: no spread to show (it printed "± nan")
     assert "over 1 pair" in printed and "±" not in printed and "nan" not in printed, printed
     assert main(args) == 0  # finished runs are loaded, not retrained
+    assert main([*args, "--lr", "0.03"]) == 2  # argparse: the last --lr wins
+    assert "other settings (recipe.lr 0.02 there, 0.03 now); give those to continue" in capsys.readouterr().err
 
 
 def test_pooled_endpoint_errors_count_each_run_once():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
-from ..runs.rundir import write_json
+from ..runs.rundir import changed_settings, write_json
 from ..train.supervised import (Recipe, RunInfo, SupervisedData, build_classifier, label_of, parse_start, provenance,
                                 rewind_step, state_of, train_supervised)
 
@@ -91,14 +91,19 @@ def imp_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
     model = build_classifier(run, source, data.num_classes, recipe.seed).to(device)
     names = prunable_names(model, prune_classifier)
     n_prunable = sum(dict(model.named_parameters())[k].numel() for k in names)
-    spec = {"start": start, "rounds": rounds, "fraction": fraction, "prune_classifier": prune_classifier,
+    # Not the number of rounds: round r depends on the rounds before it only, so a saved series is extended
+    # by more rounds and read in part for fewer.
+    spec = {"start": start, "fraction": fraction, "prune_classifier": prune_classifier,
             "recipe": asdict(recipe), "n_train": n, "n_test": len(data.test), "data": data.train.name}
     state_path = Path(out) / "imp_state.pt" if out is not None else None
     records, rewind, masks, trained = [], None, None, None
     if state_path is not None and state_path.exists():
         saved = load_checkpoint(state_path)
-        if json.loads(saved["spec"]) != json.loads(json.dumps(spec)):
-            raise UserError(f"{state_path.parent} holds an IMP series with different settings; choose another --out")
+        before = {k: v for k, v in json.loads(saved["spec"]).items() if k != "rounds"}  # recorded until 2026-12-03
+        if before != json.loads(json.dumps(spec)):
+            raise UserError(f"{state_path.parent} holds an IMP series made with other settings "
+                            f"({changed_settings(before, spec)}); give those to continue it, choose another --out, "
+                            f"or delete {state_path} to start over")
         records, rewind, masks, trained = (json.loads(saved["records"]), saved["rewind"], saved["masks"],
                                            saved["trained"])
     for r in range(len(records), rounds + 1):
@@ -125,7 +130,7 @@ def imp_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
             save_checkpoint({"spec": json.dumps(spec), "records": json.dumps(records), "rewind": rewind,
                              "masks": masks, "trained": trained}, state_path)
     return {"start": start, "source": source, "rewind_epochs": l_epochs, "rewind_step": l_step,
-            "pruned": names, "rounds": records}
+            "pruned": names, "rounds": records[:rounds + 1]}
 
 
 def run_imp(run: RunInfo, starts: list[str], data: SupervisedData, recipe: Recipe, device: torch.device, *,

@@ -54,7 +54,7 @@ from ..losses import distill_loss
 from ..models import build_model
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_state_dict, resolve_model_checkpoint
-from ..runs.rundir import write_json
+from ..runs.rundir import changed_settings, write_json
 from ..train.setup import load_training_inputs
 from ..train.supervised import RUN_ROLES, RunInfo, run_info
 from ..precision import exact_fp32
@@ -279,10 +279,11 @@ def _claim_folder(out: Path, spec: dict, cfg) -> None:
     saved = json.loads(spec_path.read_text()) if spec_path.exists() else None
     unrecorded = lambda d: {k: v for k, v in json.loads(json.dumps(d)).items() if k != "config_digest"}
     if saved is not None and (unrecorded(saved) != unrecorded(spec) or not cfg.matches(saved.get("config_digest"))):
-        raise UserError(f"{out} holds a landscape with other settings (anchors, grid, extent, projection or data; "
-                        f"its grid: {saved.get('grid')} points over extent {saved.get('extent')}, where the "
-                        "affine default was (-0.5, 1.5) before 2026-12-02); give those to continue it, choose "
-                        "another --out, or delete that folder to start over")
+        changes = changed_settings(unrecorded(saved), unrecorded(spec)) or "the --section.key options"
+        if "extent" in changes:
+            changes += "; the affine default extent was (-0.5, 1.5) before 2026-12-02"
+        raise UserError(f"{out} holds a landscape made with other settings ({changes}); give those to continue "
+                        "it, choose another --out, or delete that folder to start over")
     write_json(spec_path, spec)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
-from ..runs.rundir import write_json
+from ..runs.rundir import changed_settings, write_json
 from ..train.supervised import (Classifier, Recipe, RunInfo, SupervisedData, accuracy, build_classifier, label_of,
                                 parse_start, provenance, recompute_bn_stats, rewind_step, state_of, train_supervised)
 from .params import interpolate_states
@@ -70,8 +70,9 @@ def lmc_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
     l_step = rewind_step(recipe, n, l_epochs)
     out = Path(out) if out is not None else None
     model = build_classifier(run, source, data.num_classes, recipe.seed).to(device)
-    spec = json.dumps({"start": start, "recipe": asdict(recipe), "bn_batches": bn_batches, "n_train": n,
-                       "n_test": len(data.test), "data": data.train.name}, sort_keys=True)
+    settings = {"start": start, "recipe": asdict(recipe), "bn_batches": bn_batches, "n_train": n,
+                "n_test": len(data.test), "data": data.train.name}
+    spec = json.dumps(settings, sort_keys=True)
     start_state = None
     finals, endpoints = [], []
     for k in range(runs):
@@ -80,7 +81,9 @@ def lmc_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
         if path is not None and path.exists():
             saved = load_checkpoint(path)
             if saved["spec"] != spec:
-                raise UserError(f"{path} was trained with other settings; choose another --out")
+                changes = changed_settings(json.loads(saved["spec"]), settings)
+                raise UserError(f"{path} was trained with other settings ({changes}); give those to continue, "
+                                f"choose another --out, or delete {path.parent} to start over")
             finals.append(saved["model"])
             endpoints.append(json.loads(saved["record"]))
             continue

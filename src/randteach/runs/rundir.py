@@ -72,6 +72,19 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def changed_settings(saved: dict, now: dict) -> str:
+    """What differs between the settings an analysis folder was made with and those given now, e.g.
+    "recipe.epochs 2 there, 3 now", for the message that refuses to continue it."""
+    from ..config import flatten
+    a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(now)))
+
+    def shown(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return ", ".join(f"{k} {shown(a.get(k))} there, {shown(b.get(k))} now"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
 class CorruptSummary(UserError, ValueError):
     """summary.json is not readable JSON (a ValueError, like the JSONDecodeError it replaces)."""
 
