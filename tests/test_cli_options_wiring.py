@@ -224,6 +224,18 @@ def default_finetune(run, tmp_path_factory):
     return finetune(run, tmp_path_factory.mktemp("finetune") / "default", "--milestones")
 
 
+def test_recipe_settings_that_do_less_than_they_seem_are_noted(run, tmp_path, capsys):
+    # each was accepted silently: on digits the default 4-pixel crop padding of 8-pixel images left the probe
+    # at chance; the default milestones 80 and 120 never come in 2 epochs; --n-test 5000 tested on 360
+    finetune(run, tmp_path / "a", "--n-test", "5000")
+    err = capsys.readouterr().err
+    assert "note: --milestones 80 120 lie at or past the last epoch (2)" in err
+    assert "note: --n-test 5000: digits has 360 images in that split; all of them are used" in err
+    assert "note: --pad 4: random crops shift these 8-pixel images by up to 4 pixels" in err and "--pad 1 " in err
+    finetune(run, tmp_path / "b", "--milestones", "1", "--pad", "1")
+    assert "note:" not in capsys.readouterr().err
+
+
 def _same(a, b):
     return all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 

@@ -80,7 +80,7 @@ def test_pruning_rounds_zero_exactly_the_stated_fraction_and_keep_it_zero(setup,
     assert more[:4] == rounds and more[4]["remaining"] == round(n * 0.8 ** 4)  # one round more, trained
 
 
-def test_imp_command(setup, tmp_path):
+def test_imp_command(setup, tmp_path, capsys):
     info, _ = setup
     out = tmp_path / "imp"
     rc = main(["--quiet", "imp", str(info.path), "--start", "student@0", "random@1", "--rounds", "1",
@@ -96,6 +96,8 @@ def test_imp_command(setup, tmp_path):
     # --eval-every 1: round 0 tested after epochs 1 and 2 (it was computed and not kept)
     assert [h["epoch"] for h in result["series"][0]["rounds"][0]["history"]] == [1, 2]
     assert (out / "imp.png").stat().st_size > 0
+    assert main(["imp", str(info.path), "--start", "student", "student@0", "--out", str(out)]) == 2  # trained twice
+    assert "--start student and student@0 name the same start" in capsys.readouterr().err
 
 
 def test_the_default_rounds_reach_the_end_of_fig_8s_axis():

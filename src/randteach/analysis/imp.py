@@ -29,8 +29,8 @@ from torch import nn
 from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import changed_settings, write_json
-from ..train.supervised import (Recipe, RunInfo, SupervisedData, build_classifier, label_of, parse_start, provenance,
-                                rewind_step, state_of, train_supervised)
+from ..train.supervised import (Recipe, RunInfo, SupervisedData, build_classifier, check_distinct, label_of,
+                                parse_start, provenance, rewind_step, state_of, train_supervised)
 
 # RT Fig. 8: 20 % of the remaining weights pruned per round, to 0.8^24 = 0.47 % left, the end of its axis
 PAPER_ROUNDS = 24
@@ -137,6 +137,7 @@ def run_imp(run: RunInfo, starts: list[str], data: SupervisedData, recipe: Recip
             rounds: int, out: str | Path, fraction: float = 0.2, prune_classifier: bool = False,
             progress: bool = False) -> dict:
     """IMP for every start; writes OUT/imp.json and OUT/imp.png (test accuracy vs weights remaining)."""
+    check_distinct(starts)
     out = Path(out)
     series = [imp_series(run, s, data, recipe, device, rounds=rounds, fraction=fraction,
                          prune_classifier=prune_classifier, out=out / label_of(s), progress=progress)

@@ -31,8 +31,9 @@ import torch
 from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import changed_settings, write_json
-from ..train.supervised import (Classifier, Recipe, RunInfo, SupervisedData, accuracy, build_classifier, label_of,
-                                parse_start, provenance, recompute_bn_stats, rewind_step, state_of, train_supervised)
+from ..train.supervised import (Classifier, Recipe, RunInfo, SupervisedData, accuracy, build_classifier,
+                                check_distinct, label_of, parse_start, provenance, recompute_bn_stats, rewind_step,
+                                state_of, train_supervised)
 from .params import interpolate_states
 
 BARRIER = "max_gamma err(gamma) - (gamma err(1) + (1 - gamma) err(0)); err = test error; gamma = 1 is run i"
@@ -120,6 +121,7 @@ def run_lmc(run: RunInfo, starts: list[str], data: SupervisedData, recipe: Recip
             out: str | Path, runs: int = 5, resolution: int = 11, bn_batches: int = 8,
             progress: bool = False) -> dict:
     """LMC for every start; writes OUT/lmc.json and OUT/lmc.png (one panel per start, like Fig. 9)."""
+    check_distinct(starts)
     out = Path(out)
     series = [lmc_series(run, s, data, recipe, device, runs=runs, resolution=resolution, bn_batches=bn_batches,
                          out=out / label_of(s), progress=progress) for s in starts]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,10 +143,12 @@ def _add_recipe_args(p: argparse.ArgumentParser, options) -> None:
 def _supervised_setup(args, extra):
     """(run, recipe, data, device, output folder or None) from a supervised command's flags."""
     from ..train.setup import resolve_device
-    from ..train.supervised import Recipe, load_supervised_data, run_info
+    from ..train.supervised import Recipe, load_supervised_data, recipe_notes, run_info
     recipe, d = options_from_args(args, Recipe), options_from_args(args, DataOptions)
     run = _with_overrides(run_info(args.run), extra)
     data = load_supervised_data(run.cfg, run.image_size, name=d.data, n_train=d.n_train, n_test=d.n_test)
+    for line in recipe_notes(recipe, data, d.n_train, d.n_test):
+        print(line, file=sys.stderr)
     return run, recipe, data, resolve_device(d.device, "--device"), d.out and Path(d.out)
 
 

@@ -101,6 +101,26 @@ def load_supervised_data(cfg: Config, image_size: int, *, name: str | None = Non
                           max(train.num_classes, test.num_classes))
 
 
+def recipe_notes(recipe: Recipe, data: SupervisedData, n_train: int | None = None,
+                 n_test: int | None = None) -> list[str]:
+    """Settings that do less than they seem to on this data, for the command to print before it trains (by
+    their command-line names)."""
+    notes = []
+    late = [m for m in recipe.milestones if m >= recipe.epochs]
+    if late:
+        notes.append(f"--milestones {' '.join(f'{m:g}' for m in late)} lie at or past the last epoch "
+                     f"({recipe.epochs:g}): the learning rate does not drop there")
+    for flag, asked, split in (("--n-train", n_train, data.train), ("--n-test", n_test, data.test)):
+        if asked and asked > len(split):
+            notes.append(f"{flag} {asked}: {split.name} has {len(split)} images in that split; all of them are used")
+    side = min(data.train.images.shape[-2:])
+    if recipe.augment and 8 * recipe.pad > side:  # RT App. E.5's 4 px on 32 px images is an eighth
+        notes.append(f"--pad {recipe.pad}: random crops shift these {side}-pixel images by up to {recipe.pad} "
+                     f"pixels (the paper's 4 pixels are for 32-pixel images); --pad {max(1, side // 8)} or "
+                     "--no-augment keeps more of each image")
+    return [f"note: {n}" for n in notes]
+
+
 def augment_batch(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip (p = 1/2) and a random crop of the zero-padded uint8 batch (B, C, H, W)."""
     b, c, h, w = x.shape
@@ -394,6 +414,16 @@ def provenance(run: RunInfo, data: SupervisedData, recipe: Recipe) -> dict:
     """What a supervised result was computed from, for its JSON file."""
     return {"run": str(run.path) if run.path is not None else None, "data": data.train.name, "n_train": len(data.train), "n_test": len(data.test),
             "recipe": asdict(recipe)}
+
+
+def check_distinct(starts: list[str]) -> None:
+    """Each start once: a repeated one ('student' and 'student@0' are one) was trained and shown twice."""
+    seen: dict[tuple[str, float], str] = {}
+    for spec in starts:
+        key = parse_start(spec)
+        if key in seen:
+            raise UserError(f"--start {seen[key]} and {spec} name the same start; give each start once")
+        seen[key] = spec
 
 
 def label_of(spec: str) -> str:
