@@ -518,3 +518,19 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
         assert probe.returncode != 0 and "BlockingIOError" in probe.stderr  # still held after the inner exit
     with run_lock(tmp_path):
         pass  # released: taken again
+
+
+def test_sigterm_ends_an_analysis_as_ctrl_c_does(tmp_path, finished_run):
+    # The analyses catch no signal themselves: SIGTERM ended them without a word (the default action) where
+    # Ctrl-C says "interrupted" after their cleanup; now both do, with the shells' exit codes.
+    out = tmp_path / "land"
+    proc = subprocess.Popen([sys.executable, "-m", "randteach.cli", "--quiet", "landscape", "--view", "non-local",
+                             str(finished_run), "--grid", "40", "--no-probe", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "points.jsonl").exists() or not (out / "points.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "interrupted (SIGTERM)" in err and "Traceback" not in err, err

@@ -6,10 +6,13 @@ Each subcommand takes a preset (`--preset`), a YAML file (`--config`) and dotted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,6 +317,28 @@ def _reader_left() -> int:
     return 128 + 13  # 128 + SIGPIPE, the shell's status of a command the signal ended
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command stands, as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A command that does not catch SIGTERM itself (the training commands do, to checkpoint) ends on it as on
+    Ctrl-C: its cleanup runs and it says "interrupted", where the default action ended it without a word."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..config import confine_imports
     parser = build_parser()
@@ -331,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         args.quiet = True
     try:
         _confine_imports(allowed, extra)
-        rc = args.func(args, extra)
+        with _sigterm_as_interrupt():
+            rc = args.func(args, extra)
         sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows up here, not at exit
         return rc
     except BrokenPipeError:
@@ -350,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
               "quota or read-only folder?); what was already written is kept: free space or choose a writable "
               "folder and run the command again", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # the shells' codes
     finally:
         confine_imports(None)  # the confinement is this invocation's; a Python caller of main() gets its own back
 
