@@ -140,6 +140,7 @@ BAD_ANALYSIS = [
     (["lmc", "RUN", "--bn-batches", "-1"], "--bn-batches: -1 is out of range"),
     (["imp", "RUN", "--n-train", "0"], "--n-train: 0 is out of range"),
     (["landscape", "--view", "non-local", "RUN", "--n-loss", "0"], "--n-loss: 0 is out of range"),
+    (["landscape", "--view", "non-local", "RUN", "--extent", "1", "0"], "extent 1 0 1 0: each axis needs lo < hi"),
     (["signal", "RUN", "--n-samples", "0"], "--n-samples: 0 is out of range"),
     (["finetune", "RUN", "--device", "gpu"], "--device gpu: not a device; valid: auto, cpu, cuda, cuda:N"),
 ]

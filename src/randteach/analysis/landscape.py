@@ -248,6 +248,8 @@ def _checked_shape(anchors: list[Anchor], projection: str, extent, grid,
         extent = extent * 2
     if len(extent) != 4:
         raise UserError(f"extent takes 2 numbers (lo hi) or 4 (x_lo x_hi y_lo y_hi), got {len(extent)}")
+    if not (extent[0] < extent[1] and extent[2] < extent[3]):  # here, before the output folder is made
+        raise UserError(f"extent {' '.join(f'{e:g}' for e in extent)}: each axis needs lo < hi")
     nx, ny = (grid, grid) if isinstance(grid, int) else grid
     return extent, nx, ny
 

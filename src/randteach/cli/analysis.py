@@ -104,7 +104,7 @@ class DataOptions:
     n_train: int | None = opt(None, "train on a class-stratified subset of this many images", ge=1)
     n_test: int | None = opt(None, "test on a class-stratified subset of this many images", ge=1)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
-    out: str | None = opt(None, "output folder")
+    out: str | None = opt(None, "output folder (default RUN/finetune-START, RUN/imp, RUN/lmc)")
 
 
 @dataclass
@@ -230,7 +230,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="supervised training of a run's encoder + a new linear classifier",
                        description="Train an encoder (a run's student, teacher, student init, a random init or a "
                                    "checkpoint) with a new linear classifier, supervised; writes finetune.json "
-                                   "and model.pt.")
+                                   "and model.pt into --out (default RUN/finetune-START), replacing an earlier "
+                                   "finetune there.")
     _add_recipe_args(p, FinetuneOptions)
     p.set_defaults(func=cmd_finetune)
 

@@ -365,7 +365,8 @@ def knn_probe(train_x, train_y, test_x, test_y, k: int = 20, weighting: str = "c
     train_x, train_y, test_x, test_y, num_classes = _check_inputs(train_x, train_y, test_x, test_y,
                                                                    num_classes, device)
     if not 1 <= k <= train_x.shape[0]:
-        raise UserError(f"k-NN needs 1 <= k <= number of train samples ({train_x.shape[0]}), got k={k}.")
+        raise UserError(f"k-NN needs 1 <= k <= number of train samples ({train_x.shape[0]}), got k={k}: lower "
+                        "probe.knn_k or probe on more samples (probe.knn_k 0 turns the k-NN probe off)")
     with torch.no_grad():
         pred = knn_predict(train_x, train_y, test_x, num_classes, k=k, weighting=weighting,
                            temperature=temperature, chunk_size=chunk_size)
