@@ -39,6 +39,8 @@ def test_step_sizes_are_the_exponential_sequence(tmp_path):
     again = lr_range(cfg, lr_start=1e-4, lr_end=1e-1, epochs=2, out=tmp_path / "lr-epochs", supervised=False,
                      factor=3.0, progress=False)
     assert again["teacher_student_run"] == r["teacher_student_run"] and again["key"] != r["key"]
+    with pytest.raises(UserError, match="holds a range test of other settings.*delete that folder"):  # not distill's
+        lr_range(cfg, lr_start=1e-4, lr_end=1e-1, epochs=3, out=tmp_path / "lr-epochs", progress=False)
 
 
 def test_diverging_range_test_records_its_divergence(tmp_path, capsys):

@@ -239,6 +239,9 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
         if previous.get("key") == key:
             return previous
 
+    if RunDir(ts_cfg.run_dir()).holds_another_config(ts_cfg):  # the run's own message would suggest `distill --resume`
+        raise UserError(f"{out} holds a range test of other settings (step sizes, steps or config options); "
+                        "give those to continue it, choose another --out, or delete that folder to start over")
     run = distill(ts_cfg, progress=progress, train_data=full)
     if run.summary.get("status") not in ("completed", "diverged"):
         raise KeyboardInterrupt  # stopped by a signal: its curve is cut short; nothing written, a re-run continues it
