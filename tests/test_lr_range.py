@@ -125,9 +125,11 @@ def test_a_curve_that_never_falls_gets_a_tenth_of_its_blow_up():
     assert suggest_lr(lrs, flat, find_divergences(steps, lrs, flat)) is None
 
 
-def test_a_range_test_stopped_by_ctrl_c_writes_no_result(tmp_path):
-    """SIGINT while the teacher-student run trains: the run checkpoints and ends interrupted, the command exits
-    130 and writes no lr_range.json (a cut-off curve would be returned as the finished test by the next call)."""
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_range_test_stopped_by_ctrl_c_writes_no_result(tmp_path, signame, code):
+    """SIGINT (SIGTERM) while the teacher-student run trains: the run checkpoints and ends interrupted, the
+    command exits 130 (143: it said 130, as for Ctrl-C) and writes no lr_range.json (a cut-off curve would be
+    returned as the finished test by the next call)."""
     import os
     import signal
     import subprocess
@@ -143,9 +145,9 @@ def test_a_range_test_stopped_by_ctrl_c_writes_no_result(tmp_path):
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert proc.returncode == code and "interrupted" in err, err[-2000:]
     assert not (out / "lr_range.json").exists()
     assert RunDir(out / "teacher-student").summary()["status"] == "interrupted"
 

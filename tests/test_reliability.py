@@ -535,3 +535,23 @@ def test_sigterm_ends_an_analysis_as_ctrl_c_does(tmp_path, finished_run):
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "interrupted (SIGTERM)" in err and "Traceback" not in err, err
+
+
+def test_a_wait_for_a_gone_workers_lock_ends_when_another_process_takes_it(tmp_path):
+    # A process that takes a run's lock writes its PID just after: for that moment the file still names the
+    # worker that held it before, and a blocking wait would then last the new holder's whole run.
+    from randteach.runs.rundir import LOCK_FILE, wait_until_free
+    (tmp_path / LOCK_FILE).write_text("424242\n")  # the worker that is gone
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                              "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                              "print('held', flush=True); time.sleep(0.5)\n"
+                              "os.ftruncate(fd, 0); os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0); time.sleep(60)",
+                              str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "held\n"
+        start = time.monotonic()
+        wait_until_free(tmp_path, holder=424242)
+        assert time.monotonic() - start < 10 and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

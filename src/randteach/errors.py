@@ -11,3 +11,7 @@ class DataMissingError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError):
     """A checkpoint file that is missing, corrupt or not one of ours."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, ending a command as Ctrl-C's KeyboardInterrupt does (the command line exits 143, not 130)."""

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, canonical_key
 from ..data import ImageData, load_configured
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from ..models import build_model
 from ..optim import build_optimizer, lr_at
 from ..precision import exact_fp32, uses_bf16
@@ -244,7 +244,8 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
                         "give those to continue it, choose another --out, or delete that folder to start over")
     run = distill(ts_cfg, progress=progress, train_data=full)
     if run.summary.get("status") not in ("completed", "diverged"):
-        raise KeyboardInterrupt  # stopped by a signal: its curve is cut short; nothing written, a re-run continues it
+        # stopped by a signal: its curve is cut short; nothing written, a re-run continues it
+        raise Terminated() if run.summary.get("signal") == "SIGTERM" else KeyboardInterrupt()
     sides = {"teacher_student": _teacher_student_curve(run.path)}
     if supervised:
         sides["supervised"] = supervised_range(ts_cfg, inputs, preprocess, data, size, total_steps,

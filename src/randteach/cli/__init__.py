@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Terminated, UserError
 
 DEMO_PRESET = "cpu"
 
@@ -315,10 +315,6 @@ def _reader_left() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 128 + 13  # 128 + SIGPIPE, the shell's status of a command the signal ended
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command stands, as Ctrl-C raises KeyboardInterrupt."""
 
 
 @contextlib.contextmanager

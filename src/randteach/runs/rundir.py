@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -291,10 +292,20 @@ def wait_until_free(path: str | Path, holder: int | None = None) -> None:
     except OSError:
         return
     try:
-        if holder is not None and _holder(fd) != str(holder):
+        if holder is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: returns when the holder closes its descriptor
+            fcntl.flock(fd, fcntl.LOCK_UN)
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: returns when the holder closes its descriptor
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        # polled: a process that takes the lock writes its PID just after, so the file may still name `holder`
+        # for a moment while another process holds it
+        while _holder(fd) == str(holder):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return
     finally:
         os.close(fd)
 
