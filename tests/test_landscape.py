@@ -232,3 +232,11 @@ def test_the_paper_landscape_recipe_draws_the_affine_plane_over_the_unit_square(
     params = load_recipe("landscape", "paper").params
     extents = {plan["name"]: plan["extent"] for plan in _plans(params, "shared")}
     assert extents == {"affine": [0.0, 1.0], "orthogonal": [-0.5, 1.5], "zoom": [-0.5, 1.5, -1.0, 1.0]}
+
+
+def test_more_loss_inputs_than_the_data_has_are_noted(runs, tmp_path, capsys):
+    a0, a1 = runs
+    info = run_info(a0)
+    compute_landscape(view_anchors("shared", [a0, a1]), info, tmp_path, grid=2, n_loss=10 ** 6, probe=False)
+    n = len(loss_inputs(info.cfg, 10 ** 6))
+    assert f"note: n_loss 1000000: the run's data has {n} inputs" in capsys.readouterr().err  # it said nothing

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,6 +373,9 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
         todo = todo[:limit]
     if todo:
         x = loss_inputs(cfg, n_loss, data).to(device)
+        if len(x) < n_loss:  # landscape.json keeps the number asked for: it names the landscape
+            print(f"note: n_loss {n_loss}: the run's data has {len(x)} inputs; the losses are means over all of "
+                  "them", file=sys.stderr)
         prober = Prober(cfg, run.in_channels, run.image_size, device, splits=probe_splits) if probe else None
         _evaluate(g, todo, points, template, cfg, x, teacher if teacher is not None else anchors[0].state, prober,
                   device, f"landscape {out.name}", progress)
