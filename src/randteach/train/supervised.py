@@ -114,7 +114,8 @@ def recipe_notes(recipe: Recipe, data: SupervisedData, n_train: int | None = Non
         if asked and asked > len(split):
             notes.append(f"{flag} {asked}: {split.name} has {len(split)} images in that split; all of them are used")
     side = min(data.train.images.shape[-2:])
-    if recipe.augment and 8 * recipe.pad > side:  # RT App. E.5's 4 px on 32 px images is an eighth
+    # RT App. E.5's 4 px on 32 px images is an eighth of the side; a quarter or more crops away much of an image
+    if recipe.augment and 4 * recipe.pad > side:
         notes.append(f"--pad {recipe.pad}: random crops shift these {side}-pixel images by up to {recipe.pad} "
                      f"pixels (the paper's 4 pixels are for 32-pixel images); --pad {max(1, side // 8)} or "
                      "--no-augment keeps more of each image")
