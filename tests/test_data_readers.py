@@ -200,15 +200,19 @@ def test_tinyimagenet_and_cache(tmp_path):
 
     cache = directory / ".randteach-cache"
     assert len(list(cache.glob("train-*-images.npy"))) == 1
-    # second load: served from the cache (a damaged JPEG under the same name is not decoded again)
-    (directory / "train" / wnids[0] / "images" / f"{wnids[0]}_0.JPEG").write_bytes(b"not a jpeg")
+    # second load: served from the cache
+    assert torch.equal(load_dataset("tinyimagenet", "train", root=str(tmp_path)).images, train.images)
+    # a rewritten or damaged image under the same name is decoded again (the cache served the old pixels)
+    first = directory / "train" / wnids[0] / "images" / f"{wnids[0]}_0.JPEG"
+    write_jpeg(first, colors[1])
     again = load_dataset("tinyimagenet", "train", root=str(tmp_path))
-    assert torch.equal(again.images, train.images)
-    # a changed file list invalidates it
-    write_jpeg(directory / "train" / wnids[2] / "images" / "new.JPEG", colors[2])
+    assert (again.images[0, :, 32, 32].int() - torch.tensor(colors[1])).abs().max() < 8
+    first.write_bytes(b"not a jpeg")
     with pytest.raises(DataMissingError, match="cannot be decoded"):
         load_dataset("tinyimagenet", "train", root=str(tmp_path))
-    write_jpeg(directory / "train" / wnids[0] / "images" / f"{wnids[0]}_0.JPEG", colors[0])
+    # a changed file list too
+    write_jpeg(first, colors[0])
+    write_jpeg(directory / "train" / wnids[2] / "images" / "new.JPEG", colors[2])
     assert len(load_dataset("tinyimagenet", "train", root=str(tmp_path))) == 8
     assert len(list(cache.glob("train-*-images.npy"))) == 1
 

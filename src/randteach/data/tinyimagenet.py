@@ -6,8 +6,9 @@ from `val/val_annotations.txt` (file, wnid, box). The official test split has no
 split "test" here is the validation split, as is usual.
 
 Decoding 110,000 JPEGs takes a while, so the decoded arrays are cached as .npy files in
-`.randteach-cache/` inside the data folder, keyed by a hash of the file list and labels: a changed
-file list makes a new cache. If the folder is read-only, nothing is cached.
+`.randteach-cache/` inside the data folder, keyed by a hash of the file list, the labels, each file's size
+and modification time, and the decoder's code: a changed file list or a rewritten image makes a new cache.
+If the folder is read-only, nothing is cached.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..digests import digest_code
 from ..files import temporary_beside
 from .decode import read_images
 from .images import FormatError, ImageData, from_numpy
@@ -91,12 +93,21 @@ def _read_cache(image_cache: Path, label_cache: Path, n: int) -> tuple[np.ndarra
     return images, labels
 
 
+def _cache_key(directory: Path, wnids: list[str], files: list[tuple[str, int]]) -> str:
+    h = hashlib.sha1("\n".join(wnids).encode())
+    digest_code(h, {__name__, read_images.__module__}, libraries=("pillow", "numpy"))
+    for f, y in files:
+        st = os.stat(directory / f)
+        h.update(f"{f}\t{y}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def load(directory: Path, split: str, *, name: str = "tinyimagenet") -> ImageData:
     wnids = _read_lines(directory / "wnids.txt")
     files = _train_files(directory, wnids) if split == "train" else _val_files(directory, wnids)
     if not files:
         raise FormatError(directory, f"no images in the {split} split")
-    key = hashlib.sha1("\n".join(wnids + [f"{f}\t{y}" for f, y in files]).encode()).hexdigest()[:16]
+    key = _cache_key(directory, wnids, files)
     cache = directory / CACHE_DIR
     image_cache, label_cache = cache / f"{split}-{key}-images.npy", cache / f"{split}-{key}-labels.npy"
     cached = _read_cache(image_cache, label_cache, len(files))
