@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 import threading
+import time
 import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,15 @@ SERVER_LIFETIME_S = 60  # the server stops itself after this, whatever happens t
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        if not self.path.endswith("/truncated.bin"):
+            return super().do_GET()
+        self.send_response(200)  # declares 1,000 bytes, sends 10, closes: a dropped connection
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 10)
+        self.close_connection = True
 
 
 @pytest.fixture
@@ -116,6 +126,20 @@ def test_download_tries_the_next_mirror(server, tmp_path):
     with pytest.raises(FetchError, match="404"):
         download([f"{url}/missing/f.bin"], tmp_path / "out" / "g.bin", remote, progress=False)
     assert all_files(tmp_path / "out") == ["f.bin"]
+
+
+def test_a_dropped_connection_is_named_and_abandoned_parts_are_removed(server, tmp_path):
+    url, _ = server
+    remote = Remote("truncated.bin", (), hashlib.md5(b"x" * 1000).hexdigest())
+    out = tmp_path / "out"
+    out.mkdir()
+    abandoned, live = out / ".truncated.bin.killed.part", out / ".truncated.bin.other.part"
+    abandoned.write_bytes(b"x" * 5)  # what a SIGKILL left an hour ago, and a download of another process
+    os.utime(abandoned, (time.time() - 3600, time.time() - 3600))
+    live.write_bytes(b"x" * 5)
+    with pytest.raises(FetchError, match="the connection ended after 10 of 1,000 bytes"):  # "checksum mismatch"
+        download([f"{url}/truncated.bin"], out / "truncated.bin", remote, progress=False)
+    assert all_files(out) == [live.name]
 
 
 def test_nothing_to_fetch(tmp_path):

@@ -11,6 +11,7 @@ is unpacked again.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -20,6 +21,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -35,6 +37,7 @@ from .roots import resolve_root
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+ABANDONED_S = 600  # a live download writes a chunk at least every TIMEOUT_S
 
 
 class FetchError(UserError):
@@ -144,6 +147,7 @@ def checksum_ok(path: Path, remote: Remote) -> bool:
 
 def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, progress: bool = True) -> Path:
     """Fetch `remote` from the first of `urls` that delivers it with the right checksum, to `dest`."""
+    _remove_abandoned_parts(Path(dest))
     problems = []
     for url in urls:
         try:
@@ -158,6 +162,15 @@ def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, p
                      + f"\nCheck the connection, or put the file there by hand: {dest} (md5 {remote.md5}).")
 
 
+def _remove_abandoned_parts(dest: Path) -> None:
+    """Partial downloads of `dest` that a killed fetch left (a SIGKILL skips its cleanup): those not written for
+    ABANDONED_S, so that a download another process is making now is left alone."""
+    for part in dest.parent.glob(f".{dest.name}.*.part"):
+        with contextlib.suppress(OSError):
+            if time.time() - part.stat().st_mtime > ABANDONED_S:
+                part.unlink()
+
+
 def _download(url: str, dest: Path, remote: Remote, progress: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temporary_beside(dest, ".part")
@@ -167,10 +180,15 @@ def _download(url: str, dest: Path, remote: Remote, progress: bool) -> Path:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                       disable=not progress) as bar:
+                received = 0
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+                    received += len(chunk)
+        if total is not None and received < total:
+            raise FetchError(f"{url}: the connection ended after {received:,} of {total:,} bytes; the partial "
+                             "download was deleted: run the command again")
         got = digest.hexdigest()
         if got != remote.md5 and not (remote.raw_md5 and gunzip_md5(Path(tmp)) == remote.raw_md5):
             also = f" (or content md5 {remote.raw_md5})" if remote.raw_md5 else ""
