@@ -160,6 +160,18 @@ def test_folder_errors_say_what_to_do(tmp_path, monkeypatch):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(DataMissingError, match="no images"):
         load_dataset("folder", path=str(tmp_path / "empty"))
+    # found by a data walkthrough: each was silent or said something else
+    write_png(tmp_path / "one.png", 0)
+    with pytest.raises(UserError, match="data.path .*one.png is a file; give the folder"):  # "does not exist"
+        load_dataset("folder", path=str(tmp_path / "one.png"))
+    few = tmp_path / "few"
+    for k, cls in enumerate(CLASSES):
+        write_png(few / cls / "0.png", k)
+    with pytest.raises(DataMissingError, match="data.test_fraction 0.1 of its 3 images rounds to none: add images"):
+        load_dataset("folder", "test", path=str(few), test_fraction=0.1)
+    (few / "d").mkdir()  # an empty class folder: a class no image has
+    with pytest.warns(UserWarning, match="class folder.s. d hold no readable image"):
+        load_dataset("folder", "test", path=str(few), test_fraction=0.5)
     (tmp_path / "junk" / "cls").mkdir(parents=True)
     (tmp_path / "junk" / "cls" / "x.png").write_bytes(b"junk")
     with pytest.raises(DataMissingError, match="none of the 1 image files"):

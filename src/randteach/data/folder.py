@@ -208,11 +208,16 @@ def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[st
     held = f", test = {test_fraction:.0%} held out" if listing.flat else ""
     line = (f"{name} {base}: {n} images in {len(listing.classes)} classes (train {counts['train']}, "
             f"test {counts['test']}{held}), {h}x{w} {'grey' if c == 1 else 'RGB'}; {d.origin}")
+    empty = [c for k, c in enumerate(listing.classes) if not (d.labels == k).any()]
+    if empty:  # still classes (the labels keep the folder order), with no example: likely a mistake
+        line += (f"; class folder(s) {', '.join(empty)} hold no readable image: they count among the classes but "
+                 "no image has their label (add images, or remove the folders)")
     if d.skipped:
         shown = "; ".join(f"{p} ({why})" for p, why in d.skipped[:SHOWN_SKIPPED])
         more = f"; and {len(d.skipped) - SHOWN_SKIPPED} more" if len(d.skipped) > SHOWN_SKIPPED else ""
-        warnings.warn(f"{line}; skipped {len(d.skipped)} unreadable file(s) of {len(listing.files)}: {shown}{more}",
-                      stacklevel=4)
+        line += f"; skipped {len(d.skipped)} unreadable file(s) of {len(listing.files)}: {shown}{more}"
+    if d.skipped or empty:
+        warnings.warn(line, stacklevel=4)
     else:
         print(line, file=sys.stderr)
 
@@ -237,6 +242,9 @@ def load(path: str | Path | None, split: str = "train", *, name: str = "folder",
     if not path:
         raise UserError("data.name=folder needs data.path=DIR (one sub-folder per class)")
     base = Path(path).expanduser()
+    if base.exists() and not base.is_dir():
+        raise UserError(f"data.path {base} is a file; give the folder that holds one sub-folder per class "
+                        "(optionally inside train/ and test/ or val/)")
     if not base.is_dir():
         where = "" if base.is_absolute() else (
             f" (a relative data.path is read from the current folder: {base.absolute()}; a run records it as "
@@ -264,6 +272,9 @@ def load(path: str | Path | None, split: str = "train", *, name: str = "folder",
     idx = _split_indices(listing, decoded, test_fraction)
     _report(base, listing, decoded, name, {s: len(i) for s, i in idx.items()}, test_fraction)
     if not len(idx[split]):
-        raise DataMissingError(f"no readable images in the {split} split of {base}")
+        why = (f"data.test_fraction {test_fraction:g} of its {len(decoded.labels)} images rounds to "
+               f"{'none' if split == 'test' else 'all of them'}: add images, or change data.test_fraction"
+               if listing.flat else f"add images to its {split} folder")
+        raise DataMissingError(f"no readable images in the {split} split of {base}; {why}")
     return from_numpy(decoded.images[idx[split]], decoded.labels[idx[split]], len(listing.classes), name,
                       listing.classes)
