@@ -254,6 +254,10 @@ def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, c
     with open(run / "metrics.jsonl", "ab") as f:
         f.write(b"\xff\xfe\n[1]\n\"text\"\n")
     assert list(RunDir(run).records()) == good
+    probes = RunDir(run).probes()
+    with open(run / "metrics.jsonl", "a") as f:  # a hand edit: the report's probe curves failed on it (a traceback)
+        f.write('{"event": "probe", "step": 5, "epoch": "x", "student": 3}\n')
+    assert RunDir(run).probes() == probes
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(finished_run), str(broken)], check=True)
     (broken / "config.yaml").write_text("model: [unclosed\n")
@@ -506,6 +510,7 @@ def test_after_sigterm_the_table_says_which_epoch_it_shows(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 3, stderr
     assert "interrupted" in stdout and "the last probe below is from epoch 0" in stdout, stdout
+    assert "## Last probes, of epoch 0 (test accuracy; the run did not complete)" in (out / "report.md").read_text()
 
 
 def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):

@@ -91,6 +91,13 @@ def recorded_command(run_dir: str | Path) -> str | None:
     return None
 
 
+def _probe_heading(summary: dict) -> str:
+    """A run that did not complete shows its last probe, which need not be where it stopped."""
+    if summary.get("status") == "completed" or summary.get("probe_epoch") is None:
+        return "## Final probes (test accuracy)"
+    return f"## Last probes, of epoch {summary['probe_epoch']:g} (test accuracy; the run did not complete)"
+
+
 def write_run_report(run_dir: str | Path, title: str | None = None, command: str | None = None) -> Path:
     """RUN_DIR/report.md with the final probe table, the history and the plot."""
     run = RunDir(run_dir)
@@ -103,7 +110,7 @@ def write_run_report(run_dir: str | Path, title: str | None = None, command: str
     parts += [f"Status: **{summary.get('status', 'unknown')}** after {summary.get('steps', '?')} steps "
               f"({summary.get('epochs', 0):.2f} epochs), wall time {summary.get('wall_time_s', 0):.0f} s "
               f"on {summary.get('device', '?')} ({summary.get('precision', '?')}, torch {summary.get('torch', '?')}).",
-              "", "## Final probes (test accuracy)", "", probe_table(summary), "",
+              "", _probe_heading(summary), "", probe_table(summary), "",
               *[f"Warning: {w}" for w in summary.get("warnings", [])], "",
               "## Probes during training", "", history_table(run), "", f"![probe accuracy vs epoch]({png.name})", "",
               "## Config", "", "```yaml", cfg.rstrip(), "```", ""]

@@ -86,6 +86,12 @@ def changed_settings(saved: dict, now: dict) -> str:
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+def _well_formed_probe(record: dict) -> bool:
+    numbers = all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+                  for k in ("step", "epoch"))
+    return numbers and all(isinstance(record[role], dict) for role in ("teacher", "student", "input") if role in record)
+
+
 class CorruptSummary(UserError, ValueError):
     """summary.json is not readable JSON (a ValueError, like the JSONDecodeError it replaces)."""
 
@@ -164,7 +170,9 @@ class RunDir:
         return [r for r in self.records() if r.get("event", "step") == "step" and "loss" in r]
 
     def probes(self) -> list[dict]:
-        return [r for r in self.records() if r.get("event") == "probe"]
+        """The probe records, less damaged ones (a hand edit: a step or epoch that is no number, a role's result
+        that is no mapping), which the readers would fail on."""
+        return [r for r in self.records() if r.get("event") == "probe" and _well_formed_probe(r)]
 
     def write_summary(self, summary: dict) -> None:
         """The run's last word: also ends its tracking sinks (the summary's probes logged first)."""
