@@ -10,15 +10,13 @@ EXIT_FAILED = 3  # as `randteach distill` and `randteach experiment` for runs th
 
 
 def slurm_options(args) -> dict:
-    """The --slurm KEY=VALUE options, which only --launcher slurm reads."""
-    from ..runs.sweep import check_slurm_given
+    """The --slurm KEY=VALUE options (which only --launcher slurm reads: `check_slurm_given`)."""
     out = {}
     for item in args.slurm or []:
         if "=" not in item:
             raise UserError(f"--slurm {item!r}: expected KEY=VALUE, e.g. --slurm partition=gpu")
         k, v = item.split("=", 1)
         out[k.strip()] = _number_or_text(v.strip())
-    check_slurm_given(out, args.launcher)
     return out
 
 
@@ -53,8 +51,8 @@ def _check_not_varied(overrides: dict, spec, where: str) -> None:
 def cmd_sweep(args, extra) -> int:
     from ..config import parse_overrides
     from . import print_notes
-    from ..runs.sweep import (check_grid, check_stack_options, expand, load_sweep, plan_local, plan_slurm, run_state,
-                              run_sweep, submitit_parameters)
+    from ..runs.sweep import (check_grid, check_slurm_given, check_stack_options, expand, load_sweep, plan_local,
+                              plan_slurm, run_state, run_sweep, submitit_parameters)
     check_stack_options(args.stack, args.stack_mode, args.launcher, args.workers)
     spec = load_sweep(args.sweep_file)
     if args.out:
@@ -64,7 +62,9 @@ def cmd_sweep(args, extra) -> int:
     spec.base.update(overrides)
     if overrides:  # the file alone passed these checks: what fails now is the options' doing
         check_grid(spec, f"{' '.join(extra)} (on the command line)")
-    slurm = {**spec.slurm, **slurm_options(args)}
+    given = slurm_options(args)
+    check_slurm_given(given, args.launcher)
+    slurm = {**spec.slurm, **given}
     if args.launcher == "slurm":
         submitit_parameters(slurm, spec.name)  # refuse unknown keys before anything is submitted
     configs = expand(spec)
