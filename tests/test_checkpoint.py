@@ -60,7 +60,14 @@ def test_foreign_and_missing(tmp_path):
     with pytest.raises(CheckpointError, match="not a randteach run folder"):
         load_state_dict(tmp_path)
     (tmp_path / "config.yaml").write_text("name: run\n")  # a run that never started: start it
-    with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*never got that far.*--config"):
+    with pytest.raises(CheckpointError, match="no checkpoints/student.pt.*never got that far.*--config") as never:
+        load_state_dict(tmp_path)
+    assert "--probe.* setting" in str(never.value)  # a probe error would stop the same config again
+    (tmp_path / "summary.json").write_text('{"status": "failed", "error": "UserError: k-NN needs k <= 10"}')
+    with pytest.raises(CheckpointError, match="it stopped on: UserError: k-NN needs k <= 10; start it again"):
+        load_state_dict(tmp_path)  # the error a sweep recorded is named
+    (tmp_path / "summary.json").write_text("[1]")  # a damaged summary: the advice stands without it
+    with pytest.raises(CheckpointError, match="never got that far .+: start it again"):
         load_state_dict(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")  # one that was interrupted: resume it

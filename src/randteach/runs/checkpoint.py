@@ -7,6 +7,7 @@ crafted pickle is refused instead of run.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shlex
@@ -107,11 +108,24 @@ def resolve_model_checkpoint(path: str | Path, role: str = "student") -> Path:
                                       "directory or a checkpoint .pt file")
             raise CheckpointError(f"run directory {str(p)!r} has no {candidate.relative_to(p)}; " + (
                 "is the run finished? (`randteach distill --resume DIR` finishes it)"
-                if (p / "checkpoints" / "last.pt").is_file() else
-                "the run never got that far (no checkpoints/last.pt to resume from): start it again with "
-                f"`randteach distill --config {shlex.quote(str(p / 'config.yaml'))} --out {shlex.quote(str(p))}`"))
+                if (p / "checkpoints" / "last.pt").is_file() else _never_got_that_far(p)))
         return candidate
     return p
+
+
+def _never_got_that_far(run: Path) -> str:
+    """How to start a run that stopped before its first checkpoint, naming the error a sweep recorded for it.
+    The same config would fail the same way where a probe setting stopped it (k-NN k above the probe set,
+    say): probe settings may change in the same folder, so the advice says so."""
+    start = (f"`randteach distill --config {shlex.quote(str(run / 'config.yaml'))} --out {shlex.quote(str(run))}`, "
+             "adding the --probe.* setting that mends it if its first probe stopped it (probe settings may change "
+             "in the same folder)")
+    try:
+        error = json.loads((run / "summary.json").read_text()).get("error")
+    except (OSError, ValueError, AttributeError):
+        error = None
+    stopped = f"it stopped on: {error}; " if isinstance(error, str) and error else ""
+    return f"the run never got that far (no checkpoints/last.pt to resume from): {stopped}start it again with {start}"
 
 
 def load_state_dict(path: str | Path, role: str = "student") -> dict:
