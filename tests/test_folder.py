@@ -238,3 +238,28 @@ def test_a_labelled_val_folder_is_not_hidden_by_an_unlabelled_test_folder(tmp_pa
     write_png(base / "test" / "0.png", 0)  # a competition's test images: no class folders
     test = load_dataset("folder", "test", path=str(base))
     assert len(test) == 2 * len(CLASSES) and test.num_classes == len(CLASSES)
+
+
+def test_probing_or_resuming_a_run_on_a_changed_folder_warns(tmp_path):
+    """With --out the address does not follow the folder's contents: the run records them when it begins, and a
+    probe or resume on a folder changed since says so (it read the changed folder without a word)."""
+    from randteach.probes.run import probe_run
+    from randteach.runs.rundir import check_data_folder
+    from randteach.train.loop import distill
+    base = write_folder(tmp_path / "imgs", counts=(("train", 8), ("test", 4)))
+    cfg = build_config("cpu", overrides={"data.name": "folder", "data.path": str(base), "model.width": 8,
+                                         "head.hidden_dims": [32], "head.bottleneck_dim": 8, "head.out_dim": 32,
+                                         "train.epochs": 1, "probe.which": ["student"], "probe.max_iter": 20,
+                                         "probe.knn_k": 3, "out": str(tmp_path / "run")})
+    distill(cfg, progress=False)
+    run = RunDir(tmp_path / "run")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder as it was: no warning
+        probe_run(run.path, progress=False)
+    write_png(base / "train" / "a" / "extra.png", 0, seed=99)
+    with pytest.warns(UserWarning, match=r"probing .*run: its image folder .* has changed since the run began "
+                                         r"\(36 image files then, 37 now"):
+        probe_run(run.path, progress=False)
+    with pytest.warns(UserWarning, match="resuming .*run: its image folder .* has changed"):
+        check_data_folder(run, cfg, "resuming")  # a started run opened again

@@ -284,8 +284,8 @@ class Config:
     def _folder_key(self) -> str:
         """An image folder's contents are data, not config: a changed folder is a new run."""
         if self.data.name == "folder" and self.data.path and Path(self.data.path).is_dir():
-            from .data.folder import _scan
-            return "-" + _scan(Path(self.data.path)).key()[:8]
+            from .data.folder import contents
+            return "-" + contents(self.data.path)[0][:8]
         return ""
 
     def validate(self) -> "Config":

@@ -67,11 +67,17 @@ class Listing:
     def flat(self) -> bool:
         return not self.files or self.splits[0] == FLAT
 
-    def key(self) -> str:
-        h = hashlib.sha1(f"v{CACHE_VERSION} mixed={MIXED_SIZE}\n{chr(0).join(self.classes)}\n".encode())
-        digest_code(h, {__name__, read_images.__module__}, libraries=("pillow", "numpy"))  # decoder and its code
+    def contents_key(self) -> str:
+        """What the folder holds: its classes and every image file's path, split, byte size and mtime."""
+        h = hashlib.sha1(f"{chr(0).join(self.classes)}\n".encode())
         for f, (size, mtime), split in zip(self.files, self.stats, self.splits):
             h.update(f"{f.as_posix()}\t{size}\t{mtime}\t{split}\n".encode())
+        return h.hexdigest()[:16]
+
+    def key(self) -> str:
+        """The decoded cache's key: the contents and how they are decoded."""
+        h = hashlib.sha1(f"v{CACHE_VERSION} mixed={MIXED_SIZE}\n{self.contents_key()}\n".encode())
+        digest_code(h, {__name__, read_images.__module__}, libraries=("pillow", "numpy"))  # decoder and its code
         return h.hexdigest()[:16]
 
 
@@ -135,6 +141,13 @@ def _scan(base: Path) -> Listing:
                 splits += [code] * len(found)
     stats = [(st.st_size, st.st_mtime_ns) for st in (os.stat(base / f) for f in files)]
     return Listing(classes, files, labels, splits, stats)
+
+
+def contents(path: str | Path) -> tuple[str, int]:
+    """(contents key, number of image files) of the image folder `path`. The key names the data a run reads: it
+    enters the run's default address and the run's record of its folder (`runs.rundir.check_data_folder`)."""
+    listing = _scan(Path(path).expanduser())
+    return listing.contents_key(), len(listing.files)
 
 
 def _cache_dirs(base: Path, root: str | Path | None) -> list[Path]:

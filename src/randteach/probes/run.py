@@ -13,9 +13,9 @@ from ..errors import UserError
 from ..models import build_model
 from ..precision import uses_bf16
 from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights, resolve_model_checkpoint
-from ..runs.rundir import ResultsNotSaved, RunDir, check_encoder_given, python_objects, run_lock, write_json
+from ..runs.rundir import ResultsNotSaved, RunDir, check_data_folder, check_encoder_given, python_objects, run_lock, write_json
 from ..train.setup import resolve_device
-from .embedding import Prober
+from .embedding import Prober, probe_data_name
 
 
 def probe_run(run_dir: str | Path, overrides: list[str] | dict | None = None, *, checkpoint: str | None = None,
@@ -66,6 +66,8 @@ def _probe_run(run: RunDir, overrides, checkpoint, splits, architecture) -> dict
     student = build_model(cfg, in_channels, size, seed=0, encoder=architecture)
     load_weights(teacher, teacher_sd, teacher_file)
     load_weights(student, student_sd, checkpoint or run.checkpoints / "student.pt")
+    if splits is None and probe_data_name(cfg) == "folder":
+        check_data_folder(run, cfg, "probing")
     teacher.to(device)
     student.to(device)
     prober = Prober(cfg, in_channels, size, device, bf16=uses_bf16(cfg.train.precision, device), splits=splits)

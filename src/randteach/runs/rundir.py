@@ -9,6 +9,7 @@
     RUN_DIR/summary.json    status, final probes, steps, wall time
     RUN_DIR/tensorboard/, RUN_DIR/wandb/   with log.tensorboard / log.wandb: live mirrors of metrics.jsonl
     RUN_DIR/.lock           advisory lock of the one process writing into the run (its PID)
+    RUN_DIR/data_folder.json   with data.name=folder: what the image folder held when the run began
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +33,8 @@ from ..files import temporary_beside
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
 PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
-OPENING_FILES = {"config.yaml", LOCK_FILE, PYTHON_OBJECTS, "checkpoints"}  # what opening a new run writes
+DATA_FOLDER = "data_folder.json"  # what the image folder of a data.name=folder run held when the run began
+OPENING_FILES = {"config.yaml", LOCK_FILE, PYTHON_OBJECTS, DATA_FOLDER, "checkpoints"}  # what opening a new run writes
 _held: set[str] = set()  # run folders this process has locked (a nested run_lock of one of them passes)
 
 
@@ -61,6 +64,30 @@ def check_encoder_given(run: str | Path, architecture) -> None:
                         "command line cannot rebuild it; from Python, give the encoder again as "
                         "architecture=YourEncoder (randteach.probe, signal_report, landscape, imp, lmc), or build "
                         "it yourself and load the run's checkpoints/student.pt into it")
+
+
+def check_data_folder(run: RunDir, cfg, doing: str) -> None:
+    """A run on an image folder (data.name=folder) records what the folder holds when it begins; `doing` a
+    later step of the run (resuming it, probing it) on a folder changed since warns: the images read are
+    not those the run began on. An explicit --out keeps the run's address when the folder changes, so
+    nothing else would tell."""
+    if cfg.data.name != "folder" or not cfg.data.path or not Path(cfg.data.path).expanduser().is_dir():
+        return
+    from ..data.folder import contents
+    key, files = contents(cfg.data.path)
+    marker = run.path / DATA_FOLDER
+    if not run.started():
+        write_json(marker, {"path": cfg.data.path, "contents": key, "files": files})
+        return
+    try:
+        then = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return  # a run from before the record, or a damaged one: nothing to compare with
+    if isinstance(then, dict) and then.get("contents") != key:
+        warnings.warn(f"{doing} {run.path}: its image folder {cfg.data.path} has changed since the run began "
+                      f"({then.get('files')} image files then, {files} now; or files rewritten, or their modification "
+                      "times changed): the images read now are not those the run began on. Restore the folder, "
+                      "or start a new run", stacklevel=2)
 
 
 def write_json(path: Path, data: Any) -> None:
