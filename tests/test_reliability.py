@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -252,8 +253,14 @@ def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, c
     subprocess.run(["cp", "-r", str(finished_run), str(run)], check=True)
     good = list(RunDir(run).records())
     with open(run / "metrics.jsonl", "ab") as f:
-        f.write(b"\xff\xfe\n[1]\n\"text\"\n")
-    assert list(RunDir(run).records()) == good
+        f.write(b'{"event": "step", "step": 99, "lo')  # a kill cut the last line short: skipped quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(RunDir(run).records()) == good
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\n\xff\xfe\n[1]\n\"text\"\n")
+    with pytest.warns(UserWarning, match=rf"4 damaged line\(s\) skipped \(line {len(good) + 1}, "):
+        assert list(RunDir(run).records()) == good  # damage before the last line is named
     probes = RunDir(run).probes()
     with open(run / "metrics.jsonl", "a") as f:  # a hand edit: the report's probe curves failed on it (a traceback)
         f.write('{"event": "probe", "step": 5, "epoch": "x", "student": 3}\n')

@@ -168,18 +168,27 @@ class RunDir:
             sink.write(_clean(record))
 
     def records(self) -> Iterator[dict]:
+        """The records of metrics.jsonl, less damaged lines. A kill can cut short only the last line, which is
+        skipped quietly; a damaged line before it (a hand edit, a damaged disk) is skipped with a warning."""
         if not self.metrics_path.exists():
             return
+        damaged = []
         with open(self.metrics_path, errors="replace") as f:  # damaged bytes spoil their line only
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill
-                        continue
-                    if isinstance(record, dict):  # every record is an object: anything else is damage
-                        yield record
+            for last, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if isinstance(record, dict):  # every record is an object: anything else is damage
+                    yield record
+                else:
+                    damaged.append(last)
+        if damaged and damaged != [last]:
+            lines = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
+            warnings.warn(f"{self.metrics_path}: {len(damaged)} damaged line(s) skipped (line {lines}); the step and "
+                          "probe records on them are missing from figures and reports", stacklevel=2)
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after `step` (a resumed run re-logs them)."""
