@@ -236,6 +236,24 @@ def test_recipe_settings_that_do_less_than_they_seem_are_noted(run, tmp_path, ca
     assert "note:" not in capsys.readouterr().err
 
 
+def test_a_finetune_is_read_again_not_trained_and_not_replaced_by_other_settings(run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A second finetune into the same folder replaced the first without a word: under the same settings it is
+    read back (nothing trains), under others it is refused and the folder left as it was."""
+    import randteach.train.supervised as supervised
+    summary, _ = finetune(run, tmp_path / "ft", "--milestones", "--no-augment")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()}
+    monkeypatch.setattr(supervised, "train_supervised", lambda *a, **k: pytest.fail("trained again"))
+    capsys.readouterr()
+    assert finetune(run, tmp_path / "ft", "--milestones", "--no-augment")[0] == summary
+    assert f"test accuracy {100 * summary['test_accuracy']:.2f}%" in capsys.readouterr().out
+    assert main(["--quiet", "finetune", str(run), *SUPERVISED, "--out", str(tmp_path / "ft"), "--milestones",
+                 "--no-augment", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finetune made with other settings (recipe.lr 0.05 there, 0.1 now)" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()} == files
+
+
 def _same(a, b):
     return all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,15 +174,41 @@ def cmd_finetune(args, extra) -> int:
     if l_epochs:
         raise UserError("finetune trains from a start as it is; '@L' rewinding points belong to `randteach imp/lmc`")
     out = out or run.path / f"finetune-{label_of(start)}"
-    model = build_classifier(run, source, data.num_classes, recipe.seed)
-    result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {start}")
-    save_checkpoint({"model": state_of(model), "role": "supervised", "start": start}, out / "model.pt")
-    summary = {**provenance(run, data, recipe), "start": start,
-               **{k: v for k, v in result.items() if k != "snapshots"}}
-    write_json(out / "finetune.json", summary)
-    print(f"finetune {start}: test accuracy {100 * result['test_accuracy']:.2f}% after "
+    settings = {**provenance(run, data, recipe), "start": start}
+    summary = _earlier_finetune(out / "finetune.json", settings)
+    if summary is None:
+        model = build_classifier(run, source, data.num_classes, recipe.seed)
+        result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {start}")
+        save_checkpoint({"model": state_of(model), "role": "supervised", "start": start}, out / "model.pt")
+        summary = {**settings, **{k: v for k, v in result.items() if k != "snapshots"}}
+        write_json(out / "finetune.json", summary)
+    print(f"finetune {start}: test accuracy {100 * summary['test_accuracy']:.2f}% after "
           f"{recipe.epochs:g} epochs; {out}")
     return 0
+
+
+def _earlier_finetune(path: Path, settings: dict) -> dict | None:
+    """The finetune already in `path` under the same settings (it is read, not trained again); one under other
+    settings is refused rather than replaced."""
+    from ..runs.rundir import changed_settings
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or a damaged file: train
+    if not (isinstance(before, dict) and isinstance(before.get("test_accuracy"), (int, float))
+            and (path.parent / "model.pt").is_file()):
+        return None
+    was = {k: before.get(k) for k in settings}
+    if _same_run(was["run"], settings["run"]):
+        was["run"] = settings["run"]  # one folder, named relative or absolute
+    if was == json.loads(json.dumps(settings)):
+        return before
+    raise UserError(f"{path.parent} holds a finetune made with other settings ({changed_settings(was, settings)}); "
+                    f"choose another --out, or delete {path} to train it again")
+
+
+def _same_run(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
 @_holding_run_lock
@@ -230,8 +257,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="supervised training of a run's encoder + a new linear classifier",
                        description="Train an encoder (a run's student, teacher, student init, a random init or a "
                                    "checkpoint) with a new linear classifier, supervised; writes finetune.json "
-                                   "and model.pt into --out (default RUN/finetune-START), replacing an earlier "
-                                   "finetune there.")
+                                   "and model.pt into --out (default RUN/finetune-START). A finetune already "
+                                   "there with the same settings is read, not trained again; one with other "
+                                   "settings is refused.")
     _add_recipe_args(p, FinetuneOptions)
     p.set_defaults(func=cmd_finetune)
 
