@@ -252,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="probe this student checkpoint instead of the run's final one")
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("demo", help="the CPU demo: distill on Fashion-MNIST, probe, write runs/demo/report.md")
+    p = sub.add_parser("demo", help="the CPU demo: distill on Fashion-MNIST, probe, write runs/demo/report.md",
+                       description=f"Distill with the {DEMO_PRESET} preset on Fashion-MNIST, probe teacher, student "
+                                   "and raw pixels, and write report.md into --out. Any config key can be set "
+                                   "with --section.key VALUE (e.g. --train.seed 1; see `randteach config --keys`).")
     p.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
     p.set_defaults(func=cmd_demo)
 
