@@ -96,14 +96,18 @@ def test_every_encoder_family_stacks_to_its_solo_run_under_sgd(tmp_path, encoder
 
 
 def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_runs(tmp_path):
-    # One run clips its gradients, one diverges (lr 1e30: the parameters overflow within a few steps), records
-    # are written every 5 steps: each run's records, status and diverged step are those of its solo twin.
+    # One run clips its gradients, one diverges (lr 1e30: the parameters overflow within a few steps), one's
+    # first update leaves non-finite weights behind a finite loss and gradient (lr 1e39, above float32's range:
+    # found at step 1, not at the NaN loss of step 2), records are written every 5 steps: each run's records,
+    # status, reason and diverged step are those of its solo twin.
     varied = [{"train__seed": 0, "init__alpha": 0.5, "optim__grad_clip": 1e-3},
               {"train__seed": 1, "init__alpha": 0.5, "optim__lr": 1e30},
-              {"train__seed": 2, "init__alpha": 0.5}]
+              {"train__seed": 2, "init__alpha": 0.5},
+              {"train__seed": 3, "init__alpha": 0.5, "optim__lr": 1e39}]
     common = {**FAST, "train__log_every": 5}
     summaries = train_stacked([tiny_config(tmp_path / f"stack{i}", **common, **v) for i, v in enumerate(varied)],
                               mode="vmap")
+    assert (summaries[3]["reason"], summaries[3]["diverged_step"]) == ("non-finite parameters", 1)
     for i, v in enumerate(varied):
         solo = distill(tiny_config(tmp_path / f"solo{i}", **common, **v), progress=False)
         stacked_run = RunDir(tiny_config(tmp_path / f"stack{i}", **common, **v).run_dir())
@@ -120,7 +124,7 @@ def test_clipping_divergence_and_windowed_logging_in_a_stack_follow_the_solo_run
                     assert x == y, (i, a["step"], key)
         if summaries[i]["status"] == "completed":
             assert_same_student(solo.path, stacked_run.path)
-    assert [s["status"] for s in summaries] == ["completed", "diverged", "completed"]
+    assert [s["status"] for s in summaries] == ["completed", "diverged", "completed", "diverged"]
     clipped = [r["grad_norm"] for r in RunDir(tiny_config(tmp_path / "stack0", **common, **varied[0]).run_dir()).steps()]
     assert min(clipped) > 1e-3  # the norms logged are before clipping, and clipping was active on every step
 

@@ -70,7 +70,8 @@ class MetricsLog(Hook):
 
     A record is written for every logged step: that step's loss, gradient norm, distances and learning rate,
     and (log_every > 1) `loss_mean`, the mean loss since the previous record (`state.losses`). `flush` also
-    finds the exact first step whose loss or gradient was non-finite, and ends the run there as "diverged"."""
+    finds the exact first step whose loss, gradient or updated weights were non-finite, and ends the run there
+    as "diverged"."""
 
     def __init__(self, progress_bar: tqdm):
         self.window: list[tuple[int, StepMetrics]] = []
@@ -95,14 +96,22 @@ class MetricsLog(Hook):
         window, self.window = self.window, []
         losses = state.ddp.sum_(torch.stack([m.loss for _, m in window]))
         distances = torch.stack([distance(state.student, state.teacher), distance(state.student, state.student_init)])
+        weights = [m.param_norm for _, m in window]
+        tracked = all(w is not None for w in weights)  # every step's ||theta|| (log_every > 1)
         values = torch.cat([losses, torch.stack([m.grad_norm for _, m in window]).to(losses.device),
+                            *([torch.stack(weights).to(losses.device)] if tracked else []),
                             distances.to(losses.device)]).tolist()
         n = len(window)
-        losses, norms, (dist_teacher, dist_init) = values[:n], values[n:2 * n], values[2 * n:]
+        losses, norms, (dist_teacher, dist_init) = values[:n], values[n:2 * n], values[-2:]
+        weights = values[2 * n:3 * n] if tracked else [0.0] * n
         for i, (step, m) in enumerate(window):
+            record = {"event": "step", "step": step, "loss": losses[i], "grad_norm": norms[i], "lr": m.lr}
             if not (math.isfinite(losses[i]) and math.isfinite(norms[i])):
-                _log(state, {"event": "step", "step": step, "loss": losses[i], "grad_norm": norms[i], "lr": m.lr})
+                _log(state, record)
                 raise StopRun("diverged", step - 1, diverged_step=step, reason="non-finite loss or gradient")
+            if not math.isfinite(weights[i]):  # this step's update made a weight non-finite
+                _log(state, record)
+                raise StopRun("diverged", step, diverged_step=step, reason="non-finite parameters")
         step, m = window[-1]
         if not math.isfinite(dist_teacher):  # a non-finite parameter makes the distance non-finite
             _log(state, {"event": "step", "step": step, "loss": losses[-1], "grad_norm": norms[-1],

@@ -340,7 +340,7 @@ def _group_step(g: _Group) -> None:
         p.grad = None
     losses = g.losses_of(g.s_params, g.s_buffers, g.t_params, g.t_buffers, x, teacher_in)     # (K,)
     losses.sum().backward()  # runs are independent: each slice's gradient is its own run's
-    norms = _grad_norms(g.s_params)
+    norms = _norms_per_run([p.grad for p in g.s_params.values() if p.grad is not None])
     _clip(g, norms)
     losses = losses.detach().double()
     for k, r in enumerate(g.runs):  # a finished run's parameters get no gradient: the optimizers skip them
@@ -356,8 +356,11 @@ def _group_step(g: _Group) -> None:
         optimizer.step()
         for r in members:
             set_lr(r.optimizer, lr)  # what the run's checkpoint records
+    # each run's ||theta|| after its update where its metrics are read every log_every > 1 steps (as solo)
+    weights = _norms_per_run([p.detach() for p in g.s_params.values()]) if plan.log_every > 1 else None
     for k, r in g.active():
-        r.pending = StepMetrics(losses[k], norms[k], r.optimizer.param_groups[0]["lr"], False)
+        r.pending = StepMetrics(losses[k], norms[k], r.optimizer.param_groups[0]["lr"], False,
+                                None if weights is None else weights[k])
 
 
 def _shared_optimizers(runs: list[_Run]) -> list[tuple[torch.optim.Optimizer, list[_Run]]]:
@@ -380,13 +383,12 @@ def _shared_optimizers(runs: list[_Run]) -> list[tuple[torch.optim.Optimizer, li
 
 
 @torch.no_grad()
-def _grad_norms(stacked: dict) -> torch.Tensor:
-    """(K,) gradient norms, one per run, from the stacked gradients, by the rule of a solo run's
-    `init.total_grad_norm` (float64, non-finite exactly when a run's gradient is): the norms of every
-    parameter's K run slices, then per run the root of their sum of squares."""
-    grads = [p.grad for p in stacked.values() if p.grad is not None]
-    k = grads[0].shape[0]
-    return l2_norms([g[i] for g in grads for i in range(k)]).view(len(grads), k).pow(2).sum(0).sqrt()
+def _norms_per_run(stacked: list[torch.Tensor]) -> torch.Tensor:
+    """(K,) L2 norms, one per run, of stacked tensors (K, ...) such as the gradients, by the rule of a solo
+    run's `init.total_grad_norm` (float64, non-finite exactly when a run's values are): the norms of every
+    tensor's K run slices, then per run the root of their sum of squares."""
+    k = stacked[0].shape[0]
+    return l2_norms([t[i] for t in stacked for i in range(k)]).view(len(stacked), k).pow(2).sum(0).sqrt()
 
 
 @torch.no_grad()

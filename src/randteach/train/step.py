@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.augment import multicrop_loss
 from ..errors import UserError
-from ..init import parameter_distance, total_grad_norm
+from ..init import l2_total, parameter_distance, total_grad_norm
 from ..losses import distill_loss
 from ..optim import set_lr
 from ..precision import Float64Start, autocast
@@ -100,6 +100,7 @@ class StepMetrics:
     grad_norm: torch.Tensor                   # float64: ||grad||_2 after the all-reduce, before clipping
     lr: float
     bf16: bool
+    param_norm: torch.Tensor | None = None    # float64: ||theta||_2 after the step (log_every > 1: see train_step)
 
 
 def build_step_functions(state: TrainState) -> StepFunctions:
@@ -254,4 +255,13 @@ def train_step(state: TrainState, fns: StepFunctions, idx: torch.Tensor, lr: flo
     if state.cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(state.student.parameters(), state.cfg.optim.grad_clip)
     state.optimizer.step()
-    return StepMetrics(loss, grad_norm, lr, bf16)
+    return StepMetrics(loss, grad_norm, lr, bf16, _param_norm(state))
+
+
+def _param_norm(state: TrainState) -> torch.Tensor | None:
+    """||theta||_2 of the student after the step, kept on the device, where the metrics are read only every
+    train.log_every > 1 steps: an update that leaves a non-finite weight behind a finite loss and gradient is
+    then still found at its own step (at log_every 1 the distances read after each step find it)."""
+    if state.plan.log_every == 1:
+        return None
+    return l2_total([p.detach() for p in state.student.parameters()])
