@@ -63,7 +63,9 @@ def test_expand_is_the_product_times_seeds_with_distinct_stable_digests(tmp_path
 
 
 def test_expand_removes_duplicates_and_accepts_nested_sections(tmp_path):
-    dotted = expand(load_sweep(write_sweep(tmp_path, name="a", grid={"init.alpha": [0.5, 0.5, 1]}, seeds=[0, 1])))
+    import dataclasses
+    spec = load_sweep(write_sweep(tmp_path, name="a", grid={"init.alpha": [0.5, 1]}, seeds=[0, 1]))
+    dotted = expand(dataclasses.replace(spec, grid={"init.alpha": [0.5, 0.5, 1]}))  # as a recipe's arms may
     assert len(dotted) == 4
     nested = expand(load_sweep(write_sweep(tmp_path, name="a", grid={"init": {"alpha": [0.5, 1.0]}}, seeds=[0, 1],
                                            base={"train": {"max_steps": 6}, **{k: v for k, v in FAST.items()
@@ -92,6 +94,13 @@ def test_expand_removes_duplicates_and_accepts_nested_sections(tmp_path):
     ("grid: [", "not valid YAML"),
     ("name: [a, b]", "name names one folder"),
     ("grid: {data.local_crops: [0, 2]}", "the run data.local_crops=2: data.local_crops / data.local_crop_size"),
+    # each lost values without a word: one spelling replaced the other, a repeat was one run
+    ("grid: {train.max-steps: [3, 4], train.max_steps: [5]}",
+     "'train.max-steps' and 'train.max_steps' are one key (train.max_steps)"),
+    ("grid: {train: {max_steps: [3]}, train.max_steps: [4, 5]}", "are one key (train.max_steps)"),
+    ("base: {optim.lr: 0.1, optim: {lr: 0.2}}", "base: 'optim.lr' and 'optim.lr' are one key"),
+    ("grid: {init.alpha: [0.1, 0.5, 0.1]}", "grid key 'init.alpha' lists 0.1 more than once"),
+    ("seeds: [0, 1, 0]", "seeds lists 0 more than once"),
 ])
 def test_bad_sweep_files_give_clear_errors(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -351,7 +360,8 @@ def test_slurm_job_signalled_while_it_sets_up_checkpoints_and_is_requeued(tmp_pa
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-12", 2160),
-                                           ("1-12:00", 2160), ("1-12:00:30", 2161), (45, 45)])
+                                           ("1-12:00", 2160), ("1-12:00:30", 2161), (45, 45),
+                                           (0.5, 1), (90.2, 91)])  # fractions were cut: 0.5 gave 0, no limit
 def test_slurm_times_follow_slurms_grammar(text, minutes):
     from randteach.runs.sweep import _minutes
     assert _minutes(text) == minutes
@@ -388,7 +398,17 @@ def test_slurm_without_slurm_is_refused_unless_the_local_cluster_is_asked_for(tm
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("text", ["1-2:3:4:5", "an hour", "1:2:3:4"])
+def test_a_slurm_time_in_a_sweep_file_is_read_as_slurm_writes_it(tmp_path):
+    # YAML 1.1 reads an unquoted 2:00:00 as the base-60 number 7200, which became 7200 minutes (5 days)
+    from randteach.runs.sweep import submitit_parameters
+    path = write_sweep(tmp_path)
+    for written, minutes in (("2:00:00", 120), ("1:30", 2), ("90", 90), ("'2:00:00'", 120)):
+        path.write_text(path.read_text() + f"slurm:\n  time: {written}\n")
+        assert submitit_parameters(load_sweep(path).slurm, "s")["timeout_min"] == minutes, written
+        path.write_text(path.read_text().split("slurm:")[0])
+
+
+@pytest.mark.parametrize("text", ["1-2:3:4:5", "an hour", "1:2:3:4", 0, 0.0, -5, float("nan"), "0:00", "0-0"])
 def test_a_slurm_time_slurm_would_refuse_is_an_error(text):
     from randteach.runs.sweep import _minutes
     with pytest.raises(ConfigError, match="D-H:M:S"):

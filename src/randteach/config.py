@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -651,17 +651,20 @@ def changeable_after_training(key: str, also: tuple[str, ...] = ()) -> bool:
     return key.startswith("probe.") or key in ("data.root", "train.device", *also)
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict) -> dict[str, Any]:
     """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; dotted keys pass through, lists are leaves (the
-    inverse of `dotted_to_nested`)."""
-    out: dict[str, Any] = {}
+    inverse of `dotted_to_nested`). A key given both nested and dotted: the later one (`leaves` has both)."""
+    return dict(leaves(d))
+
+
+def leaves(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping, in order, each as often as it is written."""
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
+            yield from leaves(v, key + ".")
         else:
-            out[key] = v
-    return out
+            yield key, v
 
 
 def deep_merge(a: dict, b: dict) -> dict:
@@ -732,8 +735,19 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
+def _without_base_60(resolvers: dict) -> dict:
+    """YAML 1.1's implicit int and float patterns less their base-60 forms: `time: 2:00:00` (a SLURM time) or
+    `1:30` would be read as the numbers 7200 and 90. No randteach value is written in base 60."""
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    return {first: [(tag, re.compile("(?!.*:)" + rx.pattern, rx.flags) if tag in numbers else rx)
+                    for tag, rx in entries] for first, entries in resolvers.items()}
+
+
 class _UniqueKeys(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one without a word)."""
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one without a word), and
+    reads no base-60 numbers."""
+
+    yaml_implicit_resolvers = _without_base_60(yaml.SafeLoader.yaml_implicit_resolvers)
 
     def construct_mapping(self, node, deep=False):
         seen = set()

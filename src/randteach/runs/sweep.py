@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import (Config, ConfigError, build_config, canonical_key, config_from_dict, flatten, load_yaml,
+from ..config import (Config, ConfigError, build_config, canonical_key, config_from_dict, leaves, load_yaml,
                       outside_the_address)
 from ..errors import UserError
 from .rundir import RunDir, RunInUse, run_lock, wait_until_free
@@ -70,7 +70,24 @@ def _seeds(seeds, where: str) -> list[int]:
                                                             for s in seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds: [0, 1, 2], got "
                           f"{seeds!r} (leave seeds out for the config's own train.seed)")
+    if len(set(seeds)) < len(seeds):
+        repeated = next(s for i, s in enumerate(seeds) if s in seeds[:i])
+        raise ConfigError(f"{where}: seeds lists {repeated} more than once; each seed is one run, so give it once")
     return seeds
+
+
+def _spelled_once(mapping: dict, where: str) -> dict:
+    """Dotted keys in the config's spelling (train.max-steps is train.max_steps), so the checks on varied keys
+    see each once; a key written two ways (or nested and dotted) is refused: one would silently replace the
+    other's values."""
+    out: dict[str, Any] = {}
+    written: dict[str, str] = {}
+    for key, value in leaves(mapping):
+        canon = canonical_key(key)
+        if canon in out:
+            raise ConfigError(f"{where}: {written[canon]!r} and {key!r} are one key ({canon}); give it once")
+        out[canon], written[canon] = value, key
+    return out
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -86,13 +103,15 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ConfigError(f"{where}: {key} must be a mapping of dotted config keys, "
                               f"got {type(raw[key]).__name__}")
-    # one spelling per key (train.max-steps is train.max_steps), so the checks on varied keys see each once
-    base = {canonical_key(k): v for k, v in flatten(raw.get("base") or {}).items()}
-    grid = {canonical_key(k): v for k, v in flatten(raw.get("grid") or {}).items()}
+    base, grid = (_spelled_once(raw.get(section) or {}, f"{where}, {section}") for section in ("base", "grid"))
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [a, b], "
                               f"got {values!r}")
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:  # one run, where the file reads as two: a typo that reports would show as n = 1
+            raise ConfigError(f"{where}: grid key {key!r} lists {repeated[0]!r} more than once; each value is one "
+                              "run, so give it once")
         if outside_the_address(key) and len({repr(v) for v in values}) > 1:
             raise ConfigError(f"{where}: grid key {key!r} does not change what a run computes (a run's address "
                               "leaves it out), so its values would all be one run; set it under base instead")
@@ -646,21 +665,26 @@ class SlurmRun:
 
 
 def _minutes(value) -> int:
-    """SLURM --time or minutes -> whole minutes (rounded up). SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    text = str(value).strip()
-    days, _, clock = text.rpartition("-")
-    try:
-        parts = [int(p) for p in clock.split(":")]
-        if len(parts) > 3 or (days and int(days) < 0):
-            raise ValueError
+    """SLURM --time or minutes -> whole minutes (rounded up). SLURM's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+    A sweep file's `time: 2:00:00` arrives as text: `config.load_yaml` reads no base-60 numbers."""
+    wrong = ConfigError(f"slurm time {value!r}: expected a positive number of minutes or SLURM's M:S, H:M:S, D-H, "
+                        "D-H:M or D-H:M:S (e.g. 1-12:00 for a day and a half)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        minutes = math.ceil(value) if math.isfinite(value) else 0
+    else:
+        days, _, clock = str(value).strip().rpartition("-")
+        try:
+            parts = [int(p) for p in clock.split(":")]
+            if len(parts) > 3 or (days and int(days) < 0):
+                raise ValueError
+        except ValueError:
+            raise wrong from None
         # after a day count the fields are H[:M[:S]]; without one, M, M:S or H:M:S
         h, m, sec = (parts + [0, 0])[:3] if days else (parts if len(parts) == 3 else [0, *parts, 0][:3])
-    except ValueError:
-        raise ConfigError(f"slurm time {value!r}: expected minutes or SLURM's M:S, H:M:S, D-H, D-H:M or "
-                          "D-H:M:S (e.g. 1-12:00 for a day and a half)") from None
-    return int(days or 0) * 1440 + h * 60 + m + (1 if sec else 0)
+        minutes = int(days or 0) * 1440 + h * 60 + m + (1 if sec else 0)
+    if minutes <= 0:  # SLURM reads a limit of 0 as none at all
+        raise wrong
+    return minutes
 
 
 def submitit_parameters(slurm: dict, name: str) -> dict:

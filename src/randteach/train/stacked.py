@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..config import Config
+from ..config import Config, flatten
 from ..errors import UserError
 from ..init import init_report, l2_norms
 from ..losses import distill_loss
@@ -76,7 +76,6 @@ PER_RUN_KEYS = frozenset({
 
 def structure_key(cfg: Config) -> str:
     """Runs with equal keys can be stacked: every config value outside PER_RUN_KEYS is equal."""
-    from ..runs.sweep import flatten
     shared = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in PER_RUN_KEYS}
     return json.dumps(shared, sort_keys=True, default=str)
 
