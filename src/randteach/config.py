@@ -179,7 +179,7 @@ class TrainConfig:
     batch_size: int = opt(256, "samples per optimizer step (0 = the full data set)", ge=0)
     micro_batch: int | None = opt(None, "split each step into chunks of this size (gradient accumulation)", gt=0)
     seed: int = opt(0, "seed of the data order and, unless set, of both inits", ge=0, lt=SEEDS)
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto", ("auto", "cpu", "cuda") )
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto")  # no fixed choices (cuda:N): Config.validate checks it
     precision: str = opt("fp32", "fp32, bf16 autocast (fp32 until the student has left the teacher), or auto: "
                          "bf16 on an Ampere or later GPU or a CPU with AMX or AMD AVX-512 bf16, fp32 elsewhere",
                          ("fp32", "bf16", "auto"))
@@ -609,7 +609,7 @@ def _validate(obj: Any, prefix: str) -> None:
             value = float(value)  # as the parser makes it (an int set from Python would hash to another address)
             setattr(obj, name, value)
         choices = f.metadata.get("choices")
-        if choices and value not in choices and not (key == "train.device" and str(value).startswith("cuda:")):
+        if choices and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}")
         for v in value if isinstance(value, list) else [value]:
             _check_number(key, v, f.metadata.get("range", {}))
