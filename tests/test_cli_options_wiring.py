@@ -246,7 +246,8 @@ def test_a_finetune_is_read_again_not_trained_and_not_replaced_by_other_settings
     monkeypatch.setattr(supervised, "train_supervised", lambda *a, **k: pytest.fail("trained again"))
     capsys.readouterr()
     assert finetune(run, tmp_path / "ft", "--milestones", "--no-augment")[0] == summary
-    assert f"test accuracy {100 * summary['test_accuracy']:.2f}%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"test accuracy {100 * summary['test_accuracy']:.2f}%" in out and "trained before with these settings" in out
     assert main(["--quiet", "finetune", str(run), *SUPERVISED, "--out", str(tmp_path / "ft"), "--milestones",
                  "--no-augment", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err

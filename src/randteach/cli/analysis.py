@@ -176,7 +176,9 @@ def cmd_finetune(args, extra) -> int:
     out = out or run.path / f"finetune-{label_of(start)}"
     settings = {**provenance(run, data, recipe), "start": start}
     summary = _earlier_finetune(out / "finetune.json", settings)
-    if summary is None:
+    if summary is not None:
+        print(f"finetune {start}: trained before with these settings, read from {out / 'finetune.json'}")
+    else:
         model = build_classifier(run, source, data.num_classes, recipe.seed)
         result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {start}")
         save_checkpoint({"model": state_of(model), "role": "supervised", "start": start}, out / "model.pt")
