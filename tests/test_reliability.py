@@ -261,6 +261,10 @@ def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, c
         f.write(b"\n\xff\xfe\n[1]\n\"text\"\n")
     with pytest.warns(UserWarning, match=rf"4 damaged line\(s\) skipped \(line {len(good) + 1}, "):
         assert list(RunDir(run).records()) == good  # damage before the last line is named
+    shown = subprocess.run([sys.executable, "-m", "randteach.cli", "report", str(run), "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr  # one line like an error's, not Python's file, line and source
+    assert "randteach report: warning: " in shown.stderr and "UserWarning" not in shown.stderr, shown.stderr
     probes = RunDir(run).probes()
     with open(run / "metrics.jsonl", "a") as f:  # a hand edit: the report's probe curves failed on it (a traceback)
         f.write('{"event": "probe", "step": 5, "epoch": "x", "student": 3}\n')

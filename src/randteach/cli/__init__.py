@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from ..errors import Terminated, UserError
@@ -338,6 +339,24 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def _our_warnings_plain(command: str):
+    """randteach's own warnings (a changed image folder, damaged log lines, ...) read like its errors, one
+    line "randteach CMD: warning: ...", not Python's file, line number and source line; others' unchanged."""
+    package = str(Path(__file__).resolve().parents[1])
+    default = warnings.formatwarning
+
+    def plain(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"randteach {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    warnings.formatwarning = plain
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..config import confine_imports
     parser = build_parser()
@@ -355,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         args.quiet = True
     try:
         _confine_imports(allowed, extra)
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _our_warnings_plain(args.command):
             rc = args.func(args, extra)
         sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows up here, not at exit
         return rc
