@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from randteach.errors import UserError
 from randteach.probes.linear_knn import (fit_adamw, fit_logistic_regression, knn_predict, knn_probe, linear_probe,
@@ -384,6 +385,38 @@ def test_cached_results_belong_to_the_code_that_computed_them(tmp_path, monkeypa
     assert repr(edited) == repr(encoder)
     assert prober.cache_key("encoder", edited) != keys[0] and targets_key(edited, x, None, 4, {}) != keys[1]
     assert prober.frozen(edited) == prober.probe(edited) and prober.origin["frozen"].startswith("computed")
+
+
+class _Gained(nn.Module):
+    """An encoder whose output scale is a plain attribute, which neither repr nor the state dict shows."""
+
+    def __init__(self, gain=1.0):
+        super().__init__()
+        self.gain, self.act = gain, torch.tanh
+        self.lin = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.act(self.gain * self.lin(x.flatten(1)))
+
+
+def test_cached_results_belong_to_the_encoders_plain_attributes(tmp_path):
+    # Two encoders with one code, repr and weights and another gain were served one probe result and one set
+    # of teacher targets: the second run's teacher scored (and taught) as the first's.
+    from randteach.train.teacher_cache import cache_key as targets_key
+    prober, _ = _prober(tmp_path)
+    torch.manual_seed(0)
+    one, many = _Gained(1.0), _Gained(1000.0)
+    many.load_state_dict(one.state_dict())
+    assert repr(one) == repr(many)
+    x = torch.randn(20, 1, 8, 8)
+    assert prober.cache_key("encoder", one) != prober.cache_key("encoder", many)
+    assert targets_key(one, x, None, 4, {}) != targets_key(many, x, None, 4, {})
+    again = _Gained(1.0)
+    again.load_state_dict(one.state_dict())  # equal attributes, a function among them: one key
+    assert prober.cache_key("encoder", again) == prober.cache_key("encoder", one)
+    first = prober.frozen(one)
+    assert prober.frozen(many) == prober.probe(many) and prober.origin["frozen"].startswith("computed")
+    assert prober.frozen(again) == first and prober.origin["frozen"].startswith("loaded")
 
 
 def test_a_code_digest_follows_the_modules_source_and_the_libraries_versions(tmp_path, monkeypatch):

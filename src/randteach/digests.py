@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import marshal
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,6 +63,33 @@ def _compiled(obj) -> bytes:
     return marshal.dumps(code) if code is not None else b""
 
 
+def digest_module(h, m: nn.Module) -> None:
+    """Fold into `h` what a module computes besides its code (`digest_code`): its structure (`repr`), its plain
+    attributes and its weights and buffers."""
+    h.update(repr(m).encode())
+    digest_attributes(h, m)
+    for name, t in m.state_dict().items():
+        h.update(name.encode())
+        digest_tensor(h, t)
+
+
+def digest_attributes(h, root: nn.Module) -> None:
+    """Fold into `h` the plain attributes of `root` and its submodules (a gain, a flag set in __init__): they
+    change what `forward` computes, and neither `repr` nor the state dict shows them. Functions are named by
+    module and qualified name, other values by `repr` less any memory address, so the key holds across
+    processes."""
+    for name, m in root.named_modules():
+        for attr, value in sorted(vars(m).items()):
+            if attr.startswith("_") or attr == "training" or isinstance(value, (nn.Module, torch.Tensor)):
+                continue
+            shown = (f"{value.__module__}.{value.__qualname__}" if inspect.isfunction(value) or
+                     inspect.isbuiltin(value) else _ADDRESS.sub("", repr(value)))
+            h.update(f"{name}.{attr}={shown}\n".encode())
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def object_key(*parts) -> str:
     """A short content key of Python objects given to a run: data (anything with `.digest()`, i.e. ImageData)
     by its pixels and labels, an encoder (factory or module) by `digest_callable`; None parts are skipped."""
@@ -83,6 +111,7 @@ def digest_callable(h, obj) -> None:
         return digest_callable(h, obj.func)
     if isinstance(obj, nn.Module):
         h.update(repr(obj).encode())
+        digest_attributes(h, obj)
         obj = type(obj)
     h.update(f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', repr(obj))}".encode())
     h.update(module_code(getattr(obj, "__module__", "") or ""))

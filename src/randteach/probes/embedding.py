@@ -15,7 +15,7 @@ from torch import nn
 from . import linear_knn
 from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
-from ..digests import code_modules, digest_code, digest_tensor
+from ..digests import code_modules, digest_code, digest_module, digest_tensor
 from ..errors import UserError
 from ..files import temporary_beside
 from ..models.common import fp32_channels_last
@@ -210,10 +210,7 @@ class Prober:
         conversion = sorted(self.preprocess.as_dict().items()) if self.preprocess is not None else None
         h.update(f"{conversion}".encode())  # the input baseline is probed at the encoders' resolution too
         if encoder is not None:
-            h.update(repr(encoder).encode())
-            for name, t in encoder.state_dict().items():
-                h.update(name.encode())
-                digest_tensor(h, t)
+            digest_module(h, encoder)
             h.update(f"bf16={self.bf16}-channels={self.in_channels}".encode())
         return h.hexdigest()[:24]
 

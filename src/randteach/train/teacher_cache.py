@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..digests import code_modules, digest_code, digest_tensor
+from ..digests import code_modules, digest_code, digest_module, digest_tensor
 from ..errors import CheckpointError
 from ..files import exclusive
 from ..precision import fp32_module
@@ -46,14 +46,13 @@ def target_settings(cfg: Config, device: torch.device, channels_last: bool) -> d
 
 
 def cache_key(teacher: nn.Module, inputs: torch.Tensor, preprocess, batch_size: int, settings: dict) -> str:
-    """Hash of everything the targets depend on: teacher weights and buffers, inputs, their conversion,
-    `settings` (see `target_settings`) and the code of the teacher, the conversion and this module."""
+    """Hash of everything the targets depend on: the teacher (structure, attributes, weights and buffers),
+    inputs, their conversion, `settings` (see `target_settings`) and the code of the teacher, the conversion
+    and this module."""
     h = hashlib.sha256(f"teacher-targets-v{VERSION}-b{batch_size}".encode())
     h.update(repr(sorted(settings.items())).encode())
     digest_code(h, code_modules(teacher) | {__name__, type(preprocess).__module__})
-    for name, t in teacher.state_dict().items():
-        h.update(name.encode())
-        digest_tensor(h, t)
+    digest_module(h, teacher)
     digest_tensor(h, inputs)
     if preprocess is not None:
         h.update(repr(sorted(preprocess.as_dict().items())).encode())
