@@ -79,6 +79,21 @@ def test_embed_writes_both_roles_and_splits(run, tmp_path):
     assert len(z["test_labels"]) == len(z["student_test"]) > 0
 
 
+def test_embed_normalizes_as_the_runs_probes_on_their_subset(tmp_path):
+    # With probe.n_train the run's probes normalize by their subset's statistics; embed fitted them on the whole
+    # split, so its features differed from the run's (3e-4 on digits)
+    cfg = tiny_config(tmp_path / "sub", train__max_steps=2, train__precision="fp32", train__device="cpu",
+                      probe__which="[]", probe__n_train=100)
+    sub = distill(cfg, progress=False).path
+    out = tmp_path / "feats.npz"
+    done = cli("embed", sub, "--out", out)
+    assert done.returncode == 0, done.stderr
+    z = np.load(out)
+    prober, (train_x, test_x) = run_features(sub, "student")  # the run's probes: 100 train images, every test one
+    assert len(train_x) == 100 < len(z["student_train"])
+    assert np.array_equal(z["student_test"], test_x.numpy())
+
+
 def test_missing_safetensors_is_a_clear_error(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors raises ImportError
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)

@@ -152,13 +152,16 @@ class Prober:
     back by any later run with the same data, probe config and weights (see `cache_key`)."""
 
     def __init__(self, cfg: Config, in_channels: int, image_size: int, device: torch.device, bf16: bool = False,
-                 splits: tuple[ImageData, ImageData] | None = None, cache_dir: Path | None = None):
+                 splits: tuple[ImageData, ImageData] | None = None, cache_dir: Path | None = None,
+                 normalized_by: ImageData | None = None):
+        """`normalized_by`: the images whose statistics normalize the inputs (default: the probe train split;
+        `randteach embed` gives the run's probe subset while it embeds every image)."""
         self.cfg = cfg
         self.splits = ProbeSplits(*splits) if splits is not None else load_probe_splits(cfg)
         self.in_channels = in_channels
         self.device = device
         self.bf16 = bf16
-        self.preprocess = fit_preprocess(self.splits.train, image_size)
+        self.preprocess = fit_preprocess(self.splits.train if normalized_by is None else normalized_by, image_size)
         self.num_classes = max(self.splits.train.num_classes, self.splits.test.num_classes)
         self.cache_dir = cache_dir if cache_dir is not None else resolve_root(cfg.data.root) / "probe-cache"
         self.origin: dict[str, str] = {}  # "input" / "frozen" -> where the last result came from

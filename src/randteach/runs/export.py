@@ -145,7 +145,7 @@ def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, roo
     """Features of the teacher and the student encoders on the train and test splits of `data` (default:
     the run's probe data), computed as the run's probes compute them; written to `out` (.npz)."""
     from ..precision import uses_bf16
-    from ..probes.embedding import Prober
+    from ..probes.embedding import Prober, load_probe_splits
     from ..train.setup import resolve_device
     run = Path(run_dir)
     cfg = _run_config(run)
@@ -153,11 +153,13 @@ def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, roo
         cfg.probe.data = data
     if root:
         cfg.data.root = root
+    # normalized as the run's probes normalize: by the statistics of their train subset (probe.n_train)
+    normalized_by = load_probe_splits(cfg).train if cfg.probe.n_train else None
     cfg.probe.n_train = cfg.probe.n_test = None  # every image of both splits
     info = recipe(run, "teacher")
     device = resolve_device(cfg.train.device)
     prober = Prober(cfg, info["in_channels"], info["image_size"], device,
-                    bf16=uses_bf16(cfg.train.precision, device))
+                    bf16=uses_bf16(cfg.train.precision, device), normalized_by=normalized_by)
     arrays = {"train_labels": prober.splits.train.labels.numpy(), "test_labels": prober.splits.test.labels.numpy()}
     for which in EXPORTABLE:
         encoder = _build(info)
