@@ -1,6 +1,7 @@
 """Experiments: the paper-scale recipes resolve to the papers' configs; every experiment runs end to end at the
 tests' tiny scale (digits, a tiny conv net, 3 steps) and writes its report; runs are shared and reused."""
 import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -309,10 +310,23 @@ def test_tiny_probes_then_reuse_and_dry_run(tiny, capsys):
     assert "sweep: 4 runs, 2 already done, 2 to run on 1 worker process(es)" in listing  # how they would run
 
 
-def test_tiny_locality(tiny):
+def test_tiny_locality(tiny, monkeypatch):
+    # RT Fig. 17: besides the summary vs alpha (right), the KL and the distance from init vs epoch (left, middle)
+    from matplotlib.figure import Figure
+    drawn = {}
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (drawn.__setitem__(Path(path).name, fig),
+                                                                     real(fig, path, **kw)))
     out, text = run_tiny("locality", tiny)
     assert "distance from init" in text and (out.report.parent / "alpha-optimization.png").exists()
     assert "\n| 1e-10 | 2 |" in text and "\n| 0.25 | 2 |" in text
+    assert "![alpha-optimization-epochs](alpha-optimization-epochs.png)" in text
+    kl, dist = drawn["alpha-optimization-epochs.png"].axes  # one column: the tiny recipe varies alpha only
+    assert len(kl.lines) == len(dist.lines) == 4  # 2 alphas x 2 seeds, each a line
+    logged = {r["dist_init"] for m in (tiny / "runs").glob("*/metrics.jsonl")
+              for r in map(json.loads, m.read_text().splitlines()) if r.get("event") == "step"}
+    assert {y for line in dist.lines for y in line.get_ydata()} <= logged  # the runs' own records
+    assert {line.get_label() for line in kl.lines} >= {"α=1e-10", "α=0.25"}
 
 
 def test_tiny_data_dependence(tiny):

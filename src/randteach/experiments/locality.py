@@ -1,13 +1,14 @@
 """E3 (Fig. 3, App. D, Fig. 17): the locality parameter alpha of the student's init
-theta_S(alpha) = ((1 - alpha) theta_T + alpha theta~) / delta: probes vs alpha and vs epoch, and the final
-teacher-student loss and the student's distance from its init vs alpha."""
+theta_S(alpha) = ((1 - alpha) theta_T + alpha theta~) / delta: probes vs alpha and vs epoch, the teacher-student
+loss and the student's distance from its init vs epoch for each alpha, and their final values vs alpha."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from ..reports.experiment import arm_section, optimization_extras, rows_of
-from ..reports.groups import mark_fewer
+from ..config import Config
+from ..reports.experiment import arm_section, epoch_curves, optimization_extras, rows_of
+from ..reports.groups import flat_config, mark_fewer
 from ..reports.run import pyplot
 from .base import Context, Experiment
 
@@ -44,6 +45,42 @@ def plot_optimization(table: list[dict], others: list[str], path: Path) -> Path:
     return path
 
 
+def plot_epochs(configs: list[Config], others: list[str], path: Path) -> Path:
+    """App. D, Fig. 17 left and middle: the KL to the teacher and the distance from init vs epoch, one column
+    per value of the other keys (the paper's ResNet18 and VGG11), one colour per α (each seed a line)."""
+    plt = pyplot()
+    columns: dict[tuple, list[Config]] = {}
+    for cfg in configs:
+        flat = flat_config(cfg.to_dict())
+        columns.setdefault(tuple(flat.get(k) for k in others), []).append(cfg)
+    fig, axes = plt.subplots(2, len(columns), figsize=(5 * len(columns), 6.5), sharex="col", squeeze=False)
+    alphas = sorted({c.init.alpha for c in configs})
+    colour = plt.get_cmap("viridis")
+    for col, (combo, runs) in enumerate(columns.items()):
+        labelled = set()
+        for cfg in sorted(runs, key=lambda c: c.init.alpha):
+            curves = epoch_curves(cfg.run_dir())
+            shade = colour(alphas.index(cfg.init.alpha) / max(len(alphas) - 1, 1))
+            label = None if cfg.init.alpha in labelled else f"α={cfg.init.alpha:g}"
+            labelled.add(cfg.init.alpha)
+            for ax, row in zip(axes[:, col], ("kl", "dist_init")):
+                few = len(curves[row][0]) < 20  # a short run's few records: points, not an invisible line
+                ax.plot(*curves[row], "-", marker="o" if few else None, ms=3, color=shade, lw=1, alpha=0.85,
+                        label=label)
+        axes[0, col].set_title(", ".join(f"{k}={v}" for k, v in zip(others, combo)) or "all runs", fontsize=9)
+        axes[-1, col].set_xlabel("epoch")
+    for ax_row, title in zip(axes, ("loss (the KL to the teacher for kl and ce)", "distance from init ‖θ_S − θ_S(0)‖₂")):
+        ax_row[0].set_ylabel(title)
+        for ax in ax_row:
+            ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7, ncol=2)
+    fig.suptitle("optimization vs epoch for each locality α (RT Fig. 17, left and middle)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 class Locality(Experiment):
     name = "locality"
     ids = "E3"
@@ -60,8 +97,11 @@ class Locality(Experiment):
                                          references=ctx.recipe.reference, extras=optimization_extras)
             lines += section
             if table and KEY in keys:
-                png = plot_optimization(table, [k for k in keys if k != KEY], ctx.out / f"{arm.name}-optimization.png")
-                lines += [f"![{png.stem}]({png.name})", ""]
+                others = [k for k in keys if k != KEY]
+                started = [c for c in arms[arm.name] if (c.run_dir() / "metrics.jsonl").exists()]
+                pngs = [plot_epochs(started, others, ctx.out / f"{arm.name}-optimization-epochs.png")] if started else []
+                pngs.append(plot_optimization(table, others, ctx.out / f"{arm.name}-optimization.png"))
+                lines += [f"![{png.stem}]({png.name})" for png in pngs] + [""]
         return lines
 
 

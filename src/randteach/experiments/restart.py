@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, flatten
-from ..reports.experiment import arm_section, optimization_extras, rows_of
-from ..runs.rundir import RunDir
+from ..reports.experiment import arm_section, epoch_curves, optimization_extras, rows_of
 from .base import Context, Experiment
 from .recipe import Arm
 
@@ -44,17 +43,6 @@ def second_round_rows(ctx: Context, first: list[Config], second: list[Config]) -
 ROWS = (("kl", "loss (KL to the teacher)"), ("dist_init", "distance from init"), ("linear", "linear probe (%)"))
 
 
-def _curves(cfg: Config) -> dict[str, tuple[list, list]]:
-    """A run's curves vs epoch: its logged loss (each record's window mean where there is one), its
-    distance from init, and its student's linear probe."""
-    run = RunDir(cfg.run_dir())
-    steps = [r for r in run.steps() if "epoch" in r]  # not a diverged run's record of its non-finite step
-    probes = [r for r in run.probes() if "linear" in r.get("student", {})]
-    return {"kl": ([r["epoch"] for r in steps], [r.get("loss_mean", r["loss"]) for r in steps]),
-            "dist_init": ([r["epoch"] for r in steps], [r["dist_init"] for r in steps]),
-            "linear": ([r["epoch"] for r in probes], [100 * r["student"]["linear"] for r in probes])}
-
-
 def plot_rounds(first: list[Config], second: list[Config], path: Path) -> Path:
     """RT Fig. 18: the loss (the KL for kl and ce runs), the distance from init and the student's linear probe
     vs epoch, round 1 on the left, round 2 on the right (its own epochs; colour by round-2 init mode); one
@@ -71,7 +59,7 @@ def plot_rounds(first: list[Config], second: list[Config], path: Path) -> Path:
             label = "round 1" if col == 0 else f"round 2, init {cfg.init.mode}"
             color = "tab:red" if col == 0 else colors.setdefault(
                 cfg.init.mode, ["tab:green", "tab:purple", "tab:orange"][len(colors) % 3])
-            curves = _curves(cfg)
+            curves = epoch_curves(cfg.run_dir())
             for (row, _), ax in zip(ROWS, axes[:, col]):
                 ax.plot(*curves[row], "-", color=color, alpha=0.8, label=None if label in labelled else label)
             labelled.add(label)

@@ -42,6 +42,17 @@ def last_step(run_dir: str | Path) -> dict:
     return steps[-1] if steps else {}
 
 
+def epoch_curves(run_dir: str | Path) -> dict[str, tuple[list, list]]:
+    """A run's curves vs epoch (RT Fig. 17, 18): its logged loss (each record's window mean where there is one),
+    its distance from init, and its student's linear probe (%)."""
+    run = RunDir(run_dir)
+    steps = [r for r in run.steps() if "epoch" in r]  # not a diverged run's record of its non-finite step
+    probes = [r for r in run.probes() if "linear" in r.get("student", {})]
+    return {"kl": ([r["epoch"] for r in steps], [r.get("loss_mean", r["loss"]) for r in steps]),
+            "dist_init": ([r["epoch"] for r in steps], [r["dist_init"] for r in steps]),
+            "linear": ([r["epoch"] for r in probes], [100 * r["student"]["linear"] for r in probes])}
+
+
 def optimization_extras(row: dict) -> dict[str, float]:
     """Distance of the final student from its init and from the teacher (App. D; the final loss is in
     every table already)."""
