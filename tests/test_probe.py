@@ -96,6 +96,21 @@ def test_majority_knn_keeps_its_neighbours_under_a_large_common_offset():
     assert (pred == expected).mean() >= 0.97  # rounding may swap neighbours at near-equal distances only
 
 
+@pytest.mark.parametrize("weighting", ["cosine", "majority"])
+def test_knn_does_not_depend_on_the_features_scale(weighting):
+    """Cosine and L2 neighbours do not change with the scale of the features: float32 features at 1e-30 or
+    1e30 vote as at 1 (F.normalize left rows of norm below 1e-12 unnormalized, squared distances underflowed
+    to 0 or overflowed: 0.28 instead of 0.87 at 1e-30)."""
+    rng = np.random.default_rng(3)
+    train_x, test_x = rng.standard_normal((300, 8)), rng.standard_normal((90, 8))
+    train_y = rng.integers(0, 5, 300)
+    expected = _knn_brute_force(train_x, train_y, test_x, 20, weighting, 0.07, 5)
+    for scale in (1e-30, 1e-14, 1e30):
+        pred = knn_predict(torch.from_numpy(train_x * scale).float(), torch.from_numpy(train_y),
+                           torch.from_numpy(test_x * scale).float(), 5, k=20, weighting=weighting)
+        assert (pred.numpy() == expected).mean() >= 0.97, scale  # float32 rounding swaps near-ties only
+
+
 def test_knn_vote_ties_go_to_the_smallest_class():
     # k = n_train, so which neighbours vote is fixed; the vote is 1:1
     test_x = np.array([[0.0, 0.0]])

@@ -64,21 +64,12 @@ def _features(x, name: str, device=None) -> torch.Tensor:
     return x
 
 
-# A row norm past this cannot be squared in float32 (max 3.4e38), so cosine and L2 k-NN compare overflowed
-# values; no trained encoder gets near it (a run at lr 1e6 reached 1e22 and k-NN silently gave chance).
-ABSURD_NORM = 1e18
-
-
 def unmeasurable(*features: torch.Tensor) -> dict[str, str]:
-    """The probes that cannot measure these features, each with the reason; empty if all can."""
+    """The probes that cannot measure these features, each with the reason; empty if all can. Finite features
+    of any scale can be measured: the linear probe standardizes them, the k-NN rescales them (`knn_predict`)."""
     if any(x.is_floating_point() and not torch.isfinite(x).all() for x in features):
         why = "the features are not finite (a diverged encoder)"
         return {"linear": why, "knn": why}
-    # max |x| * sqrt(D) bounds a row norm from above; amax/amin avoid a copy of the features
-    scale = max((max(abs(float(x.amax())), abs(float(x.amin()))) * math.sqrt(x.shape[1])
-                 for x in features if x.numel()), default=0.0)
-    if scale > ABSURD_NORM:
-        return {"knn": f"feature norms reach about {scale:.1e}, beyond {ABSURD_NORM:.0e}: distances overflow"}
     return {}
 
 
@@ -326,13 +317,17 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
     at exactly the same distance across the k-th place are picked in no promised order.
     """
     if weighting == "cosine":
-        train_x = F.normalize(train_x, dim=1)
-        query_x = F.normalize(query_x, dim=1)
+        train_x, query_x = _unit_rows(train_x), _unit_rows(query_x)
     else:
         # L2 distances do not change under a shift: centred on the training mean, the expansion below does not
         # cancel a large common offset away in float32 (features all near one point far from the origin)
         centre = train_x.mean(0)
         train_x, query_x = train_x - centre, query_x - centre
+        # nor does their ranking under one common scale: at most 1 in size, their squares neither overflow
+        # (features of an encoder at 1e25) nor underflow (at 1e-30) in float32
+        peak = max(float(train_x.abs().amax()), float(query_x.abs().amax()) if query_x.numel() else 0.0)
+        if peak > 0:
+            train_x, query_x = train_x / peak, query_x / peak
         # ||q - t||^2 = ||q||^2 - 2 q.t + ||t||^2: ranking by 2 q.t - ||t||^2 is the same per query
         neg_sq_norm = -train_x.pow(2).sum(1)
     preds = []
@@ -348,6 +343,14 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
         scores.scatter_add_(1, train_y[idx], weights)
         preds.append(scores.argmax(1))  # argmax returns the first maximum: ties -> smallest class index
     return torch.cat(preds)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows at unit L2 norm, also where the norm itself would under- or overflow float32 (F.normalize leaves a
+    row of norm below its eps 1e-12 as it is): each row is first divided by its largest |value|; rows of
+    zeros stay zero."""
+    peak = x.abs().amax(1, keepdim=True)
+    return F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
 
 
 def knn_probe(train_x, train_y, test_x, test_y, k: int = 20, weighting: str = "cosine",
