@@ -319,15 +319,14 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
     if weighting == "cosine":
         train_x, query_x = _unit_rows(train_x), _unit_rows(query_x)
     else:
-        # L2 distances do not change under a shift: centred on the training mean, the expansion below does not
-        # cancel a large common offset away in float32 (features all near one point far from the origin)
+        # The ranking by L2 distance changes neither under one common scale nor under a shift. Scaled to at most
+        # 1 in size, the features' sums and squares neither overflow (an encoder at 1e25) nor underflow (at
+        # 1e-30) in float32; centred on the training mean, the expansion below does not cancel a large common
+        # offset away (features all near one point far from the origin); scaled again, the spread about it
+        # is of size 1.
+        train_x, query_x = _common_scale(train_x, query_x)
         centre = train_x.mean(0)
-        train_x, query_x = train_x - centre, query_x - centre
-        # nor does their ranking under one common scale: at most 1 in size, their squares neither overflow
-        # (features of an encoder at 1e25) nor underflow (at 1e-30) in float32
-        peak = max(float(train_x.abs().amax()), float(query_x.abs().amax()) if query_x.numel() else 0.0)
-        if peak > 0:
-            train_x, query_x = train_x / peak, query_x / peak
+        train_x, query_x = _common_scale(train_x - centre, query_x - centre)
         # ||q - t||^2 = ||q||^2 - 2 q.t + ||t||^2: ranking by 2 q.t - ||t||^2 is the same per query
         neg_sq_norm = -train_x.pow(2).sum(1)
     preds = []
@@ -343,6 +342,12 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
         scores.scatter_add_(1, train_y[idx], weights)
         preds.append(scores.argmax(1))  # argmax returns the first maximum: ties -> smallest class index
     return torch.cat(preds)
+
+
+def _common_scale(train_x: torch.Tensor, query_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both divided by their largest |value| (unchanged where all are zero)."""
+    peak = max(float(x.abs().amax()) if x.numel() else 0.0 for x in (train_x, query_x))
+    return (train_x / peak, query_x / peak) if peak > 0 else (train_x, query_x)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
