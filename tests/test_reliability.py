@@ -278,6 +278,18 @@ def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, c
     assert "Grouped by nothing" in (tmp_path / "rep" / "report.md").read_text()  # not by every key of the config
 
 
+def test_only_randteachs_own_warnings_are_shown_as_its_lines():
+    # a library's warning raised through randteach's code (stacklevel points there) kept its own format
+    import randteach.runs.rundir as inside
+    from randteach.cli import _our_warnings_plain
+    from randteach.errors import RandteachWarning
+    with _our_warnings_plain("probe"):
+        ours = warnings.formatwarning("folder changed", RandteachWarning, inside.__file__, 1)
+        theirs = warnings.formatwarning("overflow encountered in cast", RuntimeWarning, inside.__file__, 1)
+    assert ours == "randteach probe: warning: folder changed\n"
+    assert theirs.startswith(inside.__file__) and "RuntimeWarning: overflow encountered in cast" in theirs
+
+
 # ------------------------------------------------------------------------------- 3. one writer
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Errors a user can cause: the command line prints their message, without a traceback, and exits 2."""
+"""Errors a user can cause: the command line prints their message, without a traceback, and exits 2; and
+randteach's own warnings, which it prints as one line."""
 
 
 class UserError(Exception):
@@ -15,3 +16,8 @@ class CheckpointError(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, ending a command as Ctrl-C's KeyboardInterrupt does (the command line exits 143, not 130)."""
+
+
+class RandteachWarning(UserWarning):
+    """Something randteach did that the user should know of (a changed image folder, damaged log lines,
+    unreadable images skipped); the command line prints it as "randteach CMD: warning: ..."."""

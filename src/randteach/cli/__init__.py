@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..errors import Terminated, UserError
+from ..errors import RandteachWarning, Terminated, UserError
 
 DEMO_PRESET = "cpu"
 
@@ -341,13 +341,13 @@ def _sigterm_as_interrupt():
 
 @contextlib.contextmanager
 def _our_warnings_plain(command: str):
-    """randteach's own warnings (a changed image folder, damaged log lines, ...) read like its errors, one
-    line "randteach CMD: warning: ...", not Python's file, line number and source line; others' unchanged."""
-    package = str(Path(__file__).resolve().parents[1])
+    """randteach's own warnings (`RandteachWarning`: a changed image folder, damaged log lines, ...) read like
+    its errors, one line "randteach CMD: warning: ...", not Python's file, line number and source line;
+    others' unchanged."""
     default = warnings.formatwarning
 
     def plain(message, category, filename, lineno, line=None):
-        if str(Path(filename).resolve()).startswith(package):
+        if issubclass(category, RandteachWarning):
             return f"randteach {command}: warning: {message}\n"
         return default(message, category, filename, lineno, line)
     warnings.formatwarning = plain

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..digests import digest_code
-from ..errors import DataMissingError, UserError
+from ..errors import DataMissingError, RandteachWarning, UserError
 from ..files import temporary_beside
 from .decode import read_headers, read_images
 from .images import ImageData, from_numpy, stratified_subset
@@ -230,7 +230,7 @@ def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[st
         more = f"; and {len(d.skipped) - SHOWN_SKIPPED} more" if len(d.skipped) > SHOWN_SKIPPED else ""
         line += f"; skipped {len(d.skipped)} unreadable file(s) of {len(listing.files)}: {shown}{more}"
     if d.skipped or empty:
-        warnings.warn(line, stacklevel=4)
+        warnings.warn(line, RandteachWarning, stacklevel=4)
     else:
         print(line, file=sys.stderr)
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import UserError
+from ..errors import RandteachWarning, UserError
 from ..files import temporary_beside
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
@@ -87,7 +87,7 @@ def check_data_folder(run: RunDir, cfg, doing: str) -> None:
         warnings.warn(f"{doing} {run.path}: its image folder {cfg.data.path} has changed since the run began "
                       f"({then.get('files')} image files then, {files} now; or files rewritten, or their modification "
                       "times changed): the images read now are not those the run began on. Restore the folder, "
-                      "or start a new run", stacklevel=2)
+                      "or start a new run", RandteachWarning, stacklevel=2)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -188,7 +188,8 @@ class RunDir:
         if damaged and damaged != [last]:
             lines = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
             warnings.warn(f"{self.metrics_path}: {len(damaged)} damaged line(s) skipped (line {lines}); the step and "
-                          "probe records on them are missing from figures and reports", stacklevel=2)
+                          "probe records on them are missing from figures and reports", RandteachWarning,
+                          stacklevel=2)
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after `step` (a resumed run re-logs them)."""
