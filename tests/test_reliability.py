@@ -194,6 +194,21 @@ def test_a_failed_start_leaves_no_folder_and_does_not_block_its_fix(tmp_path):
     assert result.summary["status"] == "completed"
 
 
+def test_a_sweep_run_that_failed_before_its_first_checkpoint_does_not_block_its_fix(tmp_path):
+    # its first probe fails (k-NN k above the probe set): the "failed" summary bound the folder to that config,
+    # so the fix the advice names (the same config, another --probe.* value, the same folder) was refused
+    from randteach.errors import CheckpointError
+    from randteach.runs.checkpoint import load_state_dict
+    from randteach.runs.sweep import run_one
+    common = dict(data__n_samples=256, train__max_steps=2, probe__which="[student]", train__device="cpu")
+    failed = run_one(tiny_config(tmp_path, probe__knn_k=5000, **common))
+    assert failed["status"] == "failed" and "k-NN" in failed["error"]
+    with pytest.raises(CheckpointError, match="it stopped on: .*k-NN.*--probe.\\* setting"):
+        load_state_dict(tmp_path / "run")
+    fixed = distill(tiny_config(tmp_path, probe__knn_k=3, **common), progress=False)
+    assert fixed.summary["status"] == "completed" and "knn" in fixed.summary["probe"]["student"]
+
+
 def test_probing_a_run_that_never_started_says_how_to_start_it(tmp_path, finished_run, capsys):
     import shlex
     run = tmp_path / "not started"  # a space: the command is quoted for a shell

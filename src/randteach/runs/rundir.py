@@ -232,9 +232,17 @@ class RunDir:
                                  f"{self.path}`; otherwise start it again with --out elsewhere") from None
 
     def started(self) -> bool:
-        """Has training begun (a resumable checkpoint or a summary)? A folder holding only config.yaml is a
-        start that failed before training: it does not bind the folder to that config."""
-        return (self.checkpoints / "last.pt").exists() or self.summary_path.exists()
+        """Has training begun (a resumable checkpoint, or the summary of a run that trained)? A folder holding
+        only config.yaml, or the "failed" summary of a sweep's run that failed before its first checkpoint,
+        is a start that failed before training: it does not bind the folder to that config (the fix of a
+        setting that stopped it runs there)."""
+        if (self.checkpoints / "last.pt").exists():
+            return True
+        try:
+            summary = self.summary()
+        except CorruptSummary:
+            return True  # unreadable: taken as a run that trained, which nothing may replace unasked
+        return summary is not None and summary.get("status") != "failed"
 
     def holds_another_config(self, cfg) -> bool:
         """Whether the folder holds a run that has begun (`started`) of a config other than `cfg`."""
