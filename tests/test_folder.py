@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -244,7 +245,6 @@ def test_probing_or_resuming_a_run_on_a_changed_folder_warns(tmp_path):
     """With --out the address does not follow the folder's contents: the run records them when it begins, and a
     probe or resume on a folder changed since says so (it read the changed folder without a word)."""
     from randteach.probes.run import probe_run
-    from randteach.runs.rundir import check_data_folder
     from randteach.train.loop import distill
     base = write_folder(tmp_path / "imgs", counts=(("train", 8), ("test", 4)))
     cfg = build_config("cpu", overrides={"data.name": "folder", "data.path": str(base), "model.width": 8,
@@ -253,7 +253,6 @@ def test_probing_or_resuming_a_run_on_a_changed_folder_warns(tmp_path):
                                          "probe.knn_k": 3, "out": str(tmp_path / "run")})
     distill(cfg, progress=False)
     run = RunDir(tmp_path / "run")
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the folder as it was: no warning
         probe_run(run.path, progress=False)
@@ -261,5 +260,14 @@ def test_probing_or_resuming_a_run_on_a_changed_folder_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"probing .*run: its image folder .* has changed since the run began "
                                          r"\(36 image files then, 37 now"):
         probe_run(run.path, progress=False)
+    (run.path / "summary.json").unlink()  # a run killed after its last checkpoint: the distill resumes it
     with pytest.warns(UserWarning, match="resuming .*run: its image folder .* has changed"):
-        check_data_folder(run, cfg, "resuming")  # a started run opened again
+        distill(cfg, progress=False)
+    # a run started again from its first step (stopped before its first checkpoint) records the folder anew:
+    # it warned of a resume and kept the old record
+    (run.path / "checkpoints" / "last.pt").unlink()
+    (run.path / "summary.json").write_text('{"status": "interrupted", "steps": 0}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distill(cfg, progress=False)
+        probe_run(run.path, progress=False)

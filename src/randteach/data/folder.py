@@ -145,7 +145,7 @@ def _scan(base: Path) -> Listing:
 
 def contents(path: str | Path) -> tuple[str, int]:
     """(contents key, number of image files) of the image folder `path`. The key names the data a run reads: it
-    enters the run's default address and the run's record of its folder (`runs.rundir.check_data_folder`)."""
+    enters the run's default address and the run's record of its folder (`runs.rundir.open_data_folder`)."""
     listing = _scan(Path(path).expanduser())
     return listing.contents_key(), len(listing.files)
 

@@ -66,28 +66,40 @@ def check_encoder_given(run: str | Path, architecture) -> None:
                         "it yourself and load the run's checkpoints/student.pt into it")
 
 
+def open_data_folder(run: RunDir, cfg) -> None:
+    """A run on an image folder (data.name=folder) records what the folder holds as it trains from its first
+    step (a new run, or one started again after a failure), and is compared with that record as it resumes
+    from its last.pt (`check_data_folder`). An explicit --out keeps the run's address when the folder
+    changes, so nothing else would tell."""
+    if (run.checkpoints / "last.pt").is_file():
+        check_data_folder(run, cfg, "resuming")
+        return
+    contents = _folder_contents(cfg)
+    if contents is not None:
+        write_json(run.path / DATA_FOLDER, {"path": cfg.data.path, "contents": contents[0], "files": contents[1]})
+
+
 def check_data_folder(run: RunDir, cfg, doing: str) -> None:
-    """A run on an image folder (data.name=folder) records what the folder holds when it begins; `doing` a
-    later step of the run (resuming it, probing it) on a folder changed since warns: the images read are
-    not those the run began on. An explicit --out keeps the run's address when the folder changes, so
-    nothing else would tell."""
-    if cfg.data.name != "folder" or not cfg.data.path or not Path(cfg.data.path).expanduser().is_dir():
-        return
-    from ..data.folder import contents
-    key, files = contents(cfg.data.path)
-    marker = run.path / DATA_FOLDER
-    if not run.started():
-        write_json(marker, {"path": cfg.data.path, "contents": key, "files": files})
-        return
+    """Warn where `doing` a later step of a run (resuming it, probing it) reads an image folder changed since
+    the run began: the images read are not those it trained on."""
+    contents = _folder_contents(cfg)
     try:
-        then = json.loads(marker.read_text())
+        then = json.loads((run.path / DATA_FOLDER).read_text())
     except (OSError, ValueError):
         return  # a run from before the record, or a damaged one: nothing to compare with
-    if isinstance(then, dict) and then.get("contents") != key:
+    if contents is not None and isinstance(then, dict) and then.get("contents") != contents[0]:
         warnings.warn(f"{doing} {run.path}: its image folder {cfg.data.path} has changed since the run began "
-                      f"({then.get('files')} image files then, {files} now; or files rewritten, or their modification "
-                      "times changed): the images read now are not those the run began on. Restore the folder, "
-                      "or start a new run", RandteachWarning, stacklevel=2)
+                      f"({then.get('files')} image files then, {contents[1]} now; or files rewritten, or their "
+                      "modification times changed): the images read now are not those the run began on. Restore "
+                      "the folder, or start a new run", RandteachWarning, stacklevel=3)
+
+
+def _folder_contents(cfg) -> tuple[str, int] | None:
+    """(contents key, number of image files) of the run's image folder; None for other data."""
+    if cfg.data.name != "folder" or not cfg.data.path or not Path(cfg.data.path).expanduser().is_dir():
+        return None
+    from ..data.folder import contents
+    return contents(cfg.data.path)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,8 +26,8 @@ from ..digests import object_key
 from ..errors import UserError
 from ..optim import lr_at
 from ..precision import exact_fp32
-from ..runs.rundir import (PYTHON_OBJECTS, RunDir, check_config_digest, check_data_folder, python_objects, run_lock,
-                            run_summary, write_json)
+from ..runs.rundir import (PYTHON_OBJECTS, RunDir, check_config_digest, open_data_folder, python_objects,
+                            run_lock, run_summary, write_json)
 from .callbacks import (Checkpoint, MetricsLog, PrecisionSwitch, Probe, StopFlag, StopOnSignal, StopRun,
                         TeacherUpdate)
 from .distributed import Dist, from_environment, process_gpu
@@ -227,7 +227,7 @@ def _check_resumable(run: RunDir) -> None:
 def _open_run(cfg: Config, run: RunDir, ddp: Dist, given: dict) -> None:
     if ddp.is_main:
         run.create()
-        check_data_folder(run, cfg, "resuming")
+        open_data_folder(run, cfg)
         run.config_path.write_text(cfg.to_yaml())
         run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record (runs/tracking.py)
         if any(given.values()):

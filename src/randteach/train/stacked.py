@@ -54,7 +54,7 @@ from ..optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from ..precision import exact_fp32, may_start_in_float64, uses_bf16
 from ..probes.embedding import Prober
 from ..runs.checkpoint import load_checkpoint, save_checkpoint, save_teacher
-from ..runs.rundir import RunDir, RunInUse, check_config_digest, check_data_folder, run_lock, run_summary
+from ..runs.rundir import RunDir, RunInUse, check_config_digest, open_data_folder, run_lock, run_summary
 from .callbacks import Interrupted, MetricsLog, StopFlag, StopRun, probe_record, unlogged_probe
 from .distributed import Dist
 from .host_memory import keep_freed_memory
@@ -453,7 +453,7 @@ def _complete(g: _Group, r: _Run) -> None:
 
 def _start_run(cfg: Config, in_channels: int, size: int, device: torch.device) -> _Run:
     run = RunDir(cfg.run_dir()).create()
-    check_data_folder(run, cfg, "resuming")
+    open_data_folder(run, cfg)
     run.config_path.write_text(cfg.to_yaml())
     run.track(cfg)  # TensorBoard / W&B sinks mirror every run.log record, as in a solo run
     teacher, student = build_teacher_and_student(cfg, in_channels, size)
