@@ -243,6 +243,7 @@ def test_a_finetune_is_read_again_not_trained_and_not_replaced_by_other_settings
     import randteach.train.supervised as supervised
     summary, _ = finetune(run, tmp_path / "ft", "--milestones", "--no-augment")
     files = {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()}
+    real_train = supervised.train_supervised
     monkeypatch.setattr(supervised, "train_supervised", lambda *a, **k: pytest.fail("trained again"))
     capsys.readouterr()
     assert finetune(run, tmp_path / "ft", "--milestones", "--no-augment")[0] == summary
@@ -253,6 +254,17 @@ def test_a_finetune_is_read_again_not_trained_and_not_replaced_by_other_settings
     err = capsys.readouterr().err
     assert "holds a finetune made with other settings (recipe.lr 0.05 there, 0.1 now)" in err, err
     assert {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()} == files
+    monkeypatch.chdir(run.parent)  # the same run named from another folder: the same finetune
+    assert finetune(run.name, tmp_path / "ft", "--milestones", "--no-augment")[0] == summary
+    # a start checkpoint given as a file is that file's bytes: rewritten, it is another start
+    start = tmp_path / "start.pt"
+    start.write_bytes((run / "checkpoints" / "student.pt").read_bytes())
+    monkeypatch.setattr(supervised, "train_supervised", real_train)
+    finetune(run, tmp_path / "from-file", "--milestones", "--no-augment", "--start", str(start))
+    start.write_bytes((run / "checkpoints" / "teacher.pt").read_bytes())
+    assert main(["--quiet", "finetune", str(run), *SUPERVISED, "--out", str(tmp_path / "from-file"),
+                 "--milestones", "--no-augment", "--start", str(start)]) == 2
+    assert "start_sha256" in capsys.readouterr().err
 
 
 def _same(a, b):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -174,43 +175,61 @@ def cmd_finetune(args, extra) -> int:
     if l_epochs:
         raise UserError("finetune trains from a start as it is; '@L' rewinding points belong to `randteach imp/lmc`")
     out = out or run.path / f"finetune-{label_of(start)}"
-    settings = {**provenance(run, data, recipe), "start": start}
-    summary = _earlier_finetune(out / "finetune.json", settings)
+    identity = _finetune_identity(run, source, provenance(run, data, recipe))
+    summary = _earlier_finetune(out / "finetune.json", identity)
     if summary is not None:
         print(f"finetune {start}: trained before with these settings, read from {out / 'finetune.json'}")
     else:
         model = build_classifier(run, source, data.num_classes, recipe.seed)
         result = train_supervised(model, data, recipe, device, progress=not args.quiet, desc=f"finetune {start}")
         save_checkpoint({"model": state_of(model), "role": "supervised", "start": start}, out / "model.pt")
-        summary = {**settings, **{k: v for k, v in result.items() if k != "snapshots"}}
+        summary = {**provenance(run, data, recipe), "start": start, "identity": identity,
+                   **{k: v for k, v in result.items() if k != "snapshots"}}
         write_json(out / "finetune.json", summary)
     print(f"finetune {start}: test accuracy {100 * summary['test_accuracy']:.2f}% after "
           f"{recipe.epochs:g} epochs; {out}")
     return 0
 
 
-def _earlier_finetune(path: Path, settings: dict) -> dict | None:
-    """The finetune already in `path` under the same settings (it is read, not trained again); one under other
-    settings is refused rather than replaced."""
+def _finetune_identity(run, source: str, provenance: dict) -> dict:
+    """What a finetune is read back under: its data and recipe, the run folder resolved (named relative or
+    absolute, from any folder), and the start by the bytes of its checkpoint (one rewritten since, or the
+    run's student trained again, is another start)."""
+    from ..runs.checkpoint import resolve_model_checkpoint
+    named = source in ("student", "student_init", "teacher", "random", "encoder")
+    weights = None if source in ("random", "encoder") else \
+        resolve_model_checkpoint(run.path, source) if named else Path(source)
+    return {**provenance, "run": provenance["run"] and str(Path(provenance["run"]).resolve()),
+            "start": source if named else str(Path(source).resolve()),
+            "start_sha256": _file_sha256(weights) if weights is not None and weights.is_file() else None}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _earlier_finetune(path: Path, identity: dict) -> dict | None:
+    """The finetune already in `path` under the same identity (it is read, not trained again); one under
+    another is refused rather than replaced. A finetune.json from before identities were recorded, or a
+    damaged one, is trained again."""
     from ..runs.rundir import changed_settings
     try:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # none yet, or a damaged file: train
-    if not (isinstance(before, dict) and isinstance(before.get("test_accuracy"), (int, float))
-            and (path.parent / "model.pt").is_file()):
         return None
-    was = {k: before.get(k) for k in settings}
-    if _same_run(was["run"], settings["run"]):
-        was["run"] = settings["run"]  # one folder, named relative or absolute
-    if was == json.loads(json.dumps(settings)):
+    if not (isinstance(before, dict) and isinstance(before.get("identity"), dict)
+            and isinstance(before.get("test_accuracy"), (int, float)) and (path.parent / "model.pt").is_file()):
+        return None
+    now = json.loads(json.dumps(identity))  # as the file holds it (tuples as lists)
+    if before["identity"] == now:
         return before
-    raise UserError(f"{path.parent} holds a finetune made with other settings ({changed_settings(was, settings)}); "
-                    f"choose another --out, or delete {path} to train it again")
-
-
-def _same_run(a, b) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
+    raise UserError(f"{path.parent} holds a finetune made with other settings "
+                    f"({changed_settings(before['identity'], now)}); choose another --out, or delete {path} to "
+                    "train it again")
 
 
 @_holding_run_lock
