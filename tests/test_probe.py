@@ -434,6 +434,56 @@ def test_cached_results_belong_to_the_encoders_plain_attributes(tmp_path):
     assert prober.frozen(again) == first and prober.origin["frozen"].startswith("loaded")
 
 
+class _Settings:  # a plain object without its own repr: every instance printed alike, less its address
+    def __init__(self, gain):
+        self.gain = gain
+
+
+def _scaled(gain):
+    return lambda x: gain * x
+
+
+class _Held(nn.Module):
+    """The gain held where repr shows nothing of it: in a closure, a plain object, mid-array; and a set."""
+
+    def __init__(self, gain, how):
+        super().__init__()
+        self.lin, self.kinds = nn.Linear(4, 4), {"conv", "bn", "relu", "pool"}
+        if how == "closure":
+            self.act = _scaled(gain)
+        elif how == "object":
+            self.cfg = _Settings(gain)
+        else:
+            self.table = np.ones(5000)
+            self.table[2500] = gain
+
+
+@pytest.mark.parametrize("how", ["closure", "object", "array"])
+def test_cache_keys_see_a_gain_held_in_a_closure_an_object_or_an_array(how):
+    from randteach.train.teacher_cache import cache_key as targets_key
+    x = torch.randn(8, 4)
+    one, many = _Held(1.0, how), _Held(1000.0, how)
+    many.load_state_dict(one.state_dict())
+    assert targets_key(one, x, None, 4, {}) != targets_key(many, x, None, 4, {})
+    again = _Held(1.0, how)
+    again.load_state_dict(one.state_dict())
+    assert targets_key(again, x, None, 4, {}) == targets_key(one, x, None, 4, {})
+
+
+def test_cache_keys_are_the_same_in_every_process():
+    # a set attribute's order follows PYTHONHASHSEED: its key differed in every process, so nothing was reused
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = (f"import torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_probe import _Held; "
+            "from randteach.train.teacher_cache import cache_key; torch.manual_seed(0); "
+            "print(cache_key(_Held(2.0, 'object'), torch.zeros(2, 4), None, 4, {}))")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(keys) == 1 and keys != {""}
+
+
 def test_a_code_digest_follows_the_modules_source_and_the_libraries_versions(tmp_path, monkeypatch):
     # What every cache key folds in (probes, teacher targets, decoded folders): a real module file, edited.
     import hashlib

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,17 +75,45 @@ def digest_module(h, m: nn.Module) -> None:
 
 
 def digest_attributes(h, root: nn.Module) -> None:
-    """Fold into `h` the plain attributes of `root` and its submodules (a gain, a flag set in __init__): they
-    change what `forward` computes, and neither `repr` nor the state dict shows them. Functions are named by
-    module and qualified name, other values by `repr` less any memory address, so the key holds across
-    processes."""
+    """Fold into `h` the plain attributes of `root` and its submodules (a gain, a flag, a function or a table
+    set in __init__): they change what `forward` computes, and neither `repr` nor the state dict shows them
+    (`_stable`)."""
     for name, m in root.named_modules():
         for attr, value in sorted(vars(m).items()):
-            if attr.startswith("_") or attr == "training" or isinstance(value, (nn.Module, torch.Tensor)):
+            if attr.startswith("_") or attr == "training" or isinstance(value, nn.Module):
                 continue
-            shown = (f"{value.__module__}.{value.__qualname__}" if inspect.isfunction(value) or
-                     inspect.isbuiltin(value) else _ADDRESS.sub("", repr(value)))
-            h.update(f"{name}.{attr}={shown}\n".encode())
+            h.update(f"{name}.{attr}={_stable(value)}\n".encode())
+
+
+def _stable(value, depth: int = 0) -> str:
+    """A text that changes with what `value` holds and is the same in every process: tensors and arrays by
+    their bytes, functions by `digest_callable` (code, defaults, closure), sets sorted, containers and plain
+    objects by their parts, other values by `repr` less any memory address."""
+    if isinstance(value, (str, int, float, complex, bool, type(None))):
+        return repr(value)
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return _stable(value.tolist(), depth + 1)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        sub = hashlib.sha256()
+        digest_tensor(sub, torch.as_tensor(value) if isinstance(value, np.ndarray) else value)
+        return f"{type(value).__name__}:{sub.hexdigest()[:16]}"
+    if inspect.isbuiltin(value):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
+        sub = hashlib.sha256()
+        digest_callable(sub, value.__func__ if inspect.ismethod(value) else value)
+        return f"callable:{sub.hexdigest()[:16]}"
+    if depth > 4:
+        return type(value).__qualname__
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[{', '.join(_stable(v, depth + 1) for v in value)}]"
+    if isinstance(value, (set, frozenset)):
+        return f"set[{', '.join(sorted(_stable(v, depth + 1) for v in value))}]"
+    if isinstance(value, dict):
+        return f"dict[{', '.join(sorted(f'{_stable(k, depth + 1)}: {_stable(v, depth + 1)}' for k, v in value.items()))}]"
+    if type(value).__repr__ is object.__repr__ and hasattr(value, "__dict__"):  # a plain object: by its parts
+        return f"{type(value).__qualname__}({_stable(vars(value), depth + 1)})"
+    return _ADDRESS.sub("", repr(value))
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
