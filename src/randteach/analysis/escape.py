@@ -2,7 +2,8 @@
 random teacher leaves it under large step sizes.
 
 `run_escape` runs groups of distillations of one base config (normally the `escape` preset: encoder +
-one linear layer, plain SGD, N-MSE, student at theta_T + 1e-10 theta_fresh), all of the same number of
+one linear layer, plain SGD, N-MSE, student at theta_T + eps theta_fresh with eps ~ N(0, (1e-10)^2) per
+weight), all of the same number of
 optimizer steps and probed at the same step cadence:
 - step_size  (Fig. 1c): SGD step size eta over `lrs`, batch size of the base config;
 - batch_size (Fig. 1b, 1d): batch size over `batch_sizes` (0 = full batch: gradient descent) at eta = `batch_lr`;
@@ -20,7 +21,8 @@ are nondeterministic, and the record says so).
 It is written to RUN/checkpoints/collapse.pt and described in RUN/collapse.json, where
 `randteach signal RUN` finds it.
 
-Measured (2026-11-30, 2 shared CPU cores, one thread; `randteach experiment escape --scale cpu`, recipe
+Measured with the scalar eps = 1e-10 the preset used then (2026-11-30, 2 shared CPU cores, one thread; the
+per-weight draw, 2026-12-03, is in docs/RESULTS.md; `randteach experiment escape --scale cpu`, recipe
 escape.cpu.yaml: the `escape` preset with model.encoder=convnet, 4 conv layers + linear 512, SGD, N-MSE as a
 mean over the outputs, fp32 after the float64 start; 1,024 Fashion-MNIST images, 1,200 steps, linear logreg
 probe on 2,000 / 1,000 images, teacher 70.5 %; docs/RESULTS.md E13, E15):
