@@ -394,11 +394,11 @@ def test_restart_round_two_keeps_teachers_of_different_round_one_settings_apart(
     assert [(e["round1 train.epochs"], e["n"]) for e in summarize(rows, keys)] == [(2, 2), (4, 2)]
 
 
-def test_restart_curves_are_the_logged_kl_distance_and_probe(tmp_path):
-    """Fig. 18's rows from a run's log: each record's window mean of the loss, its distance from init, and
-    the student's linear probe, against the epoch."""
+def test_epoch_curves_are_the_logged_kl_distance_and_probe(tmp_path):
+    """Fig. 17's and 18's rows from a run's log: each record's window mean of the loss, its distance from
+    init, and the student's linear probe, against the epoch."""
     from randteach.config import build_config
-    from randteach.experiments.restart import _curves
+    from randteach.reports.experiment import epoch_curves
     from randteach.runs.rundir import RunDir
     cfg = build_config("cpu", None, {"out": str(tmp_path / "run")})
     run = RunDir(cfg.run_dir()).create()
@@ -407,7 +407,7 @@ def test_restart_curves_are_the_logged_kl_distance_and_probe(tmp_path):
     run.log({"event": "step", "step": 20, "epoch": 1.0, "loss": 2e-5, "dist_init": 2.5})
     # a diverged run's last record: the first non-finite step's loss, gradient norm and lr only
     run.log({"event": "step", "step": 21, "loss": float("nan"), "grad_norm": float("nan"), "lr": 1e-3})
-    curves = _curves(cfg)
+    curves = epoch_curves(cfg.run_dir())
     assert curves["kl"] == ([0.5, 1.0], [4e-5, 2e-5]) and curves["dist_init"] == ([0.5, 1.0], [1.5, 2.5])
     assert curves["linear"] == ([0.5], [75.0])
 

@@ -82,11 +82,11 @@ def open_data_folder(run: RunDir, cfg) -> None:
 def check_data_folder(run: RunDir, cfg, doing: str) -> None:
     """Warn where `doing` a later step of a run (resuming it, probing it) reads an image folder changed since
     the run began: the images read are not those it trained on."""
-    contents = _folder_contents(cfg)
     try:
         then = json.loads((run.path / DATA_FOLDER).read_text())
     except (OSError, ValueError):
-        return  # a run from before the record, or a damaged one: nothing to compare with
+        return  # no image folder, a run from before the record, or a damaged one: nothing to compare with
+    contents = _folder_contents(cfg)
     if contents is not None and isinstance(then, dict) and then.get("contents") != contents[0]:
         warnings.warn(f"{doing} {run.path}: its image folder {cfg.data.path} has changed since the run began "
                       f"({then.get('files')} image files then, {contents[1]} now; or files rewritten, or their "
