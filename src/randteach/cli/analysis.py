@@ -196,9 +196,9 @@ def _finetune_identity(run, source: str, provenance: dict) -> dict:
     absolute, from any folder), and the start by the bytes of its checkpoint (one rewritten since, or the
     run's student trained again, is another start)."""
     from ..runs.checkpoint import resolve_model_checkpoint
-    named = source in ("student", "student_init", "teacher", "random", "encoder")
-    weights = None if source in ("random", "encoder") else \
-        resolve_model_checkpoint(run.path, source) if named else Path(source)
+    from ..train.supervised import RUN_ROLES
+    named = source in (*RUN_ROLES, "random", "encoder")
+    weights = resolve_model_checkpoint(run.path, source) if source in RUN_ROLES else None if named else Path(source)
     return {**provenance, "run": provenance["run"] and str(Path(provenance["run"]).resolve()),
             "start": source if named else str(Path(source).resolve()),
             "start_sha256": _file_sha256(weights) if weights is not None and weights.is_file() else None}
