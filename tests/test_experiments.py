@@ -341,6 +341,9 @@ def test_tiny_data_dependence(tiny):
 def test_tiny_transfer_probes_targets_and_caches(tiny):
     out, text = run_tiny("transfer", tiny, seeds=1)
     assert "| digits | digits |" in text
+    # the tiny recipe's two arms are one run: counted once (its rows were listed twice, n = 2 for one seed)
+    rows = list(csv.DictReader(open(out.report.parent / "transfer-runs.csv")))
+    assert len(rows) == len({(r["run_dir"], r["probe.data"]) for r in rows}) == 1
     cached = list((tiny / "runs").glob("*/probes/transfer-digits-*.json"))
     assert cached
     before = {p: p.stat().st_mtime_ns for p in cached}

@@ -48,9 +48,13 @@ class Transfer(Experiment):
     def analyze(self, ctx: Context, arms) -> list[str]:
         rows = []
         keys: list[str] = []
+        seen: set[str] = set()  # arms whose configs are one run (the tiny recipe's): each run counts once
         for arm in ctx.recipe.arms:
             keys += [k for k in arm.keys() if k not in keys]
             for row in rows_of(arms[arm.name]):
+                if row["run_dir"] in seen:
+                    continue
+                seen.add(row["run_dir"])
                 for t in targets(ctx):
                     own = t["name"] == row["config"]["data.name"] and not t["overrides"]
                     if row["status"] != "completed":
