@@ -373,9 +373,17 @@ def test_tiny_architectures(tiny):
     assert "| mlp |" in text and "| convnet |" in text
 
 
-def test_tiny_restart(tiny):
+def test_tiny_restart(tiny, monkeypatch):
+    from matplotlib.figure import Figure
+    drawn = {}
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (drawn.__setitem__(Path(path).name, fig),
+                                                                     real(fig, path, **kw)))
     out, text = run_tiny("restart", tiny, seeds=1)
     assert "| copy |" in text and "| locality |" in text and (out.report.parent / "rounds.png").exists()
+    # a tiny run's one loss record was a line of one point: an empty panel; short curves are points too
+    lines = [line for ax in drawn["rounds.png"].axes for line in ax.lines]
+    assert lines and all(line.get_marker() == "o" for line in lines if len(line.get_xdata()) < 20)
 
 
 def test_restart_round_two_keeps_teachers_of_different_round_one_settings_apart(tmp_path):

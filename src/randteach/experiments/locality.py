@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..config import Config
-from ..reports.experiment import arm_section, epoch_curves, optimization_extras, rows_of
+from ..reports.experiment import arm_section, epoch_curves, optimization_extras, plot_curve, rows_of
 from ..reports.groups import flat_config, mark_fewer
 from ..reports.run import pyplot
 from .base import Context, Experiment
@@ -64,9 +64,7 @@ def plot_epochs(configs: list[Config], others: list[str], path: Path) -> Path:
             label = None if cfg.init.alpha in labelled else f"α={cfg.init.alpha:g}"
             labelled.add(cfg.init.alpha)
             for ax, row in zip(axes[:, col], ("kl", "dist_init")):
-                few = len(curves[row][0]) < 20  # a short run's few records: points, not an invisible line
-                ax.plot(*curves[row], "-", marker="o" if few else None, ms=3, color=shade, lw=1, alpha=0.85,
-                        label=label)
+                plot_curve(ax, curves[row], color=shade, lw=1, alpha=0.85, label=label)
         axes[0, col].set_title(", ".join(f"{k}={v}" for k, v in zip(others, combo)) or "all runs", fontsize=9)
         axes[-1, col].set_xlabel("epoch")
     for ax_row, title in zip(axes, ("loss (the KL to the teacher for kl and ce)", "distance from init ‖θ_S − θ_S(0)‖₂")):

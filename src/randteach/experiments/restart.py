@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, flatten
-from ..reports.experiment import arm_section, epoch_curves, optimization_extras, rows_of
+from ..reports.experiment import arm_section, epoch_curves, optimization_extras, plot_curve, rows_of
 from .base import Context, Experiment
 from .recipe import Arm
 
@@ -61,7 +61,7 @@ def plot_rounds(first: list[Config], second: list[Config], path: Path) -> Path:
                 cfg.init.mode, ["tab:green", "tab:purple", "tab:orange"][len(colors) % 3])
             curves = epoch_curves(cfg.run_dir())
             for (row, _), ax in zip(ROWS, axes[:, col]):
-                ax.plot(*curves[row], "-", color=color, alpha=0.8, label=None if label in labelled else label)
+                plot_curve(ax, curves[row], color=color, alpha=0.8, label=None if label in labelled else label)
             labelled.add(label)
         axes[-1, col].set_xlabel(f"epoch of round {col + 1}")
     for (row, title), ax_row in zip(ROWS, axes):

@@ -53,6 +53,12 @@ def epoch_curves(run_dir: str | Path) -> dict[str, tuple[list, list]]:
             "linear": ([r["epoch"] for r in probes], [100 * r["student"]["linear"] for r in probes])}
 
 
+def plot_curve(ax, curve: tuple[list, list], **style) -> None:
+    """One of `epoch_curves`' curves as a line; a short run's few records also as points (a one-record line
+    is not drawn at all)."""
+    ax.plot(*curve, "-", marker="o" if len(curve[0]) < 20 else None, ms=3, **style)
+
+
 def optimization_extras(row: dict) -> dict[str, float]:
     """Distance of the final student from its init and from the teacher (App. D; the final loss is in
     every table already)."""
