@@ -454,6 +454,9 @@ def test_tiny_imp_and_lmc(tiny):
 def test_tiny_escape(tiny):
     out, text = run_tiny("escape", tiny)
     assert "| step_size | lr10000 | completed |" in text
+    # the settings block showed the base's run length (max_steps 3), which the analysis replaces on each run
+    settings = text.split("```yaml")[1].split("```")[0]
+    assert "train.max_steps" not in settings and "the analysis sets train.epochs, train.max_steps" in text
     assert "- runs: 1 completed (0 of them finished before" in text  # the analysis's own runs are counted
     assert (out.report.parent / "seed0" / "escape.json").exists()
 

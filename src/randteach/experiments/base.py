@@ -232,18 +232,20 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               "student − teacher is the paired difference per seed.",
               *[f"- {note}" for note in notes],
               "", "Settings shared by every run (on top of "
-              + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults") + "):",
+              + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults")
+              + (f"; the analysis sets {', '.join(exp.sets)} on each run itself" if exp.sets else "") + "):",
               "", "```yaml",
-              yaml.safe_dump(_shared_settings(ctx), sort_keys=False).rstrip(), "```", ""]
+              yaml.safe_dump(_shared_settings(ctx, exp.sets), sort_keys=False).rstrip(), "```", ""]
     path = ctx.out / "report.md"
     path.write_text("\n".join(header + body) + "\n")
     return Outcome(path, counts)
 
 
-def _shared_settings(ctx: Context) -> dict:
+def _shared_settings(ctx: Context, set_by_analysis: tuple[str, ...] = ()) -> dict:
     """The recipe's base keys and the command line's overrides with the values the runs have: an override
-    arrives as text ('1000'), the runs' config holds its typed value (1000.0)."""
-    shared = {**ctx.recipe.base, **ctx.overrides}
+    arrives as text ('1000'), the runs' config holds its typed value (1000.0). Keys the analysis sets on each
+    of its runs are left out: the base's value of them is not the runs'."""
+    shared = {k: v for k, v in {**ctx.recipe.base, **ctx.overrides}.items() if k not in set_by_analysis}
     try:
         resolved = flatten(build_config(ctx.recipe.preset, None, shared).to_dict())
     except ConfigError:  # a value only valid beside an arm's keys: shown as given
