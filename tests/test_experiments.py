@@ -470,6 +470,8 @@ def test_tiny_lr_range(tiny):
 
 def test_tiny_signal_on_the_escape_run(tiny):
     out, text = run_tiny("signal", tiny)  # runs the escape experiment first if no earlier test did
+    # no runs of its own: no settings block of the recipe's base, which described no run it analyses
+    assert "- runs: none of its own" in text and "Settings shared by every run" not in text
     assert (tiny / "escape" / "seed0" / "step_size" / "lr10000" / "collapse.json").exists()
     assert "### signal propagation (Fig. 2)" in text and "| 5 embedding |" in text
     assert (out.report.parent / "seed0" / "step_size" / "lr10000" / "signal.json").exists()

@@ -224,21 +224,27 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; git commit: {commit}",
               f"- wall time of this invocation: {wall:.0f} s; distillation time in its runs (reused ones included): "
               f"{compute:.0f} s",
-              "- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
-              + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`"
-              + (f", the analysis's own runs in `{ctx.out}`" if before else ""),
+              ("- runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+               + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`"
+               + (f", the analysis's own runs in `{ctx.out}`" if before else "")) if counts else
+              "- runs: none of its own (it analyses runs another experiment trained; their settings are in that "
+              "experiment's report)",
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
               "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
               "student − teacher is the paired difference per seed.",
-              *[f"- {note}" for note in notes],
-              "", "Settings shared by every run (on top of "
-              + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults")
-              + (f"; the analysis sets {', '.join(exp.sets)} on each run itself" if exp.sets else "") + "):",
-              "", "```yaml",
-              yaml.safe_dump(_shared_settings(ctx, exp.sets), sort_keys=False).rstrip(), "```", ""]
+              *[f"- {note}" for note in notes], "",
+              *(_settings_block(ctx, exp) if counts else [])]
     path = ctx.out / "report.md"
     path.write_text("\n".join(header + body) + "\n")
     return Outcome(path, counts)
+
+
+def _settings_block(ctx: Context, exp: Experiment) -> list[str]:
+    """The report's "Settings shared by every run" block."""
+    return ["Settings shared by every run (on top of "
+            + (f"preset `{ctx.recipe.preset}`" if ctx.recipe.preset else "randteach's defaults")
+            + (f"; the analysis sets {', '.join(exp.sets)} on each run itself" if exp.sets else "") + "):",
+            "", "```yaml", yaml.safe_dump(_shared_settings(ctx, exp.sets), sort_keys=False).rstrip(), "```", ""]
 
 
 def _shared_settings(ctx: Context, set_by_analysis: tuple[str, ...] = ()) -> dict:
