@@ -86,3 +86,23 @@ def test_pooled_endpoint_errors_count_each_run_once():
     barriers, errors = {}, {}
     pool_series([{"start": "student", "pairs": pairs, "runs": runs}], barriers, errors)
     assert barriers == {"student": [0.01, 0.02, 0.03]} and errors == {"student": [0.1, 0.2, 0.6]}
+
+
+def test_lmc_and_imp_figures_show_points_as_the_tables_do(tmp_path, monkeypatch):
+    # the figures plotted fractions (error 0.90, "barrier 0.005") beside tables in % and pp
+    from matplotlib.figure import Figure
+    from randteach.analysis.imp import plot_imp
+    from randteach.analysis.lmc import plot_lmc
+    drawn = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.__setitem__(path.name, fig))
+    series = {"start": "student", "gammas": [0.0, 0.5, 1.0], "barrier_mean": 0.025, "barrier_std": float("nan"),
+              "pairs": [{"test_error": [0.10, 0.14, 0.12], "barrier": 0.03}]}
+    plot_lmc({"series": [series]}, tmp_path / "lmc.png")
+    (ax,) = drawn["lmc.png"].axes
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([10.0, 14.0, 12.0])
+    assert ax.get_title() == "from student: barrier 2.50 pp" and ax.get_ylabel() == "test error (%)"
+    rounds = [{"sparsity": 0.0, "test_accuracy": 0.91}, {"sparsity": 0.2, "test_accuracy": 0.9}]
+    plot_imp({"series": [{"source": "student", "rewind_epochs": 0, "rounds": rounds}], "data": "digits",
+              "fraction": 0.2}, tmp_path / "imp.png")
+    (ax,) = drawn["imp.png"].axes
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([91.0, 90.0]) and ax.get_ylabel() == "test accuracy (%)"

@@ -159,7 +159,7 @@ def plot_imp(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in result["series"]:
         remaining = [100 * (1 - r["sparsity"]) for r in s["rounds"]]
-        ax.plot(remaining, [r["test_accuracy"] for r in s["rounds"]], "o-", ms=3,
+        ax.plot(remaining, [100 * r["test_accuracy"] for r in s["rounds"]], "o-", ms=3,  # in %, as the tables
                 label=f"init {s['source']}, rewind to l={s['rewind_epochs']:g}")
     ax.set_xscale("log")
     ax.invert_xaxis()
@@ -167,7 +167,7 @@ def plot_imp(result: dict, path: Path) -> Path:
     ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"IMP on {result['data']} (prune {100 * result['fraction']:g} % per round)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -144,14 +144,14 @@ def plot_lmc(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], series):
         g = s["gammas"]
-        for p in s["pairs"]:
-            ax.plot(g, p["test_error"], color="tab:blue", alpha=0.3, lw=1)
+        for p in s["pairs"]:  # in %, as the reports' tables
+            ax.plot(g, 100 * np.asarray(p["test_error"]), color="tab:blue", alpha=0.3, lw=1)
         if s["pairs"]:
-            ax.plot(g, np.mean([p["test_error"] for p in s["pairs"]], axis=0), color="tab:blue", lw=2.5)
-        ax.set_title(f"from {s['start']}: {barrier_text(s, 3)}", fontsize=9)
+            ax.plot(g, 100 * np.mean([p["test_error"] for p in s["pairs"]], axis=0), color="tab:blue", lw=2.5)
+        ax.set_title(f"from {s['start']}: {barrier_text(s, 2)}", fontsize=9)
         ax.set_xlabel("γ  (θ = γ θ_i + (1 − γ) θ_j)")
         ax.set_xticks([0, 1], ["θ_j", "θ_i"], minor=False)
-    axes[0][0].set_ylabel("test error")
+    axes[0][0].set_ylabel("test error (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -159,6 +159,7 @@ def plot_lmc(result: dict, path: Path) -> Path:
 
 
 def barrier_text(series: dict, digits: int) -> str:
-    """"barrier mean ± std" of one start's pairs; one pair has no spread to show (its sample std is nan)."""
-    mean, std = series["barrier_mean"], series["barrier_std"]
-    return f"barrier {mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
+    """"barrier mean ± std pp" of one start's pairs (lmc.json holds fractions; reports show points); one pair
+    has no spread to show (its sample std is nan)."""
+    mean, std = 100 * series["barrier_mean"], 100 * series["barrier_std"]
+    return f"barrier {mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "") + " pp"

@@ -258,7 +258,7 @@ def cmd_lmc(args, extra) -> int:
     print(f"linear mode connectivity on {result['data']} ({out / 'lmc.json'}):")
     for s in result["series"]:
         pairs = len(s["pairs"])
-        print(f"  from {s['start']}: {barrier_text(s, 4)} (max {s['barrier_max']:.4f}) over {pairs} "
+        print(f"  from {s['start']}: {barrier_text(s, 2)} (max {100 * s['barrier_max']:.2f} pp) over {pairs} "
               + ("pair" if pairs == 1 else "pairs"))
     return 0
 
