@@ -259,3 +259,21 @@ def test_the_probe_table_of_a_run_and_of_a_run_that_probed_nothing():
     assert table.splitlines() == ["| model | knn probe (%) | linear probe (%) |", "|---|---|---|",
                                   "| teacher | 25.00 | 50.00 |", "| student | – | 75.00 |"]
     assert probe_table({"probe": {}}).startswith("(nothing probed")
+
+
+def test_a_legend_of_long_entries_goes_below_its_panel():
+    # six keys' values per entry: inside the axes the legend hid the curves and the y axis (head ablations)
+    from randteach.reports.groups import place_legend
+    from randteach.reports.run import pyplot
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, label in ((left, "student " + ", ".join(f"head.key{i}=False" for i in range(6))), (right, "student")):
+        ax.plot([0, 1], [50, 60], label=label)
+        ax.set_xlabel("epoch")
+        place_legend(ax, 6)
+    fig.canvas.draw()
+    below = left.get_legend().get_window_extent()
+    assert below.y1 < left.xaxis.label.get_window_extent().y0  # under the panel and its x label
+    inside = right.get_legend().get_window_extent()
+    assert right.get_window_extent().contains(inside.x0, inside.y0)  # short entries stay inside
+    plt.close(fig)

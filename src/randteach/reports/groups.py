@@ -300,6 +300,19 @@ def _line_label(role: str, others: list[str], combo: tuple, index: int, combos: 
     return role + ("" if not others else " " + ", ".join(f"{k}={show_value(v)}" for k, v in zip(others, combo)))
 
 
+LONG_LABEL = 40  # characters: a legend of longer entries inside the axes hides the curves and the y axis
+
+
+def place_legend(ax, fontsize: int) -> None:
+    """The legend inside the axes, or below them where its entries are long (several keys' values; beside
+    them it would cover the next panel): saved with bbox_inches="tight", the figure grows to hold it."""
+    labels = [label for label in ax.get_legend_handles_labels()[1] if not label.startswith("_")]
+    if labels and max(map(len, labels)) > LONG_LABEL:
+        ax.legend(fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.25), borderaxespad=0)
+    else:
+        ax.legend(fontsize=fontsize)
+
+
 def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Path:
     """Final probe accuracy (mean, error bars = std over seeds) vs one numeric swept key; one line per
     role and per combination of the other group keys."""
@@ -331,12 +344,12 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
         ax.set_xlabel(key)
         ax.set_ylabel(f"final {KIND_LABEL[kind]} probe accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        place_legend(ax, 7)
     many = len({tuple(e[k] for k in others) for e in table}) > LEGEND_COMBOS
     fig.suptitle(f"final probes vs {key}\n(mean ± std over seeds; n=k: a point over fewer of them)"
                  + (f"; one line per role and each of the other keys' {', '.join(others)} values" if many else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -382,10 +395,10 @@ def plot_vs_epoch(rows: list[dict], keys: list[str], path: Path) -> Path | None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{'k-NN' if kind == 'knn' else 'linear'} probe accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        place_legend(ax, 6)
     fig.suptitle("probes during training\n(mean over seeds; student solid, teacher dashed, input dotted)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
