@@ -224,11 +224,7 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
               f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; git commit: {commit}",
               f"- wall time of this invocation: {wall:.0f} s; distillation time in its runs (reused ones included): "
               f"{compute:.0f} s",
-              ("- runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-               + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`"
-               + (f", the analysis's own runs in `{ctx.out}`" if before else "")) if counts else
-              "- runs: none of its own (it analyses runs another experiment trained; their settings are in that "
-              "experiment's report)",
+              _runs_line(ctx, counts, reused, own=bool(before)),
               f"- recipe: `{ctx.recipe.source}`, seeds {ctx.recipe.seeds}; table cells are mean ± std over the "
               "completed seeds (sample std, n − 1); probe accuracies are test accuracies in %; "
               "student − teacher is the paired difference per seed.",
@@ -237,6 +233,16 @@ def execute(exp: Experiment, ctx: Context) -> Outcome:
     path = ctx.out / "report.md"
     path.write_text("\n".join(header + body) + "\n")
     return Outcome(path, counts)
+
+
+def _runs_line(ctx: Context, counts: dict[str, int], reused: int, own: bool) -> str:
+    """The report header's count of runs by status, and where they are."""
+    if not counts:
+        return ("- runs: none of its own (it analyses runs another experiment trained; their settings are in that "
+                "experiment's report)")
+    return ("- runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + f" ({reused} of them finished before this invocation and reused); run directories in `{ctx.pool}`"
+            + (f", the analysis's own runs in `{ctx.out}`" if own else ""))
 
 
 def _settings_block(ctx: Context, exp: Experiment) -> list[str]:
