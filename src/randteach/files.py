@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ def _file_mode() -> int:
 
 
 FILE_MODE = _file_mode()  # what open() would give a new file
+CHUNK = 1 << 20  # bytes read at a time where a whole file is hashed or copied
 
 
 def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
@@ -53,3 +55,13 @@ def exclusive(path: Path):
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file's bytes by `algorithm` (a hashlib name: md5 for the data sets' published
+    checksums, sha256 elsewhere), read a chunk at a time."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -195,21 +194,14 @@ def _finetune_identity(run, source: str, provenance: dict) -> dict:
     """What a finetune is read back under: its data and recipe, the run folder resolved (named relative or
     absolute, from any folder), and the start by the bytes of its checkpoint (one rewritten since, or the
     run's student trained again, is another start)."""
+    from ..files import file_digest
     from ..runs.checkpoint import resolve_model_checkpoint
     from ..train.supervised import RUN_ROLES
     named = source in (*RUN_ROLES, "random", "encoder")
     weights = resolve_model_checkpoint(run.path, source) if source in RUN_ROLES else None if named else Path(source)
     return {**provenance, "run": provenance["run"] and str(Path(provenance["run"]).resolve()),
             "start": source if named else str(Path(source).resolve()),
-            "start_sha256": _file_sha256(weights) if weights is not None and weights.is_file() else None}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            "start_sha256": file_digest(weights, "sha256") if weights is not None and weights.is_file() else None}
 
 
 def _earlier_finetune(path: Path, identity: dict) -> dict | None:

@@ -31,11 +31,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import temporary_beside
+from ..files import CHUNK, file_digest, temporary_beside
 from .registry import DatasetInfo, Remote, dataset_info
 from .roots import resolve_root
 
-CHUNK = 1 << 20
 TIMEOUT_S = 60
 ABANDONED_S = 600  # a live download writes a chunk at least every TIMEOUT_S
 
@@ -119,11 +118,7 @@ def unpacked_intact(target: Path) -> bool:
 # ------------------------------------------------------------------ checksums
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def gunzip_md5(path: Path) -> str | None:
