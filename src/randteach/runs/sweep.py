@@ -70,10 +70,16 @@ def _seeds(seeds, where: str) -> list[int]:
                                                             for s in seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds: [0, 1, 2], got "
                           f"{seeds!r} (leave seeds out for the config's own train.seed)")
-    if len(set(seeds)) < len(seeds):
-        repeated = next(s for i, s in enumerate(seeds) if s in seeds[:i])
-        raise ConfigError(f"{where}: seeds lists {repeated} more than once; each seed is one run, so give it once")
+    repeated = _first_repeat(seeds)
+    if repeated is not None:
+        raise ConfigError(f"{where}: seeds lists {seeds[repeated]} more than once; each seed is one run, so give it "
+                          "once")
     return seeds
+
+
+def _first_repeat(values: list) -> int | None:
+    """Where a value is first listed a second time (equal, as a grid or the seeds compare them), else None."""
+    return next((i for i, v in enumerate(values) if v in values[:i]), None)
 
 
 def _spelled_once(mapping: dict, where: str) -> dict:
@@ -108,9 +114,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [a, b], "
                               f"got {values!r}")
-        repeated = [v for i, v in enumerate(values) if v in values[:i]]
-        if repeated:  # one run, where the file reads as two: a typo that reports would show as n = 1
-            raise ConfigError(f"{where}: grid key {key!r} lists {repeated[0]!r} more than once; each value is one "
+        repeated = _first_repeat(values)
+        if repeated is not None:  # one run, where the file reads as two: a typo that reports would show as n = 1
+            raise ConfigError(f"{where}: grid key {key!r} lists {values[repeated]!r} more than once; each value is one "
                               "run, so give it once")
         if outside_the_address(key) and len({repr(v) for v in values}) > 1:
             raise ConfigError(f"{where}: grid key {key!r} does not change what a run computes (a run's address "
