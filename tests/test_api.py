@@ -161,6 +161,8 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
     wrong.embed_dim = 32
     with pytest.raises(UserError, match="declares embed_dim = 32 but gives 16 features"):
         randteach.distill(encoder=wrong, train=digits, progress=False)  # mat1 and mat2 shapes cannot be multiplied
+    with pytest.raises(UserError, match="with train= the images given are distilled on: leave data.split"):
+        randteach.distill(train=digits, progress=False, **{"data.name": "stl10", "data.split": "unlabeled"})
 
 
 def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits):

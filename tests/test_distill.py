@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,3 +206,22 @@ def test_a_config_changed_after_it_was_built_is_checked_at_run_start(tmp_path):
     cfg.teacher.mode, cfg.data.augment = "frozen", "flip-crop"  # cached targets of images the student never sees
     with pytest.raises(UserError, match="data.augment=flip-crop changes the teacher's inputs every step"):
         distill(cfg, progress=False)
+
+
+def write_stl10(root, n_train=3, n_unlabeled=4):
+    """STL-10's binary files (stl10_binary/), small: train and test with labels, unlabeled without."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", 2), ("unlabeled", n_unlabeled)):
+        rng.integers(0, 256, n * 3 * 96 * 96, dtype=np.uint8).tofile(folder / f"{split}_X.bin")
+        if split != "unlabeled":
+            (np.arange(n) % 10 + 1).astype(np.uint8).tofile(folder / f"{split}_y.bin")
+
+
+@pytest.mark.parametrize("split, images", [("train", 3), ("unlabeled", 4), ("train+unlabeled", 7)])
+def test_data_split_chooses_the_images_distilled_on(tmp_path, split, images):
+    write_stl10(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data__name="stl10", data__root=tmp_path / "data", data__split=split,
+                      train__batch_size=1, train__epochs=1, probe__which="[]")
+    assert distill(cfg, progress=False).summary["steps"] == images  # one image a step, one epoch

@@ -99,6 +99,9 @@ def distill(config: Config | None = None, *, encoder=None, train: Any = None, pr
                         f"config key model.encoder: pass **{{'model.encoder': {encoder!r}}}")
     config = _build(config, preset, overrides)
     train_data = as_image_data(train) if train is not None and not isinstance(train, str) else None
+    if train_data is not None and config.data.split != "train":
+        raise UserError(f"data.split={config.data.split} chooses the splits of data.name to distill on; with "
+                        "train= the images given are distilled on: leave data.split at train")
     if isinstance(train, str):
         config = build_config(None, None, {**flatten(config.to_dict()), "data.name": train})
     probe_splits = None

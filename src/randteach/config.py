@@ -81,6 +81,9 @@ class DataConfig:
     root: str | None = opt(None, "data root; else $RANDTEACH_DATA, else the per-user cache (Fashion-MNIST is also found at the Debian package's path)")
     path: str | None = opt(None, "folder of images for data.name=folder (one sub-folder per class)")
     test_fraction: float = opt(0.2, "data.name=folder without train/ and test/ (or val/) sub-folders: the fraction of each class held out as the test split (class-stratified, fixed seed: the same split in every run)", gt=0, lt=1)
+    split: str = opt("train", "the split(s) distilled on, '+' between two: 'train', or for stl10 'unlabeled' (its "
+                     "100,000 unlabelled images) or 'train+unlabeled' (105,000); the probes fit on the labelled "
+                     "train split and score on test whatever this is")
     n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images", gt=0)
     subset_seed: int = opt(0, "seed of the stratified subset", ge=0, lt=SEEDS)
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape "
@@ -302,6 +305,8 @@ class Config:
         if self.data.local_crop_size and not self.data.local_crops:
             raise ConfigError("data.local_crop_size sets the side of the local crops, but data.local_crops is 0: "
                               "add --data.local_crops N (DINO: 8)")
+        if bad := _bad_split(self.data):
+            raise ConfigError(bad)
         if self.data.augment != "none" and self.data.inputs == "noise":
             raise ConfigError("data.augment augments images; with data.inputs=noise leave data.augment=none")
         if conflict := teacher_cache_conflict(self):
@@ -335,6 +340,20 @@ class Config:
             if value != _get_dotted(baseline, key) and not acts(self):
                 lines.append(f"{key}={_shown(value)} has no effect: it acts only {when}")
         return lines
+
+
+def _bad_split(data: DataConfig) -> str | None:
+    """Why data.split names no split to distill on, or None. The test split is where the probes score."""
+    from .data.registry import DATASETS as INFO
+    splits = data.split.split("+")
+    allowed = [s for s in INFO[data.name].splits if s != "test"]
+    unknown = [s for s in splits if s not in allowed]
+    if unknown:
+        return (f"data.split: {data.name} has no split {unknown[0]!r} to distill on; valid: "
+                f"{', '.join(allowed)}, '+' between two (the probes score on test)")
+    if len(set(splits)) < len(splits):
+        return f"data.split: {data.split!r} names a split twice; name each once"
+    return None
 
 
 # Keys read only under some values of other keys: (key, whether this config reads it, when it acts).

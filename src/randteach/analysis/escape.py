@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, config_from_dict, dotted_to_nested
-from ..data import ImageData, load_configured
+from ..data import ImageData, load_distilled
 from ..errors import UserError
 from ..precision import exact_fp32
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
@@ -251,7 +251,7 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     group_steps = dict(group_steps or {})
     _check_lengths(collapse_metric, steps, probe_every_steps, group_steps)
     out = Path(out)
-    full = train_data if train_data is not None else load_configured(cfg.data, "train")
+    full = train_data if train_data is not None else load_distilled(cfg.data)
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
     variants = escape_variants(lrs=lrs, batch_sizes=batch_sizes, batch_lr=batch_lr, stabilize=stabilize,
                                stabilize_losses=stabilize_losses, stabilize_lr=stabilize_lr,

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, canonical_key
-from ..data import ImageData, load_configured
+from ..data import ImageData, load_distilled
 from ..errors import Terminated, UserError
 from ..models import build_model
 from ..optim import build_optimizer, lr_at
@@ -222,7 +222,7 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
                         f"(default {RISE_FACTOR:g}), got {factor:g}")
     if not lr_end > lr_start:
         raise UserError(f"the range test raises the step size: give lr_end > lr_start, got {lr_start:g} -> {lr_end:g}")
-    full = train_data if train_data is not None else load_configured(cfg.data, "train")
+    full = train_data if train_data is not None else load_distilled(cfg.data)
     inputs, preprocess, data, size = load_training_inputs(cfg, full)
     n = len(inputs)
     steps_per_epoch = math.ceil(n / min(cfg.train.batch_size or n, n))

@@ -11,8 +11,9 @@ path, and scikit-learn's digits ship with scikit-learn.
 from .fetch import FetchError, extract_archive, fetch
 from .images import ImageData, noise_like, stratified_subset
 from .preprocess import Preprocess
-from .registry import DATASETS, dataset_info, load_configured, load_dataset
+from .registry import DATASETS, dataset_info, load_configured, load_dataset, load_distilled
 from .roots import resolve_root
 
 __all__ = ["ImageData", "load_dataset", "stratified_subset", "noise_like", "Preprocess", "resolve_root", "fetch",
-           "FetchError", "extract_archive", "DATASETS", "dataset_info", "load_configured"]
+           "FetchError", "extract_archive", "DATASETS", "dataset_info", "load_configured",
+           "load_distilled"]

@@ -83,6 +83,13 @@ class ImageData:
                          self.name, self.classes)
 
 
+def joined(parts: list[ImageData]) -> ImageData:
+    """The images of `parts` one after another, as one data set (splits of one data set: same classes)."""
+    first = parts[0]
+    return ImageData(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                     first.num_classes, first.name, first.classes)
+
+
 def from_numpy(images: np.ndarray, labels, num_classes: int, name: str, classes=None) -> ImageData:
     """Wrap (N, C, H, W) uint8 numpy images and integer labels, checking labels lie in [0, num_classes)."""
     if images.dtype != np.uint8 or images.ndim != 4:

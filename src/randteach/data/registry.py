@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from ..errors import DataMissingError, UserError
 from . import cifar, cifar5m, digits, folder, idx, stl10, tinyimagenet
-from .images import FormatError, ImageData
+from .images import FormatError, ImageData, joined
 from .roots import fetch_command, resolve_root
 
 
@@ -176,6 +176,12 @@ def load_configured(data_cfg, split: str = "train", name: str | None = None) -> 
     if shared is not None:
         shared[key] = data
     return data
+
+
+def load_distilled(data_cfg) -> ImageData:
+    """The images distilled on: data.split of the configured data set, '+'-joined splits one after another."""
+    parts = [load_configured(data_cfg, split) for split in data_cfg.split.split("+")]
+    return parts[0] if len(parts) == 1 else joined(parts)
 
 
 def search_dirs(info: DatasetInfo, base: Path) -> list[Path]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..data import ImageData, Preprocess, load_configured, stratified_subset
+from ..data import ImageData, Preprocess, load_distilled, stratified_subset
 from ..data.images import gaussian
 from ..data.preprocess import Widen
 from ..errors import UserError
@@ -112,7 +112,7 @@ def load_training_inputs(cfg: Config, train_data: ImageData | None = None, built
     """(inputs, preprocess, data, size): uint8 images + their preprocess, bf16 noise + its widening, or the
     Python API's float images as given (preprocess None). `builtin_encoder`: model.encoder is the encoder
     (not one given from Python), whose input size may differ from the images' (`model_image_size`)."""
-    data = distilled_subset(cfg, train_data or load_configured(cfg.data, "train"))
+    data = distilled_subset(cfg, train_data or load_distilled(cfg.data))
     if data.images.is_floating_point():  # Python API: float images are used as given
         size, preprocess = data.side(cfg.data.image_size), None
     else:
