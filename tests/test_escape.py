@@ -114,3 +114,27 @@ def test_group_steps_sets_each_groups_length(tmp_path):
     assert lengths == {"step_size": (4, 4), "batch_size": (2, 2)}
     with pytest.raises(Exception, match="unknown groups"):
         run_escape(cfg, tmp_path / "bad", steps=4, probe_every_steps=2, group_steps={"nope": 3}, progress=False)
+
+
+def test_early_probes_probe_and_keep_a_checkpoint_before_the_cadence(tmp_path):
+    # ESC Fig. 1b: the loss spikes within three steps and the collapse follows; a sparse cadence steps over it
+    cfg = tiny_config(tmp_path, **ESCAPE)
+    r = run_escape(cfg, tmp_path / "escape", steps=8, probe_every_steps=4, lrs=(1e4,), batch_sizes=(0,),
+                   stabilize=False, early_probes=(1, 2, 20), progress=False)
+    for run in r["runs"]:  # batch 64 and the full batch: one step is another share of an epoch
+        assert [p["step"] for p in run["probes"]] == [0, 1, 2, 4, 8]
+        saved = sorted(int(p.stem.removeprefix("student_step")) for p in
+                       (Path(run["run"]) / "checkpoints").glob("student_step*.pt"))
+        assert saved == [1, 2, 4]
+    assert r["early_probes"] == [1, 2, 20]
+    with pytest.raises(Exception, match="whole numbers from 1"):
+        run_escape(cfg, tmp_path / "bad", steps=4, probe_every_steps=2, early_probes=(0.5,), progress=False)
+
+
+def test_checkpoint_at_saves_the_student_at_those_epochs(tmp_path):
+    cfg = tiny_config(tmp_path, **{**ESCAPE, "probe__which": "[]", "train__batch_size": 64,
+                                   "train__checkpoint_every": 0, "train__checkpoint_at": "[0.25, 1.0]",
+                                   "train__max_steps": 5})
+    run = RunDir(distill(cfg, progress=False).path)  # 256 images, 4 steps an epoch
+    assert sorted(p.name for p in run.checkpoints.glob("student_step*.pt")) == ["student_step1.pt",
+                                                                                "student_step4.pt"]

@@ -215,6 +215,7 @@ def test_a_seed_on_the_command_line_is_refused_not_overruled(tmp_path, capsys):
 
 
 DISTINCT = {"train.epochs": 7.77, "train.max_steps": 12345, "train.probe_every": 0.77, "train.checkpoint_every": 0.77,
+            "train.checkpoint_at": [0.77],
             "train.probe_at": [0.77], "train.log_every": 77, "optim.lr": 0.0777, "optim.schedule": "cosine",
             "optim.lr_end": 77.7, "optim.warmup_steps": 77, "probe.which": ["input"]}
 

@@ -196,6 +196,7 @@ class TrainConfig:
     teacher_cache: bool = opt(False, "compute the frozen teacher's bottleneck outputs once (fp32, on disk under the data root) and apply only its last layer per step")
     log_every: int = opt(20, "read the step metrics from the device and write a record every this many steps (1 = every step)", gt=0)
     checkpoint_every: float = opt(1, "save the student every this many epochs (0 = only at the end)", ge=0)
+    checkpoint_at: list[float] = opt([], "extra epochs at which to save the student (and the resume state)", ge=0)
     probe_every: float = opt(0, "probe every this many epochs (0 = only before and after training)", ge=0)
     probe_at: list[float] = opt([], "extra epochs at which to probe", ge=0)
 

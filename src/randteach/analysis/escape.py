@@ -89,9 +89,10 @@ def escape_variants(*, lrs=DEFAULT_LRS, batch_sizes=DEFAULT_BATCH_SIZES, batch_l
 
 
 def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_every_steps: int,
-                   out: Path) -> Config:
+                   out: Path, early_probes=()) -> Config:
     """The base config with the variant's overrides, `steps` optimizer steps, probes and checkpoints
-    every `probe_every_steps` steps (expressed in epochs of this variant's batch size)."""
+    every `probe_every_steps` steps and at the steps `early_probes` (expressed in epochs of this variant's
+    batch size)."""
     d = cfg.to_dict()
     for section, values in dotted_to_nested(variant.overrides).items():
         d[section].update(values)
@@ -103,7 +104,8 @@ def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_e
     every = probe_every_steps / steps_per_epoch
     c.train.probe_every = every
     c.train.checkpoint_every = every
-    c.train.probe_at = []
+    c.train.probe_at = [s / steps_per_epoch for s in sorted(early_probes) if s < steps]
+    c.train.checkpoint_at = list(c.train.probe_at)  # the collapse checkpoint is kept at a probed step
     c.train.log_every = 1  # the escape is read off every step's loss and distance
     c.name = f"escape-{variant.group}-{variant.label}"
     c.out = str(out / variant.group / variant.label)
@@ -211,7 +213,7 @@ def keep_collapse_checkpoint(cfg: Config, run_path: Path, collapse: dict, *, exa
             raise UserError(f"an exact re-run to step {step} changes the {cfg.optim.schedule} schedule (it depends on "
                             "the run length); use the nearest saved checkpoint instead (exact=False)")
         d = cfg.to_dict()
-        d["train"].update({"max_steps": step, "probe_every": 0, "checkpoint_every": 0})
+        d["train"].update({"max_steps": step, "probe_every": 0, "checkpoint_every": 0, "checkpoint_at": []})
         d["probe"]["which"] = []
         d["out"] = str(run.path / "collapse-rerun")
         rerun = distill(config_from_dict(d), progress=False, train_data=train_data)
@@ -237,19 +239,20 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
                batch_sizes=DEFAULT_BATCH_SIZES, batch_lr: float = 1e4, stabilize: bool = True,
                stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4, warmup_steps: int = 1000,
                collapse_metric: str = "probe", exact: bool = False, erank_samples: int = 500,
-               prune_checkpoints: bool = False, progress: bool = True,
+               prune_checkpoints: bool = False, progress: bool = True, early_probes=(),
                train_data: ImageData | None = None, group_steps: dict[str, int] | None = None) -> dict:
     """Run the escape sweeps (escaping paper, Fig. 1b-d and App. A) of base config `cfg` into OUT and return OUT/escape.json's content.
 
     Every run lasts `steps` optimizer steps (or `group_steps[group]` for the groups it names: the paper's
     step-size sweep runs 20k steps, its batch-size sweep 6k) and is probed/checkpointed every
-    `probe_every_steps` steps.
+    `probe_every_steps` steps, and also at the steps `early_probes`: ESC Fig. 1b's loss spike comes within
+    the first three steps and the collapsed plateau after it, which a sparse cadence can step over.
     Completed runs are not redone (the loop skips them), nor are their kept collapse checkpoints.
     `prune_checkpoints` deletes the intermediate student_step<N>.pt once the collapse point is kept
     (a VGG11 run probed every 500 of 20k steps saves 40 of them). Writes OUT/escape.json and one figure
     per group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
     group_steps = dict(group_steps or {})
-    _check_lengths(collapse_metric, steps, probe_every_steps, group_steps)
+    _check_lengths(collapse_metric, steps, probe_every_steps, group_steps, early_probes)
     out = Path(out)
     full = train_data if train_data is not None else load_distilled(cfg.data)
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
@@ -261,7 +264,7 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     results = []
     for v in variants:
         c = variant_config(cfg, v, n=n, steps=int(group_steps.get(v.group, steps)),
-                           probe_every_steps=probe_every_steps, out=out)
+                           probe_every_steps=probe_every_steps, out=out, early_probes=early_probes)
         run = distill(c, progress=progress, train_data=full)
         results.append({"group": v.group, "label": v.label, "overrides": v.overrides,
                         **_escape_record(c, run, n, full, collapse_metric, erank_samples, exact)})
@@ -269,7 +272,8 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
             for p in RunDir(run.path).checkpoints.glob("student_step*.pt"):
                 p.unlink()
     result = {"base_config_digest": cfg.digest(), "n_samples": n, "steps": steps, "group_steps": group_steps,
-              "probe_every_steps": probe_every_steps, "collapse_metric": collapse_metric,
+              "probe_every_steps": probe_every_steps, "early_probes": sorted(early_probes),
+              "collapse_metric": collapse_metric,
               "collapse_checkpoint": "re-run to the exact step" if exact else "nearest saved checkpoint",
               "encoder": cfg.model.encoder, "data": cfg.data.name, "runs": results, "figures": {}}
     for group in GROUPS:
@@ -284,12 +288,15 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     return result
 
 
-def _check_lengths(collapse_metric: str, steps: int, probe_every_steps: int, group_steps: dict) -> None:
+def _check_lengths(collapse_metric: str, steps: int, probe_every_steps: int, group_steps: dict,
+                   early_probes) -> None:
     if collapse_metric not in COLLAPSE_METRICS:
         raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
     if steps < 1 or probe_every_steps < 1 or any(int(s) < 1 for s in group_steps.values()):
         raise UserError(f"steps, group_steps and probe_every_steps must be positive, got {steps}, {group_steps} "
                         f"and {probe_every_steps}")
+    if any(int(s) != s or s < 1 for s in early_probes):
+        raise UserError(f"early_probes are optimizer steps, whole numbers from 1; got {list(early_probes)}")
     if set(group_steps) - set(GROUPS):
         raise UserError(f"group_steps names unknown groups {sorted(set(group_steps) - set(GROUPS))}; "
                         f"valid: {', '.join(GROUPS)}")

@@ -65,7 +65,7 @@ RANGE_KEYS = {"optim.lr": "--lr-start", "optim.lr_end": "--lr-end", "train.epoch
               "train.max_steps": "--steps or --epochs", "optim.schedule": "the test (exponential)",
               "optim.warmup_steps": "the test (0)", "train.probe_every": "the test (no probes)",
               "train.probe_at": "the test (no probes)", "probe.which": "the test (no probes)",
-              "train.checkpoint_every": "the test (no checkpoints)", "train.log_every": "the test (every step)"}
+              "train.checkpoint_every": "the test (no checkpoints)", "train.checkpoint_at": "the test (no checkpoints)", "train.log_every": "the test (every step)"}
 
 
 def refuse_range_keys(keys, command: str) -> None:
@@ -91,6 +91,7 @@ def range_config(cfg: Config, lr_start: float, lr_end: float, total_steps: int, 
     c.train.probe_every = 0
     c.train.probe_at = []
     c.train.checkpoint_every = 0
+    c.train.checkpoint_at = []
     c.train.log_every = 1                      # every step's loss is part of the curve
     c.probe.which = []
     c.out = str(out)

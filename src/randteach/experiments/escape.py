@@ -9,7 +9,7 @@ from .base import Context, Experiment, known_params, markdown_rows, seed_bases
 
 ESCAPE_PARAMS = ("steps", "probe_every_steps", "lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses",
                  "stabilize_lr", "warmup_steps", "collapse_metric", "exact", "erank_samples", "prune_checkpoints",
-                 "group_steps")
+                 "group_steps", "early_probes")
 
 
 ESCAPE_SWEEP = ("lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses", "stabilize_lr", "warmup_steps")
@@ -25,7 +25,7 @@ class Escape(Experiment):
 
     # variant_config's run length, probe schedule and logging, and every variant's step size and schedule
     sets = ("train.epochs", "train.max_steps", "train.probe_every", "train.checkpoint_every", "train.probe_at",
-            "train.log_every", "optim.lr", "optim.schedule")
+            "train.checkpoint_at", "train.log_every", "optim.lr", "optim.schedule")
 
     def stages(self, ctx: Context):
         return []  # run_escape distills its own runs (locally, in this process)
@@ -67,11 +67,16 @@ class Escape(Experiment):
                              f"{100 * c['value']:.2f} (step {c['step']})" if c.get("value") is not None else "–",
                              f"{100 * final:.2f}" if final is not None else "–"])
             lines += [f"## seed {cfg.train.seed}: {result['encoder']} on {result['data']} (n = {result['n_samples']}, "
-                      f"{result['steps']} steps, probe every {result['probe_every_steps']})", ""]
+                      f"{result['steps']} steps, probe every {result['probe_every_steps']}{_early(result)})", ""]
             lines += markdown_rows(["group", "run", "status", "teacher linear (%)", "collapse: min student linear (%)",
                                 "final student linear (%)"], rows)
             lines += [f"![{g}]({Path(p).relative_to(ctx.out)})" for g, p in result["figures"].items()] + [""]
         return lines
+
+
+def _early(result: dict) -> str:
+    early = result.get("early_probes")
+    return f" and at steps {', '.join(map(str, early))}" if early else ""
 
 
 EXPERIMENT = Escape()

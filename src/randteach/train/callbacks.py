@@ -211,7 +211,8 @@ def probe_line(rec: dict) -> str:
 
 
 class Checkpoint(Hook):
-    """The resumable state and a student snapshot every `train.checkpoint_every` epochs, and at the end.
+    """The resumable state and a student snapshot every `train.checkpoint_every` epochs, at the
+    `train.checkpoint_at` epochs, and at the end.
     MetricsLog has read the steps before it and found them finite: the last checkpoint is a finite one."""
 
     def at_start(self, state: TrainState) -> None:

@@ -72,7 +72,8 @@ class Plan:
         probes = {round(e * steps_per_epoch): e for e in probe_epochs(cfg, total / steps_per_epoch)}
         every = cfg.train.checkpoint_every
         stride = max(1, round(every * steps_per_epoch)) if every > 0 else 0
-        ckpts = frozenset(range(stride, total, stride)) if stride else frozenset()
+        extra = {round(e * steps_per_epoch) for e in cfg.train.checkpoint_at}
+        ckpts = frozenset(range(stride, total, stride) if stride else ()) | {s for s in extra if 0 < s < total}
         return cls(n, batch, cfg.train.micro_batch or batch, steps_per_epoch, total, seeds(cfg)["data"],
                    cfg.train.log_every, probes, ckpts)
 
