@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import re
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -535,3 +536,14 @@ def test_a_bad_stack_mode_is_refused_before_a_dry_run_lists_anything(tmp_path, c
                  "--stack-mode", "vamp", "--dry-run"]) == 2
     assert "--stack-mode vamp: expected one of auto, vmap, threads" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_tiny_escape_by_effective_rank_labels_the_collapse_as_a_rank(tmp_path):
+    recipe = yaml.safe_load(resources.files("randteach.experiments.recipes").joinpath("escape.cpu.yaml").read_text())
+    recipe["params"] = {**recipe.pop("tiny")["params"], "collapse_metric": "erank"}  # a file's tiny: is not read
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    _, text = run_tiny("escape", tmp_path, recipe=str(tmp_path / "recipe.yaml"))
+    assert "| collapse: lowest student embedding erank |" in text and "probe every 2 and at steps 1)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| step_size | lr10000 | completed |"))
+    rank = float(row.split("|")[5].split("(")[0])
+    assert 1 <= rank <= 64  # an effective rank of the 64-dim tiny embedding, not a percentage

@@ -127,7 +127,8 @@ def _curves(run: RunDir) -> tuple[dict, list[dict]]:
     return steps, probes
 
 
-def _probe_value(record: dict, role: str = "student") -> float | None:
+def probe_value(record: dict, role: str = "student") -> float | None:
+    """A probe record's accuracy for `role`: linear, else k-NN (the curves' and the collapse's measure)."""
     result = record.get(role, {})
     for kind in ("linear", "knn"):
         if kind in result:
@@ -175,7 +176,7 @@ def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
 def find_collapse(probes: list[dict], erank: list[dict] | None = None, metric: str = "probe") -> dict | None:
     """The step where the student's probe accuracy (or embedding effective rank) is lowest after step 0."""
     if metric == "probe":
-        pts = [(p["step"], _probe_value(p)) for p in probes]
+        pts = [(p["step"], probe_value(p)) for p in probes]
     elif metric == "erank":
         pts = [(p["step"], p["erank"]) for p in erank or []]
     else:
@@ -339,14 +340,14 @@ def plot_escape_group(runs: list[dict], path: Path, title: str = "") -> Path:
                 ax.plot(*zip(*pts), color=color, lw=1, label=r["label"])
             if r["diverged_step"]:
                 ax.axvline(r["diverged_step"], color=color, ls=":", lw=1)
-        pts = [(p["step"], _probe_value(p)) for p in r["probes"]]
+        pts = [(p["step"], probe_value(p)) for p in r["probes"]]
         pts = [(st, 100 * v) for st, v in pts if v is not None]
         if pts:
             axes[2].plot(*zip(*pts), "-o", ms=3, color=color, label=r["label"])
         c = r.get("collapse")
         if c and c["metric"] == "probe":
             axes[2].plot([c["step"]], [100 * c["value"]], "o", ms=10, mfc="none", mew=1.5, color=color)
-    teacher = next((_probe_value(p, "teacher") for r in runs for p in r["probes"] if "teacher" in p), None)
+    teacher = next((probe_value(p, "teacher") for r in runs for p in r["probes"] if "teacher" in p), None)
     if teacher is not None:
         axes[2].axhline(100 * teacher, color="k", ls="--", lw=1, label="teacher")
     for ax, ylabel in zip(axes, ("loss", "gradient norm", "student probe accuracy (%)")):

@@ -408,7 +408,7 @@ def layer_signals(encoders: dict[str, nn.Module], train: tuple[torch.Tensor, tor
             rows.append(row)
             if progress:
                 print(f"signal {role:8s} {layer.name:24s} erank {row['effective_rank']:8.2f}  dead {row['dead_neurons']:5d}"
-                      f"/{layer.dim:<6d} cond {row['condition_number']:10.3g}  tr(Sw+Sb) {row['separability']:9.3g}"
+                      f"/{layer.dim:<6d} cond {row['condition_number']:10.3g}  tr(pinv(Sw) Sb) {row['separability']:9.3g}"
                       + (f"  probe {100 * row['probe'].get('linear', float('nan')):5.1f}%" if test is not None else ""))
         metrics[role] = rows
     reference = "teacher" if "teacher" in metrics else next(iter(metrics))
@@ -434,7 +434,7 @@ def write_signal(result: dict, out: str | Path) -> dict:
 def signal_table(result: dict) -> str:
     """The encoder output's row of each checkpoint as a markdown table (every layer: signal.json and the
     figures), with the file each role was read from."""
-    head = ["role", "checkpoint (step)", "effective rank", "dead", "condition", "tr(Sw+Sb) / teacher's"]
+    head = ["role", "checkpoint (step)", "effective rank", "dead", "condition", "tr(pinv(Sw) Sb) / teacher's"]
     probed = any("probe" in rows[-1] for rows in result["metrics"].values())
     lines = ["| " + " | ".join(head + (["linear probe %"] if probed else [])) + " |",
              "|" + "---|" * (len(head) + probed)]

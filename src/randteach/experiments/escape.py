@@ -49,29 +49,38 @@ class Escape(Experiment):
         return [ctx.out / f"seed{c.train.seed}" / v.group / v.label for c in seed_bases(ctx) for v in variants]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
-        from ..analysis.escape import run_escape
+        from ..analysis.escape import probe_value, run_escape
         lines = []
         for cfg in seed_bases(ctx):
             out = ctx.out / f"seed{cfg.train.seed}"
             result = run_escape(cfg, out, progress=ctx.progress, **self._kwargs(ctx))
             rows = []
+            erank = result["collapse_metric"] == "erank"
             for r in result["runs"]:
-                probes = r["probes"]
-                teacher = next((p["teacher"].get("linear") for p in probes if "teacher" in p), None)
+                teacher = next((probe_value(p, "teacher") for p in r["probes"] if "teacher" in p), None)
                 # a diverged run's last probe is from before it diverged: no final accuracy to show
-                final = r["final_probe"].get("student", {}).get("linear") if r["status"] == "completed" else None
+                final = probe_value(r["final_probe"]) if r["status"] == "completed" else None
                 c = r.get("collapse") or {}
+                lowest = (None if c.get("value") is None else
+                          f"{c['value']:.1f}" if erank else f"{100 * c['value']:.2f}")
                 rows.append([r["group"], r["label"], str(r["status"]) + (f" at step {r['diverged_step']}"
                                                                          if r.get("diverged_step") else ""),
                              f"{100 * teacher:.2f}" if teacher is not None else "–",
-                             f"{100 * c['value']:.2f} (step {c['step']})" if c.get("value") is not None else "–",
+                             f"{lowest} (step {c['step']})" if lowest else "–",
                              f"{100 * final:.2f}" if final is not None else "–"])
             lines += [f"## seed {cfg.train.seed}: {result['encoder']} on {result['data']} (n = {result['n_samples']}, "
                       f"{result['steps']} steps, probe every {result['probe_every_steps']}{_early(result)})", ""]
-            lines += markdown_rows(["group", "run", "status", "teacher linear (%)", "collapse: min student linear (%)",
-                                "final student linear (%)"], rows)
+            kind = _probe_kind(result["runs"])
+            lowest = "collapse: lowest student embedding erank" if erank else f"collapse: lowest student {kind} (%)"
+            lines += markdown_rows(["group", "run", "status", f"teacher {kind} (%)", lowest,
+                                    f"final student {kind} (%)"], rows)
             lines += [f"![{g}]({Path(p).relative_to(ctx.out)})" for g, p in result["figures"].items()] + [""]
         return lines
+
+
+def _probe_kind(runs: list[dict]) -> str:
+    """What `probe_value` read: linear where the runs were probed linearly, else k-NN."""
+    return "linear" if any("linear" in p.get("student", {}) for r in runs for p in r["probes"]) else "k-NN"
 
 
 def _early(result: dict) -> str:
