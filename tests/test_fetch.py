@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from randteach.data import DATASETS, FetchError, extract_archive, fetch, load_dataset
-from randteach.data.fetch import checksum_ok, download
+from randteach.data.fetch import ABANDONED_S, checksum_ok, download
 from randteach.data.registry import DEBIAN_FASHION_MNIST, Remote
 from randteach.files import FILE_MODE
 
@@ -328,3 +328,34 @@ def test_quiet_fetch_draws_no_progress_bar(server, tmp_path, capfd):
     assert "ready in" in quiet.out and "idx3-ubyte" not in quiet.err, quiet.err
     assert main([*args, str(tmp_path / "b")]) == 0
     assert "train-images-idx3-ubyte.gz" in capfd.readouterr().err  # the bars name the files
+
+
+def test_an_unpack_that_fails_on_the_disk_keeps_the_verified_download(server, tmp_path, monkeypatch, write_cifar10):
+    url, served = server
+    use_archive(monkeypatch, "cifar10", _cifar_archive(tmp_path, write_cifar10, served))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "cifar-10-batches-py").write_text("a file in the way of the folder")  # an OSError, as a full disk
+    with pytest.raises(FetchError, match="The verified download stays at .*fetch again: it is unpacked without"):
+        fetch("cifar10", str(root), base_url=url, progress=False)
+    assert (root / "cifar-10-python.tar.gz").is_file()
+    (root / "cifar-10-batches-py").unlink()
+    shutil.rmtree(served)  # the next fetch downloads nothing: it unpacks the kept archive, then removes it
+    assert fetch("cifar10", str(root), base_url=url, progress=False) == root / "cifar-10-batches-py"
+    assert all_files(root)[0] == "cifar-10-batches-py" and not (root / "cifar-10-python.tar.gz").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_an_unpack_folder_a_killed_fetch_left_is_removed_once_abandoned(server, tmp_path, monkeypatch, write_cifar10):
+    url, served = server
+    use_archive(monkeypatch, "cifar10", _cifar_archive(tmp_path, write_cifar10, served))
+    root = tmp_path / "root"
+    old, live = root / ".randteach-unpack-killed", root / ".randteach-unpack-live"
+    for folder in (old, live):
+        (folder / "cifar-10-batches-py").mkdir(parents=True)
+        (folder / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+    long_ago = time.time() - 2 * ABANDONED_S
+    for p in (old, *old.rglob("*")):
+        os.utime(p, (long_ago, long_ago))
+    fetch("cifar10", str(root), base_url=url, progress=False)
+    assert not old.exists() and live.exists()  # another process may be unpacking into the live one

@@ -74,19 +74,31 @@ def _fetch_archive(info: DatasetInfo, base: Path, target: Path, base_url: str | 
         return
     remote = info.remote[0]
     archive = base / remote.filename
-    placed_by_hand = archive.is_file() and checksum_ok(archive, remote)  # as the download error advises
-    if not placed_by_hand:
+    ours = base / f".{remote.filename}.fetched"  # marks a download of ours that an unpack did not finish with
+    if not (archive.is_file() and checksum_ok(archive, remote)):  # else placed by hand, or ours from before
         archive = download(_urls(remote, base_url), archive, remote, progress=progress)
+        ours.touch()
     try:
         extract_archive(archive, base)
-    finally:
-        if not placed_by_hand:  # ours to delete; the user's own copy stays
-            archive.unlink(missing_ok=True)
+    except FetchError:  # not an archive we can unpack: of no use to keep
+        _remove_ours(archive, ours)
+        raise
+    except OSError as e:  # a full disk, say: the verified download is kept for the next try
+        raise FetchError(f"cannot unpack {archive.name} into {base}: {e}. The verified download stays at "
+                         f"{archive}; free the space (or mend the cause) and fetch again: it is unpacked "
+                         "without downloading it again") from None
+    _remove_ours(archive, ours)  # the user's own copy stays
     missing = [f for f in info.contents if not (target / f).exists()]
     if missing:
         raise FetchError(f"{remote.filename} unpacked, but {target / missing[0]} is missing: "
                          f"it is not the official {info.title} archive")
     _mark_intact(target)
+
+
+def _remove_ours(archive: Path, ours: Path) -> None:
+    if ours.exists():
+        archive.unlink(missing_ok=True)
+        ours.unlink()
 
 
 # Written after a verified archive was unpacked: the MD5 of every file, so that a later fetch tells an intact
@@ -264,11 +276,25 @@ def _merge(src: Path, dst: Path) -> None:
             os.replace(entry.path, target)
 
 
+UNPACK_PREFIX = ".randteach-unpack-"
+
+
+def _remove_abandoned_unpacks(dest: Path) -> None:
+    """Unpack folders that a killed fetch left (a SIGKILL skips its cleanup): those where nothing was written
+    for ABANDONED_S, so that an unpack another process is making now is left alone."""
+    for folder in dest.glob(UNPACK_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            written = max(p.stat().st_mtime for p in (folder, *folder.rglob("*")))
+            if time.time() - written > ABANDONED_S:
+                shutil.rmtree(folder)
+
+
 def extract_archive(archive: Path, dest: Path) -> None:
     """Unpack a .tar(.gz) or .zip into `dest`, refusing it whole if any member would escape `dest`."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=dest, prefix=".randteach-unpack-")
+    _remove_abandoned_unpacks(dest)
+    tmp = tempfile.mkdtemp(dir=dest, prefix=UNPACK_PREFIX)
     try:
         _unpack(Path(archive), os.path.realpath(tmp))
         _merge(Path(tmp), dest)
