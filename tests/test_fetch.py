@@ -359,3 +359,25 @@ def test_an_unpack_folder_a_killed_fetch_left_is_removed_once_abandoned(server, 
         os.utime(p, (long_ago, long_ago))
     fetch("cifar10", str(root), base_url=url, progress=False)
     assert not old.exists() and live.exists()  # another process may be unpacking into the live one
+
+
+@pytest.mark.parametrize("by", ["environment", "option"])
+def test_torchvisions_copy_under_the_root_is_used_not_fetched(tmp_path, monkeypatch, capsys, by):
+    """`data list` names torchvision's MNIST/raw under the root, so `data fetch` must not go to the network
+    (there is none here: the base URL serves nothing) and leave an empty mnist/ behind."""
+    from test_data_readers import write_mnist
+
+    from randteach.cli import main
+    root = tmp_path / "root"
+    write_mnist(root / "MNIST" / "raw", n_train=4, n_test=2)
+    monkeypatch.setenv("RANDTEACH_DATA", str(root if by == "environment" else tmp_path / "elsewhere"))
+    option = ["--data.root", str(root)] if by == "option" else []
+    assert main(["data", "fetch", "mnist", "--base-url", "http://127.0.0.1:9/nothing", *option]) == 0
+    assert f"mnist: ready in {root / 'MNIST' / 'raw'} (already on disk" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["MNIST"]
+
+
+def test_data_list_hints_the_fetch_into_the_root_it_was_given(tmp_path, capsys):
+    from randteach.cli import main
+    assert main(["data", "list", "--data.root", str(tmp_path / "r")]) == 0
+    assert f"`randteach data fetch cifar10 --data.root {tmp_path / 'r'}` gets it" in capsys.readouterr().out

@@ -193,12 +193,11 @@ def cmd_data(args, extra) -> int:
         raise UserError(f"unknown option(s) {', '.join('--' + k for k in unknown)}; `randteach data` takes --data.root")
     root = opts.get("data.root")
     from ..data.registry import DATASETS, located
+    from ..data.roots import fetch_command
     if args.action == "fetch":
         if not args.name:
             raise UserError("which data set? e.g. `randteach data fetch fashion-mnist`")
-        found = located(args.name, root) if root is None and args.name in DATASETS else None
-        if found is not None and found.is_relative_to(resolve_root(root)):
-            found = None  # under the data root: fetch checks its checksums itself
+        found = _copy_fetch_would_not_see(args.name, root)
         path = found or fetch(args.name, root, base_url=args.base_url, progress=not args.quiet)
         print(f"{args.name}: ready in {path}" + (" (already on disk; nothing fetched)" if found else ""))
     else:
@@ -207,9 +206,24 @@ def cmd_data(args, extra) -> int:
         print(f"data root: {resolve_root(root)}" + ("" if resolve_root(root).is_dir() else "  (does not exist)"))
         for name in DATASETS:
             where = located(name, root)
-            hint = f"not found (`randteach data fetch {name}` gets it or says how)"
+            command = fetch_command(name, resolve_root(root)) if root else f"randteach data fetch {name}"
+            hint = f"not found (`{command}` gets it or says how)"
             print(f"  {name:<14} {where or BUILT_IN.get(name, hint)}")
     return 0
+
+
+def _copy_fetch_would_not_see(name: str, root: str | None):
+    """A complete copy of `name` that loading reads and `fetch` does not look for: torchvision's layout under
+    the data root, or, with no --data.root given, a system folder (the Debian package's). The root's own
+    folder is left to `fetch`, which checks its checksums."""
+    from ..data import resolve_root
+    from ..data.registry import DATASETS, located
+    if name not in DATASETS or (found := located(name, root)) is None:
+        return None
+    base = resolve_root(root)
+    if found == base / (DATASETS[name].folder or "") or (root is not None and not found.is_relative_to(base)):
+        return None
+    return found
 
 
 def cmd_config(args, extra) -> int:
