@@ -133,6 +133,16 @@ def test_cifar_wrong_structure_is_corrupt(tmp_path, write_cifar10):
         load_dataset("cifar10", "test", root=str(tmp_path))
 
 
+def test_a_label_of_minus_one_in_a_labelled_split_is_corrupt(tmp_path, write_cifar10):
+    # -1 stands for "no label" only in STL-10's unlabeled split; in CIFAR's test batch it is damage
+    directory = tmp_path / "cifar-10-batches-py"
+    write_cifar10(directory)
+    with open(directory / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [-1, 8, 5, 0]}, f, protocol=2)
+    with pytest.raises(DataMissingError, match=r"labels range over \[-1, 8\], expected \[0, 9\]"):
+        load_dataset("cifar10", "test", root=str(tmp_path))
+
+
 # ------------------------------------------------------------------ STL-10
 
 def test_stl10_column_major(tmp_path):

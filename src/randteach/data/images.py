@@ -90,12 +90,14 @@ def joined(parts: list[ImageData]) -> ImageData:
                      first.num_classes, first.name, first.classes)
 
 
-def from_numpy(images: np.ndarray, labels, num_classes: int, name: str, classes=None) -> ImageData:
-    """Wrap (N, C, H, W) uint8 numpy images and integer labels, checking labels lie in [0, num_classes)."""
+def from_numpy(images: np.ndarray, labels, num_classes: int, name: str, classes=None, *,
+               unlabelled: bool = False) -> ImageData:
+    """Wrap (N, C, H, W) uint8 numpy images and integer labels, checking labels lie in [0, num_classes);
+    `unlabelled`: a split without labels (STL-10's), whose labels are -1."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise FormatError(name, f"expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
     labels = np.require(np.asarray(labels).reshape(-1), np.int64, ["C", "W"])
-    labelled = labels[labels != -1]
+    labelled = labels[labels != -1] if unlabelled else labels
     if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
         raise FormatError(name, f"labels range over [{labelled.min()}, {labelled.max()}], "
                                 f"expected [0, {num_classes - 1}]")

@@ -51,4 +51,4 @@ def load(directory: Path, split: str, *, name: str = "stl10") -> ImageData:
         if len(raw) and (raw.min() < 1 or raw.max() > NUM_CLASSES):
             raise FormatError(y_path, f"labels range over [{raw.min()}, {raw.max()}], expected 1..{NUM_CLASSES}")
         labels = raw.astype(np.int64) - 1
-    return from_numpy(images, labels, NUM_CLASSES, name, _class_names(directory))
+    return from_numpy(images, labels, NUM_CLASSES, name, _class_names(directory), unlabelled=split == "unlabeled")
