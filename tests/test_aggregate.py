@@ -277,3 +277,16 @@ def test_a_legend_of_long_entries_goes_below_its_panel():
     inside = right.get_legend().get_window_extent()
     assert right.get_window_extent().contains(inside.x0, inside.y0)  # short entries stay inside
     plt.close(fig)
+
+
+def test_a_run_made_before_a_key_existed_is_grouped_with_the_runs_made_after(tmp_path):
+    # a sweep run before train.checkpoint_at and data.split existed, then grown by a seed
+    root = tmp_path / "sweep"
+    for seed in (0, 1, 2):
+        fake_run(root, 0.5, seed)
+    old = RunDir(next(root.glob("fake-*")))
+    lines = old.config_path.read_text().splitlines()
+    old.config_path.write_text("\n".join(line for line in lines if not line.lstrip().startswith(
+        ("checkpoint_at:", "split:"))) + "\n")
+    rows = collect([root])
+    assert varying_keys(rows) == [] and [e["n"] for e in group(rows)] == [3]
