@@ -127,6 +127,13 @@ def test_resume_rejects_overrides_and_foreign_dirs(tmp_path):
     assert r.returncode == 2 and "config.yaml" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_resume_given_the_runs_config_file_names_the_folder_to_give(tmp_path, capsys):
+    from randteach.cli import main
+    (tmp_path / "config.yaml").write_text("name: run\n")
+    assert main(["distill", "--resume", str(tmp_path / "config.yaml")]) == 2
+    assert f"expected the run directory, got a file; try --resume {tmp_path}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
 def test_torchrun_two_gloo_processes_match_one(tmp_path):
     # with DINO centering: its center is updated once per step from the whole global batch (all-reduced)

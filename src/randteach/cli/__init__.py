@@ -65,6 +65,9 @@ def cmd_distill(args, extra) -> int:
     from ..config import config_from_dict, load_yaml, parse_overrides
     if args.resume:
         run_dir = Path(args.resume)
+        if run_dir.is_file():
+            raise UserError(f"--resume {run_dir}: expected the run directory, got a file; try "
+                            f"--resume {run_dir.parent}")
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: no config.yaml there; is it a randteach run directory?")
         from ..runs.rundir import python_objects

@@ -105,7 +105,7 @@ class DataOptions:
     n_train: int | None = opt(None, "train on a class-stratified subset of this many images", ge=1)
     n_test: int | None = opt(None, "test on a class-stratified subset of this many images", ge=1)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
-    out: str | None = opt(None, "output folder (default RUN/finetune-START, RUN/imp, RUN/lmc)")
+    out: str | None = opt(None, "output folder (default: a folder in RUN named by the command: finetune-START, imp or lmc)")
 
 
 @dataclass

@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
     from ..runs.export import EXPORTABLE, FORMATS
     p = sub.add_parser("export", help="write a run's encoder weights (safetensors or pt) + a JSON to rebuild it")
     p.add_argument("run_dir")
-    p.add_argument("--which", choices=EXPORTABLE, default="student")
-    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument("--which", choices=EXPORTABLE, default="student", help="the encoder to write (default student)")
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors (no code runs on loading) or a torch .pt file (default safetensors)")
     p.add_argument("--out", help="folder (default RUN_DIR/export)")
     p.set_defaults(func=cmd_export)
 
