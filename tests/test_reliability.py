@@ -586,6 +586,7 @@ def test_sigterm_ends_an_analysis_as_ctrl_c_does(tmp_path, finished_run):
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "interrupted (SIGTERM)" in err and "Traceback" not in err, err
+    assert "run the same command again to go on" in err  # a landscape resumes at its next point
 
 
 def test_a_wait_for_a_gone_workers_lock_ends_when_another_process_takes_it(tmp_path):
@@ -606,3 +607,12 @@ def test_a_wait_for_a_gone_workers_lock_ends_when_another_process_takes_it(tmp_p
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_json_result_that_fails_halfway_leaves_no_temporary(tmp_path):
+    from randteach.runs.rundir import write_json
+    write_json(tmp_path / "imp.json", {"rounds": 1})
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "imp.json", {"rounds": 2, "model": object()})  # fails inside the dump
+    assert [p.name for p in tmp_path.iterdir()] == ["imp.json"]
+    assert json.loads((tmp_path / "imp.json").read_text()) == {"rounds": 1}

@@ -291,6 +291,14 @@ def test_failed_and_diverged_runs_are_results_not_crashes(tmp_path):
     assert results[1]["diverged_step"] >= 1
 
 
+def test_a_sweep_with_a_failed_run_says_the_same_command_retries_it(tmp_path, capsys):
+    from randteach.cli import main
+    path = write_sweep(tmp_path, name="bad", seeds=[0], base={**FAST, "data.n_samples": 5000})
+    assert main(["--quiet", "sweep", str(path)]) == 3
+    out = capsys.readouterr().out
+    assert "sweep bad: 1 failed" in out and "the same command run again retries the failed runs" in out
+
+
 def test_a_run_completed_by_another_sweep_after_planning_stays_completed(tmp_path):
     # Two sweeps that share a run: the second planned it before the first finished it, so its worker
     # found it done and wrote nothing. That is the run's result, not a failure — and the completed

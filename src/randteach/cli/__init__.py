@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
               "folder and run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
+        print("interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else "") + "; run the same command again "
+              "to go on: what it finished is kept", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # the shells' codes
     finally:
         confine_imports(None)  # the confinement is this invocation's; a Python caller of main() gets its own back

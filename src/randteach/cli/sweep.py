@@ -92,6 +92,9 @@ def cmd_sweep(args, extra) -> int:
     if counts.get("pending") or counts.get("interrupted"):
         print("the sweep was stopped; run the same command again to finish it (finished runs are kept)")
         return EXIT_FAILED
+    if counts.get("failed"):  # a worker the OOM killer took, say: its run resumes from its checkpoint
+        print("the same command run again retries the failed runs, each from its last checkpoint where it has one "
+              "(their errors are in the report)")
     return 0 if set(counts) <= {"completed", "diverged"} else EXIT_FAILED
 
 

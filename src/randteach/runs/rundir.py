@@ -106,10 +106,14 @@ def write_json(path: Path, data: Any) -> None:
     """Atomically write JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temporary_beside(path)
-    with os.fdopen(fd, "w") as f:
-        json.dump(_clean(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(data), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a signal or a full disk: no temporary left beside the result
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def changed_settings(saved: dict, now: dict) -> str:
