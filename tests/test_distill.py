@@ -225,3 +225,12 @@ def test_data_split_chooses_the_images_distilled_on(tmp_path, split, images):
     cfg = tiny_config(tmp_path, data__name="stl10", data__root=tmp_path / "data", data__split=split,
                       train__batch_size=1, train__epochs=1, probe__which="[]")
     assert distill(cfg, progress=False).summary["steps"] == images  # one image a step, one epoch
+
+
+def test_joined_splits_are_one_copy_for_runs_side_by_side(tmp_path):
+    from randteach.data.registry import load_distilled, shared_loads
+    write_stl10(tmp_path / "data")
+    data = tiny_config(tmp_path, data__name="stl10", data__root=tmp_path / "data", data__split="train+unlabeled").data
+    with shared_loads():  # as a stack's runs open: each takes the images the first one read and joined
+        assert load_distilled(data) is load_distilled(data)
+    assert len(load_distilled(data)) == 7

@@ -165,23 +165,26 @@ def shared_loads() -> Iterator[None]:
 
 def load_configured(data_cfg, split: str = "train", name: str | None = None) -> ImageData:
     """Split `split` of data set `name` (default: the configured one) with a `DataConfig`'s root and folder
-    options; the folder path belongs to the configured data set only (a probe data set reads no folder)."""
+    options; the folder path belongs to the configured data set only (a probe data set reads no folder).
+    '+'-joined splits ('train+unlabeled') are their images one after another."""
     name = name or data_cfg.name
     path = data_cfg.path if name == data_cfg.name else None
     key = (name, split, data_cfg.root, path, data_cfg.test_fraction)
     shared = getattr(_sharing, "loads", None)
     if shared is not None and key in shared:
         return shared[key]
-    data = load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
+    if "+" in split:
+        data = joined([load_configured(data_cfg, part, name) for part in split.split("+")])
+    else:
+        data = load_dataset(name, split, root=data_cfg.root, path=path, test_fraction=data_cfg.test_fraction)
     if shared is not None:
         shared[key] = data
     return data
 
 
 def load_distilled(data_cfg) -> ImageData:
-    """The images distilled on: data.split of the configured data set, '+'-joined splits one after another."""
-    parts = [load_configured(data_cfg, split) for split in data_cfg.split.split("+")]
-    return parts[0] if len(parts) == 1 else joined(parts)
+    """The images distilled on: data.split of the configured data set."""
+    return load_configured(data_cfg, data_cfg.split)
 
 
 def search_dirs(info: DatasetInfo, base: Path) -> list[Path]:
