@@ -35,6 +35,21 @@ def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
 
 
 @contextmanager
+def written_whole(path: Path, mode: str = "w"):
+    """A file to write `path` through: a temporary beside it, renamed over `path` when the block ends. An error
+    or a signal inside the block removes the temporary and leaves `path` as it was; a reader, even in another
+    process, sees the old file or the whole new one."""
+    fd, tmp = temporary_beside(path)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def exclusive(path: Path):
     """Hold an advisory lock on `path` plus ".lock" (it and its folder created if missing), waiting for whoever
     holds it: other processes and other threads of this one (flock locks an open file, and each holder opens

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from ..data import ImageData, stratified_subset
 from ..errors import UserError
-from ..files import temporary_beside
+from ..files import written_whole
 from ..losses import distill_loss
 from ..models import build_model
 from ..probes.embedding import Prober
@@ -176,10 +176,8 @@ class _Points:
                 except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
                     continue
             # rewrite without a cut line, so new lines do not append to a fragment
-            fd, tmp = temporary_beside(path)
-            with os.fdopen(fd, "w") as f:
+            with written_whole(path) as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.done.values())
-            os.replace(tmp, path)
 
     def add(self, rec: dict) -> None:
         with open(self.path, "a") as f:
@@ -390,10 +388,8 @@ def compute_landscape(anchors: list[Anchor], run: RunInfo, out: str | Path, *, t
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
-    fd, tmp = temporary_beside(path)
-    with os.fdopen(fd, "wb") as f:
+    with written_whole(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 TITLES = {"loss": "teacher-student loss", "embed_kl": "encoder-embedding KL",

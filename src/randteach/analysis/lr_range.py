@@ -65,7 +65,8 @@ RANGE_KEYS = {"optim.lr": "--lr-start", "optim.lr_end": "--lr-end", "train.epoch
               "train.max_steps": "--steps or --epochs", "optim.schedule": "the test (exponential)",
               "optim.warmup_steps": "the test (0)", "train.probe_every": "the test (no probes)",
               "train.probe_at": "the test (no probes)", "probe.which": "the test (no probes)",
-              "train.checkpoint_every": "the test (no checkpoints)", "train.checkpoint_at": "the test (no checkpoints)", "train.log_every": "the test (every step)"}
+              "train.checkpoint_every": "the test (no checkpoints)", "train.checkpoint_at": "the test (no checkpoints)",
+              "train.log_every": "the test (every step)"}
 
 
 def refuse_range_keys(keys, command: str) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import CHUNK, file_digest, temporary_beside
+from ..files import CHUNK, file_digest, temporary_beside, written_whole
 from .registry import DatasetInfo, Remote, dataset_info
 from .roots import resolve_root
 
@@ -112,9 +112,9 @@ def _file_md5s(target: Path) -> dict[str, str]:
 
 
 def _mark_intact(target: Path) -> None:
-    tmp = target / f".{INTACT_MARKER}.tmp"
-    tmp.write_text(json.dumps(_file_md5s(target), indent=1))
-    os.replace(tmp, target / INTACT_MARKER)
+    md5s = _file_md5s(target)  # before the temporary exists beside them
+    with written_whole(target / INTACT_MARKER) as f:  # a name of its own: two fetches may finish at once
+        f.write(json.dumps(md5s, indent=1))
 
 
 def unpacked_intact(target: Path) -> bool:

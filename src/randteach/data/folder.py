@@ -36,7 +36,7 @@ import torch
 
 from ..digests import digest_code
 from ..errors import DataMissingError, RandteachWarning, UserError
-from ..files import temporary_beside
+from ..files import written_whole
 from .decode import read_headers, read_images
 from .images import ImageData, from_numpy, stratified_subset
 from .roots import resolve_root
@@ -177,14 +177,8 @@ def _write_cache(base: Path, key: str, d: Decoded, root: str | Path | None) -> s
     for folder in _cache_dirs(base, root):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = temporary_beside(folder / f"{key}.npz")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                os.replace(tmp, folder / f"{key}.npz")
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            with written_whole(folder / f"{key}.npz", "wb") as f:
+                np.savez(f, **arrays)
         except OSError:
             continue  # not writable: try the next place
         for old in folder.glob("*.npz"):

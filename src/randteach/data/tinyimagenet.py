@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..digests import digest_code
-from ..files import temporary_beside
+from ..files import written_whole
 from .decode import read_images
 from .images import FormatError, ImageData, from_numpy
 
@@ -61,14 +61,8 @@ def _val_files(directory: Path, wnids: list[str]) -> list[tuple[str, int]]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with written_whole(path, "wb") as f:
+        np.save(f, array)
 
 
 def _write_cache(cache: Path, split: str, key: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..config import Config
 from ..data import ImageData, Preprocess, load_configured, resolve_root, stratified_subset
 from ..digests import code_modules, digest_code, digest_module, digest_tensor
 from ..errors import UserError
-from ..files import temporary_beside
+from ..files import written_whole
 from ..models.common import fp32_channels_last
 from ..precision import autocast, exact_fp32, fp32_module
 
@@ -229,13 +228,8 @@ class Prober:
         result = compute()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = temporary_beside(path)  # a name of its own: runs side by side may write the same entry
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps({"key": key, "result": result}))
-                os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-            finally:  # a signal that stops the probe here (train.callbacks.StopFlag) leaves no temporary behind
-                Path(tmp).unlink(missing_ok=True)
+            with written_whole(path) as f:  # runs side by side may write the same entry
+                f.write(json.dumps({"key": key, "result": result}))
             self.origin[what] = f"computed and saved to {path}"
         except OSError:
             self.origin[what] = "computed (cache folder not writable)"

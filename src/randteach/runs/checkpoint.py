@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..files import temporary_beside
+from ..files import written_whole
 
 FORMAT = "randteach-checkpoint-v1"
 
@@ -26,21 +26,16 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
     """Atomically write `payload` (plus the format tag) to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with written_whole(path, "wb") as f:  # a folder that takes no file: its OSError, for callers that skip it
+        try:
             torch.save({"format": FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError ("unexpected pos")
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {str(e).splitlines()[0] if str(e) else e!r} "
-                              "(disk full, quota, or a read-only folder?); the previous version of the file, if "
-                              "any, is kept: free space and resume") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError ("unexpected pos")
+            raise CheckpointError(f"cannot write checkpoint {str(path)!r}: "
+                                  f"{str(e).splitlines()[0] if str(e) else e!r} (disk full, quota, or a read-only "
+                                  "folder?); the previous version of the file, if any, is kept: free space and "
+                                  "resume") from None
     return path
 
 

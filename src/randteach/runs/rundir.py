@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import RandteachWarning, UserError
-from ..files import temporary_beside
+from ..files import written_whole
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
 PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
@@ -105,15 +105,9 @@ def _folder_contents(cfg) -> tuple[str, int] | None:
 def write_json(path: Path, data: Any) -> None:
     """Atomically write JSON (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(data), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:  # a signal or a full disk: no temporary left beside the result
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_whole(path) as f:
+        json.dump(_clean(data), f, indent=2)
+        f.write("\n")
 
 
 def changed_settings(saved: dict, now: dict) -> str:
@@ -212,11 +206,9 @@ class RunDir:
         if not self.metrics_path.exists():
             return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        fd, tmp = temporary_beside(self.metrics_path)
-        with os.fdopen(fd, "w") as f:
+        with written_whole(self.metrics_path) as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.metrics_path)
 
     def steps(self) -> list[dict]:
         """The training-step records (runs written before records carried an "event" have none on steps)."""
