@@ -187,3 +187,17 @@ def test_rank_eps_and_center_give_the_rankme_number():
     row = layer_metrics(x, labels, center=True, rank_eps=RANKME["eps"])
     assert row["effective_rank"] == pytest.approx(effective_rank(x.double().numpy(), **RANKME), rel=1e-9)
     assert row["effective_rank"] != pytest.approx(layer_metrics(x, labels)["effective_rank"], rel=1e-3)
+
+
+def test_a_run_on_unlabelled_images_is_measured_on_the_labelled_train_split_and_says_so(tmp_path):
+    from test_distill import write_stl10
+
+    from randteach.analysis.signal_layers import RunModels
+    from randteach.train.loop import distill
+    write_stl10(tmp_path / "data")  # train 3 labelled images, unlabeled 4
+    cfg = tiny_config(tmp_path, data__name="stl10", data__root=tmp_path / "data", data__split="unlabeled",
+                      data__n_samples=4, train__batch_size=2, train__max_steps=1, probe__which="[]")
+    models = RunModels(distill(cfg, progress=False).path)
+    images, labels = models.samples("train", None)  # not 4 of the 3 labelled images: "has only 3"
+    assert len(images) == 3 and labels.min() >= 0
+    assert models.train_images() == "the labelled train split (the run distilled on data.split=unlabeled)"

@@ -152,17 +152,18 @@ def saved_steps(run: RunDir) -> dict[int, Path]:
 @exact_fp32()  # fp32 that is fp32 on a GPU (no TF32), as in the training loop
 def erank_curve(run_path: Path, n_samples: int = 500) -> list[dict]:
     """Effective rank of the student's embedding at init and at every saved checkpoint, on a stratified
-    subset of the images the run distilled on (`RunModels.samples`): [{step, erank}]. Cached in RUN/erank.json."""
+    subset of the run's train images (`RunModels.samples`: those it distilled on, where they carry labels):
+    [{step, erank}]. Cached in RUN/erank.json."""
     from .signal_layers import RunModels
     from .signal_propagation import effective_rank
 
     cache = Path(run_path) / "erank.json"
-    source = "the run's training images"  # since 2026-12-02; before, the probe data's whole train split
+    models = RunModels(run_path)
+    source = models.train_images()  # since 2026-12-02; before, the probe data's whole train split
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("n_samples") == n_samples and saved.get("images") == source:
             return saved["points"]
-    models = RunModels(run_path)
     images, _ = models.samples("train", n_samples)
     points = [(0, models.checkpoint_path("student_init"))] + list(saved_steps(RunDir(run_path)).items())
     out = []

@@ -286,6 +286,22 @@ class RunModels:
         return self._splits[name]
 
     @property
+    def distilled_on_train(self) -> bool:
+        """Whether the train split `samples` reads holds the images the run distilled on."""
+        return (not self.given_splits and probe_data_name(self.cfg) == self.cfg.data.name
+                and self.cfg.data.split == "train")
+
+    def train_images(self) -> str:
+        """What `samples("train")` reads, in words, for the results' records."""
+        if self.distilled_on_train:
+            return "the run's training images"
+        if self.given_splits:
+            return "the train images given"
+        if probe_data_name(self.cfg) != self.cfg.data.name:
+            return f"the train split of {probe_data_name(self.cfg)}"
+        return f"the labelled train split (the run distilled on data.split={self.cfg.data.split})"
+
+    @property
     def preprocess(self) -> Preprocess:
         if self._preprocess is None:  # the probes' normalization: statistics of the full train split
             self._preprocess = Preprocess.fit(self.split("train"), size=self.image_size)
@@ -294,9 +310,11 @@ class RunModels:
     def samples(self, split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images, labels) of a class-stratified subset of `n` images of a split (None = all). The
         train split is first cut to the images the run distilled on (its data.n_samples subset), the data set D
-        of ESC Sec. 3, where the probes read the run's own data and no other data was given."""
+        of ESC Sec. 3, where the probes read the run's own data and no other data was given. A run that
+        distilled on other splits (data.split: STL-10's unlabelled images) is measured on the labelled train
+        split whole: the separability and the probes need labels."""
         data = self.split(split)
-        if split == "train" and not self.given_splits and probe_data_name(self.cfg) == self.cfg.data.name:
+        if split == "train" and self.distilled_on_train:
             data = distilled_subset(self.cfg, data)
         if n:
             data = data.subset(stratified_subset(data.labels, n, seed=self.cfg.data.subset_seed))
@@ -349,8 +367,8 @@ def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test:
     num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)
     result = {"run": str(models.run.path), "run_status": (models.run.summary() or {}).get("status", "unfinished"),
               "data": models.split("train").name,
-              "metrics_on": "the images the run distilled on or a class-stratified subset of them (see "
-                            "n_samples and n_dead_samples); probes fit on it and score on the test-split subset",
+              "metrics_on": f"{models.train_images()} or a class-stratified subset of them (see n_samples and "
+                            "n_dead_samples); probes fit on it and score on the test-split subset",
               "checkpoints": {r: {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
                               for r, c in ckpts.items()}}
     encoders = {role: models.encoder(info["path"]) for role, info in ckpts.items()}
