@@ -331,9 +331,10 @@ def test_config_files_layer_in_order_and_mappings_merge_key_by_key(tmp_path):
     ({"train.device": "cuda:foo"}, "is not one of auto, cpu, cuda, cuda:N"),
     ({"name": "../../x"}, "give a plain name without /"),
     ({"head.wn1": "2"}, "(true/false, yes/no, on/off, 1/0)"),
-    ({"data.split": "unlabeled"}, "fashion-mnist has no split 'unlabeled' to distill on; valid: train"),
-    ({"data.name": "stl10", "data.split": "train+test"}, "no split 'test' to distill on; valid: train, unlabeled"),
-    ({"data.name": "stl10", "data.split": "train+train"}, "names a split twice"),
+    ({"data.split": "unlabeled"}, "fashion-mnist has no split 'unlabeled' to distill on; valid: train (the"),
+    ({"data.name": "stl10", "data.split": "train+test"}, "no split 'test' to distill on; valid: train, unlabeled, or train+unlabeled"),
+    ({"data.name": "stl10", "data.split": "train+train"}, "write 'train' for 'train+train'"),
+    ({"data.name": "stl10", "data.split": "unlabeled+train"}, "write 'train+unlabeled' for 'unlabeled+train'"),
 ])
 def test_values_that_cannot_be_meant_are_refused_with_the_way_out(overrides, words):
     with pytest.raises(ConfigError) as e:

@@ -129,6 +129,8 @@ def test_early_probes_probe_and_keep_a_checkpoint_before_the_cadence(tmp_path):
     assert r["early_probes"] == [1, 2, 20]
     with pytest.raises(Exception, match="whole numbers from 1"):
         run_escape(cfg, tmp_path / "bad", steps=4, probe_every_steps=2, early_probes=(0.5,), progress=False)
+    with pytest.raises(Exception, match="whole numbers from 1"):
+        run_escape(cfg, tmp_path / "bad", steps=4, probe_every_steps=2, early_probes=("ten",), progress=False)
 
 
 def test_checkpoint_at_saves_the_student_at_those_epochs(tmp_path):

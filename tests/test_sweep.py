@@ -296,7 +296,7 @@ def test_a_sweep_with_a_failed_run_says_the_same_command_retries_it(tmp_path, ca
     path = write_sweep(tmp_path, name="bad", seeds=[0], base={**FAST, "data.n_samples": 5000})
     assert main(["--quiet", "sweep", str(path)]) == 3
     out = capsys.readouterr().out
-    assert "sweep bad: 1 failed" in out and "the same command run again retries the failed runs" in out
+    assert "sweep bad: 1 failed" in out and "then run the same command again: it retries them" in out
 
 
 def test_a_run_completed_by_another_sweep_after_planning_stays_completed(tmp_path):

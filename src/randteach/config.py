@@ -350,10 +350,11 @@ def _bad_split(data: DataConfig) -> str | None:
     allowed = [s for s in INFO[data.name].splits if s != "test"]
     unknown = [s for s in splits if s not in allowed]
     if unknown:
+        joined = f", or {'+'.join(allowed)}" if len(allowed) > 1 else ""
         return (f"data.split: {data.name} has no split {unknown[0]!r} to distill on; valid: "
-                f"{', '.join(allowed)}, '+' between two (the probes score on test)")
-    if len(set(splits)) < len(splits):
-        return f"data.split: {data.split!r} names a split twice; name each once"
+                f"{', '.join(allowed)}{joined} (the probes score on test)")
+    if splits != sorted(set(splits), key=allowed.index):  # one spelling of a set of images: one run address
+        return f"data.split: write {'+'.join(sorted(set(splits), key=allowed.index))!r} for {data.split!r}"
     return None
 
 
@@ -463,6 +464,11 @@ def outside_the_address(key: str) -> bool:
 # an older version can still be recomputed from its config.yaml (`Config.matches`).
 DEFAULTS_VERSION = 2
 _REPLACED_DEFAULTS = {1: {"loss": {"name": "ce"}}}  # version 1 (up to 2026-11-30): cross-entropy
+
+
+def first_defaults() -> dict:
+    """Each key's first default: what a run made before a key existed did (its config.yaml lacks the key)."""
+    return _defaults_at(1)
 
 
 def _defaults_at(version: int) -> dict:

@@ -297,7 +297,7 @@ def _check_lengths(collapse_metric: str, steps: int, probe_every_steps: int, gro
     if steps < 1 or probe_every_steps < 1 or any(int(s) < 1 for s in group_steps.values()):
         raise UserError(f"steps, group_steps and probe_every_steps must be positive, got {steps}, {group_steps} "
                         f"and {probe_every_steps}")
-    if any(int(s) != s or s < 1 for s in early_probes):
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in early_probes):
         raise UserError(f"early_probes are optimizer steps, whole numbers from 1; got {list(early_probes)}")
     if set(group_steps) - set(GROUPS):
         raise UserError(f"group_steps names unknown groups {sorted(set(group_steps) - set(GROUPS))}; "

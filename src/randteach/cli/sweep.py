@@ -93,8 +93,8 @@ def cmd_sweep(args, extra) -> int:
         print("the sweep was stopped; run the same command again to finish it (finished runs are kept)")
         return EXIT_FAILED
     if counts.get("failed"):  # a worker the OOM killer took, say: its run resumes from its checkpoint
-        print("the same command run again retries the failed runs, each from its last checkpoint where it has one "
-              "(their errors are in the report)")
+        print("the failed runs: mend what their errors in the report name (a worker killed for memory needs "
+              "nothing), then run the same command again: it retries them, each from its last checkpoint")
     return 0 if set(counts) <= {"completed", "diverged"} else EXIT_FAILED
 
 

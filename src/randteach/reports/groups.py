@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..config import Config, flatten, outside_the_address
+from ..config import first_defaults, flatten, outside_the_address
 from ..errors import UserError
 from ..runs.rundir import CorruptSummary, RunDir
 from .run import COLORS, KIND_LABEL, KINDS, ROLES, file_safe, pyplot
@@ -132,7 +132,7 @@ def _swept_settings(rows: list[dict], key: str) -> set[tuple]:
 
 def _config_of(run: RunDir) -> dict | None:
     """The run's config.yaml, flattened ({} if there is none, None if it cannot be read). A key added to
-    randteach after the run was made takes its default, which is what the run did: its address is the
+    randteach after the run was made takes its first default, which is what the run did: its address is the
     same (`Config.digest`), and so is its group."""
     if not run.config_path.exists():
         return {}
@@ -140,7 +140,7 @@ def _config_of(run: RunDir) -> dict | None:
         config = yaml.safe_load(run.config_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
         return None
-    return {**flat_config(Config().to_dict()), **flat_config(config)} if isinstance(config, dict) else None
+    return {**flat_config(first_defaults()), **flat_config(config)} if isinstance(config, dict) else None
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
