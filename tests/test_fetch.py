@@ -330,20 +330,27 @@ def test_quiet_fetch_draws_no_progress_bar(server, tmp_path, capfd):
     assert "train-images-idx3-ubyte.gz" in capfd.readouterr().err  # the bars name the files
 
 
-def test_an_unpack_that_fails_on_the_disk_keeps_the_verified_download(server, tmp_path, monkeypatch, write_cifar10):
+@pytest.mark.parametrize("hand", [False, True])
+def test_an_unpack_that_fails_on_the_disk_keeps_the_verified_download(server, tmp_path, monkeypatch, write_cifar10,
+                                                                     hand):
     url, served = server
-    use_archive(monkeypatch, "cifar10", _cifar_archive(tmp_path, write_cifar10, served))
+    archive = _cifar_archive(tmp_path, write_cifar10, served)
+    use_archive(monkeypatch, "cifar10", archive)
     root = tmp_path / "root"
     root.mkdir()
     (root / "cifar-10-batches-py").write_text("a file in the way of the folder")  # an OSError, as a full disk
-    with pytest.raises(FetchError, match="The verified download stays at .*fetch again: it is unpacked without"):
+    kept = root / ".cifar-10-python.tar.gz.fetched"
+    with pytest.raises(FetchError, match=f"The verified download stays at {kept}; .*it is unpacked without"):
         fetch("cifar10", str(root), base_url=url, progress=False)
-    assert (root / "cifar-10-python.tar.gz").is_file()
+    assert kept.is_file()
     (root / "cifar-10-batches-py").unlink()
-    shutil.rmtree(served)  # the next fetch downloads nothing: it unpacks the kept archive, then removes it
+    if hand:  # the user's own copy, placed as the download error says: used and kept
+        shutil.copy(archive, root / "cifar-10-python.tar.gz")
+    shutil.rmtree(served)  # the next fetch downloads nothing: it unpacks a kept archive
     assert fetch("cifar10", str(root), base_url=url, progress=False) == root / "cifar-10-batches-py"
-    assert all_files(root)[0] == "cifar-10-batches-py" and not (root / "cifar-10-python.tar.gz").exists()
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert all_files(root) == sorted(["cifar-10-batches-py", *(["cifar-10-python.tar.gz"] if hand else [])]
+                                     + [f"cifar-10-batches-py/{f}" for f in os.listdir(root / "cifar-10-batches-py")])
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # our download is gone either way
 
 
 def test_an_unpack_folder_a_killed_fetch_left_is_removed_once_abandoned(server, tmp_path, monkeypatch, write_cifar10):

@@ -11,7 +11,6 @@ is unpacked again.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import http.client
@@ -73,32 +72,29 @@ def _fetch_archive(info: DatasetInfo, base: Path, target: Path, base_url: str | 
     if unpacked_intact(target):
         return
     remote = info.remote[0]
-    archive = base / remote.filename
-    ours = base / f".{remote.filename}.fetched"  # marks a download of ours that an unpack did not finish with
-    if not (archive.is_file() and checksum_ok(archive, remote)):  # else placed by hand, or ours from before
-        archive = download(_urls(remote, base_url), archive, remote, progress=progress)
-        ours.touch()
+    by_hand = base / remote.filename  # the user's own copy, kept
+    ours = base / f".{remote.filename}.fetched"  # a download of ours, removed once unpacked
+    if by_hand.is_file() and checksum_ok(by_hand, remote):
+        archive = by_hand
+    elif ours.is_file() and checksum_ok(ours, remote):  # left by a fetch that could not unpack it
+        archive = ours
+    else:
+        archive = download(_urls(remote, base_url), ours, remote, progress=progress, by_hand=by_hand)
     try:
         extract_archive(archive, base)
     except FetchError:  # not an archive we can unpack: of no use to keep
-        _remove_ours(archive, ours)
+        ours.unlink(missing_ok=True)
         raise
     except OSError as e:  # a full disk, say: the verified download is kept for the next try
-        raise FetchError(f"cannot unpack {archive.name} into {base}: {e}. The verified download stays at "
+        raise FetchError(f"cannot unpack {remote.filename} into {base}: {e}. The verified download stays at "
                          f"{archive}; free the space (or mend the cause) and fetch again: it is unpacked "
                          "without downloading it again") from None
-    _remove_ours(archive, ours)  # the user's own copy stays
+    ours.unlink(missing_ok=True)
     missing = [f for f in info.contents if not (target / f).exists()]
     if missing:
         raise FetchError(f"{remote.filename} unpacked, but {target / missing[0]} is missing: "
                          f"it is not the official {info.title} archive")
     _mark_intact(target)
-
-
-def _remove_ours(archive: Path, ours: Path) -> None:
-    if ours.exists():
-        archive.unlink(missing_ok=True)
-        ours.unlink()
 
 
 # Written after a verified archive was unpacked: the MD5 of every file, so that a later fetch tells an intact
@@ -152,8 +148,10 @@ def checksum_ok(path: Path, remote: Remote) -> bool:
 
 # ------------------------------------------------------------------ download
 
-def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, progress: bool = True) -> Path:
-    """Fetch `remote` from the first of `urls` that delivers it with the right checksum, to `dest`."""
+def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, progress: bool = True,
+             by_hand: Path | None = None) -> Path:
+    """Fetch `remote` from the first of `urls` that delivers it with the right checksum, to `dest`; where
+    none does, the error says to put the file at `by_hand` (default `dest`)."""
     _remove_abandoned_parts(Path(dest))
     problems = []
     for url in urls:
@@ -166,16 +164,23 @@ def download(urls: tuple[str, ...] | list[str], dest: Path, remote: Remote, *, p
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             problems.append(f"{url}: {getattr(e, 'reason', None) or e}")
     raise FetchError(f"could not download {remote.filename}:\n" + "\n".join(f"  {p}" for p in problems)
-                     + f"\nCheck the connection, or put the file there by hand: {dest} (md5 {remote.md5}).")
+                     + f"\nCheck the connection, or put the file there by hand: {by_hand or dest} (md5 {remote.md5}).")
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether a killed fetch left `path` (a SIGKILL skips its cleanup): nothing was written to it, or in it,
+    for ABANDONED_S. What another process is downloading or unpacking now is written more often."""
+    try:
+        written = max(p.stat().st_mtime for p in (path, *path.rglob("*")))
+    except OSError:
+        return False  # gone already, or not ours to read
+    return time.time() - written > ABANDONED_S
 
 
 def _remove_abandoned_parts(dest: Path) -> None:
-    """Partial downloads of `dest` that a killed fetch left (a SIGKILL skips its cleanup): those not written for
-    ABANDONED_S, so that a download another process is making now is left alone."""
     for part in dest.parent.glob(f".{dest.name}.*.part"):
-        with contextlib.suppress(OSError):
-            if time.time() - part.stat().st_mtime > ABANDONED_S:
-                part.unlink()
+        if _abandoned(part):
+            part.unlink(missing_ok=True)
 
 
 def _download(url: str, dest: Path, remote: Remote, progress: bool) -> Path:
@@ -280,13 +285,9 @@ UNPACK_PREFIX = ".randteach-unpack-"
 
 
 def _remove_abandoned_unpacks(dest: Path) -> None:
-    """Unpack folders that a killed fetch left (a SIGKILL skips its cleanup): those where nothing was written
-    for ABANDONED_S, so that an unpack another process is making now is left alone."""
     for folder in dest.glob(UNPACK_PREFIX + "*"):
-        with contextlib.suppress(OSError):
-            written = max(p.stat().st_mtime for p in (folder, *folder.rglob("*")))
-            if time.time() - written > ABANDONED_S:
-                shutil.rmtree(folder)
+        if _abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def extract_archive(archive: Path, dest: Path) -> None:
