@@ -127,13 +127,16 @@ def _curves(run: RunDir) -> tuple[dict, list[dict]]:
     return steps, probes
 
 
-def probe_value(record: dict, role: str = "student") -> float | None:
-    """A probe record's accuracy for `role`: linear, else k-NN (the curves' and the collapse's measure)."""
+def probe_reading(record: dict, role: str = "student") -> tuple[str, float] | None:
+    """(kind, accuracy) of a probe record for `role`: linear, else k-NN (the curves' and the collapse's
+    measure), or None."""
     result = record.get(role, {})
-    for kind in ("linear", "knn"):
-        if kind in result:
-            return float(result[kind])
-    return None
+    return next(((kind, float(result[kind])) for kind in ("linear", "knn") if kind in result), None)
+
+
+def probe_value(record: dict, role: str = "student") -> float | None:
+    reading = probe_reading(record, role)
+    return reading[1] if reading else None
 
 
 def saved_steps(run: RunDir) -> dict[int, Path]:

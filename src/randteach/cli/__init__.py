@@ -200,7 +200,7 @@ def cmd_data(args, extra) -> int:
     if args.action == "fetch":
         if not args.name:
             raise UserError("which data set? e.g. `randteach data fetch fashion-mnist`")
-        found = _copy_fetch_would_not_see(args.name, root)
+        found = _copy_loading_reads_outside_fetch(args.name, root)
         path = found or fetch(args.name, root, base_url=args.base_url, progress=not args.quiet)
         print(f"{args.name}: ready in {path}" + (" (already on disk; nothing fetched)" if found else ""))
     else:
@@ -215,7 +215,7 @@ def cmd_data(args, extra) -> int:
     return 0
 
 
-def _copy_fetch_would_not_see(name: str, root: str | None):
+def _copy_loading_reads_outside_fetch(name: str, root: str | None):
     """A complete copy of `name` that loading reads and `fetch` does not look for: torchvision's layout under
     the data root, or, with no --data.root given, a system folder (the Debian package's). The root's own
     folder is left to `fetch`, which checks its checksums."""

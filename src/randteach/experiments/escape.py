@@ -49,38 +49,47 @@ class Escape(Experiment):
         return [ctx.out / f"seed{c.train.seed}" / v.group / v.label for c in seed_bases(ctx) for v in variants]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
-        from ..analysis.escape import probe_value, run_escape
+        from ..analysis.escape import run_escape
         lines = []
         for cfg in seed_bases(ctx):
             out = ctx.out / f"seed{cfg.train.seed}"
             result = run_escape(cfg, out, progress=ctx.progress, **self._kwargs(ctx))
-            rows = []
-            erank = result["collapse_metric"] == "erank"
-            for r in result["runs"]:
-                teacher = next((probe_value(p, "teacher") for p in r["probes"] if "teacher" in p), None)
-                # a diverged run's last probe is from before it diverged: no final accuracy to show
-                final = probe_value(r["final_probe"]) if r["status"] == "completed" else None
-                c = r.get("collapse") or {}
-                lowest = (None if c.get("value") is None else
-                          f"{c['value']:.1f}" if erank else f"{100 * c['value']:.2f}")
-                rows.append([r["group"], r["label"], str(r["status"]) + (f" at step {r['diverged_step']}"
-                                                                         if r.get("diverged_step") else ""),
-                             f"{100 * teacher:.2f}" if teacher is not None else "–",
-                             f"{lowest} (step {c['step']})" if lowest else "–",
-                             f"{100 * final:.2f}" if final is not None else "–"])
             lines += [f"## seed {cfg.train.seed}: {result['encoder']} on {result['data']} (n = {result['n_samples']}, "
                       f"{result['steps']} steps, probe every {result['probe_every_steps']}{_early(result)})", ""]
-            kind = _probe_kind(result["runs"])
-            lowest = "collapse: lowest student embedding erank" if erank else f"collapse: lowest student {kind} (%)"
-            lines += markdown_rows(["group", "run", "status", f"teacher {kind} (%)", lowest,
-                                    f"final student {kind} (%)"], rows)
+            lines += _table(result)
             lines += [f"![{g}]({Path(p).relative_to(ctx.out)})" for g, p in result["figures"].items()] + [""]
         return lines
 
 
-def _probe_kind(runs: list[dict]) -> str:
-    """What `probe_value` read: linear where the runs were probed linearly, else k-NN."""
-    return "linear" if any("linear" in p.get("student", {}) for r in runs for p in r["probes"]) else "k-NN"
+def _table(result: dict) -> list[str]:
+    """One row per run: its teacher, its collapse (lowest probe or embedding rank) and its final student."""
+    from ..analysis.escape import probe_reading
+    from ..reports.run import KIND_LABEL
+    erank = result["collapse_metric"] == "erank"
+    readings = [probe_reading(p) for r in result["runs"] for p in r["probes"]]
+    kind = KIND_LABEL[next((k for k, _ in filter(None, readings)), "linear")]
+    rows = []
+    for r in result["runs"]:
+        teacher = next((probe_reading(p, "teacher") for p in r["probes"] if "teacher" in p), None)
+        # a diverged run's last probe is from before it diverged: no final accuracy to show
+        final = probe_reading(r["final_probe"]) if r["status"] == "completed" else None
+        c = r.get("collapse") or {}
+        status = str(r["status"]) + (f" at step {r['diverged_step']}" if r.get("diverged_step") else "")
+        rows.append([r["group"], r["label"], status, _percent(teacher), _lowest(c, erank), _percent(final)])
+    lowest = "collapse: lowest student embedding erank" if erank else f"collapse: lowest student {kind} (%)"
+    return markdown_rows(["group", "run", "status", f"teacher {kind} (%)", lowest, f"final student {kind} (%)"],
+                         rows)
+
+
+def _percent(reading: tuple[str, float] | None) -> str:
+    return f"{100 * reading[1]:.2f}" if reading else "–"
+
+
+def _lowest(collapse: dict, erank: bool) -> str:
+    value = collapse.get("value")
+    if value is None:
+        return "–"
+    return (f"{value:.1f}" if erank else f"{100 * value:.2f}") + f" (step {collapse['step']})"
 
 
 def _early(result: dict) -> str:
