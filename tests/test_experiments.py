@@ -547,3 +547,9 @@ def test_tiny_escape_by_effective_rank_labels_the_collapse_as_a_rank(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| step_size | lr10000 | completed |"))
     rank = float(row.split("|")[5].split("(")[0])
     assert 1 <= rank <= 64  # an effective rank of the 64-dim tiny embedding, not a percentage
+
+
+def test_the_escape_dry_run_names_the_probe_schedule(tmp_path, capsys):
+    assert main(["experiment", "escape", "--scale", "paper", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert "20000 steps each, batch_size 6000, stabilize 6000, probed every 500 and at steps 10, 25, 50, 100, 250 (" \
+        in capsys.readouterr().out
