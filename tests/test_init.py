@@ -129,3 +129,15 @@ def test_l2_norms_of_ordinary_fp32_tensors_take_no_float64_norm():
     with Float64Norms():
         l2_norms([1e-25 * t for t in tensors])  # these do need float64
     assert Float64Norms.seen == 2
+
+
+def test_a_fresh_init_with_the_teachers_seed_is_refused(tmp_path):
+    # train.seed 0 derives the fresh seed 2: a teacher seed of 2 made theta~ the teacher, the student sqrt(2) theta_T
+    from randteach.errors import UserError
+    from randteach.train.loop import distill
+    from tiny import tiny_config
+    cfg = tiny_config(tmp_path, init__teacher_seed=2, init__alpha=0.5, train__max_steps=1, probe__which="[]")
+    with pytest.raises(UserError, match="the fresh init theta~ would be the teacher itself"):
+        distill(cfg, progress=False)
+    distill(tiny_config(tmp_path, init__teacher_seed=2, init__mode="copy", train__max_steps=1, probe__which="[]"),
+            progress=False)  # a copy has no fresh init: its seeds may be anything

@@ -69,6 +69,11 @@ def build_teacher_and_student(cfg: Config, in_channels: int, image_size: int, en
     `encoder` (Python API): a factory or module instance that replaces cfg.model.encoder.
     `dtype`: hold a locality / neighborhood pair in this dtype (float64 keeps the whole 1e-10 residue)."""
     sd = seeds(cfg)
+    fresh_init = cfg.init.mode in ("locality", "neighborhood", "independent")
+    if fresh_init and sd["teacher"] == sd["fresh"] and not cfg.init.teacher_checkpoint:
+        raise UserError(f"init.teacher_seed and init.fresh_seed are both {sd['teacher']} (given or derived from "
+                        f"train.seed={cfg.train.seed}): the fresh init theta~ would be the teacher itself, where "
+                        "RT Sec. 4 draws it afresh; choose another seed for one of them")
     teacher = build_model(cfg, in_channels, image_size, seed=sd["teacher"], encoder=encoder)
     if cfg.init.teacher_checkpoint:
         load_weights(teacher, load_state_dict(cfg.init.teacher_checkpoint, "student"), cfg.init.teacher_checkpoint)
