@@ -616,3 +616,13 @@ def test_a_json_result_that_fails_halfway_leaves_no_temporary(tmp_path):
         write_json(tmp_path / "imp.json", {"rounds": 2, "model": object()})  # fails inside the dump
     assert [p.name for p in tmp_path.iterdir()] == ["imp.json"]
     assert json.loads((tmp_path / "imp.json").read_text()) == {"rounds": 1}
+
+
+def test_a_command_that_starts_over_does_not_promise_to_go_on(monkeypatch, capsys):
+    from randteach.cli import analysis, main
+
+    def stopped(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(analysis, "_supervised_setup", stopped)  # finetune keeps nothing of an unfinished run
+    assert main(["finetune", "some-run"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -374,6 +374,11 @@ def _our_warnings_plain(command: str):
         warnings.formatwarning = default
 
 
+# The commands that keep what they finished and go on from it when run again (distill, demo and sweep say so
+# in their own words); the others (finetune, signal, probe, ...) start over.
+RESUMING = frozenset({"lr-range", "landscape", "imp", "lmc", "experiment"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..config import confine_imports
     parser = build_parser()
@@ -412,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
               "folder and run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else "") + "; run the same command again "
-              "to go on: what it finished is kept", file=sys.stderr)
+        again = ("; run the same command again to go on: what it finished is kept" if args.command in RESUMING
+                 else "")
+        print("interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else "") + again, file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # the shells' codes
     finally:
         confine_imports(None)  # the confinement is this invocation's; a Python caller of main() gets its own back
