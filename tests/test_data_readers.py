@@ -70,6 +70,13 @@ def test_idx_truncated_is_corrupt(tmp_path):
         load_dataset("mnist", "test", root=str(tmp_path))
 
 
+def test_labels_out_of_range_name_the_labels_file(tmp_path):
+    write_mnist(tmp_path / "mnist", gz=False)
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte", np.array([0, 12, 3, 4, 5], np.uint8))
+    with pytest.raises(DataMissingError, match=r"t10k-labels-idx1-ubyte: labels range over \[0, 12\]"):
+        load_dataset("mnist", "test", root=str(tmp_path))
+
+
 # ------------------------------------------------------------------ CIFAR-10 / CIFAR-100
 
 def test_cifar10(tmp_path, write_cifar10):

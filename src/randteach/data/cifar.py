@@ -91,4 +91,4 @@ def load(directory: Path, split: str, *, name: str) -> ImageData:
     parts = [_read_batch(directory / f, layout["labels"]) for f in layout[split]]
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts])
-    return from_numpy(images, labels, len(names), name, names)
+    return from_numpy(images, labels, len(names), name, names, source=directory)

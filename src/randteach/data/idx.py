@@ -67,4 +67,4 @@ def load(directory: Path, split: str, *, name: str, num_classes: int = 10, class
     if len(images) != len(labels):
         raise FormatError(directory, f"{os.path.basename(image_path)} holds {len(images)} images but "
                                      f"{os.path.basename(label_path)} holds {len(labels)} labels")
-    return from_numpy(images[:, None], labels, num_classes, name, classes)
+    return from_numpy(images[:, None], labels, num_classes, name, classes, source=label_path)

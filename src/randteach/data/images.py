@@ -91,15 +91,16 @@ def joined(parts: list[ImageData]) -> ImageData:
 
 
 def from_numpy(images: np.ndarray, labels, num_classes: int, name: str, classes=None, *,
-               unlabelled: bool = False) -> ImageData:
+               unlabelled: bool = False, source=None) -> ImageData:
     """Wrap (N, C, H, W) uint8 numpy images and integer labels, checking labels lie in [0, num_classes);
-    `unlabelled`: a split without labels (STL-10's), whose labels are -1."""
+    `unlabelled`: a split without labels (STL-10's), whose labels are -1; `source`: the file (or folder) the
+    labels came from, which an error names."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise FormatError(name, f"expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
     labels = np.require(np.asarray(labels).reshape(-1), np.int64, ["C", "W"])
     labelled = labels[labels != -1] if unlabelled else labels
     if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
-        raise FormatError(name, f"labels range over [{labelled.min()}, {labelled.max()}], "
+        raise FormatError(source or name, f"labels range over [{labelled.min()}, {labelled.max()}], "
                                 f"expected [0, {num_classes - 1}]")
     return ImageData(torch.from_numpy(np.require(images, np.uint8, ["C", "W"])), torch.from_numpy(labels),
                      num_classes, name, classes)
