@@ -39,9 +39,9 @@ class Escape(Experiment):
         variants = escape_variants(**{k: kw[k] for k in ESCAPE_SWEEP if k in kw})
         per_group = "".join(f", {g} {s}" for g, s in (kw.get("group_steps") or {}).items())
         probes = f"probed every {kw.get('probe_every_steps')}{_early(kw)}"
-        return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each{per_group}, "
-                f"{probes} ({', '.join(v.group + '/' + v.label for v in variants)}) into "
-                f"{ctx.out / f'seed{c.train.seed}'}" for c in seed_bases(ctx)]
+        runs = ", ".join(v.group + "/" + v.label for v in variants)
+        return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each"
+                f"{per_group}, {probes} ({runs}) into {ctx.out / f'seed{c.train.seed}'}" for c in seed_bases(ctx)]
 
     def own_runs(self, ctx: Context) -> list[Path]:
         from ..analysis.escape import escape_variants
