@@ -117,7 +117,7 @@ def test_digest_ignores_runtime_knobs_and_new_default_keys():
     assert build_config("cpu", overrides={"init.alpha": "0.5"}).digest() != base.digest()
 
 
-def test_a_changed_image_folder_is_a_new_run(tmp_path):
+def test_a_changed_image_folder_is_a_new_run(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
     for c in ("a", "b"):
@@ -127,6 +127,9 @@ def test_a_changed_image_folder_is_a_new_run(tmp_path):
     before = cfg.run_dir()
     Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "imgs" / "a" / "1.png")
     assert cfg.run_dir() != before and cfg.run_dir().name.startswith(f"cpu-{cfg.digest()}-")
+    home = build_config("cpu", overrides={"data.name": "folder", "data.path": "~/imgs"})  # as a YAML file writes it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert home.run_dir().name.split("-")[-1] == cfg.run_dir().name.split("-")[-1]  # the folder read is keyed
 
 
 def test_add_flags_makes_a_flag_per_field_with_its_type_default_and_choices():

@@ -287,10 +287,9 @@ class Config:
 
     def _folder_key(self) -> str:
         """An image folder's contents are data, not config: a changed folder is a new run."""
-        if self.data.name == "folder" and self.data.path and Path(self.data.path).is_dir():
-            from .data.folder import contents
-            return "-" + contents(self.data.path)[0][:8]
-        return ""
+        from .data.folder import configured_contents
+        found = configured_contents(self.data)
+        return "-" + found[0][:8] if found else ""
 
     def validate(self) -> "Config":
         _validate(self, "")  # types were checked when the values were set; choices and ranges here

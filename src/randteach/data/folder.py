@@ -143,6 +143,13 @@ def _scan(base: Path) -> Listing:
     return Listing(classes, files, labels, splits, stats)
 
 
+def configured_contents(data_cfg) -> tuple[str, int] | None:
+    """`contents` of a config's image folder (data.name=folder); None for other data or a folder not there."""
+    if data_cfg.name != "folder" or not data_cfg.path or not Path(data_cfg.path).expanduser().is_dir():
+        return None
+    return contents(data_cfg.path)
+
+
 def contents(path: str | Path) -> tuple[str, int]:
     """(contents key, number of image files) of the image folder `path`. The key names the data a run reads: it
     enters the run's default address and the run's record of its folder (`runs.rundir.open_data_folder`)."""

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import RandteachWarning, UserError
+from ..data.folder import configured_contents
 from ..files import written_whole
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
@@ -74,7 +75,7 @@ def open_data_folder(run: RunDir, cfg) -> None:
     if (run.checkpoints / "last.pt").is_file():
         check_data_folder(run, cfg, "resuming")
         return
-    contents = _folder_contents(cfg)
+    contents = configured_contents(cfg.data)
     if contents is not None:
         write_json(run.path / DATA_FOLDER, {"path": cfg.data.path, "contents": contents[0], "files": contents[1]})
 
@@ -86,20 +87,12 @@ def check_data_folder(run: RunDir, cfg, doing: str) -> None:
         then = json.loads((run.path / DATA_FOLDER).read_text())
     except (OSError, ValueError):
         return  # no image folder, a run from before the record, or a damaged one: nothing to compare with
-    contents = _folder_contents(cfg)
+    contents = configured_contents(cfg.data)
     if contents is not None and isinstance(then, dict) and then.get("contents") != contents[0]:
         warnings.warn(f"{doing} {run.path}: its image folder {cfg.data.path} has changed since the run began "
                       f"({then.get('files')} image files then, {contents[1]} now; or files rewritten, or their "
                       "modification times changed): the images read now are not those the run began on. Restore "
                       "the folder, or start a new run", RandteachWarning, stacklevel=3)
-
-
-def _folder_contents(cfg) -> tuple[str, int] | None:
-    """(contents key, number of image files) of the run's image folder; None for other data."""
-    if cfg.data.name != "folder" or not cfg.data.path or not Path(cfg.data.path).expanduser().is_dir():
-        return None
-    from ..data.folder import contents
-    return contents(cfg.data.path)
 
 
 def write_json(path: Path, data: Any) -> None:
