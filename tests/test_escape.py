@@ -7,6 +7,7 @@ import yaml
 
 from randteach.analysis.escape import escape_variants, find_collapse, keep_collapse_checkpoint, run_escape
 from randteach.config import config_from_dict
+from randteach.errors import UserError
 from randteach.runs.checkpoint import load_checkpoint
 from randteach.runs.rundir import RunDir
 from randteach.train.loop import distill
@@ -62,6 +63,19 @@ def test_escape_sweep_end_to_end(tmp_path):
     for x in again["runs"]:
         ckpts = Path(x["run"]) / "checkpoints"
         assert not list(ckpts.glob("student_step*.pt")) and (ckpts / "collapse.pt").exists()
+
+
+def test_keep_steps_saves_those_students_and_pruning_spares_them(tmp_path):
+    # ESC Sec. 3 takes theta_S "after 100 epochs", a step of the run the cadence does not save
+    cfg = tiny_config(tmp_path, **ESCAPE)
+    r = run_escape(cfg, tmp_path / "escape", steps=8, probe_every_steps=4, lrs=(1e4,), batch_sizes=(),
+                   stabilize=False, prune_checkpoints=True, keep_steps=[6], progress=False)
+    ckpts = Path(r["runs"][0]["run"]) / "checkpoints"
+    assert [p.name for p in ckpts.glob("student_step*.pt")] == ["student_step6.pt"]
+    assert load_checkpoint(ckpts / "student_step6.pt")["step"] == 6 and r["keep_steps"] == [6]
+    with pytest.raises(UserError, match="keep_steps are optimizer steps"):
+        run_escape(cfg, tmp_path / "bad", steps=8, probe_every_steps=4, lrs=(1e4,), batch_sizes=(), stabilize=False,
+                   keep_steps=[0.5], progress=False)
 
 
 def _escape(tmp_path, precision, bf16_after=1e-3):

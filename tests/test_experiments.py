@@ -15,7 +15,9 @@ from randteach.cli import main
 from randteach.config import ConfigError
 from randteach.errors import UserError
 from randteach.experiments import NAMES, get_experiment, load_recipe, make_context, run_experiment
+from randteach.experiments.base import known_params
 from randteach.experiments.recipe import recipe_names
+from randteach.experiments.signal_propagation import SIGNAL_PARAMS
 from randteach.reports.experiment import markdown, summarize
 
 PAPER_ENCODERS = ["vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet56", "resnet18", "resnet34", "resnet50",
@@ -149,9 +151,12 @@ def test_paper_escaping_experiments_are_e12_to_e15():
     assert c.data.n_samples == 49152 and esc.params["batch_lr"] == esc.params["stabilize_lr"] == 1e4
     assert esc.params["lrs"][0] == 32 and esc.params["lrs"][-1] == 1e5 and 1e4 in esc.params["lrs"]
     assert esc.params["batch_sizes"] == [256, 1024, 4096, 16384, 0] and esc.params["stabilize"]
-    # Fig. 1c: 20k steps (~100 epochs of 192 steps: theta_S of Sec. 3); Fig. 1d: 6k steps
+    # Fig. 1c: 20k steps; Fig. 1d: 6k steps; theta_S of Sec. 3 after 100 epochs of 192 steps, kept for E14
     assert esc.params["steps"] == 20000 and esc.params["group_steps"]["batch_size"] == 6000
-    assert load_recipe("signal", "paper").params["runs"] == ["step_size/lr10000"]  # E14 analyses E13's eta = 1e4 run
+    assert esc.params["keep_steps"] == [100 * 49152 // 256]
+    signal = make_context("signal", "paper")
+    assert signal.params["runs"] == ["step_size/lr10000"]  # E14 analyses E13's eta = 1e4 run
+    assert known_params(signal, SIGNAL_PARAMS)["student_step"] == 19200
 
 
 def test_paper_reference_numbers_are_the_papers_tables():
@@ -551,5 +556,5 @@ def test_tiny_escape_by_effective_rank_labels_the_collapse_as_a_rank(tmp_path):
 
 def test_the_escape_dry_run_names_the_probe_schedule(tmp_path, capsys):
     assert main(["experiment", "escape", "--scale", "paper", "--out", str(tmp_path), "--dry-run"]) == 0
-    assert "20000 steps each, batch_size 6000, stabilize 6000, probed every 500 and at steps 10, 25, 50, 100, 250 (" \
-        in capsys.readouterr().out
+    assert ("20000 steps each, batch_size 6000, stabilize 6000, probed every 500 and at steps 10, 25, 50, 100, 250; "
+            "the student of step 19200 kept (") in capsys.readouterr().out

@@ -144,6 +144,13 @@ def test_signal_command_on_a_tiny_run(tmp_path, capsys):
     assert teacher_probe > 0.3  # digits from a random conv net's embedding: well above chance (0.1)
     for name in ("signal_propagation.png", "signal_representation.png"):
         assert (run.path / "signal" / name).stat().st_size > 0
+    # --student-step: theta_S is the student saved at that step (ESC Sec. 3: after 100 epochs, not the last step)
+    assert main(["--quiet", "signal", str(run.path), "--n-samples", "200", "--no-probe", "--student-step", "4",
+                 "--out", str(tmp_path / "step4")]) == 0
+    assert "| student | student_step4.pt (4) |" in capsys.readouterr().out
+    assert main(["--quiet", "signal", str(run.path), "--no-probe", "--student-step", "3", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "saved no student at step 3; its saved students are at steps 2, 4, 6, 8" in capsys.readouterr().err
     # an unfinished run (as a kill leaves it): its latest snapshot stands in for the student, and it says so
     (run.path / "summary.json").unlink()
     (run.path / "checkpoints" / "student.pt").unlink()

@@ -89,10 +89,10 @@ def escape_variants(*, lrs=DEFAULT_LRS, batch_sizes=DEFAULT_BATCH_SIZES, batch_l
 
 
 def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_every_steps: int,
-                   out: Path, early_probes=()) -> Config:
+                   out: Path, early_probes=(), keep_steps=()) -> Config:
     """The base config with the variant's overrides, `steps` optimizer steps, probes and checkpoints
-    every `probe_every_steps` steps and at the steps `early_probes` (expressed in epochs of this variant's
-    batch size)."""
+    every `probe_every_steps` steps and at the steps `early_probes`, and checkpoints at the steps
+    `keep_steps` (expressed in epochs of this variant's batch size)."""
     d = cfg.to_dict()
     for section, values in dotted_to_nested(variant.overrides).items():
         d[section].update(values)
@@ -105,7 +105,8 @@ def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_e
     c.train.probe_every = every
     c.train.checkpoint_every = every
     c.train.probe_at = [s / steps_per_epoch for s in sorted(early_probes) if s < steps]
-    c.train.checkpoint_at = list(c.train.probe_at)  # the collapse checkpoint is kept at a probed step
+    # the collapse checkpoint is kept at a probed step
+    c.train.checkpoint_at = sorted(set(c.train.probe_at) | {s / steps_per_epoch for s in keep_steps if s < steps})
     c.train.log_every = 1  # the escape is read off every step's loss and distance
     c.name = f"escape-{variant.group}-{variant.label}"
     c.out = str(out / variant.group / variant.label)
@@ -244,7 +245,7 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
                batch_sizes=DEFAULT_BATCH_SIZES, batch_lr: float = 1e4, stabilize: bool = True,
                stabilize_losses=STABILIZE_LOSSES, stabilize_lr: float = 1e4, warmup_steps: int = 1000,
                collapse_metric: str = "probe", exact: bool = False, erank_samples: int = 500,
-               prune_checkpoints: bool = False, progress: bool = True, early_probes=(),
+               prune_checkpoints: bool = False, progress: bool = True, early_probes=(), keep_steps=(),
                train_data: ImageData | None = None, group_steps: dict[str, int] | None = None) -> dict:
     """Run the escape sweeps (escaping paper, Fig. 1b-d and App. A) of base config `cfg` into OUT and return OUT/escape.json's content.
 
@@ -254,10 +255,12 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     the first three steps and the collapsed plateau after it, which a sparse cadence can step over.
     Completed runs are not redone (the loop skips them), nor are their kept collapse checkpoints.
     `prune_checkpoints` deletes the intermediate student_step<N>.pt once the collapse point is kept
-    (a VGG11 run probed every 500 of 20k steps saves 40 of them). Writes OUT/escape.json and one figure
+    (a VGG11 run probed every 500 of 20k steps saves 40 of them), except those of the steps `keep_steps`,
+    which every run saves (ESC Sec. 3 takes theta_S "after 100 epochs": step 19,200 of a 20k-step run of
+    192 steps per epoch; `randteach signal --student-step`). Writes OUT/escape.json and one figure
     per group, OUT/escape_<group>.png (loss, gradient norm and probe accuracy vs step)."""
     group_steps = dict(group_steps or {})
-    _check_lengths(collapse_metric, steps, probe_every_steps, group_steps, early_probes)
+    _check_lengths(collapse_metric, steps, probe_every_steps, group_steps, early_probes, keep_steps)
     out = Path(out)
     full = train_data if train_data is not None else load_distilled(cfg.data)
     n = min(cfg.data.n_samples, len(full)) if cfg.data.n_samples else len(full)
@@ -269,15 +272,19 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
     results = []
     for v in variants:
         c = variant_config(cfg, v, n=n, steps=int(group_steps.get(v.group, steps)),
-                           probe_every_steps=probe_every_steps, out=out, early_probes=early_probes)
+                           probe_every_steps=probe_every_steps, out=out, early_probes=early_probes,
+                           keep_steps=keep_steps)
         run = distill(c, progress=progress, train_data=full)
         results.append({"group": v.group, "label": v.label, "overrides": v.overrides,
                         **_escape_record(c, run, n, full, collapse_metric, erank_samples, exact)})
         if prune_checkpoints:  # after the collapse checkpoint is kept
+            kept = {f"student_step{s}.pt" for s in keep_steps}
             for p in RunDir(run.path).checkpoints.glob("student_step*.pt"):
-                p.unlink()
+                if p.name not in kept:
+                    p.unlink()
     result = {"base_config_digest": cfg.digest(), "n_samples": n, "steps": steps, "group_steps": group_steps,
               "probe_every_steps": probe_every_steps, "early_probes": sorted(early_probes),
+              "keep_steps": sorted(keep_steps),
               "collapse_metric": collapse_metric,
               "collapse_checkpoint": "re-run to the exact step" if exact else "nearest saved checkpoint",
               "encoder": cfg.model.encoder, "data": cfg.data.name, "runs": results, "figures": {}}
@@ -294,14 +301,15 @@ def run_escape(cfg: Config, out: str | Path, *, steps: int, probe_every_steps: i
 
 
 def _check_lengths(collapse_metric: str, steps: int, probe_every_steps: int, group_steps: dict,
-                   early_probes) -> None:
+                   early_probes, keep_steps) -> None:
     if collapse_metric not in COLLAPSE_METRICS:
         raise UserError(f"collapse_metric {collapse_metric!r} is not one of {', '.join(COLLAPSE_METRICS)}")
     if steps < 1 or probe_every_steps < 1 or any(int(s) < 1 for s in group_steps.values()):
         raise UserError(f"steps, group_steps and probe_every_steps must be positive, got {steps}, {group_steps} "
                         f"and {probe_every_steps}")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in early_probes):
-        raise UserError(f"early_probes are optimizer steps, whole numbers from 1; got {list(early_probes)}")
+    for name, chosen in (("early_probes", early_probes), ("keep_steps", keep_steps)):
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in chosen):
+            raise UserError(f"{name} are optimizer steps, whole numbers from 1; got {list(chosen)}")
     if set(group_steps) - set(GROUPS):
         raise UserError(f"group_steps names unknown groups {sorted(set(group_steps) - set(GROUPS))}; "
                         f"valid: {', '.join(GROUPS)}")

@@ -323,18 +323,26 @@ class RunModels:
     def embed(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return embed(encoder, images, self.preprocess, device=self.device, channels=self.in_channels)
 
-    def final_student(self) -> tuple[Path, int | None]:
-        """checkpoints/student.pt, else (a diverged or unfinished run) the latest student_step<N>.pt."""
+    def saved_student(self, step: int | None = None) -> tuple[Path, int]:
+        """(path, step) of the student saved at `step`; without a step, checkpoints/student.pt, else (a
+        diverged or unfinished run) the latest student_step<N>.pt."""
         from .escape import saved_steps
         saved = saved_steps(self.run)
-        if not saved:
-            raise UserError(f"{self.run.path} has no saved student (checkpoints/student.pt or student_step<N>.pt)")
-        step = max(saved)
+        if step is None:
+            if not saved:
+                raise UserError(f"{self.run.path} has no saved student (checkpoints/student.pt or student_step<N>.pt)")
+            step = max(saved)
+        elif step not in saved:
+            raise UserError(f"{self.run.path} saved no student at step {step}; its saved students are at steps "
+                            f"{', '.join(map(str, saved)) or 'none'}. Choose one of them, or train the run with "
+                            "train.checkpoint_at (epochs) at that step (the escape experiment: params.keep_steps)")
         return saved[step], step
 
 
-def signal_checkpoints(models: RunModels, collapse: str | Path | None = None) -> dict[str, dict]:
-    """{role: {path, step}} for teacher, collapse point (RUN/collapse.json or `collapse`) and final student."""
+def signal_checkpoints(models: RunModels, collapse: str | Path | None = None,
+                       student_step: int | None = None) -> dict[str, dict]:
+    """{role: {path, step}} for teacher, collapse point (RUN/collapse.json or `collapse`) and student: the one
+    saved at `student_step`, else the final one."""
     out = {"teacher": {"path": models.checkpoint_path("teacher"), "step": 0}}
     record = models.run.path / "collapse.json"
     if collapse is not None:
@@ -345,7 +353,7 @@ def signal_checkpoints(models: RunModels, collapse: str | Path | None = None) ->
         info = json.loads(record.read_text())
         out["collapse"] = {"path": models.run.path / info["checkpoint"], "step": info.get("checkpoint_step"),
                            "metric": info.get("metric"), "value": info.get("value")}
-    path, step = models.final_student()
+    path, step = models.saved_student(student_step)
     out["student"] = {"path": path, "step": step}
     return out
 
@@ -353,15 +361,16 @@ def signal_checkpoints(models: RunModels, collapse: str | Path | None = None) ->
 def analyze_signal(run_dir: str | Path, *, n_samples: int | None = None, n_test: int | None = None,
                    spatial: str = "flatten", center: bool = False, standardize: bool = False,
                    threshold: float = 0.999, rank_eps: float = 0.0,
-                   probe: bool = True, collapse: str | Path | None = None, out: str | Path | None = None,
-                   overrides: dict | None = None, progress: bool = True,
+                   probe: bool = True, collapse: str | Path | None = None, student_step: int | None = None,
+                   out: str | Path | None = None, overrides: dict | None = None, progress: bool = True,
                    splits: tuple[ImageData, ImageData] | None = None, architecture=None) -> dict:
     """Per-layer signal-propagation and representation metrics of a run; writes OUT/signal.json,
     OUT/signal_propagation.png (Fig. 2) and OUT/signal_representation.png (Fig. 3). OUT defaults to
-    RUN/signal. Returns the JSON content. `splits`, `architecture`: see `RunModels`."""
+    RUN/signal. Returns the JSON content. theta_S is the student saved at `student_step` (ESC Sec. 3: "after
+    100 epochs"), else the final one. `splits`, `architecture`: see `RunModels`."""
     models = RunModels(run_dir, overrides, splits, architecture)
     out = Path(out) if out else models.run.path / "signal"
-    ckpts = signal_checkpoints(models, collapse)
+    ckpts = signal_checkpoints(models, collapse, student_step)
     train_images, train_labels = models.samples("train", n_samples)
     test_images, test_labels = models.samples("test", n_test) if probe else (None, None)
     num_classes = max(models.split("train").num_classes, int(train_labels.max()) + 1)

@@ -46,6 +46,8 @@ class SignalOptions:
     threshold: float = opt(0.999, "spectral mass defining sigma'_min", gt=0, le=1)
     no_probe: bool = opt(False, "skip the per-layer probes")
     collapse: str | None = opt(None, "checkpoint to use as the collapse point (default: RUN_DIR/collapse.json's)")
+    student_step: int | None = opt(None, "the student saved at this step is theta_S (default: the final student; "
+                                   "the escaping paper takes it after 100 epochs)", gt=0)
     out: str | None = opt(None, "output folder (default RUN_DIR/signal)")
 
 
@@ -86,10 +88,10 @@ def cmd_signal(args, extra) -> int:
         result = analyze_signal(run_dir, n_samples=o.n_samples, n_test=o.n_test, spatial=o.spatial,
                                 center=o.center, standardize=o.standardize, threshold=o.threshold,
                                 rank_eps=o.rank_eps,
-                                probe=not o.no_probe, collapse=o.collapse, out=o.out,
+                                probe=not o.no_probe, collapse=o.collapse, student_step=o.student_step, out=o.out,
                                 overrides=parse_overrides(extra), progress=not quiet)
     print(signal_table(result))
-    if result["run_status"] != "completed":  # its student.pt is missing: the latest snapshot stands in
+    if result["run_status"] != "completed" and o.student_step is None:  # the latest snapshot stands in
         name = Path(result["checkpoints"]["student"]["path"]).name
         print(f"note: the run is {result['run_status']}, not completed: 'student' is its latest saved student, {name}")
     print(f"{len(result['layers'])} layers x {', '.join(result['metrics'])}: {result['figures']['propagation']}, "

@@ -9,7 +9,7 @@ from .base import Context, Experiment, known_params, markdown_rows, seed_bases
 
 ESCAPE_PARAMS = ("steps", "probe_every_steps", "lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses",
                  "stabilize_lr", "warmup_steps", "collapse_metric", "exact", "erank_samples", "prune_checkpoints",
-                 "group_steps", "early_probes")
+                 "group_steps", "early_probes", "keep_steps")
 
 
 ESCAPE_SWEEP = ("lrs", "batch_sizes", "batch_lr", "stabilize", "stabilize_losses", "stabilize_lr", "warmup_steps")
@@ -94,8 +94,9 @@ def _lowest(collapse: dict, erank: bool) -> str:
 
 
 def _early(result: dict) -> str:
-    early = result.get("early_probes")
-    return f" and at steps {', '.join(map(str, early))}" if early else ""
+    early, kept = result.get("early_probes"), result.get("keep_steps")
+    return ((f" and at steps {', '.join(map(str, early))}" if early else "")
+            + (f"; the student of step {', '.join(map(str, kept))} kept" if kept else ""))
 
 
 EXPERIMENT = Escape()

@@ -11,7 +11,8 @@ from .base import Context, Experiment, known_params, markdown_rows, seed_bases
 from .escape import Escape
 
 
-SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "rank_eps", "threshold", "probe")
+SIGNAL_PARAMS = ("runs", "n_samples", "n_test", "spatial", "center", "standardize", "rank_eps", "threshold", "probe",
+                 "student_step")
 ROLE_NAMES = {"teacher": "θ_T", "collapse": "θ_C", "student": "θ_S"}
 
 
