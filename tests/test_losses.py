@@ -49,6 +49,19 @@ def test_a_small_kl_keeps_its_digits_in_float32(shift):
     assert distill_loss("kl", s.float(), t.float()).item() == pytest.approx(want, rel=2e-3)
 
 
+@pytest.mark.parametrize("s, t, teacher_temp", [([[0.0, 0.0]], [[1.0, -1.0]], 0.01),   # p_t underflows to 0
+                                                  ([[200.0, 0.0]], [[0.0, 0.0]], 1.0),    # a gap past float32's exp
+                                                  ([[90.0, 0.0, -90.0]], [[0.0, 5.0, 0.0]], 1.0)])
+def test_kl_stays_finite_where_the_logits_are_far_apart(s, t, teacher_temp):
+    """Large logit gaps (a linear head, small temperatures): the float32 KL is the float64 sum of
+    p_t (log p_t - log p_s) over p_t > 0, finite as the cross-entropy and its gradient are."""
+    s64, t64 = torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64)
+    log_pt, log_ps = torch.log_softmax(t64 / teacher_temp, -1), torch.log_softmax(s64, -1)
+    terms = torch.where(log_pt.exp() > 0, log_pt.exp() * (log_pt - log_ps), 0.0)
+    want = terms.sum(-1).mean().item()
+    assert distill_loss("kl", s64.float(), t64.float(), teacher_temp).item() == pytest.approx(want, rel=1e-5)
+
+
 def test_mse_family_matches_numpy(st):
     s, t = st
     S, T = s.numpy(), t.numpy()
