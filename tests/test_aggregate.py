@@ -231,6 +231,22 @@ def test_each_probe_protocol_has_its_own_axis_label(tmp_path, monkeypatch):
         "final k-NN, authors' protocol (L2 majority vote) probe accuracy (%)"]
 
 
+def test_bars_show_each_groups_final_probes_and_the_papers_numbers(tmp_path, monkeypatch):
+    from randteach.reports.groups import plot_bars
+    entry = lambda name, t, s: {"data.name": name, "n": 2, "teacher.linear_mean": t, "teacher.linear_std": 0.01,
+                                "student.linear_mean": s, "student.linear_std": 0.02}
+    table = [entry("cifar10", 0.35, 0.46), entry("stl10", 0.30, 0.40)]
+    figures = _drawn(monkeypatch)
+    plot_bars(table, ["data.name"], tmp_path / "bars.png", [{"student.linear": 46.02}, None])
+    (ax,) = figures[0].axes
+    heights = [round(b.get_height(), 6) for b in ax.patches]
+    assert heights == [35.0, 30.0, 46.0, 40.0]  # teacher bars, then student bars, in percent
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cifar10", "stl10"]
+    (paper,) = [line for line in ax.lines if line.get_label() == "paper"]
+    assert list(paper.get_ydata()) == [46.02] and paper.get_xdata()[0] == pytest.approx(0.2)  # on cifar10's student
+    assert (tmp_path / "bars.png").stat().st_size > 0
+
+
 def test_the_probe_curves_legend_stays_short_with_many_groups(tmp_path, monkeypatch):
     from randteach.reports.groups import LEGEND_COMBOS, plot_vs_epoch
     run = [fake_run(tmp_path, 0.1 * (i + 1), 0)[0] for i in range(LEGEND_COMBOS + 1)][0]

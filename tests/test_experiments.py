@@ -348,6 +348,7 @@ def test_tiny_data_dependence(tiny):
 def test_tiny_transfer_probes_targets_and_caches(tiny):
     out, text = run_tiny("transfer", tiny, seeds=1)
     assert "| digits | digits |" in text
+    assert "![transfer-bars](transfer-bars.png)" in text and (out.report.parent / "transfer-bars.png").exists()
     # the tiny recipe's two arms are one run: counted once (its rows were listed twice, n = 2 for one seed)
     rows = list(csv.DictReader(open(out.report.parent / "transfer-runs.csv")))
     assert len(rows) == len({(r["run_dir"], r["probe.data"]) for r in rows}) == 1

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..config import Config
 from ..runs.rundir import RunDir
-from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_vs_epoch, plot_vs_key, seed_paths,
-                     show_value, write_runs_csv)
+from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_bars, plot_vs_epoch, plot_vs_key,
+                     seed_paths, show_value, write_runs_csv)
 from .run import KIND_LABEL, KINDS, ROLES, file_safe
 
 Extra = Callable[[dict], dict[str, float]]
@@ -189,8 +189,9 @@ def write_experiment_csv(table: list[dict], keys: list[str], path: Path, referen
 def arm_section(title: str, rows: list[dict], keys: list[str], out: Path, stem: str, *,
                 references: list[dict] | None = None, extras: Extra | None = None,
                 curves: bool = True, labels: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
-    """Markdown lines for one group of runs (table, CSV links, figures: final probes vs every numeric key
-    and probes vs epoch), written next to `out/report.md`. Returns (lines, table)."""
+    """Markdown lines for one group of runs (table, CSV links, figures: final probes vs every numeric key, or
+    as bars per group where no key is numeric, and probes vs epoch), written next to `out/report.md`.
+    Returns (lines, table)."""
     table = summarize(rows, keys, extras)
     lines = [f"## {title}", "", markdown(table, keys, references, labels), ""]
     if not table:
@@ -203,6 +204,9 @@ def arm_section(title: str, rows: list[dict], keys: list[str], out: Path, stem: 
     if any(f"{r}.{k}_mean" in table[0] for r in ROLES for k in KINDS):
         for key in numeric_keys(table, keys):
             figures.append(plot_vs_key(table, keys, key, out / f"{stem}-vs-{file_safe(key)}.png"))
+        if not numeric_keys(table, keys):  # data sets, encoders: the final probes as bars, the paper's beside them
+            refs = [reference_of(references or [], e) for e in table]
+            figures.append(plot_bars(table, keys, out / f"{stem}-bars.png", refs))
         if curves:
             path = plot_vs_epoch(rows, keys, out / f"{stem}-vs-epoch.png")
             figures += [path] if path else []

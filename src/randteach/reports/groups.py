@@ -356,6 +356,42 @@ def plot_vs_key(table: list[dict], keys: list[str], key: str, path: Path) -> Pat
     return path
 
 
+def plot_bars(table: list[dict], keys: list[str], path: Path, references: list[dict | None] | None = None) -> Path:
+    """Final probe accuracy per group as bars (mean, error bars = std over seeds), one bar per role, one panel
+    per probe kind; `references[i]` (the paper's numbers for table[i], in percent) as black ticks. For groups
+    with no numeric key to put on an x axis (data sets, encoders)."""
+    plt = pyplot()
+    kinds = [k for k in KINDS if any(f"{r}.{k}_mean" in e for e in table for r in ROLES)]
+    roles = [r for r in ROLES if any(f"{r}.{k}_mean" in e for e in table for k in kinds)]
+    width = 0.8 / len(roles)
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(5.5, 0.9 * len(table) + 2), 3.6 * len(kinds)),
+                             squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        marked = False
+        for ri, role in enumerate(roles):
+            m = f"{role}.{kind}"
+            x = [i + (ri - (len(roles) - 1) / 2) * width for i in range(len(table))]
+            y = [100 * e.get(f"{m}_mean", math.nan) for e in table]
+            err = [0 if math.isnan(e.get(f"{m}_std", math.nan)) else 100 * e[f"{m}_std"] for e in table]
+            ax.bar(x, y, width, yerr=err, capsize=2, color=COLORS[role], label=role)
+            ref = [(xi, r[m]) for xi, r in zip(x, references or []) if r and r.get(m) is not None]
+            if ref:
+                ax.plot(*zip(*ref), "k_", ms=12, mew=2, label="_nolegend_" if marked else "paper")
+                marked = True
+        ax.set_xticks(range(len(table)),
+                      ["\n".join(show_value(e[k]) for k in keys) for e in table], fontsize=7)
+        ax.set_ylabel(f"final {KIND_LABEL[kind]} probe accuracy (%)")
+        ax.grid(alpha=0.3, axis="y")
+        place_legend(ax, 7)
+    fig.suptitle("final probes per group (mean ± std over seeds" + ("; black: the paper's" if references
+                                                                    and any(references) else "") + ")\n"
+                 + " / ".join(keys))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def probe_curves(members: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """Probe accuracy vs epoch, averaged over the completed runs of a group (each epoch over the runs
     that probed it): {"student.linear": [(epoch, mean), ...], ...}."""
