@@ -455,8 +455,10 @@ def test_tiny_imp_and_lmc(tiny):
     gap = fmt(*mean_std([accuracy["student@0", s] - accuracy["random@0", s] for s in seeds]))
     dense = next(line for line in text.splitlines() if line.startswith("| 100 |"))
     assert "student@0 − random@0, paired over seeds (pp)" in text and dense.endswith(f"| {gap} |")
-    _, text = run_tiny("lmc", tiny)
+    assert "![IMP, all checkpoints](imp.png)" in text and (out.report.parent / "imp.png").exists()
+    out, text = run_tiny("lmc", tiny)
     assert "| teacher | 1 |" in text and "| student | 1 |" in text
+    assert "![LMC, all checkpoints](lmc.png)" in text and (out.report.parent / "lmc.png").exists()
 
 
 def test_tiny_escape(tiny):

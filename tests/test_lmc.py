@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from randteach.analysis.lmc import barrier_height, lmc_series
+from randteach.analysis.lmc import barrier_height, lmc_series, pooled_series
 from randteach.analysis.params import interpolate_states
 from randteach.cli import main
-from randteach.experiments.lmc import pool_series
 from randteach.runs.checkpoint import load_checkpoint
 from randteach.train.supervised import accuracy, build_classifier, load_supervised_data, run_info
 
@@ -83,9 +82,9 @@ def test_pooled_endpoint_errors_count_each_run_once():
     runs = [{"test_error": e} for e in (0.1, 0.2, 0.6)]
     pairs = [{"barrier": b, "test_error": [runs[j]["test_error"], 0.5, runs[i]["test_error"]]}
              for b, (i, j) in zip((0.01, 0.02, 0.03), ((0, 1), (0, 2), (1, 2)))]
-    barriers, errors = {}, {}
-    pool_series([{"start": "student", "pairs": pairs, "runs": runs}], barriers, errors)
-    assert barriers == {"student": [0.01, 0.02, 0.03]} and errors == {"student": [0.1, 0.2, 0.6]}
+    (pooled,) = pooled_series([{"series": [{"start": "student", "gammas": [0, 0.5, 1], "pairs": pairs, "runs": runs}]}])
+    assert [p["barrier"] for p in pooled["pairs"]] == [0.01, 0.02, 0.03]
+    assert [r["test_error"] for r in pooled["runs"]] == [0.1, 0.2, 0.6]
 
 
 def test_lmc_and_imp_figures_show_points_as_the_tables_do(tmp_path, monkeypatch):
@@ -95,14 +94,36 @@ def test_lmc_and_imp_figures_show_points_as_the_tables_do(tmp_path, monkeypatch)
     from randteach.analysis.lmc import plot_lmc
     drawn = {}
     monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.__setitem__(path.name, fig))
-    series = {"start": "student", "gammas": [0.0, 0.5, 1.0], "barrier_mean": 0.025, "barrier_std": float("nan"),
-              "pairs": [{"test_error": [0.10, 0.14, 0.12], "barrier": 0.03}]}
-    plot_lmc({"series": [series]}, tmp_path / "lmc.png")
+    series = {"start": "student", "gammas": [0.0, 0.5, 1.0], "runs": [],
+              "pairs": [{"test_error": [0.10, 0.14, 0.12], "barrier": 0.025}]}
+    plot_lmc([{"series": [series]}], tmp_path / "lmc.png")
     (ax,) = drawn["lmc.png"].axes
     assert list(ax.lines[0].get_ydata()) == pytest.approx([10.0, 14.0, 12.0])
-    assert ax.get_title() == "from student: barrier 2.50 pp" and ax.get_ylabel() == "test error (%)"
+    assert ax.get_title() == "from student: barrier 2.50 pp\n(1 pair)" and ax.get_ylabel() == "test error (%)"
     rounds = [{"sparsity": 0.0, "test_accuracy": 0.91}, {"sparsity": 0.2, "test_accuracy": 0.9}]
-    plot_imp({"series": [{"source": "student", "rewind_epochs": 0, "rounds": rounds}], "data": "digits",
-              "fraction": 0.2}, tmp_path / "imp.png")
+    plot_imp([{"series": [{"source": "student", "rewind_epochs": 0, "rounds": rounds}], "data": "digits",
+               "fraction": 0.2}], tmp_path / "imp.png")
     (ax,) = drawn["imp.png"].axes
     assert list(ax.lines[0].get_ydata()) == pytest.approx([91.0, 90.0]) and ax.get_ylabel() == "test accuracy (%)"
+
+
+def test_the_lmc_and_imp_figures_pool_every_distilled_checkpoint(tmp_path, monkeypatch):
+    # RT Fig. 8 aggregates 5 checkpoints, Fig. 9 3 initializations x 5 orderings: one figure over all of them
+    from matplotlib.figure import Figure
+    from randteach.analysis.imp import plot_imp
+    from randteach.analysis.lmc import plot_lmc
+    drawn = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.__setitem__(path.name, fig))
+    pair = lambda e, b: {"test_error": [0.1, e, 0.1], "barrier": b}
+    seed = lambda *pairs: {"series": [{"start": "student", "gammas": [0.0, 0.5, 1.0], "pairs": list(pairs),
+                                       "runs": [], "barrier_mean": 0.0, "barrier_std": 0.0}]}
+    plot_lmc([seed(pair(0.2, 0.1)), seed(pair(0.4, 0.3), pair(0.3, 0.2))], tmp_path / "lmc.png")
+    (ax,) = drawn["lmc.png"].axes
+    assert len(ax.lines) == 4 and list(ax.lines[-1].get_ydata()) == pytest.approx([10.0, 30.0, 10.0])  # 3 pairs, mean
+    assert ax.get_title() == "from student: barrier 20.00 ± 10.00 pp\n(3 pairs, 2 checkpoints)"
+    rounds = lambda *acc: [{"sparsity": s, "test_accuracy": a} for s, a in zip((0.0, 0.2), acc)]
+    one = lambda *acc: {"series": [{"source": "student", "rewind_epochs": 0, "rounds": rounds(*acc)}],
+                        "data": "digits", "fraction": 0.2}
+    plot_imp([one(0.9, 0.8), one(0.7, 0.8)], tmp_path / "imp.png")
+    (ax,) = drawn["imp.png"].axes
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([80.0, 80.0]) and "over 2 checkpoints" in ax.get_title()

@@ -23,6 +23,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -146,29 +147,34 @@ def run_imp(run: RunInfo, starts: list[str], data: SupervisedData, recipe: Recip
               "rounding": "round r keeps round(N * (1 - fraction)^r) of the N prunable weights",
               "series": series}
     write_json(out / "imp.json", result)
-    plot_imp(result, out / "imp.png")
+    plot_imp([result], out / "imp.png")
     return result
 
 
-def plot_imp(result: dict, path: Path) -> Path:
-    """Test accuracy vs percentage of prunable weights remaining (log axis, decreasing), one line per start."""
+def plot_imp(results: list[dict], path: Path) -> Path:
+    """Test accuracy vs percentage of prunable weights remaining (log axis, decreasing), one line per start:
+    the mean over the results (one per distilled checkpoint; RT Fig. 8 aggregates 5), ± their std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s in result["series"]:
-        remaining = [100 * (1 - r["sparsity"]) for r in s["rounds"]]
-        ax.plot(remaining, [100 * r["test_accuracy"] for r in s["rounds"]], "o-", ms=3,  # in %, as the tables
-                label=f"init {s['source']}, rewind to l={s['rewind_epochs']:g}")
+    for i, s in enumerate(results[0]["series"]):
+        runs = [r["series"][i]["rounds"] for r in results]
+        n = min(len(rounds) for rounds in runs)  # the rounds every result reached
+        remaining = [100 * (1 - r["sparsity"]) for r in s["rounds"][:n]]
+        acc = 100 * np.asarray([[r["test_accuracy"] for r in rounds[:n]] for rounds in runs])  # in %, as the tables
+        ax.errorbar(remaining, acc.mean(0), yerr=acc.std(0, ddof=1) if len(runs) > 1 else None, fmt="o-", ms=3,
+                    capsize=2, label=f"init {s['source']}, rewind to l={s['rewind_epochs']:g}")
     ax.set_xscale("log")
     ax.invert_xaxis()
-    ticks = [100 * (1 - r["sparsity"]) for r in result["series"][0]["rounds"]]
+    ticks = [100 * (1 - r["sparsity"]) for r in results[0]["series"][0]["rounds"]]
     ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"IMP on {result['data']} (prune {100 * result['fraction']:g} % per round)")
+    over = f"; mean ± std over {len(results)} checkpoints" if len(results) > 1 else ""
+    ax.set_title(f"IMP on {results[0]['data']} (prune {100 * results[0]['fraction']:g} % per round{over})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -130,25 +130,32 @@ def run_lmc(run: RunInfo, starts: list[str], data: SupervisedData, recipe: Recip
               else "statistics interpolated with the weights",
               "series": series}
     write_json(out / "lmc.json", result)
-    plot_lmc(result, out / "lmc.png")
+    plot_lmc([result], out / "lmc.png")
     return result
 
 
-def plot_lmc(result: dict, path: Path) -> Path:
-    """Test error vs gamma: every pair thin, the mean thick; one panel per start."""
+def plot_lmc(results: list[dict], path: Path) -> Path:
+    """Test error vs gamma, one panel per start, over the pairs of every result (one per distilled checkpoint,
+    RT Fig. 9 aggregates 3 of them): every pair thin, the mean thick, ± the std over pairs shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = result["series"]
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
-    for ax, s in zip(axes[0], series):
+    pooled = pooled_series(results)
+    fig, axes = plt.subplots(1, len(pooled), figsize=(4 * len(pooled), 3.5), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], pooled):
         g = s["gammas"]
-        for p in s["pairs"]:  # in %, as the reports' tables
-            ax.plot(g, 100 * np.asarray(p["test_error"]), color="tab:blue", alpha=0.3, lw=1)
-        if s["pairs"]:
-            ax.plot(g, 100 * np.mean([p["test_error"] for p in s["pairs"]], axis=0), color="tab:blue", lw=2.5)
-        ax.set_title(f"from {s['start']}: {barrier_text(s, 2)}", fontsize=9)
+        errors = 100 * np.asarray([p["test_error"] for p in s["pairs"]])  # in %, as the reports' tables
+        for e in errors:
+            ax.plot(g, e, color="tab:blue", alpha=0.3, lw=1)
+        if len(errors):
+            ax.plot(g, errors.mean(0), color="tab:blue", lw=2.5)
+        if len(errors) > 1:
+            std = errors.std(0, ddof=1)
+            ax.fill_between(g, errors.mean(0) - std, errors.mean(0) + std, color="tab:blue", alpha=0.15, lw=0)
+        where = f", {len(results)} checkpoints" if len(results) > 1 else ""
+        pairs = f"{len(errors)} pair" + "s" * (len(errors) != 1)
+        ax.set_title(f"from {s['start']}: {barrier_text(s, 2)}\n({pairs}{where})", fontsize=9)
         ax.set_xlabel("γ  (θ = γ θ_i + (1 − γ) θ_j)")
         ax.set_xticks([0, 1], ["θ_j", "θ_i"], minor=False)
     axes[0][0].set_ylabel("test error (%)")
@@ -156,6 +163,22 @@ def plot_lmc(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pooled_series(results: list[dict]) -> list[dict]:
+    """One series per start with the pairs and the runs of every result (each run once, not once per pair it
+    ends), and the pairs' barrier mean and std."""
+    pooled: dict[str, dict] = {}
+    for result in results:
+        for s in result["series"]:
+            into = pooled.setdefault(s["start"], {"start": s["start"], "gammas": s["gammas"], "pairs": [], "runs": []})
+            into["pairs"] += s["pairs"]
+            into["runs"] += s["runs"]
+    for s in pooled.values():
+        barriers = [p["barrier"] for p in s["pairs"]]
+        s["barrier_mean"] = float(np.mean(barriers)) if barriers else float("nan")
+        s["barrier_std"] = float(np.std(barriers, ddof=1)) if len(barriers) > 1 else float("nan")
+    return list(pooled.values())
 
 
 def barrier_text(series: dict, digits: int) -> str:

@@ -22,19 +22,23 @@ class Imp(Experiment):
                 "for every completed run"]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
-        from ..analysis.imp import run_imp
+        from ..analysis.imp import plot_imp, run_imp
         p = ctx.params
-        lines = missing_note(arms, ["student"])
+        figures = []
+        results = []
         series: dict[tuple[str, int], dict[int, dict]] = {}  # (start, round) -> seed -> that round's record
         for cfg in completed(arms["student"]):
             info, data, recipe = supervised_inputs(ctx, cfg)
             out = ctx.out / f"seed{cfg.train.seed}"
             result = run_imp(info, list(p["starts"]), data, recipe, analysis_device(ctx), rounds=int(p["rounds"]),
                              out=out, fraction=float(p.get("fraction", 0.2)), progress=ctx.progress)
-            lines += [f"![IMP seed {cfg.train.seed}]({out.relative_to(ctx.out)}/imp.png)"]
+            results.append(result)
+            figures += [f"![IMP seed {cfg.train.seed}]({out.relative_to(ctx.out)}/imp.png)"]
             for s in result["series"]:
                 for k, r in enumerate(s["rounds"]):
                     series.setdefault((s["start"], k), {})[cfg.train.seed] = r
+        if results:  # RT Fig. 8: mean and std over the distilled checkpoints
+            figures.insert(0, f"![IMP, all checkpoints]({plot_imp(results, ctx.out / 'imp.png').name})")
         starts = list(p["starts"])
         rounds = sorted({k for _, k in series})
         paired = starts[:2] if len(starts) > 1 else []  # Fig. 8's question: the student's start against the next
@@ -51,7 +55,7 @@ class Imp(Experiment):
                 row.append(fmt(*mean_std(gaps)))
             rows.append(row)
         return ["## test accuracy vs sparsity (mean ± std over distilled checkpoints)", ""] + \
-            markdown_rows(head, rows) + lines + [""]
+            markdown_rows(head, rows) + missing_note(arms, ["student"]) + figures + [""]
 
 
 EXPERIMENT = Imp()

@@ -18,32 +18,25 @@ class Lmc(Experiment):
         return [f"LMC: {p['runs']} supervised runs from each of {', '.join(p['starts'])} for every completed run"]
 
     def analyze(self, ctx: Context, arms) -> list[str]:
-        from ..analysis.lmc import BARRIER, run_lmc
+        from ..analysis.lmc import BARRIER, plot_lmc, pooled_series, run_lmc
         p = ctx.params
-        lines = missing_note(arms, ["student"])
-        barriers: dict[str, list[float]] = {}
-        errors: dict[str, list[float]] = {}
+        figures = []
+        results = []
         for cfg in completed(arms["student"]):
             info, data, recipe = supervised_inputs(ctx, cfg)
             out = ctx.out / f"seed{cfg.train.seed}"
-            result = run_lmc(info, list(p["starts"]), data, recipe, analysis_device(ctx), out=out, runs=int(p["runs"]),
-                             resolution=int(p.get("resolution", 11)), bn_batches=int(p.get("bn_batches", 8)),
-                             progress=ctx.progress)
-            lines += [f"![LMC seed {cfg.train.seed}]({out.relative_to(ctx.out)}/lmc.png)"]
-            pool_series(result["series"], barriers, errors)
-        rows = [[s, str(len(barriers[s])), fmt(*mean_std(barriers[s])), fmt(*mean_std(errors[s]))] for s in barriers]
+            results.append(run_lmc(info, list(p["starts"]), data, recipe, analysis_device(ctx), out=out,
+                                   runs=int(p["runs"]), resolution=int(p.get("resolution", 11)),
+                                   bn_batches=int(p.get("bn_batches", 8)), progress=ctx.progress))
+            figures += [f"![LMC seed {cfg.train.seed}]({out.relative_to(ctx.out)}/lmc.png)"]
+        if results:  # RT Fig. 9: every pair of every distilled checkpoint in one figure
+            figures.insert(0, f"![LMC, all checkpoints]({plot_lmc(results, ctx.out / 'lmc.png').name})")
+        rows = [[s["start"], str(len(s["pairs"])), fmt(*mean_std([pair["barrier"] for pair in s["pairs"]])),
+                 fmt(*mean_std([r["test_error"] for r in s["runs"]]))] for s in pooled_series(results)]
         return ["## barrier heights (test error, mean ± std over all pairs of all distilled checkpoints)", "",
                 f"barrier of a pair: {BARRIER}; endpoint test error: mean ± std over the runs.", ""] + \
             markdown_rows(["start", "pairs", "barrier (pp of test error)", "endpoint test error (%)"], rows) + \
-            lines + [""]
-
-
-def pool_series(series: list[dict], barriers: dict[str, list[float]], errors: dict[str, list[float]]) -> None:
-    """Adds each start's pair barriers and its runs' endpoint test errors (each run once, not once per pair
-    it ends) to the pools of all distilled checkpoints."""
-    for s in series:
-        barriers.setdefault(s["start"], []).extend(pair["barrier"] for pair in s["pairs"])
-        errors.setdefault(s["start"], []).extend(r["test_error"] for r in s["runs"])
+            missing_note(arms, ["student"]) + figures + [""]
 
 
 EXPERIMENT = Lmc()
