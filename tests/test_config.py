@@ -212,6 +212,18 @@ def test_a_run_recorded_under_older_defaults_still_matches_and_a_changed_default
         check_config_digest(old.digest(1), new, tmp_path)
 
 
+def test_an_encoders_own_norm_named_is_the_default_run(tmp_path):
+    """model.norm batch on a ResNet builds the network of model.norm default: one address, so a sweep over
+    norms reuses the default run (RT App. B's norm arm at paper scale ran two such runs twice). A run made
+    before, whose digest hashed 'batch' as written, still matches its config."""
+    default, named, other = (build_config("paper", overrides={"model.norm": n}) for n in ("default", "batch", "group"))
+    assert named.run_dir() == default.run_dir() != other.run_dir()
+    assert named.digest() != named.digest(same_norm_as_default=False)  # the address it had up to 2026-12-03
+    assert named.matches(named.digest(same_norm_as_default=False))
+    vgg = {n: build_config("paper", overrides={"model.encoder": "vgg11", "model.norm": n}) for n in ("default", "none")}
+    assert vgg["none"].run_dir() == vgg["default"].run_dir()
+
+
 def test_a_config_file_may_write_dotted_keys_as_sweep_files_do(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim.lr: 0.01\ntrain:\n  max_steps: 3\noptim.name: sgd\n")

@@ -101,6 +101,13 @@ def test_paper_head_ablations_cover_app_b():
     assert (False, True, True, True, True, False) in parts and len(parts) == 7
     one_layer = [c for c in configs("head-ablations", "bottleneck") if not c.head.lin2]
     assert one_layer and all(c.head.bottleneck_dim == c.head.out_dim == 2 ** 16 for c in one_layer)
+    # each encoder's own norm (ResNet18: batch, VGG11: none) is its default run, which every arm shares
+    runs = {}
+    for arm in ("norm", "bottleneck", "out_dim"):
+        for c in configs("head-ablations", arm):
+            runs.setdefault(c.run_dir(), []).append(arm)
+    assert len([r for r, arms in runs.items() if sorted(arms) == ["bottleneck", "norm", "out_dim"]]) == 2 * 3
+    assert len(runs) == 3 * (2 * 5 + 2 * 7 + 2 * 17 - 2 * 2)  # seeds x (the arms' cells less the shared ones)
 
 
 def test_paper_imp_prunes_to_half_a_percent():

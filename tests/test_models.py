@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from randteach.config import ENCODERS, ConfigError, HeadConfig, build_config
+from randteach.config import ENCODERS, ConfigError, HeadConfig, build_config, own_norm
 from randteach.models import (DINOHead, DistillModel, LinearHead, build_encoder, build_head, build_model,
                               count_parameters, unit_row_linear)
 
@@ -172,6 +172,18 @@ NORM_CLASSES = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
 
 def norm_layers(module):
     return [m for m in module.modules() if isinstance(m, NORM_CLASSES)]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_own_norm_names_the_norm_an_encoder_builds_by_default(name):
+    # the run address hashes model.norm = own_norm(encoder) as 'default': the two must build one network
+    kw = {"width": 8} if name in ("convnet", "mlp") else {"image_size": 32} if name.startswith("vit") else {}
+    torch.manual_seed(0)
+    by_default = build_encoder(name, norm="default", **kw)
+    torch.manual_seed(0)
+    named = build_encoder(name, norm=own_norm(name), **kw)
+    assert repr(named) == repr(by_default)
+    assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), by_default.state_dict().values()))
 
 
 @pytest.mark.parametrize("name,n_norm,default", [("convnet", 4, None), ("vgg11", 8, None),

@@ -75,6 +75,17 @@ SEEDS = 2 ** 32  # seeds are combined (e.g. seed * 3 + 1, times a stride) below 
 NORMS = ("default", "batch", "layer", "group", "instance", "none")
 
 
+def own_norm(encoder: str) -> str | None:
+    """The normalization a built-in encoder has under model.norm 'default' (None: an imported encoder's)."""
+    if encoder not in ENCODERS:
+        return None
+    if encoder.startswith("vgg"):
+        return "batch" if encoder.endswith("_bn") else "none"
+    if encoder.startswith("resnet"):
+        return "batch"
+    return "layer" if encoder.startswith("vit_") else "none"
+
+
 @dataclass
 class DataConfig:
     name: str = opt("fashion-mnist", "training data set (for distillation and, unless probe.data is set, probing)", DATASETS)
@@ -248,16 +259,21 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def digest(self, version: int | None = None, before_2026_12: bool = False) -> str:
+    def digest(self, version: int | None = None, before_2026_12: bool = False, same_norm_as_default: bool = True) -> str:
         """Hash of the values that differ from the defaults of `version` (default: DEFAULTS_VERSION), less
         where and how a run is logged (out, log.*) and the RUNTIME_ONLY keys. `before_2026_12`: the digest as
         randteach computed it up to 2026-12-02 (data.root included, a section emptied by the removal kept).
+        `same_norm_as_default`: a model.norm that names the encoder's own normalization (batch for a ResNet)
+        is hashed as 'default', so that the same network has one run; not so up to 2026-12-03.
 
         Only non-default values enter, so adding a new key (with a default) keeps every existing run's
         address; a changed default bumps DEFAULTS_VERSION, which enters the hash, so that an address made
         before the change never names a run of the new default."""
         version = DEFAULTS_VERSION if version is None else version
-        d = _non_default(self.to_dict(), _defaults_at(version))
+        d = self.to_dict()
+        if same_norm_as_default and d["model"]["norm"] == own_norm(d["model"]["encoder"]):
+            d["model"]["norm"] = "default"
+        d = _non_default(d, _defaults_at(version))
         d.pop("out", None)
         d.pop("log", None)
         for key in _RUNTIME_ONLY_BEFORE_2026_12 if before_2026_12 else RUNTIME_ONLY:
@@ -271,8 +287,10 @@ class Config:
 
     def matches(self, recorded: str | None) -> bool:
         """Whether a run that recorded the digest `recorded` (by any version of randteach) is a run of this
-        config: the digest under the defaults of some version, as computed today or before 2026-12-02."""
-        return recorded in {self.digest(v, old) for v in range(1, DEFAULTS_VERSION + 1) for old in (False, True)}
+        config: the digest under the defaults of some version, as computed today, up to 2026-12-03 (model.norm
+        hashed as written) or before 2026-12-02."""
+        return recorded in {self.digest(v, old, same) for v in range(1, DEFAULTS_VERSION + 1) for old in (False, True)
+                            for same in (True, False)}
 
     def run_dir(self) -> Path:
         """`out`, else runs/<name>-<digest>: the address of this config's run."""

@@ -61,12 +61,12 @@ def build_encoder(name: str, in_channels: int = 3, image_size: int = 32, norm: s
     if name in ("flatten", "mlp", "convnet"):
         return build_small(name, in_channels, image_size, norm, width)
     if name.startswith("vgg"):
-        base, bn = name.removesuffix("_bn"), name.endswith("_bn")
-        return VGG(VGGS[base], in_channels, resolve_norm(norm, "batch" if bn else "none", name), width_mult)
+        base = name.removesuffix("_bn")
+        return VGG(VGGS[base], in_channels, resolve_norm(norm, name), width_mult)
     if name in RESNETS:
-        return build_resnet(name, in_channels, image_size, resolve_norm(norm, "batch", name))
+        return build_resnet(name, in_channels, image_size, resolve_norm(norm, name))
     if name in VITS:
-        resolve_norm(norm, "layer", name, allowed=("default", "layer"))
+        resolve_norm(norm, name, allowed=("default", "layer"))
         return build_vit(name, in_channels, image_size, options.get("patch_size"))
     raise AssertionError(f"encoder {name} is listed in ENCODERS but not built here")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import NORMS, ConfigError
+from ..config import NORMS, ConfigError, own_norm
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -12,14 +12,15 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def resolve_norm(norm: str, default: str, encoder: str, allowed: tuple[str, ...] = NORMS) -> str:
-    """'default' -> the architecture's own normalization; reject kinds the encoder has no place for."""
+def resolve_norm(norm: str, encoder: str, allowed: tuple[str, ...] = NORMS) -> str:
+    """'default' -> the architecture's own normalization (`config.own_norm`); reject kinds the encoder has no
+    place for."""
     if norm not in NORMS:
         raise ConfigError(f"model.norm: {norm!r} is not one of {', '.join(NORMS)}")
     if norm not in allowed:
         raise ConfigError(f"model.norm={norm} is not available for encoder {encoder}; "
                           f"use one of {', '.join(allowed)}")
-    return default if norm == "default" else norm
+    return own_norm(encoder) if norm == "default" else norm
 
 
 CHANNELS_PER_GROUP = 8

@@ -75,12 +75,12 @@ class ConvNet(nn.Module):
 
 def build_small(name: str, in_channels: int, image_size: int, norm: str, width: int):
     if name == "flatten":
-        resolve_norm(norm, "none", name, allowed=("default", "none"))
+        resolve_norm(norm, name, allowed=("default", "none"))
         return Flatten(in_channels, image_size)
     if name == "mlp":
         # hidden width 16*width: 512 at the default width 32, the authors' 2-layer, 512-unit MLP
-        kind = resolve_norm(norm, "none", name, allowed=("default", "none", "batch", "layer", "group"))
+        kind = resolve_norm(norm, name, allowed=("default", "none", "batch", "layer", "group"))
         return MLP(in_channels, image_size, 16 * width, kind)
     if name == "convnet":
-        return ConvNet(in_channels, width, resolve_norm(norm, "none", name))
+        return ConvNet(in_channels, width, resolve_norm(norm, name))
     raise ValueError(name)
