@@ -259,7 +259,7 @@ def test_a_slurm_dry_run_says_what_it_would_submit(tmp_path, capsys):
     assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--launcher", "slurm"]) == 0
     out = capsys.readouterr().out  # it listed the runs only
     runs = int(re.search(r"(\d+) runs in ", out).group(1))
-    assert f"would submit {runs} job(s) as one job array to slurm (name=randteach-cpu" in out, out
+    assert f"would submit {runs} jobs as one job array to slurm (name=randteach-cpu" in out, out
     # --slurm options go over the recipe's slurm: section (the command had none), checked as a sweep's
     assert main(["experiment", "locality", "--out", str(tmp_path), "--dry-run", "--launcher", "slurm",
                  "--slurm", "partition=gpu", "--slurm", "time=1:00:00"]) == 0
@@ -321,7 +321,7 @@ def test_tiny_probes_then_reuse_and_dry_run(tiny, capsys):
     assert main(["experiment", "locality", "--scale", "tiny", "--out", str(tiny), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert listing.count("done ") == 2 and listing.count("new ") == 2 and "init.alpha=0.25" in listing
-    assert "sweep: 4 runs, 2 already done, 2 to run on 1 worker process(es)" in listing  # how they would run
+    assert "sweep: 4 runs, 2 already done, 2 to run on 1 worker process with" in listing  # how they would run
 
 
 def test_tiny_locality(tiny, monkeypatch):
@@ -525,7 +525,7 @@ def test_tiny_locality_stacked_matches_the_runs_trained_alone(tmp_path, capsys):
     assert main(["experiment", "locality", "--scale", "tiny", "--out", str(tmp_path / "stacked"),
                  "--workers", "1", "--stack", "4", "--stack-mode", "vmap"]) == 0
     err = capsys.readouterr().err
-    assert "stack(s) of up to 4" in err and "not stacked:" in err and "float64" in err
+    assert "stack of up to 4" in err and "not stacked:" in err and "float64" in err
     tables = [alone.report.parent, tmp_path / "stacked" / "locality"]
     alone_rows, stacked_rows = (list(csv.DictReader(open(folder / "alpha-runs.csv"))) for folder in tables)
     assert len(alone_rows) == len(stacked_rows) > 2

@@ -63,7 +63,7 @@ def test_split_folders_are_decoded_once_then_read_from_the_cache(tmp_path, decod
     base = write_folder(tmp_path / "imgs")
     (base / "train" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.warns(UserWarning, match=r"27 images in 3 classes \(train 18, test 9\).*skipped 1 unreadable "
-                                         r"file\(s\) of 28: train/b/broken.png"):
+                                         r"file of 28: train/b/broken.png"):
         train = load_dataset("folder", "train", path=str(base))
     assert train.images.shape == (18, 3, 16, 16) and train.classes == CLASSES
     assert train.labels.bincount().tolist() == [6, 6, 6]
@@ -204,7 +204,7 @@ def test_cli_distills_and_probes_an_image_folder(tmp_path):
                        env={**os.environ, "RANDTEACH_DATA": str(tmp_path / "root"), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "72 images in 3 classes (train 48, test 24)" in r.stderr
-    assert "skipped 1 unreadable file(s) of 73: val/c/broken.png" in r.stderr
+    assert "skipped 1 unreadable file of 73: val/c/broken.png" in r.stderr
     summary = RunDir(out).summary()
     assert summary["status"] == "completed"
     assert summary["probe"]["student"]["linear"] > 0.9 and summary["probe"]["input"]["linear"] > 0.9  # 3 separable classes

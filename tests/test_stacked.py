@@ -235,7 +235,7 @@ def test_sweep_stack_trains_stackable_runs_together_and_the_rest_alone(tmp_path,
     results = run_sweep(expand(load_sweep(path)), stack=4, stack_mode="vmap")
     err = capsys.readouterr().err
     assert [r["status"] for r in results] == ["completed"] * 4
-    assert "as 1 stack(s) of up to 4 (vmap) and 2 run(s) alone" in err   # the two frozen runs together, each EMA run alone
+    assert "as 1 stack of up to 4 (vmap) and 2 runs alone" in err   # the two frozen runs together, each EMA run alone
     assert err.count("not stacked:") == 2 and "teacher.mode=ema" in err
     assert "note: on a CPU a vmap stack pays only" in err          # the measured advice, once
     from randteach.cli import main
@@ -407,7 +407,7 @@ def test_a_side_by_side_stack_stops_every_run_on_sigterm_and_resumes_each(tmp_pa
     summaries = [s for s in (RunDir(d).summary() for d in sorted(root.iterdir()) if d.is_dir()) if s]
     assert [s["status"] for s in summaries] == ["interrupted"] * 2 and summaries[0]["steps"] < 400
     text = (tmp_path / "s.log").read_text()
-    assert "side by side: 3 run(s) on 2 thread(s) of 1 torch thread(s) each\n" in text
+    assert "side by side: 3 runs on 2 threads of 1 torch thread each\n" in text
     assert "2 interrupted, 1 pending" in text, text
     results = run_sweep(expand(load_sweep(path)), stack=3, workers=1)
     assert [r["status"] for r in results] == ["completed"] * 3
@@ -427,7 +427,7 @@ def test_sweep_stack_mode_reaches_the_stacks(tmp_path, mode):
     assert done.returncode == 0, err
     assert ("not stacked:" in err and "float64" in err) == (mode == "vmap"), err
     assert ("stacked: 2 runs as one vmapped model" in err) == (mode == "vmap"), err
-    assert ("side by side: 2 run(s) on 1 thread(s) of 1 torch thread(s) each (one after another)" in err) \
+    assert ("side by side: 2 runs on 1 thread of 1 torch thread each (one after another)" in err) \
         == (mode != "vmap"), err
     far = [c for c in expand(load_sweep(path)) if c.init.alpha == 0.5]
     how = "vmap" if mode == "vmap" else "threads"

@@ -133,9 +133,9 @@ def test_dry_run_lists_the_runs_with_command_line_overrides(tmp_path, capsys):
     for cfg in expand(spec):
         assert f"new         {cfg.out}  init.alpha={cfg.init.alpha:g} train.seed={cfg.train.seed}" in out
     assert not (tmp_path / "elsewhere").exists()                    # nothing run
-    assert "sweep: 4 runs, 0 already done, 4 to run on 1 worker process(es)" in out  # the plan, as a run says it
+    assert "sweep: 4 runs, 0 already done, 4 to run on 1 worker process with" in out  # the plan, as a run says it
     assert main(["sweep", str(path), "--dry-run", "--stack", "4", "--stack-mode", "threads", "--workers", "3"]) == 0
-    assert "4 to run as 1 stack(s) of up to 4 (threads) on 1 worker process(es)" in capsys.readouterr().out
+    assert "4 to run as 1 stack of up to 4 (threads) on 1 worker process with" in capsys.readouterr().out
     assert main(["sweep", str(path), "--dry-run", "--workers", "0"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
     assert main(["sweep", str(path), "--launcher", "slurm", "--slurm", "partitoin=gpu"]) == 2
@@ -255,12 +255,12 @@ def test_a_local_sweep_runs_one_worker_per_visible_gpu_each_pinned_to_its_own(tm
     out = [subprocess.run([sys.executable, "-m", "randteach.cli", "sweep", str(p)], env=env, capture_output=True,
                           text=True, timeout=300) for p in (path, pinned)]
     assert [r.returncode for r in out] == [0, 0], out[0].stderr + out[1].stderr
-    assert "on 2 worker process(es) with 2 torch thread(s) each, each on one of the GPUs 5, 7" in out[0].stderr
+    assert "on 2 worker processes with 2 torch threads each, each on one of the GPUs 5, 7" in out[0].stderr
     gpus = {line.rsplit(": GPU ", 1)[0].strip(): line.rsplit(": GPU ", 1)[1]
             for line in out[0].stderr.splitlines() if ": GPU " in line}
     assert sorted(gpus) == sorted(str(c.run_dir()) for c in expand(load_sweep(path)))
     assert set(gpus.values()) == {"5", "7"}                  # the first two runs start at once, one per GPU
-    assert "on 1 worker process(es)" in out[1].stderr and ": GPU " not in out[1].stderr
+    assert "on 1 worker process with" in out[1].stderr and ": GPU " not in out[1].stderr
 
 
 @pytest.mark.parametrize("workers, stack", [(0, 1), (-1, 1), (1, 0)])
@@ -391,7 +391,7 @@ def test_a_slurm_value_submitit_would_refuse_is_refused_by_a_dry_run(tmp_path, c
     assert message in capsys.readouterr().err
     assert main(["sweep", str(path), "--launcher", "slurm", "--dry-run", "--slurm", "mem_gb=32.5"]) == 0
     out = capsys.readouterr().out  # the dry run says what would be submitted
-    assert "would submit 1 job(s) as one job array to slurm (" in out and "mem_gb=32.5" in out, out
+    assert "would submit 1 job as one job array to slurm (" in out and "mem_gb=32.5" in out, out
     assert main(["sweep", str(path), "--dry-run", "--slurm", "mem_gb=32"]) == 2  # the local launcher: ignored
     assert "(mem_gb=32) do nothing with --launcher local" in capsys.readouterr().err
 

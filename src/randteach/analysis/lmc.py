@@ -31,6 +31,7 @@ import torch
 from ..errors import UserError
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import changed_settings, write_json
+from ..text import counted
 from ..train.supervised import (Classifier, Recipe, RunInfo, SupervisedData, accuracy, build_classifier,
                                 check_distinct, label_of, parse_start, provenance, recompute_bn_stats, rewind_step,
                                 state_of, train_supervised)
@@ -154,8 +155,7 @@ def plot_lmc(results: list[dict], path: Path) -> Path:
             std = errors.std(0, ddof=1)
             ax.fill_between(g, errors.mean(0) - std, errors.mean(0) + std, color="tab:blue", alpha=0.15, lw=0)
         where = f", {len(results)} checkpoints" if len(results) > 1 else ""
-        pairs = f"{len(errors)} pair" + "s" * (len(errors) != 1)
-        ax.set_title(f"from {s['start']}: {barrier_text(s, 2)}\n({pairs}{where})", fontsize=9)
+        ax.set_title(f"from {s['start']}: {barrier_text(s, 2)}\n({counted(len(errors), 'pair')}{where})", fontsize=9)
         ax.set_xlabel("γ  (θ = γ θ_i + (1 − γ) θ_j)")
         ax.set_xticks([0, 1], ["θ_j", "θ_i"], minor=False)
     axes[0][0].set_ylabel("test error (%)")

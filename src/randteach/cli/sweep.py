@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..config import canonical_key
 from ..errors import UserError
+from ..text import counted
 
 EXIT_FAILED = 3  # as `randteach distill` and `randteach experiment` for runs that did not complete
 
@@ -73,7 +74,7 @@ def cmd_sweep(args, extra) -> int:
         from ..reports.groups import flat_config, seed_paths, show_value, varying_keys
         rows = seed_paths([{"config": flat_config(c.to_dict())} for c in configs])
         keys = varying_keys(rows) + ["train.seed"]
-        print(f"{len(configs)} runs ({spec.name}):")
+        print(f"{counted(len(configs), 'run')} ({spec.name}):")
         for cfg, row in zip(configs, rows):
             print(f"  {run_state(cfg):<11} {cfg.run_dir()}  " + " ".join(f"{k}={show_value(row['config'].get(k))}" for k in keys))
         if args.launcher == "local":

@@ -37,6 +37,7 @@ import torch
 from ..digests import digest_code
 from ..errors import DataMissingError, RandteachWarning, UserError
 from ..files import written_whole
+from ..text import counted
 from .decode import read_headers, read_images
 from .images import ImageData, from_numpy, stratified_subset
 from .roots import resolve_root
@@ -229,7 +230,7 @@ def _report(base: Path, listing: Listing, d: Decoded, name: str, counts: dict[st
     if d.skipped:
         shown = "; ".join(f"{p} ({why})" for p, why in d.skipped[:SHOWN_SKIPPED])
         more = f"; and {len(d.skipped) - SHOWN_SKIPPED} more" if len(d.skipped) > SHOWN_SKIPPED else ""
-        line += f"; skipped {len(d.skipped)} unreadable file(s) of {len(listing.files)}: {shown}{more}"
+        line += f"; skipped {counted(len(d.skipped), 'unreadable file')} of {len(listing.files)}: {shown}{more}"
     if d.skipped or empty:
         warnings.warn(line, RandteachWarning, stacklevel=4)
     else:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..digests import digest_code
 from ..files import written_whole
+from ..text import counted
 from .decode import read_images
 from .images import FormatError, ImageData, from_numpy
 
@@ -111,7 +112,7 @@ def load(directory: Path, split: str, *, name: str = "tinyimagenet") -> ImageDat
         images, _, failed = read_images([directory / f for f, _ in files], "RGB", (SIDE, SIDE))
         if failed:
             path, why = failed[0]
-            raise FormatError(path, f"cannot be decoded ({why}); {len(failed)} file(s) in all")
+            raise FormatError(path, f"cannot be decoded ({why}); {counted(len(failed), 'file')} in all")
         labels = np.array([y for _, y in files], np.int64)
         _write_cache(cache, split, key, images, labels)
     return from_numpy(images, labels, len(wnids), name, wnids)

@@ -22,6 +22,7 @@ from ..reports.experiment import arm_section, rows_of
 from ..reports.groups import flat_config, show_value
 from ..runs.rundir import RunDir
 from ..runs.sweep import plan_local, plan_slurm, run_one, run_state, run_sweep
+from ..text import counted
 from .protocol import with_paper_protocol
 from .recipe import Arm, Recipe
 
@@ -129,11 +130,11 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
     total = sum(len(c) for stage in stages for c in stage.values())
     done = sum(run_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
     lines = [f"experiment {exp.name} ({exp.ids}, {exp.paper}) at scale {ctx.recipe.scale}: recipe "
-             f"{ctx.recipe.source}; {total} runs in {ctx.pool} ({done} done, {total - done} to run)", *grid_notes(ctx)]
+             f"{ctx.recipe.source}; {counted(total, 'run')} in {ctx.pool} ({done} done, {total - done} to run)", *grid_notes(ctx)]
     for i, stage in enumerate(stages):
         for arm, configs in stage.items():
             keys = _shown_keys(ctx.recipe, arm, configs)
-            lines.append(f"  {'stage ' + str(i + 1) + ', ' if len(stages) > 1 else ''}arm {arm} ({len(configs)} runs):")
+            lines.append(f"  {'stage ' + str(i + 1) + ', ' if len(stages) > 1 else ''}arm {arm} ({counted(len(configs), 'run')}):")
             for cfg in configs:
                 flat = flat_config(cfg.to_dict())
                 lines.append(f"    {run_state(cfg):<11} {cfg.run_dir()}  "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..text import counted
 from .base import Context, Experiment, known_params, markdown_rows, seed_bases
 
 
@@ -40,7 +41,7 @@ class Escape(Experiment):
         per_group = "".join(f", {g} {s}" for g, s in (kw.get("group_steps") or {}).items())
         probes = f"probed every {kw.get('probe_every_steps')}{_early(kw)}"
         runs = ", ".join(v.group + "/" + v.label for v in variants)
-        return [f"seed {c.train.seed}: run_escape with {len(variants)} runs of {kw.get('steps')} steps each"
+        return [f"seed {c.train.seed}: run_escape with {counted(len(variants), 'run')} of {kw.get('steps')} steps each"
                 f"{per_group}, {probes} ({runs}) into {ctx.out / f'seed{c.train.seed}'}" for c in seed_bases(ctx)]
 
     def own_runs(self, ctx: Context) -> list[Path]:

@@ -19,6 +19,7 @@ import yaml
 from ..config import first_defaults, flatten, outside_the_address
 from ..errors import UserError
 from ..runs.rundir import CorruptSummary, RunDir
+from ..text import counted
 from .run import COLORS, KIND_LABEL, KINDS, ROLES, file_safe, pyplot
 
 # Never grouped by: seeds are what a group averages over; nor by the keys that leave a run's address alone
@@ -506,7 +507,7 @@ def write_group_report(dirs: list[str | Path], out: str | Path | None = None,
     if knn:
         notes.append(f"k-NN: {'; '.join(knn)}")
     parts = ["# Report", "",
-             f"{len(rows)} run{'s' if len(rows) != 1 else ''} under {', '.join(f'`{d}`' for d in dirs)}: "
+             f"{counted(len(rows), 'run')} under {', '.join(f'`{d}`' for d in dirs)}: "
              + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", "",
              f"Grouped by {', '.join(f'`{k}`' for k in keys) if keys else 'nothing (all runs in one group)'}. "
              "Each cell is mean ± std over the completed runs of the group (different seeds); std is the "

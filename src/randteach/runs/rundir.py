@@ -31,6 +31,7 @@ import torch
 from ..errors import RandteachWarning, UserError
 from ..data.folder import configured_contents
 from ..files import written_whole
+from ..text import counted
 
 LOCK_FILE = ".lock"  # flock'ed by the one process writing into the run; holds its PID
 PYTHON_OBJECTS = "python_objects.json"  # marks a run whose encoder or data came from the Python API
@@ -190,7 +191,7 @@ class RunDir:
                     damaged.append(last)
         if damaged and damaged != [last]:
             lines = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
-            warnings.warn(f"{self.metrics_path}: {len(damaged)} damaged line(s) skipped (line {lines}); the step and "
+            warnings.warn(f"{self.metrics_path}: {counted(len(damaged), 'damaged line')} skipped (line {lines}); the step and "
                           "probe records on them are missing from figures and reports", RandteachWarning,
                           stacklevel=2)
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 from ..config import (Config, ConfigError, build_config, canonical_key, config_from_dict, leaves, load_yaml,
                       outside_the_address)
 from ..errors import UserError
+from ..text import counted
 from .rundir import RunDir, RunInUse, run_lock, wait_until_free
 
 SWEEP_KEYS = ("preset", "name", "base", "grid", "seeds", "out", "slurm")
@@ -409,11 +410,12 @@ def plan_local(configs: list[Config], workers: int | None, stack: int = 1, stack
     threads = threads_per_worker(workers)
     stacks = [job for job in jobs if len(job) > 1]
     modes = sorted({resolve_mode(configs[job[0]], stack_mode) for job in stacks})
-    lines.append(f"sweep: {len(configs)} runs, {len(configs) - len(todo) - len(refused)} already done, "
+    lines.append(f"sweep: {counted(len(configs), 'run')}, {len(configs) - len(todo) - len(refused)} already done, "
                  + (f"{len(refused)} not run (above), " if refused else "") + f"{len(todo)} to run"
-                 + (f" as {len(stacks)} stack(s) of up to {stack} ({', '.join(modes)})" if stacks else "")
-                 + (f" and {len(jobs) - len(stacks)} run(s) alone" if stacks and len(jobs) > len(stacks) else "")
-                 + (f" on {workers} worker process(es) with {threads} torch thread(s) each" if todo else "")
+                 + (f" as {counted(len(stacks), 'stack')} of up to {stack} ({', '.join(modes)})" if stacks else "")
+                 + (f" and {counted(len(jobs) - len(stacks), 'run')} alone" if stacks and len(jobs) > len(stacks) else "")
+                 + (f" on {counted(workers, 'worker process', 'worker processes')} with "
+                    f"{counted(threads, 'torch thread')} each" if todo else "")
                  + (f", each on one of the GPUs {', '.join(gpus)}" if gpus and todo else ""))
     return LocalPlan(results, jobs, gpus, workers, threads, lines)
 
@@ -713,8 +715,8 @@ def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]
     results, todo = _split_done(configs)
     log = _Progress(len(todo), progress)
     folder = _submitit_folder(configs, slurm)
-    log.line(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already done, submitting {len(todo)} "
-             f"job(s); submitit logs in {folder}")
+    log.line(f"sweep: {counted(len(configs), 'run')}, {len(configs) - len(todo)} already done, submitting "
+             f"{counted(len(todo), 'job')}; submitit logs in {folder}")
     if todo:
         executor = submitit.AutoExecutor(folder=str(folder), cluster=slurm.get("cluster"))
         executor.update_parameters(**submitit_parameters(slurm, f"randteach-{configs[todo[0]].name}"))
@@ -741,7 +743,7 @@ def plan_slurm(configs: list[Config], slurm: dict) -> str:
     """What `--launcher slurm` would submit, for a dry run: jobs, cluster, submitit parameters, log folder."""
     _, todo = _split_done(configs)
     params = submitit_parameters(slurm, f"randteach-{configs[todo[0]].name}" if todo else "randteach")
-    return (f"would submit {len(todo)} job(s) as one job array to {slurm.get('cluster') or 'slurm'} ("
+    return (f"would submit {counted(len(todo), 'job')} as one job array to {slurm.get('cluster') or 'slurm'} ("
             + ", ".join(f"{k}={v}" for k, v in params.items()) + f"); submitit logs in {_submitit_folder(configs, slurm)}")
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
+from ..text import counted
 
 
 @dataclass
@@ -82,7 +83,7 @@ def process_gpu() -> int:
     if count == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return 0
     if local >= count:
-        raise UserError(f"this process has local rank {local} but sees {count} GPU(s) "
+        raise UserError(f"this process has local rank {local} but sees {counted(count, 'GPU')} "
                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); NCCL needs a GPU "
                         f"per process: start at most {count} processes per node (torchrun --nproc_per_node {count})")
     return local

@@ -29,6 +29,7 @@ from ..config import Config
 from ..data.registry import shared_loads
 from ..runs.rundir import RunInUse
 from ..runs.sweep import finished_summary
+from ..text import counted
 from .callbacks import StopFlag
 from .loop import RunResult, Training, opened, solo_loop
 
@@ -51,8 +52,8 @@ def train_side_by_side(cfgs: list[Config], progress: bool = False) -> list[dict]
         finally:
             torch.set_num_threads(threads)
         if progress:
-            print(f"  side by side: {len(waiting)} run(s) on {lanes} thread(s) of {stack['torch_threads']} torch "
-                  "thread(s) each" + (" (one after another)" if lanes == 1 and len(waiting) > 1 else ""),
+            print(f"  side by side: {counted(len(waiting), 'run')} on {counted(lanes, 'thread')} of "
+                  f"{counted(stack['torch_threads'], 'torch thread')} each" + (" (one after another)" if lanes == 1 and len(waiting) > 1 else ""),
                   file=sys.stderr, flush=True)
         with stop:  # signals are caught from here on: a stop while the runs were opened ends the process
             summaries.update(_on_lanes(waiting, stack, threads, stop))
