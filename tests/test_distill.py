@@ -94,6 +94,17 @@ def test_ema_and_previous_epoch_teachers_move(tmp_path):
         assert load_checkpoint(run.path / "checkpoints" / "teacher_final.pt")["step"] == run.summary["steps"]
 
 
+def test_a_frozen_teacher_in_train_mode_stays_the_teacher_it_was(tmp_path):
+    # teacher.train_mode: its batch norms normalize by batch statistics; their running averages, which its
+    # probes (eval mode) use, stay as drawn: the teacher probed at every step is teacher.pt
+    cfg = tiny_config(tmp_path, model__norm="batch", teacher__train_mode="true", train__max_steps=3,
+                      train__probe_every=0, probe__which="[]")
+    run = distill(cfg, progress=False)
+    t0 = load_checkpoint(run.path / "checkpoints" / "teacher.pt")["model"]
+    t1 = load_checkpoint(run.path / "checkpoints" / "last.pt")["teacher"]
+    assert any(k.endswith("running_mean") for k in t0) and all(torch.equal(t0[k], t1[k]) for k in t0)
+
+
 def test_teacher_cache_matches_the_teacher_and_is_reused(tmp_path, capsys):
     base = dict(train__max_steps=3, train__probe_every=0, probe__which="[]", data__root=str(tmp_path / "root"))
     plain = distill(tiny_config(tmp_path, out=str(tmp_path / "plain"), train__teacher_cache=False, **base),

@@ -158,7 +158,7 @@ class InitConfig:
 class TeacherConfig:
     mode: str = opt("frozen", "teacher update rule: never (the paper), EMA of the student, or the student of the previous epoch", ("frozen", "ema", "previous-epoch"))
     ema_momentum: float = opt(0.996, "EMA momentum for mode=ema", ge=0, le=1)
-    train_mode: bool = opt(False, "run the teacher in train mode (batch-norm uses batch statistics); the paper uses eval mode")
+    train_mode: bool = opt(False, "run the teacher in train mode (batch norm normalizes by batch statistics; a frozen teacher's running averages, which its probes use, stay as drawn); the paper uses eval mode")
 
 
 @dataclass

@@ -179,6 +179,15 @@ class LossMeans:
         return cls(**saved) if saved else cls()  # checkpoints written before the sums were kept
 
 
+def keep_running_statistics(teacher: nn.Module) -> None:
+    """A frozen teacher in train mode (teacher.train_mode) normalizes by each batch's statistics without
+    updating its batch norms' running averages: those, which eval mode and so its probes use, stay as drawn,
+    and the teacher probed at every step is teacher.pt."""
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+
+
 @dataclass
 class TrainState:
     cfg: Config
@@ -230,6 +239,8 @@ class TrainState:
         teacher.to(device)
         student.to(device)
         teacher.train(cfg.teacher.train_mode)
+        if cfg.teacher.mode == "frozen":
+            keep_running_statistics(teacher)
         teacher.requires_grad_(False)
         student.train()
         bf16 = uses_bf16(cfg.train.precision, device)
