@@ -139,7 +139,7 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
             "train.batch_size": "128", "probe.which": "[]", "train.probe_every": "0", "optim.name": "sgd",
             "optim.lr": "0.5"}
     args = lambda out: [a for k, v in {**opts, "out": str(out)}.items() for a in (f"--{k}", v)]  # noqa: E731
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchelastic's folders: here
     cli = ["-m", "randteach.cli", "--quiet", "distill"]
     subprocess.run([sys.executable, *cli, *args(tmp_path / "one")], check=True, capture_output=True, env=env)
     two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *cli, *args(tmp_path / "two")],

@@ -143,8 +143,8 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
     subprocess.run(CLI + _args(opts, one), check=True, capture_output=True)
     two = tmp_path / "two"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "randteach.cli", "--quiet",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchelastic's folders: here
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "randteach", "--quiet",
                         "distill", *_args(opts, two)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _student(one), _student(two)
@@ -170,8 +170,8 @@ def test_every_torchrun_rank_gets_the_runs_summary_from_the_python_api(tmp_path)
                       # own teardown at exit must then leave it be
                       "import torch.distributed as dist\ndist.destroy_process_group()\n")
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                                                              os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -404,6 +404,11 @@ def test_slurm_without_slurm_is_refused_unless_the_local_cluster_is_asked_for(tm
     assert main(["sweep", str(path), "--launcher", "slurm"]) == 2
     assert "there is no SLURM here (no srun on PATH)" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+    # its dry run says so too, and not where the local cluster is asked for
+    assert main(["sweep", str(path), "--launcher", "slurm", "--dry-run"]) == 0
+    assert "\nnote: not from this machine: --launcher slurm: there is no SLURM here" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--launcher", "slurm", "--dry-run", "--slurm", "cluster=local"]) == 0
+    assert "note: not from this machine" not in capsys.readouterr().out
 
 
 def test_a_slurm_time_in_a_sweep_file_is_read_as_slurm_writes_it(tmp_path):

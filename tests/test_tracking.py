@@ -50,6 +50,8 @@ def test_tensorboard_mirrors_metrics_jsonl(tmp_path):
 def test_wandb_offline_writes_its_run_files(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the track extra (wandb) is not installed")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("CACHE", "CONFIG", "DATA"):  # W&B's own logs and caches, which go to the home folder
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / f"wandb-{name.lower()}"))
     cfg = tiny_config(tmp_path, train__epochs=1, train__device="cpu", train__precision="fp32",
                       probe__which="[]", log__wandb="randteach-test", log__wandb_mode="offline")
     run = distill(cfg, progress=False)

@@ -275,8 +275,9 @@ def linear_probe(train_x, train_y, test_x, test_y, *, method: str = "logreg", l2
     `standardize=False`.
     - method="logreg": minimizes, from zero,
           (1/N) sum_i CE(softmax(W x_i + b), y_i) + l2/2 * ||W||_F^2      (bias unpenalized)
-      with full-batch L-BFGS (strong Wolfe) until max |gradient| <= tol or `max_iter` iterations: the
-      solution scikit-learn's LogisticRegression(C = 1 / (l2 * N)) finds. `seed` is unused (convex).
+      with full-batch L-BFGS (strong Wolfe) until max |gradient| <= tol or `max_iter` iterations:
+      scikit-learn's LogisticRegression(C = 1 / (l2 * N)) objective, stopped at the same tolerance as its lbfgs
+      (so within that tolerance of the optimum, not at it). `seed` is unused (convex).
     - method="adamw": `fit_adamw` (10 epochs, batch 256, AdamW torch defaults, order shuffled with `seed`);
       `l2`, `max_iter` and `tol` are unused.
     num_classes defaults to 1 + the largest label of either split.

@@ -704,14 +704,23 @@ def submitit_parameters(slurm: dict, name: str) -> dict:
     return params
 
 
-def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]:
+def _cannot_submit(slurm: dict) -> str | None:
+    """Why `--launcher slurm` cannot submit from this machine, or None."""
     try:
         import submitit
     except ImportError:
-        raise ConfigError("--launcher slurm needs submitit: pip install 'randteach[slurm]'") from None
+        return "--launcher slurm needs submitit: pip install 'randteach[slurm]'"
     if not slurm.get("cluster") and submitit.AutoExecutor.which() != "slurm":  # submitit's fallback, unasked for
-        raise ConfigError("--launcher slurm: there is no SLURM here (no srun on PATH), and submitit would run "
-                          "the jobs on this machine; say so with --slurm cluster=local, or use --launcher local")
+        return ("--launcher slurm: there is no SLURM here (no srun on PATH), and submitit would run the jobs on "
+                "this machine; say so with --slurm cluster=local, or use --launcher local")
+    return None
+
+
+def _run_slurm(configs: list[Config], slurm: dict, progress: bool) -> list[dict]:
+    why = _cannot_submit(slurm)
+    if why:
+        raise ConfigError(why)
+    import submitit
     results, todo = _split_done(configs)
     log = _Progress(len(todo), progress)
     folder = _submitit_folder(configs, slurm)
@@ -743,8 +752,10 @@ def plan_slurm(configs: list[Config], slurm: dict) -> str:
     """What `--launcher slurm` would submit, for a dry run: jobs, cluster, submitit parameters, log folder."""
     _, todo = _split_done(configs)
     params = submitit_parameters(slurm, f"randteach-{configs[todo[0]].name}" if todo else "randteach")
+    why = _cannot_submit(slurm)
     return (f"would submit {counted(len(todo), 'job')} as one job array to {slurm.get('cluster') or 'slurm'} ("
-            + ", ".join(f"{k}={v}" for k, v in params.items()) + f"); submitit logs in {_submitit_folder(configs, slurm)}")
+            + ", ".join(f"{k}={v}" for k, v in params.items()) + f"); submitit logs in {_submitit_folder(configs, slurm)}"
+            + (f"\nnote: not from this machine: {why}" if why else ""))
 
 
 def check_slurm_given(slurm: dict, launcher: str) -> None:
