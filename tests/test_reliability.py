@@ -274,7 +274,7 @@ def test_damaged_logs_and_configs_are_skipped_by_readers_and_reports(tmp_path, c
         assert list(RunDir(run).records()) == good
     with open(run / "metrics.jsonl", "ab") as f:
         f.write(b"\n\xff\xfe\n[1]\n\"text\"\n")
-    with pytest.warns(UserWarning, match=rf"4 damaged line\(s\) skipped \(line {len(good) + 1}, "):
+    with pytest.warns(UserWarning, match=rf"4 damaged lines skipped \(line {len(good) + 1}, "):
         assert list(RunDir(run).records()) == good  # damage before the last line is named
     shown = subprocess.run([sys.executable, "-m", "randteach.cli", "report", str(run), "--out", str(tmp_path / "r")],
                            capture_output=True, text=True)
