@@ -100,11 +100,13 @@ def summarize(results: dict) -> dict:
         value = r.get("median_cpu_s" if clock == "cpu" else "median_s")
         shown = f"{r.get('median_cpu_s') or 0:.1f} CPU s ({r.get('median_s') or 0:.1f} s wall)"
         target(name, value, shown, f"<= {goal:g} s", (value or 1e9) <= goal)
-    tuned = per.get("tuned") or per.get("tuned-cpu")
+    tuned = {k: per[k][clock]["x_plain"] for k in ("tuned", "tuned-cpu") if k in per}
+    fastest = max(tuned, key=tuned.get) if tuned else None  # the harder baseline of the two, where both ran
     ours = [v[clock]["x_plain"] for k, v in per.items() if k not in ("plain", "tuned", "tuned-cpu")]
-    best = max(ours) / tuned[clock]["x_plain"] if tuned and ours else None
+    best = max(ours) / tuned[fastest] if tuned and ours else None
     target("our fastest variant, x the tuned hand-written loop", best,
-           f"{best:.3f}x {clock} clock" if best else "", f">= {TARGET_VS_TUNED}x", (best or 0) >= TARGET_VS_TUNED)
+           f"{best:.3f}x {clock} clock (against {fastest})" if best else "", f">= {TARGET_VS_TUNED}x",
+           (best or 0) >= TARGET_VS_TUNED)
     compiled = per["all"][clock]["x_plain"] / per["fast"][clock]["x_plain"] if {"all", "fast"} <= per.keys() else None
     target("train.compile (all) x the same without it (fast)", compiled,
            f"{compiled:.3f}x {clock} clock" if compiled else "", f">= {TARGET_COMPILE}x",

@@ -134,3 +134,10 @@ def test_summary_arithmetic_and_verdicts(bench):
         got = {t["name"]: t["verdict"] for t in bench_report.summarize(results)["targets"]}
         assert got["our fastest variant, x the tuned hand-written loop"] == verdict
         assert got["train.compile (all) x the same without it (fast)"] == verdict
+    # where both tuned loops ran, ours is held to the faster one (here the CPU loop: 0.5 s against tuned's 4 s)
+    for r, rnd in enumerate(results["distill"]):
+        rnd["order"] += ["tuned-cpu"]
+        rnd["results"]["tuned-cpu"] = {**rnd["results"]["all"], "step_s": [9.0, 0.5, 0.5]}
+        rnd["results"]["tuned-cpu"]["cpu_s"] = [2 * x for x in rnd["results"]["tuned-cpu"]["step_s"]]
+    (row,) = [t for t in bench_report.summarize(results)["targets"] if t["name"].startswith("our fastest")]
+    assert row["verdict"] == "FAIL" and "(against tuned-cpu)" in row["shown"], row
