@@ -37,6 +37,7 @@ from randteach.models import build_model
 from randteach.precision import exact_fp32, uses_bf16
 from randteach.runs.rundir import RunDir
 from randteach.train import teacher_cache
+from randteach.train.host_memory import keep_freed_memory
 from randteach.train.loop import distill
 from randteach.train.setup import (build_teacher_and_student, load_training_inputs, model_image_size,
                                    trains_channels_last)
@@ -233,7 +234,9 @@ def _precomputed_targets(w: Workload, x_all, teacher) -> torch.Tensor:
 def tuned_steps(w: Workload, root: Path) -> dict:
     """The tuned baseline: the plain loop with the teacher's outputs precomputed once, bf16 autocast on the
     student's forward and the forward + loss compiled as one graph (its backward compiled by AOTAutograd),
-    fused AdamW. What an engineer paying for GPU hours writes by hand."""
+    fused AdamW. What an engineer paying for GPU hours writes by hand; on a CPU it keeps freed memory as our
+    loop does (randteach.train.host_memory: a tuned loop sets glibc's malloc so too)."""
+    keep_freed_memory(torch.device(w.device))
     x_all, teacher, student = _plain_setup_on_device(w, root)
     targets = _precomputed_targets(w, x_all, teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -255,7 +258,9 @@ def tuned_steps(w: Workload, root: Path) -> dict:
 def tuned_cpu_steps(w: Workload, root: Path) -> dict:
     """The tuned CPU baseline: the plain fp32 loop with the teacher's outputs precomputed once, model and
     images in channels-last memory format and fused AdamW, eager (on this CPU torch.compile and bf16
-    without AMX are slower: docs/PERFORMANCE.md). What an engineer tuning the step for a CPU writes by hand."""
+    without AMX are slower: docs/PERFORMANCE.md), freed memory kept as our loop keeps it. What an engineer
+    tuning the step for a CPU writes by hand."""
+    keep_freed_memory(torch.device(w.device))
     x_all, teacher, student = _plain_setup_on_device(w, root)
     targets = _precomputed_targets(w, x_all, teacher)
     x_all = x_all.contiguous(memory_format=torch.channels_last)

@@ -221,7 +221,10 @@ def markdown(results: dict) -> str:
              f"- GPU: {m['cuda'] or 'none in this session (no CUDA device; the device tool lent none)'}", "",
              *([f"**Incomplete**: written {results['incomplete']}; the benchmark did not finish (the rest is "
                 "missing, not failed).", ""] if results.get("incomplete") else []),
-             "## Targets", "", "| target | measured | goal | verdict |", "|---|---|---|---|"]
+             "## Targets", "",
+             *(["`--tiny`: a smoke test of the script on a tiny model and digits features; the verdicts below "
+                "judge nothing.", ""] if results.get("tiny") else []),
+             "| target | measured | goal | verdict |", "|---|---|---|---|"]
     for t in s["targets"]:
         lines.append(f"| {_target(t, w['encoder'])} | {_shown(t)} | {t['goal']} | **{t['verdict']}** |")
     for more in results.get("more_encoders", []):  # the step's targets for every encoder; the probes' once

@@ -41,7 +41,8 @@ DEMO = Workload(encoder="convnet", width=16, batch=64, hidden_dims=[512, 512], b
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2, help="palindromic rounds of the distillation measurements")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 2; --workload demo: "
+                   f"{DEMO.steps})")
     p.add_argument("--variants", help=f"comma list of {', '.join(VARIANTS)} (default: all that run on the device; "
                    "graphs needs a GPU)")
     p.add_argument("--threads", type=int, default=1,
@@ -55,7 +56,8 @@ def parse_args(argv):
     p.add_argument("--encoder", default=Workload.encoder, help="encoder of the workload, or a comma list "
                    "(e.g. vgg11,resnet18): one distillation table per encoder, all in this one run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per measurement (default 1 on the "
-                   "CPU, 3 on a GPU, where compilation and cuDNN autotuning take the first steps)")
+                   "CPU, 3 on a GPU, where compilation and cuDNN autotuning take the first steps; --workload demo: "
+                   f"{DEMO.warmup})")
     p.add_argument("--workload", choices=("paper", "demo"), default="paper",
                    help="paper: VGG11 with the paper's head at batch 256 (--encoder picks others); demo: the step "
                         "of `make demo` (convnet width 16, batch 64), where the CPU path's choices show")
@@ -114,6 +116,17 @@ def distill_tables(w: Workload, variants: list[str], rounds: int, root: Path, me
     return out
 
 
+def workload_of(args, encoder: str) -> Workload:
+    """The measured step: the paper's (VGG11 or `encoder`) or the demo's, with the steps asked for."""
+    given = {k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v is not None}
+    if args.workload == "demo":
+        if args.encoder != Workload.encoder:
+            sys.exit("--workload demo measures the demo's convnet: --encoder applies to --workload paper")
+        return Workload(**{**asdict(DEMO), "device": args.device, **given})
+    warmup = 3 if args.device.startswith("cuda") else 1
+    return Workload(**{"steps": 2, "warmup": warmup, **given, "device": args.device, "encoder": encoder})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     on_gpu = args.device.startswith("cuda")
@@ -125,11 +138,8 @@ def main(argv=None) -> dict:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not on_gpu and gpu_only & set(variants):
         sys.exit("variant graphs records CUDA graphs: it needs --device cuda (drop it from --variants on a CPU)")
-    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     encoders = [e.strip() for e in args.encoder.split(",") if e.strip()]
-    w = Workload(steps=args.steps, device=args.device, encoder=encoders[0], warmup=warmup)
-    if args.workload == "demo":
-        w = Workload(**{**asdict(DEMO), "device": args.device})
+    w = workload_of(args, encoders[0])
     if args.tiny:
         w, args.threads = Workload(**{**asdict(TINY), "steps": 1}), 1
         variants = [v for v in variants if VARIANTS[v][1].get("train.compile") != "true" and v != "tuned"]
@@ -138,7 +148,7 @@ def main(argv=None) -> dict:
     argv_shown = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results = {"command": f".venv/bin/python benchmarks/run.py {argv_shown}".strip(),
                "machine": bench_machine.describe(onednn=not args.tiny), "load_start": bench_machine.load_average(),
-               "workload": asdict(w)}
+               "workload": asdict(w), "tiny": args.tiny}
     print(f"machine: {results['machine']['cpu']}, load {results['load_start']}", file=sys.stderr)
     n_matmul = 256 if args.tiny else (8192 if on_gpu else 2048)
     results["matmul_start"] = bench_machine.matmul_flops(n_matmul, device=args.device)

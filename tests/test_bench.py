@@ -21,6 +21,15 @@ def bench():
         sys.path.remove(str(BENCH))
 
 
+def test_the_demo_workload_takes_steps_and_refuses_an_encoder(bench, tmp_path):
+    with pytest.raises(SystemExit, match="--encoder applies to --workload paper"):
+        bench.main(["--workload", "demo", "--encoder", "resnet18", "--out", str(tmp_path / "R.md")])
+    demo = bench.workload_of(bench.parse_args(["--workload", "demo", "--steps", "3"]), "vgg11")
+    assert (demo.encoder, demo.batch, demo.steps, demo.warmup) == ("convnet", 64, 3, 21)  # 20, rounded up to whole windows
+    paper = bench.workload_of(bench.parse_args(["--warmup", "4"]), "resnet18")
+    assert (paper.encoder, paper.steps, paper.warmup) == ("resnet18", 2, 4)
+
+
 def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
     out = tmp_path / "RESULTS.md"
     # a section bench_stacked.py wrote before, and one of an older run.py: the first survives, the second goes
@@ -35,6 +44,7 @@ def test_tiny_benchmark_runs_end_to_end(bench, tmp_path):
         assert f"| {label} |" in text
     enc = results["workload"]["encoder"]
     assert f"| distill, all on, x plain fp32 loop ({enc}) | - | >= 2.5x | **not measured** |" in text
+    assert "`--tiny`: a smoke test of the script on a tiny model and digits features; the verdicts" in text
     run = results["distill"][0]["results"]
     assert all(run["bf16"]["bf16"]) and not any(run["off"]["bf16"])
     assert results["flops"]["step"] > results["flops"]["teacher_forward"] > results["flops"]["teacher_cached_part"] > 0
