@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -107,7 +108,7 @@ def test_a_dataset_of_pil_images_and_float64_tensors_are_taken_as_images():
     class Pictures(torch.utils.data.Dataset):
         def __init__(self, mode):
             g = torch.Generator().manual_seed(0)
-            shape = (6, 5, 3) if mode == "RGB" else (6, 5)
+            shape = (6, 6, 3) if mode == "RGB" else (6, 6)
             self.pixels = [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) for _ in range(4)]
             self.mode = mode
 
@@ -118,10 +119,10 @@ def test_a_dataset_of_pil_images_and_float64_tensors_are_taken_as_images():
             return Image.fromarray(self.pixels[i].numpy(), self.mode), i % 2
 
     rgb = as_image_data(Pictures("RGB"))
-    assert rgb.images.shape == (4, 3, 6, 5) and rgb.images.dtype == torch.uint8
+    assert rgb.images.shape == (4, 3, 6, 6) and rgb.images.dtype == torch.uint8
     assert torch.equal(rgb.images[1], Pictures("RGB").pixels[1].permute(2, 0, 1))
     grey = as_image_data(Pictures("L"))
-    assert grey.images.shape == (4, 1, 6, 5) and grey.num_classes == 2
+    assert grey.images.shape == (4, 1, 6, 6) and grey.num_classes == 2
     floats = as_image_data((torch.rand(3, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 0])))
     assert floats.images.dtype == torch.float32
 
@@ -163,6 +164,17 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
         randteach.distill(encoder=wrong, train=digits, progress=False)  # mat1 and mat2 shapes cannot be multiplied
     with pytest.raises(UserError, match="with train= the images given are distilled on: leave data.split"):
         randteach.distill(train=digits, progress=False, **{"data.name": "stl10", "data.split": "unlabeled"})
+    # found by the API review of 2026-12-03: each was accepted and misread, or a bare torch error
+    with pytest.raises(UserError, match=r"images are 8 x 6 px; the encoders take square images: center-crop"):
+        as_image_data((images[..., :6], labels))  # the width was taken as the side: padded or squashed
+    with pytest.raises(UserError, match=r"images are torch.int64; expected uint8 pixels 0-255"):
+        as_image_data((images.long(), labels))
+    with pytest.raises(UserError, match=r"labels: -2 at index 0; expected class indices 0 ... C-1 \(or -1"):
+        as_image_data((images, labels - 2))
+    with pytest.raises(UserError, match=r"no labels to probe with \(\d+ of its images are labelled -1"):
+        randteach.probe(net, (images, labels - 1))
+    with pytest.raises(UserError, match=r"labels: labels must be class indices.*numpy.unique"):
+        as_image_data((images, np.array(["cat"] * len(labels))))
 
 
 def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits):
@@ -248,6 +260,20 @@ def test_a_run_on_python_data_is_probed_on_data_given_again(tmp_path, digits):
         randteach.probe(out, architecture=make_encoder)  # the preset's fashion-mnist was never its data
     result = randteach.probe(out, digits, architecture=make_encoder, probe__which=["student"])
     assert 0.5 < result["student"]["linear"] <= 1
+
+
+def test_load_encoder_rebuilds_a_python_encoder_given_as_architecture(tmp_path, digits):
+    out = tmp_path / "py"
+    randteach.distill(encoder=make_encoder, train=digits, progress=False, out=str(out),
+                      **{**TINY, "probe.which": [], "train.max_steps": 2})
+    with pytest.raises(UserError, match=r"architecture=YourEncoder \(randteach.load_encoder"):
+        randteach.load_encoder(out)
+    saved = torch.load(out / "checkpoints" / "student.pt", weights_only=True)["model"]
+    for architecture in (make_encoder, TinyEncoder()):
+        encoder = randteach.load_encoder(out, architecture=architecture)
+        assert isinstance(encoder, TinyEncoder) and not encoder.training and encoder.embed_dim == 12
+        assert all(torch.equal(v, saved[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
+        assert encoder.randteach["encoder"] == "TinyEncoder (a Python object, given as architecture)"
 
 
 def test_a_run_continues_only_on_the_objects_it_began_with(tmp_path, digits):

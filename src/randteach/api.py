@@ -50,6 +50,9 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
         raise UserError(f"cannot use a {type(data).__name__} as data: pass a data set name, an ImageData, "
                         "a pair of tensors or arrays (images, labels) or a torch Dataset of (image, label)")
     images = torch.as_tensor(images)
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise UserError(f"images are {images.dtype}; expected uint8 pixels 0-255 (convert with .to(torch.uint8) or "
+                        ".astype(numpy.uint8)) or floats, which are used as given (already normalized)")
     if images.is_floating_point() and images.dtype != torch.float32:
         images = images.float()  # float images are used as given, in the networks' dtype
     if images.ndim == 3:
@@ -59,9 +62,17 @@ def as_image_data(data: Any, name: str = "custom") -> ImageData:
     if images.shape[1] > 4 and images.shape[-1] in (1, 3, 4):
         raise UserError(f"images of shape {tuple(images.shape)} look channels-last (N, H, W, C), as numpy arrays "
                         "and torchvision's .data hold them; pass images.permute(0, 3, 1, 2) (N, C, H, W)")
+    if images.shape[-2] != images.shape[-1]:
+        raise UserError(f"images are {images.shape[-2]} x {images.shape[-1]} px; the encoders take square images: "
+                        "center-crop or pad them to a square first (an image folder, data.name folder, is "
+                        "center-cropped so)")
     labels = class_indices(labels, "labels")
     if len(labels) != len(images):
         raise UserError(f"{len(images)} images but {len(labels)} labels")
+    if bool((labels < -1).any()):
+        i = int((labels < -1).nonzero()[0])
+        raise UserError(f"labels: {int(labels[i])} at index {i}; expected class indices 0 ... C-1 (or -1 for an "
+                        "unlabelled image): map your labels to them first")
     num_classes = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
     return ImageData(images.contiguous(), labels, num_classes, name)
 
@@ -77,8 +88,11 @@ def _image_tensor(x: Any) -> torch.Tensor:
 
 
 def _split_for_probing(data: ImageData, seed: int) -> tuple[ImageData, ImageData]:
-    if data.num_classes < 2 or bool((data.labels < 0).any()):
-        raise UserError("the training data has no labels to probe with; pass probe_train= and probe_test=")
+    unlabelled = int((data.labels < 0).sum())
+    if data.num_classes < 2 or unlabelled:
+        raise UserError("the training data has no labels to probe with"
+                        + (f" ({unlabelled} of its images are labelled -1, unlabelled)" if unlabelled else "")
+                        + "; pass probe_train= and probe_test=")
     test_idx = stratified_subset(data.labels, max(1, len(data) // 5), seed=seed)
     mask = torch.ones(len(data), dtype=torch.bool)
     mask[test_idx] = False
@@ -238,7 +252,8 @@ def probe(encoder: Any, train: Any = None, test: Any = None, *, architecture=Non
           **overrides: Any) -> dict:
     """Linear and k-NN probe accuracy (`randteach probe`).
 
-    encoder: an nn.Module, probed as it is (its current weights, eval mode) -> {"linear": acc, "knn": acc};
+    encoder: an nn.Module, probed as it is (its current weights, eval mode; feature maps flattened) ->
+    {"linear": acc, "knn": acc};
     or a run directory / RunResult -> {"teacher"|"student"|"input": {...}}, also written to
     RUN/probes/<data>.json (<data>-<hash>.json under other probe settings). train / test: data to fit / score on (test None: a class-stratified 80/20
     split of train; a name alone: its train and test splits; a run without data: its probe data).

@@ -216,13 +216,20 @@ def build_model(cfg: Config, in_channels: int, image_size: int, seed: int, encod
     called with in_channels/image_size where it accepts them) or an nn.Module instance, re-initialized."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if isinstance(encoder, nn.Module):
-            encoder = reinitialized(encoder)
-            encoder.embed_dim = _checked_embed_dim(encoder, type(encoder).__name__, in_channels, image_size)
-        elif encoder is not None:
-            encoder = call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)
+        if encoder is not None:
+            encoder = given_encoder(encoder, in_channels, image_size)
         else:
             encoder = build_encoder(cfg.model.encoder, in_channels, image_size, cfg.model.norm, cfg.model.width,
                                     cfg.model.width_mult, **cfg.model.encoder_args)
         head = build_head(cfg.head, encoder.embed_dim)
     return DistillModel(encoder, head)
+
+
+def given_encoder(encoder, in_channels: int, image_size: int) -> nn.Module:
+    """A new encoder from the Python API's `encoder`: a factory (called with in_channels/image_size where it
+    accepts them) or an nn.Module instance (a re-initialized copy), with `.embed_dim`."""
+    if isinstance(encoder, nn.Module):
+        encoder = reinitialized(encoder)
+        encoder.embed_dim = _checked_embed_dim(encoder, type(encoder).__name__, in_channels, image_size)
+        return encoder
+    return call_encoder_factory(encoder, getattr(encoder, "__name__", "encoder"), in_channels, image_size)

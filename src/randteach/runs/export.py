@@ -30,11 +30,11 @@ FORMATS = ("safetensors", "pt")
 EXPORTABLE = ("student", "teacher")  # the networks an encoder file can hold
 
 
-def _run_config(run: Path) -> Config:
+def _run_config(run: Path, architecture=None) -> Config:
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a randteach run directory (no config.yaml)")
     from .rundir import check_encoder_given
-    check_encoder_given(run, None)
+    check_encoder_given(run, architecture)
     return config_from_dict(load_yaml(run / "config.yaml"))
 
 
@@ -50,9 +50,9 @@ def encoder_state(run: Path, which: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("encoder."): v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
 
 
-def recipe(run: Path, which: str) -> dict:
+def recipe(run: Path, which: str, architecture=None) -> dict:
     """Plain values that say how to rebuild `which`'s encoder of the run at `run` and feed it."""
-    cfg = _run_config(run)
+    cfg = _run_config(run, architecture)
     teacher = load_checkpoint(run / "checkpoints" / "teacher.pt")
     return {"format": FORMAT, "role": which, "run": str(run.resolve()), "data": cfg.data.name,
             "encoder": cfg.model.encoder, "encoder_args": cfg.model.encoder_args, "norm": cfg.model.norm,
@@ -114,15 +114,17 @@ def _build(info: dict) -> nn.Module:
                          **info.get("encoder_args", {}))
 
 
-def load_encoder(path: str | Path, which: str = "student") -> nn.Module:
+def load_encoder(path: str | Path, which: str = "student", architecture=None) -> nn.Module:
     """The trained encoder as an nn.Module in eval mode, on the CPU.
 
     `path`: a run directory (its `which` checkpoint), an exported <which>-encoder.json, or the weights
     file next to it. The module carries `.embed_dim` and `.randteach` (the recipe, with the input
-    normalization under "preprocess": uint8 pixels / 255, minus mean, over std, padded to image_size)."""
+    normalization under "preprocess": uint8 pixels / 255, minus mean, over std, padded to image_size).
+    `architecture`: for a run distilled from Python with your own encoder, the factory or module it was
+    built from (config.yaml cannot name it); the checkpoint's weights are loaded into a new one."""
     p = Path(path)
     if p.is_dir():
-        info = {**recipe(p, which), "weights": None}
+        info = {**recipe(p, which, architecture), "weights": None}
         _check_role(which)
         state = encoder_state(p, which)
     else:
@@ -134,10 +136,18 @@ def load_encoder(path: str | Path, which: str = "student") -> nn.Module:
         if info.get("format") != FORMAT:
             raise UserError(f"{meta} is not a randteach encoder description (expected format {FORMAT!r})")
         state = _read_weights(meta.parent / info["weights"])
-    encoder = _build(info)
+    encoder = _build(info) if architecture is None else _given(architecture, info)
     encoder.load_state_dict(state)
     encoder.randteach = info
     return encoder.eval()
+
+
+def _given(architecture, info: dict) -> nn.Module:
+    """A new encoder of `architecture` (a factory or a module) for the run that `info` describes."""
+    from ..models import given_encoder
+    encoder = given_encoder(architecture, info["in_channels"], info["image_size"])
+    info["encoder"] = f"{type(encoder).__name__} (a Python object, given as architecture)"
+    return encoder
 
 
 def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, root: str | None = None,

@@ -64,8 +64,8 @@ def check_encoder_given(run: str | Path, architecture) -> None:
     if architecture is None and python_objects(run).get("encoder"):
         raise UserError(f"{run}: its encoder came from a Python object, which config.yaml cannot name, so the "
                         "command line cannot rebuild it; from Python, give the encoder again as "
-                        "architecture=YourEncoder (randteach.probe, signal_report, landscape, imp, lmc), or build "
-                        "it yourself and load the run's checkpoints/student.pt into it")
+                        "architecture=YourEncoder (randteach.load_encoder, probe, signal_report, landscape, imp, "
+                        "lmc)")
 
 
 def open_data_folder(run: RunDir, cfg) -> None:
