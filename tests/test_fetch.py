@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from randteach.data import DATASETS, FetchError, extract_archive, fetch, load_dataset
-from randteach.data.fetch import ABANDONED_S, checksum_ok, download
+from randteach.data.fetcher import ABANDONED_S, checksum_ok, download
 from randteach.data.registry import DEBIAN_FASHION_MNIST, Remote
 from randteach.files import FILE_MODE
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from randteach.config import TrainConfig
 from randteach.init import neighborhood_init
-from randteach.precision import DEFAULT_FLOAT64_UNTIL, Float64Start
+from randteach.precision import Float64Start
 from randteach.runs.checkpoint import load_checkpoint, save_checkpoint
 from randteach.runs.rundir import RunDir
 from randteach.train.loop import distill
@@ -48,7 +49,7 @@ def test_first_gradient_follows_the_formula_whatever_threads_and_cache(tmp_path,
                 result, steps, switch, norm = _run(tmp_path, name, train__teacher_cache=cache, **SETTINGS[setting])
                 assert steps[0]["grad_norm"] > 0, name
                 assert len(switch) == 1 and switch[0]["step"] <= 3, name
-                assert switch[0]["rel_distance"] > DEFAULT_FLOAT64_UNTIL
+                assert switch[0]["rel_distance"] > TrainConfig().float64_until_distance
                 assert steps[-1]["dist_teacher"] > 1e-3 * norm, name  # left the teacher
                 assert result.summary["init"]["weights_differing"] > 0.9 * result.summary["init"]["weights_total"]
                 first[name] = steps[0]["grad_norm"]

@@ -9,7 +9,7 @@ import torch
 
 from randteach.config import ConfigError
 from randteach.errors import UserError
-from randteach.init import gradient_norm, parameter_distance, parameter_norm
+from randteach.init import parameter_distance, parameter_norm, total_grad_norm
 from randteach.losses import distill_loss
 from randteach.optim import build_optimizer
 from randteach.runs.checkpoint import load_checkpoint, load_state_dict
@@ -48,7 +48,7 @@ def _direct_steps(cfg, n_steps):
         optimizer.zero_grad()
         loss = distill_loss(cfg.loss.name, student(x), teacher(x).detach())
         loss.backward()
-        grad = gradient_norm(student)
+        grad = float(total_grad_norm(student.parameters()))
         optimizer.step()
         dist_init = math.sqrt(sum(float((p.detach() - q).double().pow(2).sum()) for p, q in zip(student.parameters(), init)))
         out.append({"loss": float(loss.detach()), "grad_norm": grad, "dist_teacher": parameter_distance(student, teacher),

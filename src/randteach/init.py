@@ -130,11 +130,6 @@ def total_grad_norm(params) -> torch.Tensor:
     return l2_total([p.grad.detach() for p in params if p.grad is not None])
 
 
-def gradient_norm(m: nn.Module) -> float:
-    """`total_grad_norm` of a module's parameters, read to the host."""
-    return float(total_grad_norm(m.parameters()))
-
-
 @torch.no_grad()
 def init_report(teacher: nn.Module, student: nn.Module) -> dict:
     """How far the student starts from the teacher: distance, and how many weights differ at all (as held,

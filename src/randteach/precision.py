@@ -27,10 +27,6 @@ from torch import nn
 
 from .init import parameter_distance, parameter_norm
 
-FP32_RESOLUTION = 2.0 ** -23  # fp32's machine epsilon (relative spacing of floats at 1.0)
-DEFAULT_FLOAT64_UNTIL = FP32_RESOLUTION * 1e3
-
-
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matrix work faster than fp32 (Linux /proc/cpuinfo; False where unreadable)."""
     return fast_bf16(read_cpuinfo())

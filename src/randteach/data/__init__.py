@@ -8,7 +8,7 @@ Data sets are looked for under the data root (`resolve_root`); `fetch` downloads
 their official sources, checksums verified. Fashion-MNIST is also read from the Debian package's
 path, and scikit-learn's digits ship with scikit-learn.
 """
-from .fetch import FetchError, extract_archive, fetch
+from .fetcher import FetchError, extract_archive, fetch
 from .images import ImageData, noise_like, stratified_subset
 from .preprocess import Preprocess
 from .registry import DATASETS, dataset_info, load_configured, load_dataset, load_distilled
