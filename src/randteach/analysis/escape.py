@@ -52,6 +52,7 @@ from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.rundir import RunDir, write_json
 from ..train.loop import distill
 from ..train.setup import resolve_device
+from ..train.state import steps_per_epoch
 
 DEFAULT_LRS = (32.0, 100.0, 316.0, 1000.0, 3162.0, 1e4, 31623.0, 1e5)   # Fig. 1c
 DEFAULT_BATCH_SIZES = (256, 1024, 4096, 16384, 0)                      # Fig. 1d; 0 = full batch
@@ -97,16 +98,15 @@ def variant_config(cfg: Config, variant: Variant, *, n: int, steps: int, probe_e
     for section, values in dotted_to_nested(variant.overrides).items():
         d[section].update(values)
     c = config_from_dict(d)
-    batch = min(c.train.batch_size or n, n)
-    steps_per_epoch = math.ceil(n / batch)
-    c.train.epochs = steps / steps_per_epoch
+    per_epoch = steps_per_epoch(n, c.train.batch_size)
+    c.train.epochs = steps / per_epoch
     c.train.max_steps = steps
-    every = probe_every_steps / steps_per_epoch
+    every = probe_every_steps / per_epoch
     c.train.probe_every = every
     c.train.checkpoint_every = every
-    c.train.probe_at = [s / steps_per_epoch for s in sorted(early_probes) if s < steps]
+    c.train.probe_at = [s / per_epoch for s in sorted(early_probes) if s < steps]
     # the collapse checkpoint is kept at a probed step
-    c.train.checkpoint_at = sorted(set(c.train.probe_at) | {s / steps_per_epoch for s in keep_steps if s < steps})
+    c.train.checkpoint_at = sorted(set(c.train.probe_at) | {s / per_epoch for s in keep_steps if s < steps})
     c.train.log_every = 1  # the escape is read off every step's loss and distance
     c.name = f"escape-{variant.group}-{variant.label}"
     c.out = str(out / variant.group / variant.label)

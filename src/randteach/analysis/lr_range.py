@@ -52,6 +52,7 @@ from ..precision import exact_fp32, uses_bf16
 from ..runs.rundir import RunDir, write_json
 from ..train.loop import distill
 from ..train.setup import load_training_inputs, resolve_device, seeds
+from ..train.state import steps_per_epoch
 from ..train.supervised import batch_indices, supervised_step
 
 RISE_FACTOR = 4.0      # smoothed loss > 4 x its running minimum: the range test's usual divergence criterion
@@ -227,12 +228,12 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
     full = train_data if train_data is not None else load_distilled(cfg.data)
     inputs, preprocess, data, size = load_training_inputs(cfg, full)
     n = len(inputs)
-    steps_per_epoch = math.ceil(n / min(cfg.train.batch_size or n, n))
-    total_steps = int(steps) if steps is not None else max(1, math.ceil(float(epochs) * steps_per_epoch))
+    per_epoch = steps_per_epoch(n, cfg.train.batch_size)
+    total_steps = int(steps) if steps is not None else max(1, math.ceil(float(epochs) * per_epoch))
     if total_steps < 2:
         raise UserError(f"a range test needs at least 2 steps, got {total_steps}")
     out = Path(out) if out else Path("runs") / f"lr-range-{cfg.digest()}-{lr_start:g}-{lr_end:g}-{total_steps}"
-    ts_cfg = range_config(cfg, lr_start, lr_end, total_steps, steps_per_epoch, out / "teacher-student")
+    ts_cfg = range_config(cfg, lr_start, lr_end, total_steps, per_epoch, out / "teacher-student")
     key = {"config_digest": ts_cfg.digest(), "supervised": supervised, "smoothing": smoothing, "factor": factor,
            "floor": floor}
     json_path = out / "lr_range.json"
@@ -253,7 +254,7 @@ def lr_range(cfg: Config, *, lr_start: float = 1e-6, lr_end: float = 1e6, steps:
         sides["supervised"] = supervised_range(ts_cfg, inputs, preprocess, data, size, total_steps,
                                                progress=progress)
     result = {"key": key, "lr_start": lr_start, "lr_end": lr_end, "steps": total_steps,
-              "steps_per_epoch": steps_per_epoch, "epochs": total_steps / steps_per_epoch,
+              "steps_per_epoch": per_epoch, "epochs": total_steps / per_epoch,
               "schedule": "lr_k = lr_start * (lr_end / lr_start) ** (k / (steps - 1)), k = 0 .. steps - 1",
               "smoothing": f"bias-corrected EMA of the per-step loss, beta = {smoothing}",
               "divergence": f"rise: smoothed loss > {factor} x max(running minimum, {floor:g}); "

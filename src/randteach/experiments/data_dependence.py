@@ -4,11 +4,10 @@ per epoch), on the images and on Gaussian-noise inputs of the same shape (`data.
 probe on clean data."""
 from __future__ import annotations
 
-import math
-
 from ..config import Config
 from ..reports.experiment import arm_section, rows_of
 from ..runs.rundir import RunDir
+from ..train.state import steps_per_epoch
 from .base import Context, Experiment
 
 KEYS = ["data.inputs", "data.n_samples"]
@@ -16,8 +15,7 @@ KEYS = ["data.inputs", "data.n_samples"]
 
 def step_matched(cfg: Config, n: int, target_steps: int) -> dict:
     """Overrides that distill on n samples for exactly `target_steps` optimizer steps."""
-    batch = min(cfg.train.batch_size or n, n)
-    per_epoch = math.ceil(n / batch)
+    per_epoch = steps_per_epoch(n, cfg.train.batch_size)
     return {"data.n_samples": int(n), "train.epochs": target_steps / per_epoch, "train.max_steps": int(target_steps)}
 
 

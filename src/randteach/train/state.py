@@ -49,6 +49,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return epoch_order(n, seed, epoch)
 
 
+def steps_per_epoch(n: int, batch_size: int | None) -> int:
+    """Optimizer steps of one pass over n samples in batches of `batch_size` (None or 0: the full batch; the
+    last batch of an epoch may be smaller)."""
+    return math.ceil(n / min(batch_size or n, n))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Batch sizes, step counts and the steps at which probes, checkpoints and log records happen."""
@@ -65,16 +71,16 @@ class Plan:
     @classmethod
     def of(cls, cfg: Config, n: int) -> "Plan":
         batch = min(cfg.train.batch_size or n, n)
-        steps_per_epoch = math.ceil(n / batch)
-        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        per_epoch = steps_per_epoch(n, batch)
+        total = max(1, math.ceil(cfg.train.epochs * per_epoch))
         if cfg.train.max_steps:
             total = min(total, cfg.train.max_steps)
-        probes = {round(e * steps_per_epoch): e for e in probe_epochs(cfg, total / steps_per_epoch)}
+        probes = {round(e * per_epoch): e for e in probe_epochs(cfg, total / per_epoch)}
         every = cfg.train.checkpoint_every
-        stride = max(1, round(every * steps_per_epoch)) if every > 0 else 0
-        extra = {round(e * steps_per_epoch) for e in cfg.train.checkpoint_at}
+        stride = max(1, round(every * per_epoch)) if every > 0 else 0
+        extra = {round(e * per_epoch) for e in cfg.train.checkpoint_at}
         ckpts = frozenset(range(stride, total, stride) if stride else ()) | {s for s in extra if 0 < s < total}
-        return cls(n, batch, cfg.train.micro_batch or batch, steps_per_epoch, total, seeds(cfg)["data"],
+        return cls(n, batch, cfg.train.micro_batch or batch, per_epoch, total, seeds(cfg)["data"],
                    cfg.train.log_every, probes, ckpts)
 
     @property

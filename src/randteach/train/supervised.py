@@ -35,6 +35,7 @@ from ..runs.checkpoint import load_checkpoint, load_state_dict, load_weights
 from ..runs.rundir import RunDir, check_encoder_given
 from .host_memory import keep_freed_memory
 from .setup import epoch_order
+from .state import steps_per_epoch
 
 _AUG_STRIDE = 1_000_003  # separates the augmentation streams of different seeds
 RUN_ROLES = ("student", "student_init", "teacher")
@@ -56,7 +57,7 @@ class Recipe:
     eval_every: float = opt(0, "test accuracy every this many epochs (0 = only at the end)", ge=0)
 
     def steps_per_epoch(self, n: int) -> int:
-        return math.ceil(n / min(self.batch_size, n))
+        return steps_per_epoch(n, self.batch_size)
 
     def total_steps(self, n: int) -> int:
         return max(1, round(self.epochs * self.steps_per_epoch(n)))
@@ -307,7 +308,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     """The sample indices of optimizer step `step`: its slice of epoch `step // steps_per_epoch`'s order
     (the distillation loop's order, so supervised and teacher-student runs see the same batches)."""
-    epoch, offset = divmod(step, math.ceil(n / batch))
+    epoch, offset = divmod(step, steps_per_epoch(n, batch))
     return epoch_order(n, seed, epoch)[offset * batch:(offset + 1) * batch]
 
 
