@@ -175,6 +175,8 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
         randteach.probe(net, (images, labels - 1))
     with pytest.raises(UserError, match=r"labels: labels must be class indices.*numpy.unique"):
         as_image_data((images, np.array(["cat"] * len(labels))))
+    with pytest.raises(UserError, match=r"fit on has images of 1 channel, the data to score on of 3 channels"):
+        randteach.probe(net, (images, labels), (images.repeat(1, 3, 1, 1), labels))  # a bare ValueError
 
 
 def test_distill_keeps_the_callers_random_stream_and_grad_mode(tmp_path, digits):

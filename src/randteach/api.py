@@ -32,6 +32,7 @@ from .data import ImageData, load_dataset, stratified_subset
 from .data.images import class_indices
 from .digests import object_key
 from .errors import UserError
+from .text import counted
 
 
 def as_image_data(data: Any, name: str = "custom") -> ImageData:
@@ -209,6 +210,10 @@ def _splits(train: Any, test: Any, cfg: Config) -> tuple[ImageData, ImageData] |
         splits = _split_for_probing(as_image_data(train), cfg.data.subset_seed)
     else:
         splits = (_data(train, cfg, "train"), _data(train if test is None else test, cfg, "test"))
+    fit, score = (d.images.shape[1] for d in splits)
+    if fit != score:
+        raise UserError(f"the data to fit on has images of {counted(fit, 'channel')}, the data to score on of "
+                        f"{counted(score, 'channel')}: pass both with the same channels")
     return _subsampled(splits, cfg)
 
 
