@@ -1,4 +1,4 @@
-"""Encoders that leave the run: weights + a rebuild recipe, `load_encoder`, and embeddings as .npz.
+"""Encoders that leave the run: weights + a spec to rebuild them (`encoder_spec`), `load_encoder`, and embeddings as .npz.
 
     randteach export RUN_DIR [--which student|teacher] [--format safetensors|pt] [--out DIR]
         -> DIR/<which>-encoder.{safetensors,pt} and DIR/<which>-encoder.json
@@ -50,7 +50,7 @@ def encoder_state(run: Path, which: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("encoder."): v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
 
 
-def recipe(run: Path, which: str, architecture=None) -> dict:
+def encoder_spec(run: Path, which: str, architecture=None) -> dict:
     """Plain values that say how to rebuild `which`'s encoder of the run at `run` and feed it."""
     cfg = _run_config(run, architecture)
     teacher = load_checkpoint(run / "checkpoints" / "teacher.pt")
@@ -81,14 +81,14 @@ def _safetensors():
 
 def export_encoder(run_dir: str | Path, which: str = "student", fmt: str = "safetensors",
                    out: str | Path | None = None) -> Path:
-    """Write `which`'s encoder weights and its rebuild recipe; returns the JSON's path.
+    """Write `which`'s encoder weights and its spec (`encoder_spec`); returns the JSON's path.
 
     Default folder: RUN_DIR/export/."""
     run = Path(run_dir)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     state = encoder_state(run, which)
-    info = recipe(run, which)
+    info = encoder_spec(run, which)
     folder = Path(out) if out else run / "export"
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{which}-encoder.{fmt}"
@@ -118,13 +118,13 @@ def load_encoder(path: str | Path, which: str = "student", architecture=None) ->
     """The trained encoder as an nn.Module in eval mode, on the CPU.
 
     `path`: a run directory (its `which` checkpoint), an exported <which>-encoder.json, or the weights
-    file next to it. The module carries `.embed_dim` and `.randteach` (the recipe, with the input
+    file next to it. The module carries `.embed_dim` and `.randteach` (the encoder spec, with the input
     normalization under "preprocess": uint8 pixels / 255, minus mean, over std, padded to image_size).
     `architecture`: for a run distilled from Python with your own encoder, the factory or module it was
     built from (config.yaml cannot name it); the checkpoint's weights are loaded into a new one."""
     p = Path(path)
     if p.is_dir():
-        info = {**recipe(p, which, architecture), "weights": None}
+        info = {**encoder_spec(p, which, architecture), "weights": None}
         _check_role(which)
         state = encoder_state(p, which)
     else:
@@ -166,7 +166,7 @@ def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, roo
     # normalized as the run's probes normalize: by the statistics of their train subset (probe.n_train)
     normalized_by = load_probe_splits(cfg).train if cfg.probe.n_train else None
     cfg.probe.n_train = cfg.probe.n_test = None  # every image of both splits
-    info = recipe(run, "teacher")
+    info = encoder_spec(run, "teacher")
     device = resolve_device(cfg.train.device)
     prober = Prober(cfg, info["in_channels"], info["image_size"], device,
                     bf16=uses_bf16(cfg.train.precision, device), normalized_by=normalized_by)
