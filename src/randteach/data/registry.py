@@ -9,7 +9,6 @@ differ from Zalando's while their contents match `raw_md5` exactly.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .. import launcher
 from ..errors import DataMissingError, UserError
 from . import cifar, cifar5m, digits, folder, idx, stl10, tinyimagenet
 from .images import FormatError, ImageData, joined
@@ -207,7 +207,7 @@ def _note_missing_root(root, base: Path, info: DatasetInfo, found: Path) -> None
     does not exist and the data came from elsewhere (a system folder): a mistyped --data.root would otherwise
     pass unnoticed."""
     key = (str(base), info.name)
-    if root is None or base.is_dir() or key in _noted or os.environ.get("RANK", "0") != "0":
+    if root is None or base.is_dir() or key in _noted or launcher.rank() != 0:
         return
     _noted.add(key)
     print(f"note: data.root {base} does not exist; {info.title} was read from {found}", file=sys.stderr)

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import launcher
 from ..errors import RandteachWarning, UserError
 from ..data.folder import configured_contents
 from ..files import written_whole
@@ -328,7 +329,7 @@ def check_config_digest(recorded: str | None, cfg, run_path: Path) -> None:
 
 def _writes() -> bool:
     """Whether this process writes into run folders: always, except the ranks > 0 of a torchrun job."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return launcher.rank() == 0
 
 
 class RunInUse(UserError):

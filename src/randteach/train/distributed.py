@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import launcher
 from ..errors import UserError
 from ..text import counted
 
@@ -79,8 +80,8 @@ def process_gpu() -> int:
     """The index of this process's GPU: its local rank's; or, for processes started by another launcher
     (srun with --gpus-per-task=1, say) that sees one GPU, that one. torchrun's processes share one
     CUDA_VISIBLE_DEVICES, so under torchrun one visible GPU for several processes is refused."""
-    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if count == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+    local, count = launcher.local_rank() or 0, torch.cuda.device_count()
+    if count == 1 and not launcher.torchrun():
         return 0
     if local >= count:
         raise UserError(f"this process has local rank {local} but sees {counted(count, 'GPU')} "
@@ -93,7 +94,7 @@ def from_environment(device: torch.device) -> Dist:
     """Join the process group that torchrun describes in the environment (one process: no group). On GPUs
     each process is bound to its own first, so that NCCL's first collective (a barrier, before any tensor
     names a device) does not run every process on GPU 0."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher.world_size()
     if world <= 1:
         return Dist()
     if not dist.is_initialized():

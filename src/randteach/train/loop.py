@@ -11,7 +11,6 @@ optimizer step), `train.callbacks` (what happens around steps), `train.setup` (d
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import teacher_cache
+from .. import launcher
 from ..config import Config, teacher_cache_conflict
 from ..data import ImageData
 from ..digests import object_key
@@ -103,7 +103,7 @@ def _cuda_devices_drawn_on(cfg: Config) -> list[int]:
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
         return []
-    return [process_gpu()] if "LOCAL_RANK" in os.environ else [device.index or 0]
+    return [process_gpu()] if launcher.local_rank() is not None else [device.index or 0]
 
 
 def _finished(cfg: Config, run: RunDir, resume: bool, given: dict) -> RunResult | None:

@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -46,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from torch.func import functional_call, stack_module_state, vmap
 
+from .. import launcher
 from ..config import Config, flatten
 from ..errors import UserError
 from ..init import init_report, l2_norms
@@ -101,7 +101,7 @@ def why_not_stackable(cfg: Config, mode: str) -> str | None:
     imported encoders are out."""
     if cfg.train.compile:
         return "train.compile=true"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launcher.world_size() > 1:
         return "data-parallel (torchrun) runs"
     if ":" in cfg.model.encoder:
         return ("an imported encoder may draw from the random state that runs side by side share" if mode == "threads"
