@@ -62,6 +62,32 @@ def test_kl_stays_finite_where_the_logits_are_far_apart(s, t, teacher_temp):
     assert distill_loss("kl", s64.float(), t64.float(), teacher_temp).item() == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("low, lift", [(-37.0, 21.0), (-33.0, 21.0), (-30.0, 21.0)])
+def test_a_small_kl_from_a_lifted_unlikely_class_keeps_its_digits(low, lift):
+    """A class the teacher gives e^-37 that the student lifts by 21 nats: a KL of 1e-9 ... 1e-6, which a
+    log-sum-exp in float32 read as 0 (and the float32 expm1 form overflows past 88)."""
+    t = torch.zeros(1, 100, dtype=torch.float64)
+    t[0, 0] = low
+    s = t.clone()
+    s[0, 0] = low + lift
+    log_pt, log_ps = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    want = (log_pt.exp() * (log_pt - log_ps)).sum().item()
+    assert 1e-10 < want < 1e-5
+    assert distill_loss("kl", s.float(), t.float()).item() == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 30.0])
+def test_a_constant_offset_between_the_logits_leaves_the_kl(offset):
+    # the softmax ignores it; float32's p-weighted mean of d = s - t did not, and read a KL of 5e-7 as 2.2e-6
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(4, 4096, generator=g, dtype=torch.float64) * 0.3
+    s = t + 1e-3 * torch.randn(4, 4096, generator=g, dtype=torch.float64)
+    log_pt, log_ps = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    want = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean().item()
+    got = distill_loss("kl", (s + offset).float(), t.float()).item()
+    assert got == pytest.approx(want, rel=1e-4)
+
+
 def test_mse_family_matches_numpy(st):
     s, t = st
     S, T = s.numpy(), t.numpy()
