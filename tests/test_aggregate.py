@@ -186,6 +186,22 @@ def test_an_experiment_table_counts_runs_without_a_summary_as_unfinished(tmp_pat
     assert "| 0 / 0 / 1 |" in markdown(table, ["init.alpha"])
 
 
+def test_a_run_two_configs_share_is_reported_under_each_ones_values(tmp_path):
+    # model.norm none is the conv net's own: one network, one run, whose config.yaml says one of the two
+    from randteach.reports.experiment import rows_of
+    root = tmp_path / "sweep"
+    fake_run(root, 0.5, 0)
+    configs = []
+    for norm in ("default", "none"):
+        cfg = build_config("cpu", None, {"name": "fake", "init.alpha": 0.5, "train.seed": 0, "model.norm": norm})
+        cfg.out = str(root / f"fake-{cfg.digest()}")
+        configs.append(cfg)
+    assert configs[0].run_dir() == configs[1].run_dir()
+    rows = rows_of(configs)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert [r["config"]["model.norm"] for r in rows] == ["default", "none"]
+
+
 def test_a_group_that_mixes_settings_or_repeats_a_seed_is_named(runs, tmp_path):
     """Grouped by nothing, the three alphas' runs share each seed: the report says the group is no seed
     spread, and which key differs inside it."""

@@ -175,6 +175,8 @@ def test_api_inputs_that_cannot_work_are_one_clear_error(digits):
         randteach.probe(net, (images, labels - 1))
     with pytest.raises(UserError, match=r"labels: labels must be class indices.*numpy.unique"):
         as_image_data((images, np.array(["cat"] * len(labels))))
+    with pytest.raises(UserError, match=r"labels of shape \(\d+, 10\); expected \(N,\) class indices: one-hot"):
+        as_image_data((images, torch.nn.functional.one_hot(labels, 10)))  # "N images but 10 N labels"
     with pytest.raises(UserError, match=r"fit on has images of 1 channel, the data to score on of 3 channels"):
         randteach.probe(net, (images, labels), (images.repeat(1, 3, 1, 1), labels))  # a bare ValueError
 
@@ -276,6 +278,9 @@ def test_load_encoder_rebuilds_a_python_encoder_given_as_architecture(tmp_path, 
         assert isinstance(encoder, TinyEncoder) and not encoder.training and encoder.embed_dim == 12
         assert all(torch.equal(v, saved[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
         assert encoder.randteach["encoder"] == "TinyEncoder (a Python object, given as architecture)"
+    torch.manual_seed(7)
+    randteach.load_encoder(out, architecture=make_encoder)
+    assert torch.equal(torch.rand(3), torch.manual_seed(7) and torch.rand(3))  # the caller's random stream kept
 
 
 def test_a_run_continues_only_on_the_objects_it_began_with(tmp_path, digits):

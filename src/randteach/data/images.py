@@ -28,10 +28,14 @@ def class_indices(labels, name: str) -> torch.Tensor:
     """Labels as int64 class indices, (N,). Float labels are taken where they are whole numbers (2.0); others
     are refused, not truncated (0.7 would have become class 0)."""
     try:
-        labels = torch.as_tensor(labels).reshape(-1)
+        labels = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{name}: labels must be class indices 0, 1, ..., num_classes - 1 ({e}); map your labels "
                         "to indices first, e.g. numpy.unique(labels, return_inverse=True)[1]") from None
+    if labels.dim() == 2 and labels.shape[1] > 1:
+        raise UserError(f"{name}: labels of shape {tuple(labels.shape)}; expected (N,) class indices: one-hot or "
+                        "score rows give them with labels.argmax(1)")
+    labels = labels.reshape(-1)
     if labels.is_floating_point() and not bool(torch.equal(labels, labels.round())):
         bad = labels[labels != labels.round()][0].item()
         raise UserError(f"{name}: labels must be class indices 0, 1, ..., num_classes - 1; got {bad!r}. Map your "

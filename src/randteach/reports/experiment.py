@@ -25,10 +25,16 @@ Extra = Callable[[dict], dict[str, float]]
 
 def rows_of(configs: list[Config]) -> list[dict]:
     """`aggregate.collect` rows of the configs' runs, in the configs' order; a run without a summary yet (not
-    started, queued, running) is a row of status "pending", counted among its group's unfinished runs."""
+    started, queued, running) is a row of status "pending", counted among its group's unfinished runs. A
+    row's config is the asking config's values over the run's config.yaml: configs that name one network two
+    ways (model.norm batch on a ResNet, and default) share one run, whose file says one of them."""
     dirs = [c.run_dir() for c in configs if (c.run_dir() / "summary.json").exists()]
     by_dir = {Path(r["run_dir"]).resolve(): r for r in collect(dirs)} if dirs else {}
-    return seed_paths([by_dir.get(Path(c.run_dir()).resolve()) or _pending(c) for c in configs])
+    rows = []
+    for c in configs:
+        row = by_dir.get(Path(c.run_dir()).resolve())
+        rows.append({**row, "config": {**row["config"], **flat_config(c.to_dict())}} if row else _pending(c))
+    return seed_paths(rows)
 
 
 def _pending(cfg: Config) -> dict:

@@ -145,7 +145,8 @@ def load_encoder(path: str | Path, which: str = "student", architecture=None) ->
 def _given(architecture, info: dict) -> nn.Module:
     """A new encoder of `architecture` (a factory or a module) for the run that `info` describes."""
     from ..models import given_encoder
-    encoder = given_encoder(architecture, info["in_channels"], info["image_size"])
+    with torch.random.fork_rng(devices=[]):  # its init is overwritten: the caller's random stream stays as it was
+        encoder = given_encoder(architecture, info["in_channels"], info["image_size"])
     info["encoder"] = f"{type(encoder).__name__} (a Python object, given as architecture)"
     return encoder
 
