@@ -36,8 +36,8 @@ def run_features(run, which):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "randteach.cli", "--quiet", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "randteach.cli", "--quiet",
+                           *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
@@ -49,6 +49,8 @@ def test_exported_encoder_embeds_to_the_bit(run, tmp_path, fmt):
     meta = json.loads((tmp_path / "student-encoder.json").read_text())
     assert meta["encoder"] == "convnet" and meta["weights"] == f"student-encoder.{fmt}"
     assert len(meta["preprocess"]["mean"]) == 1
+    for path in tmp_path.iterdir():  # shareable as the umask (0022 in cli()) allows: safetensors wrote 0600
+        assert path.stat().st_mode & 0o777 == 0o644, path
     prober, (train_x, test_x) = run_features(run, "student")
     for path in (tmp_path / "student-encoder.json", tmp_path / f"student-encoder.{fmt}"):
         encoder = randteach.load_encoder(path)

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import Config, config_from_dict, load_yaml
 from ..data.preprocess import Preprocess
 from ..errors import UserError
+from ..files import written_whole
 from .checkpoint import load_checkpoint, load_state_dict
 
 FORMAT = "randteach-encoder-v1"
@@ -92,13 +93,15 @@ def export_encoder(run_dir: str | Path, which: str = "student", fmt: str = "safe
     folder = Path(out) if out else run / "export"
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{which}-encoder.{fmt}"
-    if fmt == "safetensors":
-        _safetensors().save_file(state, str(weights), metadata={"format": FORMAT})
-    else:
-        torch.save(state, weights)
+    with written_whole(weights, "wb") as f:  # whole, and readable as the umask allows (safetensors wrote 0600)
+        if fmt == "safetensors":
+            f.write(_safetensors().save(state, metadata={"format": FORMAT}))
+        else:
+            torch.save(state, f)
     info["weights"] = weights.name
     meta = folder / f"{which}-encoder.json"
-    meta.write_text(json.dumps(info, indent=2) + "\n")
+    with written_whole(meta) as f:
+        f.write(json.dumps(info, indent=2) + "\n")
     return meta
 
 
