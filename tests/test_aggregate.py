@@ -291,6 +291,18 @@ def test_the_probe_table_of_a_run_and_of_a_run_that_probed_nothing():
     assert table.splitlines() == ["| model | knn probe (%) | linear probe (%) |", "|---|---|---|",
                                   "| teacher | 25.00 | 50.00 |", "| student | – | 75.00 |"]
     assert probe_table({"probe": {}}).startswith("(nothing probed")
+    # stopped (Ctrl-C) before its first probe finished: not "probe.which is empty"
+    assert probe_table({"status": "interrupted"}) == "(no probe finished before the run stopped: interrupted)"
+
+
+def test_a_run_report_without_probe_records_has_no_empty_table_or_plot(tmp_path):
+    from randteach.reports.run import write_run_report
+    from randteach.train.loop import distill
+    from tiny import tiny_config
+    run = distill(tiny_config(tmp_path, train__max_steps=1, probe__which="[]"), progress=False).path
+    text = write_run_report(run).read_text()
+    assert "(no probe records)" in text and "![probe accuracy" not in text and not (run / "probes.png").exists()
+    assert "| epoch |  |" not in text
 
 
 def test_a_legend_of_long_entries_goes_below_its_panel():

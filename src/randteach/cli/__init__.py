@@ -163,7 +163,7 @@ def set_aside_another_run(out: Path, cfg) -> None:
 
 def cmd_demo(args, extra) -> int:
     from ..config import build_config, parse_overrides
-    from ..reports.run import probe_table, write_report
+    from ..reports.run import probe_table, write_run_report
     from ..train.loop import distill
     overrides = {"out": args.out, **parse_overrides(extra)}
     cfg = build_config(DEMO_PRESET, None, overrides)
@@ -174,7 +174,7 @@ def cmd_demo(args, extra) -> int:
           f"for {cfg.train.epochs:g} epochs ({cfg.train.precision}), probing at epochs {marks}.")
     t0 = time.perf_counter()
     result = distill(cfg, progress=not args.quiet)
-    report = write_report(result.path, title="randteach demo: random-teacher distillation on "
+    report = write_run_report(result.path, title="randteach demo: random-teacher distillation on "
                           f"{cfg.data.name}", command="randteach demo")
     verdict = demo_verdict(result.summary.get("probe", {}))
     with open(report, "a") as f:

@@ -37,6 +37,8 @@ def probe_table(summary: dict) -> str:
     probes = summary.get("probe", {})
     kinds = sorted({k for r in probes.values() for k in accuracies(r)})
     if not kinds:
+        if summary.get("status") not in (None, "completed"):
+            return f"(no probe finished before the run stopped: {summary['status']})"
         return "(nothing probed: probe.which is empty, or every probe is off)"
     lines = ["| model | " + " | ".join(f"{k} probe (%)" for k in kinds) + " |",
              "|---|" + "---|" * len(kinds)]
@@ -48,6 +50,8 @@ def probe_table(summary: dict) -> str:
 
 def history_table(run: RunDir) -> str:
     rows = run.probes()
+    if not rows:
+        return "(no probe records)"
     kinds = sorted({k for r in rows for role in ROLES for k in accuracies(r.get(role, {}))})
     cols = [(role, k) for role in ROLES for k in kinds if any(role in r for r in rows)]
     lines = ["| epoch | " + " | ".join(f"{role} {k}" for role, k in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -102,7 +106,7 @@ def write_run_report(run_dir: str | Path, title: str | None = None, command: str
     """RUN_DIR/report.md with the final probe table, the history and the plot."""
     run = RunDir(run_dir)
     summary = run.summary() or {}
-    png = plot_probes(run)
+    png = plot_probes(run) if run.probes() else None
     cfg = run.config_path.read_text() if run.config_path.exists() else ""
     parts = [f"# {title or run.path.name}", ""]
     if command:
@@ -112,11 +116,9 @@ def write_run_report(run_dir: str | Path, title: str | None = None, command: str
               f"on {summary.get('device', '?')} ({summary.get('precision', '?')}, torch {summary.get('torch', '?')}).",
               "", _probe_heading(summary), "", probe_table(summary), "",
               *[f"Warning: {w}" for w in summary.get("warnings", [])], "",
-              "## Probes during training", "", history_table(run), "", f"![probe accuracy vs epoch]({png.name})", "",
+              "## Probes during training", "", history_table(run), "",
+              *([f"![probe accuracy vs epoch]({png.name})", ""] if png else []),
               "## Config", "", "```yaml", cfg.rstrip(), "```", ""]
     out = run.path / "report.md"
     out.write_text("\n".join(parts))
     return out
-
-
-write_report = write_run_report  # the old name, still imported by `randteach demo` (cli.cmd_demo); remove with it
