@@ -94,6 +94,13 @@ def test_ema_and_previous_epoch_teachers_move(tmp_path):
         assert load_checkpoint(run.path / "checkpoints" / "teacher_final.pt")["step"] == run.summary["steps"]
 
 
+def test_the_progress_bar_says_when_it_is_probing(tmp_path, capsys):
+    # a probe of the full splits can take longer than the steps around it: the bar said nothing meanwhile
+    distill(tiny_config(tmp_path, train__max_steps=2, probe__n_train=300, probe__n_test=100), progress=True)
+    err = capsys.readouterr().err
+    assert "probing teacher, student, input at epoch 0 (300 train / 100 test images)" in err
+
+
 def test_a_frozen_teacher_in_train_mode_stays_the_teacher_it_was(tmp_path):
     # teacher.train_mode: its batch norms normalize by batch statistics; their running averages, which its
     # probes (eval mode) use, stay as drawn: the teacher probed at every step is teacher.pt

@@ -95,7 +95,7 @@ class DataConfig:
     split: str = opt("train", "the split(s) distilled on, '+' between two: 'train', or for stl10 'unlabeled' (its "
                      "100,000 unlabelled images) or 'train+unlabeled' (105,000); the probes fit on the labelled "
                      "train split and score on test whatever this is")
-    n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images", gt=0)
+    n_samples: int | None = opt(None, "distill on a deterministic class-stratified subset of this many training images (the probes' sets are probe.n_train / probe.n_test)", gt=0)
     subset_seed: int = opt(0, "seed of the stratified subset", ge=0, lt=SEEDS)
     inputs: str = opt("data", "what the networks are distilled on: the images, or Gaussian noise of the same shape "
                       "(stored in bfloat16, widened per batch: 31 GB for RT Fig. 4's 5e6 CIFAR-sized images)",

@@ -164,6 +164,10 @@ class Probe(Hook):
             self.probe(state, state.plan.total_epochs)
 
     def probe(self, state: TrainState, epoch: float) -> None:
+        splits = self.prober.splits
+        if not self.bar.disable:  # a probe of the full splits takes longer than many steps: say what runs
+            self.bar.set_postfix_str(f"probing {', '.join(state.cfg.probe.which)} at epoch {epoch:.3g} "
+                                     f"({len(splits.train)} train / {len(splits.test)} test images)")
         try:
             with self.stop.interrupting():
                 record = probe_record(self.prober, state, state.step, epoch)
@@ -171,6 +175,7 @@ class Probe(Hook):
             return
         state.run.log(record)
         if not self.bar.disable:
+            self.bar.set_postfix_str("", refresh=False)
             self.bar.write(probe_line(record))
 
 
