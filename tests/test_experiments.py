@@ -332,7 +332,8 @@ def test_tiny_locality(tiny, monkeypatch):
     monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (drawn.__setitem__(Path(path).name, fig),
                                                                      real(fig, path, **kw)))
     out, text = run_tiny("locality", tiny)
-    assert "distance from init" in text and (out.report.parent / "alpha-optimization.png").exists()
+    assert "| distance from init ‖θ_S − θ_S(0)‖₂ |" in text and "final loss (mean over the last epoch's steps)" in text
+    assert (out.report.parent / "alpha-optimization.png").exists()
     assert "\n| 1e-10 | 2 |" in text and "\n| 0.25 | 2 |" in text
     assert "![alpha-optimization-epochs](alpha-optimization-epochs.png)" in text
     kl, dist = drawn["alpha-optimization-epochs.png"].axes  # one column: the tiny recipe varies alpha only

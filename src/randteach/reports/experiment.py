@@ -16,8 +16,8 @@ import numpy as np
 
 from ..config import Config
 from ..runs.rundir import RunDir
-from .groups import (collect, fewer, flat_config, group, numeric_keys, plot_bars, plot_vs_epoch, plot_vs_key,
-                     seed_paths, show_value, write_runs_csv)
+from .groups import (EXTRA_LABELS, collect, fewer, flat_config, group, numeric_keys, plot_bars, plot_vs_epoch,
+                     plot_vs_key, seed_paths, show_value, write_runs_csv)
 from .run import KIND_LABEL, KINDS, ROLES, file_safe
 
 Extra = Callable[[dict], dict[str, float]]
@@ -124,9 +124,6 @@ def _put(entry: dict, name: str, values: list[float]) -> None:
     """<name>_mean, _std and _n (the finite values averaged) of a table entry."""
     entry[f"{name}_mean"], entry[f"{name}_std"] = mean_std(values)
     entry[f"{name}_n"] = sum(v is not None and math.isfinite(v) for v in values)
-
-
-EXTRA_LABELS = {"final_loss": "final loss (last epoch)", "dist_init": "distance from init", "dist_teacher": "distance from teacher"}
 
 
 def markdown(table: list[dict], keys: list[str], references: list[dict] | None = None,

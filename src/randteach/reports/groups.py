@@ -227,9 +227,14 @@ def mark_fewer(ax, x, y, n, full: int, color=None) -> None:
             ax.annotate(f"n={ni}", (xi, yi), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
 
 
+# what a table's or figure's column of these metrics holds
+EXTRA_LABELS = {"final_loss": "final loss (mean over the last epoch's steps)", "wall_time_s": "wall time (s)",
+                "dist_init": "distance from init ‖θ_S − θ_S(0)‖₂", "dist_teacher": "distance from teacher ‖θ_S − θ_T‖₂"}
+
+
 def _label(metric: str) -> str:
-    if metric in EXTRA_METRICS:
-        return {"final_loss": "final loss (last epoch)", "wall_time_s": "wall time (s)"}[metric]
+    if metric in EXTRA_LABELS:
+        return EXTRA_LABELS[metric]
     role, kind = metric.split(".")
     return f"{role} {'k-NN' if kind == 'knn' else kind} (%)"
 
