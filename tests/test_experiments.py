@@ -565,6 +565,19 @@ def test_tiny_escape_by_effective_rank_labels_the_collapse_as_a_rank(tmp_path):
     assert 1 <= rank <= 64  # an effective rank of the 64-dim tiny embedding, not a percentage
 
 
+def test_a_dry_run_says_what_data_is_missing_and_that_there_is_no_gpu(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine, whatever it is
+    assert main(["experiment", "transfer", "--scale", "paper", "--out", str(tmp_path), "--dry-run",
+                 "--data.root", str(tmp_path / "empty")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: TinyImageNet-200 is not on disk (searched under {tmp_path / 'empty'}); get it with: randteach " \
+        f"data fetch tinyimagenet --data.root {tmp_path / 'empty'}" in out
+    assert "note: no GPU here: the paper-scale runs would train on this machine's CPU" in out
+    assert main(["experiment", "probes", "--scale", "cpu", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().out  # Fashion-MNIST is here, and the cpu scale wants no GPU
+
+
 def test_the_escape_dry_run_names_the_probe_schedule(tmp_path, capsys):
     assert main(["experiment", "escape", "--scale", "paper", "--out", str(tmp_path), "--dry-run"]) == 0
     assert ("20000 steps each, batch_size 6000, stabilize 6000, probed every 500 and at steps 10, 25, 50, 100, 250; "

@@ -30,6 +30,13 @@ def write_sweep(tmp_path, name="s", **spec) -> Path:
     return path
 
 
+def test_a_sweep_dry_run_names_data_that_is_not_on_disk(tmp_path, capsys):
+    path = write_sweep(tmp_path, base={**FAST, "data.name": "cifar10", "data.root": str(tmp_path / "empty")})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert f"note: CIFAR-10 is not on disk (searched under {tmp_path / 'empty'}); get it with: randteach data " \
+        "fetch cifar10" in capsys.readouterr().out
+
+
 def summaries(root: Path) -> dict[Path, dict]:
     return {p.parent: RunDir(p.parent).summary() for p in sorted(root.glob("*/summary.json"))}
 

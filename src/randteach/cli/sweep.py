@@ -81,6 +81,9 @@ def cmd_sweep(args, extra) -> int:
             print("\n".join(plan_local(configs, args.workers, args.stack, args.stack_mode).lines))
         else:
             print(plan_slurm(configs, slurm))
+        from ..data.registry import missing_data_notes
+        for note in missing_data_notes(configs):
+            print(note)
         return 0
     results = run_sweep(configs, launcher=args.launcher, workers=args.workers, progress=not args.quiet,
                         slurm=slurm, stack=args.stack, stack_mode=args.stack_mode)

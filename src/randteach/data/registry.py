@@ -199,6 +199,19 @@ def located(name: str, root: str | None = None) -> Path | None:
                  if info.contents and all(_present(d, f) for f in info.contents)), None)
 
 
+def missing_data_notes(configs) -> list[str]:
+    """One line per data set that `configs` distill or probe on and that is not on disk (for a dry run: the
+    runs themselves would stop at it), with the command that gets it."""
+    wanted = {(name, c.data.root) for c in configs for name in (c.data.name, c.probe.data or c.data.name)}
+    notes = []
+    for name, root in sorted(wanted, key=lambda w: (w[0], str(w[1]))):
+        info = dataset_info(name)
+        if info.contents and located(name, root) is None:
+            how = how_to_get(info, resolve_root(root)).replace("\n ", "")
+            notes.append(f"note: {info.title} is not on disk (searched under {resolve_root(root)}); {how[0].lower()}{how[1:]}")
+    return notes
+
+
 _noted: set[tuple[str, str]] = set()
 
 

@@ -141,8 +141,19 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
                              + " ".join(f"{k}={show_value(flat.get(k))}" for k in keys))
         lines += [f"  {line}" for line in ctx.plan(_unique(stage))]
     lines += [f"  then: {p}" for p in exp.post(ctx)]
+    lines += _readiness_notes(ctx, [c for stage in stages for cs in stage.values() for c in cs] or seed_bases(ctx))
     lines.append(f"report: {ctx.out / 'report.md'}")
     return "\n".join(lines)
+
+
+def _readiness_notes(ctx: Context, configs: list[Config]) -> list[str]:
+    """What would stop or slow the runs on this machine: data not on disk; a paper-scale recipe without a GPU."""
+    from ..data.registry import missing_data_notes
+    import torch
+    notes = missing_data_notes(configs)
+    if ctx.recipe.scale == "paper" and not torch.cuda.is_available():
+        notes.append("note: no GPU here: the paper-scale runs would train on this machine's CPU")
+    return notes
 
 
 def _unique(stage: dict[str, list[Config]]) -> list[Config]:
