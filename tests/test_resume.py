@@ -98,6 +98,7 @@ def test_sigterm_interrupts_cleanly_and_resumes(tmp_path, reference):
     r = subprocess.run(CLI[:3] + ["distill", "--resume", str(out), "--data.root", str(moved)], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+    assert f"resuming {out} from its checkpoint of step " in r.stdout  # not silently: the bar starts past 0
     assert RunDir(out).summary()["status"] == "completed" and f"root: {moved}" in (out / "config.yaml").read_text()
     _assert_bitwise_equal(_student(out), _student(reference))
 

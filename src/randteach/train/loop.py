@@ -131,6 +131,8 @@ class Training:
         self.state, self.progress, self.stop, self._enter_stop = state, progress, stop, enter_stop
         self.bar = tqdm(total=state.plan.total_steps, initial=state.step, disable=not progress or not ddp.is_main,
                         desc=f"distill {state.run.path.name}", unit="step", dynamic_ncols=True)
+        if state.step and not self.bar.disable:
+            self.bar.write(f"resuming {state.run.path} from its checkpoint of step {state.step}")
         metrics = MetricsLog(self.bar)
         probe = [Probe(state, self.bar, stop, probe_splits)] if cfg.probe.which and ddp.is_main else []
         self.stop_on_signal = StopOnSignal(metrics, stop)
