@@ -79,6 +79,9 @@ def test_embed_writes_both_roles_and_splits(run, tmp_path):
         assert np.array_equal(z[f"{which}_test"], test_x.numpy())
     assert np.array_equal(z["train_labels"], prober.splits.train.labels.numpy())
     assert len(z["test_labels"]) == len(z["student_test"]) > 0
+    done = cli("embed", run, "--data.name", "digits")  # without --out: beside the exports, named by the data
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(run / "export" / "features-digits.npz")["student_test"], z["student_test"])
 
 
 def test_embed_normalizes_as_the_runs_probes_on_their_subset(tmp_path):

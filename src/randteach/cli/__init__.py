@@ -277,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("data", help="list or fetch data sets")
+    p = sub.add_parser("data", help="list or fetch data sets",
+                       description="list: every data set, where it was found or how to get it. fetch NAME: download "
+                                   "NAME from its official source, checksum-verified, into --data.root DIR (default: "
+                                   "$RANDTEACH_DATA, else ~/.cache/randteach).")
     p.add_argument("action", choices=["fetch", "list"])
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="the data set to fetch (names: `randteach data list`)")
     p.add_argument("--base-url", help="fetch from this mirror instead of the official host")
     p.set_defaults(func=cmd_data)
 

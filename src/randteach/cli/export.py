@@ -1,6 +1,8 @@
 """`randteach export` and `randteach embed`: the trained encoder and its features, outside the run."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import UserError
 
 
@@ -20,16 +22,20 @@ def cmd_embed(args, extra) -> int:
     if extra:
         raise UserError(f"unknown option(s) {' '.join(extra)}; `randteach embed` takes --out FILE.npz, "
                         "--data.name NAME and --data.root DIR")
-    if not args.out.endswith(".npz"):
-        raise UserError(f"--out {args.out!r}: expected a file name ending in .npz")
-    out = embed_run(args.run_dir, args.out, args.data_name, args.data_root, progress=not args.quiet)
+    out = args.out or str(Path(args.run_dir) / "export" / f"features{'-' + args.data_name if args.data_name else ''}.npz")
+    if not out.endswith(".npz"):
+        raise UserError(f"--out {out!r}: expected a file name ending in .npz")
+    out = embed_run(args.run_dir, out, args.data_name, args.data_root, progress=not args.quiet)
     print(f"features: {out}")
     return 0
 
 
 def add_parser(sub) -> None:
     from ..runs.export import EXPORTABLE, FORMATS
-    p = sub.add_parser("export", help="write a run's encoder weights (safetensors or pt) + a JSON to rebuild it")
+    p = sub.add_parser("export", help="write a run's encoder weights (safetensors or pt) + a JSON to rebuild it",
+                       description="Write the student's (or --which teacher's) encoder weights and a JSON that says "
+                                   "how to rebuild it and normalize its inputs; randteach.load_encoder(JSON) "
+                                   "returns the module.")
     p.add_argument("run_dir")
     p.add_argument("--which", choices=EXPORTABLE, default="student", help="the encoder to write (default student)")
     p.add_argument("--format", choices=FORMATS, default="safetensors",
@@ -41,7 +47,7 @@ def add_parser(sub) -> None:
                        description="Teacher and student encoder features of the train and test splits of the "
                                    "run's data set (or --data.name NAME, read from --data.root DIR), as .npz.")
     p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="FILE.npz")
+    p.add_argument("--out", help="FILE.npz (default RUN_DIR/export/features.npz, features-NAME.npz with --data.name)")
     p.add_argument("--data.name", dest="data_name", metavar="NAME", help="another data set to embed")
     p.add_argument("--data.root", dest="data_root", metavar="DIR", help="where that data set is read from")
     p.set_defaults(func=cmd_embed)

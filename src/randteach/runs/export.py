@@ -3,7 +3,7 @@
     randteach export RUN_DIR [--which student|teacher] [--format safetensors|pt] [--out DIR]
         -> DIR/<which>-encoder.{safetensors,pt} and DIR/<which>-encoder.json
     randteach.load_encoder(RUN_DIR | .json | weights file, which="student") -> nn.Module in eval mode
-    randteach embed RUN_DIR [--data.name NAME] --out FILE.npz
+    randteach embed RUN_DIR [--data.name NAME] [--out FILE.npz]
         -> {teacher,student}_{train,test} (float32), {train,test}_labels (int64)
 
 The JSON holds what `build_encoder` needs (encoder name, its arguments, norm, width, input channels and
@@ -184,5 +184,6 @@ def embed_run(run_dir: str | Path, out: str | Path, data: str | None = None, roo
             print(f"{which}: train {tuple(train_x.shape)}, test {tuple(test_x.shape)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
+    with written_whole(out, "wb") as f:
+        np.savez(f, **arrays)
     return out
