@@ -100,6 +100,16 @@ def test_help_lists_every_key():
     assert len(lines) == sum(len(v) if isinstance(v, dict) else 1 for v in Config().to_dict().values())
 
 
+def test_the_key_listing_shows_what_a_preset_sets(capsys):
+    # `randteach config --preset cpu --keys` listed the base defaults only (batch 256 where the demo runs 64)
+    from randteach.cli import main
+    assert main(["config", "--preset", "cpu", "--keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert next(l for l in lines if l.startswith("--train.batch_size ")).startswith(
+        "--train.batch_size (default 256; preset cpu: 64)")
+    assert next(l for l in lines if l.startswith("--optim.lr ")).startswith("--optim.lr (default 0.001)")  # unset
+
+
 def test_cli_config_error_is_one_line_without_traceback():
     r = subprocess.run([sys.executable, "-m", "randteach.cli", "distill", "--optim.name", "lamb"],
                        capture_output=True, text=True)

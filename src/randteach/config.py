@@ -919,9 +919,11 @@ def checked_options(cls, values: dict, flags: bool = False):
     return cls(**values)
 
 
-def help_lines() -> list[str]:
-    """One line per key with type, default and help, for `randteach config --help`-style listings."""
+def help_lines(resolved: Config | None = None, source: str = "") -> list[str]:
+    """One line per key with type, default and help, for `randteach config --keys`; with `resolved` (a preset's
+    or a file's config, named `source`), each value it sets otherwise than the default beside it."""
     lines = []
+    values = flatten(resolved.to_dict()) if resolved is not None else {}
 
     def walk(cls, prefix):
         hints = _hints(cls)
@@ -933,6 +935,8 @@ def help_lines() -> list[str]:
             ch = f.metadata.get("choices")
             extra = f" [{'|'.join(map(str, ch))}]" if ch else ""
             extra += f" range {_interval(f.metadata['range'])}" if "range" in f.metadata else ""
-            lines.append(f"--{prefix}{name} (default {default!r}){extra}: {f.metadata.get('help', '')}")
+            value = values.get(f"{prefix}{name}", default)
+            here = f"; {source}: {value!r}" if value != default else ""
+            lines.append(f"--{prefix}{name} (default {default!r}{here}){extra}: {f.metadata.get('help', '')}")
     walk(Config, "")
     return lines

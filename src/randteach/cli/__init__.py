@@ -234,7 +234,9 @@ def cmd_config(args, extra) -> int:
     if args.list_presets:
         print("\n".join(preset_names()))
     elif args.keys:
-        print("\n".join(help_lines()))
+        given = args.preset or args.config
+        source = f"preset {args.preset}" if args.preset else f"{', '.join(args.config or [])}" if args.config else ""
+        print("\n".join(help_lines(_config_from_args(args, extra) if given else None, source)))
     else:
         cfg = _config_from_args(args, extra)
         print_notes([cfg], args.preset)  # on stderr: the YAML on stdout stays a valid config file
@@ -289,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config, the presets, or every key with its help")
     _add_config_args(p)
     p.add_argument("--list-presets", action="store_true", help="the preset names")
-    p.add_argument("--keys", action="store_true", help="every key with its default and help")
+    p.add_argument("--keys", action="store_true", help="every key with its default and help (with --preset or "
+                   "--config, also the value they set)")
     p.set_defaults(func=cmd_config)
 
     # The commands with modules of their own: each module's add_parser(subparsers) adds them, with
