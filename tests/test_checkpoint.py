@@ -88,7 +88,7 @@ def test_a_runs_resume_state_serves_as_its_student_or_teacher_checkpoint(tmp_pat
         got = load_state_dict(last, role)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert main(["--quiet", "probe", str(run), "--checkpoint", str(last), "--probe.linear", "none"]) == 0
-    capsys.readouterr()
+    assert f"on digits, student {last}; saved under {run / 'probes'}" in capsys.readouterr().out  # what, and where
     save_checkpoint({"role": "note", "text": "no weights"}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="holds no model weights; expected a model checkpoint"):
         load_state_dict(tmp_path / "other.pt")

@@ -108,15 +108,19 @@ def cmd_distill(args, extra) -> int:
 
 
 def cmd_probe(args, extra) -> int:
+    from ..config import parse_overrides
     from ..probes.run import probe_run
     from ..reports.run import probe_table
-    from ..runs.rundir import ResultsNotSaved
+    from ..runs.rundir import ResultsNotSaved, RunDir
     try:
         result = probe_run(args.run_dir, extra, checkpoint=args.checkpoint, progress=not args.quiet)
     except ResultsNotSaved as e:
         print(probe_table({"probe": e.result}))  # printed before the error, so nothing computed is lost
         raise
     print(probe_table({"probe": result}))
+    data = parse_overrides(extra).get("probe.data") or RunDir(args.run_dir).saved_config().get("data", {}).get("name")
+    print(f"on {data}, student {args.checkpoint or 'checkpoints/student.pt'}; saved under "
+          f"{Path(args.run_dir) / 'probes'}")
     return 0
 
 
