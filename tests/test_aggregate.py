@@ -288,8 +288,8 @@ def test_a_group_report_never_overwrites_a_runs_own_report(tmp_path, capsys):
 def test_the_probe_table_of_a_run_and_of_a_run_that_probed_nothing():
     from randteach.reports.run import probe_table
     table = probe_table({"probe": {"teacher": {"linear": 0.5, "knn": 0.25}, "student": {"linear": 0.75}}})
-    assert table.splitlines() == ["| model | knn probe (%) | linear probe (%) |", "|---|---|---|",
-                                  "| teacher | 25.00 | 50.00 |", "| student | – | 75.00 |"]
+    assert table.splitlines() == ["| model | linear probe (%) | knn probe (%) |", "|---|---|---|",
+                                  "| teacher | 50.00 | 25.00 |", "| student | 75.00 | – |"]
     assert probe_table({"probe": {}}).startswith("(nothing probed")
     # stopped (Ctrl-C) before its first probe finished: not "probe.which is empty"
     assert probe_table({"status": "interrupted"}) == "(no probe finished before the run stopped: interrupted)"

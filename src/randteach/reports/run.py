@@ -32,10 +32,15 @@ def _pct(x) -> str:
     return f"{100 * x:.2f}" if isinstance(x, (int, float)) else "–"
 
 
+def _in_order(kinds: set[str]) -> list[str]:
+    """Probe kinds in KINDS' order (linear first, as the log lines), any other after them."""
+    return [k for k in KINDS if k in kinds] + sorted(kinds - set(KINDS))
+
+
 def probe_table(summary: dict) -> str:
     """Markdown table: one row per role, one column per probe, accuracy in %."""
     probes = summary.get("probe", {})
-    kinds = sorted({k for r in probes.values() for k in accuracies(r)})
+    kinds = _in_order({k for r in probes.values() for k in accuracies(r)})
     if not kinds:
         if summary.get("status") not in (None, "completed"):
             return f"(no probe finished before the run stopped: {summary['status']})"
@@ -52,7 +57,7 @@ def history_table(run: RunDir) -> str:
     rows = run.probes()
     if not rows:
         return "(no probe records)"
-    kinds = sorted({k for r in rows for role in ROLES for k in accuracies(r.get(role, {}))})
+    kinds = _in_order({k for r in rows for role in ROLES for k in accuracies(r.get(role, {}))})
     cols = [(role, k) for role in ROLES for k in kinds if any(role in r for r in rows)]
     lines = ["| epoch | " + " | ".join(f"{role} {k}" for role, k in cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:

@@ -208,7 +208,7 @@ def unlogged_probe(plan, step: int, run) -> float | None:
 
 
 def probe_line(rec: dict) -> str:
-    parts = [f"epoch {rec['epoch']:g}"]
+    parts = [f"epoch {rec['epoch']:.3g}"]
     for role in ("teacher", "student", "input"):
         if role in rec:
             parts.append(role + " " + " ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies(rec[role]).items()))
