@@ -200,6 +200,8 @@ def test_a_run_two_configs_share_is_reported_under_each_ones_values(tmp_path):
     rows = rows_of(configs)
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert [r["config"]["model.norm"] for r in rows] == ["default", "none"]
+    configs[1].train.log_every = 7  # outside the address: the row keeps what the run did
+    assert rows_of(configs)[1]["config"]["train.log_every"] != 7
 
 
 def test_a_group_that_mixes_settings_or_repeats_a_seed_is_named(runs, tmp_path):

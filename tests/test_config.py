@@ -108,6 +108,9 @@ def test_the_key_listing_shows_what_a_preset_sets(capsys):
     assert next(l for l in lines if l.startswith("--train.batch_size ")).startswith(
         "--train.batch_size (default 256; preset cpu: 64)")
     assert next(l for l in lines if l.startswith("--optim.lr ")).startswith("--optim.lr (default 0.001)")  # unset
+    assert main(["config", "--keys", "--optim.lr", "0.3"]) == 0  # options alone are values set too
+    lines = capsys.readouterr().out.splitlines()
+    assert next(l for l in lines if l.startswith("--optim.lr ")).startswith("--optim.lr (default 0.001; options: 0.3)")
 
 
 def test_cli_config_error_is_one_line_without_traceback():

@@ -35,6 +35,11 @@ def test_a_sweep_dry_run_names_data_that_is_not_on_disk(tmp_path, capsys):
     assert main(["sweep", str(path), "--dry-run"]) == 0
     assert f"note: CIFAR-10 is not on disk (searched under {tmp_path / 'empty'}); get it with: randteach data " \
         "fetch cifar10" in capsys.readouterr().out
+    # probe data the runs do not read (probe.which empty) is no note
+    path = write_sweep(tmp_path, name="t", base={**FAST, "probe.data": "cifar10", "probe.which": [],
+                                                 "data.root": str(tmp_path / "empty")})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "CIFAR-10" not in capsys.readouterr().out
 
 
 def summaries(root: Path) -> dict[Path, dict]:

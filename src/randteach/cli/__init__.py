@@ -118,7 +118,9 @@ def cmd_probe(args, extra) -> int:
         print(probe_table({"probe": e.result}))  # printed before the error, so nothing computed is lost
         raise
     print(probe_table({"probe": result}))
-    data = parse_overrides(extra).get("probe.data") or RunDir(args.run_dir).saved_config().get("data", {}).get("name")
+    saved = RunDir(args.run_dir).saved_config()
+    data = (parse_overrides(extra).get("probe.data") or (saved.get("probe") or {}).get("data")
+            or (saved.get("data") or {}).get("name"))
     print(f"on {data}, student {args.checkpoint or 'checkpoints/student.pt'}; saved under "
           f"{Path(args.run_dir) / 'probes'}")
     return 0
@@ -238,9 +240,8 @@ def cmd_config(args, extra) -> int:
     if args.list_presets:
         print("\n".join(preset_names()))
     elif args.keys:
-        given = args.preset or args.config
-        source = f"preset {args.preset}" if args.preset else f"{', '.join(args.config or [])}" if args.config else ""
-        print("\n".join(help_lines(_config_from_args(args, extra) if given else None, source)))
+        given = [f"preset {args.preset}"] * bool(args.preset) + list(args.config or []) + ["options"] * bool(extra)
+        print("\n".join(help_lines(_config_from_args(args, extra) if given else None, " + ".join(given))))
     else:
         cfg = _config_from_args(args, extra)
         print_notes([cfg], args.preset)  # on stderr: the YAML on stdout stays a valid config file

@@ -202,7 +202,8 @@ def located(name: str, root: str | None = None) -> Path | None:
 def missing_data_notes(configs) -> list[str]:
     """One line per data set that `configs` distill or probe on and that is not on disk (for a dry run: the
     runs themselves would stop at it), with the command that gets it."""
-    wanted = {(name, c.data.root) for c in configs for name in (c.data.name, c.probe.data or c.data.name)}
+    wanted = {(name, c.data.root) for c in configs
+              for name in (c.data.name, *([c.probe.data or c.data.name] if c.probe.which else []))}
     notes = []
     for name, root in sorted(wanted, key=lambda w: (w[0], str(w[1]))):
         info = dataset_info(name)

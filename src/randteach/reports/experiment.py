@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, outside_the_address
 from ..runs.rundir import RunDir
 from .groups import (EXTRA_LABELS, collect, fewer, flat_config, group, numeric_keys, plot_bars, plot_vs_epoch,
                      plot_vs_key, seed_paths, show_value, write_runs_csv)
@@ -26,14 +26,16 @@ Extra = Callable[[dict], dict[str, float]]
 def rows_of(configs: list[Config]) -> list[dict]:
     """`aggregate.collect` rows of the configs' runs, in the configs' order; a run without a summary yet (not
     started, queued, running) is a row of status "pending", counted among its group's unfinished runs. A
-    row's config is the asking config's values over the run's config.yaml: configs that name one network two
-    ways (model.norm batch on a ResNet, and default) share one run, whose file says one of them."""
+    row's config is the asking config's values of the keys in the run's address over the run's config.yaml:
+    configs that name one network two ways (model.norm batch on a ResNet, and default) share one run, whose
+    file says one of them; where and how it ran (data.root, log.*) stay the run's own."""
     dirs = [c.run_dir() for c in configs if (c.run_dir() / "summary.json").exists()]
     by_dir = {Path(r["run_dir"]).resolve(): r for r in collect(dirs)} if dirs else {}
     rows = []
     for c in configs:
         row = by_dir.get(Path(c.run_dir()).resolve())
-        rows.append({**row, "config": {**row["config"], **flat_config(c.to_dict())}} if row else _pending(c))
+        asked = {k: v for k, v in flat_config(c.to_dict()).items() if not outside_the_address(k)}
+        rows.append({**row, "config": {**row["config"], **asked}} if row else _pending(c))
     return seed_paths(rows)
 
 
