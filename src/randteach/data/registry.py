@@ -209,7 +209,8 @@ def missing_data_notes(configs) -> list[str]:
         info = dataset_info(name)
         if info.contents and located(name, root) is None:
             how = how_to_get(info, resolve_root(root)).replace("\n ", "")
-            notes.append(f"note: {info.title} is not on disk (searched under {resolve_root(root)}); {how[0].lower()}{how[1:]}")
+            notes.append(f"note: {info.title} is not on disk (searched under {resolve_root(root)}); "
+                         f"{how[0].lower()}{how[1:]}")
     return notes
 
 

@@ -130,11 +130,13 @@ def dry_run(exp: Experiment, ctx: Context) -> str:
     total = sum(len(c) for stage in stages for c in stage.values())
     done = sum(run_state(c) == "done" for stage in stages for cs in stage.values() for c in cs)
     lines = [f"experiment {exp.name} ({exp.ids}, {exp.paper}) at scale {ctx.recipe.scale}: recipe "
-             f"{ctx.recipe.source}; {counted(total, 'run')} in {ctx.pool} ({done} done, {total - done} to run)", *grid_notes(ctx)]
+             f"{ctx.recipe.source}; {counted(total, 'run')} in {ctx.pool} ({done} done, {total - done} to run)",
+             *grid_notes(ctx)]
     for i, stage in enumerate(stages):
         for arm, configs in stage.items():
             keys = _shown_keys(ctx.recipe, arm, configs)
-            lines.append(f"  {'stage ' + str(i + 1) + ', ' if len(stages) > 1 else ''}arm {arm} ({counted(len(configs), 'run')}):")
+            stage_name = f"stage {i + 1}, " if len(stages) > 1 else ""
+            lines.append(f"  {stage_name}arm {arm} ({counted(len(configs), 'run')}):")
             for cfg in configs:
                 flat = flat_config(cfg.to_dict())
                 lines.append(f"    {run_state(cfg):<11} {cfg.run_dir()}  "

@@ -53,7 +53,8 @@ def train_side_by_side(cfgs: list[Config], progress: bool = False) -> list[dict]
             torch.set_num_threads(threads)
         if progress:
             print(f"  side by side: {counted(len(waiting), 'run')} on {counted(lanes, 'thread')} of "
-                  f"{counted(stack['torch_threads'], 'torch thread')} each" + (" (one after another)" if lanes == 1 and len(waiting) > 1 else ""),
+                  f"{counted(stack['torch_threads'], 'torch thread')} each"
+                  + (" (one after another)" if lanes == 1 and len(waiting) > 1 else ""),
                   file=sys.stderr, flush=True)
         with stop:  # signals are caught from here on: a stop while the runs were opened ends the process
             summaries.update(_on_lanes(waiting, stack, threads, stop))
