@@ -287,6 +287,15 @@ def test_a_group_report_never_overwrites_a_runs_own_report(tmp_path, capsys):
     assert "is a run folder" in capsys.readouterr().err and (run / "report.md").read_text() == "the run's own report"
 
 
+def test_a_report_of_runs_named_one_by_one_has_a_folder_of_its_own(tmp_path, capsys):
+    # it wrote report.md, two CSVs and the figures straight into runs/, among the run folders
+    runs = [fake_run(tmp_path / "runs", alpha, 0)[0] for alpha in (0.25, 0.5)]
+    assert main(["--quiet", "report", *map(str, runs)]) == 0
+    assert (tmp_path / "runs" / "report" / "report.md").exists() and not (tmp_path / "runs" / "report.md").exists()
+    assert main(["--quiet", "report", str(tmp_path / "runs")]) == 0  # the folder itself: its report, in it
+    assert (tmp_path / "runs" / "report.md").exists()
+
+
 def test_the_probe_table_of_a_run_and_of_a_run_that_probed_nothing():
     from randteach.reports.run import probe_table
     table = probe_table({"probe": {"teacher": {"linear": 0.5, "knn": 0.25}, "student": {"linear": 0.75}}})

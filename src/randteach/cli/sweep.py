@@ -159,6 +159,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR")
     p.add_argument("--group-by", metavar="KEY,...", help="config keys to group by (default: the keys that vary, "
                    "except train.seed); an empty string puts all runs in one group")
-    p.add_argument("--out", help="where to write the report (default: the folder that holds every DIR; for "
-                                 "one run folder, report-RUN beside it: a run's report.md is its own)")
+    p.add_argument("--out", help="where to write the report (default: the folder that holds every DIR, e.g. a "
+                                 "sweep's; for one run folder, report-RUN beside it: a run's report.md is its own; "
+                                 "for several folders named one by one, report/ in the folder holding them)")
     p.set_defaults(func=cmd_report)

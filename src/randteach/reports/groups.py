@@ -464,8 +464,10 @@ def _mixed_groups(rows: list[dict], keys: list[str]) -> list[str]:
 
 
 def _report_folder(dirs: list[str | Path], out: str | Path | None) -> Path:
-    """`out`, else the folder that holds every DIR; never a run folder, whose report.md is the run's own (for
-    one run: report-<run> beside it, not the folder holding it, whose report may be its sweep's)."""
+    """`out`, else the folder that holds every DIR (a sweep's folder); never a run folder, whose report.md is
+    the run's own (for one run: report-<run> beside it, not the folder holding it, whose report may be its
+    sweep's); for several folders named one by one, report/ in the folder holding them (not runs/ itself,
+    beside the runs)."""
     if out is not None:
         if _is_run_folder(Path(out)):
             raise UserError(f"--out {out} is a run folder: its report.md is the run's own report; choose another "
@@ -473,7 +475,9 @@ def _report_folder(dirs: list[str | Path], out: str | Path | None) -> Path:
         return Path(out)
     folders = [Path(d).resolve() if Path(d).is_dir() else Path(d).resolve().parent for d in dirs]
     common = Path(os.path.commonpath(folders))
-    return common.parent / f"report-{common.name}" if _is_run_folder(common) else common
+    if _is_run_folder(common):
+        return common.parent / f"report-{common.name}"
+    return common / "report" if len(dirs) > 1 and common not in folders else common
 
 
 def _is_run_folder(path: Path) -> bool:
