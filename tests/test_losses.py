@@ -85,7 +85,7 @@ def test_a_constant_offset_between_the_logits_leaves_the_kl(offset):
     log_pt, log_ps = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
     want = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean().item()
     got = distill_loss("kl", (s + offset).float(), t.float()).item()
-    assert got == pytest.approx(want, rel=1e-4)
+    assert got == pytest.approx(want, rel=5e-4)  # 1e-5 ... 1.2e-4 over the CPU kernels (AVX2, AVX-512)
 
 
 def test_mse_family_matches_numpy(st):

@@ -79,7 +79,7 @@ def _kl_value(d: torch.Tensor, log_pt: torch.Tensor) -> torch.Tensor:
     the logits made float32's d̄ miss sum_k p_k (d_k - d̄) = 0 by more than a KL of 5e-7. Where d_k - d̄ is past
     _EXPM1_SAFE (logits far apart: a linear head, small temperatures) the term is exp(log p_k + d_k - d̄) - p_k:
     a p_k that underflowed to 0 can still weigh. A row whose sum overflows (a KL past ~88 nats in float32) takes the
-    log-sum-exp of log p_k + d_k - d̄. Within 1e-4 relative of float64 sums from 1e-9 up (tests/test_losses.py)."""
+    log-sum-exp of log p_k + d_k - d̄. Within 2e-4 relative of float64 sums from 1e-9 up (tests/test_losses.py)."""
     pt = log_pt.exp()
     d = d - d.gather(-1, pt.argmax(-1, keepdim=True))
     total = pt.sum(-1, keepdim=True)
