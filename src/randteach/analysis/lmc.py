@@ -111,9 +111,14 @@ def lmc_series(run: RunInfo, start: str, data: SupervisedData, recipe: Recipe, d
     for i, j in itertools.combinations(range(runs), 2):
         errors = path_errors(model, finals[i], finals[j], gammas, data, device, bn_batches=bn_batches, recipe=recipe)
         pairs.append({"i": i, "j": j, "test_error": errors, "barrier": barrier_height(gammas, errors)})
-    barriers = [p["barrier"] for p in pairs]
     return {"start": start, "source": source, "rewind_epochs": l_epochs, "gammas": gammas, "runs": endpoints,
-            "pairs": pairs, "barrier_mean": float(np.mean(barriers)) if barriers else float("nan"),
+            "pairs": pairs, **barrier_stats(pairs)}
+
+
+def barrier_stats(pairs: list[dict]) -> dict[str, float]:
+    """Mean, sample std and max of the pairs' barriers (nan where there are too few)."""
+    barriers = [p["barrier"] for p in pairs]
+    return {"barrier_mean": float(np.mean(barriers)) if barriers else float("nan"),
             "barrier_std": float(np.std(barriers, ddof=1)) if len(barriers) > 1 else float("nan"),
             "barrier_max": float(np.max(barriers)) if barriers else float("nan")}
 
@@ -167,18 +172,14 @@ def plot_lmc(results: list[dict], path: Path) -> Path:
 
 def pooled_series(results: list[dict]) -> list[dict]:
     """One series per start with the pairs and the runs of every result (each run once, not once per pair it
-    ends), and the pairs' barrier mean and std."""
+    ends), and the pairs' barrier statistics."""
     pooled: dict[str, dict] = {}
     for result in results:
         for s in result["series"]:
             into = pooled.setdefault(s["start"], {"start": s["start"], "gammas": s["gammas"], "pairs": [], "runs": []})
             into["pairs"] += s["pairs"]
             into["runs"] += s["runs"]
-    for s in pooled.values():
-        barriers = [p["barrier"] for p in s["pairs"]]
-        s["barrier_mean"] = float(np.mean(barriers)) if barriers else float("nan")
-        s["barrier_std"] = float(np.std(barriers, ddof=1)) if len(barriers) > 1 else float("nan")
-    return list(pooled.values())
+    return [{**s, **barrier_stats(s["pairs"])} for s in pooled.values()]
 
 
 def barrier_text(series: dict, digits: int) -> str:

@@ -108,7 +108,8 @@ def cmd_distill(args, extra) -> int:
 
 
 def cmd_probe(args, extra) -> int:
-    from ..config import parse_overrides
+    from ..config import config_from_dict, parse_overrides
+    from ..probes.embedding import probe_data_name
     from ..probes.run import probe_run
     from ..reports.run import probe_table
     from ..runs.rundir import ResultsNotSaved, RunDir
@@ -119,8 +120,7 @@ def cmd_probe(args, extra) -> int:
         raise
     print(probe_table({"probe": result}))
     saved = RunDir(args.run_dir).saved_config()
-    data = (parse_overrides(extra).get("probe.data") or (saved.get("probe") or {}).get("data")
-            or (saved.get("data") or {}).get("name"))
+    data = parse_overrides(extra).get("probe.data") or probe_data_name(config_from_dict(saved))
     print(f"on {data}, student {args.checkpoint or 'checkpoints/student.pt'}; saved under "
           f"{Path(args.run_dir) / 'probes'}")
     return 0

@@ -18,6 +18,7 @@ from ..analysis.imp import PAPER_ROUNDS
 from ..analysis.landscape import PROJECTIONS, UNITS, VIEWS
 from ..config import add_flags, opt, options_from_args
 from ..errors import UserError
+from ..text import counted
 
 START_HELP = ("start: student | student_init | teacher (the run's checkpoints), random (a fresh init), or a "
               "checkpoint file; '@L' rewinds to L epochs of supervised training from there (e.g. random@1)")
@@ -249,9 +250,8 @@ def cmd_lmc(args, extra) -> int:
                      bn_batches=o.bn_batches, progress=not args.quiet)
     print(f"linear mode connectivity on {result['data']} ({out / 'lmc.json'}):")
     for s in result["series"]:
-        pairs = len(s["pairs"])
-        print(f"  from {s['start']}: {barrier_text(s, 2)} (max {100 * s['barrier_max']:.2f} pp) over {pairs} "
-              + ("pair" if pairs == 1 else "pairs"))
+        print(f"  from {s['start']}: {barrier_text(s, 2)} (max {100 * s['barrier_max']:.2f} pp) over "
+              f"{counted(len(s['pairs']), 'pair')}")
     return 0
 
 

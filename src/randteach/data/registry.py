@@ -202,8 +202,9 @@ def located(name: str, root: str | None = None) -> Path | None:
 def missing_data_notes(configs) -> list[str]:
     """One line per data set that `configs` distill or probe on and that is not on disk (for a dry run: the
     runs themselves would stop at it), with the command that gets it."""
+    from ..probes.embedding import probe_data_name  # the probes' rule (CIFAR-5M is probed on CIFAR-10)
     wanted = {(name, c.data.root) for c in configs
-              for name in (c.data.name, *([c.probe.data or c.data.name] if c.probe.which else []))}
+              for name in (c.data.name, *([probe_data_name(c)] if c.probe.which else []))}
     notes = []
     for name, root in sorted(wanted, key=lambda w: (w[0], str(w[1]))):
         info = dataset_info(name)

@@ -39,7 +39,7 @@ class Escape(Experiment):
         kw = self._kwargs(ctx)
         variants = escape_variants(**{k: kw[k] for k in ESCAPE_SWEEP if k in kw})
         per_group = "".join(f", {g} {s}" for g, s in (kw.get("group_steps") or {}).items())
-        probes = f"probed every {kw.get('probe_every_steps')}{_early(kw)}"
+        probes = f"probed every {kw.get('probe_every_steps')}{_schedule(kw)}"
         runs = ", ".join(v.group + "/" + v.label for v in variants)
         return [f"seed {c.train.seed}: run_escape with {counted(len(variants), 'run')} of {kw.get('steps')} steps each"
                 f"{per_group}, {probes} ({runs}) into {ctx.out / f'seed{c.train.seed}'}" for c in seed_bases(ctx)]
@@ -57,7 +57,7 @@ class Escape(Experiment):
             out = ctx.out / f"seed{cfg.train.seed}"
             result = run_escape(cfg, out, progress=ctx.progress, **self._kwargs(ctx))
             lines += [f"## seed {cfg.train.seed}: {result['encoder']} on {result['data']} (n = {result['n_samples']}, "
-                      f"{result['steps']} steps, probe every {result['probe_every_steps']}{_early(result)})", ""]
+                      f"{result['steps']} steps, probe every {result['probe_every_steps']}{_schedule(result)})", ""]
             lines += _table(result)
             lines += [f"![{g}]({Path(p).relative_to(ctx.out)})" for g, p in result["figures"].items()] + [""]
         return lines
@@ -94,7 +94,7 @@ def _lowest(collapse: dict, erank: bool) -> str:
     return (f"{value:.1f}" if erank else f"{100 * value:.2f}") + f" (step {collapse['step']})"
 
 
-def _early(result: dict) -> str:
+def _schedule(result: dict) -> str:
     early, kept = result.get("early_probes"), result.get("keep_steps")
     return ((f" and at steps {', '.join(map(str, early))}" if early else "")
             + (f"; the student of step {', '.join(map(str, kept))} kept" if kept else ""))
